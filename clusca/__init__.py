@@ -1,0 +1,46 @@
+"""ClusCa: cluster-driven feature caching for diffusers diffusion transformers.
+
+``ClusCaConfig`` and ``PRESETS`` load without torch (the HTTP API process relies on
+that); the hook machinery is imported lazily on first use of its names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import DEFAULT_PRESET, MODES, PRESETS, ClusCaConfig
+
+_LAZY = {
+    "apply_clusca": "hooks",
+    "remove_clusca": "hooks",
+    "is_clusca_applied": "hooks",
+    "clusca_run": "run",
+    "ClusCaRun": "run",
+    "RunStats": "run",
+    "kmeans": "kmeans",
+    "ARCHITECTURES": "patterns",
+    "ArchitecturePatterns": "patterns",
+}
+
+__all__ = ["ClusCaConfig", "PRESETS", "MODES", "DEFAULT_PRESET", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hooks import apply_clusca, is_clusca_applied, remove_clusca
+    from .kmeans import kmeans
+    from .patterns import ARCHITECTURES, ArchitecturePatterns
+    from .run import ClusCaRun, RunStats, clusca_run
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clusca' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
