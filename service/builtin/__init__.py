@@ -1,0 +1,21 @@
+"""The built-in model: a small FLUX-architecture text-to-image model of coloured shapes.
+
+``WEIGHTS_DIR`` is the shipped checkpoint; ``ShapesFluxPipeline`` loads it offline.
+The pipeline is imported lazily so that reading ``WEIGHTS_DIR`` does not import diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+__all__ = ["WEIGHTS_DIR", "ShapesFluxPipeline"]
+
+
+def __getattr__(name: str):
+    if name == "ShapesFluxPipeline":
+        from .pipeline import ShapesFluxPipeline
+
+        return ShapesFluxPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
