@@ -1,0 +1,53 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from ..queue import JobQueue
+from ..registry import Registry
+from ..settings import Settings, get_settings
+from . import errors
+from .deps import Services
+from .middleware import BodyLimitAndMetrics
+from .routers import generate, jobs, openai, system
+
+log = logging.getLogger("clusca.api")
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
+    """Build the API. Settings default to the environment; Redis is connected lazily per call."""
+    settings = settings or get_settings()
+    if not settings.redis_url:
+        raise RuntimeError("REDIS_URL is not set (clusca serve starts a private Redis; clusca api needs one)")
+    registry = registry or Registry.load(settings.models_file)
+    if settings.default_model not in registry:
+        raise RuntimeError(f"CLUSCA_DEFAULT_MODEL {settings.default_model!r} is not in the registry "
+                           f"({', '.join(registry.names)})")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Short timeouts: a dead or hung Redis must turn into a quick 503, never a hanging request.
+        r = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
+                                    health_check_interval=10, retry_on_timeout=False)
+        app.state.services = Services(settings, registry, r,
+                                      JobQueue(r, max_queue=settings.max_queue, ttl_s=settings.result_ttl_s))
+        log.info("API ready; models: %s", ", ".join(registry.names))
+        try:
+            yield
+        finally:
+            await r.aclose()
+
+    app = FastAPI(title="ClusCa Serve", version="0.1.0", lifespan=lifespan,
+                  description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
+    app.dependency_overrides[get_settings] = lambda: settings
+    errors.install(app)
+    for r in (generate.router, jobs.router, openai.router, system.router):
+        app.include_router(r)
+    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes)
+    return app

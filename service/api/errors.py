@@ -1,0 +1,96 @@
+"""One error shape for every failure, and the handlers that produce it.
+
+Clients always get ``{"error": {"code", "message", "param", ...}}`` (the shape OpenAI
+SDKs already understand) and never a stack trace; unexpected exceptions are logged
+here and answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import metrics
+
+log = logging.getLogger("clusca.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers
+        self.extra = extra
+
+
+def error_response(status: int, code: str, message: str, *, param: str | None = None,
+                   headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, "param": param}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _field_name(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def _message(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
+    if err.get("type") == "missing":
+        return "is required"
+    if err.get("type") == "extra_forbidden":
+        return "is not a known field"
+    if err.get("type") == "finite_number":
+        return "must be a finite number (NaN and infinity are not allowed)"
+    return str(err.get("msg", "is invalid"))
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        metrics.ERRORS.labels(exc.code).inc()
+        return error_response(exc.status, exc.code, exc.message, param=exc.param, headers=exc.headers, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.ERRORS.labels("validation").inc()
+        fields = []
+        for err in exc.errors()[:20]:
+            loc = tuple(err.get("loc", ()))
+            if err.get("type") == "json_invalid":
+                loc = ("body",)
+            fields.append({"field": _field_name(loc), "message": _message(err)})
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+        return error_response(422, "validation_error", summary, param=fields[0]["field"] if fields else None,
+                              fields=fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}.get(exc.status_code, "http_error")
+        msg = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 400 and "parsing the body" in msg:
+            msg = "the body could not be parsed as JSON (malformed or nested too deeply)"
+        return error_response(exc.status_code, code, msg, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        metrics.ERRORS.labels("redis_unavailable").inc()
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, "unavailable", "the job queue is unavailable; retry shortly",
+                              headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        metrics.ERRORS.labels("internal").inc()
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal error")

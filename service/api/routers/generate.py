@@ -1,0 +1,71 @@
+"""POST /generate: queue a job, then wait for it (default) or answer 202 at once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
+
+from ...queue import QueueFull
+from ..deps import AuthDep, Services, ServicesDep
+from ..errors import ApiError
+from ..resolve import idempotency_scope, resolve_job
+from ..schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
+from ..views import generate_response, job_status
+
+router = APIRouter(tags=["generate"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody} for s in (401, 404, 413, 422, 429, 503)}
+
+
+async def submit(services: Services, model: str, job: dict[str, Any], idem: str | None) -> tuple[str, bool]:
+    depth_limit = services.settings.max_queue
+    try:
+        return await services.queue.enqueue(model, job, job["steps"], idem)
+    except QueueFull as exc:
+        raise ApiError(429, "queue_full", f"the queue for model {model!r} is full ({exc.depth} jobs, "
+                       f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
+
+
+async def wait_for(services: Services, job_id: str) -> tuple[dict[str, Any], bool]:
+    """Wait up to the sync timeout; return ``(job, finished)``."""
+    finished = await services.queue.wait(job_id, services.settings.sync_timeout_s)
+    job = await services.queue.get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", "the job expired before it finished")
+    return job, finished
+
+
+def wants_async(prefer: str | None, flag: bool) -> bool:
+    return flag or (prefer is not None and "respond-async" in prefer.lower())
+
+
+@router.post("/generate", response_model=GenerateResponse, summary="Generate images",
+             responses={202: {"model": JobStatus, "description": "Accepted; poll or stream the job"},
+                        500: {"model": GenerateResponse, "description": "The job failed"}, **ERRORS})
+async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthDep,
+                   prefer: Annotated[str | None, Header(max_length=200)] = None,
+                   idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
+    """Queue one generation. Synchronous by default (up to ``CLUSCA_SYNC_TIMEOUT_S``, then 202);
+    ``Prefer: respond-async`` or ``"async": true`` answers 202 with the job at once.
+    The same ``Idempotency-Key`` always returns the same job and never runs it twice."""
+    idem = idempotency_scope(identity, idempotency_key)
+    entry, job = await resolve_job(
+        registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
+        negative_prompt=body.negative_prompt, width=body.width, height=body.height, steps=body.steps,
+        guidance=body.guidance, seed=body.seed, num_images=body.num_images, output_format=body.output_format,
+        cache=body.cache, webhook_url=body.webhook_url)
+    job_id, _created = await submit(services, entry.name, job, idem)
+    if wants_async(prefer, body.async_):
+        record = await services.queue.get(job_id)
+        return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async"})
+    record, finished = await wait_for(services, job_id)
+    if not finished:
+        return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"/jobs/{job_id}"})
+    images = await services.queue.images(job_id) if record["status"] == "succeeded" else []
+    resp = generate_response(record, images)
+    return JSONResponse(resp.model_dump(mode="json"), status_code=500 if record["status"] == "failed" else 200)

@@ -1,0 +1,53 @@
+"""POST /v1/images/generations, shaped like the OpenAI images API so its SDKs work unchanged."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..deps import AuthDep, ServicesDep
+from ..errors import ApiError
+from ..schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse, Timings
+from ..resolve import resolve_job
+from .generate import submit, wait_for
+
+router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+
+
+@router.post("/images/generations", response_model=OpenAIImageResponse, summary="OpenAI-compatible generation",
+             responses={s: {"model": ErrorBody} for s in (401, 404, 413, 422, 429, 500, 503, 504)})
+async def images_generations(body: OpenAIImageRequest, request: Request, services: ServicesDep,
+                             identity: AuthDep) -> Any:
+    """Always synchronous. ``size`` is ``WIDTHxHEIGHT``; extra fields ``steps``, ``seed``,
+    ``guidance``, ``negative_prompt`` and ``cache`` expose this service's options."""
+    width = height = None
+    if body.size and body.size != "auto":
+        w, h = body.size.split("x")
+        width, height = int(w), int(h)
+        if min(width, height) < 8:
+            raise ApiError(422, "validation_error", "size: both sides must be at least 8", param="size")
+    entry, job = await resolve_job(
+        registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
+        negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
+        guidance=body.guidance, seed=body.seed, num_images=body.n, output_format=body.output_format,
+        cache=body.cache, webhook_url=None)
+    job_id, _ = await submit(services, entry.name, job, None)
+    record, finished = await wait_for(services, job_id)
+    if not finished:
+        raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
+                       f"it continues: GET /jobs/{job_id}")
+    if record["status"] != "succeeded":
+        raise ApiError(500, "job_" + record["status"], record.get("error") or record["status"])
+    images = await services.queue.images(job_id)
+    if body.response_format == "url":
+        base = str(request.base_url).rstrip("/")
+        data = [OpenAIImage(url=f"{base}/jobs/{job_id}/images/{k}") for k in range(len(images))]
+    else:
+        data = [OpenAIImage(b64_json=base64.b64encode(b).decode()) for b in images]
+    res = record.get("result") or {}
+    return OpenAIImageResponse(created=int(record.get("finished") or time.time()), data=data, id=job_id,
+                               seed=job["seed"], timings=Timings(**res.get("timings", {})),
+                               cache_stats=res.get("cache_stats"))

@@ -1,0 +1,191 @@
+"""Request and response models of the HTTP API (they are also the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..registry import MODEL_NAME_PATTERN
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class CacheSettings(BaseModel):
+    """ClusCa settings of one request: a preset, a mode, and any knob of the ClusCa config.
+
+    Unset fields come from the preset (default: the model's default preset). Knobs:
+    ``interval``, ``warmup``, ``order``, ``clusters``, ``fresh_tokens``, ``gamma``,
+    ``kmeans_iters``, ``kmeans_distance``, ``propagation``, ``propagate_text``, ``seed``.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{"preset": "balanced"},
+                                                                             {"mode": "taylorseer", "interval": 4}]})
+
+    mode: Optional[Literal["off", "fora", "taylorseer", "clusca"]] = None
+    preset: Optional[Literal["off", "quality", "balanced", "fast"]] = None
+    interval: Optional[int] = Field(None, ge=1, le=1000)
+    warmup: Optional[int] = Field(None, ge=1, le=1000)
+    order: Optional[int] = Field(None, ge=0, le=4)
+    clusters: Optional[int] = Field(None, ge=1, le=4096)
+    fresh_tokens: Optional[int] = Field(None, ge=1, le=64)
+    gamma: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
+    kmeans_iters: Optional[int] = Field(None, ge=1, le=100)
+    kmeans_distance: Optional[Literal["l1", "l2"]] = None
+    propagation: Optional[str] = Field(None, max_length=32)
+    propagate_text: Optional[bool] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+
+
+class GenerateRequest(BaseModel):
+    """One text-to-image request."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
+        "examples": [{"prompt": "a red circle on the left", "seed": 7, "cache": {"preset": "balanced"}}]})
+
+    prompt: str = Field(max_length=100_000, description="What to draw.")
+    negative_prompt: Optional[str] = Field(None, max_length=100_000)
+    model: Optional[str] = Field(None, pattern=MODEL_NAME_PATTERN, description="Registry name; default CLUSCA_DEFAULT_MODEL.")
+    width: Optional[int] = Field(None, ge=8, le=16384)
+    height: Optional[int] = Field(None, ge=8, le=16384)
+    steps: Optional[int] = Field(None, ge=1, le=10_000)
+    guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Random when absent; the answer says which.")
+    num_images: int = Field(1, ge=1, le=1000)
+    output_format: OutputFormat = "png"
+    cache: Optional[CacheSettings] = None
+    webhook_url: Optional[str] = Field(None, max_length=2048)
+    async_: bool = Field(False, alias="async", description="Answer 202 with a job id instead of waiting.")
+
+
+class Timings(BaseModel):
+    queue_wait_s: Optional[float] = None
+    inference_s: Optional[float] = None
+    total_s: Optional[float] = None
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+    images: list[str] = []
+
+
+class JobStatus(BaseModel):
+    """Where a job stands (also the 202 answer of an asynchronous request)."""
+
+    id: str
+    model: str
+    status: JobState
+    step: int = Field(description="Denoising steps done so far.")
+    steps: int
+    seed: Optional[int] = None
+    seeds: list[int] = []
+    num_images: int = 1
+    output_format: OutputFormat = "png"
+    width: Optional[int] = None
+    height: Optional[int] = None
+    guidance: Optional[float] = None
+    cache: dict[str, Any] = Field(default_factory=dict, description="The resolved ClusCa settings of the run.")
+    cache_stats: Optional[dict[str, Any]] = Field(None, description="Statistics of the ClusCa run.")
+    timings: Timings = Field(default_factory=Timings)
+    attempts: int = 0
+    batch_images: Optional[int] = Field(None, description="Images computed in the same pipeline call.")
+    error: Optional[str] = None
+    created_at: Optional[float] = None
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    links: JobLinks
+
+
+class GenerateResponse(JobStatus):
+    """A finished synchronous request: the job plus its images, base64-encoded."""
+
+    images: list[str] = Field(default_factory=list, description="Base64 images in output_format.")
+
+
+class CancelResponse(JobStatus):
+    pass
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: Optional[str] = Field(None, description="The request field at fault, when there is one.")
+    fields: Optional[list[FieldError]] = None
+    known_models: Optional[list[str]] = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: str
+    pipeline_class: str
+    dtype: str
+    defaults: dict[str, Any]
+    workers_alive: int
+    queue_depth: int
+    running_jobs: int
+    workers: list[dict[str, Any]] = []
+
+
+class ModelsResponse(BaseModel):
+    default_model: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    redis: bool
+    workers_alive: dict[str, int] = {}
+    reason: Optional[str] = None
+
+
+class OpenAIImageRequest(BaseModel):
+    """OpenAI ``images.generate`` body; the extra fields expose this service's options."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(max_length=100_000)
+    model: Optional[str] = Field(None, pattern=MODEL_NAME_PATTERN)
+    n: int = Field(1, ge=1, le=1000)
+    size: Optional[str] = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$", description="WIDTHxHEIGHT")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    quality: Optional[str] = Field(None, max_length=32)
+    style: Optional[str] = Field(None, max_length=32)
+    user: Optional[str] = Field(None, max_length=256)
+    # Extensions.
+    negative_prompt: Optional[str] = Field(None, max_length=100_000)
+    steps: Optional[int] = Field(None, ge=1, le=10_000)
+    guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    cache: Optional[CacheSettings] = None
+
+
+class OpenAIImage(BaseModel):
+    b64_json: Optional[str] = None
+    url: Optional[str] = None
+    revised_prompt: Optional[str] = None
+
+
+class OpenAIImageResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    id: str
+    seed: Optional[int] = None
+    timings: Timings
+    cache_stats: Optional[dict[str, Any]] = None

@@ -1,0 +1,217 @@
+"""The ``clusca`` command: ``serve``, ``api``, ``worker`` and the ``generate`` client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+log = logging.getLogger("clusca")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=os.environ.get("CLUSCA_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings() -> Any:
+    from .settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+
+
+def _check_registry(s: Any) -> None:
+    from .registry import Registry, RegistryError
+
+    try:
+        reg = Registry.load(s.models_file)
+    except RegistryError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    if s.default_model not in reg:
+        raise SystemExit(f"configuration error: CLUSCA_DEFAULT_MODEL {s.default_model!r} is not in the registry "
+                         f"({', '.join(reg.names)})")
+
+
+def _run_api(host: str, port: int, workers: int = 1) -> None:
+    import uvicorn
+
+    uvicorn.run("service.api:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    s = _settings()
+    if not s.redis_url:
+        raise SystemExit("clusca api: set REDIS_URL (or use `clusca serve`, which starts a private Redis)")
+    _check_registry(s)
+    host, port = args.host or s.host, args.port if args.port is not None else s.port
+    log.info("API on http://%s:%d (docs at /docs)", host, port)
+    _run_api(host, port, args.workers)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from .worker import run_worker
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    try:
+        run_worker(_settings(), models, args.id)
+    except ValueError as exc:
+        raise SystemExit(f"clusca worker: {exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    s = _settings()
+    _check_registry(s)
+    host, port = args.host or s.host, args.port if args.port is not None else s.port
+    redis_server = None
+    env = dict(os.environ)
+    if not s.redis_url:
+        from .embedded_redis import EmbeddedRedis
+
+        redis_server = EmbeddedRedis().start()
+        env["REDIS_URL"] = redis_server.url
+        log.info("started a private Redis at %s", redis_server.url)
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clusca-metrics-")
+    # The API aggregates every local process's metrics, so the worker needs no port of its own here.
+    worker_env = {**env, "CLUSCA_WORKER_METRICS_PORT": env.get("CLUSCA_WORKER_METRICS_PORT_SERVE", "0")}
+    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=worker_env)
+               for _ in range(args.workers)]
+    os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")})
+    from .settings import get_settings
+
+    get_settings.cache_clear()
+    log.info("ClusCa Serve: send requests to http://%s:%d/generate (docs: http://%s:%d/docs); "
+             "GET /readyz turns 200 once the worker has loaded its models", host, port, host, port)
+    try:
+        _run_api(host, port)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+# ---------------------------------------------------------------------------- client
+def _request(method: str, url: str, body: dict | None, key: str | None, headers: dict | None = None) -> Any:
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    return urllib.request.urlopen(urllib.request.Request(url, data=data, headers=h, method=method), timeout=60)
+
+
+def _bar(step: int, steps: int, width: int = 30) -> str:
+    filled = int(width * step / max(steps, 1))
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{steps}"
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    base = args.url.rstrip("/")
+    body: dict[str, Any] = {"prompt": args.prompt, "output_format": args.format}
+    for k in ("model", "width", "height", "steps", "seed", "guidance", "negative_prompt"):
+        v = getattr(args, k)
+        if v is not None:
+            body[k] = v
+    if args.cache:
+        body["cache"] = {"preset": args.cache}
+    try:
+        with _request("POST", f"{base}/generate", body, args.api_key, {"Prefer": "respond-async"}) as r:
+            job = json.load(r)
+        print(f"job {job['id']} (seed {job['seed']})", file=sys.stderr)
+        with _request("GET", f"{base}/jobs/{job['id']}/events", None, args.api_key) as r:
+            kind = ""
+            for raw in r:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    ev = json.loads(line[6:])
+                    if kind == "progress":
+                        print(_bar(ev["step"], ev["steps"]), end="", file=sys.stderr, flush=True)
+                    elif kind in ("finished", "failed", "cancelled"):
+                        print(file=sys.stderr)
+                        break
+        with _request("GET", f"{base}/jobs/{job['id']}", None, args.api_key) as r:
+            job = json.load(r)
+        if job["status"] != "succeeded":
+            raise SystemExit(f"job {job['status']}: {job.get('error')}")
+        with _request("GET", f"{base}/jobs/{job['id']}/images/0", None, args.api_key) as r:
+            data = r.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.load(exc)["error"]["message"]
+        except Exception:  # noqa: BLE001
+            msg = exc.reason
+        raise SystemExit(f"error {exc.code}: {msg}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"cannot reach {base}: {exc.reason}") from None
+    out = args.out or f"clusca-{job['id'][:8]}.{args.format}"
+    with open(out, "wb") as f:
+        f.write(data)
+    t = job["timings"]
+    print(f"saved {out}  (queue {t['queue_wait_s']:.3f}s, inference {t['inference_s']:.3f}s, "
+          f"total {t['total_s']:.3f}s; tokens computed {job['cache_stats'].get('token_fraction')})", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clusca", description="ClusCa Serve: diffusion transformers over HTTP.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("serve", help="Redis (private unless REDIS_URL) + worker + API, in one command")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1)")
+    sp.set_defaults(fn=cmd_serve)
+    ap = sub.add_parser("api", help="the HTTP API only (needs REDIS_URL)")
+    ap.add_argument("--host")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    ap.set_defaults(fn=cmd_api)
+    wp = sub.add_parser("worker", help="a worker process (needs REDIS_URL)")
+    wp.add_argument("--models", help="comma-separated registry names (default: all)")
+    wp.add_argument("--id", help="worker id (default: host-pid-random)")
+    wp.set_defaults(fn=cmd_worker)
+    gp = sub.add_parser("generate", help="generate one image through a running service")
+    gp.add_argument("prompt")
+    gp.add_argument("--out", "-o")
+    gp.add_argument("--url", default=os.environ.get("CLUSCA_URL", "http://127.0.0.1:8000"))
+    gp.add_argument("--api-key", default=os.environ.get("CLUSCA_API_KEY"))
+    gp.add_argument("--model")
+    gp.add_argument("--width", type=int)
+    gp.add_argument("--height", type=int)
+    gp.add_argument("--steps", type=int)
+    gp.add_argument("--seed", type=int)
+    gp.add_argument("--guidance", type=float)
+    gp.add_argument("--negative-prompt", dest="negative_prompt")
+    gp.add_argument("--cache", help="cache preset: off, quality, balanced, fast")
+    gp.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    gp.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    _logging()
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

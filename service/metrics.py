@@ -1,0 +1,91 @@
+"""Prometheus metrics (names and labels are a contract: see docs/architecture.md).
+
+Counters and histograms are recorded where things happen: the API counts requests and
+rejected inputs, workers time their runs. Values that describe the shared queue (depth,
+running jobs, live workers) are not counted by any process: the API reads them from
+Redis at scrape time, so every API replica reports the same truth.
+
+Several processes on one host (``clusca serve``, or an API with several uvicorn
+workers) share ``PROMETHEUS_MULTIPROC_DIR``; the API's ``/metrics`` then aggregates
+every process's files. prometheus-client picks its storage when first imported, so the
+variable must be set before the process starts (``clusca serve`` does that).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+FRACTION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+SPEEDUP_BUCKETS = (1.0, 1.25, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 8, 10)
+
+REQUEST_LATENCY = Histogram("clusca_request_latency_seconds", "Job latency from enqueue to stored result",
+                            ["model", "cache_mode"], buckets=LATENCY_BUCKETS)
+QUEUE_WAIT = Histogram("clusca_queue_wait_seconds", "Time a job waited before a worker started it",
+                       ["model"], buckets=LATENCY_BUCKETS)
+INFERENCE = Histogram("clusca_inference_seconds", "Pipeline call time per batch",
+                      ["model", "cache_mode"], buckets=LATENCY_BUCKETS)
+STEP = Histogram("clusca_step_seconds", "Time per denoising step", ["model", "cache_mode"], buckets=STEP_BUCKETS)
+REQUESTS = Counter("clusca_requests_total", "HTTP requests by route and status", ["endpoint", "status"])
+IMAGES = Counter("clusca_images_generated_total", "Images stored", ["model", "cache_mode"])
+ERRORS = Counter("clusca_errors_total", "Errors by kind", ["kind"])
+TOKEN_FRACTION = Histogram("clusca_token_fraction", "Fraction of tokens computed per run (1 = uncached)",
+                           ["model", "cache_mode"], buckets=FRACTION_BUCKETS)
+FLOPS_SPEEDUP = Histogram("clusca_flops_speedup", "Analytic FLOPs speedup of a run over uncached",
+                          ["model", "cache_mode"], buckets=SPEEDUP_BUCKETS)
+HEARTBEAT = Gauge("clusca_worker_heartbeat_timestamp_seconds", "Last heartbeat of a worker (unix time)",
+                  ["worker"], multiprocess_mode="max")
+
+
+def multiprocess_dir() -> str | None:
+    d = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return d if d and os.path.isdir(d) else None
+
+
+def process_metrics() -> bytes:
+    """This host's metrics: every process's when multi-process mode is on, else this one's."""
+    d = multiprocess_dir()
+    if d:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=d)
+        return generate_latest(registry)
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY)
+
+
+class _QueueGauges:
+    def __init__(self, values: dict[str, dict[str, int]]):
+        self.values = values
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for name, help_text in (("clusca_queue_depth", "Jobs waiting per model"),
+                                ("clusca_running_jobs", "Jobs delivered to a worker and not finished"),
+                                ("clusca_workers_alive", "Workers with a recent heartbeat per model")):
+            fam = GaugeMetricFamily(name, help_text, labels=["model"])
+            for model, v in self.values.get(name, {}).items():
+                fam.add_metric([model], v)
+            yield fam
+
+
+def queue_metrics(values: dict[str, dict[str, int]]) -> bytes:
+    """Render the Redis-derived gauges: ``{"clusca_queue_depth": {model: n}, ...}``."""
+    registry = CollectorRegistry()
+    registry.register(_QueueGauges(values))
+    return generate_latest(registry)
+
+
+def clear_process_files(pid: int) -> None:
+    """Forget a finished process's live gauges (multi-process mode)."""
+    d = multiprocess_dir()
+    if d:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, d)

@@ -1,0 +1,146 @@
+"""The model registry: which models exist, how to load them, and their defaults.
+
+Entries come from a YAML or JSON file named by ``CLUSCA_MODELS``; without one the
+registry holds only the built-in model ``shapes``. Model names are validated here and
+only ever used as keys (stream names, dictionary lookups), never as file paths: the
+path of a model comes from the operator's file, not from a request.
+
+File format (YAML or JSON)::
+
+    models:
+      - name: flux-dev
+        kind: diffusers            # builtin | diffusers | noop
+        path: /models/FLUX.1-dev   # local folder or hub id
+        pipeline_class: auto       # or e.g. FluxPipeline
+        dtype: bfloat16
+        device: cuda
+        defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: balanced}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+BUILTIN_MODEL = "shapes"
+
+
+class ModelDefaults(BaseModel):
+    """Settings used when a request leaves them out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(1024, ge=8)
+    height: int = Field(1024, ge=8)
+    steps: int = Field(28, ge=1)
+    guidance: float = Field(3.5, ge=0, allow_inf_nan=False)
+    cache: str = "balanced"
+    # Spatial granularity of the pipeline: requested sizes must be multiples of it.
+    size_multiple: int = Field(16, ge=1)
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false.
+        return "off" if v is False else v
+
+
+class ModelEntry(BaseModel):
+    """One servable model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    kind: Literal["builtin", "diffusers", "noop"] = "diffusers"
+    path: str | None = None
+    pipeline_class: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    # Free-form loader options (e.g. the no-op model's per-step delay).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "ModelEntry":
+        if self.kind == "diffusers" and not self.path:
+            raise ValueError(f"model {self.name!r}: kind 'diffusers' needs a path (local folder or hub id)")
+        return self
+
+    def public(self) -> dict[str, Any]:
+        """What clients may see (no filesystem paths)."""
+        return {"name": self.name, "kind": self.kind, "pipeline_class": self.pipeline_class,
+                "dtype": self.dtype, "defaults": self.defaults.model_dump()}
+
+
+def builtin_entry() -> ModelEntry:
+    # The built-in model works on 32x32 images with 2x2 patches; the defaults match its training.
+    return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
+                      defaults=ModelDefaults(width=32, height=32, steps=20, guidance=4.0,
+                                             cache="balanced", size_multiple=4))
+
+
+class RegistryError(ValueError):
+    """The models file is missing or malformed."""
+
+
+class Registry:
+    """Models by name, in file order."""
+
+    def __init__(self, entries: list[ModelEntry]):
+        if not entries:
+            raise RegistryError("the model registry is empty")
+        self._entries: dict[str, ModelEntry] = {}
+        for e in entries:
+            if e.name in self._entries:
+                raise RegistryError(f"model {e.name!r} is listed twice")
+            self._entries[e.name] = e
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Registry":
+        if not path:
+            return cls([builtin_entry()])
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RegistryError(f"CLUSCA_MODELS: cannot read {p}: {exc.strerror}") from None
+        try:
+            if p.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # noqa: BLE001 - parser errors differ by format
+            raise RegistryError(f"CLUSCA_MODELS: {p} is not valid YAML/JSON: {exc}") from None
+        items = data.get("models") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise RegistryError(f"CLUSCA_MODELS: {p} must contain a list under 'models'")
+        entries = []
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and item.get("kind") == "builtin" and not item.get("defaults"):
+                item = {**builtin_entry().model_dump(exclude={"name"}), **item}
+            try:
+                entries.append(ModelEntry.model_validate(item))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(x) for x in err["loc"])
+                raise RegistryError(f"CLUSCA_MODELS: models[{i}].{loc}: {err['msg']}") from None
+        return cls(entries)
+
+    def get(self, name: str) -> ModelEntry | None:
+        return self._entries.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())

@@ -1,0 +1,119 @@
+"""All runtime configuration, read from environment variables.
+
+The variable names and defaults are a contract (see docs/architecture.md); every
+process (API, worker, CLI) builds one :class:`Settings` from the environment and
+passes it down instead of reading ``os.environ`` itself.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class Settings(BaseModel):
+    """Service settings; field ``x`` comes from the environment variable in ``ENV_NAMES``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models_file: str | None = None
+    default_model: str = "shapes"
+    device: str = "auto"
+    api_keys: tuple[str, ...] = ()
+    max_queue: int = Field(1000, ge=1)
+    sync_timeout_s: float = Field(120.0, gt=0)
+    result_ttl_s: int = Field(86400, ge=1)
+    max_batch: int = Field(4, ge=1, le=256)
+    batch_wait_ms: float = Field(10.0, ge=0)
+    visibility_timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    webhook_secret: str | None = None
+    webhook_allow_private: bool = False
+    prometheus_multiproc_dir: str | None = None
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    # Request limits: generous defaults for GPU hosts; operators tighten them per deployment.
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_pixels: int = Field(2048 * 2048, ge=1)
+    max_side: int = Field(4096, ge=8)
+    max_steps: int = Field(200, ge=1)
+    max_images: int = Field(8, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from ``env`` (default ``os.environ``); a bad value names its variable."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field, var in ENV_NAMES.items():
+            raw = env.get(var)
+            if raw is None or (raw == "" and field not in ("webhook_allow_private",)):
+                continue
+            if field == "api_keys":
+                values[field] = tuple(k.strip() for k in raw.split(",") if k.strip())
+            elif field == "webhook_allow_private":
+                low = raw.strip().lower()
+                if low not in _TRUE | _FALSE:
+                    raise SettingsError(f"{var}: expected 0 or 1, got {raw!r}")
+                values[field] = low in _TRUE
+            else:
+                values[field] = raw
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            raise SettingsError(f"{ENV_NAMES.get(field, field)}: {err['msg']}") from None
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a bad value."""
+
+
+ENV_NAMES: dict[str, str] = {
+    "redis_url": "REDIS_URL",
+    "host": "CLUSCA_HOST",
+    "port": "CLUSCA_PORT",
+    "models_file": "CLUSCA_MODELS",
+    "default_model": "CLUSCA_DEFAULT_MODEL",
+    "device": "CLUSCA_DEVICE",
+    "api_keys": "CLUSCA_API_KEYS",
+    "max_queue": "CLUSCA_MAX_QUEUE",
+    "sync_timeout_s": "CLUSCA_SYNC_TIMEOUT_S",
+    "result_ttl_s": "CLUSCA_RESULT_TTL_S",
+    "max_batch": "CLUSCA_MAX_BATCH",
+    "batch_wait_ms": "CLUSCA_BATCH_WAIT_MS",
+    "visibility_timeout_s": "CLUSCA_VISIBILITY_TIMEOUT_S",
+    "max_attempts": "CLUSCA_MAX_ATTEMPTS",
+    "webhook_secret": "CLUSCA_WEBHOOK_SECRET",
+    "webhook_allow_private": "CLUSCA_WEBHOOK_ALLOW_PRIVATE",
+    "prometheus_multiproc_dir": "PROMETHEUS_MULTIPROC_DIR",
+    "worker_metrics_port": "CLUSCA_WORKER_METRICS_PORT",
+    "max_prompt_chars": "CLUSCA_MAX_PROMPT_CHARS",
+    "max_pixels": "CLUSCA_MAX_PIXELS",
+    "max_side": "CLUSCA_MAX_SIDE",
+    "max_steps": "CLUSCA_MAX_STEPS",
+    "max_images": "CLUSCA_MAX_IMAGES",
+    "max_body_bytes": "CLUSCA_MAX_BODY_BYTES",
+}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (a FastAPI dependency; tests override it)."""
+    return Settings.from_env()
