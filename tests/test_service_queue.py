@@ -1,0 +1,95 @@
+"""The queue's guarantees against a real Redis: exactly-once results, attempts, hand-back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from service.queue import JobQueue, QueueFull, WorkerQueue, decode_job, job_key
+
+REQ = {"prompt": "p", "width": 16, "height": 16, "steps": 2, "guidance": 0.0, "seed": 1, "num_images": 1,
+       "output_format": "png", "cache": {"mode": "off"}, "negative_prompt": None, "webhook_url": None}
+
+
+def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str | None = None) -> list[tuple[str, bool]]:
+    async def go():
+        r = aioredis.Redis.from_url(url)
+        q = JobQueue(r, max_queue=max_queue, ttl_s=60)
+        try:
+            return [await q.enqueue(model, REQ, 2, idem) for _ in range(n)]
+        finally:
+            await r.aclose()
+
+    return asyncio.run(go())
+
+
+def _wq(service, model: str, wid: str, vis: float = 30, attempts: int = 3) -> WorkerQueue:
+    q = WorkerQueue(service.redis_client(), worker_id=wid, models=[model], ttl_s=60, visibility_timeout_s=vis,
+                    max_attempts=attempts)
+    q.ensure_groups()
+    return q
+
+
+def test_two_workers_racing_store_one_result(service):
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    a, b = _wq(service, model, "A", vis=0.05), _wq(service, model, "B", vis=0.05)
+    (job_id, _), = _enqueue(service.redis_url, model)
+    da = a.read(1, block_ms=100)
+    started_a, _ = a.start(da)
+    time.sleep(0.1)
+    db = b.reclaim(1)  # A looks dead: B takes the job over
+    assert [d.job_id for d in db] == [job_id]
+    started_b, _ = b.start(db)
+    assert started_b[0].attempt == 2
+    wins = [b.finish(started_b[0], "succeeded", {"by": "B"}, images=[b"img-B"]),
+            a.finish(started_a[0], "succeeded", {"by": "A"}, images=[b"img-A"])]
+    assert wins == [True, False]
+    r = service.redis_client()
+    job = decode_job(r.hgetall(job_key(job_id)))
+    assert job["status"] == "succeeded" and job["result"] == {"by": "B"}
+    assert r.hgetall(f"clusca:job:{job_id}:images") == {b"0": b"img-B"}
+    assert r.xpending(f"clusca:stream:{model}", "workers")["pending"] == 0
+    assert r.xlen(f"clusca:stream:{model}") == 0
+    assert r.lrange(f"clusca:job:{job_id}:done", 0, -1) == [b"succeeded"]
+
+
+def test_job_fails_after_max_attempts_with_reason(service):
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    qs = [_wq(service, model, f"W{i}", vis=0.02, attempts=2) for i in range(3)]
+    (job_id, _), = _enqueue(service.redis_url, model)
+    s0, _ = qs[0].start(qs[0].read(1, block_ms=100))
+    time.sleep(0.05)
+    s1, _ = qs[1].start(qs[1].reclaim(1))
+    assert len(s0) == len(s1) == 1
+    time.sleep(0.05)
+    started, skipped = qs[2].start(qs[2].reclaim(1))
+    assert started == [] and skipped[0][1].startswith("exhausted")
+    job = decode_job(service.redis_client().hgetall(job_key(job_id)))
+    assert job["status"] == "failed" and "gave up after 2 attempts" in job["error"]
+    # A late finish from a stale worker cannot overwrite the verdict.
+    assert qs[1].finish(s1[0], "succeeded", {}, images=[b"x"]) is False
+
+
+def test_release_hands_unstarted_jobs_back(service):
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    a, b = _wq(service, model, "A"), _wq(service, model, "B")
+    ids = [j for j, _ in _enqueue(service.redis_url, model, n=2)]
+    got = a.read(2, block_ms=100)
+    assert [d.job_id for d in got] == ids
+    a.release(got)
+    again = b.read(2, block_ms=100)
+    assert [d.job_id for d in again] == ids
+    assert service.redis_client().xpending(f"clusca:stream:{model}", "workers")["pending"] == 2
+
+
+def test_enqueue_depth_limit_and_idempotency(service):
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    (first, created), (second, created2) = _enqueue(service.redis_url, model, n=2, idem="same")
+    assert created and not created2 and first == second
+    _enqueue(service.redis_url, model, n=1, max_queue=2)
+    with pytest.raises(QueueFull):
+        _enqueue(service.redis_url, model, n=1, max_queue=2)

@@ -1,0 +1,134 @@
+"""Worker behaviour with real processes: batching, takeover after SIGKILL, SIGTERM, webhooks."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import threading
+import time
+
+from conftest import Service, wait_until
+
+from service.embedded_redis import free_port
+from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+
+
+def _submit(c, **body):
+    r = c.post("/generate", json={"prompt": "p", **body}, headers={"Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def _final(c, job_id, timeout=30):
+    return wait_until(lambda: (j := c.get(f"/jobs/{job_id}").json())["status"] in
+                      ("succeeded", "failed", "cancelled") and j, timeout=timeout, what=f"job {job_id}")
+
+
+def test_batching_groups_only_compatible_jobs(service):
+    with service.client() as c:
+        same = [_submit(c, model="batch", prompt=f"s{i}", seed=i) for i in range(3)]
+        bigger = [_submit(c, model="batch", width=24, height=24, seed=i) for i in range(2)]
+        other_cache = _submit(c, model="batch", cache={"mode": "fora"})
+        other_steps = _submit(c, model="batch", steps=3)
+        with_negative = _submit(c, model="batch", negative_prompt="blurry")
+        worker = service.start_worker("batch", {"CLUSCA_MAX_BATCH": "8"})
+        try:
+            jobs = {j: _final(c, j) for j in [*same, *bigger, other_cache, other_steps, with_negative]}
+        finally:
+            Service.stop(worker)
+    assert all(j["status"] == "succeeded" for j in jobs.values())
+    assert [jobs[j]["batch_images"] for j in same] == [3, 3, 3]
+    assert [jobs[j]["batch_images"] for j in bigger] == [2, 2]
+    assert jobs[other_cache]["batch_images"] == jobs[other_steps]["batch_images"] == 1
+    assert jobs[with_negative]["batch_images"] == 1
+    # Batching does not change what a job gets: image k of job i depends on its own seed only.
+    with service.client() as c:
+        alone = c.post("/generate", json={"prompt": "s1", "seed": 1}).json()
+        batched = c.get(f"/jobs/{same[1]}/images/0").content
+    import base64
+
+    assert base64.b64decode(alone["images"][0]) == batched
+
+
+def test_batch_respects_max_batch_images(service):
+    with service.client() as c:
+        ids = [_submit(c, model="batch", prompt=f"m{i}", num_images=2) for i in range(3)]
+        worker = service.start_worker("batch", {"CLUSCA_MAX_BATCH": "4"})
+        try:
+            sizes = [_final(c, j)["batch_images"] for j in ids]
+        finally:
+            Service.stop(worker)
+    assert sorted(sizes) == [2, 4, 4]
+
+
+def test_sigkilled_worker_job_finishes_on_another(service):
+    with service.client() as c:
+        a = service.start_worker("kill")
+        job = _submit(c, model="kill", prompt="survive", seed=9)
+        wait_until(lambda: c.get(f"/jobs/{job}").json()["step"] >= 2, what="job running on worker A")
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        b = service.start_worker("kill")
+        try:
+            final = _final(c, job, timeout=40)
+        finally:
+            Service.stop(b)
+        assert final["status"] == "succeeded" and final["attempts"] == 2
+        with c.stream("GET", f"/jobs/{job}/events") as r:
+            text = "".join(r.iter_text())
+        assert text.count("event: started") == 2 and text.count("event: finished") == 1
+        img = c.get(f"/jobs/{job}/images/0")
+        assert img.status_code == 200
+    r = service.redis_client()
+    assert r.xpending("clusca:stream:kill", "workers")["pending"] == 0
+
+
+def test_sigterm_finishes_the_running_job_then_exits(service):
+    with service.client() as c:
+        w = service.start_worker("kill")
+        running = _submit(c, model="kill", prompt="finish me", steps=12)
+        wait_until(lambda: c.get(f"/jobs/{running}").json()["step"] >= 1, what="job running")
+        waiting = _submit(c, model="kill", prompt="later", steps=5)
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0
+        assert c.get(f"/jobs/{running}").json()["status"] == "succeeded"
+        assert c.get(f"/jobs/{waiting}").json()["status"] == "queued"
+        w2 = service.start_worker("kill")
+        try:
+            assert _final(c, waiting)["status"] == "succeeded"
+        finally:
+            Service.stop(w2)
+
+
+def test_signed_webhook_on_completion(service):
+    received: list[tuple[dict, bytes]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers, body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = http.server.HTTPServer(("127.0.0.1", port), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with service.client() as c:
+            job = c.post("/generate", json={"prompt": "hook", "seed": 4,
+                                            "webhook_url": f"http://127.0.0.1:{port}/done"}).json()
+        wait_until(lambda: received, timeout=10, what="webhook")
+    finally:
+        server.shutdown()
+    headers, body = received[0]
+    payload = json.loads(body)
+    assert payload["id"] == job["id"] and payload["status"] == "succeeded" and payload["seed"] == 4
+    assert payload["image_urls"] == [f"/jobs/{job['id']}/images/0"]
+    assert verify("test-webhook-secret", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+    assert not verify("wrong-secret", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+    assert not verify("test-webhook-secret", headers[TIMESTAMP_HEADER], body + b" ", headers[SIGNATURE_HEADER])
+    assert abs(int(headers[TIMESTAMP_HEADER]) - time.time()) < 60
