@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import promql_parser
 import pytest
 import yaml
 
@@ -66,13 +67,25 @@ def test_contract_tables_parse():
 
 
 # ---------------------------------------------------------------------------- PromQL use
+# Grafana's own variables, replaced by values Prometheus accepts before parsing.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$model": ".*"}
+# Series Prometheus makes up itself; every other name must come from the contract.
+PROMETHEUS_SERIES = {"up"}
+
+
 def dashboard_exprs() -> list[str]:
+    """PromQL of every panel target (template variable queries are not PromQL)."""
     dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def dashboard_variable_queries() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
     for var in dash.get("templating", {}).get("list", []):
         query = var.get("query")
-        exprs.append(query["query"] if isinstance(query, dict) else query)
-    return exprs
+        out.append(query["query"] if isinstance(query, dict) else query)
+    return out
 
 
 def alert_rules() -> list[dict]:
@@ -84,9 +97,39 @@ def alert_exprs() -> list[str]:
     return [rule["expr"] for rule in alert_rules()]
 
 
+def promql_uses(expr: str) -> list[tuple[str, set[str]]]:
+    """``(series, labels)`` for every selector in ``expr``: the labels it matches on plus
+    those the aggregations above it group by. Raises ValueError on a syntax error."""
+    for var, value in GRAFANA_VARS.items():
+        expr = expr.replace(var, value)
+    out: list[tuple[str, set[str]]] = []
+
+    def visit(node: object, grouping: frozenset[str]) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            matched = {m.name for m in node.matchers.matchers if m.name != "__name__"}
+            out.append((node.name, matched | grouping))
+        elif isinstance(node, promql_parser.MatrixSelector):
+            visit(node.vector_selector, grouping)
+        elif isinstance(node, promql_parser.AggregateExpr):
+            mod = node.modifier
+            by = set(mod.labels) if mod is not None and mod.type == promql_parser.AggModifierType.By else set()
+            visit(node.expr, grouping | by)
+        elif isinstance(node, promql_parser.Call):
+            for arg in node.args:
+                visit(arg, grouping)
+        elif isinstance(node, promql_parser.BinaryExpr):
+            visit(node.lhs, grouping)
+            visit(node.rhs, grouping)
+        elif isinstance(node, (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)):
+            visit(node.expr, grouping)
+
+    visit(promql_parser.parse(expr), frozenset())
+    return out
+
+
 def series_names(expr: str) -> set[str]:
     """Every ``clusca_*`` series an expression reads, as written (suffixes kept)."""
-    return set(re.findall(r"\bclusca_[a-z0-9_]+", expr))
+    return {name for name, _ in promql_uses(expr) if name.startswith("clusca_")}
 
 
 def base_name(series: str, metrics: dict[str, tuple[str, set[str]]]) -> str:
@@ -101,34 +144,32 @@ def base_name(series: str, metrics: dict[str, tuple[str, set[str]]]) -> str:
 def used_metric_names() -> set[str]:
     """Base metric names (histogram suffixes removed) the dashboard and alerts use."""
     metrics = contract_metrics()
-    return {base_name(s, metrics) for e in dashboard_exprs() + alert_exprs() for s in series_names(e)}
+    names = {base_name(s, metrics) for e in dashboard_exprs() + alert_exprs() for s in series_names(e)}
+    for query in dashboard_variable_queries():
+        names.update(re.findall(r"\bclusca_[a-z0-9_]+", query))
+    return names
 
 
 def _check_expr(expr: str, metrics: dict[str, tuple[str, set[str]]]) -> list[str]:
+    try:
+        uses = promql_uses(expr)
+    except ValueError as exc:
+        return [f"not valid PromQL: {exc}"]
     problems = []
-    for series in series_names(expr):
+    for series, labels in uses:
+        if series in PROMETHEUS_SERIES:
+            continue
         name = base_name(series, metrics)
         if name not in metrics:
             problems.append(f"{series}: not a metric of the contract")
             continue
-        kind, labels = metrics[name]
+        kind, known = metrics[name]
         if series != name and kind != "histogram":
             problems.append(f"{series}: suffix on a {kind}")
         if series == name and kind == "histogram":
             problems.append(f"{series}: a histogram needs _bucket/_sum/_count")
-    # Label matchers and groupings must name labels the metric has (le for buckets).
-    for series, matchers in re.findall(r"\b(clusca_[a-z0-9_]+)\{([^}]*)\}", expr):
-        name = base_name(series, metrics)
-        allowed = metrics.get(name, ("", set()))[1] | ({"le"} if series.endswith("_bucket") else set())
-        for label in re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers):
-            if label not in allowed:
-                problems.append(f"{series}: no label {label!r}")
-    for labels, series in re.findall(r"\bby \(([^)]*)\)\s*\((?:rate|increase|irate)?\(?\s*(clusca_[a-z0-9_]+)", expr):
-        name = base_name(series, metrics)
-        allowed = metrics.get(name, ("", set()))[1] | ({"le"} if series.endswith("_bucket") else set())
-        for label in (x.strip() for x in labels.split(",")):
-            if label and label not in allowed:
-                problems.append(f"{series}: grouped by unknown label {label!r}")
+        allowed = known | ({"le"} if series.endswith("_bucket") else set())
+        problems += [f"{series}: no label {label!r}" for label in sorted(labels - allowed)]
     return problems
 
 
@@ -136,16 +177,23 @@ def test_dashboard_and_alerts_use_only_contract_metrics_and_labels():
     metrics = contract_metrics()
     problems = [f"{e!r}: {p}" for e in dashboard_exprs() + alert_exprs() for p in _check_expr(e, metrics)]
     assert not problems, "\n".join(problems)
+    for query in dashboard_variable_queries():
+        m = re.fullmatch(r"label_values\((clusca_[a-z0-9_]+), *([a-z_]+)\)", query)
+        assert m and m.group(2) in metrics[m.group(1)][1], query
 
 
 def test_expression_checker_catches_mistakes():
     metrics = contract_metrics()
+    assert _check_expr("sum(rate(clusca_requests_total[5m])", metrics)  # syntax
     assert _check_expr("rate(clusca_request_total[5m])", metrics)  # misspelt name
     assert _check_expr("clusca_queue_depth_count", metrics)  # suffix on a gauge
     assert _check_expr("clusca_queue_wait_seconds", metrics)  # bare histogram
     assert _check_expr('clusca_queue_depth{cache_mode="x"}', metrics)  # label it lacks
     assert _check_expr("sum by (kind) (rate(clusca_images_generated_total[5m]))", metrics)
-    assert not _check_expr('sum by (model, le) (rate(clusca_queue_wait_seconds_bucket{model="a"}[5m]))', metrics)
+    assert _check_expr("histogram_quantile(0.9, sum by (model) (rate(clusca_step_seconds_bucket[5m]))) > 1"
+                       " and on() sum by (cache_mode) (clusca_queue_depth)", metrics)
+    assert not _check_expr('sum by (model, le) (rate(clusca_queue_wait_seconds_bucket{model=~"$model"}'
+                           '[$__rate_interval]))', metrics)
 
 
 def test_dashboard_covers_every_contract_metric():

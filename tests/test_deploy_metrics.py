@@ -7,14 +7,12 @@ worker job) and checks every series and label the dashboard and the alerts use.
 
 from __future__ import annotations
 
-import re
-
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_until
-from test_deploy import alert_exprs, dashboard_exprs, series_names
+from test_deploy import PROMETHEUS_SERIES, alert_exprs, dashboard_exprs, promql_uses
 
 
 def _samples(text: str) -> dict[str, set[str]]:
@@ -26,25 +24,16 @@ def _samples(text: str) -> dict[str, set[str]]:
     return out
 
 
-def _labels_used(expr: str) -> list[tuple[str, str]]:
-    """(series, label) pairs an expression filters or groups on."""
-    pairs = []
-    for series, matchers in re.findall(r"\b(clusca_[a-z0-9_]+)\{([^}]*)\}", expr):
-        pairs += [(series, label) for label in re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers)]
-    for labels, series in re.findall(r"\bby \(([^)]*)\)\s*\((?:rate|increase|irate)?\(?\s*(clusca_[a-z0-9_]+)", expr):
-        pairs += [(series, label.strip()) for label in labels.split(",") if label.strip()]
-    return pairs
-
-
 def _missing(scraped: dict[str, set[str]]) -> list[str]:
     problems = []
     for expr in dashboard_exprs() + alert_exprs():
-        for series in series_names(expr):
+        for series, labels in promql_uses(expr):
+            if series in PROMETHEUS_SERIES:
+                continue
             if series not in scraped:
                 problems.append(f"{series} (used by {expr.splitlines()[0]!r}) is not exported")
-        for series, label in _labels_used(expr):
-            if series in scraped and label not in scraped[series]:
-                problems.append(f"{series} has no label {label!r}")
+            else:
+                problems += [f"{series} has no label {label!r}" for label in sorted(labels - scraped[series])]
     return sorted(set(problems))
 
 
