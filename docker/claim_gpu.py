@@ -22,6 +22,8 @@ import argparse
 import errno
 import fcntl
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,18 +35,26 @@ DEFAULT_LOCK_DIR = "/run/clusca-gpus"
 def visible_gpus(env: dict[str, str], proc_dir: Path = PROC_GPUS) -> list[str]:
     """Stable names of the GPUs this container sees, in CUDA's PCI-bus order.
 
-    The NVIDIA runtime exposes one ``/proc/driver/nvidia/gpus/<pci-bus-id>`` entry per
-    visible GPU; sorting bus ids gives the order ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` uses,
-    so position ``i`` in the list is CUDA device ``i``.
+    An explicit ``NVIDIA_VISIBLE_DEVICES`` list is what the NVIDIA runtime exposes, so it
+    wins. With ``all`` (a ``count: all`` reservation) the driver's one
+    ``/proc/driver/nvidia/gpus/<pci-bus-id>`` entry per GPU is used: sorting the bus ids
+    gives the order ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` uses, so position ``i`` is CUDA
+    device ``i``. ``nvidia-smi -L`` (same order) is the last resort.
     """
+    listed = env.get("NVIDIA_VISIBLE_DEVICES", "")
+    if listed in ("none", "void"):
+        return []
+    if listed and listed != "all":
+        return [d.strip() for d in listed.split(",") if d.strip()]
     try:
         return sorted(p.name for p in proc_dir.iterdir())
     except OSError:
         pass
-    listed = env.get("NVIDIA_VISIBLE_DEVICES", "")
-    if listed and listed not in ("all", "none", "void"):
-        return [d.strip() for d in listed.split(",") if d.strip()]
-    return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return re.findall(r"\(UUID: ([^)]+)\)", out)
 
 
 def try_claim(lock_dir: Path, names: list[str]) -> tuple[int, int] | None:

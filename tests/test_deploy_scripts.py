@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,15 +166,33 @@ def test_explicit_choice_and_no_gpu_run_the_command_unchanged(tmp_path):
         _stop(none)
 
 
-def test_visible_gpus_prefers_the_driver_listing(tmp_path):
+def test_visible_gpus_follows_the_runtime_then_the_driver(tmp_path):
     proc = tmp_path / "gpus"
     proc.mkdir()
     for bus in ("0000:b1:00.0", "0000:17:00.0"):
         (proc / bus).mkdir()
+    # With every GPU exposed, the driver's listing in PCI-bus order.
+    assert claim_gpu.visible_gpus({"NVIDIA_VISIBLE_DEVICES": "all"}, proc) == ["0000:17:00.0", "0000:b1:00.0"]
     assert claim_gpu.visible_gpus({}, proc) == ["0000:17:00.0", "0000:b1:00.0"]
-    missing = tmp_path / "none"
-    assert claim_gpu.visible_gpus({"NVIDIA_VISIBLE_DEVICES": "2,5"}, missing) == ["2", "5"]
-    assert claim_gpu.visible_gpus({"NVIDIA_VISIBLE_DEVICES": "all"}, missing) == []
+    # An explicit device list is what the container really sees.
+    assert claim_gpu.visible_gpus({"NVIDIA_VISIBLE_DEVICES": "2,5"}, proc) == ["2", "5"]
+    assert claim_gpu.visible_gpus({"NVIDIA_VISIBLE_DEVICES": "void"}, proc) == []
+
+
+def test_visible_gpus_without_driver_listing_asks_nvidia_smi(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)'\n"
+                   "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb)'\n")
+    smi.chmod(0o755)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import claim_gpu, pathlib; "
+            "print(claim_gpu.visible_gpus({}, pathlib.Path(sys.argv[2])))")
+    res = subprocess.run([sys.executable, "-c", code, str(DOCKER), str(tmp_path / "missing")], capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    assert res.stdout.strip() == "['GPU-aaaa', 'GPU-bbbb']", res.stderr
+    if shutil.which("nvidia-smi") is None:  # no GPU anywhere: nothing to share out
+        assert claim_gpu.visible_gpus({}, tmp_path / "missing") == []
 
 
 def test_claim_without_a_command_is_a_usage_error(tmp_path):
