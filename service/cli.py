@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -89,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     worker_env = {**env, "CLUSCA_WORKER_METRICS_PORT": env.get("CLUSCA_WORKER_METRICS_PORT_SERVE", "0")}
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=worker_env)
                for _ in range(args.workers)]
+    threading.Thread(target=_watch_workers, args=(workers,), daemon=True).start()
     os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")})
     from .settings import get_settings
 
@@ -108,6 +110,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 w.kill()
         if redis_server is not None:
             redis_server.stop()
+
+
+def _watch_workers(workers: list[subprocess.Popen]) -> None:
+    """Stop the whole service when every worker has died: an API without workers only queues."""
+    while any(w.poll() is None for w in workers):
+        time.sleep(0.5)
+    codes = [w.returncode for w in workers]
+    if any(c != 0 for c in codes):
+        log.error("worker process(es) exited with %s; stopping (see the worker's error above)", codes)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------- client

@@ -1,0 +1,87 @@
+"""`clusca serve` (private Redis + worker + API in one command) and the `clusca generate` client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from PIL import Image
+
+from conftest import ROOT, TEST_MODELS, wait_until
+from service.embedded_redis import free_port
+from service.noop import noop_color
+
+
+def test_serve_then_generate_client(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text(TEST_MODELS.split("  - name: shapes")[0])
+    port = free_port()
+    env = {**os.environ, "CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_LOG_LEVEL": "INFO",
+           "PYTHONPATH": str(ROOT)}
+    for var in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "CLUSCA_API_KEYS"):
+        env.pop(var, None)
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: serve.poll() is not None or _ready(url), timeout=60, what="clusca serve ready")
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+        out = tmp_path / "img.png"
+        res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a blue square", "--url", url,
+                              "--model", "slow", "--seed", "21", "--steps", "4", "--out", str(out)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "4/4" in res.stderr and f"saved {out}" in res.stderr
+        assert Image.open(out).convert("RGB").getpixel((0, 0)) == noop_color("a blue square", 21)
+        # The API aggregates the worker's metrics (shared multi-process directory).
+        text = httpx.get(url + "/metrics").text
+        assert re.search(r'clusca_images_generated_total\{cache_mode="off",model="slow"\} 1\.0', text), text[-3000:]
+        bad = subprocess.run([sys.executable, "-m", "service.cli", "generate", "x", "--url", url, "--steps", "999"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "error 422: steps" in bad.stderr
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+    text = (tmp_path / "serve.log").read_text()
+    assert "started a private Redis at redis://127.0.0.1:" in text
+    assert f"send requests to http://127.0.0.1:{port}/generate" in text
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        time.sleep(0.1)
+        return False
+
+
+def test_worker_and_api_need_redis_url():
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYTHONPATH"] = str(ROOT)
+    for cmd in (["worker"], ["api"]):
+        res = subprocess.run([sys.executable, "-m", "service.cli", *cmd], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode != 0 and "REDIS_URL" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  - name: ../etc\n    kind: noop\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": "redis://127.0.0.1:1/0", "CLUSCA_MODELS": str(bad)}
+    res = subprocess.run([sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0 and "models[0].name" in res.stderr and "Traceback" not in res.stderr
+    env.update(CLUSCA_MODELS="", CLUSCA_MAX_BATCH="zero")
+    res = subprocess.run([sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0 and "CLUSCA_MAX_BATCH" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,74 @@
+"""Settings from the environment and the model registry (no processes needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.registry import BUILTIN_MODEL, Registry, RegistryError
+from service.settings import ENV_NAMES, Settings, SettingsError
+
+
+def test_defaults_match_the_documented_contract():
+    s = Settings.from_env({})
+    assert (s.redis_url, s.host, s.port, s.default_model, s.device) == (None, "127.0.0.1", 8000, "shapes", "auto")
+    assert (s.max_queue, s.sync_timeout_s, s.result_ttl_s, s.max_batch, s.batch_wait_ms) == (1000, 120, 86400, 4, 10)
+    assert (s.visibility_timeout_s, s.max_attempts, s.worker_metrics_port) == (30, 3, 9101)
+    assert s.api_keys == () and s.webhook_allow_private is False
+
+
+def test_every_setting_comes_from_its_variable():
+    s = Settings.from_env({"REDIS_URL": "redis://r:6379/1", "CLUSCA_PORT": "9000", "CLUSCA_API_KEYS": "a, b,,",
+                           "CLUSCA_WEBHOOK_ALLOW_PRIVATE": "1", "CLUSCA_MAX_BATCH": "8", "CLUSCA_DEVICE": "cuda:1"})
+    assert s.redis_url == "redis://r:6379/1" and s.port == 9000 and s.api_keys == ("a", "b")
+    assert s.webhook_allow_private and s.max_batch == 8 and s.device == "cuda:1"
+    assert set(ENV_NAMES) == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize("var,value", [("CLUSCA_PORT", "http"), ("CLUSCA_MAX_BATCH", "0"), ("CLUSCA_DEVICE", "tpu"),
+                                       ("CLUSCA_WEBHOOK_ALLOW_PRIVATE", "maybe"), ("CLUSCA_SYNC_TIMEOUT_S", "-1")])
+def test_bad_values_name_their_variable(var, value):
+    with pytest.raises(SettingsError, match=var):
+        Settings.from_env({var: value})
+
+
+def test_default_registry_is_the_builtin_model():
+    reg = Registry.load(None)
+    assert reg.names == [BUILTIN_MODEL]
+    e = reg.get(BUILTIN_MODEL)
+    assert e.kind == "builtin" and e.defaults.width == 32 and e.defaults.steps == 20
+
+
+def test_registry_file_yaml_and_json(tmp_path):
+    y = tmp_path / "m.yaml"
+    y.write_text("models:\n  - name: flux\n    kind: diffusers\n    path: /models/flux\n    dtype: bfloat16\n"
+                 "    defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: off}\n"
+                 "  - name: shapes\n    kind: builtin\n")
+    reg = Registry.load(y)
+    assert reg.names == ["flux", "shapes"]
+    assert reg.get("flux").defaults.cache == "off"  # YAML's bare `off` is read as the preset name
+    assert reg.get("shapes").defaults.width == 32
+    assert "path" not in reg.get("flux").public()
+    j = tmp_path / "m.json"
+    j.write_text('[{"name": "n", "kind": "noop"}]')
+    assert Registry.load(j).names == ["n"]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("models:\n  - name: ../../etc\n    kind: noop\n", "models[0].name"),
+    ("models:\n  - name: a\n    kind: diffusers\n", "needs a path"),
+    ("models:\n  - name: a\n    kind: noop\n  - name: a\n    kind: noop\n", "listed twice"),
+    ("models: 3\n", "list under 'models'"),
+    ("models: [\n", "not valid YAML"),
+    ("models:\n  - name: a\n    kind: onnx\n", "models[0].kind"),
+])
+def test_bad_registry_files(tmp_path, text, fragment):
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    with pytest.raises(RegistryError) as exc:
+        Registry.load(p)
+    assert fragment in str(exc.value)
+
+
+def test_missing_registry_file(tmp_path):
+    with pytest.raises(RegistryError, match="cannot read"):
+        Registry.load(tmp_path / "nope.yaml")
