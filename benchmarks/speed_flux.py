@@ -1,0 +1,218 @@
+"""Speed of ClusCa on a FLUX-architecture transformer with random weights (CPU or GPU).
+
+Runs a plain Euler flow-matching loop that calls the transformer directly (no text
+encoder, no VAE), cached and uncached runs interleaved in one process, and reports the
+median wall-clock speedup against the analytic FLOPs speedup, the cost of full and
+cached steps, and the share of k-means in the full steps.
+
+    python benchmarks/speed_flux.py                       # the target setting (minutes on CPU)
+    python benchmarks/speed_flux.py --width 256 --steps 20 --runs 3 --no-docs   # quick look
+
+Results are written to a section of docs/benchmarks.md (other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clusca import ClusCaConfig, apply_clusca, clusca_run  # noqa: E402
+
+SECTION = "## ClusCa speed, FLUX architecture"
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    head_dim = args.head_dim
+    heads = args.width // head_dim
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=args.dual,
+        num_single_layers=args.single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=args.text_dim,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=rope,
+    )
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_inputs(args, device, dtype):
+    side = args.latent_side
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(1, side * side, 64, generator=g)
+    enc = torch.randn(1, args.text_tokens, args.text_dim, generator=g)
+    pooled = torch.randn(1, 768, generator=g)
+    img_ids = torch.zeros(side * side, 3)
+    img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
+    img_ids[:, 2] = torch.arange(side).repeat(side)
+    txt_ids = torch.zeros(args.text_tokens, 3)
+    to = dict(device=device, dtype=dtype)
+    return x.to(**to), enc.to(**to), pooled.to(**to), img_ids.to(**to), txt_ids.to(**to)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample(model, inputs, steps: int, device, step_times: list | None = None) -> torch.Tensor:
+    x, enc, pooled, img_ids, txt_ids = inputs
+    x = x.clone()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    guidance = torch.full((1,), 3.5, device=device, dtype=x.dtype)
+    for i in range(steps):
+        t0 = time.perf_counter()
+        v = model(
+            hidden_states=x,
+            encoder_hidden_states=enc,
+            pooled_projections=pooled,
+            timestep=sigmas[i].expand(1).to(device=device, dtype=x.dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * v
+        if step_times is not None:
+            sync(device)
+            step_times.append(time.perf_counter() - t0)
+    sync(device)
+    return x
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dual", type=int, default=4)
+    p.add_argument("--single", type=int, default=8)
+    p.add_argument("--latent-side", type=int, default=32, help="image tokens = side^2 (32 -> 1024)")
+    p.add_argument("--text-tokens", type=int, default=32)
+    p.add_argument("--text-dim", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--mode", default=None, help="override the preset's mode (fora|taylorseer|clusca)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--label", default=None, help="label of the results section in docs/benchmarks.md")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args, device, dtype)
+    inputs = make_inputs(args, device, dtype)
+    cfg = ClusCaConfig.preset(args.preset)
+    if args.mode:
+        cfg = ClusCaConfig.preset(args.preset, mode=args.mode)
+    apply_clusca(model, cfg)
+    params = sum(p.numel() for p in model.parameters())
+
+    # Warm-up of both paths (allocator, kernels) before timing.
+    sample(model, inputs, 2, device)
+    with clusca_run(model, cfg, num_inference_steps=args.steps):
+        sample(model, inputs, min(args.steps, cfg.warmup + 2), device)
+
+    base_t, cache_t, stats = [], [], None
+    full_step_t, cached_step_t, kmeans_share = [], [], []
+    ref = out = None
+    for r in range(args.runs):
+        t0 = time.perf_counter()
+        ref = sample(model, inputs, args.steps, device)
+        base_t.append(time.perf_counter() - t0)
+        per_step: list[float] = []
+        with clusca_run(model, cfg, num_inference_steps=args.steps) as run:
+            t0 = time.perf_counter()
+            out = sample(model, inputs, args.steps, device, per_step)
+            cache_t.append(time.perf_counter() - t0)
+        stats = run.stats
+        full_idx = set(cfg.full_steps(args.steps))
+        fs = [t for i, t in enumerate(per_step) if i in full_idx]
+        cs = [t for i, t in enumerate(per_step) if i not in full_idx]
+        full_step_t.append(statistics.median(fs))
+        cached_step_t.append(statistics.median(cs) if cs else float("nan"))
+        kmeans_share.append(stats.kmeans_ms / 1000.0 / sum(fs))
+        print(
+            f"run {r + 1}/{args.runs}: uncached {base_t[-1]:.2f}s  cached {cache_t[-1]:.2f}s  "
+            f"ratio {base_t[-1] / cache_t[-1]:.2f}x",
+            flush=True,
+        )
+
+    b_med, c_med = statistics.median(base_t), statistics.median(cache_t)
+    wall = b_med / c_med
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    rows = [
+        ("device", f"{device.type} ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}"),
+        ("model", f"FLUX architecture, random weights, width {args.width}, {args.dual} dual + {args.single} single blocks, {params / 1e6:.1f}M params"),
+        ("tokens", f"{args.latent_side ** 2} image + {args.text_tokens} text, batch 1, {args.dtype}"),
+        ("schedule", f"{args.steps} steps, preset `{args.preset}` ({cfg.mode}, interval {cfg.interval}, warm-up {cfg.warmup}, order {cfg.order}, K {cfg.clusters}, gamma {cfg.gamma})"),
+        ("full / cached steps", f"{stats.full_steps} / {stats.cached_steps}"),
+        ("uncached run (median of %d)" % args.runs, f"{b_med:.2f} s"),
+        ("cached run (median of %d)" % args.runs, f"{c_med:.2f} s"),
+        ("full step / cached step (median)", f"{statistics.median(full_step_t) * 1000:.1f} ms / {statistics.median(cached_step_t) * 1000:.1f} ms"),
+        ("token fraction", f"{stats.token_fraction:.4f}"),
+        ("**FLOPs speedup** (analytic)", f"{stats.flops_speedup:.2f}x"),
+        ("**wall-clock speedup**", f"{wall:.2f}x"),
+        ("wall / FLOPs speedup", f"{wall / stats.flops_speedup:.3f}"),
+        ("k-means share of full-step time", f"{statistics.median(kmeans_share) * 100:.2f}%"),
+        ("cache memory (peak)", f"{stats.cache_bytes / 2**20:.1f} MiB"),
+        ("relative L2 error of the final latent vs uncached", f"{rel:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    targets = [
+        ("FLOPs speedup >= 4.8x", stats.flops_speedup >= 4.8),
+        ("wall >= 0.9 x FLOPs speedup", wall >= 0.9 * stats.flops_speedup),
+        ("k-means <= 3% of full steps", statistics.median(kmeans_share) <= 0.03),
+    ]
+    for name, ok in targets:
+        print(f"target {name}: {'met' if ok else 'NOT met'}")
+
+    if not args.no_docs:
+        label = args.label or f"{device.type}, {args.dtype}"
+        write_docs(label, rows, targets, " ".join(sys.argv[1:]))
+
+
+def write_docs(label: str, rows, targets, argv: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    heading = f"{SECTION} ({label})"
+    body = [heading, "", f"`python benchmarks/speed_flux.py {argv}`".replace(" `", "`"), "", "| quantity | value |", "|---|---|"]
+    body += [f"| {k} | {v} |" for k, v in rows]
+    body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), ""]
+    block = "\n".join(body) + "\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Which modules ClusCa hooks, per architecture: a table, not code paths.
+
+Each entry names, by regular expressions matched with ``re.fullmatch`` against
+``model.named_modules()`` names:
+
+* ``attention``: modules whose whole output is predicted by the Taylor formula on
+  cached steps (attention is never recomputed there).
+* ``blocks``: whole blocks whose *contribution* (output minus input) is predicted
+  (FLUX / HunyuanVideo single-stream blocks). ``block_residuals`` says which forward
+  argument each output corresponds to, in output order.
+* ``feedforward``: feed-forward modules that recompute one token per cluster on cached
+  steps; the value is the token group (``"image"`` or ``"text"``) their input belongs to.
+* ``cluster``: where the per-sample k-means runs on full steps: the LAST module matching
+  ``cluster_module``, and for each token group where its tokens are read: ``("output", i)``
+  (i-th output of that module, ``None`` index for a plain tensor) or ``("input", name)``.
+
+Adding an architecture is one more entry in ``ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+TokenSource = tuple[str, "int | str | None"]
+
+
+@dataclass(frozen=True)
+class ArchitecturePatterns:
+    name: str
+    model_classes: tuple[str, ...]
+    attention: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
+    block_residuals: tuple[str, ...] = ("hidden_states",)
+    chain_blocks: bool = False
+    feedforward: Mapping[str, str] = field(default_factory=dict)
+    cluster_module: str | None = None
+    cluster_sources: Mapping[str, TokenSource] = field(default_factory=dict)
+
+    def with_overrides(self, modules: Mapping[str, list[str]] | None) -> "ArchitecturePatterns":
+        """Apply a user override (``ClusCaConfig.modules``) on top of this entry."""
+        if not modules:
+            return self
+        kwargs: dict = {}
+        if "attention" in modules:
+            kwargs["attention"] = tuple(modules["attention"])
+        if "block" in modules:
+            kwargs["blocks"] = tuple(modules["block"])
+        if "feedforward" in modules:
+            # An override lists image-stream FFNs; a trailing "@text" marks a text-stream one.
+            ff: dict[str, str] = {}
+            for pat in modules["feedforward"]:
+                pat, _, group = pat.partition("@")
+                ff[pat] = group or "image"
+            kwargs["feedforward"] = ff
+        if "cluster" in modules:
+            pats = modules["cluster"]
+            kwargs["cluster_module"] = pats[0] if pats else None
+        return ArchitecturePatterns(**{**self.__dict__, **kwargs})
+
+
+_N = r"\d+"
+
+ARCHITECTURES: dict[str, ArchitecturePatterns] = {
+    "flux": ArchitecturePatterns(
+        name="flux",
+        model_classes=("FluxTransformer2DModel",),
+        attention=(rf"transformer_blocks\.{_N}\.attn",),
+        blocks=(rf"single_transformer_blocks\.{_N}",),
+        # FluxSingleTransformerBlock returns (encoder_hidden_states, hidden_states).
+        block_residuals=("encoder_hidden_states", "hidden_states"),
+        chain_blocks=True,
+        feedforward={rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"},
+        cluster_module=rf"transformer_blocks\.{_N}",
+        cluster_sources={"image": ("output", 1), "text": ("output", 0)},
+    ),
+    "hunyuan_video": ArchitecturePatterns(
+        name="hunyuan_video",
+        model_classes=("HunyuanVideoTransformer3DModel",),
+        attention=(rf"transformer_blocks\.{_N}\.attn",),
+        blocks=(rf"single_transformer_blocks\.{_N}",),
+        # HunyuanVideoSingleTransformerBlock returns (hidden_states, encoder_hidden_states).
+        block_residuals=("hidden_states", "encoder_hidden_states"),
+        chain_blocks=True,
+        feedforward={rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"},
+        cluster_module=rf"transformer_blocks\.{_N}",
+        cluster_sources={"image": ("output", 0), "text": ("output", 1)},
+    ),
+    "sd3": ArchitecturePatterns(
+        name="sd3",
+        model_classes=("SD3Transformer2DModel",),
+        attention=(rf"transformer_blocks\.{_N}\.attn2?",),
+        feedforward={rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"},
+        cluster_module=rf"transformer_blocks\.{_N}",
+        # The last SD3 block drops the text stream (context_pre_only), so text tokens are
+        # clustered on that block's text input, i.e. the previous block's text output.
+        cluster_sources={"image": ("output", 1), "text": ("input", "encoder_hidden_states")},
+    ),
+    "pixart": ArchitecturePatterns(
+        name="pixart",
+        model_classes=("PixArtTransformer2DModel",),
+        attention=(rf"transformer_blocks\.{_N}\.attn[12]",),
+        feedforward={rf"transformer_blocks\.{_N}\.ff": "image"},
+        cluster_module=rf"transformer_blocks\.{_N}",
+        cluster_sources={"image": ("output", None)},
+    ),
+    "dit": ArchitecturePatterns(
+        name="dit",
+        model_classes=("DiTTransformer2DModel",),
+        attention=(rf"transformer_blocks\.{_N}\.attn[12]",),
+        feedforward={rf"transformer_blocks\.{_N}\.ff": "image"},
+        cluster_module=rf"transformer_blocks\.{_N}",
+        cluster_sources={"image": ("output", None)},
+    ),
+    "wan": ArchitecturePatterns(
+        name="wan",
+        model_classes=("WanTransformer3DModel",),
+        attention=(rf"blocks\.{_N}\.attn[12]",),
+        feedforward={rf"blocks\.{_N}\.ffn": "image"},
+        cluster_module=rf"blocks\.{_N}",
+        cluster_sources={"image": ("output", None)},
+    ),
+}
+
+
+def find_architecture(model: object) -> ArchitecturePatterns:
+    """Table entry for ``model``'s class (or one of its base classes)."""
+    for cls in type(model).__mro__:
+        for arch in ARCHITECTURES.values():
+            if cls.__name__ in arch.model_classes:
+                return arch
+    supported = sorted(c for a in ARCHITECTURES.values() for c in a.model_classes)
+    raise ValueError(
+        f"modules: no ClusCa patterns for {type(model).__name__}; supported models are {supported}. "
+        "Add an entry to clusca.patterns.ARCHITECTURES or pass architecture=ArchitecturePatterns(...)."
+    )

@@ -1,0 +1,187 @@
+"""Tiny randomly initialised transformers of every supported architecture, and a plain
+Euler sampler that drives them, for tests and quick experiments (no weights, no network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class TinyCase:
+    """A tiny model plus everything needed to call it like a pipeline would."""
+
+    name: str
+    model: torch.nn.Module
+    latent_shape: tuple[int, ...]  # per sample
+    make_kwargs: Callable[[torch.Tensor, float, int], dict[str, Any]]  # (latents, sigma, seed) -> kwargs
+    out_channels: int  # channels of the prediction used by the sampler (learned-sigma halves dropped)
+
+    def latents(self, batch: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, *self.latent_shape, generator=g)
+
+
+def _cond(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _per_sample(batch: int, shape: tuple[int, ...], seeds: list[int] | int) -> torch.Tensor:
+    """Conditioning drawn per sample from its own seed, so a sample's inputs do not
+    depend on its position in the batch."""
+    if isinstance(seeds, int):
+        seeds = [seeds + i for i in range(batch)]
+    return torch.stack([_cond(shape, 1000 + s) for s in seeds])
+
+
+def tiny_flux(side: int = 8, text: int = 6) -> TinyCase:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    img_ids = torch.zeros(side * side, 3)
+    img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
+    img_ids[:, 2] = torch.arange(side).repeat(side)
+    txt_ids = torch.zeros(text, 3)
+
+    def make(x: torch.Tensor, sigma: float, seeds) -> dict:
+        b = x.shape[0]
+        return dict(
+            hidden_states=x, encoder_hidden_states=_per_sample(b, (text, 32), seeds),
+            pooled_projections=_per_sample(b, (32,), seeds), timestep=torch.full((b,), sigma),
+            img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+        )
+
+    return TinyCase("flux", model, (side * side, 16), make, 16)
+
+
+def tiny_sd3(side: int = 16, text: int = 6) -> TinyCase:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=side, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32, out_channels=4,
+    ).eval()
+
+    def make(x, sigma, seeds):
+        b = x.shape[0]
+        return dict(
+            hidden_states=x, encoder_hidden_states=_per_sample(b, (text, 32), seeds),
+            pooled_projections=_per_sample(b, (32,), seeds), timestep=torch.full((b,), sigma * 1000.0),
+            return_dict=False,
+        )
+
+    return TinyCase("sd3", model, (4, side, side), make, 4)
+
+
+def tiny_pixart(side: int = 16, text: int = 6) -> TinyCase:
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        sample_size=side, num_layers=2, patch_size=2, attention_head_dim=16, num_attention_heads=2, in_channels=4,
+        out_channels=8, cross_attention_dim=32, caption_channels=32,
+    ).eval()
+
+    def make(x, sigma, seeds):
+        b = x.shape[0]
+        return dict(
+            hidden_states=x, encoder_hidden_states=_per_sample(b, (text, 32), seeds),
+            timestep=torch.full((b,), sigma * 1000.0), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
+
+    return TinyCase("pixart", model, (4, side, side), make, 4)
+
+
+def tiny_dit(side: int = 16) -> TinyCase:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(
+        sample_size=side, num_layers=2, patch_size=2, attention_head_dim=16, num_attention_heads=2, in_channels=4,
+        out_channels=8, num_embeds_ada_norm=1000,
+    ).eval()
+
+    def make(x, sigma, seeds):
+        b = x.shape[0]
+        if isinstance(seeds, int):
+            seeds = [seeds + i for i in range(b)]
+        labels = torch.tensor([s % 1000 for s in seeds])
+        return dict(
+            hidden_states=x, timestep=torch.full((b,), int(sigma * 999), dtype=torch.long), class_labels=labels,
+            return_dict=False,
+        )
+
+    return TinyCase("dit", model, (4, side, side), make, 4)
+
+
+def tiny_hunyuan_video(side: int = 8, frames: int = 2, text: int = 6) -> TinyCase:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=32, rope_axes_dim=(4, 6, 6),
+    ).eval()
+
+    def make(x, sigma, seeds):
+        b = x.shape[0]
+        return dict(
+            hidden_states=x, timestep=torch.full((b,), sigma * 1000.0),
+            encoder_hidden_states=_per_sample(b, (text, 32), seeds),
+            encoder_attention_mask=torch.ones(b, text, dtype=torch.bool),
+            pooled_projections=_per_sample(b, (32,), seeds), guidance=torch.full((b,), 6000.0),
+            return_dict=False,
+        )
+
+    return TinyCase("hunyuan_video", model, (4, frames, side, side), make, 4)
+
+
+def tiny_wan(side: int = 12, frames: int = 2, text: int = 6) -> TinyCase:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    ).eval()
+
+    def make(x, sigma, seeds):
+        b = x.shape[0]
+        return dict(
+            hidden_states=x, timestep=torch.full((b,), sigma * 1000.0),
+            encoder_hidden_states=_per_sample(b, (text, 32), seeds), return_dict=False,
+        )
+
+    return TinyCase("wan", model, (4, frames, side, side), make, 4)
+
+
+TINY_CASES: dict[str, Callable[[], TinyCase]] = {
+    "flux": tiny_flux,
+    "sd3": tiny_sd3,
+    "pixart": tiny_pixart,
+    "dit": tiny_dit,
+    "hunyuan_video": tiny_hunyuan_video,
+    "wan": tiny_wan,
+}
+
+
+@torch.no_grad()
+def euler_sample(case: TinyCase, x: torch.Tensor, steps: int, seeds: list[int] | int = 0) -> torch.Tensor:
+    """Flow-matching Euler loop from sigma 1 to 0 calling the transformer directly."""
+    x = x.clone()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    for i in range(steps):
+        out = case.model(**case.make_kwargs(x, sigmas[i], seeds))[0]
+        v = out if out.shape == x.shape else out[:, : case.out_channels]  # drop learned-sigma channels
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
