@@ -1,0 +1,245 @@
+"""Queue throughput with the no-op model: how many jobs per second the service path sustains.
+
+Starts a private Redis, worker process(es) serving a no-op model (a pipeline-shaped
+object that computes nothing) and one API process, then pushes jobs three ways, one after
+the other in the same run:
+
+* ``queue``: jobs enqueued straight into Redis (the API's enqueue script), results stored
+  by the worker -- the queue path alone;
+* ``http-async``: ``POST /generate`` with ``Prefer: respond-async`` from concurrent clients,
+  until every job's result is stored;
+* ``http-sync``: synchronous ``POST /generate`` from concurrent clients (each waits for
+  its image).
+
+Target: >= 200 jobs/s on a 2-core machine. Prints a table and rewrites the
+"Service: queue throughput" section of docs/benchmarks.md (``--no-write`` to skip).
+
+    python benchmarks/queue_throughput.py --jobs 2000 --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from service.queue import JobQueue, job_key  # noqa: E402
+
+START, END = "<!-- service-throughput:start -->", "<!-- service-throughput:end -->"
+MODELS = """models:
+  - name: noop
+    kind: noop
+    defaults: {width: 8, height: 8, steps: 1, guidance: 0, cache: "off", size_multiple: 8}
+"""
+JOB = {"prompt": "p", "negative_prompt": None, "width": 8, "height": 8, "steps": 1, "guidance": 0.0, "seed": 0,
+       "num_images": 1, "output_format": "png", "cache": {"mode": "off"}, "webhook_url": None}
+
+
+class Stack:
+    """Redis + workers + API as separate processes, like a deployment on one host."""
+
+    def __init__(self, workers: int, max_batch: int, batch_wait_ms: float):
+        self.tmp = Path(tempfile.mkdtemp(prefix="clusca-bench-"))
+        (self.tmp / "models.yaml").write_text(MODELS)
+        self.redis = EmbeddedRedis().start()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "REDIS_URL": self.redis.url, "CLUSCA_MODELS": str(self.tmp / "models.yaml"),
+                    "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_MAX_BATCH": str(max_batch),
+                    "CLUSCA_BATCH_WAIT_MS": str(batch_wait_ms), "CLUSCA_MAX_QUEUE": "1000000",
+                    "CLUSCA_WORKER_METRICS_PORT": "0", "CLUSCA_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=self.env, cwd=ROOT)
+                      for _ in range(workers)]
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(self.port)],
+                                           env=self.env, cwd=ROOT))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.close()
+        raise RuntimeError("the service did not become ready")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each server process (user + system)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        named = [("redis", self.redis.proc.pid)] + [(f"worker{i}", p.pid) for i, p in enumerate(self.procs[:-1])]
+        named.append(("api", self.procs[-1].pid))
+        for name, pid in named:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(30)
+        self.redis.stop()
+
+
+def wait_done(redis_url: str, ids: list[str], timeout: float = 300) -> None:
+    r = redis.Redis.from_url(redis_url)
+    pending = list(ids)
+    deadline = time.monotonic() + timeout
+    while pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(pending)} jobs not finished")
+        pipe = r.pipeline(transaction=False)
+        for j in pending:
+            pipe.hget(job_key(j), "status")
+        statuses = pipe.execute()
+        bad = [s for s in statuses if s in (b"failed", b"cancelled")]
+        if bad:
+            raise RuntimeError(f"{len(bad)} jobs did not succeed")
+        pending = [j for j, s in zip(pending, statuses) if s != b"succeeded"]
+        if pending:
+            time.sleep(0.01)
+
+
+async def run_queue(stack: Stack, n: int, concurrency: int) -> float:
+    r = aioredis.Redis.from_url(stack.redis.url, max_connections=concurrency + 4)
+    q = JobQueue(r, max_queue=10**9, ttl_s=600)
+    ids: list[str] = []
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            job_id, _ = await q.enqueue("noop", {**JOB, "seed": i}, 1)
+            ids.append(job_id)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await asyncio.to_thread(wait_done, stack.redis.url, ids)
+    elapsed = time.perf_counter() - t0
+    await r.aclose()
+    return elapsed
+
+
+class RawClient:
+    """A minimal keep-alive HTTP/1.1 client: the load generator must not eat the CPU it measures."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        data = json.dumps(body).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n{head}\r\n".encode() + data)
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def run_http(stack: Stack, n: int, concurrency: int, sync: bool) -> float:
+    ids: list[str] = []
+    counter = iter(range(n))
+    headers = {} if sync else {"Prefer": "respond-async"}
+
+    async def client() -> None:
+        c = RawClient(stack.port)
+        try:
+            for i in counter:
+                status, body = await c.post("/generate", {"prompt": "p", "seed": i}, headers)
+                if status != (200 if sync else 202):
+                    raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
+                ids.append(json.loads(body)["id"])
+        finally:
+            c.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.to_thread(wait_done, stack.redis.url, ids)
+    return time.perf_counter() - t0
+
+
+def write_section(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None:
+    body = [START, "## Service: queue throughput (no-op model)", "",
+            f"`python benchmarks/queue_throughput.py --jobs {args.jobs} --concurrency {args.concurrency} "
+            f"--workers {args.workers} --max-batch {args.max_batch}` on {os.cpu_count()} CPU core(s), "
+            f"{platform.machine()}, Python {platform.python_version()}. Redis, the API process, "
+            f"{args.workers} worker process(es) and the load generator all share these cores.", "",
+            "| path | jobs | seconds | jobs/s | target |", "|---|---|---|---|---|"]
+    for name, n, secs in rows:
+        rate = n / secs
+        body.append(f"| {name} | {n} | {secs:.2f} | {rate:.0f} | >= 200 {'met' if rate >= 200 else 'MISSED'} |")
+    body.append(END)
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + "\n".join(body) + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--paths", default="queue,http-async,http-sync")
+    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    args = p.parse_args(argv)
+    stack = Stack(args.workers, args.max_batch, args.batch_wait_ms)
+    rows = []
+    try:
+        asyncio.run(run_http(stack, 100, 8, sync=True))  # warm-up: connections, scripts, imports
+        for path in args.paths.split(","):
+            cpu0, wall0 = stack.cpu_seconds(), time.perf_counter()
+            if path == "queue":
+                secs = asyncio.run(run_queue(stack, args.jobs, args.concurrency))
+            elif path in ("http-async", "http-sync"):
+                secs = asyncio.run(run_http(stack, args.jobs, args.concurrency, sync=path == "http-sync"))
+            else:
+                raise SystemExit(f"unknown path {path!r}")
+            rows.append((path, args.jobs, secs))
+            cpu = {k: v - cpu0[k] for k, v in stack.cpu_seconds().items()}
+            wall = time.perf_counter() - wall0
+            print(f"{path:11s} {args.jobs} jobs in {secs:6.2f} s = {args.jobs / secs:7.1f} jobs/s   CPU share: "
+                  + ", ".join(f"{k} {v / wall:.0%}" for k, v in cpu.items()), flush=True)
+    finally:
+        stack.close()
+    if not args.no_write:
+        write_section(rows, args)
+    return 0 if all(n / s >= 200 for _, n, s in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
