@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import promql_parser
@@ -392,6 +393,20 @@ def test_containers_run_the_tested_entry_points():
     assert re.search(r'^clusca = "service\.cli:main"$', pyproject, re.M)
 
 
+def test_helper_scripts_the_containers_call_are_in_both_images():
+    svc = _compose_config()["services"]
+    assert "clusca-healthcheck" in svc["api"]["healthcheck"]["test"]
+    assert "clusca-claim-gpu" in svc["worker"]["entrypoint"]
+    for target in ("gpu", "cpu"):
+        ops = _dockerfile_stages()[target]
+        copied = {rest.split()[-1]: rest.split()[0] for op, rest in ops if op == "COPY" and "--from" not in rest}
+        assert copied["/usr/local/bin/clusca-healthcheck"] == "docker/healthcheck.py", target
+        assert copied["/usr/local/bin/clusca-claim-gpu"] == "docker/claim_gpu.py", target
+        assert all((ROOT / src).is_file() for src in copied.values())
+        healthcheck = [rest for op, rest in ops if op == "HEALTHCHECK"][-1]
+        assert healthcheck.endswith('CMD ["clusca-healthcheck"]'), target
+
+
 def _clusca_console_script() -> str | None:
     here = Path(sys.executable).parent / "clusca"
     return str(here) if here.exists() else shutil.which("clusca")
@@ -453,6 +468,53 @@ def test_dockerfile_shape():
     assert not re.search(r"^(COPY|ADD)\s.*(models|\.safetensors)", text, re.M | re.I)
     assert "PIP_NO_CACHE_DIR=1" in text
     assert "rm -rf /var/lib/apt/lists/*" in text
+
+
+def _context_copies(stage: str) -> list[tuple[list[str], str]]:
+    """``(sources, destination)`` of a stage's COPY instructions that read the build context."""
+    out = []
+    for op, rest in _dockerfile_stages()[stage]:
+        if op == "COPY" and not rest.startswith("--from="):
+            parts = [x for x in rest.split() if not x.startswith("--")]
+            out.append((parts[:-1], parts[-1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_wheel(tmp_path_factory) -> Path:
+    """The wheel `pip install /src` builds from exactly what the builder stages copy in."""
+    copies = _context_copies("gpu-build")
+    assert copies == _context_copies("cpu-build")
+    tmp = tmp_path_factory.mktemp("image-context")
+    ignored = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for sources, dest in copies:
+        target = tmp / dest.lstrip("/")
+        for src in sources:
+            path = ROOT / src
+            into = target / path.name if dest.endswith("/") else target
+            if path.is_dir():
+                shutil.copytree(path, into, ignore=ignored)
+            else:
+                into.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, into)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp / "wheel"), str(tmp / "src")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (wheel,) = (tmp / "wheel").glob("*.whl")
+    return wheel
+
+
+def _wheel_names(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as z:
+        return set(z.namelist())
+
+
+def test_image_build_context_installs_the_service_and_its_command(image_wheel):
+    names = _wheel_names(image_wheel)
+    with zipfile.ZipFile(image_wheel) as z:
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert re.search(r"^clusca = service\.cli:main$", entry_points, re.M)
+    assert {"clusca/__init__.py", "service/cli.py", "service/worker.py", "service/api/app.py"} <= names
 
 
 def _hadolint() -> str | None:
