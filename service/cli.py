@@ -97,6 +97,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     get_settings.cache_clear()
     log.info("ClusCa Serve: send requests to http://%s:%d/generate (docs: http://%s:%d/docs); "
              "GET /readyz turns 200 once the worker has loaded its models", host, port, host, port)
+    def _exit(signum: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    # uvicorn re-raises the signal that stopped it once it is done; turning it into SystemExit
+    # lets the clean-up below run (workers finish their batch, the private Redis is stopped).
+    signal.signal(signal.SIGTERM, _exit)
     try:
         _run_api(host, port)
     finally:

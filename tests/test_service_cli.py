@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from PIL import Image
 
 from conftest import ROOT, TEST_MODELS, wait_until
@@ -52,8 +53,16 @@ def test_serve_then_generate_client(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
+    assert serve.returncode == 0
     text = (tmp_path / "serve.log").read_text()
     assert "started a private Redis at redis://127.0.0.1:" in text
+    # Nothing is left behind: the worker and the private Redis stopped with serve.
+    redis_port = int(re.search(r"private Redis at redis://127.0.0.1:(\d+)", text).group(1))
+    import socket
+
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+    assert "stopped after" in text  # the worker's clean exit
     assert f"send requests to http://127.0.0.1:{port}/generate" in text
 
 
