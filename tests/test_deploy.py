@@ -598,6 +598,41 @@ def test_k8s_workloads_have_probes_resources_and_env():
     assert worker["startupProbe"]["httpGet"]["port"] == "metrics"
 
 
+def test_k8s_pods_read_a_valid_model_registry(tmp_path):
+    from service.registry import Registry
+
+    docs = _k8s_docs()
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "clusca-config")
+    registry_file = Path(config["data"]["CLUSCA_MODELS"])
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    for name in ("clusca-api", "clusca-worker"):
+        spec = _workload(docs, name)["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(registry_file.parent)]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        data = maps[volume["configMap"]["name"]]["data"]
+        assert registry_file.name in data, name
+        written = tmp_path / registry_file.name
+        written.write_text(data[registry_file.name])
+        assert "shapes" in Registry.load(written)
+
+
+def test_compose_services_that_read_the_registry_mount_it():
+    svc = _compose_config("--profile", "cpu")["services"]
+    for name in ("api", "worker", "worker-cpu"):
+        assert _mounts(svc[name])["/models"][1] == "ro", name
+
+
+def test_documented_models_file_is_valid(tmp_path):
+    from service.registry import Registry
+
+    text = DEPLOYMENT_DOC.read_text()
+    block = re.search(r"```yaml\n# \./models/models\.yaml[^\n]*\n(.*?)```", text, re.S).group(1)
+    f = tmp_path / "models.yaml"
+    f.write_text(block)
+    assert Registry.load(f).names == ["shapes", "flux-dev"]
+
+
 def test_k8s_services_select_their_pods():
     docs = _k8s_docs()
     pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
