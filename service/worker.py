@@ -267,14 +267,25 @@ class Worker:
         out_images: list[Any] = []
         stats: dict[str, Any] = {}
         t0 = time.perf_counter()
+        split = False
         if not all(cancelled):
             try:
                 out_images, stats = self._call(model, kwargs, cache, steps)
             except Exception as exc:  # noqa: BLE001 - any pipeline failure fails its jobs, not the worker
                 error = f"{type(exc).__name__}: {exc}"[:500]
                 metrics.ERRORS.labels("pipeline").inc()
-                log.exception("batch of %d job(s) failed", len(jobs))
+                # One bad request (or the batch's size, as with out of memory) must not fail its batch
+                # mates: run each job alone, so only the jobs that fail by themselves are failed.
+                split = len(jobs) > 1
+                if split:
+                    log.warning("batch of %d job(s) failed (%s); running each alone", len(jobs), error)
+                else:
+                    log.exception("job %s failed", d0.job_id)
                 self._free_memory()
+        if split:
+            for j in jobs:
+                self._run_batch([j])
+            return
         inference_s = time.perf_counter() - t0
         if not error and not all(cancelled):
             metrics.INFERENCE.labels(d0.model, mode).observe(inference_s)
