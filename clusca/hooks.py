@@ -146,7 +146,7 @@ class ClusCaController:
     def _reset_step_tracking(self) -> None:
         self._last_t: float | None = None
         self._step = -1
-        self._calls_at_t = 0
+        self._seen: dict[str, int] = {}
 
     def reset(self) -> None:
         """Drop every cached tensor and counter (called on run entry and exit)."""
@@ -178,7 +178,8 @@ class ClusCaController:
         step = None
         if ctx is not None and ctx.step_index is not None:
             step = int(ctx.step_index)
-            name = ctx.name
+            if step != self._step:
+                self._step, self._seen = step, {}
         else:
             t = _get_arg(args, kwargs, "timestep", self.timestep_pos)
             if isinstance(t, torch.Tensor) and t.numel() > 0:
@@ -192,14 +193,20 @@ class ClusCaController:
             if tv is not None:
                 if tv != self._last_t:
                     self._step += 1
-                    self._calls_at_t = 0
+                    self._seen = {}
                     self._last_t = tv
-                else:
-                    self._calls_at_t += 1
                 step = self._step
-            name = ctx.name if ctx is not None else f"call{self._calls_at_t if tv is not None else 0}"
-        if ctx is None or ctx.name != name:
-            sm.set_context(CacheContext(name))
+        # Branch key: the cache context's name ("cond", "uncond", ...) or "call"; a name
+        # seen again within the same step (guidance as two plain calls) is a new branch.
+        name = ctx.name if ctx is not None else "call"
+        key = name
+        if step is not None:
+            repeat = self._seen.get(name, 0)
+            self._seen[name] = repeat + 1
+            if repeat:
+                key = f"{name}#{repeat}"
+        if ctx is None or ctx.name != key:
+            sm.set_context(CacheContext(key))
             branch = sm.get_state()
             sm.set_context(ctx)
         else:

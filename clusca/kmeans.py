@@ -5,16 +5,40 @@ from __future__ import annotations
 import torch
 
 
-def kmeans_init(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """Pick ``k`` token positions as initial centroids, the same positions for every sample.
+def _distances(x: torch.Tensor, c: torch.Tensor, distance: str) -> torch.Tensor:
+    """(batch, tokens, k) distances; L2 via one batched matmul (returned squared)."""
+    if distance == "l1":
+        return torch.cdist(x, c, p=1.0)
+    sq = torch.baddbmm((c * c).sum(-1).unsqueeze(1), x, c.transpose(1, 2), alpha=-2.0)
+    return sq.add_((x * x).sum(-1, keepdim=True)).clamp_min_(0.0)
 
-    Sharing the positions (drawn from a generator seeded only by ``seed``) keeps each
-    sample's clustering independent of the other samples in its batch.
+
+@torch.no_grad()
+def kmeans_init(x: torch.Tensor, k: int, seed: int, distance: str = "l1") -> torch.Tensor:
+    """k-means++ seeding, batch-independent.
+
+    Every sample draws its centroids from its own tokens, but the random numbers (first
+    position, then one uniform per round used through each sample's own distance CDF)
+    are shared by the batch, so a sample's result never depends on the other samples.
+    Spreading the seeds this way avoids the stuck partitions (two seeds in one group)
+    that plain random tokens give.
     """
-    n = x.shape[1]
+    b, n, d = x.shape
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    pos = torch.randperm(n, generator=gen)[:k].to(x.device)
-    return x[:, pos, :].float()
+    first = int(torch.randint(n, (1,), generator=gen))
+    u = torch.rand(max(k - 1, 1), generator=gen, dtype=torch.float64).to(x.device)
+    cents = [x[:, first, :]]
+    dmin = _distances(x, cents[0].unsqueeze(1), distance).squeeze(2)  # (b, n)
+    rows = torch.arange(b, device=x.device)
+    for j in range(1, k):
+        w = dmin.double()
+        cdf = w.cumsum(1)
+        total = cdf[:, -1:].clamp_min(1e-300)
+        idx = torch.searchsorted(cdf / total, u[j - 1].expand(b, 1).contiguous()).squeeze(1).clamp_max(n - 1)
+        c = x[rows, idx]  # (b, d)
+        cents.append(c)
+        dmin = torch.minimum(dmin, _distances(x, c.unsqueeze(1), distance).squeeze(2))
+    return torch.stack(cents, dim=1).float()
 
 
 @torch.no_grad()
@@ -37,7 +61,7 @@ def kmeans(
         distance: ``"l1"`` (the paper's choice) or ``"l2"``.
         init: ``(batch, k, dim)`` warm-start centroids (e.g. the previous full step's);
             ignored when its shape does not fit.
-        seed: seeds the initial centroid positions when ``init`` is not usable.
+        seed: seeds the k-means++ initialisation used when ``init`` is not usable.
         tol: early stop once no centroid moves by more than ``tol`` times the data scale.
 
     Returns:
@@ -55,13 +79,12 @@ def kmeans(
     if init is not None and tuple(init.shape) == (b, k, d):
         c = init.to(device=x.device, dtype=torch.float32).clone()
     else:
-        c = kmeans_init(xf, k, seed)
-    p = 1.0 if distance == "l1" else 2.0
+        c = kmeans_init(xf, k, seed, distance)
     # Scale-relative tolerance so the stop rule does not depend on activation magnitude.
     thresh = tol * float(xf.abs().mean()) + 1e-12
     assign = torch.zeros(b, n, dtype=torch.long, device=x.device)
     for _ in range(int(iters)):
-        assign = torch.cdist(xf, c, p=p).argmin(dim=2)
+        assign = _distances(xf, c, distance).argmin(dim=2)
         onehot = torch.zeros(b, n, k, device=x.device, dtype=torch.float32)
         onehot.scatter_(2, assign.unsqueeze(2), 1.0)
         counts = onehot.sum(dim=1)  # (b, k)
@@ -73,5 +96,5 @@ def kmeans(
         if float(shift) <= thresh:
             break
     # Final assignment against the final centroids.
-    assign = torch.cdist(xf, c, p=p).argmin(dim=2)
+    assign = _distances(xf, c, distance).argmin(dim=2)
     return assign, c
