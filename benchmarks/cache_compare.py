@@ -1,0 +1,652 @@
+"""ClusCa against the other caches: speed, quality and memory, side by side.
+
+    python benchmarks/cache_compare.py            # the full comparison (about 25 min on 2 CPU cores)
+    python benchmarks/cache_compare.py --quick    # a few methods, small sizes (a couple of minutes)
+    python benchmarks/cache_compare.py --from-json results.json   # re-render docs and plot only
+
+Two models, every method in the same process on the same prompts and seeds:
+
+* the built-in shapes model (quality over a fixed prompt set: PSNR and SSIM against the
+  uncached image of the same seed, prompt adherence from the model's checker; speed as
+  measured FLOPs and wall-clock ratio against uncached, interleaved, median of repeats);
+* a FLUX-architecture transformer with random weights and >= 1024 image tokens, called
+  in a plain Euler loop (speed only: FLOPs and wall-clock ratio, and how far the final
+  latent moves from the uncached one).
+
+FLOPs are measured the same way for every method with torch's FLOP counter (matrix
+multiplies and attention actually executed inside the transformer); for our own modes
+the library's analytic estimate is shown next to it. Cache memory is the peak bytes of
+cache tensors held for one request. Prints the tables, rewrites its section of
+docs/benchmarks.md (other sections are kept) and draws docs/pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._metrics import dominators, pareto_front, psnr, ssim  # noqa: E402
+
+START, END = "<!-- cache-compare:start -->", "<!-- cache-compare:end -->"
+PSNR_CAP = 100.0  # identical images count as 100 dB so that means stay finite
+DOCS = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "pareto.png"
+
+
+# ==================================================================== methods
+def builtin_methods(quick: bool) -> list:
+    """Every setting compared on the built-in model."""
+    from diffusers import (
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    from benchmarks._caches import Method
+    from clusca import ClusCaConfig
+
+    def cc(name: str, family: str = "ClusCa", **kw) -> Method:
+        base = kw.pop("preset", None)
+        cfg = ClusCaConfig.preset(base, **kw) if base else ClusCaConfig(**kw).validate()
+        return Method(name, family, clusca=cfg)
+
+    def ts_diffusers(interval: int, lite: bool = False):
+        # Same warm-up as our presets; factors kept in float32 like ours.
+        return lambda env: TaylorSeerCacheConfig(
+            cache_interval=interval, disable_cache_before_step=3, max_order=1,
+            taylor_factors_dtype=None, use_lite_mode=lite,
+        )
+
+    def fbc(threshold: float):
+        return lambda env: FirstBlockCacheConfig(threshold=threshold)
+
+    def mag(threshold: float):
+        return lambda env: MagCacheConfig(
+            threshold=threshold, num_inference_steps=env.steps, mag_ratios=list(env.mag_ratios)
+        )
+
+    def pab(skip: int):
+        return lambda env: PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=skip,
+            spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: env.timestep,
+        )
+
+    m = [Method("uncached", "uncached")]
+    m += [
+        cc("ClusCa quality (N4 K16 g0.005)", preset="quality"),
+        cc("ClusCa balanced (N5 K16 g0.005)", preset="balanced"),
+        cc("ClusCa fast (N6 K16 g0.007)", preset="fast"),
+        cc("TaylorSeer N5 O1", "TaylorSeer", preset="balanced", mode="taylorseer"),
+        cc("FORA N3", "FORA", preset="balanced", mode="fora", interval=3),
+        Method("diffusers TaylorSeer N5 O1", "diffusers TaylorSeer", diffusers=ts_diffusers(5)),
+        Method("diffusers FirstBlockCache t0.05", "diffusers FirstBlockCache", diffusers=fbc(0.05)),
+    ]
+    if quick:
+        return m
+    for n in (3, 8):
+        m.append(cc(f"ClusCa N{n} K16 g0.005", preset="balanced", interval=n))
+    for k in (8, 32, 64):
+        m.append(cc(f"ClusCa N5 K{k} g0.005", preset="balanced", clusters=k))
+    for g in (0.0, 0.05, 0.3):
+        m.append(cc(f"ClusCa N5 K16 g{g:g}", preset="balanced", gamma=g))
+    m.append(cc("ClusCa N5 K16 g0.005 O2", preset="balanced", order=2))
+    m.append(cc("ClusCa N5 K16 g0.05 anchored", "ClusCa anchored", preset="balanced", gamma=0.05, propagation="anchored"))
+    m.append(cc("ClusCa N5 K16 g0.3 anchored", "ClusCa anchored", preset="balanced", gamma=0.3, propagation="anchored"))
+    for n in (3, 4, 6, 8):
+        m.append(cc(f"TaylorSeer N{n} O1", "TaylorSeer", preset="balanced", mode="taylorseer", interval=n))
+    m.append(cc("TaylorSeer N5 O2", "TaylorSeer", preset="balanced", mode="taylorseer", order=2))
+    for n in (2, 5):
+        m.append(cc(f"FORA N{n}", "FORA", preset="balanced", mode="fora", interval=n))
+    m += [
+        Method("diffusers TaylorSeer N3 O1", "diffusers TaylorSeer", diffusers=ts_diffusers(3)),
+        Method("diffusers TaylorSeer-lite N5 O1", "diffusers TaylorSeer-lite", diffusers=ts_diffusers(5, lite=True)),
+        Method("diffusers FirstBlockCache t0.15", "diffusers FirstBlockCache", diffusers=fbc(0.15)),
+        Method("diffusers FirstBlockCache t0.3", "diffusers FirstBlockCache", diffusers=fbc(0.3)),
+        Method("diffusers MagCache t0.06", "diffusers MagCache", diffusers=mag(0.06), note="ratios calibrated on this model"),
+        Method("diffusers MagCache t0.25", "diffusers MagCache", diffusers=mag(0.25), note="ratios calibrated on this model"),
+        Method("diffusers PAB skip 2", "diffusers PAB", diffusers=pab(2)),
+        Method("diffusers PAB skip 4", "diffusers PAB", diffusers=pab(4)),
+    ]
+    return m
+
+
+def large_methods(quick: bool) -> list:
+    """The shorter list run on the large random-weight model."""
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from benchmarks._caches import Method
+    from clusca import ClusCaConfig
+
+    m = [
+        Method("uncached", "uncached"),
+        Method("ClusCa balanced (N5)", "ClusCa", clusca=ClusCaConfig.preset("balanced")),
+        Method("ClusCa fast (N6)", "ClusCa", clusca=ClusCaConfig.preset("fast")),
+        Method("TaylorSeer N6 O1", "TaylorSeer", clusca=ClusCaConfig.preset("fast", mode="taylorseer")),
+        Method("diffusers TaylorSeer N6 O1", "diffusers TaylorSeer", diffusers=lambda env: TaylorSeerCacheConfig(
+            cache_interval=6, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=None)),
+        Method("diffusers FirstBlockCache t0.05", "diffusers FirstBlockCache",
+               diffusers=lambda env: FirstBlockCacheConfig(threshold=0.05)),
+    ]
+    if not quick:
+        m.insert(1, Method("ClusCa quality (N4)", "ClusCa", clusca=ClusCaConfig.preset("quality")))
+    return m
+
+
+def select(methods: list, pattern: str | None) -> list:
+    if not pattern:
+        return methods
+    rx = re.compile(pattern, re.I)
+    return [m for m in methods if m.uncached or rx.search(m.name)]
+
+
+# ==================================================================== built-in model
+def bench_builtin(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from benchmarks._caches import Env, activate, calibrate_mag_ratios, count_flops, track_timestep
+    from clusca import apply_clusca
+    from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline, checker, data
+
+    weights = Path(a.weights) if a.weights else WEIGHTS_DIR
+    pipe = ShapesFluxPipeline.from_pretrained(weights)
+    tr = pipe.transformer
+    steps = a.steps or pipe.default_steps
+    guidance = pipe.default_guidance
+    env = Env(steps=steps)
+    track_timestep(tr, env)
+    apply_clusca(tr)
+    methods = select(builtin_methods(a.quick), a.methods)
+
+    items = data.eval_set(a.prompts)
+    prompts, scenes = [t for t, _ in items], [s for _, s in items]
+
+    def generate(method, chunk: list[str], seeds: list[int], flops: bool = False):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        with activate(method, tr, env) as probe:
+            def on_step(_pipe, _i, _t, _kw):
+                probe.sample_memory()
+                return {}
+
+            counter = count_flops(tr) if flops else _null()
+            with counter as fl:
+                images = pipe(chunk, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                              output_type="np", callback_on_step_end=on_step).images
+        return np.asarray(images), probe, (fl[0] if flops else 0)
+
+    if any("MagCache" in m.family for m in methods):
+        calib = [t for t, _ in data.eval_set(8, seed=1)]
+        env.mag_ratios = calibrate_mag_ratios(
+            tr, steps, lambda: pipe(calib, generator=[torch.Generator().manual_seed(10_000 + i) for i in range(8)],
+                                    num_inference_steps=steps, guidance_scale=guidance, output_type="np"))
+
+    # ---- quality and measured FLOPs over the prompt set
+    rows: dict[str, dict[str, Any]] = {}
+    ref_images = None
+    t_quality = time.perf_counter()
+    for method in methods:
+        t0 = time.perf_counter()
+        images, flops, flops_u, flops_a = [], 0, 0, 0
+        for start in range(0, len(prompts), a.batch):
+            chunk = prompts[start:start + a.batch]
+            imgs, probe, fl = generate(method, chunk, list(range(start, start + len(chunk))), flops=True)
+            images.append(imgs)
+            flops += fl
+            if probe.stats is not None:
+                flops_u += probe.stats.flops_uncached
+                flops_a += probe.stats.flops
+        images = np.concatenate(images)
+        if method.uncached:
+            ref_images = images
+        results = [checker.check(img, s) for img, s in zip(images, scenes)]
+        summ = checker.summarise(results, scenes)
+        row = {
+            "name": method.name, "family": method.family, "note": method.note,
+            "flops": flops,
+            "analytic_flops_speedup": (flops_u / flops_a) if flops_a else None,
+            "adherence": summ["adherence"], "colour": summ["colour"], "shape": summ["shape"],
+            "position": summ["position"],
+        }
+        if method.clusca is not None:
+            row["config"] = method.clusca.to_dict()
+        if ref_images is not None:
+            ps = [min(psnr(x, y), PSNR_CAP) for x, y in zip(ref_images, images)]
+            row["psnr"] = statistics.fmean(ps)
+            row["psnr_min"] = min(ps)
+            row["ssim"] = statistics.fmean(ssim(x, y) for x, y in zip(ref_images, images))
+        rows[method.name] = row
+        print(f"[quality] {method.name:<40} {time.perf_counter() - t0:6.1f}s  "
+              f"PSNR {row.get('psnr', float('nan')):6.2f}  adherence {row['adherence']:5.1f}%", flush=True)
+    t_quality = time.perf_counter() - t_quality
+    base_flops = rows["uncached"]["flops"]
+    for row in rows.values():
+        row["flops_speedup"] = base_flops / row["flops"] if row["flops"] else None
+
+    # ---- wall clock: batch 1, every method once per round, order rotated each round
+    t_wall = time.perf_counter()
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for r in range(a.repeats + 1):  # round 0 warms every path up and is discarded
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        seed = r % len(prompts)
+        for method in order:
+            t0 = time.perf_counter()
+            _, probe, _ = generate(method, [prompts[seed]], [seed])
+            dt = time.perf_counter() - t0
+            if r:
+                times[method.name].append(dt)
+            rows[method.name]["cache_bytes"] = probe.cache_bytes
+            if probe.stats is not None:
+                rows[method.name]["full_steps"] = probe.stats.full_steps
+                rows[method.name]["token_fraction"] = probe.stats.token_fraction
+    t_wall = time.perf_counter() - t_wall
+    base = statistics.median(times["uncached"])
+    for name, ts in times.items():
+        rows[name]["seconds"] = statistics.median(ts)
+        rows[name]["wall_speedup"] = base / statistics.median(ts)
+    return {
+        "weights": str(weights), "steps": steps, "guidance": guidance, "prompts": len(prompts),
+        "batch": a.batch, "repeats": a.repeats, "image_tokens": (32 // pipe.patch_size) ** 2,
+        "params_M": round(sum(p.numel() for p in tr.parameters()) / 1e6, 2),
+        "mag_ratios": env.mag_ratios, "quality_s": round(t_quality, 1), "wall_s": round(t_wall, 1),
+        "rows": list(rows.values()),
+    }
+
+
+class _null:
+    def __enter__(self):
+        return [0]
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ==================================================================== large random-weight model
+def bench_large(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from benchmarks._caches import Env, activate, count_flops, track_timestep
+    from benchmarks.speed_flux import build_model, make_inputs, sample
+    from clusca import apply_clusca
+
+    spec = SimpleNamespace(width=a.large_width, head_dim=64, dual=a.large_dual, single=a.large_single,
+                           latent_side=a.large_side, text_tokens=32, text_dim=a.large_text_dim)
+    device, dtype = torch.device("cpu"), torch.float32
+    model = build_model(spec, device, dtype)
+    inputs = make_inputs(spec, device, dtype)
+    steps = a.large_steps
+    env = Env(steps=steps)
+    track_timestep(model, env)
+    apply_clusca(model)
+    methods = select(large_methods(a.quick), a.methods)
+
+    def run(method, flops: bool = False):
+        with activate(method, model, env) as probe:
+            counter = count_flops(model) if flops else _null()
+            with counter as fl:
+                t0 = time.perf_counter()
+                out = sample(model, inputs, steps, device)
+                dt = time.perf_counter() - t0
+        return out, probe, dt, (fl[0] if flops else 0)
+
+    sample(model, inputs, 2, device)  # allocator and kernels warm
+    rows: dict[str, dict[str, Any]] = {}
+    ref = None
+    for method in methods:  # one counted run per method: FLOPs, memory, error; also a warm-up
+        out, probe, dt, fl = run(method, flops=True)
+        if method.uncached:
+            ref = out
+        rel = float((out - ref).norm() / ref.norm())
+        rows[method.name] = {
+            "name": method.name, "family": method.family, "flops": fl, "rel_error": rel,
+            "cache_bytes": probe.cache_bytes,
+            "analytic_flops_speedup": probe.stats.flops_speedup if probe.stats else None,
+            "full_steps": probe.stats.full_steps if probe.stats else None,
+        }
+        print(f"[large] counted {method.name:<34} {dt:6.1f}s  rel.err {rel:.4f}", flush=True)
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for r in range(a.large_repeats):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for method in order:
+            _, _, dt, _ = run(method)
+            times[method.name].append(dt)
+        print(f"[large] round {r + 1}/{a.large_repeats}: "
+              + ", ".join(f"{m.name} {times[m.name][-1]:.1f}s" for m in methods), flush=True)
+    base_t = statistics.median(times["uncached"])
+    base_f = rows["uncached"]["flops"]
+    for name, row in rows.items():
+        row["seconds"] = statistics.median(times[name])
+        row["wall_speedup"] = base_t / row["seconds"]
+        row["flops_speedup"] = base_f / row["flops"] if row["flops"] else None
+        row["wall_over_flops"] = row["wall_speedup"] / row["flops_speedup"] if row["flops_speedup"] else None
+    return {
+        "width": a.large_width, "dual": a.large_dual, "single": a.large_single,
+        "image_tokens": a.large_side ** 2, "text_tokens": 32, "steps": steps, "repeats": a.large_repeats,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "rows": list(rows.values()),
+    }
+
+
+# ==================================================================== report
+def _fmt(v: Any, spec: str = ".2f", none: str = "n/a") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, spec)
+
+
+def _kib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 1024:,.0f}"
+
+
+def analyse(res: dict[str, Any]) -> dict[str, Any]:
+    """Pareto fronts and the issue's targets, from the raw results."""
+    out: dict[str, Any] = {}
+    b = res.get("builtin")
+    if b:
+        rows = [r for r in b["rows"] if r["name"] != "uncached"]
+        for key in ("flops_speedup", "wall_speedup"):
+            pts = [(r[key], r["psnr"]) for r in rows]
+            front = {rows[i]["name"] for i in pareto_front(pts)}
+            for r in rows:
+                r[f"front_{key}"] = r["name"] in front
+            bal = next((i for i, r in enumerate(rows) if r["name"].startswith("ClusCa balanced")), None)
+            if bal is not None:
+                out[f"balanced_dominators_{key}"] = [rows[j]["name"] for j in dominators(pts, bal, strict=True)]
+        # ClusCa vs our TaylorSeer mode at equal interval and order (K16, paper propagation).
+        pairs = []
+        by_name = {r["name"]: r for r in rows}
+        for r in rows:
+            cfg = r.get("config")
+            if not cfg or cfg["mode"] != "taylorseer":
+                continue
+            for c in rows:
+                cc = c.get("config")
+                if (cc and cc["mode"] == "clusca" and cc["interval"] == cfg["interval"] and cc["order"] == cfg["order"]
+                        and cc["warmup"] == cfg["warmup"]):
+                    pairs.append({"taylorseer": r["name"], "clusca": c["name"], "interval": cfg["interval"],
+                                  "order": cfg["order"], "d_psnr": c["psnr"] - r["psnr"], "d_ssim": c["ssim"] - r["ssim"],
+                                  "clusca_flops_speedup": c["flops_speedup"], "ts_flops_speedup": r["flops_speedup"]})
+        out["clusca_vs_taylorseer"] = pairs
+        del by_name
+    lg = res.get("large")
+    if lg:
+        out["large_ratio"] = {r["name"]: r["wall_over_flops"] for r in lg["rows"] if r["name"] != "uncached"}
+    return out
+
+
+def render(res: dict[str, Any]) -> str:
+    ana = analyse(res)
+    meta = res["meta"]
+    lines = [
+        START,
+        "## Cache comparison: ClusCa, our other modes and diffusers' caches",
+        "",
+        f"Written by `python benchmarks/cache_compare.py {meta['argv']}`".rstrip() + f" on {meta['date']}; "
+        f"CPU `{meta['cpu']}`, {meta['threads']} torch threads, no GPU; torch {meta['torch']}, diffusers {meta['diffusers']}. "
+        "The CPU was shared with other work while this ran, so wall-clock numbers are noisy; "
+        "runs are interleaved (every method once per round, order rotated) and medians are reported.",
+        "",
+        "How to read the columns: **FLOPs x** is the measured ratio uncached / method of the matrix-multiply "
+        "and attention FLOPs executed inside the transformer (torch's FLOP counter, the same yardstick for every "
+        "method); **analytic x** is our library's own estimate (ClusCa modes only); **wall x** is the ratio of "
+        "median wall-clock times against uncached. PSNR and SSIM compare each image with the uncached image of "
+        "the same prompt and seed (identical images count as 100 dB). Adherence is the built-in checker's "
+        "accuracy (colour, shape and position all right). Cache is the peak cache memory held for one request "
+        "(batch 1; with guidance both halves of the batch). ClusCa names read N = interval, K = clusters, "
+        "g = gamma (propagation ratio), O = Taylor order (1 unless given); warm-up is 3 full steps everywhere.",
+        "",
+    ]
+    b = res.get("builtin")
+    lg = res.get("large")
+    # ---- targets
+    lines += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
+    if b:
+        for key, label in (("flops_speedup", "FLOPs"), ("wall_speedup", "wall-clock")):
+            dom = ana.get(f"balanced_dominators_{key}")
+            if dom is not None:
+                lines.append(f"| ClusCa `balanced` on the Pareto front (PSNR vs {label} speedup, built-in model) | "
+                             f"{'no method is both faster and better' if not dom else 'beaten by ' + ', '.join(dom)} | "
+                             f"{'yes' if not dom else 'no'} |")
+        for p in ana["clusca_vs_taylorseer"]:
+            lines.append(f"| ClusCa beats TaylorSeer at N{p['interval']} O{p['order']} in PSNR | "
+                         f"{p['d_psnr']:+.2f} dB ({p['clusca']} vs {p['taylorseer']}) | {'yes' if p['d_psnr'] > 0 else 'no'} |")
+    if lg:
+        for name, ratio in ana["large_ratio"].items():
+            if name.startswith("ClusCa"):
+                lines.append(f"| wall >= 0.9 x FLOPs speedup, {name}, large model | {_fmt(ratio, '.2f')} | "
+                             f"{'yes' if ratio is not None and ratio >= 0.9 else 'no'} |")
+    lines.append("")
+    # ---- built-in table
+    if b:
+        lines += [
+            f"### (a) Built-in shapes model: quality and speed",
+            "",
+            f"Checkpoint `{b['weights_label']}`, {b['params_M']}M parameters, {b['image_tokens']} image tokens, "
+            f"{b['steps']} Euler steps, guidance {b['guidance']} (one batched call per step). Quality over the fixed "
+            f"prompts `service.builtin.data.eval_set({b['prompts']})`, image i seeded i, in batches of {b['batch']}; "
+            f"wall clock batch 1, median of {b['repeats']} rounds. Pareto: on the front of PSNR vs FLOPs x / vs wall x.",
+            "",
+            "| method | FLOPs x | analytic x | wall x | PSNR dB | SSIM | adherence % | cache KiB/request | Pareto (FLOPs / wall) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in b["rows"]:
+            unc = r["name"] == "uncached"
+            lines.append(
+                f"| {r['name']} | {_fmt(r['flops_speedup'])} | {_fmt(r.get('analytic_flops_speedup'))} | "
+                f"{_fmt(r['wall_speedup'])} | {'ref' if unc else _fmt(r['psnr'])} | {'ref' if unc else _fmt(r['ssim'], '.4f')} | "
+                f"{r['adherence']:.1f} | {_kib(r.get('cache_bytes'))} | "
+                f"{'' if unc else ('yes' if r['front_flops_speedup'] else '-') + ' / ' + ('yes' if r['front_wall_speedup'] else '-')} |"
+            )
+        lines += ["", "![PSNR against speedup for every method](pareto.png)", ""]
+    if lg:
+        lines += [
+            "### (b) FLUX architecture, random weights: speed",
+            "",
+            f"Width {lg['width']}, {lg['dual']} dual + {lg['single']} single blocks, {lg['params_M']}M parameters, "
+            f"{lg['image_tokens']} image + {lg['text_tokens']} text tokens, batch 1, float32, {lg['steps']} Euler steps "
+            f"(the model of `benchmarks/speed_flux.py`); median of {lg['repeats']} interleaved rounds. "
+            "Rel. error: relative L2 distance of the final latent from the uncached one (random weights, so only "
+            "a sanity check, not image quality).",
+            "",
+            "| method | FLOPs x | analytic x | wall x | wall / FLOPs | s per image | rel. error | cache MiB/request |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in lg["rows"]:
+            lines.append(
+                f"| {r['name']} | {_fmt(r['flops_speedup'])} | {_fmt(r.get('analytic_flops_speedup'))} | "
+                f"{_fmt(r['wall_speedup'])} | {_fmt(r['wall_over_flops'])} | {r['seconds']:.2f} | "
+                f"{r['rel_error']:.4f} | {r['cache_bytes'] / 2**20:.1f} |"
+            )
+        lines.append("")
+    notes = res.get("notes") or []
+    if notes:
+        lines += ["### Findings", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [
+        "### How the outside caches were set up",
+        "",
+        "diffusers 0.42 caches are enabled with `transformer.enable_cache(config)` inside "
+        "`transformer.cache_context(\"cond\")` (the built-in pipeline makes one batched call per step) and removed "
+        "with `disable_cache()` after each run. TaylorSeer: `cache_interval` N, `disable_cache_before_step=3`, "
+        "order 1, float32 factors, default module patterns (attention outputs only; the feed-forward networks "
+        "always run) or `use_lite_mode` (predicts the final projection and skips every block). FirstBlockCache: "
+        "the given threshold; it decides per batch, so a quality batch skips or computes together. MagCache: "
+        "magnitude ratios calibrated with diffusers' own calibration mode on 8 prompts outside the evaluation set "
+        "(no ratios exist for this model). Pyramid Attention Broadcast: spatial attention skip range as given, "
+        "timesteps 100..800, the current timestep read by a forward pre-hook.",
+        "",
+        "Not measured here: the full-size FLUX.1-dev GPU run (no GPU was available to this run).",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(res: dict[str, Any]) -> None:
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = render(res)
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    DOCS.write_text(text)
+    print(f"wrote {DOCS.relative_to(ROOT)}")
+
+
+def plot(res: dict[str, Any], path: Path = PLOT) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = res["builtin"]
+    rows = [r for r in b["rows"] if r["name"] != "uncached"]
+    families = sorted({r["family"] for r in rows}, key=lambda f: (not f.startswith("ClusCa"), f))
+    markers = "o^sDvP*Xhp<>"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    for ax, key, label in ((axes[0], "flops_speedup", "FLOPs speedup (measured)"),
+                           (axes[1], "wall_speedup", "wall-clock speedup (CPU, batch 1)")):
+        for k, fam in enumerate(families):
+            pts = sorted((r[key], r["psnr"], r["name"]) for r in rows if r["family"] == fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[k % len(markers)], linestyle="-"
+                    if len(pts) > 1 else "", label=fam, alpha=0.85, markersize=7)
+        front = [r for r in rows if r[f"front_{key}"]]
+        front.sort(key=lambda r: r[key])
+        ax.step([r[key] for r in front], [r["psnr"] for r in front], where="post", color="black", linewidth=0.8,
+                linestyle=":", label="Pareto front")
+        for r in rows:
+            if r["name"].startswith("ClusCa balanced"):
+                ax.annotate("balanced", (r[key], r["psnr"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PSNR vs uncached (dB), built-in model")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"Quality against speed, built-in model, {b['steps']} steps, {b['prompts']} prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def print_tables(res: dict[str, Any]) -> None:
+    analyse(res)
+    b = res.get("builtin")
+    if b:
+        print(f"\nBuilt-in model ({b['steps']} steps, {b['prompts']} prompts)")
+        print(f"{'method':<40} {'FLOPs x':>8} {'anal. x':>8} {'wall x':>7} {'PSNR':>7} {'SSIM':>7} {'adh %':>6} {'KiB/req':>9}")
+        for r in b["rows"]:
+            print(f"{r['name']:<40} {_fmt(r['flops_speedup']):>8} {_fmt(r.get('analytic_flops_speedup')):>8} "
+                  f"{_fmt(r['wall_speedup']):>7} {_fmt(r.get('psnr')):>7} {_fmt(r.get('ssim'), '.4f'):>7} "
+                  f"{r['adherence']:>6.1f} {_kib(r.get('cache_bytes')):>9}")
+    lg = res.get("large")
+    if lg:
+        print(f"\nFLUX architecture, random weights ({lg['image_tokens']} image tokens, {lg['steps']} steps)")
+        print(f"{'method':<34} {'FLOPs x':>8} {'anal. x':>8} {'wall x':>7} {'wall/FLOPs':>10} {'s':>7} {'rel.err':>8} {'MiB/req':>8}")
+        for r in lg["rows"]:
+            print(f"{r['name']:<34} {_fmt(r['flops_speedup']):>8} {_fmt(r.get('analytic_flops_speedup')):>8} "
+                  f"{_fmt(r['wall_speedup']):>7} {_fmt(r['wall_over_flops']):>10} {r['seconds']:>7.2f} "
+                  f"{r['rel_error']:>8.4f} {r['cache_bytes'] / 2**20:>8.1f}")
+
+
+def _weights_label(path: str) -> str:
+    p = Path(path)
+    try:
+        rel = p.resolve().relative_to(ROOT)
+        rev = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", str(rel)],
+                             capture_output=True, text=True).stdout.strip()
+        return f"{rel}" + (f" @ {rev}" if rev else "")
+    except ValueError:
+        return str(p)
+
+
+# ==================================================================== main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few methods, 8 prompts, small large-model (development)")
+    p.add_argument("--weights", default=None, help="built-in model checkpoint folder (default: the shipped weights)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts for the quality part (default 64; quick 8)")
+    p.add_argument("--batch", type=int, default=16, help="images per pipeline call in the quality part")
+    p.add_argument("--steps", type=int, default=None, help="built-in model steps (default: the model's default)")
+    p.add_argument("--repeats", type=int, default=None, help="wall-clock rounds, built-in model (default 7; quick 3)")
+    p.add_argument("--methods", default=None, help="regular expression: only methods whose name matches (plus uncached)")
+    p.add_argument("--large-width", type=int, default=None, help="default 512 (quick 256)")
+    p.add_argument("--large-dual", type=int, default=4)
+    p.add_argument("--large-single", type=int, default=8)
+    p.add_argument("--large-side", type=int, default=None, help="latent side; image tokens = side^2 (default 32; quick 16)")
+    p.add_argument("--large-text-dim", type=int, default=4096)
+    p.add_argument("--large-steps", type=int, default=None, help="default 50 (quick 12)")
+    p.add_argument("--large-repeats", type=int, default=None, help="default 5 (quick 2)")
+    p.add_argument("--skip-builtin", action="store_true")
+    p.add_argument("--skip-large", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also save the raw results here")
+    p.add_argument("--from-json", default=None, help="render tables, docs and plot from saved results; run nothing")
+    p.add_argument("--notes", default=None, help="JSON file with a list of findings to print under the tables")
+    p.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md or docs/pareto.png")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.prompts = a.prompts or (8 if q else 64)
+    a.repeats = a.repeats or (3 if q else 7)
+    a.large_width = a.large_width or (256 if q else 512)
+    a.large_side = a.large_side or (16 if q else 32)
+    a.large_steps = a.large_steps or (12 if q else 50)
+    a.large_repeats = a.large_repeats or (2 if q else 5)
+    for name in ("prompts", "batch", "repeats", "large_width", "large_side", "large_steps", "large_repeats", "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.large_width % 64:
+        p.error("--large-width must be a multiple of the head size 64")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.from_json:
+        res = json.loads(Path(a.from_json).read_text())
+    else:
+        import diffusers
+        import torch
+
+        torch.set_num_threads(a.threads)
+        res = {"meta": {
+            "argv": " ".join(sys.argv[1:] if argv is None else argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+        }}
+        t0 = time.perf_counter()
+        if not a.skip_builtin:
+            res["builtin"] = bench_builtin(a)
+            res["builtin"]["weights_label"] = _weights_label(res["builtin"]["weights"])
+        if not a.skip_large:
+            res["large"] = bench_large(a)
+        res["meta"]["total_s"] = round(time.perf_counter() - t0, 1)
+    if a.notes:
+        res["notes"] = json.loads(Path(a.notes).read_text())
+    analyse(res)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print_tables(res)
+    for p in analyse(res).get("clusca_vs_taylorseer", []):
+        print(f"ClusCa - TaylorSeer at N{p['interval']} O{p['order']}: {p['d_psnr']:+.2f} dB PSNR")
+    if not a.no_docs:
+        if res.get("builtin"):
+            plot(res)
+        write_docs(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
