@@ -21,10 +21,14 @@ two workers that both ran a job after a takeover cannot both store a result.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
+
+log = logging.getLogger("clusca.queue")
 
 PREFIX = "clusca:"
 GROUP = "workers"
@@ -68,7 +72,40 @@ def new_job_id() -> str:
 
 
 def _s(v: Any) -> Any:
-    return v.decode() if isinstance(v, (bytes, bytearray)) else v
+    # Replace undecodable bytes: a foreign value in Redis must be refused, never crash a reader.
+    return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else v
+
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# Field -> accepted types of a stored job request (what the API writes; anything else is refused).
+_REQUEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative_prompt": (str, type(None)), "width": (int,), "height": (int,), "steps": (int,),
+    "guidance": (int, float), "seed": (int,), "num_images": (int,), "output_format": (str,), "cache": (dict,),
+    "webhook_url": (str, type(None))}
+
+
+def parse_request(raw: Any) -> dict[str, Any] | None:
+    """A stored job request as a dict, or None when it is not one the API could have written."""
+    try:
+        req = json.loads(_s(raw))
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(req, dict):
+        return None
+    for name, types in _REQUEST_FIELDS.items():
+        v = req.get(name)
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            return None
+    if req["output_format"] not in ("png", "jpeg", "webp") or min(req["width"], req["height"], req["steps"],
+                                                                     req["num_images"]) < 1:
+        return None
+    return req
+
+
+def _job_id(fields: dict) -> str | None:
+    raw = fields.get(b"job", fields.get("job"))
+    job_id = _s(raw) if raw is not None else None
+    return job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else None
 
 
 # KEYS: stream, job, events, idem ('' = none)
@@ -180,7 +217,10 @@ def decode_job(raw: dict) -> dict[str, Any] | None:
     job = {_s(k): _s(v) for k, v in raw.items()}
     for key in ("request", "result"):
         if job.get(key):
-            job[key] = json.loads(job[key])
+            try:
+                job[key] = json.loads(job[key])
+            except ValueError:
+                job[key] = None  # not written by this service; shown as absent rather than failing the read
     for key in ("created", "started", "finished"):
         if job.get(key):
             job[key] = float(job[key])
@@ -334,8 +374,18 @@ class WorkerQueue:
             for entry_id, fields in entries:
                 if not fields:
                     continue
-                out.append(Delivery(model, _s(entry_id), _s(fields.get(b"job", fields.get("job")))))
+                job_id = _job_id(fields)
+                if job_id is None:
+                    self.discard(model, _s(entry_id))
+                    continue
+                out.append(Delivery(model, _s(entry_id), job_id))
         return out[:count] if len(out) > count else out
+
+    def discard(self, model: str, entry_id: str) -> None:
+        """Drop a stream entry the API did not write (it names no job): acknowledged and deleted, never run."""
+        log.warning("discarding malformed entry %s in the %s stream", entry_id, model)
+        self.r.xack(stream_key(model), GROUP, entry_id)
+        self.r.xdel(stream_key(model), entry_id)
 
     def reclaim(self, count: int) -> list[Delivery]:
         """Entries another worker held longer than the visibility timeout without finishing."""
@@ -350,7 +400,11 @@ class WorkerQueue:
                 if not fields:  # deleted entry still in the pending list
                     self.r.xack(stream_key(m), GROUP, entry_id)
                     continue
-                out.append(Delivery(m, _s(entry_id), _s(fields.get(b"job", fields.get("job")))))
+                job_id = _job_id(fields)
+                if job_id is None:
+                    self.discard(m, _s(entry_id))
+                    continue
+                out.append(Delivery(m, _s(entry_id), job_id))
             if len(out) >= count:
                 break
         return out[:count]
@@ -367,7 +421,7 @@ class WorkerQueue:
         pipe = self.r.pipeline(transaction=False)
         for d in deliveries:
             pipe.hget(job_key(d.job_id), "request")
-        return [json.loads(_s(v)) if v else None for v in pipe.execute()]
+        return [parse_request(v) if v else None for v in pipe.execute()]
 
     def start(self, deliveries: list[Delivery]) -> tuple[list[StartedJob], list[tuple[Delivery, str]]]:
         """Mark jobs running (counting attempts). Returns started jobs and skipped ones with why."""
@@ -380,8 +434,17 @@ class WorkerQueue:
         for d, res in zip(deliveries, pipe.execute()):
             tag = _s(res[0])
             if tag == "ok":
-                started.append(StartedJob(d, json.loads(_s(res[1])), float(_s(res[2])), now,
-                                          int(_s(res[4])), _s(res[3]) == "1"))
+                req = parse_request(res[1])
+                try:
+                    created = float(_s(res[2]))
+                except (TypeError, ValueError):
+                    created, req = now, None
+                job = StartedJob(d, req or {}, created, now, int(_s(res[4])), _s(res[3]) == "1")
+                if req is None:
+                    self.finish(job, "failed", {}, "the stored request is not a valid job; it was not run")
+                    skipped.append((d, "invalid request"))
+                else:
+                    started.append(job)
             else:
                 skipped.append((d, tag if len(res) < 2 else f"{tag}: {_s(res[1])}"))
         return started, skipped
