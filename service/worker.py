@@ -93,6 +93,7 @@ class Worker:
         self._held: dict[str, Delivery] = {}
         self._held_lock = threading.Lock()
         self._jobs_done = 0
+        self._busy = False
         self._torch = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -104,6 +105,22 @@ class Worker:
             import torch
 
             self._torch = torch
+        for m in self.models.values():
+            if m.entry.kind != "noop" and m.entry.options.get("warmup", True):
+                self._warm_up(m)
+
+    def _warm_up(self, model: Model) -> None:
+        # The first call of a pipeline pays one-off costs (allocator, kernel selection, lazy
+        # imports); paying them here keeps them out of the first client's latency.
+        d = model.entry.defaults
+        t0 = time.perf_counter()
+        try:
+            model.pipe(prompt=["warm-up"], num_inference_steps=2, guidance_scale=d.guidance,
+                       generator=[self._generator(model, 0)], height=d.height, width=d.width,
+                       num_images_per_prompt=1, output_type="pil")
+            log.info("model %s warmed up in %.2fs", model.entry.name, time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up is logged, requests will tell
+            log.warning("warm-up of %s failed: %s", model.entry.name, exc)
 
     def install_signal_handlers(self) -> None:
         def _stop(signum: int, _frame: Any) -> None:
@@ -154,21 +171,19 @@ class Worker:
     # ------------------------------------------------------------------ reading
     def _read_batch(self) -> list[Delivery]:
         want = self.settings.max_batch
-        t0 = time.monotonic()
         got = self.q.read(want, block_ms=500)
-        # Wait for batch mates only under load: when the read had to block for a while, the
-        # queue was empty, so waiting would only add latency to a lone request.
-        idle = (time.monotonic() - t0) * 1000 > max(self.settings.batch_wait_ms, 2.0)
-        if got and not idle and len(got) < want and self.settings.batch_wait_ms > 0:
+        # Wait for batch mates only while the queue is busy (the last read found several jobs):
+        # for a lone request the wait would be pure latency. The wait polls without BLOCK,
+        # because Redis times out blocked reads only at its `hz` tick (100 ms by default).
+        if got and self._busy and len(got) < want and self.settings.batch_wait_ms > 0:
             deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-            while len(got) < want:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0:
-                    break
-                more = self.q.read(want - len(got), block_ms=left_ms)
-                if not more:
-                    break
-                got.extend(more)
+            while len(got) < want and time.monotonic() < deadline:
+                more = self.q.read(want - len(got), block_ms=0)
+                if more:
+                    got.extend(more)
+                else:
+                    time.sleep(0.001)
+        self._busy = len(got) > 1
         return got
 
     def _process(self, deliveries: list[Delivery]) -> None:

@@ -1,0 +1,184 @@
+"""Service overhead: end-to-end latency through HTTP + Redis + worker vs a direct pipeline call.
+
+Starts a private Redis, one worker process (the built-in model plus a no-op model) and
+one API process, loads the same built-in pipeline in this process, then alternates, one
+request at a time: a direct pipeline call, and the same request (prompt, seed, steps,
+size, cache off) as a synchronous ``POST /generate`` measured at the client. Medians of
+both are compared in the same run (target: service <= direct + 15 ms). The no-op model
+gives the service's own cost with nothing to compute.
+
+Prints a table and rewrites the "Service: overhead" section of docs/benchmarks.md
+(``--no-write`` to skip).
+
+    python benchmarks/service_overhead.py --requests 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+
+START, END = "<!-- service-overhead:start -->", "<!-- service-overhead:end -->"
+
+
+def models_yaml(weights: str) -> str:
+    return f"""models:
+  - name: shapes
+    kind: builtin
+    path: {weights}
+  - name: noop
+    kind: noop
+    defaults: {{width: 32, height: 32, steps: 20, guidance: 0, cache: "off", size_multiple: 4}}
+"""
+
+
+def median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1000
+
+
+def p90_ms(xs: list[float]) -> float:
+    return sorted(xs)[int(0.9 * (len(xs) - 1))] * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.builtin import WEIGHTS_DIR
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default=str(WEIGHTS_DIR), help="built-in model checkpoint folder")
+    p.add_argument("--requests", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from service.builtin import ShapesFluxPipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="clusca-overhead-"))
+    (tmp / "models.yaml").write_text(models_yaml(args.weights))
+    redis_server = EmbeddedRedis().start()
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "CLUSCA_MODELS": str(tmp / "models.yaml"),
+           "CLUSCA_DEFAULT_MODEL": "shapes", "CLUSCA_WORKER_METRICS_PORT": "0", "CLUSCA_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, cwd=ROOT),
+             subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(port)], env=env, cwd=ROOT)]
+    url = f"http://127.0.0.1:{port}"
+    rows: dict[str, list[float]] = {"direct": [], "service": [], "noop_direct": [], "noop_service": [],
+                                    "queue_wait": [], "inference": []}
+    try:
+        pipe = ShapesFluxPipeline.from_pretrained(args.weights)
+        pipe.set_progress_bar_config(disable=True)
+        from service.noop import NoopPipeline, SeedGenerator
+
+        noop = NoopPipeline()
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while True:
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("service not ready")
+                time.sleep(0.2)
+
+            def direct(seed: int) -> None:
+                pipe(prompt=["a red circle on the left"], generator=[torch.Generator().manual_seed(seed)],
+                     num_inference_steps=args.steps, height=32, width=32, output_type="pil")
+
+            def service(seed: int, model: str = "shapes") -> dict:
+                r = c.post("/generate", json={"prompt": "a red circle on the left", "seed": seed, "model": model,
+                                              "steps": args.steps, "width": 32, "height": 32,
+                                              "cache": {"mode": "off"}})
+                r.raise_for_status()
+                return r.json()
+
+            for i in range(3):  # warm-up of both paths
+                direct(i)
+                service(i)
+                service(i, "noop")
+            for i in range(args.requests):
+                t0 = time.perf_counter()
+                direct(1000 + i)
+                rows["direct"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                body = service(1000 + i)
+                rows["service"].append(time.perf_counter() - t0)
+                rows["queue_wait"].append(body["timings"]["queue_wait_s"])
+                rows["inference"].append(body["timings"]["inference_s"])
+                t0 = time.perf_counter()
+                noop(prompt=["a red circle on the left"], generator=[SeedGenerator(i)], num_inference_steps=args.steps,
+                     height=32, width=32)
+                rows["noop_direct"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                service(1000 + i, "noop")
+                rows["noop_service"].append(time.perf_counter() - t0)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+        redis_server.stop()
+
+    d, s = median_ms(rows["direct"]), median_ms(rows["service"])
+    # Pairs ran back to back, so their differences cancel most of the drift of a shared machine.
+    paired = statistics.median(b - a for a, b in zip(rows["direct"], rows["service"])) * 1000
+    nd, ns = median_ms(rows["noop_direct"]), median_ms(rows["noop_service"])
+    lines = [
+        f"built-in model, {args.steps} steps, 32x32, batch 1, cache off, {args.requests} interleaved requests",
+        f"  direct pipeline call   median {d:8.1f} ms   p90 {p90_ms(rows['direct']):8.1f} ms",
+        f"  through the service    median {s:8.1f} ms   p90 {p90_ms(rows['service']):8.1f} ms",
+        f"  overhead               {s - d:+8.1f} ms (ratio {s / d:.3f}; target <= +15 ms: "
+        f"{'met' if s - d <= 15 else 'MISSED'})",
+        f"  median of paired differences {paired:+8.1f} ms",
+        f"  worker-side: queue wait median {median_ms(rows['queue_wait']):.1f} ms, "
+        f"inference median {median_ms(rows['inference']):.1f} ms",
+        f"no-op model: direct median {nd:.2f} ms, through the service median {ns:.2f} ms "
+        f"(the service's own cost: {ns - nd:.2f} ms)",
+    ]
+    print("\n".join(lines))
+    if not args.no_write:
+        body = [START, "## Service: overhead", "",
+                f"`python benchmarks/service_overhead.py --requests {args.requests} --steps {args.steps}` on "
+                f"{os.cpu_count()} CPU core(s), {platform.machine()}, torch {torch.__version__}. Direct call and "
+                "service request alternate in one run; the service latency is measured at the HTTP client "
+                "(synchronous `POST /generate`, PNG encoding and base64 included).", "",
+                "| path | median ms | p90 ms |", "|---|---|---|",
+                f"| built-in model, direct pipeline call | {d:.1f} | {p90_ms(rows['direct']):.1f} |",
+                f"| built-in model, HTTP + Redis + worker | {s:.1f} | {p90_ms(rows['service']):.1f} |",
+                f"| no-op model, direct call | {nd:.2f} | {p90_ms(rows['noop_direct']):.2f} |",
+                f"| no-op model, HTTP + Redis + worker | {ns:.2f} | {p90_ms(rows['noop_service']):.2f} |", "",
+                f"Overhead on the built-in model: {s - d:+.1f} ms (ratio {s / d:.3f}); target <= +15 ms: "
+                f"{'met' if s - d <= 15 else 'missed'}; median of the paired differences {paired:+.1f} ms. "
+                "Worker-side medians: queue wait "
+                f"{median_ms(rows['queue_wait']):.1f} ms, inference {median_ms(rows['inference']):.1f} ms.", END]
+        path = ROOT / "docs" / "benchmarks.md"
+        text = path.read_text() if path.exists() else "# Benchmarks\n"
+        if START in text and END in text:
+            head, rest = text.split(START, 1)
+            text = head + "\n".join(body) + rest.split(END, 1)[1]
+        else:
+            text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
+        path.write_text(text)
+    return 0 if s - d <= 15 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
