@@ -132,3 +132,49 @@ def test_signed_webhook_on_completion(service):
     assert not verify("wrong-secret", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
     assert not verify("test-webhook-secret", headers[TIMESTAMP_HEADER], body + b" ", headers[SIGNATURE_HEADER])
     assert abs(int(headers[TIMESTAMP_HEADER]) - time.time()) < 60
+
+
+def test_redis_outage_503_then_recovery_without_losing_jobs(service, tmp_path):
+    import httpx
+    import redis as redis_lib
+
+    from service.embedded_redis import EmbeddedRedis
+
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    own = EmbeddedRedis(persistent=True, data_dir=str(data)).start()
+    env = {"REDIS_URL": own.url}
+    try:
+        worker = service.start_worker("slow", env, wait=False)
+        api, url = service.start_api(env)
+        r = redis_lib.Redis.from_url(own.url)
+        wait_until(lambda: r.zcard("clusca:workers:slow") > 0, timeout=30, what="worker heartbeat")
+        with httpx.Client(base_url=url, timeout=30) as c:
+            running = c.post("/generate", json={"prompt": "outage", "model": "slow", "steps": 15},
+                             headers={"Prefer": "respond-async"}).json()["id"]
+            wait_until(lambda: c.get(f"/jobs/{running}").json()["step"] >= 1, what="job running")
+            own.stop(remove_data=False)
+            t0 = time.monotonic()
+            down = c.post("/generate", json={"prompt": "x", "model": "slow"})
+            assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
+            assert c.get(f"/jobs/{running}").status_code == 503
+            assert c.get("/readyz").status_code == 503
+            assert time.monotonic() - t0 < 10
+            time.sleep(2.0)  # the job's remaining steps run while Redis is away
+            own.start()
+            final = wait_until(lambda: _status_or_none(c, running), timeout=40, what="job after the outage")
+            assert final["status"] == "succeeded" and final["attempts"] == 1
+            again = c.post("/generate", json={"prompt": "after", "model": "slow", "steps": 2})
+            assert again.status_code == 200 and again.json()["status"] == "succeeded"
+        Service.stop(api)
+        assert Service.stop(worker) == 0
+    finally:
+        own.stop()
+
+
+def _status_or_none(c, job_id):
+    r = c.get(f"/jobs/{job_id}")
+    if r.status_code != 200:
+        return None
+    j = r.json()
+    return j if j["status"] in ("succeeded", "failed", "cancelled") else None
