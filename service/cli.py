@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):
         env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clusca-metrics-")
     # The API aggregates every local process's metrics, so the worker needs no port of its own here.
-    worker_env = {**env, "CLUSCA_WORKER_METRICS_PORT": env.get("CLUSCA_WORKER_METRICS_PORT_SERVE", "0")}
+    worker_env = {**env, "CLUSCA_WORKER_METRICS_PORT": "0"}
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=worker_env)
                for _ in range(args.workers)]
     threading.Thread(target=_watch_workers, args=(workers,), daemon=True).start()
