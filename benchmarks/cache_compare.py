@@ -591,7 +591,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--large-repeats", type=int, default=None, help="default 5 (quick 2)")
     p.add_argument("--skip-builtin", action="store_true")
     p.add_argument("--skip-large", action="store_true")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared CPU an oversubscribed pool is many times slower)")
     p.add_argument("--json", default=None, help="also save the raw results here")
     p.add_argument("--from-json", default=None, help="render tables, docs and plot from saved results; run nothing")
     p.add_argument("--notes", default=None, help="JSON file with a list of findings to print under the tables")
