@@ -63,7 +63,7 @@ def check_url(url: str, *, allow_private: bool, resolve: bool = True) -> None:
         try:
             infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80),
                                        proto=socket.IPPROTO_TCP)
-        except (socket.gaierror, UnicodeError):
+        except (OSError, UnicodeError, ValueError):
             raise WebhookError(f"host {host!r} does not resolve") from None
         addrs = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     for ip in addrs:

@@ -150,7 +150,12 @@ class Worker:
                 if not deliveries:
                     deliveries = self._read_batch()
                 if deliveries:
-                    self._process(deliveries)
+                    try:
+                        self._process(deliveries)
+                    finally:
+                        # Whatever was not finished is no longer ours to keep alive: after the
+                        # visibility timeout any worker (this one included) may claim it again.
+                        self._unhold(deliveries)
                 backoff = 0.2
             except _REDIS_ERRORS as exc:
                 metrics.ERRORS.labels("redis_unavailable").inc()
@@ -161,7 +166,13 @@ class Worker:
                 if "NOGROUP" in str(exc):  # Redis restarted without persistence
                     self._retry(self.q.ensure_groups, forever=True)
                 else:
-                    raise
+                    metrics.ERRORS.labels("redis_error").inc()
+                    log.exception("redis error")
+                    self.stop.wait(1.0)
+            except Exception:  # noqa: BLE001 - a bug in one batch must not take the worker down
+                metrics.ERRORS.labels("worker").inc()
+                log.exception("unexpected error; the affected jobs will be retried after the visibility timeout")
+                self.stop.wait(1.0)
         try:
             self.q.leave()
         except _REDIS_ERRORS:
