@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
@@ -38,6 +39,11 @@ async def wait_for(services: Services, job_id: str) -> tuple[dict[str, Any], boo
     return job, finished
 
 
+def new_record(job_id: str, model: str, job: dict[str, Any]) -> dict[str, Any]:
+    return {"id": job_id, "model": model, "status": "queued", "step": 0, "steps": job["steps"], "attempts": 0,
+            "request": job, "created": time.time()}
+
+
 def wants_async(prefer: str | None, flag: bool) -> bool:
     return flag or (prefer is not None and "respond-async" in prefer.lower())
 
@@ -57,9 +63,12 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
         negative_prompt=body.negative_prompt, width=body.width, height=body.height, steps=body.steps,
         guidance=body.guidance, seed=body.seed, num_images=body.num_images, output_format=body.output_format,
         cache=body.cache, webhook_url=body.webhook_url)
-    job_id, _created = await submit(services, entry.name, job, idem)
+    job_id, created = await submit(services, entry.name, job, idem)
     if wants_async(prefer, body.async_):
-        record = await services.queue.get(job_id)
+        # A new job's record is known without asking Redis; a repeated key may be further along.
+        record = new_record(job_id, entry.name, job) if created else await services.queue.get(job_id)
+        if record is None:
+            raise ApiError(404, "job_not_found", "the job of this Idempotency-Key has expired")
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async"})
     record, finished = await wait_for(services, job_id)
