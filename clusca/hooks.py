@@ -586,7 +586,7 @@ class ClusterHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         out = self.fn_ref.original_forward(*args, **kwargs)
         ctrl = self.controller
-        if ctrl.caching and ctrl.uses_clusters and ctrl.branch.full:
+        if ctrl.caching and ctrl.uses_clusters and ctrl.branch.full and ctrl.config.interval > 1:
             self._cluster(args, kwargs, out)
         return out
 
@@ -606,13 +606,14 @@ class ClusterHook(ModelHook):
             if sync:
                 torch.cuda.synchronize(h.device)
             t0 = time.perf_counter()
-            assign, centroids = kmeans(
+            assign, centroids, rounds = kmeans(
                 h.detach(),
                 cfg.clusters,
                 iters=cfg.kmeans_iters,
                 distance=cfg.kmeans_distance,
                 init=prev.centroids if prev is not None else None,
                 seed=_mix(cfg.seed, len(group), ord(group[0])),
+                return_rounds=True,
             )
             k = centroids.shape[1]
             offsets = torch.arange(h.shape[0], device=h.device).unsqueeze(1) * k
@@ -621,6 +622,7 @@ class ClusterHook(ModelHook):
                 torch.cuda.synchronize(h.device)
             ctrl.counters.kmeans_s += time.perf_counter() - t0
             ctrl.counters.kmeans_calls += 1
+            ctrl.counters.kmeans_rounds += rounds
             new = GroupClusters(assign=assign, flat_index=flat_index, centroids=centroids, k=k)
             ctrl.counters.add_cache_bytes(new.nbytes() - (prev.nbytes() if prev is not None else 0))
             branch.clusters[group] = new

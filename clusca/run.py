@@ -29,7 +29,8 @@ class RunStats:
             and value products), over the whole transformer.
         flops_speedup: ``flops_uncached / flops``.
         cache_bytes: peak bytes held by cache tensors (Taylor factors, clusters).
-        kmeans_ms: total time spent in k-means; kmeans_calls: how many clusterings.
+        kmeans_ms: total time spent in k-means; kmeans_calls: how many clusterings;
+            kmeans_rounds: update rounds they ran in total.
     """
 
     mode: str
@@ -45,6 +46,7 @@ class RunStats:
     cache_bytes: int
     kmeans_ms: float
     kmeans_calls: int
+    kmeans_rounds: int
 
     @classmethod
     def from_counters(cls, mode: str, c: Counters) -> "RunStats":
@@ -63,6 +65,7 @@ class RunStats:
             cache_bytes=c.cache_bytes_peak,
             kmeans_ms=c.kmeans_s * 1000.0,
             kmeans_calls=c.kmeans_calls,
+            kmeans_rounds=c.kmeans_rounds,
         )
 
     def to_dict(self) -> dict:

@@ -87,6 +87,7 @@ class Counters:
     cache_bytes_peak: int = 0
     kmeans_s: float = 0.0
     kmeans_calls: int = 0
+    kmeans_rounds: int = 0
 
     def add_cache_bytes(self, delta: int) -> None:
         self.cache_bytes += delta

@@ -39,6 +39,18 @@ def test_each_sample_is_clustered_independently_of_its_batch():
     torch.testing.assert_close(c_alone[0], c_batched[1])
 
 
+def test_early_stop_is_per_sample():
+    # Structureless noise needs many rounds, blobs very few: batching them together must
+    # not change either result.
+    noise = torch.randn(120, 8, generator=torch.Generator().manual_seed(0))
+    easy, _ = blobs(4, 30, 8, seed=12)
+    a_alone, _, r_noise = kmeans(noise[None], 4, iters=10, seed=2, return_rounds=True)
+    b_alone, _, r_easy = kmeans(easy[None], 4, iters=10, seed=2, return_rounds=True)
+    both, _, r_both = kmeans(torch.stack([noise, easy]), 4, iters=10, seed=2, return_rounds=True)
+    assert r_easy < r_noise == r_both
+    assert torch.equal(both[0], a_alone[0]) and torch.equal(both[1], b_alone[0])
+
+
 def test_warm_start_converges_immediately_and_keeps_labels():
     x, _ = blobs(5, 20, 8, seed=3)
     assign, c = kmeans(x[None], 5, iters=20, seed=0)
