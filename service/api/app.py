@@ -8,6 +8,7 @@ from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from ..queue import JobQueue
 from ..registry import Registry
@@ -50,4 +51,46 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     for r in (generate.router, jobs.router, openai.router, system.router):
         app.include_router(r)
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes)
+    install_openapi(app, settings)
     return app
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Make the published schema say what this deployment really accepts.
+
+    The pydantic models carry static outer bounds; the configured limits (and whether
+    keys are needed at all) are only known at start-up, so they are written in here.
+    """
+    limits = {"prompt": ("maxLength", settings.max_prompt_chars),
+              "negative_prompt": ("maxLength", settings.max_prompt_chars),
+              "width": ("maximum", settings.max_side), "height": ("maximum", settings.max_side),
+              "steps": ("maximum", settings.max_steps), "num_images": ("maximum", settings.max_images),
+              "n": ("maximum", settings.max_images)}
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for name in ("GenerateRequest", "OpenAIImageRequest"):
+            props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+            for field, (keyword, value) in limits.items():
+                if field in props:
+                    _set_limit(props[field], keyword, value)
+        if not settings.api_keys:
+            schema.get("components", {}).pop("securitySchemes", None)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    if isinstance(op, dict):
+                        op.pop("security", None)
+                        op.get("responses", {}).pop("401", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _set_limit(prop: dict, keyword: str, value: int) -> None:
+    # Optional fields are `anyOf: [{type: ...}, {type: null}]`; the bound goes on the non-null branch.
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") in ("string", "integer"):
+            branch[keyword] = min(value, branch.get(keyword, value))

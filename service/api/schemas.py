@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..registry import MODEL_NAME_PATTERN
 
+# Seeds stay exact in every JSON client (JavaScript numbers are doubles).
+MAX_SEED = 2**53 - 1
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -35,7 +37,7 @@ class CacheSettings(BaseModel):
     kmeans_distance: Optional[Literal["l1", "l2"]] = None
     propagation: Optional[str] = Field(None, max_length=32)
     propagate_text: Optional[bool] = None
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
 
 
 class GenerateRequest(BaseModel):
@@ -51,7 +53,7 @@ class GenerateRequest(BaseModel):
     height: Optional[int] = Field(None, ge=8, le=16384)
     steps: Optional[int] = Field(None, ge=1, le=10_000)
     guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Random when absent; the answer says which.")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Random when absent; the answer says which.")
     num_images: int = Field(1, ge=1, le=1000)
     output_format: OutputFormat = "png"
     cache: Optional[CacheSettings] = None
@@ -172,7 +174,7 @@ class OpenAIImageRequest(BaseModel):
     negative_prompt: Optional[str] = Field(None, max_length=100_000)
     steps: Optional[int] = Field(None, ge=1, le=10_000)
     guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     cache: Optional[CacheSettings] = None
 
 

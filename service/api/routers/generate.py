@@ -18,7 +18,7 @@ from ..views import generate_response, job_status
 router = APIRouter(tags=["generate"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody} for s in (401, 404, 413, 422, 429, 503)}
+    s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 503)}
 
 
 async def submit(services: Services, model: str, job: dict[str, Any], idem: str | None) -> tuple[str, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any, AsyncIterator
 
 from fastapi import APIRouter, Header, Path
@@ -14,6 +15,7 @@ from ..schemas import CancelResponse, ErrorBody, JobStatus
 from ..views import job_status
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+log = logging.getLogger("clusca.api")
 
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Job id from /generate")]
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 422, 503)}
@@ -66,18 +68,23 @@ async def cancel_job(job_id: JobId, services: ServicesDep, _: AuthDep) -> Any:
 @router.get("/{job_id}/events", summary="Progress as Server-Sent Events",
             responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
 async def job_events(job_id: JobId, services: ServicesDep, _: AuthDep,
-                     last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None) -> StreamingResponse:
+                     last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,19}-\d{1,19}$")] = None,
+                     ) -> StreamingResponse:
     """Events ``queued``, ``started``, ``progress`` (one per step), then ``finished``, ``failed`` or
     ``cancelled``; the stream ends after the last one. ``Last-Event-ID`` resumes."""
     await _job(services, job_id)
 
     async def stream() -> AsyncIterator[bytes]:
-        async for item in services.queue.events(job_id, last_event_id or "0", idle_s=2.0):
-            if item is None:
-                yield b": keep-alive\n\n"
-                continue
-            event_id, event = item
-            yield f"id: {event_id}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+        try:
+            async for item in services.queue.events(job_id, last_event_id or "0", idle_s=2.0):
+                if item is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                event_id, event = item
+                yield f"id: {event_id}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+        except Exception as exc:  # noqa: BLE001 - headers are sent: end the stream with an error event
+            log.warning("event stream of job %s ended early: %s", job_id, exc)
+            yield f"event: error\ndata: {json.dumps({'type': 'error', 'message': 'event stream interrupted'})}\n\n".encode()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

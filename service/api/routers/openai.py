@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
 
 @router.post("/images/generations", response_model=OpenAIImageResponse, summary="OpenAI-compatible generation",
-             responses={s: {"model": ErrorBody} for s in (401, 404, 413, 422, 429, 500, 503, 504)})
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)})
 async def images_generations(body: OpenAIImageRequest, request: Request, services: ServicesDep,
                              identity: AuthDep) -> Any:
     """Always synchronous. ``size`` is ``WIDTHxHEIGHT``; extra fields ``steps``, ``seed``,
