@@ -213,3 +213,16 @@ def test_metrics_exported_by_api_and_worker(service):
                  "clusca_token_fraction_bucket", "clusca_flops_speedup_bucket",
                  "clusca_worker_heartbeat_timestamp_seconds"):
         assert name in worker, name
+
+
+def test_sse_resumes_after_last_event_id(service):
+    with service.client() as c:
+        job = c.post("/generate", json={"prompt": "resume", "steps": 3}).json()
+        ids = []
+        with c.stream("GET", f"/jobs/{job['id']}/events") as r:
+            ids = [line[4:] for line in r.iter_lines() if line.startswith("id: ")]
+        with c.stream("GET", f"/jobs/{job['id']}/events", headers={"Last-Event-ID": ids[1]}) as r:
+            rest = [line[4:] for line in r.iter_lines() if line.startswith("id: ")]
+        assert rest == ids[2:] and len(ids) == 6  # queued, started, 3 x progress, finished
+        bad = c.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": "99999999999999999999999-0"})
+        assert bad.status_code == 422

@@ -72,3 +72,18 @@ def test_bad_registry_files(tmp_path, text, fragment):
 def test_missing_registry_file(tmp_path):
     with pytest.raises(RegistryError, match="cannot read"):
         Registry.load(tmp_path / "nope.yaml")
+
+
+def test_openapi_states_the_configured_limits_and_auth():
+    from service.api import create_app
+
+    s = Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/0", "CLUSCA_MAX_STEPS": "50",
+                           "CLUSCA_MAX_IMAGES": "3", "CLUSCA_MAX_PROMPT_CHARS": "100"})
+    schema = create_app(s).openapi()
+    props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert props["steps"]["anyOf"][0]["maximum"] == 50
+    assert props["num_images"]["maximum"] == 3 and props["prompt"]["maxLength"] == 100
+    assert "securitySchemes" not in schema["components"]
+    locked = create_app(s.model_copy(update={"api_keys": ("k",)})).openapi()
+    assert "HTTPBearer" in locked["components"]["securitySchemes"]
+    assert "401" in locked["paths"]["/generate"]["post"]["responses"]
