@@ -538,7 +538,10 @@ def render(res: dict[str, Any]) -> str:
             f"{lg['image_tokens']} image + {lg['text_tokens']} text tokens, batch 1, float32, {lg['steps']} Euler steps "
             f"(model code of `benchmarks/speed_flux.py`); median of {lg['repeats']} interleaved rounds. "
             "Rel. error: relative L2 distance of the final latent from the uncached one (random weights, so only "
-            "a sanity check, not image quality).",
+            "a sanity check, not image quality)."
+            + (f" Measured on {meta['large_from']['date']} by `python benchmarks/cache_compare.py "
+               f"{meta['large_from']['argv']}` and reused here (`--reuse-large`): random weights, so this part "
+               "does not depend on the checkpoint." if meta.get("large_from") else ""),
             "",
             "| method | FLOPs x | analytic x | wall x | wall / FLOPs | s per image | rel. error | cache MiB/request |",
             "|---|---|---|---|---|---|---|---|",
@@ -673,6 +676,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared CPU an oversubscribed pool is many times slower)")
     p.add_argument("--json", default=None, help="also save the raw results here")
+    p.add_argument("--reuse-large", default=None, help="take the large-model part from this saved results file")
     p.add_argument("--from-json", default=None, help="render tables, docs and plot from saved results; run nothing")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md or docs/pareto.png")
     a = p.parse_args(argv)
@@ -709,7 +713,12 @@ def main(argv: list[str] | None = None) -> int:
         if not a.skip_builtin:
             res["builtin"] = bench_builtin(a)
             res["builtin"]["weights_label"] = _weights_label(res["builtin"]["weights"])
-        if not a.skip_large:
+        if a.reuse_large:
+            # The large model has random weights, so its part does not change with the checkpoint.
+            res["large"] = json.loads(Path(a.reuse_large).read_text())["large"]
+            res["meta"]["large_from"] = {k: v for k, v in json.loads(Path(a.reuse_large).read_text())["meta"].items()
+                                         if k in ("date", "argv", "threads")}
+        elif not a.skip_large:
             res["large"] = bench_large(a)
         res["meta"]["total_s"] = round(time.perf_counter() - t0, 1)
     analyse(res)

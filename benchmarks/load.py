@@ -147,7 +147,7 @@ def request_body(i: int, a: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_level(url: str, concurrency: int, n_requests: int, a: argparse.Namespace,
-                    headers: dict[str, str]) -> LevelResult:
+                    headers: dict[str, str], transport: httpx.AsyncBaseTransport | None = None) -> LevelResult:
     """Keep ``concurrency`` requests in flight until ``n_requests`` have been answered."""
     res = LevelResult(concurrency, n_requests)
     next_index = 0
@@ -183,7 +183,7 @@ async def run_level(url: str, concurrency: int, n_requests: int, a: argparse.Nam
             res.errors += 1
             res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(a.timeout), limits=limits) as c:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(a.timeout), limits=limits, transport=transport) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         res.wall_s = time.perf_counter() - t0

@@ -1,0 +1,89 @@
+"""The load generator's client loop and report, against an in-process HTTP transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.load import PROMPTS, START, END, parse_args, render, requests_for, run_level  # noqa: E402
+
+
+class _Service:
+    """Answers like POST /generate; every fifth seed fails; tracks requests in flight."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.seen: list[int] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.005)
+        finally:
+            self.in_flight -= 1
+        self.seen.append(body["seed"])
+        assert body["prompt"] in PROMPTS and body["cache"] == {"preset": "fast"}
+        if body["seed"] % 5 == 4:
+            return httpx.Response(503, json={"error": {"code": "unavailable", "message": "busy"}})
+        return httpx.Response(200, json={"batch_images": 2, "cache_stats": {"flops_speedup": 3.0},
+                                         "timings": {"inference_s": 0.25, "queue_wait_s": 0.01}})
+
+
+@pytest.mark.parametrize("concurrency,n", [(1, 5), (4, 23), (16, 40)])
+def test_run_level_keeps_the_concurrency_and_counts_everything(concurrency, n):
+    a = parse_args(["--cache", "fast", "--steps", "3"])
+    svc = _Service()
+    res = asyncio.run(run_level("http://svc", concurrency, n, a, {}, transport=httpx.MockTransport(svc)))
+    assert sorted(svc.seen) == list(range(n))  # each request index sent exactly once
+    assert svc.max_in_flight == min(concurrency, n)
+    failures = sum(1 for i in range(n) if i % 5 == 4)
+    assert res.errors == failures and res.error_kinds == ({"HTTP 503": failures} if failures else {})
+    assert res.ok == n - failures == len(res.latencies)
+    s = res.summary()
+    assert s["mean_batch"] == 2 and s["flops_speedup"] == 3.0 and s["inference_s"] == 0.25
+    assert 0 < s["p50"] <= s["p95"] <= s["p99"]
+    assert s["throughput"] == pytest.approx(res.ok / res.wall_s, rel=1e-2)
+
+
+def test_connection_errors_are_counted_not_raised():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    a = parse_args([])
+    res = asyncio.run(run_level("http://svc", 3, 7, a, {}, transport=httpx.MockTransport(refuse)))
+    assert res.ok == 0 and res.errors == 7 and res.error_kinds == {"ConnectError": 7}
+    assert res.summary()["throughput"] == 0.0
+
+
+def test_arguments_and_request_counts():
+    a = parse_args([])
+    assert a.concurrency == [1, 4, 16, 64]
+    assert [requests_for(c, a) for c in a.concurrency] == [24, 24, 64, 256]
+    assert parse_args(["--quick"]).concurrency == [1, 4]
+    for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--batch", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_report_states_the_target():
+    row = {"concurrency": 1, "requests": 4, "errors": 0, "throughput": 2.0, "p50": 0.5, "p95": 0.6, "p99": 0.7,
+           "mean_batch": 1.0, "inference_s": 0.4}
+    res = {"meta": {"argv": "", "date": "d", "cpu": "c", "cores": 2, "steps": 20, "cache": "balanced", "batch": 8,
+                    "threads": 1, "worker_threads": 1},
+           "service": {"on": [row, {**row, "concurrency": 16, "throughput": 2.9}]},
+           "target": {"c1": 2.0, "c16": 2.9, "ratio": 1.45},
+           "direct": [{"batch": 1, "images": 4, "throughput": 3.0, "p50": 0.3, "p95": 0.3, "p99": 0.3}]}
+    text = render(res)
+    assert text.startswith(START) and text.rstrip().endswith(END)
+    assert "= 1.45x | no |" in text
+    assert "| on | 16 | 4 | 0 | 2.90 |" in text
