@@ -148,13 +148,26 @@ class ClusCaController:
         self._step = -1
         self._seen: dict[str, int] = {}
 
+    def reset_cache(self) -> None:
+        """Drop every cached tensor and start step tracking afresh; keep the run's counters.
+
+        Called when a new denoising loop starts inside a run: pipelines reset stateful
+        hooks when they finish (``maybe_free_model_hooks``), and a timestep that goes
+        up again also means a new loop.
+        """
+        if self.state_manager is not None:
+            ctx = self.state_manager._context
+            self.state_manager.reset()
+            self.state_manager.set_context(ctx)
+        self.branch = BranchState(len(self.slots))
+        self.counters.cache_bytes = 0
+        self.counters.sequences += 1
+        self._reset_step_tracking()
+
     def reset(self) -> None:
         """Drop every cached tensor and counter (called on run entry and exit)."""
-        if self.state_manager is not None:
-            self.state_manager.reset()
-        self.branch = BranchState(len(self.slots))
         self.counters = Counters()
-        self._reset_step_tracking()
+        self.reset_cache()
 
     def start(self, config: ClusCaConfig, num_inference_steps: int | None) -> None:
         self.reset()
@@ -191,6 +204,9 @@ class ClusCaController:
             else:
                 tv = None
             if tv is not None:
+                if self._last_t is not None and tv > self._last_t:
+                    # Timesteps only decrease within a denoising loop: this is a new one.
+                    self.reset_cache()
                 if tv != self._last_t:
                     self._step += 1
                     self._seen = {}
@@ -243,13 +259,14 @@ class ClusCaController:
         tokens = sum(branch.slots[s.index].tokens for s in self.slots)
         c.tokens_uncached += tokens
         c.flops_uncached += branch.flops_call
+        key = (c.sequences, branch.step)
         if branch.full:
-            c.full_steps.add(branch.step)
+            c.full_steps.add(key)
             c.tokens_computed += tokens
             c.flops += branch.flops_call
             branch.last_full = branch.step
         else:
-            c.cached_steps.add(branch.step)
+            c.cached_steps.add(key)
             c.flops += branch.flops_unhooked
 
     def _drop_branch_tensors(self, branch: BranchState) -> None:
@@ -419,7 +436,8 @@ class ClusCaRootHook(ModelHook):
         return out
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.controller.reset()
+        # Pipelines call this when they finish; the run's statistics must survive it.
+        self.controller.reset_cache()
         return module
 
 

@@ -77,6 +77,7 @@ class Counters:
     """Run-wide counters; plain Python numbers so the hot path never syncs a device."""
 
     calls: int = 0
+    sequences: int = 0  # denoising loops started in this run (steps are keyed by loop)
     full_steps: set = field(default_factory=set)
     cached_steps: set = field(default_factory=set)
     tokens_computed: int = 0

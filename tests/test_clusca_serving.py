@@ -116,6 +116,17 @@ def test_guidance_as_one_batch_or_separate_calls(flux):
     torch.testing.assert_close(outs["batch"], outs["context"], atol=1e-4, rtol=0)
 
 
+def test_a_second_loop_in_the_same_run_starts_afresh(flux):
+    x = flux.latents(1, seed=4)
+    with clusca_run(flux.model, "balanced", num_inference_steps=12):
+        first = euler_sample(flux, x, 12, [4])
+    with clusca_run(flux.model, "balanced") as run:
+        euler_sample(flux, flux.latents(1, seed=5), 10, [5])
+        again = euler_sample(flux, x, 12, [4])  # timesteps restart at 1.0: a new loop
+    assert torch.equal(first, again)
+    assert (run.stats.calls, run.stats.full_steps) == (22, 4 + 4)
+
+
 def test_settings_change_per_run_without_rehooking(flux):
     registry_hooks = [id(m._diffusers_hook.hooks.get("clusca_cache")) for m in flux.model.modules()
                       if hasattr(m, "_diffusers_hook")]
@@ -205,9 +216,16 @@ def test_inside_a_diffusers_pipeline_with_batched_guidance():
         exact = gen()
     with clusca_run(pipe.transformer, "balanced", num_inference_steps=12) as run:
         cached = gen()
+    # Two pipeline calls in one run: the pipeline resets stateful hooks when it ends, which
+    # must clear the cache but keep the run's statistics.
+    with clusca_run(pipe.transformer, "balanced", num_inference_steps=12) as twice:
+        gen()
+        second = gen()
     remove_clusca(pipe.transformer)
     assert abs(exact - ref).max() <= 1e-5
     assert run.stats.calls == 12 and run.stats.full_steps == 4 and run.stats.flops_speedup > 1.8
+    assert (twice.stats.calls, twice.stats.full_steps, twice.stats.cached_steps) == (24, 8, 16)
+    assert (second == cached).all()
     # (Closeness is checked on the Euler loops: DDIM's x0 clipping on a random tiny DiT
     # amplifies any perturbation, so here only exactness and the bookkeeping are checked.)
     assert cached.shape == ref.shape and abs(cached - ref).max() > 0
