@@ -77,3 +77,31 @@ class NoopPipeline:
         images = [Image.new("RGB", (width, height), noop_color(p, g.initial_seed() if g is not None else 0))
                   for p, g in zip(prompts, gens)]
         return NoopOutput(images)
+
+
+class LegacyCallbackNoopPipeline:
+    """The no-op pipeline with the older diffusers callback API (``callback(step, timestep, latents)``,
+    ``callback_steps``) and no interrupt flag, as PixArt pipelines have it."""
+
+    transformer = None
+
+    def __init__(self, step_delay_s: float = 0.0):
+        self._inner = NoopPipeline(step_delay_s)
+
+    def to(self, device: Any) -> "LegacyCallbackNoopPipeline":
+        return self
+
+    def __call__(self, prompt: str | list[str], negative_prompt: Any = None, num_inference_steps: int = 4,
+                 guidance_scale: float = 0.0, generator: Any = None, height: int = 32, width: int = 32,
+                 num_images_per_prompt: int = 1, callback: Callable[[int, Any, Any], None] | None = None,
+                 callback_steps: int = 1, output_type: str = "pil") -> NoopOutput:
+        def adapter(_pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, None)
+            return kwargs
+
+        inner = self._inner
+        inner._interrupt = False
+        result = inner(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, height, width,
+                       num_images_per_prompt, callback_on_step_end=adapter)
+        return result

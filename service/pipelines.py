@@ -23,8 +23,10 @@ def resolve_device(entry: ModelEntry, default: str) -> str:
 def load_pipeline(entry: ModelEntry, default_device: str) -> tuple[Any, str]:
     """Return ``(pipeline, device)`` for ``entry``, moved to its device, ready to call."""
     if entry.kind == "noop":
-        from .noop import NoopPipeline
+        from .noop import LegacyCallbackNoopPipeline, NoopPipeline
 
+        if entry.options.get("legacy_callback"):
+            return LegacyCallbackNoopPipeline(float(entry.options.get("step_delay_s", 0.0))), "cpu"
         return NoopPipeline(step_delay_s=float(entry.options.get("step_delay_s", 0.0)),
                             fail_on=entry.options.get("fail_on")), "cpu"
 

@@ -65,6 +65,10 @@ def noop_stats(cache: dict[str, Any], steps: int) -> dict[str, Any]:
             "flops": 0, "flops_uncached": 0, "flops_speedup": 1.0, "cache_bytes": 0, "kmeans_ms": 0.0}
 
 
+class _Cancelled(Exception):
+    """Raised out of a legacy step callback when every job of the batch was cancelled."""
+
+
 @dataclass
 class Model:
     entry: ModelEntry
@@ -281,6 +285,17 @@ class Worker:
                                       num_images_per_prompt=1, callback_on_step_end=on_step, output_type="pil")
         if req0.get("negative_prompt") is not None:
             kwargs["negative_prompt"] = negatives
+        if model.params and "*" not in model.params and "callback_on_step_end" not in model.params \
+                and "callback" in model.params:
+            # Older pipelines (e.g. PixArt) only have `callback(step, timestep, latents)` and no
+            # interrupt flag: stop them by raising out of the callback instead.
+            def legacy(i: int, t: Any, _latents: Any) -> None:
+                on_step(model.pipe, i, t, {})
+                if all(cancelled):
+                    raise _Cancelled()
+
+            kwargs.pop("callback_on_step_end")
+            kwargs.update(callback=legacy, callback_steps=1)
         if "*" not in model.params and model.params:
             dropped = [k for k in kwargs if k not in model.params]
             if "negative_prompt" in dropped:
@@ -297,6 +312,8 @@ class Worker:
         if not all(cancelled):
             try:
                 out_images, stats = self._call(model, kwargs, cache, steps)
+            except _Cancelled:
+                pass
             except Exception as exc:  # noqa: BLE001 - any pipeline failure fails its jobs, not the worker
                 error = f"{type(exc).__name__}: {exc}"[:500]
                 metrics.ERRORS.labels("pipeline").inc()

@@ -47,12 +47,16 @@ models:
     kind: noop
     options: {step_delay_s: 0.15}
     defaults: {width: 16, height: 16, steps: 20, guidance: 0, cache: "off", size_multiple: 8}
+  - name: legacy
+    kind: noop
+    options: {step_delay_s: 0.1, legacy_callback: true}
+    defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
   - name: shapes
     kind: builtin
 """
 
 # Models the session's main worker serves; the others get dedicated workers in their tests.
-MAIN_WORKER_MODELS = "noop,slow,failing"
+MAIN_WORKER_MODELS = "noop,slow,failing,legacy"
 
 BASE_ENV = {
     "CLUSCA_DEFAULT_MODEL": "noop",

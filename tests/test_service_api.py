@@ -226,3 +226,16 @@ def test_sse_resumes_after_last_event_id(service):
         assert rest == ids[2:] and len(ids) == 6  # queued, started, 3 x progress, finished
         bad = c.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": "99999999999999999999999-0"})
         assert bad.status_code == 422
+
+
+def test_pipeline_with_legacy_callback_reports_progress_and_cancels(service):
+    with service.client() as c:
+        done = c.post("/generate", json={"prompt": "old api", "model": "legacy", "steps": 3}).json()
+        assert done["status"] == "succeeded" and done["step"] == 3
+        job = c.post("/generate", json={"prompt": "old api", "model": "legacy", "steps": 40},
+                     headers={"Prefer": "respond-async"}).json()
+        wait_until(lambda: c.get(f"/jobs/{job['id']}").json()["step"] >= 2, what="legacy job running")
+        assert c.post(f"/jobs/{job['id']}/cancel").status_code == 202
+        final = wait_until(lambda: (j := c.get(f"/jobs/{job['id']}").json())["status"] != "running" and j,
+                           what="legacy job stopped")
+        assert final["status"] == "cancelled" and final["step"] < 40
