@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -98,6 +99,8 @@ class Worker:
         self._held_lock = threading.Lock()
         self._jobs_done = 0
         self._busy = False
+        # Webhooks go out in the background (a slow receiver must not stall the GPU), a few at a time.
+        self._webhooks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
         self._torch = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,6 +184,7 @@ class Worker:
             self.q.leave()
         except _REDIS_ERRORS:
             pass
+        self._webhooks.shutdown(wait=True, cancel_futures=False)
         log.info("worker %s stopped after %d job(s)", self.worker_id, self._jobs_done)
 
     # ------------------------------------------------------------------ reading
@@ -408,9 +412,8 @@ class Worker:
                 payload = {"id": j.delivery.job_id, "status": status, "model": model, "error": error or None,
                            "image_urls": [f"/jobs/{j.delivery.job_id}/images/{k}" for k in range(len(images))],
                            **result}
-                threading.Thread(target=deliver, args=(url, payload), daemon=True,
-                                 kwargs={"secret": self.settings.webhook_secret,
-                                         "allow_private": self.settings.webhook_allow_private}).start()
+                self._webhooks.submit(deliver, url, payload, secret=self.settings.webhook_secret,
+                                      allow_private=self.settings.webhook_allow_private)
 
     # ------------------------------------------------------------------ helpers
     def _retry(self, fn: Callable[[], T], forever: bool = False) -> T | None:
