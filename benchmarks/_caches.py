@@ -103,12 +103,15 @@ def diffusers_cache_bytes(model: torch.nn.Module) -> int:
             continue
         for hook in registry.hooks.values():
             for attr in vars(hook).values():
-                if not isinstance(attr, StateManager):
+                if isinstance(attr, StateManager):
+                    states = list(attr._state_cache.values())
+                elif type(attr).__name__.endswith("State") and hasattr(attr, "__dict__"):
+                    states = [attr]  # hooks that keep one state object of their own (e.g. PAB)
+                else:
                     continue
-                for state in attr._state_cache.values():
-                    if isinstance(state, BranchState):
-                        continue
-                    walk(vars(state), 0)
+                for state in states:
+                    if not isinstance(state, BranchState):
+                        walk(vars(state), 0)
     return total
 
 
