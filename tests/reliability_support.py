@@ -103,6 +103,9 @@ def stack(tmp_path: Path, *, persistent: bool = False, extra_env: dict[str, str]
            "CLUSCA_MAX_QUEUE": "100000",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if shapes:
+        # Several torch workers share few cores here: one thread each avoids OpenMP oversubscription.
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("REL_TORCH_THREADS", "1"))
     svc = Service(redis, models_file, logs, env)
     try:
         yield svc
