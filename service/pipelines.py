@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from .registry import ModelEntry
 
@@ -72,22 +71,3 @@ def call_parameters(pipe: Any) -> set[str]:
         return {"*"}
     return set(params)
 
-
-@contextmanager
-def run_owns_hook_state(transformer: Any) -> Iterator[None]:
-    """Keep diffusers from resetting stateful hooks at the end of a pipeline call.
-
-    diffusers pipelines end ``__call__`` with ``maybe_free_model_hooks()``, which resets
-    the stateful hooks of every ``CacheMixin`` model (FLUX, SD3, ...). Inside a
-    ``clusca_run`` block that reset would also wipe the run's counters before the run
-    reads them. The run resets all of its state itself on exit, so skipping the
-    pipeline's reset for the duration of the call loses nothing.
-    """
-    if not hasattr(transformer, "_reset_stateful_cache"):
-        yield
-        return
-    transformer._reset_stateful_cache = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        del transformer._reset_stateful_cache

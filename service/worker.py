@@ -30,7 +30,7 @@ from typing import Any, Callable, TypeVar
 import redis
 
 from . import metrics
-from .pipelines import call_parameters, load_pipeline, run_owns_hook_state
+from .pipelines import call_parameters, load_pipeline
 from .queue import HEARTBEAT_S, Delivery, StartedJob, WorkerQueue
 from .registry import ModelEntry, Registry
 from .settings import Settings
@@ -376,8 +376,7 @@ class Worker:
         config = ClusCaConfig.from_dict(cache)
         with self._torch.inference_mode():
             with clusca_run(pipe.transformer, config, num_inference_steps=steps) as run:
-                with run_owns_hook_state(pipe.transformer):
-                    images = list(pipe(**kwargs).images)
+                images = list(pipe(**kwargs).images)
         return images, run.stats.to_dict()
 
     def _free_memory(self) -> None:
