@@ -58,6 +58,9 @@ def cmd_api(args: argparse.Namespace) -> None:
         raise SystemExit("clusca api: set REDIS_URL (or use `clusca serve`, which starts a private Redis)")
     _check_registry(s)
     host, port = args.host or s.host, args.port if args.port is not None else s.port
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each uvicorn process counts on its own; a shared directory lets /metrics add them up.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clusca-metrics-")
     log.info("API on http://%s:%d (docs at /docs)", host, port)
     _run_api(host, port, args.workers)
 
