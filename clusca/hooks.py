@@ -105,13 +105,14 @@ def _taylor(factors: list[torch.Tensor], n: int, coeffs: tuple[float, ...]) -> t
 class _Slot:
     """Static description of one hooked module."""
 
-    __slots__ = ("index", "name", "role", "group", "residuals", "chain_head", "chain_pos", "chain_len")
+    __slots__ = ("index", "name", "role", "group", "group_pos", "residuals", "chain_head", "chain_pos", "chain_len")
 
     def __init__(self, index: int, name: str, role: str, group: str | None = None, residuals=()) -> None:
         self.index = index
         self.name = name
         self.role = role  # "attention" | "block" | "feedforward"
         self.group = group
+        self.group_pos = 0  # ordinal among the feed-forward modules of the same token group
         self.residuals: tuple[tuple[str, int | None], ...] = tuple(residuals)
         # Blocks predicted together: the chain's head slot holds the summed Taylor factors.
         self.chain_head = index
@@ -138,6 +139,11 @@ class ClusCaController:
         self.num_inference_steps: int | None = None
         self.timestep_pos = _arg_position(model.forward, "timestep")
         self.probe_targets: list[tuple[torch.nn.Module, int, str]] = []
+        self.group_sizes: dict[str, int] = {}
+        for s in slots:
+            if s.role == "feedforward":
+                s.group_pos = self.group_sizes.get(s.group, 0)
+                self.group_sizes[s.group] = s.group_pos + 1
         self.state_manager: StateManager | None = None  # set by the root hook
         self._gen = torch.Generator(device="cpu")
         self._reset_step_tracking()
@@ -375,36 +381,48 @@ class ClusCaController:
         d = branch.step - st.last_full
         return tuple(d**k / math.factorial(k) for k in range(self.order + 1))
 
-    def fresh_indices(self, clusters: GroupClusters, layer: int, f: int) -> torch.Tensor:
-        """Token positions recomputed this step in this layer: (batch, k*f), cluster-major.
+    def fresh_rows(self, group: str, clusters: GroupClusters, layer: int, f: int) -> torch.Tensor:
+        """Rows (in the flattened ``(batch * tokens)`` layout) recomputed this step by the
+        ``layer``-th feed-forward module of ``group``: ``(batch * k * f,)``, cluster-major.
 
-        One random rank per token position, shared by the whole batch, drawn from a
-        generator seeded by (seed, step, layer); each sample takes, per cluster, its
-        member(s) with the highest rank. So a sample's choice never depends on the
-        other samples in the batch.
+        One random score per (layer, token position), shared by the whole batch, drawn from
+        a generator seeded by (seed, step, group); each sample takes, per cluster, its
+        member(s) with the highest score, so a sample's choice never depends on the other
+        samples in its batch. All layers of a group are drawn at once, on the group's
+        first call of the step, to keep per-module work to one lookup.
         """
+        branch = self.branch
+        cached = branch.fresh.get(group)
+        if cached is not None and cached[0] == branch.step and cached[1] is clusters:
+            return cached[2][layer]
         assign = clusters.assign
         b, n = assign.shape
-        self._gen.manual_seed(_mix(self.config.seed, self.branch.step, layer))
-        rank = torch.randperm(n, generator=self._gen)
-        inv = torch.empty_like(rank)
-        inv[rank] = torch.arange(n)
-        rank = rank.to(assign.device).expand(b, n)
-        inv = inv.to(assign.device)
+        k = clusters.k
+        layers = self.group_sizes[group]
+        dev = assign.device
+        self._gen.manual_seed(_mix(self.config.seed, branch.step, len(group), ord(group[0])))
+        order = torch.rand(layers, n, generator=self._gen).argsort(dim=1)  # tokens by score
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand(layers, n))
+        order, rank = order.to(dev), rank.to(dev)
+        rank = rank.unsqueeze(1).expand(layers, b, n)
+        assign_l = assign.unsqueeze(0).expand(layers, b, n)
         picks = []
         for i in range(f):
-            best = torch.full((b, clusters.k), -1, dtype=rank.dtype, device=assign.device)
-            best.scatter_reduce_(1, assign, rank, reduce="amax", include_self=True)
+            best = torch.full((layers, b, k), -1, dtype=rank.dtype, device=dev)
+            best.scatter_reduce_(2, assign_l, rank, reduce="amax", include_self=True)
             picks.append(best)
             if i + 1 < f:
-                rank = rank.masked_fill(rank.eq(best.gather(1, assign)), -1)
-        stacked = picks[0].unsqueeze(2) if f == 1 else torch.stack(picks, dim=2)  # (b, k, f)
+                rank = rank.masked_fill(rank.eq(best.gather(2, assign_l)), -1)
+        stacked = torch.stack(picks, dim=3)  # (layers, b, k, f)
         if f > 1:
             # A cluster with fewer than f members repeats its first pick.
-            stacked = torch.where(stacked < 0, stacked[:, :, :1], stacked)
+            stacked = torch.where(stacked < 0, stacked[..., :1], stacked)
         # An empty cluster (-1) gets an arbitrary token: its exact output is still valid.
-        idx = inv[stacked.clamp_min(0)].reshape(b, -1)
-        return idx
+        tokens = order.gather(1, stacked.clamp_min(0).reshape(layers, -1)).reshape(layers, b, k * f)
+        rows = tokens + (torch.arange(b, device=dev) * n).view(1, b, 1)
+        rows = rows.reshape(layers, -1)
+        branch.fresh[group] = (branch.step, clusters, rows)
+        return rows[layer]
 
 
 # ==================================================================== hooks
@@ -559,8 +577,8 @@ class FeedForwardHook(_SlotHook):
         cfg = ctrl.config
         f = cfg.fresh_tokens
         b, _, dim = x.shape
-        idx = ctrl.fresh_indices(clusters, self.index, f)  # (b, k*f)
-        xs = x.gather(1, idx.unsqueeze(2).expand(-1, -1, dim))
+        rows = ctrl.fresh_rows(self.slot.group, clusters, self.slot.group_pos, f)  # (b*k*f,)
+        xs = x.reshape(-1, dim).index_select(0, rows).view(b, -1, dim)
         if args:
             fresh = self.fn_ref.original_forward(xs, *args[1:], **kwargs)
         else:
@@ -575,17 +593,16 @@ class FeedForwardHook(_SlotHook):
             # in-place lerp is about twice as fast on CPU as the equivalent one-hot bmm.
             target = mean.reshape(b * clusters.k, dout).index_select(0, clusters.flat_index)
             f0.lerp_(target.view_as(f0), ctrl.gamma)
-        idx_d = idx.unsqueeze(2).expand(-1, -1, dout)
+        flat0 = f0.view(-1, dout)
+        fresh_rows = fresh.reshape(-1, dout)
         if cfg.propagation == "anchored" and st.n > 1:
             # Store the fresh value so that the Taylor sum returns it exactly at its token.
-            corr = fresh.clone()
+            fresh_rows = fresh_rows.clone()
             for k in range(1, st.n):
-                corr.sub_(fs[k].gather(1, idx_d), alpha=coeffs[k])
-            f0.scatter_(1, idx_d, corr)
-        else:
-            f0.scatter_(1, idx_d, fresh)
+                fresh_rows.sub_(fs[k].view(-1, dout).index_select(0, rows), alpha=coeffs[k])
+        flat0.index_copy_(0, rows, fresh_rows)
         c = ctrl.counters
-        n_fresh = idx.numel()
+        n_fresh = rows.numel()
         c.tokens_computed += n_fresh
         if st.tokens:
             c.flops += st.flops * n_fresh // st.tokens

@@ -67,6 +67,7 @@ class BranchState(BaseState):
         self.coeffs: tuple[float, ...] = (1.0,)
         self.signature: tuple | None = None
         self.probed = False
+        self.fresh: dict[str, tuple] = {}  # group -> (step, clusters, rows of every layer)
         self.chain_acc: dict[int, list[torch.Tensor]] = {}  # block-chain sums being built this full step
         self.flops_call = 0  # analytic FLOPs of one uncached call
         self.flops_unhooked = 0  # part of it spent outside the hooked modules
