@@ -124,7 +124,7 @@ class Worker:
         try:
             model.pipe(prompt=["warm-up"], num_inference_steps=2, guidance_scale=d.guidance,
                        generator=[self._generator(model, 0)], height=d.height, width=d.width,
-                       num_images_per_prompt=1, output_type="pil")
+                       num_images_per_prompt=1, output_type="pil", **(model.entry.options.get("call_kwargs") or {}))
             log.info("model %s warmed up in %.2fs", model.entry.name, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - a failed warm-up is logged, requests will tell
             log.warning("warm-up of %s failed: %s", model.entry.name, exc)
@@ -289,6 +289,8 @@ class Worker:
                                       num_images_per_prompt=1, callback_on_step_end=on_step, output_type="pil")
         if req0.get("negative_prompt") is not None:
             kwargs["negative_prompt"] = negatives
+        # Operator-set extras for every call of this model (e.g. FLUX's max_sequence_length).
+        kwargs.update(model.entry.options.get("call_kwargs") or {})
         if model.params and "*" not in model.params and "callback_on_step_end" not in model.params \
                 and "callback" in model.params:
             # Older pipelines (e.g. PixArt) only have `callback(step, timestep, latents)` and no

@@ -51,6 +51,10 @@ models:
     kind: noop
     options: {step_delay_s: 0.1, legacy_callback: true}
     defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
+  - name: tinyflux
+    kind: diffusers
+    path: /built/by/test_service_diffusers
+    defaults: {width: 32, height: 32, steps: 4, guidance: 3.5, cache: "off", size_multiple: 16}
   - name: shapes
     kind: builtin
 """

@@ -20,7 +20,7 @@ from service.noop import noop_color
 
 def test_serve_then_generate_client(tmp_path):
     models = tmp_path / "models.yaml"
-    models.write_text(TEST_MODELS.split("  - name: shapes")[0])
+    models.write_text(TEST_MODELS.split("  - name: tinyflux")[0])
     port = free_port()
     env = {**os.environ, "CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_LOG_LEVEL": "INFO",
            "PYTHONPATH": str(ROOT)}
