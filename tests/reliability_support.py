@@ -91,6 +91,7 @@ def stack(tmp_path: Path, *, persistent: bool = False, extra_env: dict[str, str]
         weights = shapes_weights()
         assert weights is not None
         models += f"  - name: shapes\n    kind: builtin\n    path: {json.dumps(str(weights))}\n"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     models_file = tmp_path / "models.yaml"
     models_file.write_text(models)
     logs = tmp_path / "logs"

@@ -33,6 +33,7 @@ def _kill_campaign(tmp_path, *, model: str, jobs: int, kills: int, extra_env: di
                    body: dict, check_image) -> dict:
     """Two workers; SIGKILL the one running a random job at a random step, ``kills`` times."""
     rng = random.Random(env_int("REL_SEED", 7))
+    max_attempts = int(extra_env.get("CLUSCA_MAX_ATTEMPTS", 3))
     with stack(tmp_path, extra_env=extra_env, shapes=model == "shapes") as svc:
         r = svc.redis_client()
         serial = iter(range(10_000))
@@ -56,6 +57,15 @@ def _kill_campaign(tmp_path, *, model: str, jobs: int, kills: int, extra_env: di
                 break
             running = [(j, s) for j, s in st.items() if s["status"] == "running" and int(s["step"] or 0) >= 1]
             running = [(j, s) for j, s in running if s["worker"] in workers and workers[s["worker"]].poll() is None]
+            # A job survives max_attempts - 1 crashes of its worker (the bound that stops a job which
+            # crashes every worker); spare the workers holding a job that is on its last attempt.
+            last = {s["worker"] for s in st.values() if s["status"] == "running" and int(s["attempts"] or 0) >= max_attempts}
+            running = [(j, s) for j, s in running if s["worker"] not in last]
+            # One crash at a time: kill only while another worker is serving, so the takeover measured
+            # is the queue's (not the time a fresh worker takes to load its model).
+            serving = {m.decode() for m in r.zrangebyscore(f"clusca:workers:{model}", time.time() - 1.5, "+inf")}
+            if len(serving & {w for w, p in workers.items() if p.poll() is None}) < 2:
+                continue
             if not running:
                 continue
             victim_job, s = rng.choice(running)
@@ -111,13 +121,14 @@ def test_sigkill_campaign_two_workers_noop(tmp_path):
     jobs, kills = env_int("REL_KILL_JOBS", 40), env_int("REL_KILLS", 10)
     res = _kill_campaign(tmp_path, model="kill", jobs=jobs, kills=kills, body={"steps": 20},
                          extra_env={"CLUSCA_VISIBILITY_TIMEOUT_S": "2", "CLUSCA_MAX_BATCH": "2",
-                                    "CLUSCA_MAX_ATTEMPTS": "10"}, check_image=None)
+                                    "CLUSCA_MAX_ATTEMPTS": "3"}, check_image=None)
     report(f"sigkill_noop_{jobs}_{kills}", res)
     assert res["kills"] == kills, res
     assert res["succeeded"] == jobs and res["lost_or_duplicated"] == 0, res
     assert res["pending_left"] == 0 and res["stream_left"] == 0, res
-    # Takeover is bounded by the visibility timeout plus one reclaim period, plus a worker's start.
-    assert res["takeover_s"]["max"] < 15, res
+    # Takeover: the visibility timeout (2 s) plus one reclaim period (0.5 s) while the other worker is
+    # alive; longer only when both workers died together and a fresh one had to start.
+    assert res["takeover_s"]["median"] < 4 and res["takeover_s"]["max"] < 30, res
 
 
 @pytest.mark.slow
@@ -125,7 +136,7 @@ def test_sigkill_campaign_builtin_model(tmp_path):
     """The same with the real (torch) built-in model: a re-run after takeover gives the same image."""
     if shapes_weights() is None:
         pytest.skip("built-in model weights not present")
-    jobs, kills = env_int("REL_KILL_JOBS_SHAPES", 8), env_int("REL_KILLS_SHAPES", 3)
+    jobs, kills = env_int("REL_KILL_JOBS_SHAPES", 12), env_int("REL_KILLS_SHAPES", 1)
     refs: dict[int, bytes] = {}
 
     def check(r, job_id, i):
@@ -139,12 +150,11 @@ def test_sigkill_campaign_builtin_model(tmp_path):
     res = _kill_campaign(tmp_path / "campaign", model="shapes", jobs=jobs, kills=kills,
                          body={"steps": 40, "cache": {"preset": "balanced"}},
                          extra_env={"CLUSCA_VISIBILITY_TIMEOUT_S": "3", "CLUSCA_MAX_BATCH": "1",
-                                    "CLUSCA_MAX_ATTEMPTS": "10"}, check_image=check)
+                                    "CLUSCA_MAX_ATTEMPTS": "3"}, check_image=check)
     report(f"sigkill_shapes_{jobs}_{kills}", res)
     assert res["succeeded"] == jobs and res["lost_or_duplicated"] == 0 and res["pending_left"] == 0, res
     assert res["kills"] >= 1, res
     # Unbatched runs are deterministic: every job's stored image equals the request run alone, undisturbed.
-    (tmp_path / "alone").mkdir()
     with stack(tmp_path / "alone", extra_env={"CLUSCA_MAX_BATCH": "1"}, shapes=True) as svc:
         svc.start_worker("shapes")
         _, url = svc.start_api()
