@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from ... import metrics
-from ...queue import worker_key
+from ...queue import ALIVE_WINDOW_S, worker_key, workers_key
 from ..deps import AuthDep, ServicesDep
 from ..schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
 
@@ -41,8 +42,14 @@ async def readyz(services: ServicesDep) -> Any:
 async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
     q = services.queue
     workers: dict[str, list[dict[str, Any]]] = {}
-    keys = [k async for k in services.redis.scan_iter(match=worker_key("*"), count=200)]
-    for raw in (await services.redis.mget(keys)) if keys else []:
+    # Live workers come from the per-model heartbeat sets (never a keyspace scan: Redis holds
+    # every job's keys too), their details from each worker's own short-lived record.
+    ids: set[str] = set()
+    for name in services.registry.names:
+        ids.update(m.decode() if isinstance(m, bytes) else m
+                   for m in await services.redis.zrangebyscore(workers_key(name), time.time() - ALIVE_WINDOW_S, "+inf"))
+    keys = sorted(ids)
+    for raw in (await services.redis.mget([worker_key(k) for k in keys])) if keys else []:
         if raw:
             info = json.loads(raw)
             for name, where in (info.get("models") or {}).items():
