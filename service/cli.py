@@ -188,9 +188,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = args.out or f"clusca-{job['id'][:8]}.{args.format}"
     with open(out, "wb") as f:
         f.write(data)
-    t = job["timings"]
+    t, stats = job["timings"], job.get("cache_stats") or {}
+    cache = (f"; {stats.get('token_fraction', 1.0):.0%} of tokens computed, "
+             f"{stats.get('flops_speedup', 1.0):.2f}x fewer FLOPs") if stats else ""
     print(f"saved {out}  (queue {t['queue_wait_s']:.3f}s, inference {t['inference_s']:.3f}s, "
-          f"total {t['total_s']:.3f}s; tokens computed {job['cache_stats'].get('token_fraction')})", file=sys.stderr)
+          f"total {t['total_s']:.3f}s{cache})", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
