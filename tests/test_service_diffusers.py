@@ -115,8 +115,18 @@ def test_flux_pipeline_with_clusca_per_request(service, tinyflux):
                                              "cache": {"preset": p}}).json() for p in ("off", "fast")}
         again = c.post("/generate", json={"model": "tinyflux", "prompt": "two squares", "seed": 1, "steps": 12,
                                           "cache": {"preset": "off"}}).json()
+        other = {"model": "tinyflux", "prompt": "a wide picture", "seed": 2, "steps": 9, "width": 64, "height": 32,
+                 "cache": {"preset": "balanced", "clusters": 4}}
+        wide1 = c.post("/generate", json=other).json()
+        fast_again = c.post("/generate", json={"model": "tinyflux", "prompt": "two squares", "seed": 1, "steps": 12,
+                                               "cache": {"preset": "fast"}}).json()
+        wide2 = c.post("/generate", json=other).json()
     off, fast = runs["off"]["cache_stats"], runs["fast"]["cache_stats"]
     assert off["cached_steps"] == 0 and off["full_steps"] == 12
     assert fast["cached_steps"] > 0 and fast["flops_speedup"] > 1.5 and fast["token_fraction"] < 1
-    # A cached run in between leaves no trace in the next uncached one.
+    # Runs with other sizes and settings in between leave no trace: each request gives
+    # exactly what it gives alone.
     assert again["images"] == runs["off"]["images"]
+    assert fast_again["images"] == runs["fast"]["images"]
+    assert wide1["images"] == wide2["images"] and _pixels(wide1["images"][0]).shape == (32, 64, 3)
+    assert wide1["cache_stats"]["cached_steps"] > 0
