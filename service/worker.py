@@ -248,8 +248,9 @@ class Worker:
             from .noop import SeedGenerator
 
             return SeedGenerator(seed)
-        device = model.device if model.device.startswith("cuda") else "cpu"
-        return self._torch.Generator(device=device).manual_seed(seed)
+        # CPU generators: the initial noise of a seed is then the same on every device and GPU
+        # model, which is what clients expect from "same seed"; drawing it costs next to nothing.
+        return self._torch.Generator(device="cpu").manual_seed(seed)
 
     def _run_batch(self, jobs: list[StartedJob]) -> None:
         d0 = jobs[0].delivery
