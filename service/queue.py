@@ -355,6 +355,8 @@ class WorkerQueue:
         self._start = redis.register_script(_START)
         self._finish = redis.register_script(_FINISH)
         self._release = redis.register_script(_RELEASE)
+        # Where the next reclaim scan of each stream's pending list starts (see reclaim()).
+        self._reclaim_from: dict[str, str] = {}
 
     def ensure_groups(self) -> None:
         for m in self.models:
@@ -388,11 +390,19 @@ class WorkerQueue:
         self.r.xdel(stream_key(model), entry_id)
 
     def reclaim(self, count: int) -> list[Delivery]:
-        """Entries another worker held longer than the visibility timeout without finishing."""
+        """Entries another worker held longer than the visibility timeout without finishing.
+
+        XAUTOCLAIM looks at a bounded window of the pending list per call, so each call goes on
+        from where the previous one stopped: a dead worker's entries are found however many
+        live entries precede them.
+        """
         out: list[Delivery] = []
         for m in self.models:
+            if len(out) >= count:
+                break
             res = self.r.xautoclaim(stream_key(m), GROUP, self.worker_id, self.visibility_ms,
-                                    start_id="0-0", count=count)
+                                    start_id=self._reclaim_from.get(m, "0-0"), count=count - len(out))
+            self._reclaim_from[m] = _s(res[0]) if res else "0-0"
             for item in res[1] if res else []:
                 if not item:
                     continue
@@ -405,9 +415,7 @@ class WorkerQueue:
                     self.discard(m, _s(entry_id))
                     continue
                 out.append(Delivery(m, _s(entry_id), job_id))
-            if len(out) >= count:
-                break
-        return out[:count]
+        return out
 
     def touch(self, deliveries: list[Delivery]) -> None:
         """Reset the idle time of entries this worker still works on (it is alive, not stuck)."""

@@ -352,3 +352,31 @@ def test_raising_pipeline_fails_its_job_only_and_worker_keeps_serving(tmp_path):
             assert worker.poll() is None
             alive = c.get("/models").json()
             assert {m["name"]: m["workers_alive"] for m in alive["models"]}["failing"] == 1
+
+
+def test_reclaim_finds_a_dead_workers_jobs_behind_many_live_ones():
+    """Takeover must not wait for the live jobs ahead of the dead worker's ones in the pending list."""
+    import redis as redis_lib
+
+    from service.embedded_redis import EmbeddedRedis
+    from service.queue import WorkerQueue, new_job_id, stream_key
+
+    with EmbeddedRedis() as srv:
+        r = redis_lib.Redis.from_url(srv.url)
+
+        def consumer(name: str) -> WorkerQueue:
+            return WorkerQueue(r, worker_id=name, models=["m"], ttl_s=60, visibility_timeout_s=0.2, max_attempts=3)
+
+        live, dead, rescuer = consumer("live"), consumer("dead"), consumer("rescuer")
+        live.ensure_groups()
+        for _ in range(60):
+            r.xadd(stream_key("m"), {"job": new_job_id()})
+        held = live.read(50, block_ms=0)
+        lost = dead.read(10, block_ms=0)
+        assert len(held) == 50 and len(lost) == 10
+        time.sleep(0.3)
+        found = []
+        for _ in range(6):  # the worker loop calls reclaim every visibility/4; a few rounds suffice
+            live.touch(held)
+            found += rescuer.reclaim(4)
+        assert sorted(d.job_id for d in found) == sorted(d.job_id for d in lost)
