@@ -221,6 +221,8 @@ def decode_job(raw: dict) -> dict[str, Any] | None:
                 job[key] = json.loads(job[key])
             except ValueError:
                 job[key] = None  # not written by this service; shown as absent rather than failing the read
+            if not isinstance(job[key], dict):
+                job[key] = None
     for key in ("created", "started", "finished"):
         if job.get(key):
             job[key] = float(job[key])

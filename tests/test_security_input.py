@@ -319,9 +319,10 @@ def test_pickled_payload_in_the_stream_is_rejected_not_executed(hostile, tmp_pat
     _Boom.marker = str(tmp_path / "pwned")
     payload = pickle.dumps(_Boom())
     # 1. A stream entry whose job field is a pickle, 2. a job record whose stored request is a pickle,
-    # 3. a job record whose request is JSON of the wrong shape.
+    # 3. job records whose request is JSON of the wrong shape.
     r.xadd("clusca:stream:noop", {"job": payload})
-    for job_id, request in (("a" * 32, payload), ("b" * 32, b'{"prompt": ["not", "a", "job"]}')):
+    for job_id, request in (("a" * 32, payload), ("b" * 32, b'{"prompt": ["not", "a", "job"]}'),
+                            ("c" * 32, b'[1, 2, 3]')):
         r.hset(f"clusca:job:{job_id}", mapping={"id": job_id, "model": "noop", "status": "queued",
                                                 "request": request, "created": str(time.time()),
                                                 "step": "0", "steps": "4", "attempts": "0"})
@@ -331,7 +332,7 @@ def test_pickled_payload_in_the_stream_is_rejected_not_executed(hostile, tmp_pat
         after = submit(c, prompt="after the injection", seed=5)
         wait_until(lambda: c.get(f"/jobs/{after}").json()["status"] == "succeeded", timeout=30,
                    what="a job after the injected entries")
-        for job_id in ("a" * 32, "b" * 32):
+        for job_id in ("a" * 32, "b" * 32, "c" * 32):
             wait_until(lambda: r.hget(f"clusca:job:{job_id}", "status") == b"failed", timeout=15,
                        what=f"injected job {job_id} rejected")
             assert r.hget(f"clusca:job:{job_id}", "error"), "a rejected job says why"
