@@ -116,6 +116,22 @@ def test_guidance_as_one_batch_or_separate_calls(flux):
     torch.testing.assert_close(outs["batch"], outs["context"], atol=1e-4, rtol=0)
 
 
+def test_step_index_from_the_cache_context(flux):
+    # Wan-style pipelines pass step_index; it must give the same schedule as timestep detection.
+    x = flux.latents(1, seed=6)
+    with clusca_run(flux.model, "balanced", num_inference_steps=12):
+        plain = euler_sample(flux, x, 12, [6])
+    sigmas = torch.linspace(1.0, 0.0, 13).tolist()
+    y = x.clone()
+    with torch.no_grad(), clusca_run(flux.model, "balanced", num_inference_steps=12) as run:
+        for i in range(12):
+            with flux.model.cache_context("cond", step_index=i, num_inference_steps=12):
+                v = flux.model(**flux.make_kwargs(y, sigmas[i], [6]))[0]
+            y = y + (sigmas[i + 1] - sigmas[i]) * v
+    assert torch.equal(y, plain)
+    assert (run.stats.full_steps, run.stats.cached_steps) == (4, 8)
+
+
 def test_a_second_loop_in_the_same_run_starts_afresh(flux):
     x = flux.latents(1, seed=4)
     with clusca_run(flux.model, "balanced", num_inference_steps=12):
