@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -66,6 +67,45 @@ def noop_stats(cache: dict[str, Any], steps: int) -> dict[str, Any]:
             "flops": 0, "flops_uncached": 0, "flops_speedup": 1.0, "cache_bytes": 0, "kmeans_ms": 0.0}
 
 
+class ProgressPump:
+    """Publishes step progress from a background thread, so the denoising loop never waits on Redis.
+
+    Each published step becomes one round trip (step counter, progress event, cancel flag)
+    in order; the cancel flags it reads come back through the shared ``cancelled`` list,
+    which the step callback checks (a cancel takes effect at most a step later).
+    """
+
+    def __init__(self, q: WorkerQueue):
+        self.q = q
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="progress", daemon=True).start()
+
+    def publish(self, jobs: list[StartedJob], step: int, steps: int, cancelled: list[bool]) -> None:
+        self._items.put((jobs, step, steps, cancelled))
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        done = threading.Event()
+        self._items.put(done)
+        done.wait(timeout_s)
+
+    def _run(self) -> None:
+        skip_until = 0.0
+        while True:
+            item = self._items.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            if time.monotonic() < skip_until:
+                continue  # Redis just failed: drop progress rather than fall behind the job
+            jobs, step, steps, cancelled = item
+            try:
+                for idx, flag in enumerate(self.q.progress(jobs, step, steps)):
+                    if flag:
+                        cancelled[idx] = True
+            except Exception:  # noqa: BLE001 - progress is best effort; the result is what must not be lost
+                skip_until = time.monotonic() + 2.0
+
+
 class _Cancelled(Exception):
     """Raised out of a legacy step callback when every job of the batch was cancelled."""
 
@@ -101,6 +141,7 @@ class Worker:
         self._busy = False
         # Webhooks go out in the background (a slow receiver must not stall the GPU), a few at a time.
         self._webhooks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+        self._progress = ProgressPump(self.q)
         self._torch = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -275,12 +316,7 @@ class Worker:
             now = time.perf_counter()
             step_times.append(now - t_last)
             t_last = now
-            try:
-                flags = self.q.progress(jobs, i + 1, steps)
-                for idx, flag in enumerate(flags):
-                    cancelled[idx] = cancelled[idx] or flag
-            except _REDIS_ERRORS:
-                pass  # progress is best effort; the result is what must not be lost
+            self._progress.publish(jobs, i + 1, steps, cancelled)
             if all(cancelled):
                 pipe._interrupt = True
             return kwargs
@@ -337,6 +373,8 @@ class Worker:
                 self._run_batch([j])
             return
         inference_s = time.perf_counter() - t0
+        # Every progress event goes out before the job's final event.
+        self._progress.flush()
         if not error and not all(cancelled):
             metrics.INFERENCE.labels(d0.model, mode).observe(inference_s)
             for s in step_times:
