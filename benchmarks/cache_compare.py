@@ -603,21 +603,33 @@ def plot(res: dict[str, Any], path: Path = PLOT) -> None:
     rows = [r for r in b["rows"] if r["name"] != "uncached"]
     families = sorted({r["family"] for r in rows}, key=lambda f: (not f.startswith("ClusCa"), f))
     markers = "o^sDvP*Xhp<>"
+    # Images identical to the uncached ones (capped PSNR) are drawn on the top edge so that
+    # they do not squash the interesting range.
+    finite = [r["psnr"] for r in rows if r["psnr"] < PSNR_CAP]
+    top = (max(finite) if finite else PSNR_CAP) + 4.0
+
+    def y(r: dict) -> float:
+        return min(r["psnr"], top)
+
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
     for ax, key, label in ((axes[0], "flops_speedup", "FLOPs speedup (measured)"),
                            (axes[1], "wall_speedup", "wall-clock speedup (CPU, batch 1)")):
         for k, fam in enumerate(families):
-            pts = sorted((r[key], r["psnr"], r["name"]) for r in rows if r["family"] == fam)
+            pts = sorted((r[key], y(r), r["name"]) for r in rows if r["family"] == fam)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[k % len(markers)], linestyle="",
-                    label=fam, alpha=0.85, markersize=7)
+                    label=fam, alpha=0.85, markersize=7, clip_on=False)
         front = [r for r in rows if r[f"front_{key}"]]
         front.sort(key=lambda r: r[key])
-        ax.step([r[key] for r in front], [r["psnr"] for r in front], where="pre", color="black", linewidth=0.8,
+        ax.step([r[key] for r in front], [y(r) for r in front], where="pre", color="black", linewidth=0.8,
                 linestyle=":", label="Pareto front")
         for r in rows:
             if r[f"front_{key}"] or r["name"].startswith("ClusCa balanced"):
                 short = "ClusCa balanced" if r["name"].startswith("ClusCa balanced") else r["name"]
-                ax.annotate(short, (r[key], r["psnr"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+                if r["psnr"] >= PSNR_CAP:
+                    short += " (identical images)"
+                ax.annotate(short, (r[key], y(r)), textcoords="offset points", xytext=(5, -10 if r["psnr"] >= top else 5),
+                            fontsize=7)
+        ax.set_ylim(top=top)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("PSNR vs uncached (dB), built-in model")
