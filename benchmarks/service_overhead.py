@@ -61,10 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=str(WEIGHTS_DIR), help="built-in model checkpoint folder")
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in both processes (0: torch's default)")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args(argv)
+    if args.threads:
+        # Set before torch starts its thread pool, here and (through the environment) in the worker.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from service.builtin import ShapesFluxPipeline
 
@@ -156,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if not args.no_write:
         body = [START, "## Service: overhead", "",
-                f"`python benchmarks/service_overhead.py --requests {args.requests} --steps {args.steps}` on "
-                f"{os.cpu_count()} CPU core(s), {platform.machine()}, torch {torch.__version__}. Direct call and "
+                f"`python benchmarks/service_overhead.py --requests {args.requests} --steps {args.steps}"
+                f"{f' --threads {args.threads}' if args.threads else ''}` on "
+                f"{os.cpu_count()} CPU core(s), {platform.machine()}, torch {torch.__version__} "
+                f"({torch.get_num_threads()} thread(s) in each process). Direct call and "
                 "service request alternate in one run; the service latency is measured at the HTTP client "
                 "(synchronous `POST /generate`, PNG encoding and base64 included).", "",
                 "| path | median ms | p90 ms |", "|---|---|---|",
