@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import redis as redis_lib
 
-from conftest import Service, wait_until
+from conftest import Service
 
 
 def _err(r, status: int) -> dict:
