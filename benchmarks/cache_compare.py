@@ -517,7 +517,10 @@ def render(res: dict[str, Any]) -> str:
         lines += [
             f"### (a) Built-in shapes model: quality and speed",
             "",
-            f"Checkpoint `{b['weights_label']}`, {b['params_M']}M parameters, {b['image_tokens']} image tokens, "
+            f"Checkpoint `{b['weights_label']}`"
+            + ("" if b["weights_label"].startswith("service/builtin/weights") else
+               " (a training checkpoint, not the shipped weights; rerun the command for the shipped ones)")
+            + f", {b['params_M']}M parameters, {b['image_tokens']} image tokens, "
             f"{b['steps']} Euler steps, guidance {b['guidance']} (one batched call per step). Quality over the fixed "
             f"prompts `service.builtin.data.eval_set({b['prompts']})`, image i seeded i, in batches of {b['batch']}; "
             f"wall clock batch 1, median of {b['repeats']} rounds. Pareto: on the front of PSNR vs FLOPs x / vs wall x.",
