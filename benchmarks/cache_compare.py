@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -375,7 +375,6 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
                 out[f"balanced_dominators_{key}"] = [rows[j]["name"] for j in dominators(pts, bal, strict=True)]
         # ClusCa vs our TaylorSeer mode at equal interval and order (K16, paper propagation).
         pairs = []
-        by_name = {r["name"]: r for r in rows}
         for r in rows:
             cfg = r.get("config")
             if not cfg or cfg["mode"] != "taylorseer":
@@ -390,7 +389,6 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
                                   "order": cfg["order"], "d_psnr": c["psnr"] - r["psnr"], "d_ssim": c["ssim"] - r["ssim"],
                                   "clusca_flops_speedup": c["flops_speedup"], "ts_flops_speedup": r["flops_speedup"]})
         out["clusca_vs_taylorseer"] = pairs
-        del by_name
     lg = res.get("large")
     if lg:
         out["large_ratio"] = {r["name"]: r["wall_over_flops"] for r in lg["rows"] if r["name"] != "uncached"}
@@ -459,14 +457,12 @@ def findings(res: dict[str, Any]) -> list[str]:
             out.append(f"Prompt adherence: uncached {ad:.1f}%, `balanced` {bal['adherence']:.1f}%.")
     lg = res.get("large")
     if lg:
-        r = {x["name"]: x for x in lg["rows"]}
         cl = [x for x in lg["rows"] if x["name"].startswith("ClusCa")]
         if cl:
             out.append("Large random-weight model: wall-clock / FLOPs speedup "
                        + "; ".join(f"{x['name']} {x['wall_over_flops']:.2f} ({x['wall_speedup']:.2f}x of {x['flops_speedup']:.2f}x)" for x in cl)
                        + ". The gap is the work FLOPs do not count: Taylor arithmetic over every token, norms and "
                        "modulation, and per-module Python overhead on cached steps.")
-        del r
     return out
 
 
