@@ -94,3 +94,24 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode != 0 and "CLUSCA_MAX_BATCH" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_api_with_several_processes_reports_every_request(service):
+    env_extra = {k: v for k, v in service.env.items() if k.startswith("CLUSCA_") or k in ("REDIS_URL", "PYTHONPATH")}
+    env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **env_extra}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(port), "--workers", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is not None or _ready(url), timeout=60, what="API with 2 processes")
+        # A new connection per request, so both processes get some of them.
+        for _ in range(12):
+            assert httpx.post(url + "/generate", json={"prompt": "count me"}, timeout=30).status_code == 200
+        texts = [httpx.get(url + "/metrics", timeout=30).text for _ in range(4)]
+        # Whichever process answers the scrape, it reports the requests of both.
+        for text in texts:
+            assert 'clusca_requests_total{endpoint="/generate",status="200"} 12.0' in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
