@@ -116,6 +116,7 @@ def _kill_campaign(tmp_path, *, model: str, jobs: int, kills: int, extra_env: di
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600 + 5 * env_int("REL_KILL_JOBS", 40))
 def test_sigkill_campaign_two_workers_noop(tmp_path):
     """Full size: REL_KILL_JOBS=200 REL_KILLS=50."""
     jobs, kills = env_int("REL_KILL_JOBS", 40), env_int("REL_KILLS", 10)
