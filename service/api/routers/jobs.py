@@ -47,7 +47,8 @@ async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0, le=10_000)],
         n = int((job.get("request") or {}).get("num_images", 1))
         raise ApiError(404, "image_not_found", f"job {job_id} has {n} image(s); index {index} does not exist",
                        param="index")
-    return Response(data, media_type=job["result"]["content_type"],
+    content_type = (job.get("result") or {}).get("content_type") or "application/octet-stream"
+    return Response(data, media_type=content_type,
                     headers={"Cache-Control": "private, max-age=3600"})
 
 
