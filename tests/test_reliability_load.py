@@ -82,7 +82,8 @@ def test_concurrent_clients_each_get_their_own_result(tmp_path):
         bodies = [{**b, "cache": {"preset": "off"} if i % 2 else {"mode": "fora"}}
                   for i, b in enumerate(_mixed_requests(48, "noop", 3))]
         for b in bodies:
-            b["width"], b["height"] = b["width"] // 2, b["height"] // 2
+            # Few batch keys (2 sizes x 2 cache settings), so that batching surely happens.
+            b["width"], b["height"], b["steps"] = b["width"] // 2, b["height"] // 2, 4
         results = _fire(url, bodies, 8)
         r = svc.redis_client()
         for body, resp in results:
