@@ -35,6 +35,8 @@ class ClusCaConfig:
         gamma: propagation ratio: weight of a cluster's fresh output blended into each member.
         kmeans_iters: maximum k-means iterations per full step (early stop when stable).
         kmeans_distance: ``l1`` (the paper's choice) or ``l2``.
+        kmeans_fit_per_cluster: fit the centroids on ``clusters x this`` token positions
+            (then assign every token once); ``0`` fits on all tokens.
         propagation: ``paper`` (blend into the order-0 factor, higher orders still extrapolate
             the fresh value) or ``anchored`` (blend into the predicted output, so fresh tokens
             are exact and not overshot); see docs/library.md.
@@ -54,6 +56,7 @@ class ClusCaConfig:
     gamma: float = 0.005
     kmeans_iters: int = 10
     kmeans_distance: str = "l1"
+    kmeans_fit_per_cluster: int = 32
     propagation: str = "paper"
     propagate_text: bool = False
     seed: int = 0
@@ -119,6 +122,7 @@ class ClusCaConfig:
         if not (0.0 <= float(self.gamma) <= 1.0) or math.isnan(float(self.gamma)):
             raise ValueError(f"gamma: must be between 0 and 1, got {self.gamma!r}")
         _int_range("kmeans_iters", self.kmeans_iters, 1, 100)
+        _int_range("kmeans_fit_per_cluster", self.kmeans_fit_per_cluster, 0, 100000)
         if self.kmeans_distance not in DISTANCES:
             raise ValueError(f"kmeans_distance: must be one of {list(DISTANCES)}, got {self.kmeans_distance!r}")
         if self.propagation not in PROPAGATIONS:
@@ -171,6 +175,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "gamma": float,
     "kmeans_iters": int,
     "kmeans_distance": str,
+    "kmeans_fit_per_cluster": int,
     "propagation": str,
     "propagate_text": bool,
     "seed": int,

@@ -648,6 +648,7 @@ class ClusterHook(ModelHook):
                 distance=cfg.kmeans_distance,
                 init=prev.centroids if prev is not None else None,
                 seed=_mix(cfg.seed, len(group), ord(group[0])),
+                fit_tokens=cfg.kmeans_fit_per_cluster * cfg.clusters,
                 return_rounds=True,
             )
             k = centroids.shape[1]

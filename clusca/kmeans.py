@@ -51,6 +51,7 @@ def kmeans(
     init: torch.Tensor | None = None,
     seed: int = 0,
     tol: float = 1e-2,
+    fit_tokens: int = 0,
     return_rounds: bool = False,
 ):
     """Cluster the tokens of each sample.
@@ -65,6 +66,9 @@ def kmeans(
         seed: seeds the k-means++ initialisation used when ``init`` is not usable.
         tol: early stop once at most this fraction of the tokens changed cluster in a round.
 
+        fit_tokens: if > 0 and smaller than the token count, the centroids are fitted on
+            that many token positions (the same positions for every sample, drawn from
+            ``seed``) and all tokens are then assigned to the nearest centroid once.
         return_rounds: also return the number of update rounds run.
 
     Returns:
@@ -78,7 +82,13 @@ def kmeans(
         raise ValueError(f"distance: must be 'l1' or 'l2', got {distance!r}")
     b, n, d = x.shape
     k = max(1, min(int(k), n))
-    xf = x.float()
+    xf_all = x.float()
+    xf = xf_all
+    if 0 < fit_tokens < n and fit_tokens >= k:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) ^ 0x5EED)
+        pos = torch.randperm(n, generator=gen)[:fit_tokens].sort().values.to(x.device)
+        xf = xf_all[:, pos, :]
+        n = xf.shape[1]
     if init is not None and tuple(init.shape) == (b, k, d):
         c = init.to(device=x.device, dtype=torch.float32).clone()
     else:
@@ -106,4 +116,6 @@ def kmeans(
         # One host sync per round; this runs on full steps only.
         if not bool(active.any()):
             break
+    if xf is not xf_all:
+        assign = _distances(xf_all, c, distance).argmin(dim=2)
     return (assign, c, rounds) if return_rounds else (assign, c)

@@ -30,13 +30,23 @@ def test_same_partition_as_sklearn_on_separable_blobs(distance):
         assert adjusted_rand_score(truths[b], assign[b].numpy()) == pytest.approx(1.0)
 
 
+def test_fitting_on_a_token_subset_gives_the_same_partition():
+    x, truth = blobs(6, 60, 16, seed=7)
+    full, _ = kmeans(x[None], 6, iters=30, seed=1)
+    sub, c = kmeans(x[None], 6, iters=30, seed=1, fit_tokens=96)
+    assert sub.shape == (1, 360) and c.shape == (1, 6, 16)
+    assert adjusted_rand_score(full[0].numpy(), sub[0].numpy()) == pytest.approx(1.0)
+    assert adjusted_rand_score(truth, sub[0].numpy()) == pytest.approx(1.0)
+
+
 def test_each_sample_is_clustered_independently_of_its_batch():
     a, _ = blobs(4, 30, 8, seed=10)
     b, _ = blobs(4, 30, 8, seed=11)
-    alone, c_alone = kmeans(a[None], 4, seed=5)
-    batched, c_batched = kmeans(torch.stack([b, a]), 4, seed=5)
-    assert torch.equal(alone[0], batched[1])
-    torch.testing.assert_close(c_alone[0], c_batched[1])
+    for fit in (0, 64):
+        alone, c_alone = kmeans(a[None], 4, seed=5, fit_tokens=fit)
+        batched, c_batched = kmeans(torch.stack([b, a]), 4, seed=5, fit_tokens=fit)
+        assert torch.equal(alone[0], batched[1])
+        torch.testing.assert_close(c_alone[0], c_batched[1])
 
 
 def test_early_stop_is_per_sample():
