@@ -758,14 +758,14 @@ def main(argv: list[str] | None = None) -> int:
         if not a.skip_builtin:
             res["builtin"] = bench_builtin(a)
             res["builtin"]["weights_label"] = _weights_label(res["builtin"]["weights"])
-        if a.reuse_large:
-            # The large model has random weights, so its part does not change with the checkpoint.
-            res["large"] = json.loads(Path(a.reuse_large).read_text())["large"]
-            res["meta"]["large_from"] = {k: v for k, v in json.loads(Path(a.reuse_large).read_text())["meta"].items()
-                                         if k in ("date", "argv", "threads")}
-        elif not a.skip_large:
+        if not a.skip_large and not a.reuse_large:
             res["large"] = bench_large(a)
         res["meta"]["total_s"] = round(time.perf_counter() - t0, 1)
+    if a.reuse_large:
+        # The large model has random weights, so its part does not change with the checkpoint.
+        saved = json.loads(Path(a.reuse_large).read_text())
+        res["large"] = saved["large"]
+        res["meta"]["large_from"] = {k: v for k, v in saved["meta"].items() if k in ("date", "argv", "threads")}
     analyse(res)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
