@@ -70,7 +70,8 @@ def test_arguments_and_request_counts():
     assert a.concurrency == [1, 4, 16, 64]
     assert [requests_for(c, a) for c in a.concurrency] == [24, 24, 64, 256]
     assert parse_args(["--quick"]).concurrency == [1, 4]
-    for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--batch", "0"]):
+    assert parse_args(["--batch", "8,16"]).batch == [8, 16]
+    for bad in (["--concurrency", "1,x"], ["--concurrency", "0"], ["--batch", "1"], ["--batch", "8,y"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -78,12 +79,15 @@ def test_arguments_and_request_counts():
 def test_report_states_the_target():
     row = {"concurrency": 1, "requests": 4, "errors": 0, "throughput": 2.0, "p50": 0.5, "p95": 0.6, "p99": 0.7,
            "mean_batch": 1.0, "inference_s": 0.4}
-    res = {"meta": {"argv": "", "date": "d", "cpu": "c", "cores": 2, "steps": 20, "cache": "balanced", "batch": 8,
+    res = {"meta": {"argv": "", "date": "d", "cpu": "c", "cores": 2, "steps": 20, "cache": "balanced", "batch": [8],
                     "threads": 1, "worker_threads": 1},
            "service": {"on": [row, {**row, "concurrency": 16, "throughput": 2.9}]},
-           "target": {"c1": 2.0, "c16": 2.9, "ratio": 1.45},
-           "direct": [{"batch": 1, "images": 4, "throughput": 3.0, "p50": 0.3, "p95": 0.3, "p99": 0.3}]}
+           "targets": [{"batch": 8, "c1": 2.0, "c16": 2.9, "ratio": 1.45}, {"batch": 16, "c1": 2.0, "c16": 3.2, "ratio": 1.6}],
+           "direct": [{"batch": 1, "images": 4, "throughput": 3.0, "p50": 0.3, "p95": 0.3, "p99": 0.3},
+                      {"batch": 8, "images": 8, "throughput": 4.5, "p50": 1.0, "p95": 1.0, "p99": 1.0}]}
     text = render(res)
     assert text.startswith(START) and text.rstrip().endswith(END)
-    assert "= 1.45x | no |" in text
+    assert "(max batch 8): throughput at concurrency 16 >= 1.5 x concurrency 1 | 2.90 / 2.00 img/s = 1.45x | no |" in text
+    assert "(max batch 16): throughput at concurrency 16 >= 1.5 x concurrency 1 | 3.20 / 2.00 img/s = 1.60x | yes |" in text
+    assert "batch 8: 1.50x" in text
     assert "| on | 16 | 4 | 0 | 2.90 |" in text
