@@ -275,6 +275,24 @@ class JobQueue:
                                  args=[repr(time.time()), self.ttl_s])
         return _s(res)
 
+    async def wait_result(self, job_id: str, timeout_s: float) -> tuple[bool, dict[str, Any] | None, list[bytes]]:
+        """Wait for the job to end; return ``(ended, job, images)`` read in one round trip."""
+        deadline = time.monotonic() + timeout_s
+        marker = None
+        while marker is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False, await self.get(job_id), []
+            got = await self.r.blpop([done_key(job_id)], timeout=min(left, 2.0))
+            marker = got[1] if got is not None else None
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(done_key(job_id), marker)  # for any other waiter on the same job
+        pipe.hgetall(job_key(job_id))
+        pipe.hgetall(images_key(job_id))
+        _, raw_job, raw_images = await pipe.execute()
+        images = [raw_images[k] for k in sorted(raw_images, key=lambda k: int(_s(k)))]
+        return True, decode_job(raw_job), images
+
     async def wait(self, job_id: str, timeout_s: float) -> bool:
         """Block until the job ends or ``timeout_s`` passes; True if it ended."""
         deadline = time.monotonic() + timeout_s

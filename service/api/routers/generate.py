@@ -30,13 +30,12 @@ async def submit(services: Services, model: str, job: dict[str, Any], idem: str 
                        f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
 
 
-async def wait_for(services: Services, job_id: str) -> tuple[dict[str, Any], bool]:
-    """Wait up to the sync timeout; return ``(job, finished)``."""
-    finished = await services.queue.wait(job_id, services.settings.sync_timeout_s)
-    job = await services.queue.get(job_id)
+async def wait_for(services: Services, job_id: str) -> tuple[dict[str, Any], bool, list[bytes]]:
+    """Wait up to the sync timeout; return ``(job, finished, images)``."""
+    finished, job, images = await services.queue.wait_result(job_id, services.settings.sync_timeout_s)
     if job is None:
         raise ApiError(404, "job_not_found", "the job expired before it finished")
-    return job, finished
+    return job, finished, images if job["status"] == "succeeded" else []
 
 
 def new_record(job_id: str, model: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -71,10 +70,9 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
             raise ApiError(404, "job_not_found", "the job of this Idempotency-Key has expired")
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async"})
-    record, finished = await wait_for(services, job_id)
+    record, finished, images = await wait_for(services, job_id)
     if not finished:
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}"})
-    images = await services.queue.images(job_id) if record["status"] == "succeeded" else []
     resp = generate_response(record, images)
     return JSONResponse(resp.model_dump(mode="json"), status_code=500 if record["status"] == "failed" else 200)

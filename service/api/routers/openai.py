@@ -35,13 +35,12 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
         guidance=body.guidance, seed=body.seed, num_images=body.n, output_format=body.output_format,
         cache=body.cache, webhook_url=None)
     job_id, _ = await submit(services, entry.name, job, None)
-    record, finished = await wait_for(services, job_id)
+    record, finished, images = await wait_for(services, job_id)
     if not finished:
         raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
                        f"it continues: GET /jobs/{job_id}")
     if record["status"] != "succeeded":
         raise ApiError(500, "job_" + record["status"], record.get("error") or record["status"])
-    images = await services.queue.images(job_id)
     if body.response_format == "url":
         base = str(request.base_url).rstrip("/")
         data = [OpenAIImage(url=f"{base}/jobs/{job_id}/images/{k}") for k in range(len(images))]
