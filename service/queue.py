@@ -231,6 +231,12 @@ def decode_job(raw: dict) -> dict[str, Any] | None:
     return job
 
 
+def _ordered_images(raw: dict) -> list[bytes]:
+    """Image bytes by index; fields that are not indexes were not written here and are ignored."""
+    indexed = {int(_s(k)): v for k, v in raw.items() if _s(k).isdigit()}
+    return [indexed[i] for i in sorted(indexed)]
+
+
 def event_json(kind: str, **fields: Any) -> str:
     return json.dumps({"type": kind, "t": time.time(), **fields}, separators=(",", ":"))
 
@@ -268,7 +274,7 @@ class JobQueue:
 
     async def images(self, job_id: str) -> list[bytes]:
         raw = await self.r.hgetall(images_key(job_id))
-        return [raw[k] for k in sorted(raw, key=lambda k: int(_s(k)))]
+        return _ordered_images(raw)
 
     async def cancel(self, job_id: str) -> str:
         res = await self._cancel(keys=[job_key(job_id), events_key(job_id), done_key(job_id)],
@@ -290,7 +296,7 @@ class JobQueue:
         pipe.hgetall(job_key(job_id))
         pipe.hgetall(images_key(job_id))
         _, raw_job, raw_images = await pipe.execute()
-        images = [raw_images[k] for k in sorted(raw_images, key=lambda k: int(_s(k)))]
+        images = _ordered_images(raw_images)
         return True, decode_job(raw_job), images
 
     async def wait(self, job_id: str, timeout_s: float) -> bool:
