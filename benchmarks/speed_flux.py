@@ -22,6 +22,7 @@ import argparse
 import copy
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -35,6 +36,13 @@ sys.path.insert(0, str(ROOT))
 from clusca import ClusCaConfig, apply_clusca, clusca_run  # noqa: E402
 
 SECTION = "## ClusCa speed, FLUX architecture"
+NOTES = (
+    "Cached run: the hooked model inside `clusca_run`. Uncached run: an unhooked copy with the same "
+    "weights. The two advance in lockstep, step by step, alternating which goes first, so both see the "
+    "same load on a shared machine. Wall-clock speedup: the median over repeats of "
+    "(sum of uncached step times / sum of cached step times). FLOPs: the library's analytic count "
+    "(`run.stats`). Both runs use the same torch thread count."
+)
 
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -212,14 +220,14 @@ def main() -> None:
 
     if not args.no_docs:
         label = args.label or f"{device.type}, {args.dtype}"
-        write_docs(label, rows, targets, " ".join(sys.argv[1:]))
+        write_docs(label, rows, targets, shlex.join(sys.argv[1:]))
 
 
 def write_docs(label: str, rows, targets, argv: str) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     heading = f"{SECTION} ({label})"
-    body = [heading, "", f"`python benchmarks/speed_flux.py {argv}`".replace(" `", "`"), "", "| quantity | value |", "|---|---|"]
+    body = [heading, "", f"`python benchmarks/speed_flux.py {argv}`".replace(" `", "`"), "", NOTES, "", "| quantity | value |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
     body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), ""]
     block = "\n".join(body) + "\n"

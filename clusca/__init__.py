@@ -17,7 +17,6 @@ _LAZY = {
     "clusca_run": "run",
     "ClusCaRun": "run",
     "RunStats": "run",
-    "kmeans": "kmeans",
     "ARCHITECTURES": "patterns",
     "ArchitecturePatterns": "patterns",
 }
@@ -26,7 +25,6 @@ __all__ = ["ClusCaConfig", "PRESETS", "MODES", "DEFAULT_PRESET", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hooks import apply_clusca, is_clusca_applied, remove_clusca
-    from .kmeans import kmeans
     from .patterns import ARCHITECTURES, ArchitecturePatterns
     from .run import ClusCaRun, RunStats, clusca_run
 

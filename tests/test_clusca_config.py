@@ -108,3 +108,13 @@ def test_config_import_does_not_load_torch():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_torch_names_load_on_first_use():
+    import clusca
+
+    assert callable(clusca.apply_clusca) and callable(clusca.clusca_run)
+    assert clusca.RunStats.__name__ == "RunStats"
+    assert "flux" in clusca.ARCHITECTURES
+    with pytest.raises(AttributeError):
+        clusca.not_a_name  # noqa: B018
