@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import signal
@@ -62,10 +63,33 @@ class LevelResult:
     flops_speedups: list[float] = field(default_factory=list)
     inference_s: list[float] = field(default_factory=list)
     queue_wait_s: list[float] = field(default_factory=list)
+    done_at: list[float] = field(default_factory=list)  # completion times since the level started
+    drain_at: float = 0.0  # when the last request was sent: from then on fewer clients are busy
 
     @property
     def throughput(self) -> float:
+        """Answered images per second while every client was busy (the draining tail left out)."""
+        steady = sum(1 for t in self.done_at if t <= self.drain_at)
+        if steady and self.drain_at > 0:
+            return steady / self.drain_at
         return self.ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    @classmethod
+    def combine(cls, parts: list["LevelResult"]) -> dict[str, Any]:
+        """Summary of several passes of one level: pooled latencies, median throughput."""
+        total = cls(parts[0].concurrency, sum(p.requests for p in parts))
+        for p in parts:
+            total.ok += p.ok
+            total.errors += p.errors
+            for k, v in p.error_kinds.items():
+                total.error_kinds[k] = total.error_kinds.get(k, 0) + v
+            total.wall_s += p.wall_s
+            for name in ("latencies", "batch_sizes", "flops_speedups", "inference_s", "queue_wait_s"):
+                getattr(total, name).extend(getattr(p, name))
+        out = total.summary()
+        out["throughput_passes"] = [round(p.throughput, 3) for p in parts]
+        out["throughput"] = round(statistics.median(p.throughput for p in parts), 3)
+        return out
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies or [float("nan")]
@@ -160,13 +184,17 @@ async def run_level(url: str, concurrency: int, n_requests: int, a: argparse.Nam
             i = next_index
             next_index += 1
             t0 = time.perf_counter()
+            if next_index == n_requests:
+                res.drain_at = t0 - start
             try:
                 r = await c.post(url + "/generate", json=request_body(i, a), headers=headers)
             except httpx.HTTPError as exc:
                 kind = type(exc).__name__
             else:
                 if r.status_code == 200:
-                    res.latencies.append(time.perf_counter() - t0)
+                    now = time.perf_counter()
+                    res.latencies.append(now - t0)
+                    res.done_at.append(now - start)
                     res.ok += 1
                     body = r.json()
                     if body.get("batch_images") is not None:
@@ -185,9 +213,9 @@ async def run_level(url: str, concurrency: int, n_requests: int, a: argparse.Nam
             res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(a.timeout), limits=limits, transport=transport) as c:
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
-        res.wall_s = time.perf_counter() - t0
+        res.wall_s = time.perf_counter() - start
     return res
 
 
@@ -201,9 +229,17 @@ def bench_service(url: str, a: argparse.Namespace, label: str) -> list[dict[str,
     warm = asyncio.run(run_level(url, 2, 4, a, headers))
     if warm.ok == 0:
         raise RuntimeError(f"{label}: warm-up requests failed: {warm.error_kinds}")
+    # The levels run in several passes, one after another within each pass, so that slow drifts
+    # in what else the machine is doing hit every level alike; each level's throughput is the
+    # median over its passes.
+    parts: dict[int, list[LevelResult]] = {c: [] for c in a.concurrency}
+    for _ in range(a.passes):
+        for c in a.concurrency:
+            n = max(2 * c, math.ceil(requests_for(c, a) / a.passes))
+            parts[c].append(asyncio.run(run_level(url, c, n, a, headers)))
     out = []
     for c in a.concurrency:
-        r = asyncio.run(run_level(url, c, requests_for(c, a), a, headers)).summary()
+        r = LevelResult.combine(parts[c])
         out.append(r)
         print(f"[{label}] c={c:<3} {r['ok']:>4} ok {r['errors']:>3} err  {r['throughput']:6.2f} img/s  "
               f"p50 {r['p50']:6.2f}s  p95 {r['p95']:6.2f}s  p99 {r['p99']:6.2f}s  "
@@ -262,7 +298,10 @@ def render(res: dict[str, Any]) -> str:
         f"running on this machine), no GPU; the worker runs torch with {m['worker_threads']} thread(s) "
         f"(`OMP_NUM_THREADS`). Requests: synchronous `POST /generate`, 32x32, {m['steps']} steps, "
         f"cache preset `{m['cache']}`, prompts cycling over {len(PROMPTS)} fixed ones, seed = request index. "
-        "Throughput = images answered / wall time of the level; latency = client-side time of a request; "
+        f"Every level runs in {m.get('passes', 1)} pass(es), the levels taking turns, so that changes in the "
+        "machine's other load hit every level alike. Throughput = images answered per second while every client "
+        "was busy (up to the moment the last request of a pass was sent), median over the passes; latency = "
+        "client-side time of a request, pooled over the passes; "
         "mean batch = images per pipeline call the worker reported.",
         "",
     ]
@@ -324,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="requests per client per level (default 4; quick 2)")
     p.add_argument("--min-requests", type=int, default=None, help="fewest requests per level (default 24; quick 6)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--passes", type=int, default=None, help="passes over all levels (default 3; quick 1)")
     p.add_argument("--cache", default="balanced", choices=["off", "quality", "balanced", "fast"])
     p.add_argument("--weights", default=None, help="built-in model checkpoint (default: the shipped weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baseline")
@@ -343,6 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not a.concurrency or min(a.concurrency) < 1:
         p.error("--concurrency levels must be positive")
     a.rounds = a.rounds or (2 if a.quick else 4)
+    a.passes = a.passes or (1 if a.quick else 3)
     a.min_requests = a.min_requests or (6 if a.quick else 24)
     try:
         a.batch = [int(x) for x in str(a.batch).split(",") if x.strip()]
@@ -350,7 +391,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--batch must be comma-separated integers, got {a.batch!r}")
     if not a.batch or min(a.batch) < 2:
         p.error("--batch values must be at least 2 (1 is the batching-off run)")
-    if min(a.steps, a.rounds, a.min_requests, a.threads, a.worker_threads) < 1:
+    if min(a.steps, a.rounds, a.min_requests, a.threads, a.worker_threads, a.passes) < 1:
         p.error("--steps, --rounds, --min-requests, --threads and --worker-threads must be at least 1")
     return a
 
@@ -364,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": " ".join(sys.argv[1:] if argv is None else argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "steps": a.steps,
         "cache": a.cache, "batch": a.batch, "threads": a.threads, "worker_threads": a.worker_threads,
+        "passes": a.passes,
     }, "service": {}}
     if a.url:
         res["service"][a.label or a.url] = bench_service(a.url.rstrip("/"), a, a.label or a.url)

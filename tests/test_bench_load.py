@@ -12,7 +12,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.load import PROMPTS, START, END, parse_args, render, requests_for, run_level  # noqa: E402
+from benchmarks.load import (  # noqa: E402
+    END,
+    PROMPTS,
+    START,
+    LevelResult,
+    parse_args,
+    render,
+    requests_for,
+    run_level,
+)
 
 
 class _Service:
@@ -52,7 +61,7 @@ def test_run_level_keeps_the_concurrency_and_counts_everything(concurrency, n):
     s = res.summary()
     assert s["mean_batch"] == 2 and s["flops_speedup"] == 3.0 and s["inference_s"] == 0.25
     assert 0 < s["p50"] <= s["p95"] <= s["p99"]
-    assert s["throughput"] == pytest.approx(res.ok / res.wall_s, rel=1e-2)
+    assert s["throughput"] > 0 and len(res.done_at) == res.ok and 0 < res.drain_at <= res.wall_s
 
 
 def test_connection_errors_are_counted_not_raised():
@@ -63,6 +72,22 @@ def test_connection_errors_are_counted_not_raised():
     res = asyncio.run(run_level("http://svc", 3, 7, a, {}, transport=httpx.MockTransport(refuse)))
     assert res.ok == 0 and res.errors == 7 and res.error_kinds == {"ConnectError": 7}
     assert res.summary()["throughput"] == 0.0
+
+
+def test_throughput_leaves_out_the_draining_tail_and_passes_take_the_median():
+    # Four answers while all clients were busy (4 s), one straggler at 10 s.
+    r = LevelResult(4, 5, ok=5, wall_s=10.0, done_at=[1.0, 2.0, 3.0, 4.0, 10.0], drain_at=4.0,
+                    latencies=[1.0] * 5, batch_sizes=[2] * 5)
+    assert r.throughput == pytest.approx(1.0)
+    assert LevelResult(1, 2, ok=2, wall_s=4.0).throughput == pytest.approx(0.5)  # no timestamps: plain ratio
+    fast = LevelResult(4, 5, ok=5, wall_s=2.0, done_at=[0.5, 1.0, 1.5, 2.0, 2.0], drain_at=2.0, latencies=[0.5] * 5)
+    slow = LevelResult(4, 5, ok=4, errors=1, error_kinds={"HTTP 503": 1}, wall_s=20.0,
+                       done_at=[5.0, 10.0, 15.0, 20.0], drain_at=20.0, latencies=[5.0] * 4)
+    s = LevelResult.combine([r, fast, slow])
+    assert s["throughput_passes"] == [1.0, 2.5, 0.2]
+    assert s["throughput"] == 1.0  # the median pass
+    assert s["ok"] == 14 and s["errors"] == 1 and s["error_kinds"] == {"HTTP 503": 1} and s["requests"] == 15
+    assert s["p99"] == pytest.approx(5.0)
 
 
 def test_arguments_and_request_counts():
