@@ -139,6 +139,7 @@ class ClusCaController:
         self.num_inference_steps: int | None = None
         self.timestep_pos = _arg_position(model.forward, "timestep")
         self.probe_targets: list[tuple[torch.nn.Module, int, str]] = []
+        self.slot_modules: list[torch.nn.Module] = []  # by slot index
         self.group_sizes: dict[str, int] = {}
         for s in slots:
             if s.role == "feedforward":
@@ -326,6 +327,26 @@ class ClusCaController:
 
             return hook
 
+        tokens = [0] * len(self.slots)
+
+        def slot_hook(slot: _Slot):
+            # Token count of an uncached call, known even when the hooks pass through (mode off).
+            names = [name for name, _ in slot.residuals] if slot.role == "block" else ["hidden_states"]
+            positions = [pos for _, pos in slot.residuals] if slot.role == "block" else [0]
+
+            def hook(mod, args, kwargs):
+                total = 0
+                for name, pos in zip(names, positions):
+                    t = _get_arg(args, kwargs, name, pos)
+                    if isinstance(t, torch.Tensor) and t.ndim >= 2:
+                        total += t.numel() // t.shape[-1]
+                tokens[slot.index] = total
+
+            return hook
+
+        for slot in self.slots:
+            mod = self.slot_modules[slot.index]
+            handles.append(mod.register_forward_pre_hook(slot_hook(slot), with_kwargs=True))
         for mod, owner, kind in self.probe_targets:
             if kind == "linear":
                 handles.append(mod.register_forward_hook(linear_hook(owner)))
@@ -333,16 +354,17 @@ class ClusCaController:
                 handles.append(mod.register_forward_hook(conv_hook(owner)))
             else:
                 handles.append(mod.register_forward_pre_hook(attention_hook(owner), with_kwargs=True))
-        self._probe = (flops, handles)
+        self._probe = (flops, tokens, handles)
         branch.probed = None  # marks "probe running" for end_call
 
     def _probe_end(self, branch: BranchState) -> None:
-        flops, handles = self._probe
+        flops, tokens, handles = self._probe
         for h in handles:
             h.remove()
         self._probe = None
         for s in self.slots:
             branch.slots[s.index].flops = flops[s.index]
+            branch.slots[s.index].tokens = tokens[s.index]
         branch.flops_call = sum(flops)
         branch.flops_unhooked = flops[-1]
         branch.probed = True
@@ -756,6 +778,7 @@ def apply_clusca(
         raise ValueError(f"modules: no module of {type(model).__name__} matches the ClusCa patterns")
     ctrl = ClusCaController(model, arch, slots, config)
     ctrl.base_arch = base_arch
+    ctrl.slot_modules = [mod for _, mod in modules]
 
     # FLOPs probe targets, each attributed to the hooked module that contains it.
     owners = [(s.name, s.index) for s in slots]

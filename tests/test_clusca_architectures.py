@@ -98,7 +98,8 @@ def test_removal_restores_the_original_behaviour(case):
     assert torch.equal(euler_sample(case, x, STEPS), ref)
     with clusca_run(case.model, "off", num_inference_steps=STEPS) as run:
         assert torch.equal(euler_sample(case, x, STEPS), ref)
-    assert run.stats.flops_speedup == 1.0
+    assert run.stats.flops_speedup == 1.0 and run.stats.token_fraction == 1.0
+    assert run.stats.tokens_computed == run.stats.tokens_uncached > 0
     remove_clusca(case.model)
     assert not is_clusca_applied(case.model)
     assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in case.model.modules())
