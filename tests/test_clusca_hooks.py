@@ -1,0 +1,90 @@
+"""What the feed-forward hook computes on a cached step, checked against the module itself."""
+
+import copy
+
+import pytest
+import torch
+
+from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca
+from clusca.hooks import get_controller
+from clusca.testing import tiny_flux
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_capturing_ff(cfg: ClusCaConfig, steps: int = 6):
+    """Run a tiny FLUX loop; on the first cached step capture, for the image FFN of the first
+    dual block, its input, the hook's output, the true FFN output, and the fresh rows."""
+    case = tiny_flux()
+    ff = case.model.transformer_blocks[0].ff
+    plain_ff = copy.deepcopy(ff)
+    apply_clusca(case.model)
+    ctrl = get_controller(case.model)
+    seen = {}
+
+    def capture(mod, inputs, output):
+        if ctrl.branch.full or seen:
+            return
+        x = inputs[0]
+        slot = next(s for s in ctrl.slots if s.name == "transformer_blocks.0.ff")
+        rows = ctrl.branch.fresh["image"][2][slot.group_pos]
+        seen.update(x=x, y=output.clone(), true=plain_ff(x), rows=rows,
+                    assign=ctrl.branch.clusters["image"].assign.clone(), d=ctrl.branch.coeffs[1] if len(ctrl.branch.coeffs) > 1 else 0)
+
+    handle = ff.register_forward_hook(capture)
+    x0 = case.latents(2, seed=1)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    with torch.no_grad(), clusca_run(case.model, cfg, num_inference_steps=steps):
+        x = x0
+        for i in range(steps):
+            v = case.model(**case.make_kwargs(x, sigmas[i], [1, 2]))[0]
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    handle.remove()
+    remove_clusca(case.model)
+    assert seen, "no cached step reached the feed-forward module"
+    return seen
+
+
+def test_anchored_fresh_tokens_are_exact():
+    s = run_capturing_ff(ClusCaConfig(interval=3, warmup=2, propagation="anchored"))
+    b, n, d = s["y"].shape
+    rows = s["rows"]
+    y, true = s["y"].reshape(-1, d), s["true"].reshape(-1, d)
+    torch.testing.assert_close(y[rows], true[rows], atol=1e-5, rtol=1e-5)
+    # Only one token per cluster and sample was recomputed.
+    assert rows.numel() == b * 16
+    # The other tokens are predictions, not recomputations.
+    others = torch.ones(b * n, dtype=torch.bool)
+    others[rows] = False
+    assert not torch.allclose(y[others], true[others], atol=1e-5)
+
+
+def test_paper_fresh_tokens_are_extrapolated_from_the_fresh_value():
+    s = run_capturing_ff(ClusCaConfig(interval=3, warmup=2, propagation="paper"))
+    d = s["y"].shape[-1]
+    rows = s["rows"]
+    y, true = s["y"].reshape(-1, d)[rows], s["true"].reshape(-1, d)[rows]
+    # F0 holds the fresh value; the first-order term still moves it (the overshoot).
+    assert s["d"] > 0
+    assert not torch.allclose(y, true, atol=1e-5)
+
+
+def test_full_propagation_copies_each_clusters_fresh_value_to_its_members():
+    # Order 0 and gamma 1: every token's output becomes its cluster's fresh output.
+    s = run_capturing_ff(ClusCaConfig(interval=3, warmup=2, order=0, gamma=1.0))
+    b, n, d = s["y"].shape
+    fresh_tokens = (s["rows"].view(b, -1) - (torch.arange(b) * n).view(b, 1))  # (b, k)
+    for i in range(b):
+        rep = fresh_tokens[i][s["assign"][i]]  # each token's cluster representative
+        torch.testing.assert_close(s["y"][i], s["true"][i][rep], atol=1e-5, rtol=1e-5)
+        # Each non-empty cluster's representative is one of its own members.
+        k = fresh_tokens.shape[1]
+        nonempty = s["assign"][i].bincount(minlength=k) > 0
+        assert nonempty.sum() >= k // 2
+        assert torch.equal(s["assign"][i][fresh_tokens[i]][nonempty], torch.arange(k)[nonempty])
