@@ -281,6 +281,8 @@ class ClusCaController:
         self.counters.add_cache_bytes(-freed)
         branch.slots = [SlotState() for _ in self.slots]
         branch.clusters = {}
+        branch.fresh = {}
+        branch.chain_acc = {}
         branch.probed = False
 
     # ---------------------------------------------------------------- FLOPs probe
