@@ -312,14 +312,15 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"| batching on (max batch {t['batch']}): throughput at concurrency 16 >= 1.5 x concurrency 1 | "
                          f"{t['c16']:.2f} / {t['c1']:.2f} img/s = {t['ratio']:.2f}x | {'yes' if t['ratio'] >= 1.5 else 'no'} |")
         lines.append("")
-    lines += ["| setting | concurrency | requests | errors | throughput img/s | p50 s | p95 s | p99 s | mean batch "
-              "| worker inference s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| setting | concurrency | requests | errors | throughput img/s | per pass | p50 s | p95 s | p99 s | mean batch "
+              "| worker inference s (median) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in res["service"].items():
         for r in rows:
             mb = "n/a" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"
             inf = "n/a" if r.get("inference_s") is None else f"{r['inference_s']:.3f}"
+            passes = " / ".join(f"{x:.2f}" for x in r.get("throughput_passes", []))
             lines.append(f"| {label} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['throughput']:.2f} | "
-                         f"{r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} | {mb} | {inf} |")
+                         f"{passes} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} | {mb} | {inf} |")
     if res.get("direct"):
         lines += ["", "Baseline in the same run: the same pipeline called directly in the benchmark process "
                   f"(torch threads: {m['threads']}), one call after another.", "",

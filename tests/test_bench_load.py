@@ -115,4 +115,4 @@ def test_report_states_the_target():
     assert "(max batch 8): throughput at concurrency 16 >= 1.5 x concurrency 1 | 2.90 / 2.00 img/s = 1.45x | no |" in text
     assert "(max batch 16): throughput at concurrency 16 >= 1.5 x concurrency 1 | 3.20 / 2.00 img/s = 1.60x | yes |" in text
     assert "batch 8: 1.50x" in text
-    assert "| on | 16 | 4 | 0 | 2.90 |" in text
+    assert "| on | 16 | 4 | 0 | 2.90 |  | 0.50 |" in text
