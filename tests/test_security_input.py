@@ -327,6 +327,9 @@ def test_pickled_payload_in_the_stream_is_rejected_not_executed(hostile, tmp_pat
                                                 "request": request, "created": str(time.time()),
                                                 "step": "0", "steps": "4", "attempts": "0"})
         r.xadd("clusca:stream:noop", {"job": job_id})
+        # One at a time, so each is also delivered alone (a worker takes a lone job on a shorter path).
+        wait_until(lambda: r.hget(f"clusca:job:{job_id}", "status") != b"queued", timeout=15,
+                   what=f"injected job {job_id} delivered")
     with httpx.Client(base_url=hostile.base_url, timeout=30) as c:
         # The worker is still healthy and serves the next ordinary job.
         after = submit(c, prompt="after the injection", seed=5)
@@ -340,6 +343,9 @@ def test_pickled_payload_in_the_stream_is_rejected_not_executed(hostile, tmp_pat
             assert resp.status_code < 500, resp.text[:300]
     assert ledger_problems(r, after, "after the injection", 5) == []
     assert not Path(_Boom.marker).exists(), "the pickle was executed"
+    # Refused entries are let go: once idle, no worker still counts them as running.
+    wait_until(lambda: all(json.loads(r.get(k) or b"{}").get("running", 0) == 0 for k in r.scan_iter("clusca:worker:*")),
+               timeout=10, what="workers to report nothing running")
     assert r.xlen("clusca:stream:noop") == 0 and r.xpending("clusca:stream:noop", "workers")["pending"] == 0
     assert all(p.poll() is None for p in hostile.procs[:2]), "the worker or the API died"
 
