@@ -2,7 +2,8 @@
 
 Cases come from every operation in /openapi.json, half fitting the schema and half
 violating it, and go over real HTTP to a real API with a real worker behind it. Every
-answer must be below 500, and every 4xx must carry ``{"error": {"message": ...}}``.
+answer must be below 500 and documented in the schema for its operation, and every 4xx
+must carry ``{"error": {"message": ...}}``.
 ``REL_FUZZ_CASES`` sets the number of cases (the full campaign uses 2000).
 """
 
@@ -62,6 +63,9 @@ def _fuzz(tmp_path, cases: int, name: str) -> None:
                     problem = "4xx body is not the error shape"
             if "Traceback" in resp.text:
                 problem = "stack trace in the answer"
+            documented = set(case.operation.responses.status_codes)
+            if str(resp.status_code) not in documented and "default" not in documented:
+                problem = f"status {resp.status_code} not documented (documented: {sorted(documented)})"
             if problem:
                 failures.append(f"{problem}: {resp.status_code} {resp.text[:300]}\n{case.as_curl_command(base_url=url)}")
 
@@ -130,3 +134,5 @@ def test_openapi_documents_the_error_shape(tmp_path):
                     if "ErrorBody" not in ref:
                         missing.append(f"{method.upper()} {path} {status}")
     assert not missing, missing
+    # Every status an operation answers with is documented (202: cancelling a running job).
+    assert "202" in spec["paths"]["/jobs/{job_id}/cancel"]["post"]["responses"]

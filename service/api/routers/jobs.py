@@ -53,7 +53,8 @@ async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0, le=10_000)],
 
 
 @router.post("/{job_id}/cancel", response_model=CancelResponse, summary="Cancel a job",
-             responses={**ERRORS, 409: {"model": ErrorBody}})
+             responses={**ERRORS, 409: {"model": ErrorBody},
+                        202: {"model": CancelResponse, "description": "Running: it stops at its next step"}})
 async def cancel_job(job_id: JobId, services: ServicesDep, _: AuthDep) -> Any:
     """A queued job is cancelled at once; a running one stops at its next denoising step (202)."""
     outcome = await services.queue.cancel(job_id)
