@@ -28,8 +28,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .model import image_ids, pack, text_ids, unpack
 from .text import ShapesTextEncoder, WordTokenizer
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_STEPS = 40
+DEFAULT_GUIDANCE = 5.0
 MAX_SIDE = 512
 MAX_STEPS = 1000
 MAX_IMAGES = 64
