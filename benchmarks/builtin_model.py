@@ -188,7 +188,7 @@ def write_section(res) -> None:
         "## Built-in model (shapes)",
         "",
         f"Written by `python benchmarks/builtin_model.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"CPU `{res['cpu']}`, {res['threads']} torch threads, no GPU. Model: {res['params_M']}M parameters, "
+        f"CPU `{res['cpu']}`, {res['threads']} torch thread(s), no GPU. Model: {res['params_M']}M parameters, "
         f"{res['steps']} Euler steps, guidance {res['guidance']}; prompts: the fixed set "
         f"`service.builtin.data.eval_set({res['n_prompts']})`, image i seeded {0}+i.",
         "",
@@ -208,7 +208,7 @@ def write_section(res) -> None:
             f"Cached vs uncached images at the same seed: PSNR {c['psnr_db']} dB, SSIM {c['ssim']} "
             f"(mean over {res['n_prompts']} images). Latency with the cache: {c['latency_s']} s "
             f"wall, {c['latency_cpu_s']} s CPU (uncached {res['latency_s']} s wall, {res['latency_cpu_s']} s CPU); run stats of the first batch: "
-            + ", ".join(f"{k}={v}" for k, v in c["stats_first_batch"].items() if k in
+            + ", ".join(f"{k}={round(v, 3)}" for k, v in c["stats_first_batch"].items() if k in
                         ("full_steps", "cached_steps", "token_fraction", "flops_speedup")) + ".",
         ]
     else:
