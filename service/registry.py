@@ -77,10 +77,18 @@ class ModelEntry(BaseModel):
 
 
 def builtin_entry() -> ModelEntry:
-    # The built-in model works on 32x32 images with 2x2 patches; the defaults match its training.
+    # Step count and guidance come from the checkpoint, which records what it was tuned
+    # for; reading the JSON keeps the API process free of torch.
+    from .builtin import WEIGHTS_DIR
+
+    try:
+        index = json.loads((WEIGHTS_DIR / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
-                      defaults=ModelDefaults(width=32, height=32, steps=20, guidance=4.0,
-                                             cache="balanced", size_multiple=4))
+                      defaults=ModelDefaults(width=32, height=32, steps=int(index.get("default_steps", 40)),
+                                             guidance=float(index.get("default_guidance", 5.0)),
+                                             cache="balanced", size_multiple=int(index.get("patch_size", 4))))
 
 
 class RegistryError(ValueError):

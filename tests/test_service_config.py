@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from service.builtin import WEIGHTS_DIR
 from service.registry import BUILTIN_MODEL, Registry, RegistryError
 from service.settings import ENV_NAMES, Settings, SettingsError
 
@@ -35,7 +38,10 @@ def test_default_registry_is_the_builtin_model():
     reg = Registry.load(None)
     assert reg.names == [BUILTIN_MODEL]
     e = reg.get(BUILTIN_MODEL)
-    assert e.kind == "builtin" and e.defaults.width == 32 and e.defaults.steps == 20
+    assert e.kind == "builtin" and e.defaults.width == 32
+    # Steps and guidance are the ones the shipped checkpoint records.
+    index = json.loads((WEIGHTS_DIR / "model_index.json").read_text())
+    assert (e.defaults.steps, e.defaults.guidance) == (index["default_steps"], index["default_guidance"])
 
 
 def test_registry_file_yaml_and_json(tmp_path):
