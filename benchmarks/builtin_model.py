@@ -22,6 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._docs import write_section  # noqa: E402
+
 START, END = "<!-- builtin-model:start -->", "<!-- builtin-model:end -->"
 
 
@@ -216,14 +218,7 @@ def write_section(res) -> None:
     body += ["", f"Import of torch + diffusers + the package: {res['import_s']} s (not part of the load time). "
              f"1-minute load average during the run: {res['load_avg_1min']} on {os.cpu_count()} cores "
              "(other processes shared the CPU, which inflates wall-clock times; CPU times are not affected).", END]
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + "\n".join(body) + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-    path.write_text(text)
+    write_section(START, END, "\n".join(body))
 
 
 if __name__ == "__main__":

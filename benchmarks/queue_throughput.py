@@ -37,6 +37,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._docs import write_section  # noqa: E402
+
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from service.queue import JobQueue, job_key, stream_key  # noqa: E402
 
@@ -198,14 +200,7 @@ def write_section(rows: list[tuple[str, int, float]], args: argparse.Namespace) 
         rate = n / secs
         body.append(f"| {name} | {n} | {secs:.2f} | {rate:.0f} | >= 200 {'met' if rate >= 200 else 'MISSED'} |")
     body.append(END)
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + "\n".join(body) + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-    path.write_text(text)
+    write_section(START, END, "\n".join(body))
 
 
 def main(argv: list[str] | None = None) -> int:

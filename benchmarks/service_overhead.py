@@ -30,6 +30,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._docs import write_section  # noqa: E402
+
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 
 START, END = "<!-- service-overhead:start -->", "<!-- service-overhead:end -->"
@@ -178,14 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'met' if s - d <= 15 else 'missed'}; median of the paired differences {paired:+.1f} ms. "
                 "Worker-side medians: queue wait "
                 f"{median_ms(rows['queue_wait']):.1f} ms, inference {median_ms(rows['inference']):.1f} ms.", END]
-        path = ROOT / "docs" / "benchmarks.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + "\n".join(body) + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-        path.write_text(text)
+        write_section(START, END, "\n".join(body))
     return 0 if s - d <= 15 else 1
 
 
