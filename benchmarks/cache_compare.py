@@ -461,8 +461,9 @@ def findings(res: dict[str, Any]) -> list[str]:
         if all(v for _, v in gs):
             base_g = rows["ClusCa N5 K16 g0"]["psnr"]
             best_g = max(rows[n]["psnr"] for n in ("ClusCa balanced (N5 K16 g0.005)", "ClusCa N5 K16 g0.05", "ClusCa N5 K16 g0.3"))
-            verdict = ("blending a cluster's fresh output into its members does not improve on gamma 0 here"
-                       if best_g <= base_g + 0.05 else f"propagation helps here (best {best_g - base_g:+.2f} dB over gamma 0)")
+            verdict = (f"blending a cluster's fresh output into its members changes PSNR by at most {best_g - base_g:+.2f} dB "
+                       "over gamma 0 here" if best_g <= base_g + 0.2 else
+                       f"propagation helps here (best {best_g - base_g:+.2f} dB over gamma 0)")
             out.append("Propagation ratio gamma at interval 5, K16: " + "; ".join(f"{g:g}: {v}" for g, v in gs)
                        + f"; {verdict}.")
         var = [(n, q(n)) for n in ("ClusCa N5 K16 g0.05 anchored", "ClusCa N5 K16 g0.3 anchored",
