@@ -40,6 +40,9 @@ class Settings(BaseModel):
     webhook_allow_private: bool = False
     prometheus_multiproc_dir: str | None = None
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    # 0 keeps torch's default (all cores). On CPU hosts shared with other processes one
+    # thread per worker avoids OpenMP spin-waiting, which measured 10x+ slower here.
+    torch_threads: int = Field(0, ge=0, le=1024)
     # Request limits: generous defaults for GPU hosts; operators tighten them per deployment.
     max_prompt_chars: int = Field(2000, ge=1)
     max_pixels: int = Field(2048 * 2048, ge=1)
@@ -104,6 +107,7 @@ ENV_NAMES: dict[str, str] = {
     "webhook_allow_private": "CLUSCA_WEBHOOK_ALLOW_PRIVATE",
     "prometheus_multiproc_dir": "PROMETHEUS_MULTIPROC_DIR",
     "worker_metrics_port": "CLUSCA_WORKER_METRICS_PORT",
+    "torch_threads": "CLUSCA_TORCH_THREADS",
     "max_prompt_chars": "CLUSCA_MAX_PROMPT_CHARS",
     "max_pixels": "CLUSCA_MAX_PIXELS",
     "max_side": "CLUSCA_MAX_SIDE",

@@ -152,6 +152,8 @@ class Worker:
         if any(m.entry.kind != "noop" for m in self.models.values()):
             import torch
 
+            if self.settings.torch_threads:
+                torch.set_num_threads(self.settings.torch_threads)
             self._torch = torch
         for m in self.models.values():
             if m.entry.kind != "noop" and m.entry.options.get("warmup", True):

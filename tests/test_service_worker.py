@@ -178,3 +178,21 @@ def _status_or_none(c, job_id):
         return None
     j = r.json()
     return j if j["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+def test_torch_threads_setting_applies_when_a_worker_loads_models(service):
+    import torch
+
+    from service.registry import Registry
+    from service.settings import Settings
+    from service.worker import Worker
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    settings = Settings.from_env({"REDIS_URL": service.redis_url, "CLUSCA_TORCH_THREADS": str(wanted)})
+    worker = Worker(settings, Registry.load(None), ["shapes"])
+    try:
+        worker.load()
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
