@@ -38,6 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._docs import write_section  # noqa: E402
+
 from benchmarks._metrics import dominators, pareto_front, psnr, ssim  # noqa: E402
 
 START, END = "<!-- cache-compare:start -->", "<!-- cache-compare:end -->"
@@ -620,14 +622,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def write_docs(res: dict[str, Any]) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = render(res)
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text)
+    write_section(START, END, render(res), DOCS)
     print(f"wrote {DOCS.relative_to(ROOT)}")
 
 
