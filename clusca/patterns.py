@@ -60,6 +60,8 @@ class ArchitecturePatterns:
 
 
 _N = r"\d+"
+# Dual-stream blocks (FLUX, HunyuanVideo, SD3) run one feed-forward per token stream.
+_DUAL_STREAM_FF = {rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"}
 
 ARCHITECTURES: dict[str, ArchitecturePatterns] = {
     "flux": ArchitecturePatterns(
@@ -70,7 +72,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         # FluxSingleTransformerBlock returns (encoder_hidden_states, hidden_states).
         block_residuals=("encoder_hidden_states", "hidden_states"),
         chain_blocks=True,
-        feedforward={rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"},
+        feedforward=_DUAL_STREAM_FF,
         cluster_module=rf"transformer_blocks\.{_N}",
         cluster_sources={"image": ("output", 1), "text": ("output", 0)},
     ),
@@ -82,7 +84,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         # HunyuanVideoSingleTransformerBlock returns (hidden_states, encoder_hidden_states).
         block_residuals=("hidden_states", "encoder_hidden_states"),
         chain_blocks=True,
-        feedforward={rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"},
+        feedforward=_DUAL_STREAM_FF,
         cluster_module=rf"transformer_blocks\.{_N}",
         cluster_sources={"image": ("output", 0), "text": ("output", 1)},
     ),
@@ -90,7 +92,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         name="sd3",
         model_classes=("SD3Transformer2DModel",),
         attention=(rf"transformer_blocks\.{_N}\.attn2?",),
-        feedforward={rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"},
+        feedforward=_DUAL_STREAM_FF,
         cluster_module=rf"transformer_blocks\.{_N}",
         # The last SD3 block drops the text stream (context_pre_only), so text tokens are
         # clustered on that block's text input, i.e. the previous block's text output.
