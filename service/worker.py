@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -32,7 +31,7 @@ import redis
 
 from . import metrics
 from .pipelines import call_parameters, load_pipeline
-from .queue import HEARTBEAT_S, Delivery, StartedJob, WorkerQueue
+from .queue import EVENTS_MAXLEN, HEARTBEAT_S, Delivery, StartedJob, WorkerQueue, event_json, events_key, job_key
 from .registry import ModelEntry, Registry
 from .settings import Settings
 from .webhooks import deliver
@@ -44,6 +43,8 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS = {"png": ("PNG", {"compress_level": 1}), "jpeg": ("JPEG", {"quality": 95}),
                 "webp": ("WEBP", {"quality": 95})}
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# Least time between two progress round trips of a worker (see ProgressPump).
+PROGRESS_INTERVAL_S = 0.1
 
 
 def encode_image(image: Any, fmt: str) -> bytes:
@@ -70,40 +71,115 @@ def noop_stats(cache: dict[str, Any], steps: int) -> dict[str, Any]:
 class ProgressPump:
     """Publishes step progress from a background thread, so the denoising loop never waits on Redis.
 
-    Each published step becomes one round trip (step counter, progress event, cancel flag)
-    in order; the cancel flags it reads come back through the shared ``cancelled`` list,
-    which the step callback checks (a cancel takes effect at most a step later).
+    Every step still becomes its own progress event, in order, but steps travel in as few
+    round trips as possible: whatever steps are waiting when the thread wakes go out in one
+    pipeline, and after a round trip the thread lets ``interval_s`` pass before the next.
+    A round trip per step cost far more than the step's own bookkeeping where steps are
+    short (thread wake-ups and the Redis server competing for the cores that run the
+    model), while slow steps (large models, a GPU) still go out one by one as they finish.
+
+    Each round trip also reads the jobs' cancel flags, which come back through the shared
+    ``cancelled`` lists that the step callback checks: a cancel takes effect a step after
+    the next round trip, so within a step or two, or within ``interval_s`` for fast steps.
     """
 
-    def __init__(self, q: WorkerQueue):
+    def __init__(self, q: WorkerQueue, interval_s: float = PROGRESS_INTERVAL_S):
         self.q = q
-        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self.interval_s = interval_s
+        self._cond = threading.Condition()
+        self._pending: list[tuple[list[StartedJob], int, int, list[bool]]] = []
+        self._idle = False  # the thread sleeps until the next step: only then does publish wake it
+        self._sending = False  # a round trip is under way (from the thread or from flush)
+        self._skip_until = float("-inf")
         threading.Thread(target=self._run, name="progress", daemon=True).start()
 
     def publish(self, jobs: list[StartedJob], step: int, steps: int, cancelled: list[bool]) -> None:
-        self._items.put((jobs, step, steps, cancelled))
+        with self._cond:
+            self._pending.append((jobs, step, steps, cancelled))
+            if self._idle:
+                self._cond.notify()
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        done = threading.Event()
-        self._items.put(done)
-        done.wait(timeout_s)
+        """Send every published step now, from the calling thread, after any round trip under way.
+
+        Sending here rather than waking the thread and waiting for it saves two thread
+        switches on the way to the job's result.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+            items, self._pending = self._pending, []
+            self._sending = True
+        try:
+            self._send(items)
+        finally:
+            with self._cond:
+                self._sending = False
+                self._cond.notify_all()
+
+    def _send(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
+        if not items or time.monotonic() < self._skip_until:
+            return
+        try:
+            send_progress(self.q.r, items)
+        except Exception:  # noqa: BLE001 - progress is best effort; the result is what must not be lost
+            self._skip_until = time.monotonic() + 2.0  # Redis just failed: drop progress, do not fall behind
 
     def _run(self) -> None:
-        skip_until = 0.0
+        last_sent = float("-inf")
         while True:
-            item = self._items.get()
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            if time.monotonic() < skip_until:
-                continue  # Redis just failed: drop progress rather than fall behind the job
-            jobs, step, steps, cancelled = item
+            with self._cond:
+                while not self._pending or self._sending:
+                    self._idle = not self._sending
+                    self._cond.wait()
+                self._idle = False
+                # Let steps gather until the interval since the last round trip is over;
+                # publish does not wake the thread meanwhile.
+                while True:
+                    left = last_sent + self.interval_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._sending or not self._pending:
+                    continue  # flush took them
+                items, self._pending = self._pending, []
+                self._sending = True
             try:
-                for idx, flag in enumerate(self.q.progress(jobs, step, steps)):
-                    if flag:
-                        cancelled[idx] = True
-            except Exception:  # noqa: BLE001 - progress is best effort; the result is what must not be lost
-                skip_until = time.monotonic() + 2.0
+                self._send(items)
+            finally:
+                last_sent = time.monotonic()
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+
+
+def send_progress(r: redis.Redis, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
+    """Store ``(jobs, step, steps, cancelled)`` items in one round trip; set the cancel flags read back.
+
+    One progress event per job and step, in order; each job's ``step`` field and cancel
+    flag are written and read once, for its latest step.
+    """
+    pipe = r.pipeline(transaction=False)
+    latest: dict[str, tuple[int, list[bool], int]] = {}
+    for jobs, step, steps, cancelled in items:
+        ev = event_json("progress", step=step, steps=steps)
+        for idx, j in enumerate(jobs):
+            pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
+            latest[j.delivery.job_id] = (step, cancelled, idx)
+    if not latest:
+        return
+    for job_id, (step, _, _) in latest.items():
+        pipe.hset(job_key(job_id), "step", step)
+        pipe.hget(job_key(job_id), "cancel")
+    res = pipe.execute()
+    flags = res[len(res) - 2 * len(latest) + 1::2]  # the HGET replies, after every XADD
+    for (_, cancelled, idx), flag in zip(latest.values(), flags):
+        if flag in (b"1", "1"):
+            cancelled[idx] = True
 
 
 class _Cancelled(Exception):
@@ -385,15 +461,6 @@ class Worker:
         inference_s = time.perf_counter() - t0
         # Every progress event goes out before the job's final event.
         self._progress.flush()
-        if not error and not all(cancelled):
-            metrics.INFERENCE.labels(d0.model, mode).observe(inference_s)
-            for s in step_times:
-                metrics.STEP.labels(d0.model, mode).observe(s)
-            if "token_fraction" in stats:
-                metrics.TOKEN_FRACTION.labels(d0.model, mode).observe(float(stats["token_fraction"]))
-            if "flops_speedup" in stats:
-                metrics.FLOPS_SPEEDUP.labels(d0.model, mode).observe(float(stats["flops_speedup"]))
-
         outcomes = []
         offset = 0
         n_images = len(prompts)
@@ -416,6 +483,16 @@ class Worker:
                 encoded = [encode_image(im, r["output_format"]) for im in mine]
                 outcomes.append((j, "succeeded", result, "", encoded))
         self._store(outcomes)
+        # Observed once the results are stored, so that clients do not wait for it.
+        if not error and not all(cancelled):
+            metrics.INFERENCE.labels(d0.model, mode).observe(inference_s)
+            step_metric = metrics.STEP.labels(d0.model, mode)
+            for s in step_times:
+                step_metric.observe(s)
+            if "token_fraction" in stats:
+                metrics.TOKEN_FRACTION.labels(d0.model, mode).observe(float(stats["token_fraction"]))
+            if "flops_speedup" in stats:
+                metrics.FLOPS_SPEEDUP.labels(d0.model, mode).observe(float(stats["flops_speedup"]))
 
     def _call(self, model: Model, kwargs: dict[str, Any], cache: dict[str, Any],
               steps: int) -> tuple[list[Any], dict[str, Any]]:
