@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
     print(json.dumps(res, indent=2))
     if not a.no_write:
-        write_section(res)
+        write_docs(res)
     return 0
 
 
@@ -183,7 +183,7 @@ def _targets(res) -> list[str]:
     return lines
 
 
-def write_section(res) -> None:
+def write_docs(res) -> None:
     u = res["uncached"]
     body = [
         START,

@@ -40,3 +40,29 @@ def test_tiny_run_is_repeatable_and_loadable(tmp_path, capsys):
 def test_budget_is_required(tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--out", str(tmp_path), "--minutes", "0"])
+
+
+def test_worker_processes_draw_the_same_batches_as_the_trainer():
+    args = train.parse_args(["--out", "unused", "--steps", "1", "--batch", "3", "--seed", "5"])
+    local = train.BatchStream(args)
+    expected = [next(local) for _ in range(3)]
+    args.data_workers = 2
+    pooled = train.BatchStream(args)
+    try:
+        got = [next(pooled) for _ in range(3)]
+    finally:
+        pooled.close()
+    for (img_e, cap_e), (img_g, cap_g) in zip(expected, got):
+        np.testing.assert_array_equal(img_e, img_g)
+        assert cap_e == cap_g
+    assert not np.array_equal(expected[0][0], expected[1][0])
+
+
+def test_init_continues_from_a_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(["--out", str(first), "--seed", "3", *TINY]) == 0
+    # A different seed would give different initial weights; with --init and a zero
+    # learning rate the checkpoint must come back unchanged.
+    assert train.main(["--out", str(second), "--seed", "9", "--init", str(first), *TINY, "--lr", "0"]) == 0
+    w1, w2 = _weights(first), _weights(second)
+    assert all(torch.allclose(w1[k], w2[k]) for k in w1)

@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ground-truth", action="store_true", help="check rendered training images instead")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--device", default="cpu", help="where the model runs (images are judged on the CPU)")
     a = p.parse_args(argv)
     items = data.eval_set(a.n)
     prompts, scenes = [t for t, _ in items], [s for _, s in items]
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import ShapesFluxPipeline
 
         torch.set_num_threads(a.threads)
-        pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR)
+        pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR).to(a.device)
         images = generate_eval_images(pipe, prompts, seed=a.seed, num_inference_steps=a.steps,
                                       guidance_scale=a.guidance)
     results = [check(img, s) for img, s in zip(images, scenes)]

@@ -3,8 +3,12 @@
     python -m service.builtin.train --out DIR --minutes 80 --seed 0
 
 Data are generated on the fly (see :mod:`service.builtin.data`), so the only inputs are
-the seed and the budget. ``--steps`` fixes the number of optimiser steps and makes a run
-exactly repeatable on one machine; ``--minutes`` stops at a wall-clock budget instead.
+the seed and the budget. Batch ``k`` is drawn from its own generator seeded ``(seed, k)``,
+so the data do not depend on how many ``--data-workers`` processes draw them. ``--steps``
+fixes the number of optimiser steps and makes a run exactly repeatable on one machine;
+``--minutes`` stops at a wall-clock budget instead. On a GPU, drawing the scenes is the
+bottleneck: give ``--data-workers`` (CPU processes) and a larger ``--batch``.
+``--init DIR`` continues from an earlier checkpoint of the same architecture.
 A checkpoint of the EMA weights (safetensors + configs) is written to ``--out`` every
 ``--save-every`` minutes and at the end, so the run can be stopped at any time.
 """
@@ -12,6 +16,7 @@ A checkpoint of the EMA weights (safetensors + configs) is written to ``--out`` 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import math
 import os
@@ -49,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads; 0 = up to 2, dropping to 1 while other processes load the CPU")
     p.add_argument("--device", default="auto")
+    p.add_argument("--data-workers", type=int, default=0, help="processes drawing batches (0 = in this process)")
+    p.add_argument("--pair-fraction", type=float, default=0.25, help="share of two-object scenes")
+    p.add_argument("--init", default=None, help="checkpoint folder to continue from (same architecture)")
     a = p.parse_args(argv)
     if a.minutes <= 0 and a.steps <= 0:
         p.error("give a positive --minutes or --steps")
@@ -67,10 +75,55 @@ def _drop_words(captions: list[str], rng: np.random.Generator, caption_p: float,
     return out
 
 
+def draw_batch(seed: int, index: int, n: int, caption_p: float, word_p: float,
+               pair_fraction: float) -> tuple[np.ndarray, list[str]]:
+    """Batch ``index`` of the run seeded ``seed``: the same in any process."""
+    rng = np.random.default_rng([seed, index])
+    images, captions, _ = data.make_batch(rng, n, pair_fraction=pair_fraction)
+    return images, _drop_words(captions, rng, caption_p, word_p)
+
+
+class BatchStream:
+    """Batches 0, 1, 2, ... in order, drawn here or by a pool of worker processes.
+
+    A bounded number of batches is in flight, so a slow consumer never piles them up.
+    """
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self._args = (a.seed, a.batch, a.caption_dropout, a.word_dropout, a.pair_fraction)
+        self._next = 0
+        self._pool = None
+        self._pending: collections.deque = collections.deque()
+        if a.data_workers > 0:
+            import multiprocessing
+
+            # spawn: the workers need numpy only, never the parent's CUDA context.
+            self._pool = multiprocessing.get_context("spawn").Pool(a.data_workers)
+            for _ in range(3 * a.data_workers):
+                self._submit()
+
+    def _submit(self) -> None:
+        seed, n, cp, wp, pf = self._args
+        self._pending.append(self._pool.apply_async(draw_batch, (seed, self._next, n, cp, wp, pf)))
+        self._next += 1
+
+    def __next__(self) -> tuple[np.ndarray, list[str]]:
+        if self._pool is None:
+            seed, n, cp, wp, pf = self._args
+            self._next += 1
+            return draw_batch(seed, self._next - 1, n, cp, wp, pf)
+        result = self._pending.popleft().get()
+        self._submit()
+        return result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, m in zip(ema.parameters(), model.parameters()):
-        e.lerp_(m, 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def _adapt_threads(current: int) -> int:
@@ -115,15 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     torch.manual_seed(a.seed)
-    rng = np.random.default_rng(a.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     tokenizer = WordTokenizer(data.vocabulary(), max_length=16)
-    text_encoder = ShapesTextEncoder(len(tokenizer), max_length=16).to(device)
+    text_encoder = ShapesTextEncoder(len(tokenizer), max_length=16)
     transformer = build_transformer(patch=a.patch, width_heads=a.heads, num_layers=a.layers,
-                                    num_single_layers=a.single_layers).to(device)
+                                    num_single_layers=a.single_layers)
+    if a.init:
+        start_from = ShapesFluxPipeline.from_pretrained(a.init)
+        transformer.load_state_dict(start_from.transformer.state_dict())
+        text_encoder.load_state_dict(start_from.text_encoder.state_dict())
+        print(f"continuing from {a.init}", flush=True)
+    transformer.to(device)
+    text_encoder.to(device)
     ema_tr, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01,
+                            fused=device.type == "cuda")
+    batches = BatchStream(a)
     n_params = sum(p.numel() for p in params)
     print(f"device={device} params={n_params / 1e6:.2f}M batch={a.batch} seed={a.seed}", flush=True)
 
@@ -132,10 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     tid = text_ids(tokenizer.max_length, device=device)
     start = last_save = time.time()
     budget = a.minutes * 60 if a.steps <= 0 else float("inf")
-    step, loss_sum, loss_n = 0, 0.0, 0
+    step, loss_sum, loss_n = 0, torch.zeros((), device=device), 0
     while (a.steps > 0 and step < a.steps) or (a.steps <= 0 and time.time() - start < budget):
-        images, captions, _ = data.make_batch(rng, a.batch)
-        captions = _drop_words(captions, rng, a.caption_dropout, a.word_dropout)
+        images, captions = next(batches)
         x0 = pack(torch.from_numpy(images).permute(0, 3, 1, 2).to(device) * 2 - 1, a.patch)
         ids, mask = tokenizer(captions)
         seq, pooled = text_encoder(ids.to(device), mask.to(device))
@@ -163,17 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         if a.threads == 0 and device.type == "cpu" and step % 10 == 0:
             threads = _adapt_threads(threads)
-        loss_sum += loss.item()
+        loss_sum += loss.detach()  # no .item() here: it would wait for the GPU every step
         loss_n += 1
         if step % a.log_every == 0:
             el = time.time() - start
-            print(f"step {step} loss {loss_sum / loss_n:.4f} lr {lr:.2e} "
+            print(f"step {step} loss {loss_sum.item() / loss_n:.4f} lr {lr:.2e} "
                   f"{step * a.batch / el:.0f} img/s elapsed {el / 60:.1f} min", flush=True)
-            loss_sum, loss_n = 0.0, 0
+            loss_sum.zero_()
+            loss_n = 0
         if time.time() - last_save > a.save_every * 60:
             _save(a.out, ema_tr, ema_te, tokenizer, a.patch)
             last_save = time.time()
             print(f"saved {a.out} at step {step}", flush=True)
+    batches.close()
     _save(a.out, ema_tr, ema_te, tokenizer, a.patch)
     print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min, saved {a.out}", flush=True)
     return 0

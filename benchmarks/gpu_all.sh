@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU work in one go, for a CUDA machine with torch and diffusers installed:
+#   1. trains the built-in shapes model twice side by side on the GPU: from scratch (A)
+#      and continuing from the shipped weights (B);
+#   2. measures both with the adherence checker (200 prompts);
+#   3. runs the full-size FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py).
+# Everything lands in $OUT (default ./gpu-results): log.txt, flux.json and the weights
+# of both runs (A_*.safetensors, B_*.safetensors).
+#
+#   OUT=/tmp/gpu TRAIN_MINUTES=4.5 FLUX_DEADLINE=230 bash benchmarks/gpu_all.sh
+set -u
+OUT=${OUT:-gpu-results}
+TRAIN_MINUTES=${TRAIN_MINUTES:-4.5}
+FLUX_DEADLINE=${FLUX_DEADLINE:-230}
+DATA_WORKERS=${DATA_WORKERS:-6}
+FLUX_ARGS=${FLUX_ARGS:-}
+CHECK_DEVICE=${CHECK_DEVICE:-cuda}
+CHECK_N=${CHECK_N:-200}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+work=$(mktemp -d)
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+$PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
+
+echo "== training (${TRAIN_MINUTES} min each, in parallel)"
+common=(--minutes "$TRAIN_MINUTES" --batch 512 --data-workers "$DATA_WORKERS" --pair-fraction 0.35
+        --save-every 1 --log-every 250)
+$PY -m service.builtin.train --out "$work/A" --lr 1e-3 --warmup 300 "${common[@]}" > "$work/A.log" 2>&1 &
+pid_a=$!
+$PY -m service.builtin.train --out "$work/B" --init service/builtin/weights --lr 4e-4 --warmup 100 \
+    "${common[@]}" > "$work/B.log" 2>&1 &
+pid_b=$!
+wait $pid_a $pid_b
+for v in A B; do
+    echo "-- run $v"; grep -v "^step" "$work/$v.log"; grep "^step" "$work/$v.log" | tail -4
+done
+
+echo "== adherence (200 prompts, on the GPU)"
+for v in A B; do
+    if [ -f "$work/$v/model_index.json" ]; then
+        echo "-- run $v"
+        $PY -m service.builtin.checker --weights "$work/$v" -n "$CHECK_N" --device "$CHECK_DEVICE" --json 2>&1 | grep -v accelerate
+        cp "$work/$v/transformer/diffusion_pytorch_model.safetensors" "$OUT/${v}_transformer.safetensors"
+        cp "$work/$v/text_encoder/diffusion_pytorch_model.safetensors" "$OUT/${v}_text_encoder.safetensors"
+    fi
+done
+
+echo "== FLUX.1-dev size cache benchmark"
+# shellcheck disable=SC2086
+$PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" $FLUX_ARGS
+echo "== done"

@@ -1,0 +1,295 @@
+"""Latency of the caches on the full-size FLUX.1-dev transformer (random weights, GPU).
+
+The transformer has FLUX.1-dev's exact architecture (19 dual-stream + 38 single-stream
+blocks, width 3072, about 12B parameters) with random weights, so no checkpoint is
+needed. A 1024x1024 image is 4096 packed latent tokens, plus 512 text tokens. Each
+method runs a full Euler flow-matching loop of ``--steps`` steps at every batch size;
+methods alternate within a round (uncached, ours, diffusers'), and the latency is the
+median over rounds. Our hooks are installed only for our own methods and removed again,
+so the uncached and diffusers runs see the plain model.
+
+    python benchmarks/gpu_flux.py --json results.json            # on a GPU machine
+    python benchmarks/gpu_flux.py --render results.json          # write docs/benchmarks.md
+
+``--deadline`` (seconds) stops starting new runs once the time is nearly spent, so a
+run on a rented machine always leaves its partial results behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._docs import write_section  # noqa: E402
+
+START, END = "<!-- gpu-flux:start -->", "<!-- gpu-flux:end -->"
+
+
+def methods() -> list:
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from benchmarks._caches import Method
+    from clusca import ClusCaConfig
+
+    return [
+        Method("uncached", "uncached"),
+        Method("ClusCa quality (N4)", "ClusCa", clusca=ClusCaConfig.preset("quality")),
+        Method("ClusCa balanced (N5)", "ClusCa", clusca=ClusCaConfig.preset("balanced")),
+        Method("ClusCa fast (N6)", "ClusCa", clusca=ClusCaConfig.preset("fast")),
+        Method("TaylorSeer N6 O1 (ours)", "TaylorSeer", clusca=ClusCaConfig.preset("fast", mode="taylorseer")),
+        Method("diffusers TaylorSeer N6 O1", "diffusers TaylorSeer", diffusers=lambda env: TaylorSeerCacheConfig(
+            cache_interval=6, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=None)),
+        Method("diffusers FirstBlockCache t0.4", "diffusers FirstBlockCache",
+               diffusers=lambda env: FirstBlockCacheConfig(threshold=0.4)),
+    ]
+
+
+def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in the run dtype: no 48 GB fp32 copy
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=a.dual, num_single_layers=a.single,
+                attention_head_dim=a.head_dim, num_attention_heads=a.width // a.head_dim,
+                joint_attention_dim=a.text_dim, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(a.head_dim // 8, 7 * a.head_dim // 16, 7 * a.head_dim // 16),
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def make_inputs(a, batch: int, device, dtype) -> dict:
+    g = torch.Generator().manual_seed(1234)
+    side = a.side
+    img_ids = torch.zeros(side * side, 3)
+    img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
+    img_ids[:, 2] = torch.arange(side).repeat(side)
+    to = dict(device=device, dtype=dtype)
+    return {
+        "x": torch.randn(batch, side * side, 64, generator=g).to(**to),
+        "encoder_hidden_states": torch.randn(batch, a.text_tokens, a.text_dim, generator=g).to(**to),
+        "pooled_projections": torch.randn(batch, 768, generator=g).to(**to),
+        "img_ids": img_ids.to(**to),
+        "txt_ids": torch.zeros(a.text_tokens, 3, **to),
+        "guidance": torch.full((batch,), 3.5, **to),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, inputs: dict, steps: int, device) -> torch.Tensor:
+    x = inputs["x"].clone()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    batch = x.shape[0]
+    for i in range(steps):
+        v = model(
+            hidden_states=x, encoder_hidden_states=inputs["encoder_hidden_states"],
+            pooled_projections=inputs["pooled_projections"],
+            timestep=torch.full((batch,), sigmas[i], device=device, dtype=x.dtype),
+            img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"], guidance=inputs["guidance"],
+            return_dict=False,
+        )[0]
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def run_once(method, model, inputs, steps, device) -> dict:
+    from benchmarks._caches import Env, activate
+    from clusca import remove_clusca
+    from clusca.hooks import is_clusca_applied
+
+    # diffusers' cache hooks leave reference cycles holding their states: collect them
+    # now, or they are freed during the next run and hide its real peak.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        with activate(method, model, Env(steps=steps)) as probe:
+            out = generate(model, inputs, steps, device)
+            probe.sample_memory()
+            sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        if is_clusca_applied(model):
+            remove_clusca(model)
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+    return {
+        "seconds": seconds,
+        "peak_extra_bytes": int(peak),
+        "cache_bytes": int(probe.cache_bytes),
+        "flops_speedup": probe.stats.flops_speedup if probe.stats else None,
+        "finite": bool(torch.isfinite(out).all()),
+        "out": out,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dual", type=int, default=19)
+    p.add_argument("--single", type=int, default=38)
+    p.add_argument("--width", type=int, default=3072)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--text-dim", type=int, default=4096)
+    p.add_argument("--side", type=int, default=64, help="packed latent side: 64 -> 1024x1024 pixels")
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--rounds", default="3,1", help="rounds per batch size (methods alternate in a round)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--deadline", type=float, default=0.0, help="seconds; 0 = none")
+    p.add_argument("--json", default=None, help="write the raw results here")
+    p.add_argument("--render", nargs="+", default=None, help="only write docs/benchmarks.md from results files")
+    a = p.parse_args()
+    if a.render:
+        merged = {"info": None, "results": []}
+        for path in a.render:
+            part = json.loads(Path(path).read_text())
+            merged["info"] = merged["info"] or part["info"]
+            merged["results"] += part["results"]
+        render(merged)
+        return 0
+
+    t_start = time.time()
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_model(a, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    info = {
+        "command": "python benchmarks/gpu_flux.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "dtype": a.dtype, "steps": a.steps, "params": params,
+        "tokens": [a.side * a.side, a.text_tokens], "init_seconds": round(time.time() - t_start, 1),
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+    print(json.dumps(info), flush=True)
+    results: list[dict] = []
+    ms = methods()
+    batches = [int(b) for b in a.batches.split(",")]
+    rounds = [int(r) for r in a.rounds.split(",")]
+    rounds += [rounds[-1]] * (len(batches) - len(rounds))
+
+    def save() -> None:
+        if a.json:
+            Path(a.json).write_text(json.dumps({"info": info, "results": results}, indent=1))
+
+    per_image = 0.0  # uncached seconds per image, once measured
+    for batch, n_rounds in zip(batches, rounds):
+        if a.deadline and time.time() - t_start + per_image * batch * 1.5 > a.deadline:
+            print(f"deadline: skipping batch {batch}", flush=True)
+            continue
+        inputs = make_inputs(a, batch, device, dtype)
+        # Warm-up: kernels, allocator, and the first-call costs of each method. Its
+        # timings (scaled to the full step count) predict each run for the deadline.
+        last: dict[str, float] = {}
+        warm_steps = min(a.steps, 5)
+        for m in ms:
+            last[m.name] = run_once(m, model, inputs, warm_steps, device)["seconds"] * a.steps / warm_steps
+        reference = None
+        for r in range(n_rounds):
+            for m in ms:
+                expected = last[m.name]
+                if a.deadline and time.time() - t_start + expected * 1.2 > a.deadline:
+                    print(f"deadline: skipping {m.name} batch {batch} round {r + 1}", flush=True)
+                    continue
+                res = run_once(m, model, inputs, a.steps, device)
+                out = res.pop("out")
+                if m.uncached:
+                    reference = out.float()
+                if reference is not None:
+                    res["rel_l2"] = float((out.float() - reference).norm() / reference.norm())
+                last[m.name] = res["seconds"]
+                if m.uncached:
+                    per_image = res["seconds"] / batch
+                results.append({"method": m.name, "batch": batch, "round": r + 1, **res})
+                print(f"batch {batch} round {r + 1} {m.name}: {res['seconds']:.2f} s "
+                      f"peak+{res['peak_extra_bytes'] / 2**30:.2f} GiB cache {res['cache_bytes'] / 2**20:.0f} MiB "
+                      f"finite={res['finite']}", flush=True)
+                save()
+    info["total_seconds"] = round(time.time() - t_start, 1)
+    save()
+    print(table({"info": info, "results": results}))
+    return 0
+
+
+def summarise(data: dict) -> list[dict]:
+    rows = []
+    res = data["results"]
+    for batch in sorted({r["batch"] for r in res}):
+        base = [r["seconds"] for r in res if r["batch"] == batch and r["method"] == "uncached"]
+        base_s = statistics.median(base) if base else float("nan")
+        names = list(dict.fromkeys(r["method"] for r in res if r["batch"] == batch))
+        for name in names:
+            runs = [r for r in res if r["batch"] == batch and r["method"] == name]
+            sec = statistics.median(r["seconds"] for r in runs)
+            rows.append({
+                "batch": batch, "method": name, "runs": len(runs), "seconds": sec,
+                "per_image": sec / batch, "speedup": base_s / sec,
+                "flops_speedup": runs[0]["flops_speedup"],
+                "peak_gib": max(r["peak_extra_bytes"] for r in runs) / 2**30,
+                "cache_mib": max(r["cache_bytes"] for r in runs) / 2**20,
+                "rel_l2": statistics.median(r.get("rel_l2", float("nan")) for r in runs),
+                "finite": all(r["finite"] for r in runs),
+            })
+    return rows
+
+
+def table(data: dict) -> str:
+    lines = ["| batch | method | runs | s per image | speedup | FLOPs speedup | extra GPU memory GiB | cache MiB | rel. L2 vs uncached |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summarise(data):
+        fs = f"{r['flops_speedup']:.2f}x" if r["flops_speedup"] else "-"
+        lines.append(f"| {r['batch']} | {r['method']} | {r['runs']} | {r['per_image']:.2f} | {r['speedup']:.2f}x | {fs} "
+                     f"| {r['peak_gib']:.2f} | {r['cache_mib']:.0f} | {r['rel_l2']:.3f} |")
+    return "\n".join(lines)
+
+
+def render(data: dict) -> None:
+    info = data["info"]
+    body = "\n".join([
+        START,
+        "## GPU: full-size FLUX.1-dev transformer, random weights",
+        "",
+        " and ".join(f"`{c}`" for c in [info["command"], *info.get("extra_commands", [])])
+        + f" on one {info['device']} (torch {info['torch']}). "
+        f"{info['params'] / 1e9:.1f}B parameters in {info['dtype']}, {info['tokens'][0]} image + "
+        f"{info['tokens'][1]} text tokens (1024x1024), {info['steps']} Euler steps, the transformer "
+        "alone (no text encoders, no VAE). Methods alternate inside each round; seconds are the median "
+        "over rounds; speedup is against the uncached run of the same batch size. Extra GPU memory is "
+        "the peak above the weights during the run (activations plus cache).",
+        "",
+        table(data),
+        "",
+        END,
+    ])
+    write_section(START, END, body)
+    print(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
