@@ -72,15 +72,15 @@ class ProgressPump:
     """Publishes step progress from a background thread, so the denoising loop never waits on Redis.
 
     Every step still becomes its own progress event, in order, but steps travel in as few
-    round trips as possible: whatever steps are waiting when the thread wakes go out in one
-    pipeline, and after a round trip the thread lets ``interval_s`` pass before the next.
+    round trips as possible: a step waits at most ``interval_s``, and all the steps waiting
+    go out together in one pipeline (at the latest when the batch ends, see :meth:`flush`).
     A round trip per step cost far more than the step's own bookkeeping where steps are
     short (thread wake-ups and the Redis server competing for the cores that run the
-    model), while slow steps (large models, a GPU) still go out one by one as they finish.
+    model); a job shorter than the interval costs no round trip during its run at all.
 
     Each round trip also reads the jobs' cancel flags, which come back through the shared
-    ``cancelled`` lists that the step callback checks: a cancel takes effect a step after
-    the next round trip, so within a step or two, or within ``interval_s`` for fast steps.
+    ``cancelled`` lists that the step callback checks: a cancel takes effect at most
+    ``interval_s`` plus a step after it was asked for.
     """
 
     def __init__(self, q: WorkerQueue, interval_s: float = PROGRESS_INTERVAL_S):
@@ -88,6 +88,7 @@ class ProgressPump:
         self.interval_s = interval_s
         self._cond = threading.Condition()
         self._pending: list[tuple[list[StartedJob], int, int, list[bool]]] = []
+        self._first_at = 0.0  # when the oldest waiting step was published
         self._idle = False  # the thread sleeps until the next step: only then does publish wake it
         self._sending = False  # a round trip is under way (from the thread or from flush)
         self._skip_until = float("-inf")
@@ -95,6 +96,8 @@ class ProgressPump:
 
     def publish(self, jobs: list[StartedJob], step: int, steps: int, cancelled: list[bool]) -> None:
         with self._cond:
+            if not self._pending:
+                self._first_at = time.monotonic()
             self._pending.append((jobs, step, steps, cancelled))
             if self._idle:
                 self._cond.notify()
@@ -130,28 +133,26 @@ class ProgressPump:
             self._skip_until = time.monotonic() + 2.0  # Redis just failed: drop progress, do not fall behind
 
     def _run(self) -> None:
-        last_sent = float("-inf")
         while True:
             with self._cond:
                 while not self._pending or self._sending:
                     self._idle = not self._sending
                     self._cond.wait()
                 self._idle = False
-                # Let steps gather until the interval since the last round trip is over;
-                # publish does not wake the thread meanwhile.
-                while True:
-                    left = last_sent + self.interval_s - time.monotonic()
+                # Let steps gather until the oldest has waited the interval; publish does not
+                # wake the thread meanwhile, a flush may take them first.
+                while self._pending:
+                    left = self._first_at + self.interval_s - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
                 if self._sending or not self._pending:
-                    continue  # flush took them
+                    continue
                 items, self._pending = self._pending, []
                 self._sending = True
             try:
                 self._send(items)
             finally:
-                last_sent = time.monotonic()
                 with self._cond:
                     self._sending = False
                     self._cond.notify_all()
