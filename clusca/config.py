@@ -41,6 +41,9 @@ class ClusCaConfig:
             the fresh value) or ``anchored`` (blend into the predicted output, so fresh tokens
             are exact and not overshot); see docs/library.md.
         propagate_text: also propagate inside text-token clusters (the paper only refreshes them).
+        guidance_pairs: when a full step's batch is two identical halves (classifier-free guidance
+            in one call), cluster each image's two halves jointly, so that both refresh the same
+            token positions; guidance amplifies any difference between the halves.
         seed: seed of the fresh-token draws and the first k-means initialisation.
         modules: optional override of the architecture's module name patterns, a mapping
             ``{"attention": [...], "feedforward": [...], "block": [...], "cluster": [...]}``
@@ -59,6 +62,7 @@ class ClusCaConfig:
     kmeans_fit_per_cluster: int = 32
     propagation: str = "paper"
     propagate_text: bool = False
+    guidance_pairs: bool = True
     seed: int = 0
     modules: dict[str, list[str]] | None = None
 
@@ -178,6 +182,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "kmeans_fit_per_cluster": int,
     "propagation": str,
     "propagate_text": bool,
+    "guidance_pairs": bool,
     "seed": int,
     "modules": "modules",
 }

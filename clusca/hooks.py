@@ -279,6 +279,12 @@ class ClusCaController:
         cfg = self.config
         full = (not self.caching) or branch.last_full < 0 or cfg.is_full_step(step)
         branch.full = full
+        # Classifier-free guidance in one call feeds the same latents twice: detect it once per
+        # full step so that k-means can give both halves of an image the same clusters.
+        branch.guidance_pair = bool(
+            full and self.uses_clusters and cfg.guidance_pairs and x is not None and x.ndim >= 2
+            and x.shape[0] % 2 == 0 and torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:])
+        )
         if not full:
             d = step - branch.last_full
             branch.coeffs = tuple(d**k / math.factorial(k) for k in range(self.order + 1))
@@ -707,8 +713,15 @@ class ClusterHook(ModelHook):
             if sync:
                 torch.cuda.synchronize(h.device)
             t0 = time.perf_counter()
+            pair = branch.guidance_pair and h.shape[0] % 2 == 0
+            src = h.detach()
+            if pair:
+                # One clustering per image on both halves' features: the guided output is
+                # uncond + s * (cond - uncond), so a token refreshed in one half but not in the
+                # other turns into an error s times as large. Same clusters, same fresh tokens.
+                src = torch.cat(src.chunk(2), dim=-1)
             assign, centroids, rounds = kmeans(
-                h.detach(),
+                src,
                 cfg.clusters,
                 iters=cfg.kmeans_iters,
                 distance=cfg.kmeans_distance,
@@ -718,6 +731,8 @@ class ClusterHook(ModelHook):
                 return_rounds=True,
             )
             k = centroids.shape[1]
+            if pair:
+                assign = assign.repeat(2, 1)
             offsets = torch.arange(h.shape[0], device=h.device).unsqueeze(1) * k
             flat_index = (assign + offsets).reshape(-1)
             if sync:

@@ -44,6 +44,7 @@ class GroupClusters:
     assign: torch.Tensor  # (batch, tokens) int64
     flat_index: torch.Tensor  # (batch * tokens,) row of each token's cluster in a (batch * k, dim) table
     centroids: torch.Tensor  # (batch, k, dim) float32, warm start of the next full step
+    # (with guidance pairs: (batch / 2, k, 2 * dim), the two halves' features side by side)
     k: int
 
     def nbytes(self) -> int:
@@ -64,6 +65,7 @@ class BranchState(BaseState):
         self.calls = 0
         self.last_full = -1
         self.full = True
+        self.guidance_pair = False  # this full call's batch is two identical halves
         self.coeffs: tuple[float, ...] = (1.0,)
         self.signature: tuple | None = None
         self.probed = False

@@ -15,6 +15,8 @@ File format (YAML or JSON)::
         dtype: bfloat16
         device: cuda
         defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: balanced}
+        # optional per-model preset tuning, e.g.
+        #   cache_presets: {balanced: {interval: 4, order: 0, clusters: 4, gamma: 0.0}}
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clusca.config import PRESETS, ClusCaConfig
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 BUILTIN_MODEL = "shapes"
@@ -41,12 +45,41 @@ class ModelDefaults(BaseModel):
     cache: str = "balanced"
     # Spatial granularity of the pipeline: requested sizes must be multiples of it.
     size_multiple: int = Field(16, ge=1)
+    # Per-model tuning of the named ClusCa presets: {"balanced": {"order": 0, ...}}. A request
+    # (or the default above) naming a preset gets the library's preset with these settings on
+    # top; presets not listed here keep the library's settings.
+    cache_presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("cache", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         # YAML reads a bare `off` as false.
         return "off" if v is False else v
+
+    @field_validator("cache")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown cache preset {v!r}; choose one of {sorted(PRESETS)}")
+        return v
+
+    @field_validator("cache_presets")
+    @classmethod
+    def _valid_overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, settings in v.items():
+            if name not in PRESETS or name == "off":
+                raise ValueError(f"{name!r} is not a tunable preset; choose among "
+                                 f"{sorted(p for p in PRESETS if p != 'off')}")
+            if not isinstance(settings, dict):
+                raise ValueError(f"{name}: expected an object of ClusCa settings")
+            for key in ("preset", "modules"):
+                if key in settings:
+                    raise ValueError(f"{name}.{key}: cannot be set in a preset override")
+            try:
+                ClusCaConfig.from_dict({"preset": name, **settings})
+            except ValueError as exc:
+                raise ValueError(f"{name}.{exc}") from None
+        return v
 
 
 class ModelEntry(BaseModel):
@@ -70,6 +103,17 @@ class ModelEntry(BaseModel):
             raise ValueError(f"model {self.name!r}: kind 'diffusers' needs a path (local folder or hub id)")
         return self
 
+    def cache_settings(self, requested: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A request's ClusCa settings on top of this model's version of the preset they name.
+
+        The preset is the request's, else the model's default; the model's overrides of that
+        preset come next and the request's own knobs last. ``ClusCaConfig.from_dict`` turns
+        the result into the run's settings.
+        """
+        settings = dict(requested or {})
+        name = settings.pop("preset", None) or self.defaults.cache
+        return {"preset": name, **self.defaults.cache_presets.get(name, {}), **settings}
+
     def public(self) -> dict[str, Any]:
         """What clients may see (no filesystem paths)."""
         return {"name": self.name, "kind": self.kind, "pipeline_class": self.pipeline_class,
@@ -88,7 +132,8 @@ def builtin_entry() -> ModelEntry:
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
                       defaults=ModelDefaults(width=32, height=32, steps=int(index.get("default_steps", 40)),
                                              guidance=float(index.get("default_guidance", 5.0)),
-                                             cache="balanced", size_multiple=int(index.get("patch_size", 4))))
+                                             cache="balanced", size_multiple=int(index.get("patch_size", 4)),
+                                             cache_presets=index.get("cache_presets") or {}))
 
 
 class RegistryError(ValueError):
@@ -130,8 +175,13 @@ class Registry:
             raise RegistryError(f"CLUSCA_MODELS: {p} must contain a list under 'models'")
         entries = []
         for i, item in enumerate(items):
-            if isinstance(item, dict) and item.get("kind") == "builtin" and not item.get("defaults"):
-                item = {**builtin_entry().model_dump(exclude={"name"}), **item}
+            if isinstance(item, dict) and item.get("kind") == "builtin":
+                if not item.get("defaults"):
+                    item = {**builtin_entry().model_dump(exclude={"name"}), **item}
+                elif isinstance(item["defaults"], dict) and "cache_presets" not in item["defaults"]:
+                    # The checkpoint's own preset tuning applies unless the operator replaces it.
+                    tuned = builtin_entry().defaults.cache_presets
+                    item = {**item, "defaults": {**item["defaults"], "cache_presets": tuned}}
             try:
                 entries.append(ModelEntry.model_validate(item))
             except ValidationError as exc:

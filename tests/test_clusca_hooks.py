@@ -88,3 +88,57 @@ def test_full_propagation_copies_each_clusters_fresh_value_to_its_members():
         nonempty = s["assign"][i].bincount(minlength=k) > 0
         assert nonempty.sum() >= k // 2
         assert torch.equal(s["assign"][i][fresh_tokens[i]][nonempty], torch.arange(k)[nonempty])
+
+
+def run_guided(cfg: ClusCaConfig, same_latents: bool = True, steps: int = 6):
+    """Classifier-free guidance in one call (batch = [uncond; cond], as diffusers pipelines
+    do); returns the image clusters and the first dual block's fresh rows of the first cached
+    step, plus the batch size and token count."""
+    case = tiny_flux()
+    apply_clusca(case.model)
+    ctrl = get_controller(case.model)
+    ff = case.model.transformer_blocks[0].ff
+    seen = {}
+
+    def capture(mod, inputs, output):
+        if ctrl.branch.full or seen:
+            return
+        slot = next(s for s in ctrl.slots if s.name == "transformer_blocks.0.ff")
+        seen.update(rows=ctrl.branch.fresh["image"][2][slot.group_pos].clone(),
+                    assign=ctrl.branch.clusters["image"].assign.clone(), shape=inputs[0].shape[:2])
+
+    handle = ff.register_forward_hook(capture)
+    x = case.latents(2, seed=1)
+    other = case.latents(2, seed=2)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    with torch.no_grad(), clusca_run(case.model, cfg, num_inference_steps=steps):
+        for i in range(steps):
+            model_in = torch.cat([x, x if same_latents else other])
+            v = case.model(**case.make_kwargs(model_in, sigmas[i], [1, 2, 3, 4]))[0]
+            v_uncond, v_cond = v.chunk(2)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (v_uncond + 5.0 * (v_cond - v_uncond))
+    handle.remove()
+    remove_clusca(case.model)
+    assert seen, "no cached step reached the feed-forward module"
+    b, n = seen["shape"]
+    seen["tokens"] = seen["rows"].view(b, -1) - (torch.arange(b) * n).view(b, 1)  # fresh positions per sample
+    return seen
+
+
+def test_guidance_halves_of_one_image_refresh_the_same_tokens():
+    s = run_guided(ClusCaConfig(interval=3, warmup=2))
+    assert torch.equal(s["assign"][:2], s["assign"][2:])
+    assert torch.equal(s["tokens"][:2], s["tokens"][2:])
+    # The two images of the batch still get their own clusters.
+    assert not torch.equal(s["assign"][0], s["assign"][1])
+
+
+def test_guidance_pairs_off_clusters_each_half_on_its_own():
+    s = run_guided(ClusCaConfig(interval=3, warmup=2, guidance_pairs=False))
+    assert not torch.equal(s["assign"][:2], s["assign"][2:])
+    assert not torch.equal(s["tokens"][:2], s["tokens"][2:])
+
+
+def test_batches_with_different_halves_are_not_paired():
+    s = run_guided(ClusCaConfig(interval=3, warmup=2), same_latents=False)
+    assert not torch.equal(s["assign"][:2], s["assign"][2:])

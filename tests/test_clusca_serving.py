@@ -103,8 +103,10 @@ def test_guidance_as_one_batch_or_separate_calls(flux):
     x = flux.latents(1, seed=9)
     ref = cfg_sample(flux, x, 12, "batch")
     outs, stats = {}, {}
+    # Guidance pairs only exist inside one batch; without them the three ways must agree.
+    unpaired = ClusCaConfig.preset("balanced", guidance_pairs=False)
     for how in ("batch", "context", "plain"):
-        with clusca_run(flux.model, "balanced", num_inference_steps=12) as run:
+        with clusca_run(flux.model, unpaired, num_inference_steps=12) as run:
             outs[how] = cfg_sample(flux, x, 12, how)
         stats[how] = run.stats
     assert stats["batch"].calls == 12 and stats["context"].calls == 24 and stats["plain"].calls == 24
@@ -114,6 +116,11 @@ def test_guidance_as_one_batch_or_separate_calls(flux):
     # Separate branches keep separate caches, so all three agree up to batching noise.
     torch.testing.assert_close(outs["context"], outs["plain"], atol=1e-6, rtol=0)
     torch.testing.assert_close(outs["batch"], outs["context"], atol=1e-4, rtol=0)
+    # With them (the default) the batched halves share clusters: same schedule, other fresh tokens.
+    with clusca_run(flux.model, "balanced", num_inference_steps=12) as run:
+        paired = cfg_sample(flux, x, 12, "batch")
+    assert run.stats.full_steps == 4 and rel(paired, ref) < 0.05
+    assert not torch.allclose(paired, outs["batch"], atol=1e-4)
 
 
 def test_step_index_from_the_cache_context(flux):

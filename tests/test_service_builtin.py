@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def shapes(service, tmp_path_factory):
     assert worker.poll() is None, open(worker.log_path).read()
     yield service
     Service.stop(worker, timeout=60)
+
+
+def _tuned() -> dict:
+    # The service resolves presets for the built-in model with the checkpoint's own tuning.
+    return json.loads((WEIGHTS_DIR / "model_index.json").read_text())["cache_presets"]
 
 
 def _pixels(b64: str) -> np.ndarray:
@@ -64,7 +70,7 @@ def test_per_request_cache_settings_and_stats(shapes):
     for body in (off, fast):
         for key in ("full_steps", "cached_steps", "token_fraction", "flops_speedup"):
             assert key in body["cache_stats"], body["cache_stats"]
-    assert off["cache"]["mode"] == "off" and fast["cache"]["interval"] == 6
+    assert off["cache"]["mode"] == "off" and fast["cache"]["interval"] == _tuned()["fast"]["interval"]
     assert fast["cache_stats"]["cached_steps"] > 0 and fast["cache_stats"]["flops_speedup"] > 1.5
     assert off["cache_stats"]["cached_steps"] == 0
     # The cache really ran for this request only (how close it stays to the uncached image is
@@ -91,3 +97,23 @@ def test_batched_images_match_unbatched(shapes):
     # Image 0 of the pair has seed 21 like the first lone request; float summation order may
     # differ between batch sizes, so allow a one-level rounding difference per channel.
     assert np.abs(_pixels(together["images"][0]) - _pixels(alone[0]["images"][0])).max() <= 2
+
+
+def test_builtin_presets_run_the_models_tuning(shapes):
+    from clusca import ClusCaConfig
+
+    tuned = _tuned()
+    with shapes.client() as c:
+        bal = _gen(c, seed=5, steps=12, cache={"preset": "balanced"})
+        default = _gen(c, seed=5, steps=12)
+        models = {m["name"]: m for m in c.get("/models").json()["models"]}
+    expected = ClusCaConfig.from_dict({"preset": "balanced", **tuned["balanced"]})
+    assert bal["cache"] == expected.to_dict() and default["cache"] == expected.to_dict()
+    assert bal["cache"] != ClusCaConfig.preset("balanced").to_dict()
+    # The worker ran that schedule (the paper's interval would give another number of full steps).
+    assert bal["cache_stats"]["full_steps"] == len(expected.full_steps(12))
+    assert len(expected.full_steps(12)) != len(ClusCaConfig.preset("balanced").full_steps(12))
+    assert bal["images"] == default["images"]
+    assert models["shapes"]["defaults"]["cache_presets"] == tuned
+    # A diffusers entry without its own tuning keeps the paper's presets.
+    assert models["tinyflux"]["defaults"]["cache_presets"] == {}

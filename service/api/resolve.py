@@ -50,7 +50,7 @@ def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> dict[str, A
     settings = cache.model_dump(exclude_none=True) if cache is not None else {}
     if "modules" in settings:
         raise _bad("cache.modules", "module patterns are set by the operator, not per request")
-    settings.setdefault("preset", entry.defaults.cache)
+    settings = entry.cache_settings(settings)  # the model's version of the preset, then the request's knobs
     try:
         return ClusCaConfig.from_dict(settings).to_dict()
     except ValueError as exc:

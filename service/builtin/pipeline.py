@@ -89,6 +89,9 @@ class ShapesFluxPipeline(DiffusionPipeline):
             default_steps=int(index.get("default_steps", DEFAULT_STEPS)),
             default_guidance=float(index.get("default_guidance", DEFAULT_GUIDANCE)),
         )
+        # ClusCa preset tuning measured for this checkpoint; the service applies it, the
+        # pipeline only carries it from one save to the next.
+        pipe.cache_presets = dict(index.get("cache_presets") or {})
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
         return pipe
@@ -110,6 +113,8 @@ class ShapesFluxPipeline(DiffusionPipeline):
             "tokenizer": ["service.builtin.text", "WordTokenizer"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         }
+        if getattr(self, "cache_presets", None):
+            index["cache_presets"] = self.cache_presets
         with open(os.path.join(folder, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
 
