@@ -37,22 +37,14 @@ START, END = "<!-- gpu-flux:start -->", "<!-- gpu-flux:end -->"
 
 
 def methods() -> list:
-    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
-
+    """The large-model list of the cache comparison, plus the `quality` preset."""
     from benchmarks._caches import Method
+    from benchmarks.cache_compare import large_methods
     from clusca import ClusCaConfig
 
-    return [
-        Method("uncached", "uncached"),
-        Method("ClusCa quality (N4)", "ClusCa", clusca=ClusCaConfig.preset("quality")),
-        Method("ClusCa balanced (N5)", "ClusCa", clusca=ClusCaConfig.preset("balanced")),
-        Method("ClusCa fast (N6)", "ClusCa", clusca=ClusCaConfig.preset("fast")),
-        Method("TaylorSeer N6 O1 (ours)", "TaylorSeer", clusca=ClusCaConfig.preset("fast", mode="taylorseer")),
-        Method("diffusers TaylorSeer N6 O1", "diffusers TaylorSeer", diffusers=lambda env: TaylorSeerCacheConfig(
-            cache_interval=6, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=None)),
-        Method("diffusers FirstBlockCache t0.4", "diffusers FirstBlockCache",
-               diffusers=lambda env: FirstBlockCacheConfig(threshold=0.4)),
-    ]
+    ms = large_methods(quick=False)
+    ms.insert(1, Method("ClusCa quality (N4)", "ClusCa", clusca=ClusCaConfig.preset("quality")))
+    return ms
 
 
 def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype):
