@@ -38,6 +38,9 @@ _CLUSTER_HOOK = "clusca_cluster"
 _CONTROLLER_ATTR = "_clusca_controller"
 _MASK64 = (1 << 63) - 1
 _PROBE_CACHE_SIZE = 64
+# Bound on the fresh-token draws kept across runs: 16 bytes per (step, layer, token); a
+# 50-step run of a 19-layer model with 4096 image tokens needs about 60 MiB.
+_DRAW_CACHE_BYTES = 128 << 20
 
 
 def _mix(*parts: int) -> int:
@@ -174,6 +177,10 @@ class ClusCaController:
                 self.group_sizes[s.group] = s.group_pos + 1
         self.state_manager: StateManager | None = None  # set by the root hook
         self._gen = torch.Generator(device="cpu")
+        # Fresh-token draws by (seed, step, group, shapes, device), shared by runs; see _draw.
+        self._draws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._draws_bytes = 0
+        self._offsets: dict[tuple, torch.Tensor] = {}
         self._reset_step_tracking()
 
     # ---------------------------------------------------------------- run lifecycle
@@ -317,6 +324,7 @@ class ClusCaController:
         branch.slots = [SlotState() for _ in self.slots]
         branch.clusters = {}
         branch.fresh = {}
+        branch.fresh_ahead = {}
         branch.chain_acc = {}
         branch.probed = False
 
@@ -457,44 +465,104 @@ class ClusCaController:
         """Rows (in the flattened ``(batch * tokens)`` layout) recomputed this step by the
         ``layer``-th feed-forward module of ``group``: ``(batch * k * f,)``, cluster-major.
 
-        One random score per (layer, token position), shared by the whole batch, drawn from
-        a generator seeded by (seed, step, group); each sample takes, per cluster, its
+        One random score per (step, layer, token position), shared by the whole batch, drawn
+        from a generator seeded by (seed, step, group); each sample takes, per cluster, its
         member(s) with the highest score, so a sample's choice never depends on the other
-        samples in its batch. All layers of a group are drawn at once, on the group's
-        first call of the step, to keep per-module work to one lookup.
+        samples in its batch. The picks of all layers of a group and of every cached step up
+        to the next full step are made at once, on the first cached call after a clustering:
+        per module and step that leaves one lookup.
         """
         branch = self.branch
+        step = branch.step
         cached = branch.fresh.get(group)
-        if cached is not None and cached[0] == branch.step and cached[1] is clusters:
+        if cached is not None and cached[0] == step and cached[1] is clusters:
             return cached[2][layer]
+        ahead = branch.fresh_ahead.get(group)
+        if ahead is None or ahead[0] is not clusters or step not in ahead[1]:
+            ahead = (clusters, self._pick_rows(group, clusters, self._cached_run(step), f))
+            branch.fresh_ahead[group] = ahead
+        rows = ahead[1][step]
+        branch.fresh[group] = (step, clusters, rows)
+        return rows[layer]
+
+    def _cached_run(self, step: int) -> tuple[int, ...]:
+        """``step`` and the cached steps that follow it, up to the next full step."""
+        cfg = self.config
+        total = self.num_inference_steps
+        steps = [step]
+        s = step + 1
+        while len(steps) < cfg.interval and not cfg.is_full_step(s) and (total is None or s < total):
+            steps.append(s)
+            s += 1
+        return tuple(steps)
+
+    def _pick_rows(self, group: str, clusters: GroupClusters, steps: tuple[int, ...], f: int) -> dict[int, torch.Tensor]:
+        """Fresh rows of every layer of ``group`` for each of ``steps``: ``{step: (layers, b * k * f)}``."""
         assign = clusters.assign
         b, n = assign.shape
         k = clusters.k
         layers = self.group_sizes[group]
         dev = assign.device
-        self._gen.manual_seed(_mix(self.config.seed, branch.step, len(group), ord(group[0])))
-        order = torch.rand(layers, n, generator=self._gen).argsort(dim=1)  # tokens by score
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand(layers, n))
-        order, rank = order.to(dev), rank.to(dev)
-        rank = rank.unsqueeze(1).expand(layers, b, n)
-        assign_l = assign.unsqueeze(0).expand(layers, b, n)
-        picks = []
-        for i in range(f):
-            best = torch.full((layers, b, k), -1, dtype=rank.dtype, device=dev)
-            best.scatter_reduce_(2, assign_l, rank, reduce="amax", include_self=True)
-            picks.append(best)
-            if i + 1 < f:
+        order, rank = self._draw(steps, group, layers, n, dev)  # (steps * layers, n)
+        m = order.shape[0]
+        offsets = self._row_offsets(b, n, dev)  # (1, b, 1): first row of each sample
+        rank = rank.unsqueeze(1).expand(m, b, n)
+        assign_l = assign.unsqueeze(0).expand(m, b, n)
+        best = torch.full((m, b, k), -1, dtype=rank.dtype, device=dev)
+        best.scatter_reduce_(2, assign_l, rank, reduce="amax", include_self=True)
+        if f == 1:
+            # An empty cluster (-1) gets an arbitrary token: its exact output is still valid.
+            tokens = order.gather(1, best.clamp_min_(0).view(m, b * k)).view(m, b, k)
+        else:
+            picks = [best]
+            for _ in range(f - 1):
                 rank = rank.masked_fill(rank.eq(best.gather(2, assign_l)), -1)
-        stacked = torch.stack(picks, dim=3)  # (layers, b, k, f)
-        if f > 1:
+                best = torch.full((m, b, k), -1, dtype=rank.dtype, device=dev)
+                best.scatter_reduce_(2, assign_l, rank, reduce="amax", include_self=True)
+                picks.append(best)
+            stacked = torch.stack(picks, dim=3)  # (m, b, k, f)
             # A cluster with fewer than f members repeats its first pick.
             stacked = torch.where(stacked < 0, stacked[..., :1], stacked)
-        # An empty cluster (-1) gets an arbitrary token: its exact output is still valid.
-        tokens = order.gather(1, stacked.clamp_min(0).reshape(layers, -1)).reshape(layers, b, k * f)
-        rows = tokens + (torch.arange(b, device=dev) * n).view(1, b, 1)
-        rows = rows.reshape(layers, -1)
-        branch.fresh[group] = (branch.step, clusters, rows)
-        return rows[layer]
+            tokens = order.gather(1, stacked.clamp_min(0).reshape(m, -1)).reshape(m, b, k * f)
+        rows = tokens.add_(offsets).view(len(steps), layers, -1)
+        return {s: rows[i] for i, s in enumerate(steps)}
+
+    def _draw(self, steps: tuple[int, ...], group: str, layers: int, n: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token order by random score, and each token's rank in it: ``(steps * layers, n)`` each.
+
+        They depend on the seed, the steps and the shapes only, never on the features, so
+        they are kept across runs: a service repeats the same steps for every request, and
+        on an accelerator this also saves a host-to-device copy per cached step.
+        """
+        seed = self.config.seed
+        key = (seed, steps, group, layers, n, dev)
+        hit = self._draws.get(key)
+        if hit is not None:
+            return hit
+        orders = []
+        for step in steps:
+            self._gen.manual_seed(_mix(seed, step, len(group), ord(group[0])))
+            orders.append(torch.rand(layers, n, generator=self._gen).argsort(dim=1))  # tokens by score
+        order = torch.cat(orders) if len(orders) > 1 else orders[0]
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand(order.shape[0], n))
+        drawn = (order.to(dev), rank.to(dev))
+        size = 2 * order.numel() * order.element_size()
+        while self._draws and self._draws_bytes + size > _DRAW_CACHE_BYTES:
+            old = self._draws.pop(next(iter(self._draws)))
+            self._draws_bytes -= 2 * old[0].numel() * old[0].element_size()
+        if size <= _DRAW_CACHE_BYTES:
+            self._draws[key] = drawn
+            self._draws_bytes += size
+        return drawn
+
+    def _row_offsets(self, b: int, n: int, dev: torch.device) -> torch.Tensor:
+        key = (b, n, dev)
+        off = self._offsets.get(key)
+        if off is None:
+            if len(self._offsets) >= _PROBE_CACHE_SIZE:
+                self._offsets.pop(next(iter(self._offsets)))
+            off = self._offsets[key] = (torch.arange(b, device=dev) * n).view(1, b, 1)
+        return off
 
 
 # ==================================================================== hooks
@@ -732,15 +800,14 @@ class ClusterHook(ModelHook):
             )
             k = centroids.shape[1]
             if pair:
-                assign = assign.repeat(2, 1)
-            offsets = torch.arange(h.shape[0], device=h.device).unsqueeze(1) * k
-            flat_index = (assign + offsets).reshape(-1)
+                # Both halves share the assignment; one image needs no copy for that.
+                assign = assign.expand(2, -1) if assign.shape[0] == 1 else assign.repeat(2, 1)
             if sync:
                 torch.cuda.synchronize(h.device)
             ctrl.counters.kmeans_s += time.perf_counter() - t0
             ctrl.counters.kmeans_calls += 1
             ctrl.counters.kmeans_rounds += rounds
-            new = GroupClusters(assign=assign, flat_index=flat_index, centroids=centroids, k=k)
+            new = GroupClusters(assign=assign, centroids=centroids, k=k)
             ctrl.counters.add_cache_bytes(new.nbytes() - (prev.nbytes() if prev is not None else 0))
             branch.clusters[group] = new
 

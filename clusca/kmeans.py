@@ -90,30 +90,41 @@ def kmeans(
         xf = xf_all[:, pos, :]
         n = xf.shape[1]
     if init is not None and tuple(init.shape) == (b, k, d):
-        c = init.to(device=x.device, dtype=torch.float32).clone()
+        c = init.to(device=x.device, dtype=torch.float32)
+        if int(iters) < 1:
+            c = c.clone()  # returned as is: never alias the caller's tensor
     else:
         c = kmeans_init(xf, k, seed, distance)
     assign = _distances(xf, c, distance).argmin(dim=2)
     # Each sample stops on its own (a frozen sample keeps its state), so its result never
-    # depends on the other samples in the batch.
-    active = torch.ones(b, dtype=torch.bool, device=x.device)
+    # depends on the other samples in the batch. One sample needs no freezing: it stops
+    # the loop itself, which saves the masking ops of every round (clustering runs once
+    # per image and full step, where op count, not arithmetic, is the cost).
+    single = b == 1
+    active = None if single else torch.ones(b, dtype=torch.bool, device=x.device)
+    limit = tol * n
     rounds = 0
     for _ in range(int(iters)):
         rounds += 1
         onehot = torch.zeros(b, n, k, device=x.device, dtype=torch.float32)
         onehot.scatter_(2, assign.unsqueeze(2), 1.0)
-        counts = onehot.sum(dim=1)  # (b, k)
+        counts = onehot.sum(dim=1).unsqueeze(2)  # (b, k, 1)
         sums = torch.bmm(onehot.transpose(1, 2), xf)  # (b, k, d)
-        upd = torch.where(counts.unsqueeze(2) > 0, sums / counts.clamp_min(1.0).unsqueeze(2), c)
-        c = torch.where(active.view(b, 1, 1), upd, c)
+        upd = torch.where(counts > 0, sums / counts.clamp_min(1.0), c)
+        c = upd if single else torch.where(active.view(b, 1, 1), upd, c)
         new = _distances(xf, c, distance).argmin(dim=2)
         # Stop once (almost) no token changes cluster: with L1 assignments and mean
         # updates a few boundary tokens can flip back and forth for many rounds, each
         # costing a full distance pass for no visible change.
         changed = (new != assign).sum(dim=1)
-        assign = torch.where(active.view(b, 1), new, assign)
-        active = active & (changed > tol * n)
         # One host sync per round; this runs on full steps only.
+        if single:
+            assign = new
+            if not changed.item() > limit:
+                break
+            continue
+        assign = torch.where(active.view(b, 1), new, assign)
+        active = active & (changed > limit)
         if not bool(active.any()):
             break
     if xf is not xf_all:

@@ -37,18 +37,34 @@ class SlotState:
         return total
 
 
-@dataclass
 class GroupClusters:
     """k-means result of one token group (image or text) of one branch."""
 
-    assign: torch.Tensor  # (batch, tokens) int64
-    flat_index: torch.Tensor  # (batch * tokens,) row of each token's cluster in a (batch * k, dim) table
-    centroids: torch.Tensor  # (batch, k, dim) float32, warm start of the next full step
-    # (with guidance pairs: (batch / 2, k, 2 * dim), the two halves' features side by side)
-    k: int
+    __slots__ = ("assign", "centroids", "k", "_flat_index")
+
+    def __init__(self, assign: torch.Tensor, centroids: torch.Tensor, k: int) -> None:
+        self.assign = assign  # (batch, tokens) int64
+        # (batch, k, dim) float32, warm start of the next full step (with guidance pairs:
+        # (batch / 2, k, 2 * dim), the two halves' features side by side)
+        self.centroids = centroids
+        self.k = k
+        self._flat_index: torch.Tensor | None = None
+
+    @property
+    def flat_index(self) -> torch.Tensor:
+        """(batch * tokens,) row of each token's cluster in a (batch * k, dim) table.
+
+        Built on first use: only propagation (gamma > 0) reads it.
+        """
+        if self._flat_index is None:
+            b = self.assign.shape[0]
+            offsets = torch.arange(b, device=self.assign.device).unsqueeze(1) * self.k
+            self._flat_index = (self.assign + offsets).reshape(-1)
+        return self._flat_index
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.assign, self.flat_index, self.centroids))
+        # The flat index counts whether built yet or not: it has the assignment's size.
+        return 2 * self.assign.numel() * self.assign.element_size() + self.centroids.numel() * self.centroids.element_size()
 
 
 class BranchState(BaseState):
@@ -70,6 +86,7 @@ class BranchState(BaseState):
         self.signature: tuple | None = None
         self.probed = False
         self.fresh: dict[str, tuple] = {}  # group -> (step, clusters, rows of every layer)
+        self.fresh_ahead: dict[str, tuple] = {}  # group -> (clusters, {step: rows of every layer})
         self.chain_acc: dict[int, list[torch.Tensor]] = {}  # block-chain sums being built this full step
         self.flops_call = 0  # analytic FLOPs of one uncached call
         self.flops_unhooked = 0  # part of it spent outside the hooked modules

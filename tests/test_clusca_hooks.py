@@ -142,3 +142,80 @@ def test_guidance_pairs_off_clusters_each_half_on_its_own():
 def test_batches_with_different_halves_are_not_paired():
     s = run_guided(ClusCaConfig(interval=3, warmup=2), same_latents=False)
     assert not torch.equal(s["assign"][:2], s["assign"][2:])
+
+
+def _expected_tokens(seed: int, step: int, group: str, layers: int, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """The documented draw, computed directly: per (layer, sample, cluster) the member with the
+    highest score of a generator seeded by (seed, step, group); -1 for an empty cluster."""
+    from clusca.hooks import _mix
+
+    gen = torch.Generator().manual_seed(_mix(seed, step, len(group), ord(group[0])))
+    scores = torch.rand(layers, assign.shape[1], generator=gen)
+    out = torch.full((layers, assign.shape[0], k), -1, dtype=torch.long)
+    for lay in range(layers):
+        for i in range(assign.shape[0]):
+            for c in range(k):
+                members = (assign[i] == c).nonzero().flatten()
+                if members.numel():
+                    out[lay, i, c] = members[scores[lay, members].argmax()]
+    return out
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_fresh_tokens_of_every_cached_step_follow_the_documented_draw(images):
+    # Interval 4: three cached steps per clustering, picked together on the first of them;
+    # a second identical run reuses the kept draws and must give the same picks and output.
+    cfg = ClusCaConfig(interval=4, warmup=2, order=0, gamma=0.0, clusters=4, seed=7)
+    case = tiny_flux()
+    apply_clusca(case.model)
+    ctrl = get_controller(case.model)
+    steps = 9
+
+    def run():
+        seen = []
+
+        def capture(mod, inputs, output):
+            if ctrl.branch.full:
+                return
+            for group in ("image", "text"):
+                seen.append((ctrl.branch.step, group, ctrl.branch.fresh[group][2].clone(),
+                             ctrl.branch.clusters[group].assign.clone(), ctrl.branch.clusters[group].k))
+
+        # The text feed-forward runs after the image one: both groups have picked by then.
+        handle = case.model.transformer_blocks[0].ff_context.register_forward_hook(capture)
+        x = case.latents(images, seed=3)
+        sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+        with torch.no_grad(), clusca_run(case.model, cfg, num_inference_steps=steps):
+            for i in range(steps):
+                v = case.model(**case.make_kwargs(torch.cat([x, x]), sigmas[i], list(range(1, 2 * images + 1))))[0]
+                u, c = v.chunk(2)
+                x = x + (sigmas[i + 1] - sigmas[i]) * (u + 5.0 * (c - u))
+        handle.remove()
+        return x, seen
+
+    out, seen = run()
+    again, seen_again = run()
+    remove_clusca(case.model)
+    assert torch.equal(out, again)
+    assert [s[0] for s in seen] == [s[0] for s in seen_again]
+    cached = sorted({s[0] for s in seen})
+    assert cached == [s for s in range(steps) if not cfg.is_full_step(s)]
+    for (step, group, rows, assign, k), other in zip(seen, seen_again):
+        assert torch.equal(rows, other[2])
+        b, n = assign.shape
+        tokens = rows.view(rows.shape[0], b, k) - (torch.arange(b) * n).view(1, b, 1)
+        want = _expected_tokens(cfg.seed, step, group, rows.shape[0], assign, k)
+        filled = want >= 0
+        assert torch.equal(tokens[filled], want[filled])
+        # Both guidance halves of an image refresh the same tokens.
+        assert torch.equal(tokens[:, : b // 2], tokens[:, b // 2:])
+
+
+def test_cluster_bytes_count_the_flat_index_before_it_is_built():
+    from clusca.state import GroupClusters
+
+    assign = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]])
+    g = GroupClusters(assign=assign, centroids=torch.zeros(2, 3, 5), k=3)
+    before = g.nbytes()
+    torch.testing.assert_close(g.flat_index, torch.tensor([0, 1, 1, 2, 5, 5, 3, 4]))
+    assert g.nbytes() == before == 2 * 8 * 8 + 2 * 3 * 5 * 4
