@@ -47,25 +47,30 @@ NOTES = """\
 What the overhead is made of (the split above; the parts inside the pipeline call were
 profiled separately in one process, same model, 40 steps, one torch thread):
 
-* Around the pipeline call, ~4-5 ms: the no-op row. Nothing on this path polls: the worker
-  waits in a blocking `XREADGROUP` and the synchronous request in `BLPOP` on the job's done
-  list, so each wakes as soon as Redis has the entry; then three worker round trips (start
-  script, last progress, finish script), PNG encoding (~0.1 ms) and the API's read and base64.
-* Inside the worker's pipeline call: ClusCa hooks in `off` mode (per-call bookkeeping for the
-  cache statistics) ~1-1.5 ms per image; progress and cancel-flag round trips of the progress
-  thread ~1-2 ms; the worker process's caches being cold after the other processes ran
-  (its first step is ~1.3 ms slower than the direct call's).
+* Around the pipeline call: the no-op row (~4.5 ms) is this path with nothing to compute.
+  Nothing on it polls: the worker waits in a blocking `XREADGROUP` and the synchronous
+  request in `BLPOP` on the job's done list, so each wakes as soon as Redis has the entry;
+  then three worker round trips (start script, last progress, finish script), PNG encoding
+  (~0.1 ms) and the API's read and base64. With the built-in model the same round trips
+  come after ~0.4 s of computing and take longer (~0.4 ms each instead of ~0.1 ms).
+* Inside the worker's pipeline call: ClusCa hooks in `off` mode (per-call bookkeeping for
+  the cache statistics) ~1-1.5 ms per image; the progress thread's round trips ~1-2 ms; the
+  first step ~1.3 ms slower than the direct call's (caches cold after the other processes
+  ran). The rest (a few ms) is not pinned down: it shows neither when the worker's code runs
+  in the benchmark's process nor for a plain pipeline call in a second process; the likely
+  cause is the worker's other threads and the Redis server running on the second core of
+  this two-core machine while the model computes.
 * The worker calls pipelines under `torch.inference_mode`, which makes this model 8-15 ms
   faster than the plain call (no autograd bookkeeping per op). The first comparison
   therefore credits the service with that; the second one is like for like.
 
-Until this round, the progress thread made one Redis round trip per denoising step; with
-10 ms steps those round trips (thread wake-ups, the Redis server competing with the model
-for the two cores) cost the pipeline call 15-20 ms per image, which is why the target was
-missed (+16.2 ms). The worker now sends all waiting steps in one round trip, at most every
-0.1 s (each step still gets its own progress event; a cancel takes effect within 0.1 s plus
-a step), and the ClusCa FLOPs probe (~0.35 ms) runs once per call shape instead of once per
-request. This machine is shared: run to run, the medians moved by several milliseconds."""
+Previously the progress thread made one Redis round trip per denoising step; with 10 ms
+steps those round trips (thread wake-ups, the Redis server competing with the model for
+the two cores) cost the pipeline call 15-20 ms per image, and the target was missed
+(+16.2 ms). The worker now sends all waiting steps in one round trip, at most every 0.1 s
+(each step still gets its own progress event; a cancel takes effect within 0.1 s plus a
+step), and the ClusCa FLOPs probe (~0.35 ms) runs once per call shape instead of once per
+request. This machine is shared: run to run, the medians move by several milliseconds."""
 
 
 def models_yaml(weights: str) -> str:
