@@ -558,8 +558,9 @@ def findings(res: dict[str, Any]) -> list[str]:
                        f"{f4['flops_speedup'] / bal['flops_speedup'] - 1:.0%} more FLOPs saved. The FLOPs leave out "
                        "ClusCa's fixed costs: an extra feed-forward call per dual-stream module on every cached step, "
                        "the fresh-token gather and scatter, and k-means on every full step. On a 4M-parameter model "
-                       "at batch 1 these weigh more than the FLOPs the fresh tokens replace, and FORA N3 ({f3['wall_speedup']:.2f}x wall, "
-                       f"{f3['psnr']:.2f} dB) is both faster and better.")
+                       "at batch 1 these weigh more than the FLOPs the fresh tokens replace"
+                       + (f", and FORA N3 ({f3['wall_speedup']:.2f}x wall, {f3['psnr']:.2f} dB) is both faster and better."
+                          if f3["wall_speedup"] > bal["wall_speedup"] and f3["psnr"] > bal["psnr"] else "."))
         ad = rows.get("uncached", {}).get("adherence")
         if ad is not None and bal:
             out.append(f"Prompt adherence: uncached {ad:.1f}%, `balanced` {bal['adherence']:.1f}%"
