@@ -13,7 +13,9 @@ Four hook kinds, all registered through diffusers' ``HookRegistry``:
   Taylor prediction over the corrected factors.
 * ``ClusterHook`` on the last dual-stream (or last) block: k-means on full steps.
 
-Outside a run, or with mode ``off``, every hook calls the original forward untouched.
+Outside a run, or with mode ``off``, every hook calls the original forward untouched; a
+mode ``off`` run goes further and points the hooked modules straight at their own forwards
+until it ends, so only the root hook (which keeps the run's statistics) is on the path.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ class ClusCaController:
         # shapes as an earlier one (the same request again) reuses its counts without hooks.
         self._probe_cache: dict[Any, tuple[list[int], list[int]]] = {}
         self.slot_modules: list[torch.nn.Module] = []  # by slot index
+        self.bypass_modules: list[torch.nn.Module] = []  # every module with a cache or cluster hook
         self.group_sizes: dict[str, int] = {}
         for s in slots:
             if s.role == "feedforward":
@@ -181,6 +184,10 @@ class ClusCaController:
         self._draws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._draws_bytes = 0
         self._offsets: dict[tuple, torch.Tensor] = {}
+        # Branch contexts by name: frozen, so one object per name serves every call.
+        self._contexts: dict[str, CacheContext] = {}
+        # (module, its hooked forward, the forward under our hooks) while a run bypasses them.
+        self._bypassed: list[tuple[torch.nn.Module, Any, Any]] = []
         self._reset_step_tracking()
 
     # ---------------------------------------------------------------- run lifecycle
@@ -219,11 +226,45 @@ class ClusCaController:
         self.gamma = float(config.gamma)
         self.caching = config.enabled
         self.active = True
+        if not self.caching:
+            self._bypass_module_hooks()
 
     def stop(self) -> None:
+        self._restore_module_hooks()
         self.active = False
         self.caching = False
         self.reset()
+
+    def _bypass_module_hooks(self) -> None:
+        """Mode ``off``: point each hooked module straight at the forward under our hooks for the run.
+
+        Those hooks would only pass the call through, but the hook chain is several Python
+        calls per module and call; the root hook alone keeps the run's statistics. A module
+        whose outermost hook is not ours keeps its chain, since bypassing ours would skip
+        the others too.
+        """
+        ours = (_CACHE_HOOK, _CLUSTER_HOOK)
+        for mod in self.bypass_modules:
+            registry = mod.__dict__.get("_diffusers_hook")
+            hooked = mod.__dict__.get("forward")
+            if registry is None or hooked is None or not registry._hook_order:
+                continue
+            first = len(registry._hook_order)
+            while first > 0 and registry._hook_order[first - 1] in ours:
+                first -= 1
+            if first == len(registry._hook_order):
+                continue
+            inner = registry._fn_refs[first].original_forward
+            if inner is None:
+                continue
+            mod.forward = inner
+            self._bypassed.append((mod, hooked, inner))
+
+    def _restore_module_hooks(self) -> None:
+        for mod, hooked, inner in self._bypassed:
+            if mod.__dict__.get("forward") is inner:
+                mod.forward = hooked
+        self._bypassed = []
 
     # ---------------------------------------------------------------- per call
     def begin_call(self, args: tuple, kwargs: dict) -> None:
@@ -265,7 +306,10 @@ class ClusCaController:
             if repeat:
                 key = f"{name}#{repeat}"
         if ctx is None or ctx.name != key:
-            sm.set_context(CacheContext(key))
+            context = self._contexts.get(key)
+            if context is None:
+                context = self._contexts[key] = CacheContext(key)
+            sm.set_context(context)
             branch = sm.get_state()
             sm.set_context(ctx)
         else:
@@ -905,6 +949,7 @@ def apply_clusca(
     ctrl = ClusCaController(model, arch, slots, config)
     ctrl.base_arch = base_arch
     ctrl.slot_modules = [mod for _, mod in modules]
+    ctrl.bypass_modules = list(ctrl.slot_modules)
 
     # FLOPs probe targets, each attributed to the hooked module that contains it.
     owners = [(s.name, s.index) for s in slots]
@@ -934,6 +979,8 @@ def apply_clusca(
         HookRegistry.check_if_exists_or_initialize(mod).register_hook(
             ClusterHook(ctrl, dict(arch.cluster_sources), positions), _CLUSTER_HOOK
         )
+        if all(mod is not m for m in ctrl.bypass_modules):
+            ctrl.bypass_modules.append(mod)
     model._diffusers_hook.invalidate_child_registries_cache()
     model.__dict__[_CONTROLLER_ATTR] = ctrl
     return ctrl

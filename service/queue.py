@@ -159,13 +159,21 @@ return {'ok', f[1], f[2], f[3] or '', tostring(n)}
 """
 
 # KEYS: job, events, images, done, stream
-# ARGV: status, now, result_json, error, ttl, entry_id, event_json, img0, img1, ...
+# ARGV: status, now, result_json, error, ttl, entry_id, event_json, step ('' for none), n_progress,
+#       progress_event_1 .. progress_event_n, img0, img1, ...
+# The job's last progress events travel with its outcome: one round trip, and they still come
+# before the final event.
 _FINISH = """
 local st = redis.call('HGET', KEYS[1], 'status')
 redis.call('XACK', KEYS[5], 'workers', ARGV[6]); redis.call('XDEL', KEYS[5], ARGV[6])
 if (not st) or st == 'succeeded' or st == 'failed' or st == 'cancelled' then return 0 end
-if #ARGV > 7 then
-  for i = 8, #ARGV do redis.call('HSET', KEYS[3], tostring(i - 8), ARGV[i]) end
+local first_img = 10 + tonumber(ARGV[9])
+for i = 10, first_img - 1 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 2000, '*', 'e', ARGV[i])
+end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[8]) end
+if #ARGV >= first_img then
+  for i = first_img, #ARGV do redis.call('HSET', KEYS[3], tostring(i - first_img), ARGV[i]) end
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2], 'result', ARGV[3], 'error', ARGV[4])
@@ -496,15 +504,21 @@ class WorkerQueue:
         return [_s(res[3 * i + 2]) == "1" for i in range(len(jobs))]
 
     def finish(self, job: StartedJob, status: str, result: dict[str, Any], error: str = "",
-               images: list[bytes] = ()) -> bool:
-        """Store the outcome and acknowledge, atomically; False if another worker finished it first."""
+               images: list[bytes] = (), progress: list[str] = (), step: int | None = None) -> bool:
+        """Store the outcome and acknowledge, atomically; False if another worker finished it first.
+
+        ``progress`` (event JSON strings) go into the job's event stream before its final
+        event, and ``step`` into its ``step`` field, in the same round trip; a job that was
+        already finished gets neither.
+        """
         d = job.delivery
         kind = "finished" if status == "succeeded" else status
         ev = event_json(kind, status=status, error=error or None, images=len(images))
         res = self._finish(keys=[job_key(d.job_id), events_key(d.job_id), images_key(d.job_id),
                                  done_key(d.job_id), stream_key(d.model)],
                            args=[status, repr(time.time()), json.dumps(result, separators=(",", ":")),
-                                 error, self.ttl_s, d.entry_id, ev, *images])
+                                 error, self.ttl_s, d.entry_id, ev, "" if step is None else int(step),
+                                 len(progress), *progress, *images])
         return bool(res)
 
     def release(self, deliveries: list[Delivery]) -> None:

@@ -43,8 +43,9 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS = {"png": ("PNG", {"compress_level": 1}), "jpeg": ("JPEG", {"quality": 95}),
                 "webp": ("WEBP", {"quality": 95})}
 _REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-# Least time between two progress round trips of a worker (see ProgressPump).
-PROGRESS_INTERVAL_S = 0.1
+# Least time between two progress round trips of a worker (see ProgressPump). A job of up
+# to this length makes no progress round trip of its own: its steps go out with its result.
+PROGRESS_INTERVAL_S = 0.25
 
 
 def encode_image(image: Any, fmt: str) -> bytes:
@@ -73,10 +74,11 @@ class ProgressPump:
 
     Every step still becomes its own progress event, in order, but steps travel in as few
     round trips as possible: a step waits at most ``interval_s``, and all the steps waiting
-    go out together in one pipeline (at the latest when the batch ends, see :meth:`flush`).
-    A round trip per step cost far more than the step's own bookkeeping where steps are
-    short (thread wake-ups and the Redis server competing for the cores that run the
-    model); a job shorter than the interval costs no round trip during its run at all.
+    go out together in one pipeline (at the latest when the batch ends: :meth:`flush`, or
+    :meth:`take` and the worker stores them with the results). A round trip per step cost
+    far more than the step's own bookkeeping where steps are short (thread wake-ups and the
+    Redis server competing for the cores that run the model); a job shorter than the
+    interval costs no round trip during its run at all.
 
     Each round trip also reads the jobs' cancel flags, which come back through the shared
     ``cancelled`` lists that the step callback checks: a cancel takes effect at most
@@ -124,6 +126,24 @@ class ProgressPump:
                 self._sending = False
                 self._cond.notify_all()
 
+    def take(self, timeout_s: float = 10.0) -> list[tuple[list[StartedJob], int, int, list[bool]]]:
+        """Hand every published step not yet sent to the caller, after any round trip under way.
+
+        The caller stores them itself (the worker: with the job's result, one round trip
+        fewer), so each step is still sent exactly once and after the steps before it.
+        After ``timeout_s`` with a round trip still under way, returns nothing; the steps
+        then go out with the thread's next round trip.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            items, self._pending = self._pending, []
+        return items
+
     def _send(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
         if not items or time.monotonic() < self._skip_until:
             return
@@ -156,6 +176,18 @@ class ProgressPump:
                 with self._cond:
                     self._sending = False
                     self._cond.notify_all()
+
+
+def progress_by_job(items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> dict[str, tuple[list[str], int]]:
+    """Progress items as ``{job_id: (event JSON strings in order, latest step)}``."""
+    out: dict[str, tuple[list[str], int]] = {}
+    for jobs, step, steps, _ in items:
+        ev = event_json("progress", step=step, steps=steps)
+        for j in jobs:
+            events, _ = out.get(j.delivery.job_id, ([], 0))
+            events.append(ev)
+            out[j.delivery.job_id] = (events, step)
+    return out
 
 
 def send_progress(r: redis.Redis, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
@@ -456,12 +488,13 @@ class Worker:
                     log.exception("job %s failed", d0.job_id)
                 self._free_memory()
         if split:
+            self._progress.flush()
             for j in jobs:
                 self._run_batch([j])
             return
         inference_s = time.perf_counter() - t0
-        # Every progress event goes out before the job's final event.
-        self._progress.flush()
+        # The steps not sent yet go out with each job's result, before its final event.
+        progress = progress_by_job(self._progress.take())
         outcomes = []
         offset = 0
         n_images = len(prompts)
@@ -483,7 +516,7 @@ class Worker:
             else:
                 encoded = [encode_image(im, r["output_format"]) for im in mine]
                 outcomes.append((j, "succeeded", result, "", encoded))
-        self._store(outcomes)
+        self._store(outcomes, progress)
         # Observed once the results are stored, so that clients do not wait for it.
         if not error and not all(cancelled):
             metrics.INFERENCE.labels(d0.model, mode).observe(inference_s)
@@ -515,12 +548,14 @@ class Worker:
     def _fail_all(self, jobs: list[StartedJob], reason: str) -> None:
         self._store([(j, "failed", {"seed": j.request["seed"]}, reason, []) for j in jobs])
 
-    def _store(self, outcomes: list[tuple[StartedJob, str, dict, str, list[bytes]]]) -> None:
+    def _store(self, outcomes: list[tuple[StartedJob, str, dict, str, list[bytes]]],
+               progress: dict[str, tuple[list[str], int]] | None = None) -> None:
         for j, status, result, error, images in outcomes:
             now = time.time()
             result.setdefault("timings", {"queue_wait_s": round(j.started - j.created, 6), "inference_s": 0.0})
             result["timings"]["total_s"] = round(now - j.created, 6)
-            stored = self._retry(lambda: self.q.finish(j, status, result, error, images))
+            events, step = (progress or {}).get(j.delivery.job_id, ((), None))
+            stored = self._retry(lambda: self.q.finish(j, status, result, error, images, events, step))
             self._unhold([j.delivery])
             if stored is None:
                 log.error("job %s: result not stored (redis unreachable); it will be retried", j.delivery.job_id)

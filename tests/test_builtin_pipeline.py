@@ -63,6 +63,30 @@ def test_output_shape_and_dtype(pipe, output_type):
         assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
 
 
+def test_runs_under_inference_mode_without_leaking_inference_tensors(pipe):
+    seen: list[bool] = []
+
+    def on_step(p, i, t, kw):
+        seen.append(torch.is_inference_mode_enabled() and kw["latents"].is_inference())
+        return kw
+
+    images = pipe("a red circle", generator=gen(), num_inference_steps=2, output_type="pt",
+                  callback_on_step_end=on_step).images
+    assert seen == [True, True]  # the denoising loop has no autograd bookkeeping
+    assert not torch.is_inference_mode_enabled()
+    # The returned tensor is a plain one: usable in place and with autograd.
+    assert not images.is_inference()
+    images.mul_(2)
+    w = torch.ones((), requires_grad=True)
+    (images * w).sum().backward()
+    assert w.grad is not None
+    # The model itself is untouched: it still trains after a pipeline call.
+    tr = pipe.transformer
+    assert not any(p.is_inference() for p in tr.parameters())
+    seq, pooled = pipe.text_encoder(*[t for t in pipe.tokenizer(["a red circle"])])
+    assert seq.requires_grad
+
+
 def test_other_sizes_follow_the_patch_grid(pipe):
     img = pipe("a blue square", height=48, width=32, num_inference_steps=FEW, generator=gen()).images[0]
     assert img.size == (32, 48)

@@ -7,8 +7,8 @@ import time
 
 from conftest import wait_until
 
-from service.queue import Delivery, StartedJob, WorkerQueue, events_key, job_key, new_job_id
-from service.worker import ProgressPump
+from service.queue import Delivery, StartedJob, WorkerQueue, events_key, images_key, job_key, new_job_id
+from service.worker import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
 
 
 def _job(r, steps: int) -> StartedJob:
@@ -107,3 +107,51 @@ def test_sse_has_every_step_of_a_fast_job(service):
              if line.startswith("data: ") and '"progress"' in line]
     assert steps == list(range(1, 31))
     assert final["status"] == "succeeded" and final["step"] == final["steps"] == 30
+
+
+def test_cancel_at_the_default_interval_takes_effect_within_it(service):
+    r = service.redis_client()
+    pump = _pump(r, interval_s=PROGRESS_INTERVAL_S)
+    job = _job(r, 1000)
+    cancelled = [False]
+    step = 0
+    pump.publish([job], 1, 1000, cancelled)  # the interval starts with this step
+    t0 = time.monotonic()
+    r.hset(job_key(job.delivery.job_id), "cancel", "1")
+    while not cancelled[0] and time.monotonic() - t0 < 3.0:
+        step += 1
+        pump.publish([job], step + 1, 1000, cancelled)
+        time.sleep(0.01)  # 10 ms steps, like the built-in model's
+    took = time.monotonic() - t0
+    assert cancelled == [True]
+    assert took < PROGRESS_INTERVAL_S + 0.2, f"cancel seen after {took:.3f} s"
+    pump.flush()
+
+
+def test_taken_steps_travel_with_the_result_before_the_final_event(service):
+    r = service.redis_client()
+    pump = _pump(r, interval_s=10.0)
+    q = pump.q
+    a, b = _job(r, 3), _job(r, 3)
+    before = _round_trips(r)
+    for step in (1, 2, 3):
+        pump.publish([a, b], step, 3, [False, False])
+    progress = progress_by_job(pump.take())
+    assert pump.take() == []  # taken once: the pump will not send them as well
+    pump.flush()
+    assert _steps(r, a) == [] and _round_trips(r) == before
+    events, step = progress[a.delivery.job_id]
+    assert step == 3 and [json.loads(e)["step"] for e in events] == [1, 2, 3]
+    assert q.finish(a, "succeeded", {}, images=[b"png"], progress=events, step=step)
+    kinds = [json.loads(f[b"e"])["type"] for _, f in r.xrange(events_key(a.delivery.job_id))]
+    assert kinds == ["progress", "progress", "progress", "finished"]
+    steps = [json.loads(f[b"e"]).get("step") for _, f in r.xrange(events_key(a.delivery.job_id))]
+    assert steps[:3] == [1, 2, 3]
+    assert r.hget(job_key(a.delivery.job_id), "step") == b"3"
+    assert r.hget(images_key(a.delivery.job_id), "0") == b"png"
+    # A job another worker already finished gets neither its steps nor a second outcome.
+    r.hset(job_key(b.delivery.job_id), "status", "succeeded")
+    events_b, step_b = progress[b.delivery.job_id]
+    assert not q.finish(b, "succeeded", {}, images=[b"x"], progress=events_b, step=step_b)
+    assert r.xlen(events_key(b.delivery.job_id)) == 0
+    assert r.hget(job_key(b.delivery.job_id), "step") == b"0"

@@ -132,7 +132,7 @@ class ShapesFluxPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     # ------------------------------------------------------------------ helpers
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer(prompts)
         device = self.text_encoder.device
@@ -172,7 +172,7 @@ class ShapesFluxPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -240,7 +240,9 @@ class ShapesFluxPipeline(DiffusionPipeline):
 
         images = (unpack(latents, height, width, self.patch_size) / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
-            result = images
+            # A plain tensor, not an inference tensor: the caller may go on to use it with autograd.
+            with torch.inference_mode(False):
+                result = images.clone()
         else:
             arr = images.permute(0, 2, 3, 1).cpu().numpy()
             result = arr if output_type == "np" else [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
