@@ -296,8 +296,9 @@ def render(res: dict[str, Any]) -> str:
         "## Service under load (built-in model)",
         "",
         f"Written by `python benchmarks/load.py {m['argv']}`".rstrip() + f" on {m['date']}; CPU `{m['cpu']}` "
-        f"({m['cores']} cores, shared by the load generator, the API, Redis and the worker; other work was also "
-        f"running on this machine), no GPU; the worker runs torch with {m['worker_threads']} thread(s) "
+        f"({m['cores']} cores, shared by the load generator, the API, Redis and the worker"
+        + (f"; 1-minute load average {m['load_avg']} at the start" if "load_avg" in m else "")
+        + f"), no GPU; the worker runs torch with {m['worker_threads']} thread(s) "
         f"(`OMP_NUM_THREADS`). Requests: synchronous `POST /generate`, 32x32, {m['steps']} steps, "
         f"cache preset `{m['cache']}`, prompts cycling over {len(PROMPTS)} fixed ones, seed = request index. "
         f"Every level runs in {m.get('passes', 1)} pass(es), the levels taking turns, so that changes in the "
@@ -337,7 +338,7 @@ def render(res: dict[str, Any]) -> str:
                   "about the most batching can add on this machine with this thread count, because the built-in model "
                   "is small enough that batch-1 calls are only partly overhead and mostly arithmetic. The service "
                   "at concurrency 1 pays HTTP, queue and worker hand-offs on top of the batch-1 call."]
-    lines += ["", "Not measured here: the same benchmark on a GPU (no GPU was available to this run); "
+    lines += ["", "Not measured here: the same benchmark on a GPU; "
               "`python benchmarks/load.py --url http://HOST:PORT --label gpu` measures a running GPU service.", END]
     return "\n".join(lines) + "\n"
 
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": " ".join(sys.argv[1:] if argv is None else argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "steps": a.steps,
         "cache": a.cache, "batch": a.batch, "threads": a.threads, "worker_threads": a.worker_threads,
-        "passes": a.passes,
+        "passes": a.passes, "load_avg": round(os.getloadavg()[0], 2),
     }, "service": {}}
     if a.url:
         res["service"][a.label or a.url] = bench_service(a.url.rstrip("/"), a, a.label or a.url)
