@@ -110,21 +110,12 @@ class ProgressPump:
         Sending here rather than waking the thread and waiting for it saves two thread
         switches on the way to the job's result.
         """
-        deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._sending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._cond.wait(left)
+            if not self._wait_no_round_trip(timeout_s):
+                return
             items, self._pending = self._pending, []
             self._sending = True
-        try:
-            self._send(items)
-        finally:
-            with self._cond:
-                self._sending = False
-                self._cond.notify_all()
+        self._send_owned(items)
 
     def take(self, timeout_s: float = 10.0) -> list[tuple[list[StartedJob], int, int, list[bool]]]:
         """Hand every published step not yet sent to the caller, after any round trip under way.
@@ -134,15 +125,30 @@ class ProgressPump:
         After ``timeout_s`` with a round trip still under way, returns nothing; the steps
         then go out with the thread's next round trip.
         """
-        deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._sending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
-                self._cond.wait(left)
+            if not self._wait_no_round_trip(timeout_s):
+                return []
             items, self._pending = self._pending, []
         return items
+
+    def _wait_no_round_trip(self, timeout_s: float) -> bool:
+        """With the lock held: wait until no round trip is under way; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self._sending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._cond.wait(left)
+        return True
+
+    def _send_owned(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
+        """Send ``items`` for the caller that set ``_sending``, then release the round trip."""
+        try:
+            self._send(items)
+        finally:
+            with self._cond:
+                self._sending = False
+                self._cond.notify_all()
 
     def _send(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
         if not items or time.monotonic() < self._skip_until:
@@ -170,12 +176,7 @@ class ProgressPump:
                     continue
                 items, self._pending = self._pending, []
                 self._sending = True
-            try:
-                self._send(items)
-            finally:
-                with self._cond:
-                    self._sending = False
-                    self._cond.notify_all()
+            self._send_owned(items)
 
 
 def progress_by_job(items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> dict[str, tuple[list[str], int]]:

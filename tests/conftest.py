@@ -181,3 +181,14 @@ def service(tmp_path_factory) -> Service:
         for p in reversed(svc.procs):
             Service.stop(p, timeout=10)
         srv.stop()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test's torch work on one thread: fast and repeatable on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

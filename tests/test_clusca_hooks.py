@@ -10,12 +10,7 @@ from clusca.hooks import get_controller
 from clusca.testing import tiny_flux
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_capturing_ff(cfg: ClusCaConfig, steps: int = 6):

@@ -11,12 +11,7 @@ from clusca.hooks import get_controller, remove_clusca
 from clusca.testing import euler_sample, tiny_flux, tiny_sd3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _CountingHook(ModelHook):

@@ -7,12 +7,7 @@ from clusca import ClusCaConfig, apply_clusca, clusca_run
 from clusca.testing import euler_sample, tiny_flux
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _hooks_seen_by(module: torch.nn.Module) -> list[int]:

@@ -11,12 +11,7 @@ from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca
 from clusca.testing import tiny_dit, tiny_flux, euler_sample
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
