@@ -297,6 +297,7 @@ class JobQueue:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False, await self.get(job_id), []
+            # Short slices keep each blocking call well inside the socket timeout.
             got = await self.r.blpop([done_key(job_id)], timeout=min(left, 2.0))
             marker = got[1] if got is not None else None
         pipe = self.r.pipeline(transaction=False)
@@ -306,20 +307,6 @@ class JobQueue:
         _, raw_job, raw_images = await pipe.execute()
         images = _ordered_images(raw_images)
         return True, decode_job(raw_job), images
-
-    async def wait(self, job_id: str, timeout_s: float) -> bool:
-        """Block until the job ends or ``timeout_s`` passes; True if it ended."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            # Short slices keep each blocking call well inside the socket timeout.
-            got = await self.r.blpop([done_key(job_id)], timeout=min(left, 2.0))
-            if got is not None:
-                # Put the marker back for any other waiter on the same job (idempotent repeats).
-                await self.r.rpush(done_key(job_id), got[1])
-                return True
 
     async def events(self, job_id: str, last_id: str = "0",
                      idle_s: float = 2.0) -> AsyncIterator[tuple[str, dict[str, Any]] | None]:
@@ -491,17 +478,29 @@ class WorkerQueue:
                 skipped.append((d, tag if len(res) < 2 else f"{tag}: {_s(res[1])}"))
         return started, skipped
 
-    def progress(self, jobs: list[StartedJob], step: int, steps: int) -> list[bool]:
-        """Publish step ``step`` of ``steps`` for each job; return which ones asked to be cancelled."""
+    def progress(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
+        """Store ``(jobs, step, steps, cancelled)`` items in one round trip; set the cancel flags read back.
+
+        One progress event per job and step, in order; each job's ``step`` field and cancel
+        flag are written and read once, for its latest step.
+        """
         pipe = self.r.pipeline(transaction=False)
-        ev = event_json("progress", step=step, steps=steps)
-        for j in jobs:
-            k = job_key(j.delivery.job_id)
-            pipe.hset(k, "step", step)
-            pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
-            pipe.hget(k, "cancel")
+        latest: dict[str, tuple[int, list[bool], int]] = {}
+        for jobs, step, steps, cancelled in items:
+            ev = event_json("progress", step=step, steps=steps)
+            for idx, j in enumerate(jobs):
+                pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
+                latest[j.delivery.job_id] = (step, cancelled, idx)
+        if not latest:
+            return
+        for job_id, (step, _, _) in latest.items():
+            pipe.hset(job_key(job_id), "step", step)
+            pipe.hget(job_key(job_id), "cancel")
         res = pipe.execute()
-        return [_s(res[3 * i + 2]) == "1" for i in range(len(jobs))]
+        flags = res[len(res) - 2 * len(latest) + 1::2]  # the HGET replies, after every XADD
+        for (_, cancelled, idx), flag in zip(latest.values(), flags):
+            if _s(flag) == "1":
+                cancelled[idx] = True
 
     def finish(self, job: StartedJob, status: str, result: dict[str, Any], error: str = "",
                images: list[bytes] = (), progress: list[str] = (), step: int | None = None) -> bool:

@@ -31,7 +31,7 @@ import redis
 
 from . import metrics
 from .pipelines import call_parameters, load_pipeline
-from .queue import EVENTS_MAXLEN, HEARTBEAT_S, Delivery, StartedJob, WorkerQueue, event_json, events_key, job_key
+from .queue import HEARTBEAT_S, Delivery, StartedJob, WorkerQueue, event_json
 from .registry import ModelEntry, Registry
 from .settings import Settings
 from .webhooks import deliver
@@ -154,7 +154,7 @@ class ProgressPump:
         if not items or time.monotonic() < self._skip_until:
             return
         try:
-            send_progress(self.q.r, items)
+            self.q.progress(items)
         except Exception:  # noqa: BLE001 - progress is best effort; the result is what must not be lost
             self._skip_until = time.monotonic() + 2.0  # Redis just failed: drop progress, do not fall behind
 
@@ -189,31 +189,6 @@ def progress_by_job(items: list[tuple[list[StartedJob], int, int, list[bool]]]) 
             events.append(ev)
             out[j.delivery.job_id] = (events, step)
     return out
-
-
-def send_progress(r: redis.Redis, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
-    """Store ``(jobs, step, steps, cancelled)`` items in one round trip; set the cancel flags read back.
-
-    One progress event per job and step, in order; each job's ``step`` field and cancel
-    flag are written and read once, for its latest step.
-    """
-    pipe = r.pipeline(transaction=False)
-    latest: dict[str, tuple[int, list[bool], int]] = {}
-    for jobs, step, steps, cancelled in items:
-        ev = event_json("progress", step=step, steps=steps)
-        for idx, j in enumerate(jobs):
-            pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
-            latest[j.delivery.job_id] = (step, cancelled, idx)
-    if not latest:
-        return
-    for job_id, (step, _, _) in latest.items():
-        pipe.hset(job_key(job_id), "step", step)
-        pipe.hget(job_key(job_id), "cancel")
-    res = pipe.execute()
-    flags = res[len(res) - 2 * len(latest) + 1::2]  # the HGET replies, after every XADD
-    for (_, cancelled, idx), flag in zip(latest.values(), flags):
-        if flag in (b"1", "1"):
-            cancelled[idx] = True
 
 
 class _Cancelled(Exception):
