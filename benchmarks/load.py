@@ -124,11 +124,9 @@ class Serve:
             env.pop(name, None)
         if weights:
             models = self.tmp / "models.yaml"
-            models.write_text(
-                "models:\n  - name: shapes\n    kind: builtin\n    dtype: float32\n"
-                f"    path: {Path(weights).resolve()}\n"
-                "    defaults: {width: 32, height: 32, steps: 20, guidance: 4.0, cache: balanced, size_multiple: 4}\n"
-            )
+            # No defaults here: the registry reads them (and the preset tuning) from the checkpoint.
+            models.write_text("models:\n  - name: shapes\n    kind: builtin\n    dtype: float32\n"
+                              f"    path: {Path(weights).resolve()}\n")
             env["CLUSCA_MODELS"] = str(models)
         self.log = open(self.tmp / "serve.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
@@ -251,17 +249,26 @@ def bench_service(url: str, a: argparse.Namespace, label: str) -> list[dict[str,
 
 
 # ==================================================================== in-process baseline
+def direct_config(a: argparse.Namespace):
+    """The ClusCa settings the service runs for ``--cache``: the checkpoint's tuning of the preset."""
+    from clusca import ClusCaConfig
+    from service.registry import builtin_entry
+
+    return ClusCaConfig.from_dict(builtin_entry(a.weights).cache_settings({"preset": a.cache}))
+
+
 def bench_direct(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The same requests as direct pipeline calls in this process (no HTTP, queue or worker)."""
     import torch
 
-    from clusca import ClusCaConfig, apply_clusca, clusca_run
+    from clusca import apply_clusca, clusca_run
     from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline
 
     torch.set_num_threads(a.threads)
-    pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR)
+    pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR).to(a.device)
     apply_clusca(pipe.transformer)
-    cfg = ClusCaConfig.preset(a.cache)
+    cfg = direct_config(a)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     out = []
     for batch in sorted({1, *a.batch}):
         n = requests_for(batch, a)
@@ -274,6 +281,7 @@ def bench_direct(a: argparse.Namespace) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             with clusca_run(pipe.transformer, cfg, num_inference_steps=a.steps):
                 pipe([PROMPTS[i % len(PROMPTS)] for i in idx], generator=gens, num_inference_steps=a.steps)
+            sync()
             dt = time.perf_counter() - t0
             if start < 0:
                 t_start = time.perf_counter()
@@ -298,7 +306,7 @@ def render(res: dict[str, Any]) -> str:
         f"Written by `python benchmarks/load.py {m['argv']}`".rstrip() + f" on {m['date']}; CPU `{m['cpu']}` "
         f"({m['cores']} cores, shared by the load generator, the API, Redis and the worker"
         + (f"; 1-minute load average {m['load_avg']} at the start" if "load_avg" in m else "")
-        + f"), no GPU; the worker runs torch with {m['worker_threads']} thread(s) "
+        + f"), {m.get('device_name') or 'no GPU'}; the worker runs torch with {m['worker_threads']} thread(s) "
         f"(`OMP_NUM_THREADS`). Requests: synchronous `POST /generate`, 32x32, {m['steps']} steps, "
         f"cache preset `{m['cache']}`, prompts cycling over {len(PROMPTS)} fixed ones, seed = request index. "
         f"Every level runs in {m.get('passes', 1)} pass(es), the levels taking turns, so that changes in the "
@@ -338,8 +346,11 @@ def render(res: dict[str, Any]) -> str:
                   "about the most batching can add on this machine with this thread count, because the built-in model "
                   "is small enough that batch-1 calls are only partly overhead and mostly arithmetic. The service "
                   "at concurrency 1 pays HTTP, queue and worker hand-offs on top of the batch-1 call."]
-    lines += ["", "Not measured here: the same benchmark on a GPU; "
-              "`python benchmarks/load.py --url http://HOST:PORT --label gpu` measures a running GPU service.", END]
+    if not m.get("device_name"):
+        lines += ["", "Not measured here: the same benchmark on a GPU. On a CUDA machine the same command runs "
+                  "the service's worker and the direct baseline on the GPU; `python benchmarks/load.py --url "
+                  "http://HOST:PORT --label gpu` measures a running GPU service."]
+    lines.append(END)
     return "\n".join(lines) + "\n"
 
 
@@ -364,6 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default="balanced", choices=["off", "quality", "balanced", "fast"])
     p.add_argument("--weights", default=None, help="built-in model checkpoint (default: the shipped weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baseline")
+    p.add_argument("--device", default=None,
+                   help="device of the in-process baseline (default: cuda when available, as the service's worker)")
     p.add_argument("--worker-threads", type=int, default=1,
                    help="torch threads of the service's worker (OMP_NUM_THREADS); keep equal to --threads")
     p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, seconds")
@@ -393,16 +406,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _device_name(device: str) -> str | None:
+    """The GPU's name when the direct baseline runs on one (the service picks the same device)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.from_json:
         write_docs(json.loads(Path(a.from_json).read_text()))
         return 0
+    if a.device is None:
+        a.device = "cpu"
+        if not a.url:
+            import torch
+
+            a.device = "cuda" if torch.cuda.is_available() else "cpu"
     res: dict[str, Any] = {"meta": {
         "argv": " ".join(sys.argv[1:] if argv is None else argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "steps": a.steps,
         "cache": a.cache, "batch": a.batch, "threads": a.threads, "worker_threads": a.worker_threads,
-        "passes": a.passes, "load_avg": round(os.getloadavg()[0], 2),
+        "passes": a.passes, "load_avg": round(os.getloadavg()[0], 2), "device": a.device,
+        "device_name": _device_name(a.device),
     }, "service": {}}
     if a.url:
         res["service"][a.label or a.url] = bench_service(a.url.rstrip("/"), a, a.label or a.url)

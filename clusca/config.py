@@ -40,7 +40,14 @@ class ClusCaConfig:
         propagation: ``paper`` (blend into the order-0 factor, higher orders still extrapolate
             the fresh value) or ``anchored`` (blend into the predicted output, so fresh tokens
             are exact and not overshot); see docs/library.md.
-        propagate_text: also propagate inside text-token clusters (the paper only refreshes them).
+        propagate_text: also propagate inside text-token clusters (the paper only refreshes
+            them); needs ``refresh_text``.
+        refresh_text: also recompute fresh tokens (and cluster) in the text stream of dual-stream
+            models, as the authors' code does. Off by default: on a cached step the text
+            stream feeds only attention and single-stream blocks, which are predicted, and
+            the text tokens are dropped at the output, so with the shipped module patterns
+            the fresh text tokens cannot change the result (bit-identical, tested) and only
+            cost time. Turn it on with a ``modules`` override that recomputes attention.
         guidance_pairs: when a full step's batch is two identical halves (classifier-free guidance
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
@@ -62,6 +69,7 @@ class ClusCaConfig:
     kmeans_fit_per_cluster: int = 32
     propagation: str = "paper"
     propagate_text: bool = False
+    refresh_text: bool = False
     guidance_pairs: bool = True
     seed: int = 0
     modules: dict[str, list[str]] | None = None
@@ -131,6 +139,8 @@ class ClusCaConfig:
             raise ValueError(f"kmeans_distance: must be one of {list(DISTANCES)}, got {self.kmeans_distance!r}")
         if self.propagation not in PROPAGATIONS:
             raise ValueError(f"propagation: must be one of {list(PROPAGATIONS)}, got {self.propagation!r}")
+        if self.propagate_text and not self.refresh_text:
+            raise ValueError("propagate_text: needs refresh_text=true (no text tokens are refreshed otherwise)")
         _int_range("seed", self.seed, 0, 2**63 - 1)
         if self.modules is not None:
             allowed = {"attention", "feedforward", "block", "cluster"}
@@ -182,6 +192,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "kmeans_fit_per_cluster": int,
     "propagation": str,
     "propagate_text": bool,
+    "refresh_text": bool,
     "guidance_pairs": bool,
     "seed": int,
     "modules": "modules",

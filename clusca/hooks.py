@@ -814,6 +814,8 @@ class ClusterHook(ModelHook):
         cfg = ctrl.config
         branch = ctrl.branch
         for group, (where, key) in self.sources.items():
+            if group == "text" and not cfg.refresh_text:
+                continue
             if where == "output":
                 h = out if key is None else (out[key] if isinstance(out, (tuple, list)) and len(out) > key else None)
             else:

@@ -120,13 +120,15 @@ class ModelEntry(BaseModel):
                 "dtype": self.dtype, "defaults": self.defaults.model_dump()}
 
 
-def builtin_entry() -> ModelEntry:
-    # Step count and guidance come from the checkpoint, which records what it was tuned
-    # for; reading the JSON keeps the API process free of torch.
+def builtin_entry(path: str | Path | None = None) -> ModelEntry:
+    """The built-in model's entry, its defaults read from the checkpoint at ``path`` (default:
+    the shipped weights)."""
+    # Step count, guidance and preset tuning come from the checkpoint, which records what
+    # it was trained and tuned for; reading the JSON keeps the API process free of torch.
     from .builtin import WEIGHTS_DIR
 
     try:
-        index = json.loads((WEIGHTS_DIR / "model_index.json").read_text())
+        index = json.loads((Path(path or WEIGHTS_DIR) / "model_index.json").read_text())
     except (OSError, ValueError):
         index = {}
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
@@ -176,11 +178,12 @@ class Registry:
         entries = []
         for i, item in enumerate(items):
             if isinstance(item, dict) and item.get("kind") == "builtin":
+                own = item.get("path") if isinstance(item.get("path"), str) else None
                 if not item.get("defaults"):
-                    item = {**builtin_entry().model_dump(exclude={"name"}), **item}
+                    item = {**builtin_entry(own).model_dump(exclude={"name"}), **item}
                 elif isinstance(item["defaults"], dict) and "cache_presets" not in item["defaults"]:
                     # The checkpoint's own preset tuning applies unless the operator replaces it.
-                    tuned = builtin_entry().defaults.cache_presets
+                    tuned = builtin_entry(own).defaults.cache_presets
                     item = {**item, "defaults": {**item["defaults"], "cache_presets": tuned}}
             try:
                 entries.append(ModelEntry.model_validate(item))

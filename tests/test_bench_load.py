@@ -17,6 +17,7 @@ from benchmarks.load import (  # noqa: E402
     PROMPTS,
     START,
     LevelResult,
+    direct_config,
     parse_args,
     render,
     requests_for,
@@ -116,3 +117,25 @@ def test_report_states_the_target():
     assert "(max batch 16): throughput at concurrency 16 >= 1.5 x concurrency 1 | 3.20 / 2.00 img/s = 1.60x | yes |" in text
     assert "batch 8: 1.50x" in text
     assert "| on | 16 | 4 | 0 | 2.90 |  | 0.50 |" in text
+    assert "no GPU" in text and "Not measured here: the same benchmark on a GPU" in text
+    gpu = render({**res, "meta": {**res["meta"], "device": "cuda", "device_name": "GPU NVIDIA H100"}})
+    assert "GPU NVIDIA H100" in gpu and "no GPU" not in gpu and "Not measured here" not in gpu
+
+
+def test_direct_baseline_runs_the_settings_the_service_runs(tmp_path):
+    # The service resolves a preset through the checkpoint's own tuning; so must the baseline.
+    from clusca import ClusCaConfig
+    from service.builtin import WEIGHTS_DIR
+
+    tuned = json.loads((WEIGHTS_DIR / "model_index.json").read_text())["cache_presets"]
+    for preset in ("quality", "balanced", "fast"):
+        want = ClusCaConfig.from_dict({"preset": preset, **tuned[preset]})
+        assert direct_config(parse_args(["--cache", preset])) == want
+    # Another checkpoint brings its own tuning.
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    index = json.loads((WEIGHTS_DIR / "model_index.json").read_text())
+    index["cache_presets"] = {"balanced": {"interval": 7, "clusters": 2}}
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    got = direct_config(parse_args(["--cache", "balanced", "--weights", str(ckpt)]))
+    assert (got.interval, got.clusters, got.order) == (7, 2, ClusCaConfig.preset("balanced").order)

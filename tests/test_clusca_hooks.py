@@ -7,7 +7,7 @@ import torch
 
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca
 from clusca.hooks import get_controller
-from clusca.testing import tiny_flux
+from clusca.testing import euler_sample, tiny_flux, tiny_hunyuan_video, tiny_sd3
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -160,7 +160,7 @@ def _expected_tokens(seed: int, step: int, group: str, layers: int, assign: torc
 def test_fresh_tokens_of_every_cached_step_follow_the_documented_draw(images):
     # Interval 4: three cached steps per clustering, picked together on the first of them;
     # a second identical run reuses the kept draws and must give the same picks and output.
-    cfg = ClusCaConfig(interval=4, warmup=2, order=0, gamma=0.0, clusters=4, seed=7)
+    cfg = ClusCaConfig(interval=4, warmup=2, order=0, gamma=0.0, clusters=4, seed=7, refresh_text=True)
     case = tiny_flux()
     apply_clusca(case.model)
     ctrl = get_controller(case.model)
@@ -214,3 +214,35 @@ def test_cluster_bytes_count_the_flat_index_before_it_is_built():
     before = g.nbytes()
     torch.testing.assert_close(g.flat_index, torch.tensor([0, 1, 1, 2, 5, 5, 3, 4]))
     assert g.nbytes() == before == 2 * 8 * 8 + 2 * 3 * 5 * 4
+
+
+
+def _sample_with_stats(make_case, cfg: ClusCaConfig, steps: int = 7):
+    case = make_case()
+    apply_clusca(case.model)
+    with clusca_run(case.model, cfg, num_inference_steps=steps) as run:
+        out = euler_sample(case, case.latents(2, seed=3), steps, [1, 2])
+    remove_clusca(case.model)
+    return out, run.stats
+
+
+@pytest.mark.parametrize("make_case", [tiny_flux, tiny_sd3, tiny_hunyuan_video])
+@pytest.mark.parametrize("order", [0, 1])
+def test_fresh_text_tokens_cannot_change_the_output(make_case, order):
+    # On a cached step the text stream feeds only predicted modules, so the authors'
+    # fresh text tokens are wasted work: skipping them (the default) changes nothing.
+    base = dict(interval=3, warmup=2, order=order, clusters=4, gamma=0.005)
+    on_out, on = _sample_with_stats(make_case, ClusCaConfig(**base, refresh_text=True, propagate_text=True))
+    off_out, off = _sample_with_stats(make_case, ClusCaConfig(**base))
+    assert torch.equal(on_out, off_out)
+    # ... while they were computed: text clusterings and text tokens on every cached step.
+    assert on.kmeans_calls == 2 * off.kmeans_calls > 0
+    assert on.tokens_computed > off.tokens_computed and on.flops > off.flops
+    # The image stream's fresh tokens do reach the output.
+    fora_out, _ = _sample_with_stats(make_case, ClusCaConfig(**base, mode="fora"))
+    assert not torch.equal(off_out, fora_out)
+
+
+def test_propagate_text_needs_refresh_text():
+    with pytest.raises(ValueError, match="propagate_text: needs refresh_text"):
+        ClusCaConfig(propagate_text=True).validate()

@@ -60,7 +60,7 @@ def test_a_sample_does_not_depend_on_its_batch(make):
     xa = per_sample_latents(case, [4])
     # Uncached: the only difference is float noise from batched matmuls.
     noise = (euler_sample(case, xb, 12, seeds)[1] - euler_sample(case, xa, 12, [4])[0]).abs().max().item()
-    for cfg in ("balanced", ClusCaConfig(clusters=4, fresh_tokens=2, gamma=0.05, propagate_text=True)):
+    for cfg in ("balanced", ClusCaConfig(clusters=4, fresh_tokens=2, gamma=0.05, refresh_text=True, propagate_text=True)):
         with clusca_run(case.model, cfg, num_inference_steps=12):
             batched = euler_sample(case, xb, 12, seeds)
         with clusca_run(case.model, cfg, num_inference_steps=12):

@@ -84,6 +84,26 @@ def test_builtin_entry_with_operator_defaults_keeps_the_checkpoint_tuning(tmp_pa
     assert _resolved(reg.get("plain")) == ClusCaConfig.preset("balanced").to_dict()
 
 
+def test_builtin_entry_reads_the_index_of_its_own_checkpoint(tmp_path):
+    # A retrained checkpoint served under another name brings its own steps and tuning.
+    ckpt = tmp_path / "retrained"
+    ckpt.mkdir()
+    index = {**_index(), "default_steps": 24, "default_guidance": 3.0,
+             "cache_presets": {"balanced": {"interval": 6, "order": 0, "clusters": 2, "gamma": 0.0}}}
+    (ckpt / "model_index.json").write_text(json.dumps(index))
+    p = tmp_path / "m.yaml"
+    p.write_text(f"models:\n  - name: mine\n    kind: builtin\n    path: {ckpt}\n"
+                 f"  - name: tuned-only\n    kind: builtin\n    path: {ckpt}\n"
+                 "    defaults: {width: 32, height: 32, cache: balanced, size_multiple: 4}\n")
+    reg = Registry.load(p)
+    mine = reg.get("mine")
+    assert (mine.defaults.steps, mine.defaults.guidance) == (24, 3.0)
+    assert mine.path == str(ckpt)
+    for name in ("mine", "tuned-only"):
+        assert reg.get(name).defaults.cache_presets == index["cache_presets"]
+        assert _resolved(reg.get(name))["interval"] == 6
+
+
 @pytest.mark.parametrize("presets,fragment", [
     ("{ludicrous: {interval: 4}}", "not a tunable preset"),
     ("{'off': {interval: 4}}", "not a tunable preset"),

@@ -20,7 +20,7 @@ class CacheSettings(BaseModel):
     Unset fields come from the preset (default: the model's default preset). Knobs:
     ``interval``, ``warmup``, ``order``, ``clusters``, ``fresh_tokens``, ``gamma``,
     ``kmeans_iters``, ``kmeans_distance``, ``propagation``, ``propagate_text``,
-    ``guidance_pairs``, ``seed``.
+    ``refresh_text``, ``guidance_pairs``, ``seed``.
     """
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{"preset": "balanced"},
@@ -38,6 +38,7 @@ class CacheSettings(BaseModel):
     kmeans_distance: Optional[Literal["l1", "l2"]] = None
     propagation: Optional[str] = Field(None, max_length=32)
     propagate_text: Optional[bool] = None
+    refresh_text: Optional[bool] = None
     guidance_pairs: Optional[bool] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
 
