@@ -764,7 +764,7 @@ def plot(res: dict[str, Any], path: Path = PLOT) -> None:
     def y(r: dict) -> float:
         return min(r["psnr"], top)
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), sharey=True)
     for ax, key, label in ((axes[0], "flops_speedup", "FLOPs speedup (measured)"),
                            (axes[1], "wall_speedup", "wall-clock speedup (CPU, batch 1)")):
         for k, fam in enumerate(families):
@@ -788,9 +788,11 @@ def plot(res: dict[str, Any], path: Path = PLOT) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("PSNR vs uncached (dB), built-in model")
-    axes[1].legend(fontsize=8, loc="best")
+    # Below the plots: inside either one it hides the points a reader compares.
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=5, frameon=False)
     fig.suptitle(f"Quality against speed, built-in model, {b['steps']} steps, {b['prompts']} prompts")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
