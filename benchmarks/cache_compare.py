@@ -634,7 +634,8 @@ def render(res: dict[str, Any]) -> str:
         "(the library's presets with the checkpoint's `cache_presets` on top, see docs/service.md); "
         "`ClusCa paper ...` are the library's own presets, the paper's settings. Unless a row says "
         "\"pairs off\", both halves of a guidance batch refresh the same tokens (`guidance_pairs`, "
-        "docs/library.md).",
+        "docs/library.md). Unless a row says \"text refresh on\", ClusCa refreshes image tokens only: "
+        "text-stream fresh tokens cannot change the output (`refresh_text`, docs/library.md).",
         "",
     ]
     b = res.get("builtin")
