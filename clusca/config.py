@@ -42,19 +42,20 @@ class ClusCaConfig:
             are exact and not overshot); see docs/library.md.
         propagate_text: also propagate inside text-token clusters (the paper only refreshes
             them); needs ``refresh_text``.
-        refresh_text: also recompute fresh tokens (and cluster) in the text stream of dual-stream
-            models, as the authors' code does. Off by default: on a cached step the text
-            stream feeds only attention and single-stream blocks, which are predicted, and
-            the text tokens are dropped at the output, so with the shipped module patterns
-            the fresh text tokens cannot change the result (bit-identical, tested) and only
-            cost time. Turn it on with a ``modules`` override that recomputes attention.
+        refresh_text: also compute the text stream of dual-stream models on cached steps: fresh
+            text tokens (and text clustering), as the authors' code does, and the text-side
+            norms. Off by default: on a cached step the text stream feeds only attention and
+            single-stream blocks, which are predicted, and the text tokens are dropped at the
+            output, so with the shipped module patterns none of this can change the result
+            (bit-identical, tested) and it only costs time.
         guidance_pairs: when a full step's batch is two identical halves (classifier-free guidance
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
         seed: seed of the fresh-token draws and the first k-means initialisation.
         modules: optional override of the architecture's module name patterns, a mapping
-            ``{"attention": [...], "feedforward": [...], "block": [...], "cluster": [...]}``
-            of regular expressions matched against ``named_modules()`` names.
+            ``{"attention": [...], "feedforward": [...], "block": [...], "cluster": [...],
+            "text_stream": [...]}`` of regular expressions matched against ``named_modules()``
+            names (overriding attention or blocks clears the text-stream patterns).
     """
 
     mode: str = "clusca"
@@ -143,7 +144,7 @@ class ClusCaConfig:
             raise ValueError("propagate_text: needs refresh_text=true (no text tokens are refreshed otherwise)")
         _int_range("seed", self.seed, 0, 2**63 - 1)
         if self.modules is not None:
-            allowed = {"attention", "feedforward", "block", "cluster"}
+            allowed = {"attention", "feedforward", "block", "cluster", "text_stream"}
             for key, pats in self.modules.items():
                 if key not in allowed:
                     raise ValueError(f"modules: unknown role {key!r}; roles are {sorted(allowed)}")

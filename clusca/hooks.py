@@ -139,7 +139,7 @@ class _Slot:
     def __init__(self, index: int, name: str, role: str, group: str | None = None, residuals=()) -> None:
         self.index = index
         self.name = name
-        self.role = role  # "attention" | "block" | "feedforward"
+        self.role = role  # "attention" | "block" | "feedforward" | "text"
         self.group = group
         self.group_pos = 0  # ordinal among the feed-forward modules of the same token group
         self.residuals: tuple[tuple[str, int | None], ...] = tuple(residuals)
@@ -673,6 +673,40 @@ class TaylorHook(_SlotHook):
         return _unflatten(st.structure, [_taylor(fs, st.n, coeffs) for fs in st.factors])
 
 
+class TextStreamHook(_SlotHook):
+    """Text half of a dual-stream block: on cached steps, return the last full step's output.
+
+    What such a module computes on a cached step reaches only predicted modules or the
+    dropped text tokens (see ``ArchitecturePatterns.text_stream``), so any value of the
+    right shape gives the same result; the last real one is free and keeps the text stream
+    finite. The outputs are kept as they are (no copy, no Taylor factors).
+    """
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ctrl = self.controller
+        if not ctrl.caching:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        branch = ctrl.branch
+        st = branch.slots[self.index]
+        x = _first_tensor(args, kwargs)
+        stale = st.n == 0 or (x is not None and x.shape != st.in_shape)
+        if branch.full or stale or ctrl.config.refresh_text:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if branch.full or stale:
+                layout, tensors = _flatten(out)
+                before = st.nbytes()
+                st.factors, st.n, st.structure = [[t] for t in tensors], 1, layout
+                st.in_shape = x.shape if x is not None else None
+                st.last_full = branch.step
+                ctrl.counters.add_cache_bytes(st.nbytes() - before)
+            if not branch.full:
+                c = ctrl.counters
+                c.tokens_computed += st.tokens
+                c.flops += st.flops
+            return out
+        return _unflatten(st.structure, [fs[0] for fs in st.factors])
+
+
 class BlockHook(_SlotHook):
     """Predict a block's contribution (output minus input) on cached steps.
 
@@ -882,6 +916,8 @@ def _plan(model: torch.nn.Module, arch: ArchitecturePatterns) -> tuple[list[_Slo
             residuals = [(r, _arg_position(mod.forward, r)) for r in arch.block_residuals]
         elif _match(arch.attention, name):
             role = "attention"
+        elif _match(arch.text_stream, name):
+            role = "text"
         else:
             for pat, grp in arch.feedforward.items():
                 if re.fullmatch(pat, name):
@@ -969,7 +1005,7 @@ def apply_clusca(
             ctrl.probe_targets.append((mod, owner, "attention"))
 
     HookRegistry.check_if_exists_or_initialize(model).register_hook(ClusCaRootHook(ctrl), _ROOT_HOOK)
-    hook_cls = {"attention": TaylorHook, "block": BlockHook, "feedforward": FeedForwardHook}
+    hook_cls = {"attention": TaylorHook, "block": BlockHook, "feedforward": FeedForwardHook, "text": TextStreamHook}
     for slot, (_, mod) in zip(slots, modules):
         registry = HookRegistry.check_if_exists_or_initialize(mod)
         registry.register_hook(hook_cls[slot.role](ctrl, slot), _CACHE_HOOK)

@@ -10,6 +10,12 @@ Each entry names, by regular expressions matched with ``re.fullmatch`` against
   argument each output corresponds to, in output order.
 * ``feedforward``: feed-forward modules that recompute one token per cluster on cached
   steps; the value is the token group (``"image"`` or ``"text"``) their input belongs to.
+* ``text_stream``: modules of the text half of dual-stream blocks whose outputs, on a
+  cached step, reach only modules that are predicted there (attention, the next text
+  feed-forward, single-stream blocks) or are dropped at the output: they return their
+  last full-step output on cached steps instead of recomputing (unless the run asks for
+  ``refresh_text``). Only valid while attention and blocks are predicted, so an override
+  of those patterns clears it.
 * ``cluster``: where the per-sample k-means runs on full steps: the LAST module matching
   ``cluster_module``, and for each token group where its tokens are read: ``("output", i)``
   (i-th output of that module, ``None`` index for a plain tensor) or ``("input", name)``.
@@ -34,6 +40,7 @@ class ArchitecturePatterns:
     block_residuals: tuple[str, ...] = ("hidden_states",)
     chain_blocks: bool = False
     feedforward: Mapping[str, str] = field(default_factory=dict)
+    text_stream: tuple[str, ...] = ()
     cluster_module: str | None = None
     cluster_sources: Mapping[str, TokenSource] = field(default_factory=dict)
 
@@ -46,6 +53,11 @@ class ArchitecturePatterns:
             kwargs["attention"] = tuple(modules["attention"])
         if "block" in modules:
             kwargs["blocks"] = tuple(modules["block"])
+        if "attention" in modules or "block" in modules:
+            # The text stream is dead on cached steps only because these are predicted.
+            kwargs["text_stream"] = ()
+        if "text_stream" in modules:
+            kwargs["text_stream"] = tuple(modules["text_stream"])
         if "feedforward" in modules:
             # An override lists image-stream FFNs; a trailing "@text" marks a text-stream one.
             ff: dict[str, str] = {}
@@ -62,6 +74,9 @@ class ArchitecturePatterns:
 _N = r"\d+"
 # Dual-stream blocks (FLUX, HunyuanVideo, SD3) run one feed-forward per token stream.
 _DUAL_STREAM_FF = {rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blocks\.{_N}\.ff_context": "text"}
+# Their text-side norms: AdaLayerNormZero (a projection of the timestep embedding plus a
+# norm over the text tokens) and the norm in front of the text feed-forward.
+_DUAL_STREAM_TEXT = (rf"transformer_blocks\.{_N}\.norm1_context", rf"transformer_blocks\.{_N}\.norm2_context")
 
 ARCHITECTURES: dict[str, ArchitecturePatterns] = {
     "flux": ArchitecturePatterns(
@@ -73,6 +88,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         block_residuals=("encoder_hidden_states", "hidden_states"),
         chain_blocks=True,
         feedforward=_DUAL_STREAM_FF,
+        text_stream=_DUAL_STREAM_TEXT,
         cluster_module=rf"transformer_blocks\.{_N}",
         cluster_sources={"image": ("output", 1), "text": ("output", 0)},
     ),
@@ -85,6 +101,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         block_residuals=("hidden_states", "encoder_hidden_states"),
         chain_blocks=True,
         feedforward=_DUAL_STREAM_FF,
+        text_stream=_DUAL_STREAM_TEXT,
         cluster_module=rf"transformer_blocks\.{_N}",
         cluster_sources={"image": ("output", 0), "text": ("output", 1)},
     ),
@@ -93,6 +110,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         model_classes=("SD3Transformer2DModel",),
         attention=(rf"transformer_blocks\.{_N}\.attn2?",),
         feedforward=_DUAL_STREAM_FF,
+        text_stream=_DUAL_STREAM_TEXT,
         cluster_module=rf"transformer_blocks\.{_N}",
         # The last SD3 block drops the text stream (context_pre_only), so text tokens are
         # clustered on that block's text input, i.e. the previous block's text output.

@@ -246,3 +246,34 @@ def test_fresh_text_tokens_cannot_change_the_output(make_case, order):
 def test_propagate_text_needs_refresh_text():
     with pytest.raises(ValueError, match="propagate_text: needs refresh_text"):
         ClusCaConfig(propagate_text=True).validate()
+
+
+@pytest.mark.parametrize("make_case", [tiny_flux, tiny_sd3, tiny_hunyuan_video])
+def test_text_side_norms_run_on_full_steps_only(make_case):
+    case = make_case()
+    apply_clusca(case.model)
+    # The projection inside the first block's text norm: counts real executions, not calls.
+    calls = []
+    linear = case.model.transformer_blocks[0].norm1_context.linear
+    linear.register_forward_hook(lambda *_: calls.append(1))
+    steps = 7
+    runs = {}
+    for refresh in (False, True):
+        calls.clear()
+        cfg = ClusCaConfig(interval=3, warmup=2, order=1, clusters=4, refresh_text=refresh)
+        with clusca_run(case.model, cfg, num_inference_steps=steps) as run:
+            runs[refresh] = euler_sample(case, case.latents(2, seed=5), steps, [1, 2])
+        runs[(refresh, "calls")] = len(calls)
+        runs[(refresh, "stats")] = run.stats
+    remove_clusca(case.model)
+    full = run.stats.full_steps
+    assert 0 < full < steps
+    assert runs[(False, "calls")] == full and runs[(True, "calls")] == steps
+    assert torch.equal(runs[False], runs[True])
+    assert runs[(False, "stats")].flops < runs[(True, "stats")].flops
+    # FORA and TaylorSeer skip them as well: they are dead whenever attention is predicted.
+    calls.clear()
+    apply_clusca(case.model)
+    with clusca_run(case.model, ClusCaConfig(mode="fora", interval=3, warmup=2), num_inference_steps=steps):
+        euler_sample(case, case.latents(2, seed=5), steps, [1, 2])
+    assert len(calls) == full

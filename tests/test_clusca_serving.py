@@ -215,6 +215,22 @@ def test_module_pattern_override_reinstalls_hooks():
     assert torch.equal(euler_sample(case, x, 10), ref)
 
 
+def test_overriding_attention_keeps_the_text_stream_computed():
+    # With attention recomputed on cached steps the text stream is live again, so its
+    # norms must run; an explicit text_stream pattern list still applies.
+    case = tiny_flux()
+    calls = []
+    case.model.transformer_blocks[0].norm1_context.linear.register_forward_hook(lambda *_: calls.append(1))
+    x = case.latents(1)
+    for modules, want in (({"attention": []}, 10), ({"attention": [], "text_stream": [r"transformer_blocks\.\d+\.norm1_context"]}, None)):
+        calls.clear()
+        apply_clusca(case.model, ClusCaConfig(modules=modules))
+        with clusca_run(case.model, ClusCaConfig(modules=modules), num_inference_steps=10) as run:
+            euler_sample(case, x, 10)
+        assert len(calls) == (want if want is not None else run.stats.full_steps)
+        remove_clusca(case.model)
+
+
 def test_inside_a_diffusers_pipeline_with_batched_guidance():
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
