@@ -650,6 +650,11 @@ class _SlotHook(ModelHook):
         self.slot = slot
         self.index = slot.index
 
+    def _state(self, args: tuple, kwargs: dict) -> tuple[BranchState, SlotState, torch.Tensor | None]:
+        """This call's branch, this module's cache in it, and the module's first input tensor."""
+        branch = self.controller.branch
+        return branch, branch.slots[self.index], _first_tensor(args, kwargs)
+
 
 class TaylorHook(_SlotHook):
     """Predict the whole output of a module (attention) on cached steps."""
@@ -658,9 +663,7 @@ class TaylorHook(_SlotHook):
         ctrl = self.controller
         if not ctrl.caching:
             return self.fn_ref.original_forward(*args, **kwargs)
-        branch = ctrl.branch
-        st = branch.slots[self.index]
-        x = _first_tensor(args, kwargs)
+        branch, st, x = self._state(args, kwargs)
         if branch.full or st.n == 0 or (x is not None and x.shape != st.in_shape):
             out = self.fn_ref.original_forward(*args, **kwargs)
             layout, tensors = _flatten(out)
@@ -686,9 +689,7 @@ class TextStreamHook(_SlotHook):
         ctrl = self.controller
         if not ctrl.caching:
             return self.fn_ref.original_forward(*args, **kwargs)
-        branch = ctrl.branch
-        st = branch.slots[self.index]
-        x = _first_tensor(args, kwargs)
+        branch, st, x = self._state(args, kwargs)
         stale = st.n == 0 or (x is not None and x.shape != st.in_shape)
         if branch.full or stale or ctrl.config.refresh_text:
             out = self.fn_ref.original_forward(*args, **kwargs)
@@ -772,9 +773,7 @@ class FeedForwardHook(_SlotHook):
         ctrl = self.controller
         if not ctrl.caching:
             return self.fn_ref.original_forward(*args, **kwargs)
-        branch = ctrl.branch
-        st = branch.slots[self.index]
-        x = _first_tensor(args, kwargs)
+        branch, st, x = self._state(args, kwargs)
         if branch.full or st.n == 0 or x is None or x.shape != st.in_shape:
             out = self.fn_ref.original_forward(*args, **kwargs)
             layout, tensors = _flatten(out)
