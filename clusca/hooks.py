@@ -680,9 +680,10 @@ class TextStreamHook(_SlotHook):
     """Text half of a dual-stream block: on cached steps, return the last full step's output.
 
     What such a module computes on a cached step reaches only predicted modules or the
-    dropped text tokens (see ``ArchitecturePatterns.text_stream``), so any value of the
-    right shape gives the same result; the last real one is free and keeps the text stream
-    finite. The outputs are kept as they are (no copy, no Taylor factors).
+    dropped text tokens (see ``ArchitecturePatterns.text_stream``), so any finite value of
+    the right shape gives the same result. An output shaped like the module's input (the
+    normalised text tokens) is answered with that input, so nothing of text-token size is
+    kept; the other outputs (per-sample gates and shifts) are kept as they are.
     """
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -696,7 +697,9 @@ class TextStreamHook(_SlotHook):
             if branch.full or stale:
                 layout, tensors = _flatten(out)
                 before = st.nbytes()
-                st.factors, st.n, st.structure = [[t] for t in tensors], 1, layout
+                # An empty factor list stands for "the current input".
+                st.factors = [[] if x is not None and t.shape == x.shape else [t] for t in tensors]
+                st.n, st.structure = 1, layout
                 st.in_shape = x.shape if x is not None else None
                 st.last_full = branch.step
                 ctrl.counters.add_cache_bytes(st.nbytes() - before)
@@ -705,7 +708,7 @@ class TextStreamHook(_SlotHook):
                 c.tokens_computed += st.tokens
                 c.flops += st.flops
             return out
-        return _unflatten(st.structure, [fs[0] for fs in st.factors])
+        return _unflatten(st.structure, [fs[0] if fs else x for fs in st.factors])
 
 
 class BlockHook(_SlotHook):
