@@ -42,20 +42,44 @@ def test_budget_is_required(tmp_path):
         train.parse_args(["--out", str(tmp_path), "--minutes", "0"])
 
 
-def test_worker_processes_draw_the_same_batches_as_the_trainer():
-    args = train.parse_args(["--out", "unused", "--steps", "1", "--batch", "3", "--seed", "5"])
+def _expected_and_pooled(seed: int, n: int):
+    """The first ``n`` batches drawn in this process, and a stream of the same run on 2 workers."""
+    args = train.parse_args(["--out", "unused", "--steps", "1", "--batch", "3", "--seed", str(seed)])
     local = train.BatchStream(args)
-    expected = [next(local) for _ in range(3)]
+    expected = [next(local) for _ in range(n)]
     args.data_workers = 2
-    pooled = train.BatchStream(args)
+    return expected, train.BatchStream(args)
+
+
+def _assert_same_batches(expected, got) -> None:
+    assert len(expected) == len(got)
+    for (img_e, cap_e), (img_g, cap_g) in zip(expected, got):
+        np.testing.assert_array_equal(img_e, img_g)
+        assert cap_e == cap_g
+
+
+def test_worker_processes_draw_the_same_batches_as_the_trainer():
+    expected, pooled = _expected_and_pooled(5, 3)
     try:
         got = [next(pooled) for _ in range(3)]
     finally:
         pooled.close()
-    for (img_e, cap_e), (img_g, cap_g) in zip(expected, got):
-        np.testing.assert_array_equal(img_e, img_g)
-        assert cap_e == cap_g
+    _assert_same_batches(expected, got)
     assert not np.array_equal(expected[0][0], expected[1][0])
+
+
+def test_a_dead_data_worker_costs_nothing_but_time():
+    expected, pooled = _expected_and_pooled(6, 12)
+    try:
+        got = [next(pooled)]
+        for proc in list(pooled._pool._processes.values()):
+            proc.kill()
+        # Six batches may be done already; the stream draws the others itself.
+        got += [next(pooled) for _ in range(11)]
+        assert pooled._pool is None
+    finally:
+        pooled.close()
+    _assert_same_batches(expected, got)
 
 
 def test_init_continues_from_a_checkpoint(tmp_path):

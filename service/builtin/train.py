@@ -87,38 +87,60 @@ class BatchStream:
     """Batches 0, 1, 2, ... in order, drawn here or by a pool of worker processes.
 
     A bounded number of batches is in flight, so a slow consumer never piles them up.
+    Batch ``i`` depends on the seed and ``i`` only, so if a worker dies or stalls the
+    stream draws the rest itself and the run sees exactly the same data.
     """
 
-    def __init__(self, a: argparse.Namespace) -> None:
+    def __init__(self, a: argparse.Namespace, timeout_s: float = 120.0) -> None:
         self._args = (a.seed, a.batch, a.caption_dropout, a.word_dropout, a.pair_fraction)
-        self._next = 0
+        self._next = 0  # next batch index handed out
+        self._timeout_s = timeout_s
         self._pool = None
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque = collections.deque()  # futures of batches _next, _next + 1, ...
         if a.data_workers > 0:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-            # spawn: the workers need numpy only, never the parent's CUDA context.
-            self._pool = multiprocessing.get_context("spawn").Pool(a.data_workers)
+            # spawn: the workers need numpy only, never the parent's CUDA context. An
+            # executor, unlike multiprocessing.Pool, reports a dead worker instead of
+            # leaving its task waiting forever.
+            self._pool = ProcessPoolExecutor(a.data_workers, mp_context=multiprocessing.get_context("spawn"))
             for _ in range(3 * a.data_workers):
                 self._submit()
 
+    def _draw(self, index: int) -> tuple[np.ndarray, list[str]]:
+        seed, n, cp, wp, pf = self._args
+        return draw_batch(seed, index, n, cp, wp, pf)
+
     def _submit(self) -> None:
         seed, n, cp, wp, pf = self._args
-        self._pending.append(self._pool.apply_async(draw_batch, (seed, self._next, n, cp, wp, pf)))
-        self._next += 1
+        index = self._next + len(self._pending)
+        self._pending.append(self._pool.submit(draw_batch, seed, index, n, cp, wp, pf))
 
     def __next__(self) -> tuple[np.ndarray, list[str]]:
+        index = self._next
+        self._next += 1
         if self._pool is None:
-            seed, n, cp, wp, pf = self._args
-            self._next += 1
-            return draw_batch(seed, self._next - 1, n, cp, wp, pf)
-        result = self._pending.popleft().get()
-        self._submit()
+            return self._draw(index)
+        try:
+            result = self._pending.popleft().result(timeout=self._timeout_s)
+            self._submit()
+        except Exception as exc:  # noqa: BLE001 - a dead, stalled or failing worker: same remedy
+            print(f"data workers failed at batch {index} ({type(exc).__name__}: {exc}); "
+                  "drawing batches in the trainer from now on", file=sys.stderr, flush=True)
+            self.close()
+            return self._draw(index)
         return result
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
+            # The workers only draw data: stop them outright, a stalled one included.
+            workers = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for w in workers:
+                w.terminate()
+            self._pool = None
+            self._pending.clear()
 
 
 @torch.no_grad()
