@@ -143,9 +143,11 @@ def main(argv=None) -> int:
     else:
         # The preset as the service runs it for this model (the checkpoint's own tuning on
         # top of the library's preset), and the library's (the paper's) for reference.
-        tuned = getattr(pipe, "cache_presets", {}).get(a.preset, {})
-        runs = {"clusca": ClusCaConfig.preset(a.preset, **tuned)}
-        if tuned:
+        from service.registry import builtin_entry
+
+        entry = builtin_entry(a.weights)
+        runs = {"clusca": entry.cache_config({"preset": a.preset})}
+        if entry.defaults.cache_presets.get(a.preset):
             runs["clusca_paper"] = ClusCaConfig.preset(a.preset)
         apply_clusca(pipe.transformer)
         try:

@@ -61,13 +61,13 @@ def clusca_label(cfg: Any) -> str:
     return out
 
 
-def builtin_methods(quick: bool, model_presets: dict[str, dict[str, Any]] | None = None) -> list:
+def builtin_methods(quick: bool, weights: str | Path | None = None) -> list:
     """Every setting compared on the built-in model.
 
-    ``model_presets`` is the checkpoint's own tuning of the named presets (its
-    ``model_index.json`` key ``cache_presets``): the rows named ``ClusCa <preset>`` run
-    exactly the settings the service resolves for that model; ``ClusCa paper <preset>``
-    rows run the library's (the paper's) presets.
+    ``weights`` is the built-in checkpoint (default: the shipped one). Its own tuning of the
+    named presets (``model_index.json`` key ``cache_presets``) makes the rows named
+    ``ClusCa <preset>`` run exactly the settings the service resolves for that model;
+    ``ClusCa paper <preset>`` rows run the library's (the paper's) presets.
     """
     from diffusers import (
         FirstBlockCacheConfig,
@@ -78,8 +78,10 @@ def builtin_methods(quick: bool, model_presets: dict[str, dict[str, Any]] | None
 
     from benchmarks._caches import Method
     from clusca import ClusCaConfig
+    from service.registry import builtin_entry
 
-    model_presets = model_presets or {}
+    entry = builtin_entry(weights)
+    model_presets = entry.defaults.cache_presets
 
     def cc(family: str = "ClusCa", name: str | None = None, **kw) -> Method:
         base = kw.pop("preset", None)
@@ -87,8 +89,7 @@ def builtin_methods(quick: bool, model_presets: dict[str, dict[str, Any]] | None
         return Method(name or f"ClusCa {clusca_label(cfg)}", family, clusca=cfg)
 
     def model_preset(name: str) -> Method:
-        # The same resolution as the service: the library preset, then the model's overrides.
-        cfg = ClusCaConfig.from_dict({"preset": name, **model_presets.get(name, {})})
+        cfg = entry.cache_config({"preset": name})  # exactly what the service runs
         return Method(f"ClusCa {name} ({clusca_label(cfg)})", "ClusCa presets", clusca=cfg,
                       note="this model's tuning" if name in model_presets else "")
 
@@ -218,7 +219,7 @@ def bench_builtin(a: argparse.Namespace) -> dict[str, Any]:
     env = Env(steps=steps)
     track_timestep(tr, env)
     apply_clusca(tr)
-    methods = select(builtin_methods(a.quick, getattr(pipe, "cache_presets", None)), a.methods)
+    methods = select(builtin_methods(a.quick, weights), a.methods)
 
     items = data.eval_set(a.prompts)
     prompts, scenes = [t for t, _ in items], [s for _, s in items]
@@ -669,7 +670,7 @@ def render(res: dict[str, Any]) -> str:
     # ---- built-in table
     if b:
         lines += [
-            f"### (a) Built-in shapes model: quality and speed",
+            "### (a) Built-in shapes model: quality and speed",
             "",
             f"Checkpoint `{b['weights_label']}`"
             + ("" if b["weights_label"].startswith("service/builtin/weights") else

@@ -251,10 +251,9 @@ def bench_service(url: str, a: argparse.Namespace, label: str) -> list[dict[str,
 # ==================================================================== in-process baseline
 def direct_config(a: argparse.Namespace):
     """The ClusCa settings the service runs for ``--cache``: the checkpoint's tuning of the preset."""
-    from clusca import ClusCaConfig
     from service.registry import builtin_entry
 
-    return ClusCaConfig.from_dict(builtin_entry(a.weights).cache_settings({"preset": a.cache}))
+    return builtin_entry(a.weights).cache_config({"preset": a.cache})
 
 
 def bench_direct(a: argparse.Namespace) -> list[dict[str, Any]]:

@@ -114,6 +114,10 @@ class ModelEntry(BaseModel):
         name = settings.pop("preset", None) or self.defaults.cache
         return {"preset": name, **self.defaults.cache_presets.get(name, {}), **settings}
 
+    def cache_config(self, requested: dict[str, Any] | None = None) -> ClusCaConfig:
+        """The run's validated ClusCa settings for ``requested`` (see ``cache_settings``)."""
+        return ClusCaConfig.from_dict(self.cache_settings(requested))
+
     def public(self) -> dict[str, Any]:
         """What clients may see (no filesystem paths)."""
         return {"name": self.name, "kind": self.kind, "pipeline_class": self.pipeline_class,

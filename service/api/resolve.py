@@ -8,8 +8,6 @@ from typing import Any
 
 import anyio
 
-from clusca.config import ClusCaConfig
-
 from ..registry import ModelEntry, Registry
 from ..settings import Settings
 from ..webhooks import WebhookError, check_url
@@ -50,9 +48,8 @@ def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> dict[str, A
     settings = cache.model_dump(exclude_none=True) if cache is not None else {}
     if "modules" in settings:
         raise _bad("cache.modules", "module patterns are set by the operator, not per request")
-    settings = entry.cache_settings(settings)  # the model's version of the preset, then the request's knobs
     try:
-        return ClusCaConfig.from_dict(settings).to_dict()
+        return entry.cache_config(settings).to_dict()  # the model's version of the preset, then the request's knobs
     except ValueError as exc:
         msg = str(exc)
         name, _, rest = msg.partition(": ")
