@@ -15,6 +15,7 @@ File format (YAML or JSON)::
         dtype: bfloat16
         device: cuda
         defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: balanced}
+        limits: {size_multiple: 16, max_side: 2048, max_pixels: 4194304, max_steps: 100, max_images: 4}
         # optional per-model preset tuning, e.g.
         #   cache_presets: {balanced: {interval: 4, order: 0, clusters: 4, gamma: 0.0}}
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -43,8 +44,8 @@ class ModelDefaults(BaseModel):
     steps: int = Field(28, ge=1)
     guidance: float = Field(3.5, ge=0, allow_inf_nan=False)
     cache: str = "balanced"
-    # Spatial granularity of the pipeline: requested sizes must be multiples of it.
-    size_multiple: int = Field(16, ge=1)
+    # Older spelling of ``limits.size_multiple``; the entry keeps both equal.
+    size_multiple: Optional[int] = Field(None, ge=1)
     # Per-model tuning of the named ClusCa presets: {"balanced": {"order": 0, ...}}. A request
     # (or the default above) naming a preset gets the library's preset with these settings on
     # top; presets not listed here keep the library's settings.
@@ -82,6 +83,56 @@ class ModelDefaults(BaseModel):
         return v
 
 
+class ModelLimits(BaseModel):
+    """What a model's pipeline accepts; the API refuses anything outside it with a 422.
+
+    ``None`` means the model sets no bound of its own: the service-wide ``CLUSCA_MAX_*``
+    limits still apply (see :meth:`within`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Spatial granularity of the pipeline: widths and heights must be multiples of it.
+    size_multiple: int = Field(16, ge=1, le=1024)
+    min_side: int = Field(8, ge=1)
+    max_side: Optional[int] = Field(None, ge=8)
+    max_pixels: Optional[int] = Field(None, ge=64)
+    min_steps: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    max_images: Optional[int] = Field(None, ge=1)
+    # Video pipelines (not served yet): most frames per request.
+    max_frames: Optional[int] = Field(None, ge=1)
+
+    def within(self, *, max_side: int, max_pixels: int, max_steps: int, max_images: int) -> "ModelLimits":
+        """These limits tightened by the service's own, every bound set and reachable.
+
+        Sides are rounded to the size multiple (the smallest side is the first multiple at
+        or above ``min_side`` and 8; the largest the last one at or below both maxima).
+        """
+        m = self.size_multiple
+        low = -(-max(self.min_side, 8) // m) * m
+        high = min(x for x in (self.max_side, max_side) if x is not None) // m * m
+        return ModelLimits(size_multiple=m, min_side=low, max_side=high,
+                           max_pixels=min(x for x in (self.max_pixels, max_pixels) if x is not None),
+                           min_steps=self.min_steps,
+                           max_steps=min(x for x in (self.max_steps, max_steps) if x is not None),
+                           max_images=min(x for x in (self.max_images, max_images) if x is not None),
+                           max_frames=self.max_frames)
+
+    def size_problem(self, width: int, height: int) -> tuple[str, str] | None:
+        """``(field, message)`` for the first way ``width`` x ``height`` breaks these limits, else None."""
+        for field, v in (("width", width), ("height", height)):
+            if v % self.size_multiple:
+                return field, f"must be a multiple of {self.size_multiple}"
+            if v < self.min_side:
+                return field, f"must be at least {self.min_side}"
+            if self.max_side is not None and v > self.max_side:
+                return field, f"must be at most {self.max_side}"
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            return "width", f"width x height = {width * height} pixels exceeds the limit of {self.max_pixels}"
+        return None
+
+
 class ModelEntry(BaseModel):
     """One servable model."""
 
@@ -94,6 +145,7 @@ class ModelEntry(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    limits: ModelLimits = Field(default_factory=ModelLimits)
     # Free-form loader options (e.g. the no-op model's per-step delay).
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -101,6 +153,20 @@ class ModelEntry(BaseModel):
     def _needs_path(self) -> "ModelEntry":
         if self.kind == "diffusers" and not self.path:
             raise ValueError(f"model {self.name!r}: kind 'diffusers' needs a path (local folder or hub id)")
+        lim, d = self.limits, self.defaults
+        if d.size_multiple is not None and d.size_multiple != lim.size_multiple:
+            if "size_multiple" in lim.model_fields_set:
+                raise ValueError(f"model {self.name!r}: defaults.size_multiple ({d.size_multiple}) and "
+                                 f"limits.size_multiple ({lim.size_multiple}) differ; set only limits.size_multiple")
+            lim.size_multiple = d.size_multiple
+        d.size_multiple = lim.size_multiple
+        # The defaults are requests too: one the model refuses would fail every request that leaves them out.
+        problem = lim.size_problem(d.width, d.height)
+        if problem:
+            raise ValueError(f"model {self.name!r}: default {problem[0]} {d.width if problem[0] == 'width' else d.height} "
+                             f"breaks the model's limits ({problem[1]})")
+        if d.steps < lim.min_steps or (lim.max_steps is not None and d.steps > lim.max_steps):
+            raise ValueError(f"model {self.name!r}: default steps {d.steps} outside the model's limits")
         return self
 
     def cache_settings(self, requested: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -123,12 +189,18 @@ class ModelEntry(BaseModel):
         return {"name": self.name, "kind": self.kind, "pipeline_class": self.pipeline_class,
                 "dtype": self.dtype, "defaults": self.defaults.model_dump()}
 
+    def limits_within(self, settings: Any) -> ModelLimits:
+        """What the API accepts for this model: its own limits tightened by the service's ``CLUSCA_MAX_*``."""
+        return self.limits.within(max_side=settings.max_side, max_pixels=settings.max_pixels,
+                                  max_steps=settings.max_steps, max_images=settings.max_images)
+
 
 def builtin_entry(path: str | Path | None = None) -> ModelEntry:
     """The built-in model's entry, its defaults read from the checkpoint at ``path`` (default:
     the shipped weights)."""
-    # Step count, guidance and preset tuning come from the checkpoint, which records what
-    # it was trained and tuned for; reading the JSON keeps the API process free of torch.
+    # Step count, guidance, preset tuning and limits come from the checkpoint, which records
+    # what it was trained and tuned for and what its pipeline accepts; reading the JSON keeps
+    # the API process free of torch.
     from .builtin import WEIGHTS_DIR
 
     try:
@@ -138,8 +210,17 @@ def builtin_entry(path: str | Path | None = None) -> ModelEntry:
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
                       defaults=ModelDefaults(width=32, height=32, steps=int(index.get("default_steps", 40)),
                                              guidance=float(index.get("default_guidance", 5.0)),
-                                             cache="balanced", size_multiple=int(index.get("patch_size", 4)),
-                                             cache_presets=index.get("cache_presets") or {}))
+                                             cache="balanced", cache_presets=index.get("cache_presets") or {}),
+                      limits=builtin_limits(index))
+
+
+def builtin_limits(index: dict[str, Any]) -> ModelLimits:
+    """The built-in pipeline's limits as its checkpoint index declares them (the pipeline
+    enforces the same numbers); sizes are multiples of its patch size."""
+    from .builtin import PIPELINE_LIMITS
+
+    declared = index.get("limits") if isinstance(index.get("limits"), dict) else {}
+    return ModelLimits(size_multiple=int(index.get("patch_size", 4)), **{**PIPELINE_LIMITS, **declared})
 
 
 class RegistryError(ValueError):
@@ -189,12 +270,15 @@ class Registry:
                     # The checkpoint's own preset tuning applies unless the operator replaces it.
                     tuned = builtin_entry(own).defaults.cache_presets
                     item = {**item, "defaults": {**item["defaults"], "cache_presets": tuned}}
+                if "limits" not in item:
+                    # So do its pipeline's limits.
+                    item = {**item, "limits": builtin_entry(own).limits.model_dump(exclude_none=True)}
             try:
                 entries.append(ModelEntry.model_validate(item))
             except ValidationError as exc:
                 err = exc.errors()[0]
-                loc = ".".join(str(x) for x in err["loc"])
-                raise RegistryError(f"CLUSCA_MODELS: models[{i}].{loc}: {err['msg']}") from None
+                loc = "".join(f".{x}" for x in err["loc"])
+                raise RegistryError(f"CLUSCA_MODELS: models[{i}]{loc}: {err['msg']}") from None
         return cls(entries)
 
     def get(self, name: str) -> ModelEntry | None:

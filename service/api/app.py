@@ -51,21 +51,26 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     for r in (generate.router, jobs.router, openai.router, system.router):
         app.include_router(r)
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes)
-    install_openapi(app, settings)
+    install_openapi(app, settings, registry)
     return app
 
 
-def install_openapi(app: FastAPI, settings: Settings) -> None:
+def install_openapi(app: FastAPI, settings: Settings, registry: Registry | None = None) -> None:
     """Make the published schema say what this deployment really accepts.
 
-    The pydantic models carry static outer bounds; the configured limits (and whether
-    keys are needed at all) are only known at start-up, so they are written in here.
+    The pydantic models carry static outer bounds; the configured limits, the models'
+    own (the widest of them: a schema cannot tie a bound to the ``model`` field; the API
+    checks each model's and ``GET /models`` lists them) and whether keys are needed at
+    all are only known at start-up, so they are written in here.
     """
+    models = [e.limits_within(settings) for e in (registry.entries() if registry else [])]
+    side = max((m.max_side for m in models), default=settings.max_side)
+    steps = max((m.max_steps for m in models), default=settings.max_steps)
+    images = max((m.max_images for m in models), default=settings.max_images)
     limits = {"prompt": ("maxLength", settings.max_prompt_chars),
               "negative_prompt": ("maxLength", settings.max_prompt_chars),
-              "width": ("maximum", settings.max_side), "height": ("maximum", settings.max_side),
-              "steps": ("maximum", settings.max_steps), "num_images": ("maximum", settings.max_images),
-              "n": ("maximum", settings.max_images)}
+              "width": ("maximum", side), "height": ("maximum", side),
+              "steps": ("maximum", steps), "num_images": ("maximum", images), "n": ("maximum", images)}
 
     def openapi() -> dict:
         if app.openapi_schema:

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from ..registry import ModelEntry, Registry
+from ..registry import ModelEntry, ModelLimits, Registry
 from ..settings import Settings
 from ..webhooks import WebhookError, check_url
 from .errors import ApiError
@@ -29,6 +29,51 @@ def model_entry(registry: Registry, name: str) -> ModelEntry:
         raise ApiError(404, "model_not_found", f"unknown model {name!r}; known models: {', '.join(registry.names)}",
                        param="model", known_models=registry.names)
     return entry
+
+
+# Sizes the OpenAI images API and its SDKs use, offered when they fit the model.
+OPENAI_SIZES = ("256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792")
+
+
+def supported_sizes(entry: ModelEntry, lim: ModelLimits, limit: int = 12) -> list[str]:
+    """Common ``WxH`` sizes the model accepts: its default, square powers of two, OpenAI's sizes."""
+    d = entry.defaults
+    candidates = [(d.width, d.height)]
+    side = 8
+    while side <= lim.max_side:
+        candidates.append((side, side))
+        side *= 2
+    candidates += [tuple(int(x) for x in s.split("x")) for s in OPENAI_SIZES]
+    out: list[str] = []
+    for w, h in candidates:
+        label = f"{w}x{h}"
+        if label not in out and lim.size_problem(w, h) is None:
+            out.append(label)
+    return out[:limit]
+
+
+def size_rule(lim: ModelLimits) -> str:
+    return (f"width and height multiples of {lim.size_multiple} from {lim.min_side} to {lim.max_side}, "
+            f"width x height at most {lim.max_pixels}")
+
+
+def check_openai_size(registry: Registry, settings: Settings, model: str | None,
+                      size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's ``size`` as ``(width, height)`` for the model (``auto``/absent: its default);
+    422 naming ``size`` and listing the sizes it supports when it does not fit."""
+    if not size or size == "auto":
+        return None, None
+    entry = model_entry(registry, model or settings.default_model)
+    lim = entry.limits_within(settings)
+    w, h = (int(x) for x in size.split("x"))
+    problem = lim.size_problem(w, h)
+    if problem is None:
+        return w, h
+    sizes = supported_sizes(entry, lim)
+    message = (f"{size} is not supported by model {entry.name!r} ({problem[0]} {problem[1]}); "
+               f"supported sizes include {', '.join(sizes)} (any size with {size_rule(lim)})")
+    raise ApiError(422, "validation_error", f"size: {message}", param="size",
+                   fields=[{"field": "size", "message": message}], supported_sizes=["auto", *sizes])
 
 
 def _check_text(field: str, text: str | None, limit: int) -> None:
@@ -60,25 +105,25 @@ def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> dict[str, A
 async def resolve_job(*, registry: Registry, settings: Settings, model: str | None, prompt: str,
                       negative_prompt: str | None, width: int | None, height: int | None, steps: int | None,
                       guidance: float | None, seed: int | None, num_images: int, output_format: str,
-                      cache: CacheSettings | None, webhook_url: str | None) -> tuple[ModelEntry, dict[str, Any]]:
+                      cache: CacheSettings | None, webhook_url: str | None,
+                      images_field: str = "num_images") -> tuple[ModelEntry, dict[str, Any]]:
     entry = model_entry(registry, model or settings.default_model)
     d = entry.defaults
     _check_text("prompt", prompt, settings.max_prompt_chars)
     _check_text("negative_prompt", negative_prompt, settings.max_prompt_chars)
+    lim = entry.limits_within(settings)
     width = width or d.width
     height = height or d.height
-    for field, v in (("width", width), ("height", height)):
-        if v > settings.max_side:
-            raise _bad(field, f"must be at most {settings.max_side}")
-        if v % d.size_multiple:
-            raise _bad(field, f"must be a multiple of {d.size_multiple} for model {entry.name!r}")
-    if width * height > settings.max_pixels:
-        raise _bad("width", f"width x height = {width * height} pixels exceeds the limit of {settings.max_pixels}")
+    problem = lim.size_problem(width, height)
+    if problem:
+        raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
     steps = steps or d.steps
-    if steps > settings.max_steps:
-        raise _bad("steps", f"must be at most {settings.max_steps}")
-    if num_images > settings.max_images:
-        raise _bad("num_images", f"must be at most {settings.max_images}")
+    if steps < lim.min_steps:
+        raise _bad("steps", f"must be at least {lim.min_steps} for model {entry.name!r}")
+    if steps > lim.max_steps:
+        raise _bad("steps", f"must be at most {lim.max_steps} for model {entry.name!r}")
+    if num_images > lim.max_images:
+        raise _bad(images_field, f"must be at most {lim.max_images} for model {entry.name!r}")
     if webhook_url is not None:
         try:
             await anyio.to_thread.run_sync(lambda: check_url(webhook_url, allow_private=settings.webhook_allow_private))

@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..registry import MODEL_NAME_PATTERN
+from ..registry import MODEL_NAME_PATTERN, ModelLimits
 
 # Seeds stay exact in every JSON client (JavaScript numbers are doubles).
 MAX_SEED = 2**53 - 1
@@ -125,6 +125,7 @@ class ErrorDetail(BaseModel):
     param: Optional[str] = Field(None, description="The request field at fault, when there is one.")
     fields: Optional[list[FieldError]] = None
     known_models: Optional[list[str]] = None
+    supported_sizes: Optional[list[str]] = Field(None, description="OpenAI endpoint: sizes the model accepts.")
 
 
 class ErrorBody(BaseModel):
@@ -137,6 +138,8 @@ class ModelInfo(BaseModel):
     pipeline_class: str
     dtype: str
     defaults: dict[str, Any]
+    limits: ModelLimits = Field(description="What this model accepts here: its pipeline's limits within the "
+                                            "service's CLUSCA_MAX_* ones. Requests outside them get a 422.")
     workers_alive: int
     queue_depth: int
     running_jobs: int

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# What the pipeline accepts when its checkpoint's ``model_index.json`` declares no ``limits``
+# (the registry reads the same numbers, so the API refuses what the pipeline would).
+PIPELINE_LIMITS = {"max_side": 512, "max_pixels": 512 * 512, "max_steps": 1000, "max_images": 64}
 
-__all__ = ["WEIGHTS_DIR", "ShapesFluxPipeline"]
+__all__ = ["PIPELINE_LIMITS", "WEIGHTS_DIR", "ShapesFluxPipeline"]
 
 
 def __getattr__(name: str):

@@ -25,14 +25,17 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTr
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import PIPELINE_LIMITS
 from .model import image_ids, pack, text_ids, unpack
 from .text import ShapesTextEncoder, WordTokenizer
 
 DEFAULT_STEPS = 40
 DEFAULT_GUIDANCE = 5.0
-MAX_SIDE = 512
-MAX_STEPS = 1000
-MAX_IMAGES = 64
+# Defaults of the limits; a checkpoint's model_index.json may declare its own ("limits").
+MAX_SIDE = PIPELINE_LIMITS["max_side"]
+MAX_PIXELS = PIPELINE_LIMITS["max_pixels"]
+MAX_STEPS = PIPELINE_LIMITS["max_steps"]
+MAX_IMAGES = PIPELINE_LIMITS["max_images"]
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
@@ -55,6 +58,7 @@ class ShapesFluxPipeline(DiffusionPipeline):
         patch_size: int = 4,
         default_steps: int = DEFAULT_STEPS,
         default_guidance: float = DEFAULT_GUIDANCE,
+        limits: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -66,6 +70,8 @@ class ShapesFluxPipeline(DiffusionPipeline):
         self.patch_size = patch_size
         self.default_steps = default_steps
         self.default_guidance = default_guidance
+        # What check_inputs accepts; the service reads the same numbers from the checkpoint index.
+        self.limits = {**PIPELINE_LIMITS, **(limits or {})}
         self._interrupt = False
 
     # ------------------------------------------------------------------ loading / saving
@@ -88,6 +94,7 @@ class ShapesFluxPipeline(DiffusionPipeline):
             patch_size=int(index.get("patch_size", 4)),
             default_steps=int(index.get("default_steps", DEFAULT_STEPS)),
             default_guidance=float(index.get("default_guidance", DEFAULT_GUIDANCE)),
+            limits={k: int(v) for k, v in (index.get("limits") or {}).items() if k in PIPELINE_LIMITS},
         )
         # ClusCa preset tuning measured for this checkpoint; the service applies it, the
         # pipeline only carries it from one save to the next.
@@ -108,6 +115,7 @@ class ShapesFluxPipeline(DiffusionPipeline):
             "patch_size": self.patch_size,
             "default_steps": self.default_steps,
             "default_guidance": self.default_guidance,
+            "limits": dict(self.limits),
             "transformer": ["diffusers", "FluxTransformer2DModel"],
             "text_encoder": ["service.builtin.text", "ShapesTextEncoder"],
             "tokenizer": ["service.builtin.text", "WordTokenizer"],
@@ -155,19 +163,22 @@ class ShapesFluxPipeline(DiffusionPipeline):
 
     def check_inputs(self, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type):
         p = self.patch_size
+        lim = self.limits
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
             if v % p:
                 raise ValueError(f"{name} must be a multiple of the patch size {p}, got {v}")
-            if v > MAX_SIDE:
-                raise ValueError(f"{name} must be at most {MAX_SIDE}, got {v}")
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or not 1 <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
+            if v > lim["max_side"]:
+                raise ValueError(f"{name} must be at most {lim['max_side']}, got {v}")
+        if height * width > lim["max_pixels"]:
+            raise ValueError(f"height x width must be at most {lim['max_pixels']} pixels, got {height * width}")
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or not 1 <= num_inference_steps <= lim["max_steps"]:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {lim['max_steps']}], got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or not 1 <= num_images_per_prompt <= MAX_IMAGES:
-            raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES}], got {num_images_per_prompt!r}")
+        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or not 1 <= num_images_per_prompt <= lim["max_images"]:
+            raise ValueError(f"num_images_per_prompt must be an integer in [1, {lim['max_images']}], got {num_images_per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
 from ..schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse, Timings
-from ..resolve import resolve_job
+from ..resolve import check_openai_size, resolve_job
 from .generate import submit, wait_for
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
@@ -21,19 +21,15 @@ router = APIRouter(prefix="/v1", tags=["openai-compatible"])
              responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)})
 async def images_generations(body: OpenAIImageRequest, request: Request, services: ServicesDep,
                              identity: AuthDep) -> Any:
-    """Always synchronous. ``size`` is ``WIDTHxHEIGHT``; extra fields ``steps``, ``seed``,
+    """Always synchronous. ``size`` is ``WIDTHxHEIGHT`` within the model's limits (``GET /models``;
+    a size outside them is a 422 listing sizes it supports) or ``auto``; extra fields ``steps``, ``seed``,
     ``guidance``, ``negative_prompt`` and ``cache`` expose this service's options."""
-    width = height = None
-    if body.size and body.size != "auto":
-        w, h = body.size.split("x")
-        width, height = int(w), int(h)
-        if min(width, height) < 8:
-            raise ApiError(422, "validation_error", "size: both sides must be at least 8", param="size")
+    width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
     entry, job = await resolve_job(
         registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
         negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
         guidance=body.guidance, seed=body.seed, num_images=body.n, output_format=body.output_format,
-        cache=body.cache, webhook_url=None)
+        cache=body.cache, webhook_url=None, images_field="n")
     job_id, _ = await submit(services, entry.name, job, None)
     record, finished, images = await wait_for(services, job_id)
     if not finished:

@@ -57,7 +57,7 @@ async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
                                                      "device": where.get("device"), "running": info.get("running")})
     out = []
     for e in services.registry.entries():
-        out.append(ModelInfo(**e.public(), workers_alive=await q.workers_alive(e.name),
+        out.append(ModelInfo(**e.public(), limits=e.limits_within(services.settings), workers_alive=await q.workers_alive(e.name),
                              queue_depth=await q.depth(e.name), running_jobs=await q.running(e.name),
                              workers=workers.get(e.name, [])))
     return ModelsResponse(default_model=services.settings.default_model, models=out)
