@@ -8,7 +8,7 @@ Layout in Redis (all keys under ``clusca:``)::
     job:{id}:events       stream of JSON events (queued, started, progress, finished...)
     job:{id}:images       hash: image index -> encoded bytes
     job:{id}:done         list that gets one element when the job ends (wakes sync waiters)
-    idem:{hash}           idempotency key -> job id
+    idem:{hash}           idempotency key -> "<job id> <request fingerprint>"
     workers:{model}       sorted set: worker id -> last heartbeat (unix seconds)
     worker:{id}           hash: what a worker holds, with a short TTL
 
@@ -109,11 +109,17 @@ def _job_id(fields: dict) -> str | None:
 
 
 # KEYS: stream, job, events, idem ('' = none)
-# ARGV: job_id, now, request_json, model, max_queue, ttl, steps, queued_event_json
+# ARGV: job_id, now, request_json, model, max_queue, ttl, steps, queued_event_json, fingerprint
+# A key already used for another request (another fingerprint) is refused: 'mismatch'.
 _ENQUEUE = """
 if KEYS[4] ~= '' then
   local existing = redis.call('GET', KEYS[4])
-  if existing then return {'dup', existing} end
+  if existing then
+    local id, fp = string.match(existing, '^(%S+) ?(%S*)$')
+    if id == nil then id, fp = existing, '' end
+    if fp ~= '' and ARGV[9] ~= '' and fp ~= ARGV[9] then return {'mismatch', id} end
+    return {'dup', id}
+  end
 end
 local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[5]) then return {'full', tostring(depth)} end
@@ -123,7 +129,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[8])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
 redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[6]) end
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[9], 'EX', ARGV[6]) end
 return {'ok', ARGV[1]}
 """
 
@@ -218,6 +224,14 @@ class QueueFull(Exception):
         self.depth = depth
 
 
+class IdempotencyMismatch(Exception):
+    """The idempotency key was already used for a different request."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"the idempotency key belongs to job {job_id}, made from another request")
+        self.job_id = job_id
+
+
 def decode_job(raw: dict) -> dict[str, Any] | None:
     """A job hash as a plain dict with parsed JSON fields."""
     if not raw:
@@ -261,17 +275,25 @@ class JobQueue:
         self._cancel = redis.register_script(_CANCEL)
 
     async def enqueue(self, model: str, request: dict[str, Any], steps: int,
-                      idempotency: str | None = None) -> tuple[str, bool]:
-        """Queue a job; return ``(job_id, created)``. ``created`` is False for an idempotent repeat."""
+                      idempotency: str | None = None, fingerprint: str = "") -> tuple[str, bool]:
+        """Queue a job; return ``(job_id, created)``. ``created`` is False for an idempotent repeat.
+
+        ``fingerprint`` (no spaces) identifies the request behind an idempotency key: a repeat
+        with another fingerprint raises :class:`IdempotencyMismatch` and queues nothing.
+        """
+        if " " in fingerprint:
+            raise ValueError("fingerprint must not contain spaces")
         job_id = new_job_id()
         idem = f"{PREFIX}idem:{idempotency}" if idempotency else ""
         res = await self._enqueue(
             keys=[stream_key(model), job_key(job_id), events_key(job_id), idem],
             args=[job_id, repr(time.time()), json.dumps(request, separators=(",", ":")), model,
-                  self.max_queue, self.ttl_s, steps, event_json("queued", model=model)])
+                  self.max_queue, self.ttl_s, steps, event_json("queued", model=model), fingerprint])
         tag, value = _s(res[0]), _s(res[1])
         if tag == "full":
             raise QueueFull(int(value))
+        if tag == "mismatch":
+            raise IdempotencyMismatch(value)
         return value, tag == "ok"
 
     async def get(self, job_id: str) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from typing import Any
 
@@ -146,8 +147,24 @@ async def resolve_job(*, registry: Registry, settings: Settings, model: str | No
 
 
 def idempotency_scope(identity: str, key: str | None) -> str | None:
+    """The stored name of ``key`` for this caller (keys are scoped per API key), or None.
+
+    The header is a structured-field string in the IETF draft (``"abc"``); a bare token is
+    taken as it is, and both spellings name the same key.
+    """
     if key is None:
         return None
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
     if not key or len(key) > 255 or not key.isprintable():
         raise _bad("Idempotency-Key", "must be 1 to 255 printable characters")
     return hashlib.sha256(f"{identity}\0{key}".encode()).hexdigest()
+
+
+def request_fingerprint(endpoint: str, model: str, job: dict[str, Any], seed: int | None) -> str:
+    """What makes two requests the same request: the resolved job (defaults filled in, so
+    leaving a field out equals sending its default) with the client's own seed, not the one
+    drawn for it. How the answer is wanted (``async``, ``Prefer``) is not part of it."""
+    canonical = json.dumps({"endpoint": endpoint, "model": model, **job, "seed": seed}, sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from ...queue import QueueFull
+from ...queue import IdempotencyMismatch, QueueFull
 from ..deps import AuthDep, Services, ServicesDep
 from ..errors import ApiError
-from ..resolve import idempotency_scope, resolve_job
+from ..resolve import idempotency_scope, request_fingerprint, resolve_job
 from ..schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
 from ..views import generate_response, job_status
 
@@ -21,10 +21,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 503)}
 
 
-async def submit(services: Services, model: str, job: dict[str, Any], idem: str | None) -> tuple[str, bool]:
+async def submit(services: Services, model: str, job: dict[str, Any], idem: str | None,
+                 fingerprint: str = "") -> tuple[str, bool]:
     depth_limit = services.settings.max_queue
     try:
-        return await services.queue.enqueue(model, job, job["steps"], idem)
+        return await services.queue.enqueue(model, job, job["steps"], idem, fingerprint)
+    except IdempotencyMismatch:
+        raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: this key was already used for a different "
+                       "request; use a new key for a new request", param="Idempotency-Key") from None
     except QueueFull as exc:
         raise ApiError(429, "queue_full", f"the queue for model {model!r} is full ({exc.depth} jobs, "
                        f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
@@ -55,14 +59,16 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
                    idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Queue one generation. Synchronous by default (up to ``CLUSCA_SYNC_TIMEOUT_S``, then 202);
     ``Prefer: respond-async`` or ``"async": true`` answers 202 with the job at once.
-    The same ``Idempotency-Key`` always returns the same job and never runs it twice."""
+    The same ``Idempotency-Key`` with the same request returns the same job (also while it
+    runs) and never runs it twice; with a different request it is a 422."""
     idem = idempotency_scope(identity, idempotency_key)
     entry, job = await resolve_job(
         registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
         negative_prompt=body.negative_prompt, width=body.width, height=body.height, steps=body.steps,
         guidance=body.guidance, seed=body.seed, num_images=body.num_images, output_format=body.output_format,
         cache=body.cache, webhook_url=body.webhook_url)
-    job_id, created = await submit(services, entry.name, job, idem)
+    fingerprint = request_fingerprint("/generate", entry.name, job, body.seed) if idem else ""
+    job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     if wants_async(prefer, body.async_):
         # A new job's record is known without asking Redis; a repeated key may be further along.
         record = new_record(job_id, entry.name, job) if created else await services.queue.get(job_id)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 
 from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
 from ..schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse, Timings
-from ..resolve import check_openai_size, resolve_job
+from ..resolve import check_openai_size, idempotency_scope, request_fingerprint, resolve_job
 from .generate import submit, wait_for
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
@@ -20,17 +20,20 @@ router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 @router.post("/images/generations", response_model=OpenAIImageResponse, summary="OpenAI-compatible generation",
              responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)})
 async def images_generations(body: OpenAIImageRequest, request: Request, services: ServicesDep,
-                             identity: AuthDep) -> Any:
+                             identity: AuthDep,
+                             idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Always synchronous. ``size`` is ``WIDTHxHEIGHT`` within the model's limits (``GET /models``;
     a size outside them is a 422 listing sizes it supports) or ``auto``; extra fields ``steps``, ``seed``,
     ``guidance``, ``negative_prompt`` and ``cache`` expose this service's options."""
+    idem = idempotency_scope(identity, idempotency_key)
     width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
     entry, job = await resolve_job(
         registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
         negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
         guidance=body.guidance, seed=body.seed, num_images=body.n, output_format=body.output_format,
         cache=body.cache, webhook_url=None, images_field="n")
-    job_id, _ = await submit(services, entry.name, job, None)
+    fingerprint = request_fingerprint("/v1/images/generations", entry.name, job, body.seed) if idem else ""
+    job_id, _ = await submit(services, entry.name, job, idem, fingerprint)
     record, finished, images = await wait_for(services, job_id)
     if not finished:
         raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
