@@ -9,6 +9,7 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from ..queue import JobQueue
 from ..registry import Registry
@@ -19,6 +20,7 @@ from .middleware import BodyLimitAndMetrics
 from .routers import generate, jobs, openai, system
 
 log = logging.getLogger("clusca.api")
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
@@ -44,8 +46,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         finally:
             await r.aclose()
 
-    app = FastAPI(title="ClusCa Serve", version="0.1.0", lifespan=lifespan,
-                  description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
+    # /docs and /redoc with their Swagger UI and ReDoc assets served from the installed
+    # fastapi-offline package: they work without any network access.
+    app = FastAPIOffline(title="ClusCa Serve", version="0.1.0", lifespan=lifespan, static_url=DOCS_ASSETS,
+                         description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
     for r in (generate.router, jobs.router, openai.router, system.router):
