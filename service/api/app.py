@@ -52,9 +52,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                          description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
-    for r in (generate.router, jobs.router, openai.router, system.router):
+    routers = (generate.router, jobs.router, openai.router, system.router)
+    for r in routers:
         app.include_router(r)
-    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes)
+    # The routes themselves (full paths), so requests refused before routing are counted by endpoint.
+    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes,
+                       routes=[route for r in routers for route in r.routes])
     install_openapi(app, settings, registry)
     return app
 

@@ -42,7 +42,23 @@ def _field_name(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def _message(err: dict[str, Any]) -> str:
+# Pydantic's error types for "an object was expected here".
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
+_PRESETS = ("off", "quality", "balanced", "fast")
+
+
+def _message(err: dict[str, Any], content_type: str = "application/json") -> str:
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") in _NOT_AN_OBJECT and loc == ("body",):
+        if "json" not in content_type.lower():
+            return (f"the body must be JSON, sent with Content-Type: application/json "
+                    f"(this request has {content_type or 'no Content-Type'!s})")
+        return "the body must be a JSON object"
+    if err.get("type") in _NOT_AN_OBJECT and loc == ("body", "cache"):
+        given = err.get("input")
+        if isinstance(given, str) and given in _PRESETS:
+            return f'must be an object; for the {given!r} preset send {{"preset": "{given}"}}'
+        return 'must be an object of ClusCa settings, for example {"preset": "balanced"}'
     if err.get("type") == "json_invalid":
         return f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
     if err.get("type") == "missing":
@@ -54,21 +70,28 @@ def _message(err: dict[str, Any]) -> str:
     return str(err.get("msg", "is invalid"))
 
 
+def error_kind(code: str) -> str:
+    """The ``clusca_errors_total`` kind of an error code: every refused value is ``validation``,
+    whichever check refused it."""
+    return "validation" if code == "validation_error" else code
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        metrics.ERRORS.labels(exc.code).inc()
+        metrics.ERRORS.labels(error_kind(exc.code)).inc()
         return error_response(exc.status, exc.code, exc.message, param=exc.param, headers=exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.ERRORS.labels("validation").inc()
+        content_type = request.headers.get("content-type", "")
         fields = []
         for err in exc.errors()[:20]:
             loc = tuple(err.get("loc", ()))
             if err.get("type") == "json_invalid":
                 loc = ("body",)
-            fields.append({"field": _field_name(loc), "message": _message(err)})
+            fields.append({"field": _field_name(loc), "message": _message(err, content_type)})
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
         return error_response(422, "validation_error", summary, param=fields[0]["field"] if fields else None,
                               fields=fields)

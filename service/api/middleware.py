@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from starlette.routing import Match
 
 from .. import metrics
 
@@ -17,9 +19,21 @@ class BodyLimitAndMetrics:
     after ``max_body_bytes`` whatever its Content-Length says.
     """
 
-    def __init__(self, app: Callable, max_body_bytes: int):
+    def __init__(self, app: Callable, max_body_bytes: int, routes: Sequence[Any] = ()):
         self.app = app
         self.limit = max_body_bytes
+        # The app's routes, to name the endpoint of requests answered here, before routing.
+        self.routes = routes
+
+    def _template(self, scope: Scope) -> str | None:
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return getattr(route, "path", None)
+            if match == Match.PARTIAL and partial is None:
+                partial = getattr(route, "path", None)
+        return partial
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -52,7 +66,7 @@ class BodyLimitAndMetrics:
                 await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = getattr(route, "path", None) or self._template(scope) or "unmatched"
             metrics.REQUESTS.labels(endpoint, str(status["code"])).inc()
 
     async def _read(self, scope: Scope, receive: Callable) -> bytes | None:

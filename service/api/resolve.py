@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import secrets
 from typing import Any
 
 import anyio
+
+from clusca.config import ClusCaConfig
 
 from ..registry import ModelEntry, ModelLimits, Registry
 from ..settings import Settings
@@ -90,10 +93,19 @@ def _check_text(field: str, text: str | None, limit: int) -> None:
         raise _bad(field, "contains unpaired surrogate characters") from None
 
 
+def request_cache_knobs() -> list[str]:
+    """The cache settings a request may send: ``preset`` and the ClusCa knobs, not ``modules``."""
+    return sorted({f.name for f in dataclasses.fields(ClusCaConfig)} - {"modules"} | {"preset"})
+
+
 def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> dict[str, Any]:
     settings = cache.model_dump(exclude_none=True) if cache is not None else {}
     if "modules" in settings:
         raise _bad("cache.modules", "module patterns are set by the operator, not per request")
+    known = request_cache_knobs()
+    for name in sorted(settings):
+        if name not in known:
+            raise _bad(f"cache.{name}", f"unknown setting; known settings are {known}")
     try:
         return entry.cache_config(settings).to_dict()  # the model's version of the preset, then the request's knobs
     except ValueError as exc:
