@@ -17,6 +17,8 @@ _LAZY = {
     "clusca_run": "run",
     "ClusCaRun": "run",
     "RunStats": "run",
+    "run_state": "inspect",
+    "RunState": "inspect",
     "ARCHITECTURES": "patterns",
     "ArchitecturePatterns": "patterns",
 }
@@ -25,6 +27,7 @@ __all__ = ["ClusCaConfig", "PRESETS", "MODES", "DEFAULT_PRESET", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hooks import apply_clusca, is_clusca_applied, remove_clusca
+    from .inspect import RunState, run_state
     from .patterns import ARCHITECTURES, ArchitecturePatterns
     from .run import ClusCaRun, RunStats, clusca_run
 

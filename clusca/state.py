@@ -7,21 +7,23 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.hooks.hooks import BaseState
 
+from .taylor import Factors
+
 
 class SlotState:
     """Cache of one hooked module in one branch (e.g. ``cond``) of one run.
 
-    ``factors[j][k]`` is the k-th Taylor factor of the module's j-th output tensor.
-    ``raw0[j]`` keeps the last full-step output when propagation edits ``factors[j][0]``
-    in place, so the next finite difference is taken between true outputs.
+    ``factors[j]`` holds the Taylor factors of the module's j-th output tensor. A text-stream
+    module keeps ``kept[j]`` instead: its last full-step output, or ``None`` for "the current
+    input" (see ``TextStreamHook``).
     """
 
-    __slots__ = ("factors", "raw0", "n", "last_full", "in_shape", "structure", "tokens", "flops")
+    __slots__ = ("factors", "kept", "n", "last_full", "in_shape", "structure", "tokens", "flops")
 
     def __init__(self) -> None:
-        self.factors: list[list[torch.Tensor]] | None = None
-        self.raw0: list[torch.Tensor] | None = None
-        self.n = 0  # number of valid factors per output
+        self.factors: list[Factors] | None = None
+        self.kept: list[torch.Tensor | None] | None = None
+        self.n = 0  # number of valid factors per output (0: nothing cached yet)
         self.last_full = -1
         self.in_shape: torch.Size | None = None
         self.structure: tuple | None = None  # output layout: None = tensor, else tuple of present flags
@@ -29,12 +31,28 @@ class SlotState:
         self.flops = 0  # analytic FLOPs of one uncached call
 
     def nbytes(self) -> int:
-        total = 0
-        for fs in self.factors or ():
-            total += sum(f.numel() * f.element_size() for f in fs)
-        for r in self.raw0 or ():
-            total += r.numel() * r.element_size()
+        total = sum(f.nbytes() for f in self.factors or ())
+        for t in self.kept or ():
+            if t is not None:
+                total += t.numel() * t.element_size()
         return total
+
+    def record(self, tensors: list[torch.Tensor], step: int, order: int, keep_raw: bool) -> None:
+        """Full step ``step``: fold the module's true outputs into the factors (in place
+        when the buffers of this sequence already exist)."""
+        fs = self.factors
+        fresh = (
+            fs is None or self.last_full < 0 or len(fs) != len(tensors)
+            or any(f.shape != t.shape or f.buffer.shape[0] != order + 1 for f, t in zip(fs, tensors))
+        )
+        if fresh:
+            self.factors = [Factors(t.detach(), order, keep_raw) for t in tensors]
+        else:
+            d = step - self.last_full
+            for f, t in zip(fs, tensors):
+                f.update(t.detach(), d, order)
+        self.n = self.factors[0].n if self.factors else 1
+        self.last_full = step
 
 
 class GroupClusters:
@@ -90,6 +108,19 @@ class BranchState(BaseState):
         self.chain_acc: dict[int, list[torch.Tensor]] = {}  # block-chain sums being built this full step
         self.flops_call = 0  # analytic FLOPs of one uncached call
         self.flops_unhooked = 0  # part of it spent outside the hooked modules
+        self.lean_plan = None  # the architecture adapter's per-sequence plan (see clusca.adapters)
+
+    def drop_tensors(self) -> int:
+        """Forget every cached tensor of this branch; returns the bytes freed."""
+        freed = sum(st.nbytes() for st in self.slots) + sum(g.nbytes() for g in self.clusters.values())
+        self.slots = [SlotState() for _ in range(self.num_slots)]
+        self.clusters = {}
+        self.fresh = {}
+        self.fresh_ahead = {}
+        self.chain_acc = {}
+        self.probed = False
+        self.lean_plan = None
+        return freed
 
 
 @dataclass
@@ -100,6 +131,7 @@ class Counters:
     sequences: int = 0  # denoising loops started in this run (steps are keyed by loop)
     full_steps: set = field(default_factory=set)
     cached_steps: set = field(default_factory=set)
+    lean_steps: int = 0  # cached calls served by the architecture's lean cached step
     tokens_computed: int = 0
     tokens_uncached: int = 0
     flops: int = 0

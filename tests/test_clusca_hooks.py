@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca
-from clusca.hooks import get_controller
+from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state
+from clusca.fresh import mix
 from clusca.testing import euler_sample, tiny_flux, tiny_hunyuan_video, tiny_sd3
 
 
@@ -15,22 +15,24 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def run_capturing_ff(cfg: ClusCaConfig, steps: int = 6):
     """Run a tiny FLUX loop; on the first cached step capture, for the image FFN of the first
-    dual block, its input, the hook's output, the true FFN output, and the fresh rows."""
+    dual block, its input, the hook's output, the true FFN output, and the fresh rows.
+
+    The module hooks only (``lean=False``): the lean cached step never calls the module on
+    all tokens; tests/test_clusca_reference.py holds it to the same results.
+    """
     case = tiny_flux()
     ff = case.model.transformer_blocks[0].ff
     plain_ff = copy.deepcopy(ff)
-    apply_clusca(case.model)
-    ctrl = get_controller(case.model)
+    apply_clusca(case.model, lean=False)
+    state = run_state(case.model)
     seen = {}
 
     def capture(mod, inputs, output):
-        if ctrl.branch.full or seen:
+        if state.full or seen:
             return
         x = inputs[0]
-        slot = next(s for s in ctrl.slots if s.name == "transformer_blocks.0.ff")
-        rows = ctrl.branch.fresh["image"][2][slot.group_pos]
-        seen.update(x=x, y=output.clone(), true=plain_ff(x), rows=rows,
-                    assign=ctrl.branch.clusters["image"].assign.clone(), d=ctrl.branch.coeffs[1] if len(ctrl.branch.coeffs) > 1 else 0)
+        seen.update(x=x, y=output.clone(), true=plain_ff(x), rows=state.fresh_rows("transformer_blocks.0.ff"),
+                    assign=state.clusters("image").assign.clone(), d=state.steps_since_full)
 
     handle = ff.register_forward_hook(capture)
     x0 = case.latents(2, seed=1)
@@ -90,17 +92,16 @@ def run_guided(cfg: ClusCaConfig, same_latents: bool = True, steps: int = 6):
     do); returns the image clusters and the first dual block's fresh rows of the first cached
     step, plus the batch size and token count."""
     case = tiny_flux()
-    apply_clusca(case.model)
-    ctrl = get_controller(case.model)
+    apply_clusca(case.model, lean=False)
+    state = run_state(case.model)
     ff = case.model.transformer_blocks[0].ff
     seen = {}
 
     def capture(mod, inputs, output):
-        if ctrl.branch.full or seen:
+        if state.full or seen:
             return
-        slot = next(s for s in ctrl.slots if s.name == "transformer_blocks.0.ff")
-        seen.update(rows=ctrl.branch.fresh["image"][2][slot.group_pos].clone(),
-                    assign=ctrl.branch.clusters["image"].assign.clone(), shape=inputs[0].shape[:2])
+        seen.update(rows=state.fresh_rows("transformer_blocks.0.ff").clone(),
+                    assign=state.clusters("image").assign.clone(), shape=inputs[0].shape[:2])
 
     handle = ff.register_forward_hook(capture)
     x = case.latents(2, seed=1)
@@ -142,9 +143,7 @@ def test_batches_with_different_halves_are_not_paired():
 def _expected_tokens(seed: int, step: int, group: str, layers: int, assign: torch.Tensor, k: int) -> torch.Tensor:
     """The documented draw, computed directly: per (layer, sample, cluster) the member with the
     highest score of a generator seeded by (seed, step, group); -1 for an empty cluster."""
-    from clusca.hooks import _mix
-
-    gen = torch.Generator().manual_seed(_mix(seed, step, len(group), ord(group[0])))
+    gen = torch.Generator().manual_seed(mix(seed, step, len(group), ord(group[0])))
     scores = torch.rand(layers, assign.shape[1], generator=gen)
     out = torch.full((layers, assign.shape[0], k), -1, dtype=torch.long)
     for lay in range(layers):
@@ -163,18 +162,18 @@ def test_fresh_tokens_of_every_cached_step_follow_the_documented_draw(images):
     cfg = ClusCaConfig(interval=4, warmup=2, order=0, gamma=0.0, clusters=4, seed=7, refresh_text=True)
     case = tiny_flux()
     apply_clusca(case.model)
-    ctrl = get_controller(case.model)
+    state = run_state(case.model)
     steps = 9
 
     def run():
         seen = []
 
         def capture(mod, inputs, output):
-            if ctrl.branch.full:
+            if state.full:
                 return
             for group in ("image", "text"):
-                seen.append((ctrl.branch.step, group, ctrl.branch.fresh[group][2].clone(),
-                             ctrl.branch.clusters[group].assign.clone(), ctrl.branch.clusters[group].k))
+                clusters = state.clusters(group)
+                seen.append((state.step, group, state.group_fresh_rows(group), clusters.assign.clone(), clusters.k))
 
         # The text feed-forward runs after the image one: both groups have picked by then.
         handle = case.model.transformer_blocks[0].ff_context.register_forward_hook(capture)
@@ -217,9 +216,9 @@ def test_cluster_bytes_count_the_flat_index_before_it_is_built():
 
 
 
-def _sample_with_stats(make_case, cfg: ClusCaConfig, steps: int = 7):
+def _sample_with_stats(make_case, cfg: ClusCaConfig, steps: int = 7, lean: bool = True):
     case = make_case()
-    apply_clusca(case.model)
+    apply_clusca(case.model, lean=lean)
     with clusca_run(case.model, cfg, num_inference_steps=steps) as run:
         out = euler_sample(case, case.latents(2, seed=3), steps, [1, 2])
     remove_clusca(case.model)
@@ -231,10 +230,15 @@ def _sample_with_stats(make_case, cfg: ClusCaConfig, steps: int = 7):
 def test_fresh_text_tokens_cannot_change_the_output(make_case, order):
     # On a cached step the text stream feeds only predicted modules, so the authors'
     # fresh text tokens are wasted work: skipping them (the default) changes nothing.
+    # Bit-identical on the module hooks; the lean cached step (which never computes the text
+    # stream) agrees with them within rounding.
     base = dict(interval=3, warmup=2, order=order, clusters=4, gamma=0.005)
     on_out, on = _sample_with_stats(make_case, ClusCaConfig(**base, refresh_text=True, propagate_text=True))
-    off_out, off = _sample_with_stats(make_case, ClusCaConfig(**base))
+    off_out, off = _sample_with_stats(make_case, ClusCaConfig(**base), lean=False)
     assert torch.equal(on_out, off_out)
+    lean_out, lean = _sample_with_stats(make_case, ClusCaConfig(**base))
+    torch.testing.assert_close(lean_out, off_out, rtol=1e-5, atol=1e-5)
+    assert (lean.tokens_computed, lean.flops) == (off.tokens_computed, off.flops)
     # ... while they were computed: text clusterings and text tokens on every cached step.
     assert on.kmeans_calls == 2 * off.kmeans_calls > 0
     assert on.tokens_computed > off.tokens_computed and on.flops > off.flops
@@ -251,7 +255,7 @@ def test_propagate_text_needs_refresh_text():
 @pytest.mark.parametrize("make_case", [tiny_flux, tiny_sd3, tiny_hunyuan_video])
 def test_text_side_norms_run_on_full_steps_only(make_case):
     case = make_case()
-    apply_clusca(case.model)
+    apply_clusca(case.model, lean=False)  # bit-identical outputs hold on the module hooks
     # The projection inside the first block's text norm: counts real executions, not calls.
     calls = []
     linear = case.model.transformer_blocks[0].norm1_context.linear

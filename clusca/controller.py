@@ -1,0 +1,213 @@
+"""The controller shared by all hooks of one transformer: the run's lifecycle and each call's
+full/cached decision. Step detection, the FLOPs probe, fresh-token picks and the Taylor math
+live in their own modules; this one wires them together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .calls import first_tensor
+from .config import ClusCaConfig
+from .diffusers_compat import StateManager, current_context, forward_under
+from .fresh import FreshTokens
+from .patterns import ArchitecturePatterns
+from .probe import FlopsProbe
+from .state import BranchState, Counters, SlotState
+from .steps import StepTracker
+from .taylor import coefficients
+
+CACHE_HOOK = "clusca_cache"
+CLUSTER_HOOK = "clusca_cluster"
+ROOT_HOOK = "clusca_root"
+
+
+class Slot:
+    """Static description of one hooked module."""
+
+    __slots__ = ("index", "name", "role", "group", "group_pos", "residuals", "chain_head", "chain_pos", "chain_len")
+
+    def __init__(self, index: int, name: str, role: str, group: str | None = None, residuals=()) -> None:
+        self.index = index
+        self.name = name
+        self.role = role  # "attention" | "block" | "feedforward" | "text"
+        self.group = group
+        self.group_pos = 0  # ordinal among the feed-forward modules of the same token group
+        self.residuals: tuple[tuple[str, int | None], ...] = tuple(residuals)
+        # Blocks predicted together: the chain's head slot holds the summed Taylor factors.
+        self.chain_head = index
+        self.chain_pos = 0
+        self.chain_len = 1
+
+
+class ClusCaController:
+    """The active settings, the current branch, the run's counters."""
+
+    def __init__(self, model: torch.nn.Module, arch: ArchitecturePatterns, slots: list[Slot],
+                 slot_modules: list[torch.nn.Module], config: ClusCaConfig) -> None:
+        self.model = model
+        self.arch = arch
+        self.base_arch = arch
+        self.slots = slots
+        self.slot_modules = slot_modules  # by slot index
+        self.bypass_modules: list[torch.nn.Module] = list(slot_modules)  # every module with a cache or cluster hook
+        self.default_config = config
+        self.config = config
+        self.active = False
+        self.caching = False  # active and mode != off: the only flag the hot path reads
+        self.uses_clusters = False
+        self.order = 0
+        self.num_inference_steps: int | None = None
+        self.branch = BranchState(len(slots))
+        self.counters = Counters()
+        self.group_sizes: dict[str, int] = {}
+        for s in slots:
+            if s.role == "feedforward":
+                s.group_pos = self.group_sizes.get(s.group, 0)
+                self.group_sizes[s.group] = s.group_pos + 1
+        self.steps = StepTracker(model)
+        self.probe = FlopsProbe(model, slots, slot_modules)
+        self.fresh = FreshTokens(self.group_sizes)
+        self.adapter = None  # the architecture's lean cached step, if it has one (clusca.adapters)
+        self.state_manager: StateManager | None = None  # set by the root hook
+        # (module, its hooked forward, the forward under our hooks) while a run bypasses them.
+        self._bypassed: list[tuple[torch.nn.Module, Any, Any]] = []
+
+    # ---------------------------------------------------------------- run lifecycle
+    def start(self, config: ClusCaConfig, num_inference_steps: int | None) -> None:
+        self.reset()
+        self.config = config
+        self.num_inference_steps = num_inference_steps
+        self.order = config.effective_order
+        self.uses_clusters = config.uses_clusters
+        self.caching = config.enabled
+        self.active = True
+        if not self.caching:
+            self._bypass_module_hooks()
+
+    def stop(self) -> None:
+        self._restore_module_hooks()
+        self.active = False
+        self.caching = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every cached tensor and counter (called on run entry and exit)."""
+        self.counters = Counters()
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        """Drop every cached tensor and start step tracking afresh; keep the run's counters.
+
+        Called when a new denoising loop starts inside a run: pipelines reset stateful
+        hooks when they finish (``maybe_free_model_hooks``), and a timestep that goes
+        up again also means a new loop.
+        """
+        if self.state_manager is not None:
+            ctx = current_context(self.state_manager)
+            self.state_manager.reset()
+            self.state_manager.set_context(ctx)
+        self.branch = BranchState(len(self.slots))
+        self.counters.cache_bytes = 0
+        self.counters.sequences += 1
+        self.steps.reset()
+
+    def _bypass_module_hooks(self) -> None:
+        """Mode ``off``: point each hooked module straight at the forward under our hooks for the run.
+
+        Those hooks would only pass the call through, but the hook chain is several Python
+        calls per module and call; the root hook alone keeps the run's statistics. A module
+        whose outermost hook is not ours keeps its chain, since bypassing ours would skip
+        the others too.
+        """
+        for mod in self.bypass_modules:
+            hooked = mod.__dict__.get("forward")
+            inner = forward_under(mod, (CACHE_HOOK, CLUSTER_HOOK))
+            if hooked is None or inner is None:
+                continue
+            mod.forward = inner
+            self._bypassed.append((mod, hooked, inner))
+
+    def _restore_module_hooks(self) -> None:
+        for mod, hooked, inner in self._bypassed:
+            if mod.__dict__.get("forward") is inner:
+                mod.forward = hooked
+        self._bypassed = []
+
+    # ---------------------------------------------------------------- per call
+    def begin_call(self, args: tuple, kwargs: dict) -> None:
+        branch, step = self.steps.locate(self.state_manager, args, kwargs, self.reset_cache)
+        if step is None:
+            step = branch.calls
+        branch.calls += 1
+        x = first_tensor(args, kwargs)
+        signature = (tuple(x.shape), x.dtype, x.device) if x is not None else None
+        if branch.signature != signature or step <= branch.step:
+            # New shape or a step index that went backwards: a new sequence in this branch.
+            if branch.signature is not None:
+                self.counters.add_cache_bytes(-branch.drop_tensors())
+            branch.signature = signature
+            branch.last_full = -1
+        branch.step = step
+        cfg = self.config
+        full = (not self.caching) or branch.last_full < 0 or cfg.is_full_step(step)
+        branch.full = full
+        # Classifier-free guidance in one call feeds the same latents twice: detect it once per
+        # full step so that k-means can give both halves of an image the same clusters.
+        branch.guidance_pair = bool(
+            full and self.uses_clusters and cfg.guidance_pairs and x is not None and x.ndim >= 2
+            and x.shape[0] % 2 == 0 and torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:])
+        )
+        if not full:
+            branch.coeffs = coefficients(step - branch.last_full, self.order)
+        self.branch = branch
+        if not branch.probed:
+            self.probe.begin(branch, args, kwargs)
+
+    def end_call(self) -> None:
+        branch = self.branch
+        c = self.counters
+        if branch.probed is None:
+            self.probe.end(branch)
+        c.calls += 1
+        tokens = sum(st.tokens for st in branch.slots)
+        c.tokens_uncached += tokens
+        c.flops_uncached += branch.flops_call
+        key = (c.sequences, branch.step)
+        if branch.full:
+            c.full_steps.add(key)
+            c.tokens_computed += tokens
+            c.flops += branch.flops_call
+            branch.last_full = branch.step
+        else:
+            c.cached_steps.add(key)
+            c.flops += branch.flops_unhooked
+
+    def abort_call(self) -> None:
+        """The transformer call raised: stop a running probe without keeping its counts."""
+        if self.branch.probed is None:
+            self.probe.end(self.branch, completed=False)
+
+    # ---------------------------------------------------------------- cache bookkeeping
+    def record(self, st: SlotState, tensors: list[torch.Tensor], keep_raw: bool) -> None:
+        """Full step: fold the module's true outputs into its Taylor factors."""
+        before = st.nbytes()
+        st.record(tensors, self.branch.step, self.order, keep_raw)
+        self.counters.add_cache_bytes(st.nbytes() - before)
+
+    def coeffs_for(self, st: SlotState) -> tuple[float, ...]:
+        branch = self.branch
+        if st.last_full == branch.last_full:
+            return branch.coeffs
+        return coefficients(branch.step - st.last_full, self.order)
+
+    def fresh_rows(self, group: str, clusters) -> tuple[torch.Tensor, ...]:
+        """This step's fresh rows of every feed-forward module of ``group`` (see ``FreshTokens``)."""
+        return self.fresh.rows(self.branch, self.config, self.num_inference_steps, group, clusters)
+
+    def count_fresh(self, st: SlotState, n_fresh: int) -> None:
+        c = self.counters
+        c.tokens_computed += n_fresh
+        if st.tokens:
+            c.flops += st.flops * n_fresh // st.tokens

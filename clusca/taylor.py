@@ -1,0 +1,90 @@
+"""Taylor factors of one module output, kept in one buffer and updated in place.
+
+The one home of the prediction math: ``F_0 = y`` on a full step, ``F_{k+1} = (F_k - F_k') / d``
+(finite differences against the previous full step's factors, ``d`` steps apart), and on a
+cached step ``d`` steps after the last full one ``y_hat = sum_k F_k d^k / k!``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def coefficients(d: int, order: int) -> tuple[float, ...]:
+    """``d^k / k!`` for ``k = 0..order``."""
+    return tuple(d**k / math.factorial(k) for k in range(order + 1))
+
+
+class Factors:
+    """The Taylor factors of one output tensor: ``buffer[k]`` is ``F_k``.
+
+    The buffer holds ``order + 1`` factors of the output's shape and is allocated once, on
+    the first full step of a sequence; later full steps overwrite it in place, so a cached
+    step only reads views made at allocation. ``raw`` keeps the true last output when fresh
+    tokens edit ``F_0`` between full steps (the next finite difference must be taken between
+    true outputs).
+    """
+
+    __slots__ = ("buffer", "views", "rows", "n", "raw")
+
+    def __init__(self, y: torch.Tensor, order: int, keep_raw: bool) -> None:
+        self.buffer = torch.empty((order + 1, *y.shape), dtype=y.dtype, device=y.device)
+        # Plain indexing, not unbind: its views may be written in place with autograd on.
+        self.views: tuple[torch.Tensor, ...] = tuple(self.buffer[k] for k in range(order + 1))
+        # The same factors as (tokens, channels) tables, for row gathers and writes.
+        table = self.buffer.view(order + 1, -1, y.shape[-1])
+        self.rows: tuple[torch.Tensor, ...] = tuple(table[k] for k in range(order + 1))
+        self.views[0].copy_(y)
+        self.n = 1
+        self.raw = y.detach().clone() if keep_raw else None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.views[0].shape
+
+    def nbytes(self) -> int:
+        size = self.buffer.numel() * self.buffer.element_size()
+        if self.raw is not None:
+            size += self.raw.numel() * self.raw.element_size()
+        return size
+
+    def update(self, y: torch.Tensor, d: int, order: int) -> None:
+        """Full step ``d`` steps after the previous one: fold the true output ``y`` in."""
+        f = self.views
+        if order == 0 or d <= 0:
+            f[0].copy_(y)
+            self.n = 1
+        else:
+            m = min(self.n, order)
+            cur = y
+            for k in range(m):
+                old = self.raw if (k == 0 and self.raw is not None) else f[k]
+                nxt = torch.sub(cur, old).div_(d)
+                f[k].copy_(cur)
+                cur = nxt
+            f[m].copy_(cur)
+            self.n = m + 1
+        if self.raw is not None:
+            self.raw.copy_(y)
+
+    def predict(self, coeffs: tuple[float, ...], base: torch.Tensor | None = None, copy: bool = True) -> torch.Tensor:
+        """``base + sum_k F_k coeffs[k]`` (``base`` optional) as a new tensor.
+
+        With ``copy=False`` and a single factor and no base, ``F_0`` itself is returned: for
+        callers that only read it before the next update.
+        """
+        f = self.views
+        if base is not None:
+            y = torch.add(base, f[0])
+        elif self.n == 1:
+            return f[0].clone() if copy else f[0]
+        else:
+            y = torch.add(f[0], f[1], alpha=coeffs[1])
+            for k in range(2, self.n):
+                y.add_(f[k], alpha=coeffs[k])
+            return y
+        for k in range(1, self.n):
+            y.add_(f[k], alpha=coeffs[k])
+        return y
