@@ -26,7 +26,8 @@ ROOT_HOOK = "clusca_root"
 class Slot:
     """Static description of one hooked module."""
 
-    __slots__ = ("index", "name", "role", "group", "group_pos", "residuals", "chain_head", "chain_pos", "chain_len")
+    __slots__ = ("index", "name", "role", "group", "group_pos", "residuals", "chain_head", "chain_pos", "chain_len",
+                 "text_pos")
 
     def __init__(self, index: int, name: str, role: str, group: str | None = None, residuals=()) -> None:
         self.index = index
@@ -39,6 +40,8 @@ class Slot:
         self.chain_head = index
         self.chain_pos = 0
         self.chain_len = 1
+        # Position of the output that is text tokens (see ArchitecturePatterns.text_outputs).
+        self.text_pos: int | None = None
 
 
 class ClusCaController:
@@ -57,6 +60,7 @@ class ClusCaController:
         self.active = False
         self.caching = False  # active and mode != off: the only flag the hot path reads
         self.uses_clusters = False
+        self.text_dead = False  # this run's text outputs get no factors (ArchitecturePatterns.text_outputs)
         self.order = 0
         self.num_inference_steps: int | None = None
         self.branch = BranchState(len(slots))
@@ -81,6 +85,7 @@ class ClusCaController:
         self.num_inference_steps = num_inference_steps
         self.order = config.effective_order
         self.uses_clusters = config.uses_clusters
+        self.text_dead = bool(self.arch.text_stream and self.arch.text_outputs) and not config.refresh_text
         self.caching = config.enabled
         self.active = True
         if not self.caching:
@@ -190,9 +195,22 @@ class ClusCaController:
             self.probe.end(self.branch, completed=False)
 
     # ---------------------------------------------------------------- cache bookkeeping
-    def record(self, st: SlotState, tensors: list[torch.Tensor], keep_raw: bool) -> None:
-        """Full step: fold the module's true outputs into its Taylor factors."""
+    def record(self, st: SlotState, tensors: list[torch.Tensor], keep_raw: bool, text_pos: int | None = None,
+               substitute: torch.Tensor | None = None) -> None:
+        """Full step: fold the module's true outputs into its Taylor factors.
+
+        While the text stream is dead, the output at ``text_pos`` gets none: a cached step
+        answers it with ``substitute`` (a same-shaped input of the call), or with a copy of
+        this output when the shapes differ.
+        """
         before = st.nbytes()
+        st.dead_pos = st.dead_kept = None
+        if self.text_dead and text_pos is not None and text_pos < len(tensors):
+            dead = tensors[text_pos]
+            st.dead_pos = text_pos
+            if substitute is None or substitute.shape != dead.shape:
+                st.dead_kept = dead.detach().clone()
+            tensors = tensors[:text_pos] + tensors[text_pos + 1:]
         st.record(tensors, self.branch.step, self.order, keep_raw)
         self.counters.add_cache_bytes(st.nbytes() - before)
 

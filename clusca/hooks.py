@@ -90,13 +90,17 @@ class _SlotHook(compat.ModelHook):
         branch = self.controller.branch
         return branch, branch.slots[self.index], first_tensor(args, kwargs)
 
-    def _compute_and_record(self, st: SlotState, x: torch.Tensor | None, args, kwargs, keep_raw) -> Any:
+    def _compute_and_record(self, st: SlotState, x: torch.Tensor | None, args, kwargs, keep_raw,
+                            substitute: torch.Tensor | None) -> Any:
         out = self.fn_ref.original_forward(*args, **kwargs)
         layout, tensors = flatten(out)
         st.structure = layout
         st.in_shape = x.shape if x is not None else None
-        self.controller.record(st, tensors, keep_raw=keep_raw(layout))
+        self.controller.record(st, tensors, keep_raw(layout), self.slot.text_pos, substitute)
         return out
+
+    def _predict(self, st: SlotState, coeffs, substitute: torch.Tensor | None) -> Any:
+        return unflatten(st.structure, st.outputs([f.predict(coeffs) for f in st.factors], substitute))
 
 
 def _no_raw(layout) -> bool:
@@ -111,10 +115,10 @@ class TaylorHook(_SlotHook):
         if not ctrl.caching:
             return self.fn_ref.original_forward(*args, **kwargs)
         branch, st, x = self._state(args, kwargs)
+        text = kwargs.get("encoder_hidden_states")  # stands in for the text output while it is dead
         if branch.full or st.n == 0 or (x is not None and x.shape != st.in_shape):
-            return self._compute_and_record(st, x, args, kwargs, _no_raw)
-        coeffs = ctrl.coeffs_for(st)
-        return unflatten(st.structure, [f.predict(coeffs) for f in st.factors])
+            return self._compute_and_record(st, x, args, kwargs, _no_raw, text)
+        return self._predict(st, ctrl.coeffs_for(st), text)
 
 
 class TextStreamHook(_SlotHook):
@@ -156,6 +160,7 @@ class BlockHook(_SlotHook):
     the head block returns ``input + sum of predicted contributions`` and the others pass
     their inputs through. Same result as block-by-block prediction (Taylor prediction is
     linear in the cached values), with one pass over the tokens instead of one per block.
+    A dead text residual (``Slot.text_pos``) is passed through unchanged.
     """
 
     def _inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -176,7 +181,9 @@ class BlockHook(_SlotHook):
         if slot.chain_pos > 0:
             return unflatten(st.structure, inputs)
         coeffs = ctrl.coeffs_for(head)
-        return unflatten(st.structure, [f.predict(coeffs, base=inp) for f, inp in zip(head.factors, inputs)])
+        outs = [inp if f is None else f.predict(coeffs, base=inp)
+                for f, inp in ((head.factors_of(j), inp) for j, inp in enumerate(inputs))]
+        return unflatten(st.structure, outs)
 
     def _compute(self, args, kwargs, branch: BranchState, st: SlotState, head: SlotState, inputs, x) -> Any:
         slot = self.slot
@@ -186,18 +193,53 @@ class BlockHook(_SlotHook):
             raise TypeError(f"{slot.name}: block outputs do not match the residual inputs {slot.residuals}")
         st.structure = layout
         st.in_shape = x.shape if x is not None else None
-        acc = branch.chain_acc.get(slot.chain_head)
-        if slot.chain_pos == 0 or acc is None:
-            acc = [o - i for o, i in zip(outs, inputs)]
-            branch.chain_acc[slot.chain_head] = acc
-        else:
-            for a, o, i in zip(acc, outs, inputs):
-                a.add_(o).sub_(i)
+        dead = slot.text_pos if self.controller.text_dead else None
+        live = [j for j in range(len(outs)) if j != dead]
+        chain = branch.chain_acc.get(slot.chain_head)
+        if slot.chain_pos == 0 or chain is None:
+            chain = branch.chain_acc[slot.chain_head] = _ChainSum()
+        chain.add([inputs[j] for j in live], [outs[j] for j in live])
         if slot.chain_pos == slot.chain_len - 1:
             head.structure = layout
-            self.controller.record(head, acc, keep_raw=False)
+            total = chain.total()
+            if dead is not None:
+                total.insert(dead, inputs[dead])  # the stand-in of a dead residual: its input
+            self.controller.record(head, total, keep_raw=False, text_pos=dead, substitute=inputs[dead] if dead is not None else None)
             del branch.chain_acc[slot.chain_head]
         return out
+
+
+class _ChainSum:
+    """Sum of a chain's contributions on a full step, ``sum_k (out_k - in_k)``.
+
+    While each block's input is the previous block's output (the same tensor), the sum
+    telescopes to ``last output - first input``: one subtraction per chain instead of two
+    operations per block. Where something edits the stream between two blocks (a
+    control-net residual), the chain is cut there and its pieces are summed.
+    """
+
+    __slots__ = ("first", "last", "acc")
+
+    def __init__(self) -> None:
+        self.first: list[torch.Tensor] | None = None
+        self.last: list[torch.Tensor] | None = None
+        self.acc: list[torch.Tensor] | None = None
+
+    def add(self, inputs: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        if self.last is not None and any(i is not o for i, o in zip(inputs, self.last)):
+            self._close()
+        if self.first is None:
+            self.first = inputs
+        self.last = outs
+
+    def _close(self) -> None:
+        piece = [o - i for o, i in zip(self.last, self.first)]
+        self.acc = piece if self.acc is None else [a.add_(p) for a, p in zip(self.acc, piece)]
+        self.first = self.last = None
+
+    def total(self) -> list[torch.Tensor]:
+        self._close()
+        return self.acc
 
 
 class FeedForwardHook(_SlotHook):
@@ -211,11 +253,11 @@ class FeedForwardHook(_SlotHook):
         if branch.full or st.n == 0 or x is None or x.shape != st.in_shape:
             # Fresh tokens edit F_0 between full steps; keep the true output for the next difference.
             keep_raw = ctrl.uses_clusters and ctrl.order > 0
-            return self._compute_and_record(st, x, args, kwargs, lambda layout: keep_raw and layout is None)
+            return self._compute_and_record(st, x, args, kwargs, lambda layout: keep_raw and layout is None, x)
         coeffs = ctrl.coeffs_for(st)
         clusters = self.clusters_for(x, st)
         if clusters is None:
-            return unflatten(st.structure, [f.predict(coeffs) for f in st.factors])
+            return self._predict(st, coeffs, x)
         rows = ctrl.fresh_rows(self.slot.group, clusters)[self.slot.group_pos]
         b, _, dim = x.shape
         xs = x.reshape(-1, dim).index_select(0, rows).view(b, -1, dim)
@@ -229,7 +271,7 @@ class FeedForwardHook(_SlotHook):
     def clusters_for(self, x: torch.Tensor, st: SlotState) -> GroupClusters | None:
         """This branch's clusters of the module's token group, when fresh tokens apply."""
         ctrl = self.controller
-        if not ctrl.uses_clusters or st.structure is not None:
+        if not ctrl.uses_clusters or st.structure is not None or not st.factors:
             return None
         clusters = ctrl.branch.clusters.get(self.slot.group)
         if clusters is None or clusters.assign.shape != x.shape[:2]:
@@ -343,12 +385,29 @@ def _plan(model: torch.nn.Module, arch: ArchitecturePatterns) -> tuple[list[Slot
                     break
         if role is None:
             continue
-        slots.append(Slot(len(slots), name, role, group, residuals))
+        slot = Slot(len(slots), name, role, group, residuals)
+        slot.text_pos = _text_position(arch, slot)
+        slots.append(slot)
         modules.append(mod)
         taken.append(name)
     if arch.chain_blocks:
         _link_chains(slots)
     return slots, modules, cluster_name
+
+
+def _text_position(arch: ArchitecturePatterns, slot: Slot) -> int | None:
+    """Which output of the slot's module is text tokens, when the text stream can be dead."""
+    if not arch.text_stream:
+        return None
+    if slot.role == "attention":
+        return arch.text_outputs.get("attention")
+    if slot.role == "block":
+        names = [name for name, _ in slot.residuals]
+        text = arch.text_outputs.get("block")
+        return names.index(text) if text in names else None
+    if slot.role == "feedforward" and slot.group == "text":
+        return 0
+    return None
 
 
 def _link_chains(slots: list[Slot]) -> None:

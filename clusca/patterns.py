@@ -16,6 +16,12 @@ Each entry names, by regular expressions matched with ``re.fullmatch`` against
   last full-step output on cached steps instead of recomputing (unless the run asks for
   ``refresh_text``). Only valid while attention and blocks are predicted, so an override
   of those patterns clears it.
+* ``text_outputs``: while the text stream is dead in that sense, which outputs of the
+  other hooked modules are text tokens: ``"attention"`` names the position of the text
+  output of an attention module, ``"block"`` the residual argument of a block's text tokens;
+  the feed-forward modules of the ``"text"`` group are text as a whole. Such outputs get no
+  Taylor factors: a cached step answers them with a same-shaped input (or their last
+  full-step value), which cannot change the result.
 * ``cluster``: where the per-sample k-means runs on full steps: the LAST module matching
   ``cluster_module``, and for each token group where its tokens are read: ``("output", i)``
   (i-th output of that module, ``None`` index for a plain tensor) or ``("input", name)``.
@@ -41,6 +47,7 @@ class ArchitecturePatterns:
     chain_blocks: bool = False
     feedforward: Mapping[str, str] = field(default_factory=dict)
     text_stream: tuple[str, ...] = ()
+    text_outputs: Mapping[str, "int | str"] = field(default_factory=dict)
     cluster_module: str | None = None
     cluster_sources: Mapping[str, TokenSource] = field(default_factory=dict)
 
@@ -56,6 +63,7 @@ class ArchitecturePatterns:
         if "attention" in modules or "block" in modules:
             # The text stream is dead on cached steps only because these are predicted.
             kwargs["text_stream"] = ()
+            kwargs["text_outputs"] = {}
         if "text_stream" in modules:
             kwargs["text_stream"] = tuple(modules["text_stream"])
         if "feedforward" in modules:
@@ -77,6 +85,9 @@ _DUAL_STREAM_FF = {rf"transformer_blocks\.{_N}\.ff": "image", rf"transformer_blo
 # Their text-side norms: AdaLayerNormZero (a projection of the timestep embedding plus a
 # norm over the text tokens) and the norm in front of the text feed-forward.
 _DUAL_STREAM_TEXT = (rf"transformer_blocks\.{_N}\.norm1_context", rf"transformer_blocks\.{_N}\.norm2_context")
+# Their joint attention returns (image, text); their single-stream blocks take the text
+# tokens as ``encoder_hidden_states``.
+_DUAL_STREAM_TEXT_OUTPUTS = {"attention": 1, "block": "encoder_hidden_states"}
 
 ARCHITECTURES: dict[str, ArchitecturePatterns] = {
     "flux": ArchitecturePatterns(
@@ -89,6 +100,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         chain_blocks=True,
         feedforward=_DUAL_STREAM_FF,
         text_stream=_DUAL_STREAM_TEXT,
+        text_outputs=_DUAL_STREAM_TEXT_OUTPUTS,
         cluster_module=rf"transformer_blocks\.{_N}",
         cluster_sources={"image": ("output", 1), "text": ("output", 0)},
     ),
@@ -102,6 +114,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         chain_blocks=True,
         feedforward=_DUAL_STREAM_FF,
         text_stream=_DUAL_STREAM_TEXT,
+        text_outputs=_DUAL_STREAM_TEXT_OUTPUTS,
         cluster_module=rf"transformer_blocks\.{_N}",
         cluster_sources={"image": ("output", 0), "text": ("output", 1)},
     ),
@@ -111,6 +124,7 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         attention=(rf"transformer_blocks\.{_N}\.attn2?",),
         feedforward=_DUAL_STREAM_FF,
         text_stream=_DUAL_STREAM_TEXT,
+        text_outputs=_DUAL_STREAM_TEXT_OUTPUTS,
         cluster_module=rf"transformer_blocks\.{_N}",
         # The last SD3 block drops the text stream (context_pre_only), so text tokens are
         # clustered on that block's text input, i.e. the previous block's text output.

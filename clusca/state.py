@@ -13,16 +13,21 @@ from .taylor import Factors
 class SlotState:
     """Cache of one hooked module in one branch (e.g. ``cond``) of one run.
 
-    ``factors[j]`` holds the Taylor factors of the module's j-th output tensor. A text-stream
-    module keeps ``kept[j]`` instead: its last full-step output, or ``None`` for "the current
-    input" (see ``TextStreamHook``).
+    ``factors`` holds the Taylor factors of the module's output tensors, in output order, but
+    for the one at ``dead_pos`` (a text output while the text stream is dead), which a cached
+    step answers with ``dead_kept`` or, when that is ``None``, a same-shaped input. A
+    text-stream module keeps ``kept[j]`` instead of factors: its last full-step output, or
+    ``None`` for "the current input" (see ``TextStreamHook``).
     """
 
-    __slots__ = ("factors", "kept", "n", "last_full", "in_shape", "structure", "tokens", "flops")
+    __slots__ = ("factors", "kept", "dead_pos", "dead_kept", "n", "last_full", "in_shape", "structure", "tokens",
+                 "flops")
 
     def __init__(self) -> None:
         self.factors: list[Factors] | None = None
         self.kept: list[torch.Tensor | None] | None = None
+        self.dead_pos: int | None = None
+        self.dead_kept: torch.Tensor | None = None
         self.n = 0  # number of valid factors per output (0: nothing cached yet)
         self.last_full = -1
         self.in_shape: torch.Size | None = None
@@ -30,8 +35,24 @@ class SlotState:
         self.tokens = 0  # tokens of one uncached call (batch x sequence)
         self.flops = 0  # analytic FLOPs of one uncached call
 
+    def factors_of(self, pos: int) -> Factors | None:
+        """The factors of output ``pos`` (``None`` for the dead one)."""
+        dead = self.dead_pos
+        if dead is None or pos < dead:
+            return self.factors[pos]
+        return None if pos == dead else self.factors[pos - 1]
+
+    def outputs(self, live: list[torch.Tensor], substitute: torch.Tensor | None) -> list[torch.Tensor]:
+        """All outputs of a cached step from the live ones and the dead output's stand-in."""
+        if self.dead_pos is None:
+            return live
+        live.insert(self.dead_pos, self.dead_kept if self.dead_kept is not None else substitute)
+        return live
+
     def nbytes(self) -> int:
         total = sum(f.nbytes() for f in self.factors or ())
+        if self.dead_kept is not None:
+            total += self.dead_kept.numel() * self.dead_kept.element_size()
         for t in self.kept or ():
             if t is not None:
                 total += t.numel() * t.element_size()

@@ -102,7 +102,7 @@ class FluxLeanStep:
             if slots[i].n == 0 or slots[i].in_shape != shape or slots[i].structure is not None:
                 return None
         head = slots[self.chain_head]
-        if head.n == 0 or head.factors is None:
+        if head.n == 0 or head.factors is None or head.factors_of(self.image_out) is None:
             return None
 
         model = self.model
@@ -115,7 +115,7 @@ class FluxLeanStep:
         else:
             temb = model.time_text_embed(t, guidance.to(x.dtype) * 1000, pooled)
         self._dual_blocks(ctrl, x, temb)
-        x = head.factors[self.image_out].predict(ctrl.coeffs_for(head), base=x)
+        x = head.factors_of(self.image_out).predict(ctrl.coeffs_for(head), base=x)
         out = model.proj_out(model.norm_out(x, temb))
         if kwargs.get("return_dict", True):
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
