@@ -18,6 +18,8 @@ _LAZY = {
     "ClusCaRun": "run",
     "RunStats": "run",
     "run_state": "inspect",
+    "compile_clusca": "compile",
+    "uncompile_clusca": "compile",
     "RunState": "inspect",
     "ARCHITECTURES": "patterns",
     "ArchitecturePatterns": "patterns",
@@ -27,6 +29,7 @@ __all__ = ["ClusCaConfig", "PRESETS", "MODES", "DEFAULT_PRESET", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hooks import apply_clusca, is_clusca_applied, remove_clusca
+    from .compile import compile_clusca, uncompile_clusca
     from .inspect import RunState, run_state
     from .patterns import ARCHITECTURES, ArchitecturePatterns
     from .run import ClusCaRun, RunStats, clusca_run

@@ -11,6 +11,7 @@ import torch
 
 from .config import ClusCaConfig
 from .state import BranchState, GroupClusters
+from .taylor import add_scaled
 
 _MASK64 = (1 << 63) - 1
 _OFFSETS_KEPT = 64
@@ -137,14 +138,15 @@ def _cached_run(cfg: ClusCaConfig, total: int | None, step: int) -> tuple[int, .
     return tuple(steps)
 
 
-def write_fresh(factors, fresh: torch.Tensor, rows: torch.Tensor, clusters: GroupClusters, cfg: ClusCaConfig,
-                propagate: bool, coeffs: tuple[float, ...]) -> None:
+def write_fresh(factors, fresh: torch.Tensor, rows: torch.Tensor, flat_index: torch.Tensor | None, gamma,
+                per_cluster: int, anchored: bool, coeffs) -> None:
     """Fold the exact outputs ``fresh`` (``(b * k * f, dout)``, cluster-major, of ``rows``)
-    into ``F_0`` of ``factors``: blend each cluster's mean into its members (``gamma``, when
-    ``propagate``), then write each fresh output into its own token's slot.
+    into ``F_0`` of ``factors``: blend each cluster's mean into its members with weight
+    ``gamma`` (a number or a 0-d tensor; ``None``: no propagation), then write each fresh
+    output into its own token's slot.
 
-    ``propagation="anchored"`` stores the fresh value net of the higher-order terms, so the
-    Taylor sum returns it exactly at its token.
+    ``anchored`` (``propagation="anchored"``) stores the fresh value net of the higher-order
+    terms, so the Taylor sum returns it exactly at its token.
     """
     f0 = factors.rows[0]
     dout = f0.shape[-1]
@@ -152,15 +154,14 @@ def write_fresh(factors, fresh: torch.Tensor, rows: torch.Tensor, clusters: Grou
         fresh = fresh.to(f0.dtype)
     if fresh.ndim != 2:
         fresh = fresh.reshape(-1, dout)
-    if propagate and cfg.gamma > 0.0:
-        f = cfg.fresh_tokens
-        mean = fresh if f == 1 else fresh.view(-1, f, dout).mean(1)
+    if gamma is not None:
+        mean = fresh if per_cluster == 1 else fresh.view(-1, per_cluster, dout).mean(1)
         # F0 <- (1 - gamma) F0 + gamma * fresh(cluster of token). A row gather plus an in-place
         # lerp is about twice as fast on CPU as the equivalent one-hot bmm.
-        f0.lerp_(mean.index_select(0, clusters.flat_index), cfg.gamma)
+        f0.lerp_(mean.index_select(0, flat_index), gamma)
     n = factors.n
-    if cfg.propagation == "anchored" and n > 1:
+    if anchored and n > 1:
         fresh = fresh.clone()
         for k in range(1, n):
-            fresh.sub_(factors.rows[k].index_select(0, rows), alpha=coeffs[k])
+            add_scaled(fresh, factors.rows[k].index_select(0, rows), -coeffs[k])
     f0.index_copy_(0, rows, fresh)

@@ -84,6 +84,12 @@ class _SlotHook(compat.ModelHook):
         self.controller = controller
         self.slot = slot
         self.index = slot.index
+        self.compiled: Any = None  # the module's forward under torch.compile (clusca.compile_clusca)
+
+    @property
+    def inner(self) -> Any:
+        """The module's own forward (compiled, if so asked), for the calls the cache makes."""
+        return self.compiled if self.compiled is not None else self.fn_ref.original_forward
 
     def _state(self, args: tuple, kwargs: dict) -> tuple[BranchState, SlotState, torch.Tensor | None]:
         """This call's branch, this module's cache in it, and the module's first input tensor."""
@@ -92,7 +98,7 @@ class _SlotHook(compat.ModelHook):
 
     def _compute_and_record(self, st: SlotState, x: torch.Tensor | None, args, kwargs, keep_raw,
                             substitute: torch.Tensor | None) -> Any:
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        out = self.inner(*args, **kwargs)
         layout, tensors = flatten(out)
         st.structure = layout
         st.in_shape = x.shape if x is not None else None
@@ -138,7 +144,7 @@ class TextStreamHook(_SlotHook):
         branch, st, x = self._state(args, kwargs)
         stale = st.n == 0 or (x is not None and x.shape != st.in_shape)
         if branch.full or stale or ctrl.config.refresh_text:
-            out = self.fn_ref.original_forward(*args, **kwargs)
+            out = self.inner(*args, **kwargs)
             if branch.full or stale:
                 layout, tensors = flatten(out)
                 before = st.nbytes()
@@ -187,7 +193,7 @@ class BlockHook(_SlotHook):
 
     def _compute(self, args, kwargs, branch: BranchState, st: SlotState, head: SlotState, inputs, x) -> Any:
         slot = self.slot
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        out = self.inner(*args, **kwargs)
         layout, outs = flatten(out)
         if len(outs) != len(inputs) or any(i is None for i in inputs):
             raise TypeError(f"{slot.name}: block outputs do not match the residual inputs {slot.residuals}")
@@ -262,9 +268,9 @@ class FeedForwardHook(_SlotHook):
         b, _, dim = x.shape
         xs = x.reshape(-1, dim).index_select(0, rows).view(b, -1, dim)
         if args:
-            fresh = self.fn_ref.original_forward(xs, *args[1:], **kwargs)
+            fresh = self.inner(xs, *args[1:], **kwargs)
         else:
-            fresh = self.fn_ref.original_forward(**{**kwargs, "hidden_states": xs})
+            fresh = self.inner(**{**kwargs, "hidden_states": xs})
         self.refresh(st, fresh, rows, clusters, coeffs)
         return st.factors[0].predict(coeffs)
 
@@ -278,12 +284,22 @@ class FeedForwardHook(_SlotHook):
             return None
         return clusters
 
+    @property
+    def gamma(self) -> float | None:
+        """The weight fresh outputs are blended into their cluster with (image tokens, or text on
+        request), or ``None`` when they are not."""
+        cfg = self.controller.config
+        if cfg.gamma > 0.0 and (self.slot.group == "image" or cfg.propagate_text):
+            return cfg.gamma
+        return None
+
     def refresh(self, st: SlotState, fresh: torch.Tensor, rows: torch.Tensor, clusters: GroupClusters, coeffs) -> None:
         """Fold the exact outputs of the fresh rows into ``F_0`` and count them."""
         ctrl = self.controller
         cfg = ctrl.config
-        propagate = self.slot.group == "image" or cfg.propagate_text
-        write_fresh(st.factors[0], fresh, rows, clusters, cfg, propagate, coeffs)
+        gamma = self.gamma
+        write_fresh(st.factors[0], fresh, rows, clusters.flat_index if gamma is not None else None, gamma,
+                    cfg.fresh_tokens, cfg.propagation == "anchored", coeffs)
         ctrl.count_fresh(st, rows.numel())
 
 
@@ -489,6 +505,7 @@ def apply_clusca(
     # The lean cached step relies on the shipped patterns (what is predicted, what is dead).
     adapter = adapter_for(model, ctrl, hooks) if arch == ARCHITECTURES.get(arch.name) else None
     ctrl.lean_available = adapter is not None
+    ctrl.slot_hooks = hooks
     ctrl.adapter = adapter if lean else None
     model.__dict__[_CONTROLLER_ATTR] = ctrl
     return ctrl

@@ -17,6 +17,14 @@ def coefficients(d: int, order: int) -> tuple[float, ...]:
     return tuple(d**k / math.factorial(k) for k in range(order + 1))
 
 
+def add_scaled(y: torch.Tensor, x: torch.Tensor, c) -> torch.Tensor:
+    """``y += c * x`` in place, for a Python number ``c`` or a 0-d tensor (under torch.compile
+    the coefficients are tensors, so a new step offset is new data, not a new graph)."""
+    if isinstance(c, torch.Tensor):
+        return y.addcmul_(x, c)
+    return y.add_(x, alpha=c)
+
+
 class Factors:
     """The Taylor factors of one output tensor: ``buffer[k]`` is ``F_k``.
 
@@ -70,7 +78,8 @@ class Factors:
             self.raw.copy_(y)
 
     def predict(self, coeffs: tuple[float, ...], base: torch.Tensor | None = None, copy: bool = True) -> torch.Tensor:
-        """``base + sum_k F_k coeffs[k]`` (``base`` optional) as a new tensor.
+        """``base + sum_k F_k coeffs[k]`` (``base`` optional) as a new tensor; ``coeffs`` are
+        Python numbers or a tensor of them.
 
         With ``copy=False`` and a single factor and no base, ``F_0`` itself is returned: for
         callers that only read it before the next update.
@@ -78,13 +87,13 @@ class Factors:
         f = self.views
         if base is not None:
             y = torch.add(base, f[0])
+            first = 1
         elif self.n == 1:
             return f[0].clone() if copy else f[0]
         else:
-            y = torch.add(f[0], f[1], alpha=coeffs[1])
-            for k in range(2, self.n):
-                y.add_(f[k], alpha=coeffs[k])
-            return y
-        for k in range(1, self.n):
-            y.add_(f[k], alpha=coeffs[k])
+            c = coeffs[1]
+            y = torch.addcmul(f[0], f[1], c) if isinstance(c, torch.Tensor) else torch.add(f[0], f[1], alpha=c)
+            first = 2
+        for k in range(first, self.n):
+            add_scaled(y, f[k], coeffs[k])
         return y

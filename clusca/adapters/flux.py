@@ -14,9 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fresh import write_fresh
+from ..taylor import Factors
 
 
 def _plain(mod: nn.Module, cls: type) -> bool:
@@ -55,6 +60,31 @@ class FluxLeanStep:
         self.chain_head = chain_head  # slot holding the summed factors of the single-stream blocks
         self.image_out = image_out  # index of the image tokens among a single block's outputs
         self.inner_dim = model.inner_dim
+        self.block_fn = dual_block_step  # or its torch.compile'd form (clusca.compile_clusca)
+        self.compiled = False
+        self._scalars: dict[tuple, torch.Tensor] = {}
+
+    def compile(self, **compile_kwargs) -> None:
+        self.block_fn = torch.compile(dual_block_step, **compile_kwargs)
+        self.compiled = True
+
+    def uncompile(self) -> None:
+        self.block_fn = dual_block_step
+        self.compiled = False
+        self._scalars.clear()
+
+    def _scalar(self, value, like: torch.Tensor):
+        """Eager: the Python number(s) as they are. Compiled: the same as a tensor, made once per
+        value, so a new step offset or mixing ratio is new data for the graph, not a recompile."""
+        if not self.compiled or value is None:
+            return value
+        key = (value, like.device, like.dtype)
+        t = self._scalars.get(key)
+        if t is None:
+            if len(self._scalars) >= 256:
+                self._scalars.clear()
+            t = self._scalars[key] = torch.tensor(value, device=like.device, dtype=like.dtype)
+        return t
 
     @classmethod
     def build(cls, model, ctrl, hooks: list) -> "FluxLeanStep | None":
@@ -140,31 +170,60 @@ class FluxLeanStep:
             scale_mlp = parts[4].add(1).unbind(0)
             x_rows = x.view(-1, dim)
             group_rows = ctrl.fresh_rows("image", next(c for c in fresh if c is not None))
-        fp16 = x.dtype == torch.float16
+        block = self.block_fn
+        cfg = ctrl.config
+        anchored = cfg.propagation == "anchored"
         for blk_i, blk in enumerate(self.blocks):
-            st_a = slots[self.attn[blk_i]]
-            x.addcmul_(gate_msa[blk_i], st_a.factors[0].predict(ctrl.coeffs_for(st_a), copy=False))
-            st_f = slots[self.ff[blk_i]]
+            st_a, st_f = slots[self.attn[blk_i]], slots[self.ff[blk_i]]
             coeffs = ctrl.coeffs_for(st_f)
             clusters = fresh[blk_i]
+            work = None
             if clusters is not None:
                 hook = self.ff_hooks[blk_i]
                 rows = group_rows[hook.slot.group_pos]
-                xs = x_rows.index_select(0, rows)
-                if b > 1:
-                    xs = xs.view(b, -1, dim)
-                norm = blk.norm2
-                xs = F.layer_norm(xs, norm.normalized_shape, norm.weight, norm.bias, norm.eps) \
-                    if _plain(norm, nn.LayerNorm) else norm(xs)
-                h = torch.addcmul(shift_mlp[blk_i], xs, scale_mlp[blk_i])
-                parts_ff = _gelu_ff(blk.ff)
-                if parts_ff is None:
-                    y = hook.fn_ref.original_forward(h)
-                else:
-                    first, approximate, last = parts_ff
-                    y = F.linear(F.gelu(F.linear(h, first.weight, first.bias), approximate=approximate),
-                                 last.weight, last.bias)
-                hook.refresh(st_f, y, rows, clusters, coeffs)
-            x.addcmul_(gate_mlp[blk_i], st_f.factors[0].predict(coeffs, copy=False))
-            if fp16:
-                x.clamp_(-65504, 65504)
+                gamma = self._scalar(hook.gamma, x)
+                work = (x_rows, rows, shift_mlp[blk_i], scale_mlp[blk_i], _norm_fn(blk.norm2), _ff_fn(blk.ff, hook),
+                        clusters.flat_index if gamma is not None else None, gamma, cfg.fresh_tokens, anchored)
+            block(x, gate_msa[blk_i], gate_mlp[blk_i], st_a.factors[0], self._scalar(ctrl.coeffs_for(st_a), x),
+                  st_f.factors[0], self._scalar(coeffs, x), work)
+            if clusters is not None:
+                ctrl.count_fresh(st_f, rows.numel())
+
+
+def dual_block_step(x: torch.Tensor, gate_msa: torch.Tensor, gate_mlp: torch.Tensor, attn: Factors, attn_coeffs,
+                    ff: Factors, ff_coeffs, fresh) -> None:
+    """One dual-stream block of a cached step, on the image tokens ``x`` in place.
+
+    It reads and writes tensors only (the feed-forward's factors in place); the run's
+    counters are kept by the caller. That makes it one graph under ``torch.compile``.
+    """
+    x.addcmul_(gate_msa, attn.predict(attn_coeffs, copy=False))
+    if fresh is not None:
+        x_rows, rows, shift, scale1, norm, ff_fn, flat_index, gamma, per_cluster, anchored = fresh
+        xs = x_rows.index_select(0, rows)
+        if x.shape[0] > 1:
+            xs = xs.view(x.shape[0], -1, x.shape[-1])
+        y = ff_fn(torch.addcmul(shift, norm(xs), scale1))
+        write_fresh(ff, y, rows, flat_index, gamma, per_cluster, anchored, ff_coeffs)
+    x.addcmul_(gate_mlp, ff.predict(ff_coeffs, copy=False))
+    if x.dtype == torch.float16:
+        x.clamp_(-65504, 65504)
+
+
+def _norm_fn(norm: nn.Module):
+    if _plain(norm, nn.LayerNorm):
+        return functools.partial(F.layer_norm, normalized_shape=norm.normalized_shape, weight=norm.weight,
+                                 bias=norm.bias, eps=norm.eps)
+    return norm
+
+
+def _ff_fn(ff: nn.Module, hook):
+    parts = _gelu_ff(ff)
+    if parts is None:
+        return hook.inner  # the module itself, under ClusCa's hook
+    first, approximate, last = parts
+    return functools.partial(_gelu_mlp, first.weight, first.bias, approximate, last.weight, last.bias)
+
+
+def _gelu_mlp(w1, b1, approximate: str, w2, b2, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(h, w1, b1), approximate=approximate), w2, b2)
