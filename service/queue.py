@@ -12,6 +12,8 @@ Layout in Redis (all keys under ``clusca:``)::
     workers:{model}       sorted set: worker id -> last heartbeat (unix seconds)
     worker:{id}           hash: what a worker holds, with a short TTL
 
+What a job holds is :mod:`service.contract` (requests, results, statuses), which also
+names the consumer group and caps the Lua scripts (:mod:`service.lua`) use.
 Everything stored is JSON or raw image bytes; nothing is ever unpickled. State changes
 that must not race (enqueue with depth check and idempotency, start with attempt
 counting, finish exactly once with acknowledgement, cancel) are single Lua scripts, so
@@ -28,15 +30,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from .contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, QUEUED, TERMINAL, TERMINAL_EVENTS, JobRecord, JobRequest, JobResult
+
+__all__ = ["GROUP", "EVENTS_MAXLEN", "TERMINAL", "JobQueue", "WorkerQueue", "Delivery", "StartedJob", "LiveWorker",
+           "QueueFull", "IdempotencyMismatch"]
+from .lua import SCRIPTS
+
 log = logging.getLogger("clusca.queue")
 
 PREFIX = "clusca:"
-GROUP = "workers"
-TERMINAL = ("succeeded", "failed", "cancelled")
 HEARTBEAT_S = 1.0
 # A worker counts as alive while its last heartbeat is younger than this.
 ALIVE_WINDOW_S = 5.0
-EVENTS_MAXLEN = 2000
 
 
 def stream_key(model: str) -> str:
@@ -77,145 +82,12 @@ def _s(v: Any) -> Any:
 
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-# Field -> accepted types of a stored job request (what the API writes; anything else is refused).
-_REQUEST_FIELDS: dict[str, tuple[type, ...]] = {
-    "prompt": (str,), "negative_prompt": (str, type(None)), "width": (int,), "height": (int,), "steps": (int,),
-    "guidance": (int, float), "seed": (int,), "num_images": (int,), "output_format": (str,), "cache": (dict,),
-    "webhook_url": (str, type(None))}
-
-
-def parse_request(raw: Any) -> dict[str, Any] | None:
-    """A stored job request as a dict, or None when it is not one the API could have written."""
-    try:
-        req = json.loads(_s(raw))
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(req, dict):
-        return None
-    for name, types in _REQUEST_FIELDS.items():
-        v = req.get(name)
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            return None
-    if req["output_format"] not in ("png", "jpeg", "webp") or min(req["width"], req["height"], req["steps"],
-                                                                     req["num_images"]) < 1:
-        return None
-    return req
 
 
 def _job_id(fields: dict) -> str | None:
     raw = fields.get(b"job", fields.get("job"))
     job_id = _s(raw) if raw is not None else None
     return job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else None
-
-
-# KEYS: stream, job, events, idem ('' = none)
-# ARGV: job_id, now, request_json, model, max_queue, ttl, steps, queued_event_json, fingerprint
-# A key already used for another request (another fingerprint) is refused: 'mismatch'.
-_ENQUEUE = """
-if KEYS[4] ~= '' then
-  local existing = redis.call('GET', KEYS[4])
-  if existing then
-    local id, fp = string.match(existing, '^(%S+) ?(%S*)$')
-    if id == nil then id, fp = existing, '' end
-    if fp ~= '' and ARGV[9] ~= '' and fp ~= ARGV[9] then return {'mismatch', id} end
-    return {'dup', id}
-  end
-end
-local depth = redis.call('XLEN', KEYS[1])
-if depth >= tonumber(ARGV[5]) then return {'full', tostring(depth)} end
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'model', ARGV[4], 'status', 'queued', 'request', ARGV[3],
-           'created', ARGV[2], 'step', '0', 'steps', ARGV[7], 'attempts', '0')
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('XADD', KEYS[3], '*', 'e', ARGV[8])
-redis.call('EXPIRE', KEYS[3], ARGV[6])
-redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[9], 'EX', ARGV[6]) end
-return {'ok', ARGV[1]}
-"""
-
-# KEYS: job, events, done, stream
-# ARGV: worker, now, max_attempts, ttl, entry_id
-_START = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then
-  redis.call('XACK', KEYS[4], 'workers', ARGV[5]); redis.call('XDEL', KEYS[4], ARGV[5])
-  return {'gone'}
-end
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
-  redis.call('XACK', KEYS[4], 'workers', ARGV[5]); redis.call('XDEL', KEYS[4], ARGV[5])
-  return {'done', st}
-end
-local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-local now = tonumber(ARGV[2])
-if n > tonumber(ARGV[3]) then
-  local reason = 'gave up after ' .. (n - 1) .. ' attempts: the workers running it stopped responding'
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished', ARGV[2], 'error', reason)
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 2000, '*', 'e',
-             cjson.encode({type='failed', error=reason, t=now}))
-  redis.call('RPUSH', KEYS[3], 'failed')
-  for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3]}) do redis.call('EXPIRE', k, ARGV[4]) end
-  redis.call('XACK', KEYS[4], 'workers', ARGV[5]); redis.call('XDEL', KEYS[4], ARGV[5])
-  return {'exhausted', reason}
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[2], 'worker', ARGV[1], 'step', '0')
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 2000, '*', 'e',
-           cjson.encode({type='started', worker=ARGV[1], attempt=n, t=now}))
-local f = redis.call('HMGET', KEYS[1], 'request', 'created', 'cancel')
-return {'ok', f[1], f[2], f[3] or '', tostring(n)}
-"""
-
-# KEYS: job, events, images, done, stream
-# ARGV: status, now, result_json, error, ttl, entry_id, event_json, step ('' for none), n_progress,
-#       progress_event_1 .. progress_event_n, img0, img1, ...
-# The job's last progress events travel with its outcome: one round trip, and they still come
-# before the final event.
-_FINISH = """
-local st = redis.call('HGET', KEYS[1], 'status')
-redis.call('XACK', KEYS[5], 'workers', ARGV[6]); redis.call('XDEL', KEYS[5], ARGV[6])
-if (not st) or st == 'succeeded' or st == 'failed' or st == 'cancelled' then return 0 end
-local first_img = 10 + tonumber(ARGV[9])
-for i = 10, first_img - 1 do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 2000, '*', 'e', ARGV[i])
-end
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[8]) end
-if #ARGV >= first_img then
-  for i = first_img, #ARGV do redis.call('HSET', KEYS[3], tostring(i - first_img), ARGV[i]) end
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[2], 'result', ARGV[3], 'error', ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 2000, '*', 'e', ARGV[7])
-redis.call('RPUSH', KEYS[4], ARGV[1])
-for _, k in ipairs({KEYS[1], KEYS[2], KEYS[4]}) do redis.call('EXPIRE', k, ARGV[5]) end
-return 1
-"""
-
-# KEYS: job, events, done ; ARGV: now, ttl
-_CANCEL = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 'missing' end
-if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', ARGV[1], 'error', 'cancelled by the client')
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 2000, '*', 'e',
-             cjson.encode({type='cancelled', t=tonumber(ARGV[1])}))
-  redis.call('RPUSH', KEYS[3], 'cancelled')
-  for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ARGV[2]) end
-  return 'cancelled'
-end
-if st == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel', '1')
-  return 'cancelling'
-end
-return st
-"""
-
-# Put a delivered but never started job back at the end of its stream (graceful shutdown).
-# KEYS: stream, job ; ARGV: entry_id, job_id
-_RELEASE = """
-redis.call('XACK', KEYS[1], 'workers', ARGV[1]); redis.call('XDEL', KEYS[1], ARGV[1])
-local st = redis.call('HGET', KEYS[2], 'status')
-if st == 'queued' then redis.call('XADD', KEYS[1], '*', 'job', ARGV[2]) return 1 end
-return 0
-"""
 
 
 class QueueFull(Exception):
@@ -232,27 +104,6 @@ class IdempotencyMismatch(Exception):
         self.job_id = job_id
 
 
-def decode_job(raw: dict) -> dict[str, Any] | None:
-    """A job hash as a plain dict with parsed JSON fields."""
-    if not raw:
-        return None
-    job = {_s(k): _s(v) for k, v in raw.items()}
-    for key in ("request", "result"):
-        if job.get(key):
-            try:
-                job[key] = json.loads(job[key])
-            except ValueError:
-                job[key] = None  # not written by this service; shown as absent rather than failing the read
-            if not isinstance(job[key], dict):
-                job[key] = None
-    for key in ("created", "started", "finished"):
-        if job.get(key):
-            job[key] = float(job[key])
-    for key in ("step", "steps", "attempts"):
-        job[key] = int(job.get(key) or 0)
-    return job
-
-
 def _ordered_images(raw: dict) -> list[bytes]:
     """Image bytes by index; fields that are not indexes were not written here and are ignored."""
     indexed = {int(_s(k)): v for k, v in raw.items() if _s(k).isdigit()}
@@ -263,6 +114,16 @@ def event_json(kind: str, **fields: Any) -> str:
     return json.dumps({"type": kind, "t": time.time(), **fields}, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class LiveWorker:
+    """A worker whose heartbeat is recent, as it describes itself."""
+
+    id: str | None
+    host: str | None
+    running: int | None
+    models: dict[str, dict[str, Any]]
+
+
 # ---------------------------------------------------------------------------- producer side
 class JobQueue:
     """What the API does with the queue (``redis.asyncio`` client)."""
@@ -271,11 +132,11 @@ class JobQueue:
         self.r = redis
         self.max_queue = max_queue
         self.ttl_s = ttl_s
-        self._enqueue = redis.register_script(_ENQUEUE)
-        self._cancel = redis.register_script(_CANCEL)
+        self._enqueue = redis.register_script(SCRIPTS["enqueue"])
+        self._cancel = redis.register_script(SCRIPTS["cancel"])
 
-    async def enqueue(self, model: str, request: dict[str, Any], steps: int,
-                      idempotency: str | None = None, fingerprint: str = "") -> tuple[str, bool]:
+    async def enqueue(self, model: str, request: JobRequest, idempotency: str | None = None,
+                      fingerprint: str = "") -> tuple[str, bool]:
         """Queue a job; return ``(job_id, created)``. ``created`` is False for an idempotent repeat.
 
         ``fingerprint`` (no spaces) identifies the request behind an idempotency key: a repeat
@@ -287,8 +148,8 @@ class JobQueue:
         idem = f"{PREFIX}idem:{idempotency}" if idempotency else ""
         res = await self._enqueue(
             keys=[stream_key(model), job_key(job_id), events_key(job_id), idem],
-            args=[job_id, repr(time.time()), json.dumps(request, separators=(",", ":")), model,
-                  self.max_queue, self.ttl_s, steps, event_json("queued", model=model), fingerprint])
+            args=[job_id, repr(time.time()), request.to_json(), model,
+                  self.max_queue, self.ttl_s, request.steps, event_json(QUEUED, model=model), fingerprint])
         tag, value = _s(res[0]), _s(res[1])
         if tag == "full":
             raise QueueFull(int(value))
@@ -296,8 +157,8 @@ class JobQueue:
             raise IdempotencyMismatch(value)
         return value, tag == "ok"
 
-    async def get(self, job_id: str) -> dict[str, Any] | None:
-        return decode_job(await self.r.hgetall(job_key(job_id)))
+    async def get(self, job_id: str) -> JobRecord | None:
+        return JobRecord.from_hash(await self.r.hgetall(job_key(job_id)))
 
     async def image(self, job_id: str, index: int) -> bytes | None:
         return await self.r.hget(images_key(job_id), str(index))
@@ -311,7 +172,7 @@ class JobQueue:
                                  args=[repr(time.time()), self.ttl_s])
         return _s(res)
 
-    async def wait_result(self, job_id: str, timeout_s: float) -> tuple[bool, dict[str, Any] | None, list[bytes]]:
+    async def wait_result(self, job_id: str, timeout_s: float) -> tuple[bool, JobRecord | None, list[bytes]]:
         """Wait for the job to end; return ``(ended, job, images)`` read in one round trip."""
         deadline = time.monotonic() + timeout_s
         marker = None
@@ -328,7 +189,7 @@ class JobQueue:
         pipe.hgetall(images_key(job_id))
         _, raw_job, raw_images = await pipe.execute()
         images = _ordered_images(raw_images)
-        return True, decode_job(raw_job), images
+        return True, JobRecord.from_hash(raw_job), images
 
     async def events(self, job_id: str, last_id: str = "0",
                      idle_s: float = 2.0) -> AsyncIterator[tuple[str, dict[str, Any]] | None]:
@@ -345,7 +206,7 @@ class JobQueue:
                 last_id = _s(entry_id)
                 event = json.loads(_s(fields[b"e"] if b"e" in fields else fields["e"]))
                 yield last_id, event
-                if event.get("type") in ("finished", "failed", "cancelled"):
+                if event.get("type") in TERMINAL_EVENTS:
                     return
 
     async def depth(self, model: str) -> int:
@@ -363,6 +224,33 @@ class JobQueue:
     async def workers_alive(self, model: str) -> int:
         return int(await self.r.zcount(workers_key(model), time.time() - ALIVE_WINDOW_S, "+inf"))
 
+    async def ping(self) -> bool:
+        """Whether Redis answers (raises when it does not)."""
+        return bool(await self.r.ping())
+
+    async def live_workers(self, models: list[str]) -> list[LiveWorker]:
+        """Workers of ``models`` with a recent heartbeat, as each describes itself.
+
+        The ids come from the per-model heartbeat sets (never a keyspace scan: Redis holds
+        every job's keys too), the details from each worker's own short-lived record.
+        """
+        ids: set[str] = set()
+        for name in models:
+            ids.update(_s(m) for m in await self.r.zrangebyscore(workers_key(name), time.time() - ALIVE_WINDOW_S,
+                                                                 "+inf"))
+        keys = sorted(ids)
+        out = []
+        for raw in (await self.r.mget([worker_key(k) for k in keys])) if keys else []:
+            try:
+                info = json.loads(_s(raw)) if raw else None
+            except ValueError:
+                info = None
+            if isinstance(info, dict):
+                models_info = info.get("models") if isinstance(info.get("models"), dict) else {}
+                out.append(LiveWorker(info.get("id"), info.get("host"), info.get("running"),
+                                      {m: w for m, w in models_info.items() if isinstance(w, dict)}))
+        return out
+
 
 # ---------------------------------------------------------------------------- consumer side
 @dataclass
@@ -376,8 +264,10 @@ class Delivery:
 
 @dataclass
 class StartedJob:
+    """A job this worker marked running: its request, and what the start script said."""
+
     delivery: Delivery
-    request: dict[str, Any]
+    request: JobRequest
     created: float
     started: float
     attempt: int
@@ -395,9 +285,9 @@ class WorkerQueue:
         self.ttl_s = ttl_s
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.max_attempts = max_attempts
-        self._start = redis.register_script(_START)
-        self._finish = redis.register_script(_FINISH)
-        self._release = redis.register_script(_RELEASE)
+        self._start = redis.register_script(SCRIPTS["start"])
+        self._finish = redis.register_script(SCRIPTS["finish"])
+        self._release = redis.register_script(SCRIPTS["release"])
         # Where the next reclaim scan of each stream's pending list starts (see reclaim()).
         self._reclaim_from: dict[str, str] = {}
 
@@ -468,11 +358,11 @@ class WorkerQueue:
         for m, ids in by_model.items():
             self.r.xclaim(stream_key(m), GROUP, self.worker_id, 0, ids, justid=True)
 
-    def peek_requests(self, deliveries: list[Delivery]) -> list[dict[str, Any] | None]:
+    def peek_requests(self, deliveries: list[Delivery]) -> list[JobRequest | None]:
         pipe = self.r.pipeline(transaction=False)
         for d in deliveries:
             pipe.hget(job_key(d.job_id), "request")
-        return [parse_request(v) if v else None for v in pipe.execute()]
+        return [JobRequest.parse(v) if v else None for v in pipe.execute()]
 
     def start(self, deliveries: list[Delivery]) -> tuple[list[StartedJob], list[tuple[Delivery, str]]]:
         """Mark jobs running (counting attempts). Returns started jobs and skipped ones with why."""
@@ -485,17 +375,18 @@ class WorkerQueue:
         for d, res in zip(deliveries, pipe.execute()):
             tag = _s(res[0])
             if tag == "ok":
-                req = parse_request(res[1])
+                req = JobRequest.parse(res[1])
                 try:
                     created = float(_s(res[2]))
                 except (TypeError, ValueError):
                     created, req = now, None
-                job = StartedJob(d, req or {}, created, now, int(_s(res[4])), _s(res[3]) == "1")
                 if req is None:
-                    self.finish(job, "failed", {}, "the stored request is not a valid job; it was not run")
+                    # Only the delivery matters to finish(); the request stands in for the unreadable one.
+                    job = StartedJob(d, JobRequest("", 1, 1, 1, 0.0, 0), created, now, int(_s(res[4])), False)
+                    self.finish(job, "failed", JobResult(), "the stored request is not a valid job; it was not run")
                     skipped.append((d, "invalid request"))
                 else:
-                    started.append(job)
+                    started.append(StartedJob(d, req, created, now, int(_s(res[4])), _s(res[3]) == "1"))
             else:
                 skipped.append((d, tag if len(res) < 2 else f"{tag}: {_s(res[1])}"))
         return started, skipped
@@ -524,7 +415,7 @@ class WorkerQueue:
             if _s(flag) == "1":
                 cancelled[idx] = True
 
-    def finish(self, job: StartedJob, status: str, result: dict[str, Any], error: str = "",
+    def finish(self, job: StartedJob, status: str, result: JobResult, error: str = "",
                images: list[bytes] = (), progress: list[str] = (), step: int | None = None) -> bool:
         """Store the outcome and acknowledge, atomically; False if another worker finished it first.
 
@@ -533,11 +424,10 @@ class WorkerQueue:
         already finished gets neither.
         """
         d = job.delivery
-        kind = "finished" if status == "succeeded" else status
-        ev = event_json(kind, status=status, error=error or None, images=len(images))
+        ev = event_json(FINAL_EVENT[status], status=status, error=error or None, images=len(images))
         res = self._finish(keys=[job_key(d.job_id), events_key(d.job_id), images_key(d.job_id),
                                  done_key(d.job_id), stream_key(d.model)],
-                           args=[status, repr(time.time()), json.dumps(result, separators=(",", ":")),
+                           args=[status, repr(time.time()), result.to_json(),
                                  error, self.ttl_s, d.entry_id, ev, "" if step is None else int(step),
                                  len(progress), *progress, *images])
         return bool(res)

@@ -1,4 +1,4 @@
-"""Worker-side pipeline helpers."""
+"""Worker-side runner helpers: calling conventions and loading errors."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ torch = pytest.importorskip("torch")
 
 def test_call_parameters_and_bad_pipeline_class():
     from service.noop import LegacyCallbackNoopPipeline, NoopPipeline
-    from service.pipelines import call_parameters, load_pipeline
     from service.registry import ModelEntry
+    from service.runners import load_runner
+    from service.runners.pipeline import call_parameters
 
     assert call_parameters(NoopPipeline()) == {"*"}
     legacy = call_parameters(LegacyCallbackNoopPipeline())
     assert "callback" in legacy and "callback_on_step_end" not in legacy
     entry = ModelEntry(name="x", kind="diffusers", path="/nonexistent", pipeline_class="AutoencoderKL")
     with pytest.raises(ValueError, match="not a diffusers pipeline class"):
-        load_pipeline(entry, "cpu")
+        load_runner(entry, "cpu")

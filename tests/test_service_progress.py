@@ -7,14 +7,17 @@ import time
 
 from conftest import wait_until
 
+from service.contract import JobRequest, JobResult
+from service.progress import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
 from service.queue import Delivery, StartedJob, WorkerQueue, events_key, images_key, job_key, new_job_id
-from service.worker import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
+
+REQ = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=0.0, seed=1)
 
 
 def _job(r, steps: int) -> StartedJob:
     job_id = new_job_id()
     r.hset(job_key(job_id), mapping={"status": "running", "step": 0, "steps": steps})
-    return StartedJob(Delivery("noop", "0-1", job_id), {}, time.time(), time.time(), 1, False)
+    return StartedJob(Delivery("noop", "0-1", job_id), REQ, time.time(), time.time(), 1, False)
 
 
 def _pump(r, interval_s: float) -> ProgressPump:
@@ -142,7 +145,7 @@ def test_taken_steps_travel_with_the_result_before_the_final_event(service):
     assert _steps(r, a) == [] and _round_trips(r) == before
     events, step = progress[a.delivery.job_id]
     assert step == 3 and [json.loads(e)["step"] for e in events] == [1, 2, 3]
-    assert q.finish(a, "succeeded", {}, images=[b"png"], progress=events, step=step)
+    assert q.finish(a, "succeeded", JobResult(), images=[b"png"], progress=events, step=step)
     kinds = [json.loads(f[b"e"])["type"] for _, f in r.xrange(events_key(a.delivery.job_id))]
     assert kinds == ["progress", "progress", "progress", "finished"]
     steps = [json.loads(f[b"e"]).get("step") for _, f in r.xrange(events_key(a.delivery.job_id))]
@@ -152,6 +155,6 @@ def test_taken_steps_travel_with_the_result_before_the_final_event(service):
     # A job another worker already finished gets neither its steps nor a second outcome.
     r.hset(job_key(b.delivery.job_id), "status", "succeeded")
     events_b, step_b = progress[b.delivery.job_id]
-    assert not q.finish(b, "succeeded", {}, images=[b"x"], progress=events_b, step=step_b)
+    assert not q.finish(b, "succeeded", JobResult(), images=[b"x"], progress=events_b, step=step_b)
     assert r.xlen(events_key(b.delivery.job_id)) == 0
     assert r.hget(job_key(b.delivery.job_id), "step") == b"0"

@@ -9,10 +9,10 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from service.queue import JobQueue, QueueFull, WorkerQueue, decode_job, job_key
+from service.contract import JobRecord, JobRequest, JobResult
+from service.queue import JobQueue, QueueFull, WorkerQueue, job_key
 
-REQ = {"prompt": "p", "width": 16, "height": 16, "steps": 2, "guidance": 0.0, "seed": 1, "num_images": 1,
-       "output_format": "png", "cache": {"mode": "off"}, "negative_prompt": None, "webhook_url": None}
+REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
 
 
 def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str | None = None) -> list[tuple[str, bool]]:
@@ -20,7 +20,7 @@ def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str |
         r = aioredis.Redis.from_url(url)
         q = JobQueue(r, max_queue=max_queue, ttl_s=60)
         try:
-            return [await q.enqueue(model, REQ, 2, idem) for _ in range(n)]
+            return [await q.enqueue(model, REQ, idem) for _ in range(n)]
         finally:
             await r.aclose()
 
@@ -45,12 +45,12 @@ def test_two_workers_racing_store_one_result(service):
     assert [d.job_id for d in db] == [job_id]
     started_b, _ = b.start(db)
     assert started_b[0].attempt == 2
-    wins = [b.finish(started_b[0], "succeeded", {"by": "B"}, images=[b"img-B"]),
-            a.finish(started_a[0], "succeeded", {"by": "A"}, images=[b"img-A"])]
+    wins = [b.finish(started_b[0], "succeeded", JobResult(worker="B"), images=[b"img-B"]),
+            a.finish(started_a[0], "succeeded", JobResult(worker="A"), images=[b"img-A"])]
     assert wins == [True, False]
     r = service.redis_client()
-    job = decode_job(r.hgetall(job_key(job_id)))
-    assert job["status"] == "succeeded" and job["result"] == {"by": "B"}
+    job = JobRecord.from_hash(r.hgetall(job_key(job_id)))
+    assert job.status == "succeeded" and job.result == JobResult(worker="B")
     assert r.hgetall(f"clusca:job:{job_id}:images") == {b"0": b"img-B"}
     assert r.xpending(f"clusca:stream:{model}", "workers")["pending"] == 0
     assert r.xlen(f"clusca:stream:{model}") == 0
@@ -68,10 +68,10 @@ def test_job_fails_after_max_attempts_with_reason(service):
     time.sleep(0.05)
     started, skipped = qs[2].start(qs[2].reclaim(1))
     assert started == [] and skipped[0][1].startswith("exhausted")
-    job = decode_job(service.redis_client().hgetall(job_key(job_id)))
-    assert job["status"] == "failed" and "gave up after 2 attempts" in job["error"]
+    job = JobRecord.from_hash(service.redis_client().hgetall(job_key(job_id)))
+    assert job.status == "failed" and "gave up after 2 attempts" in job.error
     # A late finish from a stale worker cannot overwrite the verdict.
-    assert qs[1].finish(s1[0], "succeeded", {}, images=[b"x"]) is False
+    assert qs[1].finish(s1[0], "succeeded", JobResult(), images=[b"x"]) is False
 
 
 def test_release_hands_unstarted_jobs_back(service):
@@ -93,3 +93,25 @@ def test_enqueue_depth_limit_and_idempotency(service):
     _enqueue(service.redis_url, model, n=1, max_queue=2)
     with pytest.raises(QueueFull):
         _enqueue(service.redis_url, model, n=1, max_queue=2)
+
+
+def test_live_workers_are_read_from_heartbeats_and_garbage_is_skipped(service):
+    from service.queue import LiveWorker, worker_key, workers_key
+
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    _wq(service, model, "hb-1").heartbeat({"id": "hb-1", "host": "h", "running": 2,
+                                            "models": {model: {"device": "cpu"}}})
+    r = service.redis_client()
+    r.zadd(workers_key(model), {"ghost": time.time()})
+    r.set(worker_key("ghost"), b"not json")
+
+    async def go():
+        client = aioredis.Redis.from_url(service.redis_url)
+        try:
+            q = JobQueue(client, max_queue=10, ttl_s=60)
+            return await q.ping(), await q.live_workers([model])
+        finally:
+            await client.aclose()
+
+    alive, workers = asyncio.run(go())
+    assert alive and workers == [LiveWorker("hb-1", "h", 2, {model: {"device": "cpu"}})]

@@ -12,6 +12,7 @@ import anyio
 
 from clusca.config import ClusCaConfig
 
+from ..contract import JobRequest
 from ..registry import ModelEntry, ModelLimits, Registry
 from ..settings import Settings
 from ..webhooks import WebhookError, check_url
@@ -119,7 +120,7 @@ async def resolve_job(*, registry: Registry, settings: Settings, model: str | No
                       negative_prompt: str | None, width: int | None, height: int | None, steps: int | None,
                       guidance: float | None, seed: int | None, num_images: int, output_format: str,
                       cache: CacheSettings | None, webhook_url: str | None,
-                      images_field: str = "num_images") -> tuple[ModelEntry, dict[str, Any]]:
+                      images_field: str = "num_images") -> tuple[ModelEntry, JobRequest]:
     entry = model_entry(registry, model or settings.default_model)
     d = entry.defaults
     _check_text("prompt", prompt, settings.max_prompt_chars)
@@ -142,19 +143,19 @@ async def resolve_job(*, registry: Registry, settings: Settings, model: str | No
             await anyio.to_thread.run_sync(lambda: check_url(webhook_url, allow_private=settings.webhook_allow_private))
         except WebhookError as exc:
             raise _bad("webhook_url", str(exc)) from None
-    job = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "width": width,
-        "height": height,
-        "steps": steps,
-        "guidance": float(d.guidance if guidance is None else guidance),
-        "seed": secrets.randbelow(2**32) if seed is None else seed,
-        "num_images": num_images,
-        "output_format": output_format,
-        "cache": resolve_cache(entry, cache),
-        "webhook_url": webhook_url,
-    }
+    job = JobRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=float(d.guidance if guidance is None else guidance),
+        seed=secrets.randbelow(2**32) if seed is None else seed,
+        num_images=num_images,
+        output_format=output_format,  # type: ignore[arg-type] - the schema allows only the contract's formats
+        cache=resolve_cache(entry, cache),
+        webhook_url=webhook_url,
+    )
     return entry, job
 
 
@@ -173,10 +174,10 @@ def idempotency_scope(identity: str, key: str | None) -> str | None:
     return hashlib.sha256(f"{identity}\0{key}".encode()).hexdigest()
 
 
-def request_fingerprint(endpoint: str, model: str, job: dict[str, Any], seed: int | None) -> str:
+def request_fingerprint(endpoint: str, model: str, job: JobRequest, seed: int | None) -> str:
     """What makes two requests the same request: the resolved job (defaults filled in, so
     leaving a field out equals sending its default) with the client's own seed, not the one
     drawn for it. How the answer is wanted (``async``, ``Prefer``) is not part of it."""
-    canonical = json.dumps({"endpoint": endpoint, "model": model, **job, "seed": seed}, sort_keys=True,
+    canonical = json.dumps({"endpoint": endpoint, "model": model, **job.to_dict(), "seed": seed}, sort_keys=True,
                            separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -6,12 +6,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..contract import JobState, OutputFormat
 from ..registry import MODEL_NAME_PATTERN, ModelLimits
 
 # Seeds stay exact in every JSON client (JavaScript numbers are doubles).
 MAX_SEED = 2**53 - 1
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class CacheSettings(BaseModel):

@@ -1,10 +1,11 @@
-"""Job records from Redis as API models."""
+"""Job records from the queue as API models: the one place the HTTP answer reads the contract."""
 
 from __future__ import annotations
 
 import base64
 from typing import Any
 
+from ..contract import SUCCEEDED, JobRecord, JobResult
 from .schemas import GenerateResponse, JobLinks, JobStatus, Timings
 
 
@@ -13,23 +14,25 @@ def links(job_id: str, n_images: int = 0) -> JobLinks:
                     images=[f"/jobs/{job_id}/images/{k}" for k in range(n_images)])
 
 
-def job_status(job: dict[str, Any], cls: type[JobStatus] = JobStatus, **extra: Any) -> Any:
-    req = job.get("request") or {}
-    res = job.get("result") or {}
-    n = int(req.get("num_images", 1))
-    seed = req.get("seed")
-    done = job["status"] == "succeeded"
+def timings(result: JobResult | None) -> Timings:
+    t = result.timings if result else None
+    return Timings(queue_wait_s=t.queue_wait_s, inference_s=t.inference_s, total_s=t.total_s) if t else Timings()
+
+
+def job_status(job: JobRecord, cls: type[JobStatus] = JobStatus, **extra: Any) -> Any:
+    req, res = job.request, job.result
+    n = req.num_images if req else 1
     return cls(
-        id=job["id"], model=job["model"], status=job["status"], step=job["step"], steps=job["steps"],
-        seed=seed, seeds=[seed + k for k in range(n)] if seed is not None else [],
-        num_images=n, output_format=req.get("output_format", "png"),
-        width=req.get("width"), height=req.get("height"), guidance=req.get("guidance"),
-        cache=req.get("cache") or {}, cache_stats=res.get("cache_stats"),
-        timings=Timings(**res["timings"]) if res.get("timings") else Timings(),
-        attempts=job["attempts"], batch_images=res.get("batch_images"), error=job.get("error") or None,
-        created_at=job.get("created"), started_at=job.get("started"), finished_at=job.get("finished"),
-        links=links(job["id"], n if done else 0), **extra)
+        id=job.id, model=job.model, status=job.status, step=job.step, steps=job.steps,
+        seed=req.seed if req else None, seeds=req.seeds if req else [], num_images=n,
+        output_format=req.output_format if req else "png",
+        width=req.width if req else None, height=req.height if req else None,
+        guidance=req.guidance if req else None, cache=req.cache if req else {},
+        cache_stats=res.cache_stats if res else None, timings=timings(res), attempts=job.attempts,
+        batch_images=res.batch_images if res else None, error=job.error,
+        created_at=job.created, started_at=job.started, finished_at=job.finished,
+        links=links(job.id, n if job.status == SUCCEEDED else 0), **extra)
 
 
-def generate_response(job: dict[str, Any], images: list[bytes]) -> GenerateResponse:
+def generate_response(job: JobRecord, images: list[bytes]) -> GenerateResponse:
     return job_status(job, GenerateResponse, images=[base64.b64encode(b).decode() for b in images])

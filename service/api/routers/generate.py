@@ -8,43 +8,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from ...queue import IdempotencyMismatch, QueueFull
-from ..deps import AuthDep, Services, ServicesDep
+from ...contract import FAILED, JobRecord
+from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
 from ..resolve import idempotency_scope, request_fingerprint, resolve_job
 from ..schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
+from ..submit import submit, wait_for
 from ..views import generate_response, job_status
 
 router = APIRouter(tags=["generate"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 503)}
-
-
-async def submit(services: Services, model: str, job: dict[str, Any], idem: str | None,
-                 fingerprint: str = "") -> tuple[str, bool]:
-    depth_limit = services.settings.max_queue
-    try:
-        return await services.queue.enqueue(model, job, job["steps"], idem, fingerprint)
-    except IdempotencyMismatch:
-        raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: this key was already used for a different "
-                       "request; use a new key for a new request", param="Idempotency-Key") from None
-    except QueueFull as exc:
-        raise ApiError(429, "queue_full", f"the queue for model {model!r} is full ({exc.depth} jobs, "
-                       f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
-
-
-async def wait_for(services: Services, job_id: str) -> tuple[dict[str, Any], bool, list[bytes]]:
-    """Wait up to the sync timeout; return ``(job, finished, images)``."""
-    finished, job, images = await services.queue.wait_result(job_id, services.settings.sync_timeout_s)
-    if job is None:
-        raise ApiError(404, "job_not_found", "the job expired before it finished")
-    return job, finished, images if job["status"] == "succeeded" else []
-
-
-def new_record(job_id: str, model: str, job: dict[str, Any]) -> dict[str, Any]:
-    return {"id": job_id, "model": model, "status": "queued", "step": 0, "steps": job["steps"], "attempts": 0,
-            "request": job, "created": time.time()}
 
 
 def wants_async(prefer: str | None, flag: bool) -> bool:
@@ -71,7 +46,8 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     if wants_async(prefer, body.async_):
         # A new job's record is known without asking Redis; a repeated key may be further along.
-        record = new_record(job_id, entry.name, job) if created else await services.queue.get(job_id)
+        record = JobRecord.queued(job_id, entry.name, job, time.time()) if created \
+            else await services.queue.get(job_id)
         if record is None:
             raise ApiError(404, "job_not_found", "the job of this Idempotency-Key has expired")
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
@@ -81,4 +57,4 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}"})
     resp = generate_response(record, images)
-    return JSONResponse(resp.model_dump(mode="json"), status_code=500 if record["status"] == "failed" else 200)
+    return JSONResponse(resp.model_dump(mode="json"), status_code=500 if record.status == FAILED else 200)

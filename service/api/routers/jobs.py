@@ -9,6 +9,7 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ...contract import FAILED, SUCCEEDED, JobRecord
 from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
 from ..schemas import CancelResponse, ErrorBody, JobStatus
@@ -21,7 +22,7 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="Job id from 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 404, 422, 503)}
 
 
-async def _job(services: Any, job_id: str) -> dict[str, Any]:
+async def _job(services: Any, job_id: str) -> JobRecord:
     job = await services.queue.get(job_id)
     if job is None:
         raise ApiError(404, "job_not_found",
@@ -40,14 +41,14 @@ async def get_job(job_id: JobId, services: ServicesDep, _: AuthDep) -> Any:
 async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0, le=10_000)], services: ServicesDep,
                     _: AuthDep) -> Response:
     job = await _job(services, job_id)
-    if job["status"] != "succeeded":
-        raise ApiError(409, "job_not_succeeded", f"job {job_id} is {job['status']}; it has no images")
+    if job.status != SUCCEEDED:
+        raise ApiError(409, "job_not_succeeded", f"job {job_id} is {job.status}; it has no images")
     data = await services.queue.image(job_id, index)
     if data is None:
-        n = int((job.get("request") or {}).get("num_images", 1))
+        n = job.request.num_images if job.request else 1
         raise ApiError(404, "image_not_found", f"job {job_id} has {n} image(s); index {index} does not exist",
                        param="index")
-    content_type = (job.get("result") or {}).get("content_type") or "application/octet-stream"
+    content_type = (job.result.content_type if job.result else None) or "application/octet-stream"
     return Response(data, media_type=content_type,
                     headers={"Cache-Control": "private, max-age=3600"})
 
@@ -61,7 +62,7 @@ async def cancel_job(job_id: JobId, services: ServicesDep, _: AuthDep) -> Any:
     if outcome == "missing":
         await _job(services, job_id)
     job = await _job(services, job_id)
-    if outcome in ("succeeded", "failed"):
+    if outcome in (SUCCEEDED, FAILED):
         raise ApiError(409, "job_finished", f"job {job_id} already {outcome}")
     body = job_status(job, CancelResponse).model_dump(mode="json")
     return JSONResponse(body, status_code=202 if outcome == "cancelling" else 200)

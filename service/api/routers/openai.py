@@ -8,11 +8,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 
+from ...contract import SUCCEEDED
 from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
-from ..schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse, Timings
+from ..schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
+from ..views import timings
 from ..resolve import check_openai_size, idempotency_scope, request_fingerprint, resolve_job
-from .generate import submit, wait_for
+from ..submit import submit, wait_for
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
@@ -38,14 +40,13 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
     if not finished:
         raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
                        f"it continues: GET /jobs/{job_id}")
-    if record["status"] != "succeeded":
-        raise ApiError(500, "job_" + record["status"], record.get("error") or record["status"])
+    if record.status != SUCCEEDED:
+        raise ApiError(500, "job_" + record.status, record.error or record.status)
     if body.response_format == "url":
         base = str(request.base_url).rstrip("/")
         data = [OpenAIImage(url=f"{base}/jobs/{job_id}/images/{k}") for k in range(len(images))]
     else:
         data = [OpenAIImage(b64_json=base64.b64encode(b).decode()) for b in images]
-    res = record.get("result") or {}
-    return OpenAIImageResponse(created=int(record.get("finished") or time.time()), data=data, id=job_id,
-                               seed=job["seed"], timings=Timings(**res.get("timings", {})),
-                               cache_stats=res.get("cache_stats"))
+    res = record.result
+    return OpenAIImageResponse(created=int(record.finished or time.time()), data=data, id=job_id,
+                               seed=job.seed, timings=timings(res), cache_stats=res.cache_stats if res else None)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from ... import metrics
-from ...queue import ALIVE_WINDOW_S, worker_key, workers_key
 from ..deps import AuthDep, ServicesDep
 from ..schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
 
@@ -26,7 +23,7 @@ async def healthz() -> Health:
             responses={503: {"model": Readiness}})
 async def readyz(services: ServicesDep) -> Any:
     try:
-        await services.redis.ping()
+        await services.queue.ping()
         alive = {m: await services.queue.workers_alive(m) for m in services.registry.names}
     except Exception:  # noqa: BLE001 - any Redis failure means not ready
         body = Readiness(status="not_ready", redis=False, reason="redis unreachable")
@@ -42,19 +39,10 @@ async def readyz(services: ServicesDep) -> Any:
 async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
     q = services.queue
     workers: dict[str, list[dict[str, Any]]] = {}
-    # Live workers come from the per-model heartbeat sets (never a keyspace scan: Redis holds
-    # every job's keys too), their details from each worker's own short-lived record.
-    ids: set[str] = set()
-    for name in services.registry.names:
-        ids.update(m.decode() if isinstance(m, bytes) else m
-                   for m in await services.redis.zrangebyscore(workers_key(name), time.time() - ALIVE_WINDOW_S, "+inf"))
-    keys = sorted(ids)
-    for raw in (await services.redis.mget([worker_key(k) for k in keys])) if keys else []:
-        if raw:
-            info = json.loads(raw)
-            for name, where in (info.get("models") or {}).items():
-                workers.setdefault(name, []).append({"id": info.get("id"), "host": info.get("host"),
-                                                     "device": where.get("device"), "running": info.get("running")})
+    for w in await q.live_workers(services.registry.names):
+        for name, where in w.models.items():
+            workers.setdefault(name, []).append({"id": w.id, "host": w.host, "device": where.get("device"),
+                                                 "running": w.running})
     out = []
     for e in services.registry.entries():
         out.append(ModelInfo(**e.public(), limits=e.limits_within(services.settings), workers_alive=await q.workers_alive(e.name),

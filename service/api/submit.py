@@ -1,0 +1,33 @@
+"""Queueing a resolved job and waiting for it: what the generation endpoints share.
+
+Routers do not import each other; what more than one of them needs lives here.
+"""
+
+from __future__ import annotations
+
+from ..contract import SUCCEEDED, JobRecord, JobRequest
+from ..queue import IdempotencyMismatch, QueueFull
+from .deps import Services
+from .errors import ApiError
+
+
+async def submit(services: Services, model: str, job: JobRequest, idem: str | None,
+                 fingerprint: str = "") -> tuple[str, bool]:
+    """Queue ``job``; return ``(job_id, created)``, or raise the API error for a full queue or a reused key."""
+    depth_limit = services.settings.max_queue
+    try:
+        return await services.queue.enqueue(model, job, idem, fingerprint)
+    except IdempotencyMismatch:
+        raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: this key was already used for a different "
+                       "request; use a new key for a new request", param="Idempotency-Key") from None
+    except QueueFull as exc:
+        raise ApiError(429, "queue_full", f"the queue for model {model!r} is full ({exc.depth} jobs, "
+                       f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
+
+
+async def wait_for(services: Services, job_id: str) -> tuple[JobRecord, bool, list[bytes]]:
+    """Wait up to the sync timeout; return ``(job, finished, images)``."""
+    finished, job, images = await services.queue.wait_result(job_id, services.settings.sync_timeout_s)
+    if job is None:
+        raise ApiError(404, "job_not_found", "the job expired before it finished")
+    return job, finished, images if job.status == SUCCEEDED else []

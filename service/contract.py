@@ -1,0 +1,274 @@
+"""The job contract, written once: what a job asks for, what it produced, where it stands.
+
+The API builds a :class:`JobRequest`, the queue stores it as JSON (and the Lua scripts
+use the statuses and caps below), the worker reads it back and writes a
+:class:`JobResult`, and the API's views read both from a :class:`JobRecord`. Keeping
+every field and status name in this one module means a field added here travels the
+whole way, and a reader can never disagree with the writer about a spelling.
+
+Plain dataclasses and the standard library only: the API process imports this without
+torch, and the worker without pydantic models of the HTTP schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Mapping, get_args
+
+# ---------------------------------------------------------------------------- shared constants
+# Consumer group every worker reads the model streams with.
+GROUP = "workers"
+# Approximate cap (XADD MAXLEN ~) of each job's event stream: one event per step plus a few.
+EVENTS_MAXLEN = 2000
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+QUEUED: JobState = "queued"
+RUNNING: JobState = "running"
+SUCCEEDED: JobState = "succeeded"
+FAILED: JobState = "failed"
+CANCELLED: JobState = "cancelled"
+STATUSES: tuple[str, ...] = get_args(JobState)
+# A job in one of these states never changes again.
+TERMINAL: tuple[str, ...] = (SUCCEEDED, FAILED, CANCELLED)
+
+EventType = Literal["queued", "started", "progress", "finished", "failed", "cancelled"]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+# The event that ends a job's event stream, by terminal status.
+FINAL_EVENT: dict[str, str] = {SUCCEEDED: "finished", FAILED: "failed", CANCELLED: "cancelled"}
+TERMINAL_EVENTS: tuple[str, ...] = tuple(FINAL_EVENT.values())
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class ContractError(ValueError):
+    """A stored value is not one this service could have written."""
+
+
+def _is(v: Any, *types: type) -> bool:
+    # JSON has no separate bool type in Python's eyes (bool is an int): refuse it unless asked for.
+    return isinstance(v, types) and (bool in types or not isinstance(v, bool))
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def _loads(raw: str | bytes | bytearray) -> Any:
+    if isinstance(raw, (bytes, bytearray)):
+        raw = raw.decode(errors="replace")
+    return json.loads(raw)
+
+
+# ---------------------------------------------------------------------------- the request
+@dataclass(frozen=True)
+class JobRequest:
+    """One fully resolved request: every default filled in, every limit already checked.
+
+    ``seed`` is the first image's seed; image ``k`` uses ``seed + k`` (:attr:`seeds`), so an
+    image depends only on its own seed. ``cache`` is the resolved ClusCa configuration
+    (``ClusCaConfig.to_dict()``), not what the client sent.
+    """
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int = 1
+    output_format: OutputFormat = "png"
+    cache: dict[str, Any] = field(default_factory=dict)
+    negative_prompt: str | None = None
+    webhook_url: str | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.num_images)]
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.output_format]
+
+    @property
+    def cache_mode(self) -> str:
+        return str(self.cache.get("mode", "off"))
+
+    def batch_key(self, model: str) -> str:
+        """Requests with equal keys can share one pipeline call: everything the call takes
+        once for all its images (size, steps, guidance, cache settings, whether there are
+        negative prompts) is equal; prompts, seeds, counts and formats may differ."""
+        return json.dumps([model, self.width, self.height, self.steps, self.guidance,
+                           self.negative_prompt is None, self.cache], sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return _json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JobRequest":
+        """Check every field's type and range; :class:`ContractError` names the first bad one."""
+        if not isinstance(d, Mapping):
+            raise ContractError("request: expected an object")
+        checks: dict[str, tuple[type, ...]] = {
+            "prompt": (str,), "negative_prompt": (str, type(None)), "width": (int,), "height": (int,),
+            "steps": (int,), "guidance": (int, float), "seed": (int,), "num_images": (int,),
+            "output_format": (str,), "cache": (dict,), "webhook_url": (str, type(None))}
+        for name, types in checks.items():
+            if name not in d or not _is(d[name], *types):
+                raise ContractError(f"request.{name}: missing or of the wrong type")
+        if d["output_format"] not in OUTPUT_FORMATS:
+            raise ContractError(f"request.output_format: not one of {list(OUTPUT_FORMATS)}")
+        for name in ("width", "height", "steps", "num_images"):
+            if d[name] < 1:
+                raise ContractError(f"request.{name}: must be at least 1")
+        if d["seed"] < 0 or not math.isfinite(d["guidance"]):
+            raise ContractError("request: seed must be >= 0 and guidance finite")
+        return cls(prompt=d["prompt"], negative_prompt=d["negative_prompt"], width=d["width"],
+                   height=d["height"], steps=d["steps"], guidance=float(d["guidance"]), seed=d["seed"],
+                   num_images=d["num_images"], output_format=d["output_format"], cache=dict(d["cache"]),
+                   webhook_url=d["webhook_url"])
+
+    @classmethod
+    def parse(cls, raw: Any) -> "JobRequest | None":
+        """A stored request (JSON text or bytes), or None when the API could not have written it."""
+        try:
+            return cls.from_dict(_loads(raw))
+        except (TypeError, ValueError):
+            return None
+
+
+# ---------------------------------------------------------------------------- the result
+@dataclass(frozen=True)
+class Timings:
+    """Where a job's time went, in seconds (``None``: not measured, e.g. never started)."""
+
+    queue_wait_s: float | None = None
+    inference_s: float | None = None
+    total_s: float | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What the worker stores when a job ends, whatever the outcome.
+
+    A job that failed before it ran (an invalid stored request) has only the defaults.
+    ``cache_stats`` is ``RunStats.to_dict()`` of the batch's ClusCa run, shared by every
+    job of that batch; ``batch_images`` / ``batch_jobs`` say how big that batch was.
+    """
+
+    seed: int | None = None
+    seeds: list[int] = field(default_factory=list)
+    cache_mode: str = "off"
+    cache_stats: dict[str, Any] | None = None
+    batch_images: int | None = None
+    batch_jobs: int | None = None
+    worker: str | None = None
+    attempt: int | None = None
+    content_type: str | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return _json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JobResult":
+        if not isinstance(d, Mapping):
+            raise ContractError("result: expected an object")
+        optional: dict[str, tuple[type, ...]] = {
+            "seed": (int,), "cache_mode": (str,), "cache_stats": (dict,), "batch_images": (int,),
+            "batch_jobs": (int,), "worker": (str,), "attempt": (int,), "content_type": (str,)}
+        for name, types in optional.items():
+            if d.get(name) is not None and not _is(d[name], *types):
+                raise ContractError(f"result.{name}: of the wrong type")
+        seeds = d.get("seeds", [])
+        if not isinstance(seeds, list) or not all(_is(s, int) for s in seeds):
+            raise ContractError("result.seeds: expected a list of integers")
+        t = d.get("timings") or {}
+        if not isinstance(t, Mapping) or any(t.get(k) is not None and not _is(t[k], int, float)
+                                             for k in ("queue_wait_s", "inference_s", "total_s")):
+            raise ContractError("result.timings: expected numbers")
+        timings = Timings(**{f.name: None if t.get(f.name) is None else float(t[f.name]) for f in fields(Timings)})
+        values = {name: d.get(name) for name in optional}
+        values["cache_mode"] = values["cache_mode"] or "off"
+        return cls(**values, seeds=list(seeds), timings=timings)
+
+    @classmethod
+    def parse(cls, raw: Any) -> "JobResult | None":
+        try:
+            return cls.from_dict(_loads(raw))
+        except (TypeError, ValueError):
+            return None
+
+
+# ---------------------------------------------------------------------------- the record
+def _text(v: Any) -> str:
+    return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return float(_text(v)) if v not in (None, b"", "") else None
+    except ValueError:
+        return None
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(_text(v)) if v not in (None, b"", "") else 0
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the queue holds it (the ``job:{id}`` hash), decoded.
+
+    Values another program wrote into the hash never fail a read: a request or result
+    that is not this contract's reads as ``None``, a number that is not one as 0 or None.
+    """
+
+    id: str
+    model: str
+    status: str
+    request: JobRequest | None = None
+    result: JobResult | None = None
+    step: int = 0
+    steps: int = 0
+    attempts: int = 0
+    error: str | None = None
+    worker: str | None = None
+    created: float | None = None
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def queued(cls, job_id: str, model: str, request: JobRequest, created: float) -> "JobRecord":
+        """The record the enqueue script writes, known without reading it back."""
+        return cls(id=job_id, model=model, status=QUEUED, request=request, steps=request.steps, created=created)
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> "JobRecord | None":
+        if not raw:
+            return None
+        h = {_text(k): v for k, v in raw.items()}
+        return cls(id=_text(h.get("id", "")), model=_text(h.get("model", "")), status=_text(h.get("status", "")),
+                   request=JobRequest.parse(h["request"]) if h.get("request") else None,
+                   result=JobResult.parse(h["result"]) if h.get("result") else None,
+                   step=_int(h.get("step")), steps=_int(h.get("steps")), attempts=_int(h.get("attempts")),
+                   error=_text(h["error"]) or None if h.get("error") else None,
+                   worker=_text(h["worker"]) if h.get("worker") else None,
+                   created=_float(h.get("created")), started=_float(h.get("started")),
+                   finished=_float(h.get("finished")))

@@ -1,0 +1,25 @@
+"""Model runners by registry kind; the worker asks :func:`load_runner` and knows only :class:`Runner`."""
+
+from __future__ import annotations
+
+from ..registry import ModelEntry
+from .base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
+from .builtin import BuiltinRunner
+from .diffusers import DiffusersRunner
+from .noop import NoopRunner
+
+# Registry kind -> runner class. A new kind of model is a new runner here, not a worker change.
+RUNNERS: dict[str, type[Runner]] = {"builtin": BuiltinRunner, "diffusers": DiffusersRunner, "noop": NoopRunner}
+
+__all__ = ["Batch", "BatchOutput", "RequestNotSupported", "Runner", "StepCallback", "RUNNERS", "load_runner"]
+
+
+def load_runner(entry: ModelEntry, device: str, torch_threads: int = 0) -> Runner:
+    """``entry`` loaded and warm: its kind's runner, on ``device`` (``auto``: the best available)."""
+    try:
+        cls = RUNNERS[entry.kind]
+    except KeyError:
+        raise ValueError(f"model {entry.name!r}: no runner for kind {entry.kind!r}") from None
+    runner = cls.load(entry, device, torch_threads)
+    runner.warm_up()
+    return runner

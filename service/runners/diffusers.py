@@ -1,0 +1,106 @@
+"""Runners for torch pipelines: any diffusers pipeline class, and the base of the built-in model's.
+
+Loading moves the pipeline to its device and dtype and installs the ClusCa hooks on its
+transformer; each batch then runs inside a ``clusca_run`` with the request's settings,
+under ``torch.inference_mode``. torch, diffusers and clusca are imported only here, so
+the API process and the no-op runner never load them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+from ..registry import ModelEntry
+from .base import Batch, uncached_stats
+from .pipeline import PipelineRunner
+
+log = logging.getLogger("clusca.worker")
+
+
+def resolve_device(entry: ModelEntry, default: str) -> str:
+    device = entry.device if entry.device != "auto" else default
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DiffusersRunner(PipelineRunner):
+    """A diffusers pipeline class (``pipeline_class``, default ``DiffusionPipeline``) from ``path``."""
+
+    @classmethod
+    def from_pretrained(cls, entry: ModelEntry, dtype: Any) -> Any:
+        import diffusers
+
+        if entry.pipeline_class == "auto":
+            pipeline_cls = diffusers.DiffusionPipeline
+        else:
+            pipeline_cls = getattr(diffusers, entry.pipeline_class, None)
+            if not (inspect.isclass(pipeline_cls) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+                raise ValueError(f"model {entry.name!r}: {entry.pipeline_class!r} is not a diffusers pipeline class")
+        return pipeline_cls.from_pretrained(entry.path, torch_dtype=dtype)
+
+    @classmethod
+    def load(cls, entry: ModelEntry, device: str, torch_threads: int = 0) -> "DiffusersRunner":
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = resolve_device(entry, device)
+        dtype = getattr(torch, entry.dtype)
+        pipe = cls.from_pretrained(entry, dtype).to(device)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        if getattr(pipe, "transformer", None) is not None:
+            from clusca import apply_clusca
+
+            apply_clusca(pipe.transformer)
+        log.info("loaded model %s (%s) on %s", entry.name, type(pipe).__name__, device)
+        return cls(entry, device, pipe)
+
+    def generator(self, seed: int) -> Any:
+        import torch
+
+        # CPU generators: the initial noise of a seed is then the same on every device and GPU
+        # model, which is what clients expect from "same seed"; drawing it costs next to nothing.
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def execute(self, kwargs: dict[str, Any], batch: Batch) -> tuple[list[Any], dict[str, Any]]:
+        import torch
+        from clusca import ClusCaConfig, clusca_run
+
+        pipe = self.pipe
+        if getattr(pipe, "transformer", None) is None:
+            # No transformer (e.g. a UNet pipeline): nothing for ClusCa to cache.
+            with torch.inference_mode():
+                return list(pipe(**kwargs).images), uncached_stats(batch.cache, batch.steps)
+        config = ClusCaConfig.from_dict(batch.cache)
+        with torch.inference_mode():
+            with clusca_run(pipe.transformer, config, num_inference_steps=batch.steps) as run:
+                images = list(pipe(**kwargs).images)
+        return images, run.stats.to_dict()
+
+    def free_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def warm_up(self) -> None:
+        # The first call of a pipeline pays one-off costs (allocator, kernel selection, lazy
+        # imports); paying them here keeps them out of the first client's latency.
+        if not self.entry.options.get("warmup", True):
+            return
+        d = self.entry.defaults
+        t0 = time.perf_counter()
+        try:
+            self.pipe(prompt=["warm-up"], num_inference_steps=2, guidance_scale=d.guidance,
+                      generator=[self.generator(0)], height=d.height, width=d.width,
+                      num_images_per_prompt=1, output_type="pil", **self.extra_kwargs())
+            log.info("model %s warmed up in %.2fs", self.entry.name, time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up is logged, requests will tell
+            log.warning("warm-up of %s failed: %s", self.entry.name, exc)

@@ -1,0 +1,109 @@
+"""Runners for pipelines called the diffusers way, and the calling conventions they differ in.
+
+Every pipeline the service drives takes the same call (docs/architecture.md): prompts,
+one generator per image, size, steps, guidance, and a step callback. Pipelines differ
+in two ways that are handled here, once:
+
+* Step callbacks. Current pipelines take ``callback_on_step_end(pipe, i, t, kwargs)`` and
+  stop when it sets ``pipe._interrupt``; older ones (e.g. PixArt) take only
+  ``callback(i, t, latents)`` with ``callback_steps`` and have no interrupt flag, so they
+  are stopped by raising out of the callback.
+* Keyword arguments. A pipeline without ``**kwargs`` gets only the arguments it names;
+  a dropped ``negative_prompt`` would silently change the result, so it is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import abstractmethod
+from typing import Any
+
+from .base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
+
+
+def call_parameters(pipe: Any) -> set[str]:
+    """Keyword arguments the pipeline's ``__call__`` accepts (``{"*"}``: any)."""
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {"*"}
+    return set(params)
+
+
+class _Stopped(Exception):
+    """Raised out of a legacy step callback to stop a pipeline that has no interrupt flag."""
+
+
+class PipelineRunner(Runner):
+    """A runner around a diffusers-style pipeline object; subclasses load it and execute the call."""
+
+    def __init__(self, entry: Any, device: str, pipe: Any):
+        super().__init__(entry, device)
+        self.pipe = pipe
+        self.params = call_parameters(pipe)
+
+    @abstractmethod
+    def generator(self, seed: int) -> Any:
+        """The random generator of one image with ``seed``."""
+
+    @abstractmethod
+    def execute(self, kwargs: dict[str, Any], batch: Batch) -> tuple[list[Any], dict[str, Any]]:
+        """Call the pipeline with ``kwargs``; return its images and the run's statistics."""
+
+    def free_memory(self) -> None:
+        """After a failed call: give back what the call held (e.g. cached GPU memory)."""
+
+    def extra_kwargs(self) -> dict[str, Any]:
+        # Operator-set extras for every call of this model (e.g. FLUX's max_sequence_length).
+        return dict(self.entry.options.get("call_kwargs") or {})
+
+    def call_kwargs(self, batch: Batch, on_step: StepCallback, stop: list[bool]) -> dict[str, Any]:
+        """The pipeline's keyword arguments for ``batch``, in the convention it follows.
+
+        ``stop`` gets ``[True]`` once the callback asked to stop.
+        """
+        def on_step_end(pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
+            if on_step(i + 1):
+                stop[:] = [True]
+                pipe._interrupt = True
+            return kwargs
+
+        kwargs: dict[str, Any] = dict(prompt=batch.prompts, num_inference_steps=batch.steps,
+                                      guidance_scale=float(batch.guidance),
+                                      generator=[self.generator(s) for s in batch.seeds],
+                                      height=batch.height, width=batch.width, num_images_per_prompt=1,
+                                      callback_on_step_end=on_step_end, output_type="pil")
+        if batch.negative_prompts is not None:
+            kwargs["negative_prompt"] = batch.negative_prompts
+        kwargs.update(self.extra_kwargs())
+        params = self.params
+        if not params or "*" in params:
+            return kwargs
+        if "callback_on_step_end" not in params and "callback" in params:
+            def legacy(i: int, _t: Any, _latents: Any) -> None:
+                if on_step(i + 1):
+                    stop[:] = [True]
+                    raise _Stopped()
+
+            kwargs.pop("callback_on_step_end")
+            kwargs.update(callback=legacy, callback_steps=1)
+        dropped = [k for k in kwargs if k not in params]
+        if "negative_prompt" in dropped:
+            raise RequestNotSupported(f"model {self.entry.name!r} does not support negative_prompt")
+        for k in dropped:
+            kwargs.pop(k)
+        return kwargs
+
+    def run(self, batch: Batch, on_step: StepCallback) -> BatchOutput:
+        stop: list[bool] = [False]
+        kwargs = self.call_kwargs(batch, on_step, stop)
+        try:
+            images, stats = self.execute(kwargs, batch)
+        except _Stopped:
+            return BatchOutput([], {}, stopped=True)
+        except Exception:
+            self.free_memory()
+            raise
+        return BatchOutput(images, stats, stopped=stop[0])

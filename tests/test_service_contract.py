@@ -1,0 +1,171 @@
+"""The job contract: written once, and every field survives API -> Redis -> worker -> views."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service import contract, lua
+from service.api.schemas import JobStatus
+from service.api.views import job_status
+from service.contract import JobRecord, JobRequest, JobResult, Timings
+from service.queue import JobQueue, WorkerQueue
+
+MAX_SEED = 2**53 - 1
+json_scalars = st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False) \
+    | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+finite = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+requests = st.builds(
+    JobRequest, prompt=st.text(max_size=200), negative_prompt=st.none() | st.text(max_size=50),
+    width=st.integers(1, 16384), height=st.integers(1, 16384), steps=st.integers(1, 10_000),
+    guidance=finite, seed=st.integers(0, MAX_SEED), num_images=st.integers(1, 1000),
+    output_format=st.sampled_from(contract.OUTPUT_FORMATS),
+    cache=st.dictionaries(st.text(min_size=1, max_size=16), json_values, max_size=6),
+    webhook_url=st.none() | st.text(max_size=60))
+timings = st.builds(Timings, queue_wait_s=st.none() | finite, inference_s=st.none() | finite,
+                    total_s=st.none() | finite)
+results = st.builds(
+    JobResult, seed=st.none() | st.integers(0, MAX_SEED), seeds=st.lists(st.integers(0, MAX_SEED), max_size=8),
+    cache_mode=st.sampled_from(["off", "fora", "taylorseer", "clusca"]),
+    cache_stats=st.none() | st.dictionaries(st.text(max_size=12), json_values, max_size=6),
+    batch_images=st.none() | st.integers(1, 64), batch_jobs=st.none() | st.integers(1, 64),
+    worker=st.none() | st.text(max_size=30), attempt=st.none() | st.integers(1, 10),
+    content_type=st.none() | st.sampled_from(sorted(contract.CONTENT_TYPES.values())), timings=timings)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(req=requests, result=results, status=st.sampled_from(contract.TERMINAL))
+def test_every_field_round_trips_api_redis_worker_views(service, req, result, status):
+    model = f"contract-{uuid.uuid4().hex[:8]}"
+    wq = WorkerQueue(service.redis_client(), worker_id="w", models=[model], ttl_s=60, visibility_timeout_s=30,
+                     max_attempts=3)
+    wq.ensure_groups()
+
+    async def enqueue() -> str:
+        r = aioredis.Redis.from_url(service.redis_url)
+        try:
+            job_id, created = await JobQueue(r, max_queue=10, ttl_s=60).enqueue(model, req)
+            assert created
+            return job_id
+        finally:
+            await r.aclose()
+
+    async def read(job_id: str) -> JobRecord | None:
+        r = aioredis.Redis.from_url(service.redis_url)
+        try:
+            return await JobQueue(r, max_queue=10, ttl_s=60).get(job_id)
+        finally:
+            await r.aclose()
+
+    job_id = asyncio.run(enqueue())
+    # Worker side: the batch key and the request it runs are the API's.
+    deliveries = wq.read(1, block_ms=100)
+    assert [r.batch_key(model) for r in wq.peek_requests(deliveries)] == [req.batch_key(model)]
+    started, skipped = wq.start(deliveries)
+    assert skipped == [] and started[0].request == req
+    assert wq.finish(started[0], status, result, error="" if status == "succeeded" else "why")
+    record = asyncio.run(read(job_id))
+    # Views side: the record holds both halves, equal field for field.
+    assert record.request == req and record.result == result and record.status == status
+    assert record.steps == req.steps and record.attempts == 1 and record.terminal
+    view = job_status(record)
+    assert (view.seed, view.seeds, view.num_images, view.output_format) == (req.seed, req.seeds, req.num_images,
+                                                                          req.output_format)
+    assert (view.width, view.height, view.guidance, view.cache) == (req.width, req.height, req.guidance, req.cache)
+    assert view.cache_stats == result.cache_stats and view.batch_images == result.batch_images
+    assert view.timings.model_dump() == dataclasses.asdict(result.timings)
+    assert len(view.links.images) == (req.num_images if status == "succeeded" else 0)
+
+
+def test_views_decide_on_every_contract_field():
+    """A field added to the contract must be shown by the views or named here as not shown."""
+    shown = set(JobStatus.model_fields)
+    private_request = {"prompt", "negative_prompt", "webhook_url"}  # not echoed back
+    for f in dataclasses.fields(JobRequest):
+        assert f.name in shown or f.name in private_request, f"JobRequest.{f.name} is neither shown nor private"
+    private_result = {"seed", "seeds", "cache_mode", "batch_jobs", "worker", "attempt", "content_type"}
+    for f in dataclasses.fields(JobResult):
+        assert f.name in shown or f.name in private_result, f"JobResult.{f.name} is neither shown nor private"
+    assert set(JobStatus.model_fields["status"].annotation.__args__) == set(contract.STATUSES)
+
+
+@given(req=requests)
+def test_request_json_round_trips(req):
+    assert JobRequest.parse(req.to_json()) == req
+    assert JobRequest.parse(req.to_json().encode()) == req
+
+
+@given(result=results)
+def test_result_json_round_trips(result):
+    assert JobResult.parse(result.to_json()) == result
+
+
+@given(a=requests, prompt=st.text(max_size=20), seed=st.integers(0, MAX_SEED), n=st.integers(1, 8),
+       fmt=st.sampled_from(contract.OUTPUT_FORMATS), hook=st.none() | st.text(max_size=10))
+def test_batch_key_ignores_per_image_fields(a, prompt, seed, n, fmt, hook):
+    b = dataclasses.replace(a, prompt=prompt, seed=seed, num_images=n, output_format=fmt, webhook_url=hook,
+                            negative_prompt=None if a.negative_prompt is None else "other")
+    assert a.batch_key("m") == b.batch_key("m")
+    assert a.batch_key("m") != a.batch_key("other-model")
+
+
+@pytest.mark.parametrize("change", [{"width": 8}, {"height": 8}, {"steps": 7}, {"guidance": 9.5},
+                                    {"cache": {"mode": "fora"}}, {"negative_prompt": "x"}])
+def test_batch_key_separates_call_wide_fields(change):
+    a = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1, cache={"mode": "off"})
+    assert a.batch_key("m") != dataclasses.replace(a, **change).batch_key("m")
+
+
+@pytest.mark.parametrize("field,bad", [("prompt", 1), ("negative_prompt", 2), ("width", "16"), ("width", True),
+                                       ("width", 0), ("height", 1.5), ("steps", None), ("guidance", "1"),
+                                       ("seed", -1), ("num_images", 0), ("output_format", "gif"),
+                                       ("cache", []), ("webhook_url", 3)])
+def test_a_request_the_api_could_not_have_written_is_refused(field, bad):
+    d = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1).to_dict()
+    assert JobRequest.parse(contract._json({**d, field: bad})) is None
+    missing = {k: v for k, v in d.items() if k != field}
+    assert JobRequest.parse(contract._json(missing)) is None
+    assert JobRequest.parse(b"\x80\x04pickle") is None and JobRequest.parse("[1]") is None
+
+
+def test_foreign_values_in_a_job_hash_read_as_absent():
+    rec = JobRecord.from_hash({b"id": b"a" * 32, b"model": b"m", b"status": b"queued", b"request": b"{}",
+                               b"result": b"[1]", b"step": b"x", b"created": b"soon"})
+    assert rec.request is None and rec.result is None and rec.step == 0 and rec.created is None
+    assert JobRecord.from_hash({}) is None
+
+
+def test_lua_scripts_take_statuses_group_and_caps_from_the_contract():
+    # ('started' and 'finished' are also the hash's timestamp fields, so event types are checked where used.)
+    literals = [*contract.STATUSES, contract.GROUP]
+    for name, template in lua.TEMPLATES.items():
+        quoted = re.findall(r"'([^'\n]*)'", template)
+        spelled = [q for q in quoted if q in literals]
+        assert not spelled, f"{name} script spells {spelled} itself instead of taking them from the contract"
+        assert all(t.startswith("$") for t in re.findall(r"type='([^']*)'", template)), name
+        assert str(contract.EVENTS_MAXLEN) not in template
+        assert "$" not in lua.SCRIPTS[name].replace("%S*)$'", ""), f"{name}: placeholder left unfilled"
+    assert f"'{contract.GROUP}'" in lua.SCRIPTS["finish"] and f"'{contract.RUNNING}'" in lua.SCRIPTS["start"]
+    assert f"MAXLEN', '~', {contract.EVENTS_MAXLEN}" in lua.SCRIPTS["start"]
+    for status in contract.TERMINAL:
+        assert f"st == '{status}'" in lua.SCRIPTS["finish"]
+
+
+def test_shared_names_have_one_home():
+    from service import queue
+    from service.api import schemas
+
+    assert queue.GROUP is contract.GROUP and queue.EVENTS_MAXLEN is contract.EVENTS_MAXLEN
+    assert queue.TERMINAL is contract.TERMINAL
+    assert schemas.JobState is contract.JobState and schemas.OutputFormat is contract.OutputFormat
+    assert set(contract.FINAL_EVENT) == set(contract.TERMINAL)
