@@ -118,6 +118,9 @@ class ClusCaController:
         self.counters.sequences += 1
         self.steps.reset()
 
+    def announce_step(self, step: int) -> None:
+        self.steps.announce(step, self.reset_cache)
+
     def _bypass_module_hooks(self) -> None:
         """Mode ``off``: point each hooked module straight at the forward under our hooks for the run.
 

@@ -88,6 +88,20 @@ class ClusCaRun:
         ctrl = get_controller(self.model)
         return RunStats.from_counters(self.config.mode, ctrl.counters)
 
+    def set_step(self, step: int) -> None:
+        """Say which denoising step (0-based) the next transformer calls belong to.
+
+        Optional: without it the step is read from the ``timestep`` argument, one host read
+        per call (a synchronisation on an accelerator). Call it before each step, e.g. with
+        ``step + 1`` from a pipeline's ``callback_on_step_end``; a smaller index than the last
+        one starts a new denoising loop.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: must be a non-negative integer, got {step!r}")
+        ctrl = get_controller(self.model)
+        if self._final is None and ctrl is not None and ctrl.active:
+            ctrl.announce_step(step)
+
     def _finish(self, counters: Counters) -> None:
         self._final = RunStats.from_counters(self.config.mode, counters)
 

@@ -1,8 +1,11 @@
 """Which denoising step and which branch (``cond``, ``uncond``, ...) a transformer call is.
 
-A pipeline that names its branches (``cache_context``) and its steps is read directly.
-Otherwise a new timestep value starts a new step, a repeated one is a further branch of it
-(guidance as two plain calls), and a timestep that goes up again starts a new loop.
+A pipeline that names its branches (``cache_context``) and its steps is read directly, and
+so is a step the caller announces (``ClusCaRun.set_step``, e.g. from the pipeline's step
+callback). Otherwise a new timestep value starts a new step, a repeated one is a further
+branch of it (guidance as two plain calls), and a timestep that goes up again starts a new
+loop. Reading the timestep is one host read per call, a synchronisation on an accelerator,
+which an announced step avoids.
 """
 
 from __future__ import annotations
@@ -30,9 +33,17 @@ class StepTracker:
         self.reset()
 
     def reset(self) -> None:
+        """A new denoising loop (an announced step is forgotten too: announce each loop)."""
         self._last_t: float | None = None
         self._step = -1
         self._seen: dict[str, int] = {}
+        self.announced: int | None = None  # the step the caller said comes next
+
+    def announce(self, step: int, new_loop: Callable[[], None]) -> None:
+        """The caller says which step the next calls belong to (``ClusCaRun.set_step``)."""
+        if self.announced is not None and step < self.announced:
+            new_loop()  # a step index that goes back: a new denoising loop
+        self.announced = step
 
     def locate(self, sm: StateManager, args: tuple, kwargs: dict, new_loop: Callable[[], None]) -> tuple[BranchState, int | None]:
         """This call's branch state and step (``None`` when nothing tells the step)."""
@@ -40,6 +51,9 @@ class StepTracker:
         step = None
         if ctx is not None and ctx.step_index is not None:
             step = int(ctx.step_index)
+        elif self.announced is not None:
+            step = self.announced
+        if step is not None:
             if step != self._step:
                 self._step, self._seen = step, {}
         else:

@@ -7,6 +7,7 @@ import copy
 import diffusers
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state
 from clusca import diffusers_compat
@@ -142,3 +143,59 @@ def test_raw_output_keeps_differences_between_true_outputs_when_f0_is_edited():
     f.views[0].fill_(5.0)  # fresh tokens edited F_0 between full steps
     f.update(y1, 1, order=1)
     torch.testing.assert_close(f.views[1], y1 - y0)
+
+
+_HOST_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__,
+               torch.Tensor.__bool__, torch.Tensor.__index__}
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts calls that copy a tensor's value to the host (``.item()``, ``.tolist()``, ``if t``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_announced_steps_make_cached_steps_free_of_host_reads_with_the_same_result():
+    case = tiny_flux()
+    ref = copy.deepcopy(case)
+    apply_clusca(case.model)
+    apply_clusca(ref.model)
+    steps = 9
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    outs, reads = {}, {}
+    for name, model_case in (("announced", case), ("read", ref)):
+        state = run_state(model_case.model)
+        reads[name] = []
+        x = model_case.latents(1, seed=2)
+        with torch.inference_mode(), clusca_run(model_case.model, CFG, num_inference_steps=steps) as run:
+            for _ in range(2):  # a second loop in the same run starts again at step 0
+                xs = x.clone()
+                for i in range(steps):
+                    if name == "announced":
+                        run.set_step(i)
+                    counter = _HostReads()
+                    with counter:
+                        v = model_case.model(**model_case.make_kwargs(xs, sigmas[i], [1]))[0]
+                    if not state.full:
+                        reads[name].append(counter.count)
+                    xs = xs + (sigmas[i + 1] - sigmas[i]) * v
+            outs[name] = (xs, run.stats)
+    (a, sa), (b, sb) = outs["announced"], outs["read"]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert (sa.full_steps, sa.cached_steps, sa.flops) == (sb.full_steps, sb.cached_steps, sb.flops)
+    assert reads["announced"] and set(reads["announced"]) == {0}
+    assert min(reads["read"]) > 0  # without the announcement the timestep is read: the check sees it
+
+
+def test_set_step_refuses_what_is_not_a_step():
+    case = tiny_flux()
+    with clusca_run(case.model, CFG) as run:
+        with pytest.raises(ValueError, match="step: must be a non-negative integer"):
+            run.set_step(-1)
