@@ -22,3 +22,9 @@ test: install
 
 test-all: install
 	$(BIN)/pytest -q -m ''
+
+# Build the CPU image and run the compose stack in a private Docker engine, with faults
+# (docker/stack_test.py; needs root, dockerd, debootstrap and docker-compose).
+.PHONY: docker-test
+docker-test: install
+	nice -n 19 $(BIN)/python docker/stack_test.py
