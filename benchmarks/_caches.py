@@ -17,8 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from clusca import ClusCaConfig, apply_clusca, clusca_run
-from clusca.hooks import get_controller
+from clusca import ClusCaConfig, apply_clusca, clusca_run, is_clusca_applied
 from clusca.run import RunStats
 
 
@@ -120,15 +119,13 @@ def activate(method: Method, model: torch.nn.Module, env: Env) -> Iterator[Probe
     """Run the block with ``method`` on ``model`` (one generation of ``env.steps`` steps)."""
     probe = Probe()
     if method.clusca is not None:
-        if get_controller(model) is None:
+        if not is_clusca_applied(model):
             apply_clusca(model)
-        with clusca_run(model, method.clusca, num_inference_steps=env.steps):
-            # Keep a reference to this run's counters: a diffusers pipeline resets every
-            # stateful hook when it returns, and that swaps the controller's counters for
-            # fresh ones before the run's own statistics are taken.
-            counters = get_controller(model).counters
+        # A pipeline resets every stateful hook when it returns; the run's statistics
+        # survive that (the cache is cleared, the counters kept).
+        with clusca_run(model, method.clusca, num_inference_steps=env.steps) as run:
             yield probe
-        probe.stats = RunStats.from_counters(method.clusca.mode, counters)
+        probe.stats = run.stats
         probe.cache_bytes = probe.stats.cache_bytes
     elif method.diffusers is not None:
         model.enable_cache(method.diffusers(env))
