@@ -632,7 +632,9 @@ def run(args: argparse.Namespace) -> dict:
         say(f"built {image}: {results['image_bytes'] / 1e9:.2f} GB in {results['build_s']:.0f} s")
         if results["image_bytes"] > MAX_IMAGE_BYTES:
             raise Failed(f"CPU image is {results['image_bytes'] / 1e9:.2f} GB, over 1.5 GB")
-        results["layers"] = engine.docker("history", "--format", "{{.Size}}\t{{.CreatedBy}}", image).stdout
+        layers = engine.docker("history", "--format", "{{.Size}}\t{{.CreatedBy}}", image).stdout.splitlines()
+        say("largest layers: " + "; ".join(f"{line.split(chr(9))[0]} {line.split(chr(9))[1][:60]}"
+                                          for line in layers if line.split(chr(9))[0].endswith(("GB", "MB")))[:600])
 
         stack = Stack(engine, work)
         t_up = time.time()
@@ -670,8 +672,9 @@ def run(args: argparse.Namespace) -> dict:
                 stack.compose("down", "-v", "--remove-orphans", check=False, timeout=300)
         engine.stop()
         if not args.keep:
-            shutil.rmtree(work / "data", ignore_errors=True)
-            shutil.rmtree(work / "exec", ignore_errors=True)
+            # Logs stay after a failure; the engine's data (images, build cache) never does.
+            gone = [work] if "counts" in results else [work / "data", work / "exec", work / "index"]
+            subprocess.run(["rm", "-rf", "--one-file-system", *map(str, gone)], timeout=900, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
