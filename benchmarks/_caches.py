@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from clusca import ClusCaConfig, apply_clusca, clusca_run, is_clusca_applied
+from clusca import ClusCaConfig, apply_clusca, clusca_run, compile_clusca, uncompile_clusca
 from clusca.run import RunStats
 
 
@@ -36,7 +36,8 @@ class Method:
 
     ``family`` groups settings into one curve of the plot; ``clusca`` (our library) and
     ``diffusers`` (a function of :class:`Env` returning a diffusers cache config) are
-    mutually exclusive; neither means the uncached model.
+    mutually exclusive; neither means the uncached model. For ours, ``lean=False`` keeps
+    cached steps on the module hooks and ``compiled`` runs under ``compile_clusca``.
     """
 
     name: str
@@ -44,6 +45,8 @@ class Method:
     clusca: ClusCaConfig | None = None
     diffusers: Callable[[Env], Any] | None = None
     note: str = ""
+    lean: bool = True
+    compiled: bool = False
 
     @property
     def uncached(self) -> bool:
@@ -56,6 +59,7 @@ class Probe:
 
     stats: RunStats | None = None
     cache_bytes: int = 0
+    run: Any = None  # our ClusCaRun while one is active (to announce steps)
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def sample_memory(self) -> None:
@@ -119,12 +123,19 @@ def activate(method: Method, model: torch.nn.Module, env: Env) -> Iterator[Probe
     """Run the block with ``method`` on ``model`` (one generation of ``env.steps`` steps)."""
     probe = Probe()
     if method.clusca is not None:
-        if not is_clusca_applied(model):
-            apply_clusca(model)
+        apply_clusca(model, lean=method.lean)
+        if method.compiled:
+            compile_clusca(model)
         # A pipeline resets every stateful hook when it returns; the run's statistics
         # survive that (the cache is cleared, the counters kept).
-        with clusca_run(model, method.clusca, num_inference_steps=env.steps) as run:
-            yield probe
+        try:
+            with clusca_run(model, method.clusca, num_inference_steps=env.steps) as run:
+                probe.run = run
+                yield probe
+        finally:
+            probe.run = None
+            if method.compiled:
+                uncompile_clusca(model)
         probe.stats = run.stats
         probe.cache_bytes = probe.stats.cache_bytes
     elif method.diffusers is not None:

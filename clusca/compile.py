@@ -17,6 +17,7 @@ change only cache settings reuse them (tests/test_clusca_compile.py counts them)
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ import torch
 from .hooks import get_controller
 
 _COMPILED_ROLES = ("attention", "feedforward", "block")
+# Compiled forwards by module and settings: hooks installed again (or compiled again) reuse
+# them, so their graphs are not traced a second time.
+_FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def compile_clusca(model: torch.nn.Module, *, modules: bool = True, cached_steps: bool = True,
@@ -37,10 +41,14 @@ def compile_clusca(model: torch.nn.Module, *, modules: bool = True, cached_steps
     if ctrl is None:
         raise ValueError("compile_clusca: ClusCa is not applied to this model (call apply_clusca first)")
     uncompile_clusca(model)
+    key = repr(sorted(compile_kwargs.items()))
     if modules:
-        for hook in ctrl.slot_hooks:
+        for hook, module in zip(ctrl.slot_hooks, ctrl.slot_modules):
             if hook.slot.role in _COMPILED_ROLES:
-                hook.compiled = torch.compile(hook.fn_ref.original_forward, **compile_kwargs)
+                known = _FORWARDS.setdefault(module, {})
+                if key not in known:
+                    known[key] = torch.compile(hook.fn_ref.original_forward, **compile_kwargs)
+                hook.compiled = known[key]
     if cached_steps and ctrl.adapter is not None:
         ctrl.adapter.compile(fullgraph=True, **compile_kwargs)
 

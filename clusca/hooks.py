@@ -89,7 +89,10 @@ class _SlotHook(compat.ModelHook):
     @property
     def inner(self) -> Any:
         """The module's own forward (compiled, if so asked), for the calls the cache makes."""
-        return self.compiled if self.compiled is not None else self.fn_ref.original_forward
+        if self.compiled is not None and not self.controller.probe.running:
+            return self.compiled
+        # The FLOPs probe counts with module hooks, which compiled code does not run.
+        return self.fn_ref.original_forward
 
     def _state(self, args: tuple, kwargs: dict) -> tuple[BranchState, SlotState, torch.Tensor | None]:
         """This call's branch, this module's cache in it, and the module's first input tensor."""

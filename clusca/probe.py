@@ -39,6 +39,10 @@ class FlopsProbe:
         self._known: dict[Any, tuple[list[int], list[int]]] = {}
         self._running: tuple | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._running is not None
+
     def begin(self, branch: BranchState, args: tuple, kwargs: dict) -> None:
         """Start counting this call, or reuse the counts of an earlier call with the same key."""
         key = (call_key(args), call_key(kwargs))

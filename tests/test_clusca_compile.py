@@ -74,3 +74,23 @@ def test_uncompile_returns_to_eager():
 def test_compile_needs_the_hooks():
     with pytest.raises(ValueError, match="apply_clusca first"):
         compile_clusca(tiny_flux().model)
+
+
+def test_compiled_runs_count_the_same_flops_and_reuse_their_graphs_after_reinstalling():
+    from clusca import remove_clusca
+
+    case = tiny_flux()
+    cfg = ClusCaConfig.preset("fast", clusters=4)
+    apply_clusca(case.model)
+    _, eager_stats, _ = _run(case, cfg, steps=12)
+    remove_clusca(case.model)
+    apply_clusca(case.model)
+    compile_clusca(case.model)
+    _, stats, _ = _run(case, cfg, steps=12)
+    assert (stats.flops, stats.flops_uncached) == (eager_stats.flops, eager_stats.flops_uncached)
+    graphs = counters["stats"]["unique_graphs"]
+    remove_clusca(case.model)
+    apply_clusca(case.model)
+    compile_clusca(case.model)
+    _run(case, cfg, steps=12)
+    assert counters["stats"]["unique_graphs"] == graphs

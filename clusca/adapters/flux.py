@@ -65,7 +65,10 @@ class FluxLeanStep:
         self._scalars: dict[tuple, torch.Tensor] = {}
 
     def compile(self, **compile_kwargs) -> None:
-        self.block_fn = torch.compile(dual_block_step, **compile_kwargs)
+        key = repr(sorted(compile_kwargs.items()))
+        if key not in _COMPILED_STEPS:
+            _COMPILED_STEPS[key] = torch.compile(dual_block_step, **compile_kwargs)
+        self.block_fn = _COMPILED_STEPS[key]
         self.compiled = True
 
     def uncompile(self) -> None:
@@ -188,6 +191,11 @@ class FluxLeanStep:
                   st_f.factors[0], self._scalar(coeffs, x), work)
             if clusters is not None:
                 ctrl.count_fresh(st_f, rows.numel())
+
+
+# The compiled block step by compile settings, shared by every model: one code object,
+# one set of graphs.
+_COMPILED_STEPS: dict[str, Any] = {}
 
 
 def dual_block_step(x: torch.Tensor, gate_msa: torch.Tensor, gate_mlp: torch.Tensor, attn: Factors, attn_coeffs,
