@@ -196,31 +196,27 @@ class ModelEntry(BaseModel):
 
 
 def builtin_entry(path: str | Path | None = None) -> ModelEntry:
-    """The built-in model's entry, its defaults read from the checkpoint at ``path`` (default:
-    the shipped weights)."""
-    # Step count, guidance, preset tuning and limits come from the checkpoint, which records
-    # what it was trained and tuned for and what its pipeline accepts; reading the JSON keeps
-    # the API process free of torch.
-    from .builtin import WEIGHTS_DIR
+    """The built-in model's entry, read from the checkpoint at ``path`` (default: the shipped weights).
 
-    try:
-        index = json.loads((Path(path or WEIGHTS_DIR) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        index = {}
+    Its defaults (size, steps, guidance, preset), preset tuning and limits are what the
+    checkpoint's ``model_index.json`` records: what it was trained and tuned for and what its
+    pipeline accepts. Reading the JSON keeps the API process free of torch.
+    """
+    from .builtin import read_index
+
+    index = read_index(path)
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
-                      defaults=ModelDefaults(width=32, height=32, steps=int(index.get("default_steps", 40)),
-                                             guidance=float(index.get("default_guidance", 5.0)),
-                                             cache="balanced", cache_presets=index.get("cache_presets") or {}),
+                      defaults=ModelDefaults(width=int(index["default_width"]), height=int(index["default_height"]),
+                                             steps=int(index["default_steps"]),
+                                             guidance=float(index["default_guidance"]),
+                                             cache=index["default_cache"], cache_presets=index["cache_presets"]),
                       limits=builtin_limits(index))
 
 
 def builtin_limits(index: dict[str, Any]) -> ModelLimits:
-    """The built-in pipeline's limits as its checkpoint index declares them (the pipeline
+    """The built-in pipeline's limits as :func:`service.builtin.read_index` gives them (the pipeline
     enforces the same numbers); sizes are multiples of its patch size."""
-    from .builtin import PIPELINE_LIMITS
-
-    declared = index.get("limits") if isinstance(index.get("limits"), dict) else {}
-    return ModelLimits(size_multiple=int(index.get("patch_size", 4)), **{**PIPELINE_LIMITS, **declared})
+    return ModelLimits(size_multiple=int(index["patch_size"]), **index["limits"])
 
 
 class RegistryError(ValueError):

@@ -25,12 +25,13 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTr
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import PIPELINE_LIMITS
+from . import INDEX_DEFAULTS, PIPELINE_LIMITS, read_index
 from .model import image_ids, pack, text_ids, unpack
 from .text import ShapesTextEncoder, WordTokenizer
 
-DEFAULT_STEPS = 40
-DEFAULT_GUIDANCE = 5.0
+DEFAULT_STEPS = INDEX_DEFAULTS["default_steps"]
+DEFAULT_GUIDANCE = INDEX_DEFAULTS["default_guidance"]
+DEFAULT_SIZE = (INDEX_DEFAULTS["default_height"], INDEX_DEFAULTS["default_width"])
 # Defaults of the limits; a checkpoint's model_index.json may declare its own ("limits").
 MAX_SIDE = PIPELINE_LIMITS["max_side"]
 MAX_PIXELS = PIPELINE_LIMITS["max_pixels"]
@@ -59,6 +60,8 @@ class ShapesFluxPipeline(DiffusionPipeline):
         default_steps: int = DEFAULT_STEPS,
         default_guidance: float = DEFAULT_GUIDANCE,
         limits: dict | None = None,
+        default_size: tuple[int, int] = DEFAULT_SIZE,
+        default_cache: str = INDEX_DEFAULTS["default_cache"],
     ):
         super().__init__()
         self.register_modules(
@@ -70,6 +73,9 @@ class ShapesFluxPipeline(DiffusionPipeline):
         self.patch_size = patch_size
         self.default_steps = default_steps
         self.default_guidance = default_guidance
+        # (height, width) when a call names none, and the ClusCa preset the service uses by default.
+        self.default_size = (int(default_size[0]), int(default_size[1]))
+        self.default_cache = default_cache
         # What check_inputs accepts; the service reads the same numbers from the checkpoint index.
         self.limits = {**PIPELINE_LIMITS, **(limits or {})}
         self._interrupt = False
@@ -82,8 +88,7 @@ class ShapesFluxPipeline(DiffusionPipeline):
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
             raise ValueError(f"{folder!r} is not a shapes model folder (no model_index.json)")
-        with open(index_path) as f:
-            index = json.load(f)
+        index = read_index(folder)
         kw = {"local_files_only": True}
         transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
         text_encoder = ShapesTextEncoder.from_pretrained(folder, subfolder="text_encoder", **kw)
@@ -91,14 +96,16 @@ class ShapesFluxPipeline(DiffusionPipeline):
         tokenizer = WordTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
         pipe = cls(
             transformer.eval(), text_encoder.eval(), tokenizer, scheduler,
-            patch_size=int(index.get("patch_size", 4)),
-            default_steps=int(index.get("default_steps", DEFAULT_STEPS)),
-            default_guidance=float(index.get("default_guidance", DEFAULT_GUIDANCE)),
-            limits={k: int(v) for k, v in (index.get("limits") or {}).items() if k in PIPELINE_LIMITS},
+            patch_size=int(index["patch_size"]),
+            default_steps=int(index["default_steps"]),
+            default_guidance=float(index["default_guidance"]),
+            limits={k: int(v) for k, v in index["limits"].items() if k in PIPELINE_LIMITS},
+            default_size=(int(index["default_height"]), int(index["default_width"])),
+            default_cache=str(index["default_cache"]),
         )
         # ClusCa preset tuning measured for this checkpoint; the service applies it, the
         # pipeline only carries it from one save to the next.
-        pipe.cache_presets = dict(index.get("cache_presets") or {})
+        pipe.cache_presets = dict(index["cache_presets"])
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
         return pipe
@@ -115,6 +122,9 @@ class ShapesFluxPipeline(DiffusionPipeline):
             "patch_size": self.patch_size,
             "default_steps": self.default_steps,
             "default_guidance": self.default_guidance,
+            "default_width": self.default_size[1],
+            "default_height": self.default_size[0],
+            "default_cache": self.default_cache,
             "limits": dict(self.limits),
             "transformer": ["diffusers", "FluxTransformer2DModel"],
             "text_encoder": ["service.builtin.text", "ShapesTextEncoder"],
@@ -191,8 +201,8 @@ class ShapesFluxPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        height: int = 32,
-        width: int = 32,
+        height: int | None = None,
+        width: int | None = None,
         num_images_per_prompt: int = 1,
         callback_on_step_end: Callable[["ShapesFluxPipeline", int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
@@ -201,6 +211,8 @@ class ShapesFluxPipeline(DiffusionPipeline):
     ) -> ShapesPipelineOutput | tuple:
         steps = self.default_steps if num_inference_steps is None else num_inference_steps
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
         self.check_inputs(height, width, steps, guidance, num_images_per_prompt, output_type)
         prompts = self._as_prompt_list(prompt, "prompt")
         negatives = self._as_prompt_list(negative_prompt, "negative_prompt", len(prompts))

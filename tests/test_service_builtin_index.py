@@ -1,0 +1,67 @@
+"""The built-in model's registry entry is read from its checkpoint index, never hard-coded."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+
+import pytest
+
+from service import registry
+from service.builtin import INDEX_DEFAULTS, WEIGHTS_DIR, read_index
+from service.registry import builtin_entry
+
+
+def _shipped() -> dict:
+    return json.loads((WEIGHTS_DIR / "model_index.json").read_text())
+
+
+def test_the_shipped_index_records_every_default_the_registry_reads():
+    index = _shipped()
+    assert set(INDEX_DEFAULTS) <= set(index), set(INDEX_DEFAULTS) - set(index)
+    d = builtin_entry().defaults
+    assert (d.width, d.height, d.steps, d.guidance, d.cache) == (
+        index["default_width"], index["default_height"], index["default_steps"], index["default_guidance"],
+        index["default_cache"])
+    assert d.cache_presets == index["cache_presets"]
+
+
+def test_another_checkpoint_brings_its_own_defaults_and_presets(tmp_path):
+    index = {**_shipped(), "default_width": 64, "default_height": 48, "default_steps": 12, "default_guidance": 2.5,
+             "default_cache": "fast", "cache_presets": {"fast": {"interval": 6}}}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    d = builtin_entry(tmp_path).defaults
+    assert (d.width, d.height, d.steps, d.guidance, d.cache) == (64, 48, 12, 2.5, "fast")
+    assert d.cache_presets == {"fast": {"interval": 6}}
+    # An index that leaves keys out means the package's defaults, not the registry's.
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "ShapesFluxPipeline"}))
+    d = builtin_entry(tmp_path).defaults
+    assert (d.width, d.steps, d.cache, d.cache_presets) == (INDEX_DEFAULTS["default_width"],
+                                                          INDEX_DEFAULTS["default_steps"],
+                                                          INDEX_DEFAULTS["default_cache"], {})
+    assert {k: v for k, v in read_index(tmp_path).items() if k != "_class_name"} == read_index(tmp_path / "missing")
+
+
+def test_the_registry_spells_no_number_or_preset_of_the_builtin_model():
+    for fn in (registry.builtin_entry, registry.builtin_limits):
+        tree = ast.parse(inspect.getsource(fn))
+        consts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                  and not isinstance(n.value, str) and n.value is not None]
+        presets = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                   and n.value in ("off", "quality", "balanced", "fast")]
+        assert not consts and not presets, (fn.__name__, consts, presets)
+
+
+def test_the_pipeline_saves_and_reads_the_same_index(tmp_path):
+    pytest.importorskip("torch")
+    from service.builtin import ShapesFluxPipeline
+
+    pipe = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR)
+    assert pipe.default_size == (_shipped()["default_height"], _shipped()["default_width"])
+    pipe.default_size, pipe.default_cache = (16, 24), "quality"
+    pipe.save_pretrained(tmp_path)
+    d = builtin_entry(tmp_path).defaults
+    assert (d.height, d.width, d.cache, d.cache_presets) == (16, 24, "quality", pipe.cache_presets)
+    again = ShapesFluxPipeline.from_pretrained(tmp_path)
+    assert again(prompt="a red circle", num_inference_steps=1).images[0].size == (24, 16)
