@@ -61,13 +61,15 @@ def tiny_flux(side: int = 8, text: int = 6) -> TinyCase:
     return TinyCase("flux", model, (side * side, 16), make, 16)
 
 
-def tiny_sd3(side: int = 16, text: int = 6) -> TinyCase:
+def tiny_sd3(side: int = 16, text: int = 6, dual_attention: bool = False) -> TinyCase:
+    """SD3; with ``dual_attention`` the SD3.5 layout, whose first block has a second attention."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(
         sample_size=side, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32, out_channels=4,
+        dual_attention_layers=(0,) if dual_attention else (),
     ).eval()
 
     def make(x, sigma, seeds):
@@ -78,7 +80,7 @@ def tiny_sd3(side: int = 16, text: int = 6) -> TinyCase:
             return_dict=False,
         )
 
-    return TinyCase("sd3", model, (4, side, side), make, 4)
+    return TinyCase("sd35" if dual_attention else "sd3", model, (4, side, side), make, 4)
 
 
 def tiny_pixart(side: int = 16, text: int = 6) -> TinyCase:
@@ -168,6 +170,7 @@ def tiny_wan(side: int = 12, frames: int = 2, text: int = 6) -> TinyCase:
 TINY_CASES: dict[str, Callable[[], TinyCase]] = {
     "flux": tiny_flux,
     "sd3": tiny_sd3,
+    "sd35": lambda: tiny_sd3(dual_attention=True),
     "pixart": tiny_pixart,
     "dit": tiny_dit,
     "hunyuan_video": tiny_hunyuan_video,

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state
 from clusca import diffusers_compat
 from clusca.taylor import Factors, coefficients
-from clusca.testing import euler_sample, tiny_flux, tiny_sd3
+from clusca.testing import euler_sample, tiny_flux, tiny_hunyuan_video, tiny_pixart, tiny_sd3
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,9 +25,11 @@ def test_diffusers_release_is_the_one_the_hook_internals_were_written_for():
     assert diffusers.__version__.startswith(diffusers_compat.TESTED_WITH + "."), diffusers.__version__
 
 
+@pytest.mark.parametrize("make_case", [tiny_flux, tiny_hunyuan_video, tiny_sd3,
+                                       lambda: tiny_sd3(dual_attention=True)], ids=["flux", "hunyuan", "sd3", "sd35"])
 @pytest.mark.parametrize("mode", ["fora", "taylorseer", "clusca"])
-def test_every_cached_flux_step_takes_the_lean_path(mode):
-    case = tiny_flux()
+def test_every_cached_step_of_a_dual_stream_model_takes_the_lean_path(mode, make_case):
+    case = make_case()
     apply_clusca(case.model)
     with torch.inference_mode(), clusca_run(case.model, ClusCaConfig(**{**CFG.to_dict(), "mode": mode}),
                                             num_inference_steps=10) as run:
@@ -37,7 +39,7 @@ def test_every_cached_flux_step_takes_the_lean_path(mode):
 
 
 def test_architectures_without_an_adapter_stay_on_the_module_hooks():
-    case = tiny_sd3()
+    case = tiny_pixart()
     apply_clusca(case.model)
     with torch.inference_mode(), clusca_run(case.model, CFG, num_inference_steps=8) as run:
         euler_sample(case, case.latents(1), 8, [1])

@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from .flux import FluxLeanStep
+from .hunyuan_video import HunyuanVideoLeanStep
+from .sd3 import SD3LeanStep
 
-_ADAPTERS = {"flux": FluxLeanStep}
+_ADAPTERS = {"flux": FluxLeanStep, "hunyuan_video": HunyuanVideoLeanStep, "sd3": SD3LeanStep}
 
 
 def adapter_for(model: torch.nn.Module, controller, hooks: list):
