@@ -1,4 +1,4 @@
-"""The ``clusca`` command: ``serve``, ``api``, ``worker`` and the ``generate`` client."""
+"""The ``clusca`` command: ``serve``, ``api``, ``worker``, the ``generate`` client and ``tune``."""
 
 from __future__ import annotations
 
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--cache", help="cache preset: off, quality, balanced, fast")
     gp.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
     gp.set_defaults(fn=cmd_generate)
+    from .tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
     return p
 
 

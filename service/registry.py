@@ -50,6 +50,9 @@ class ModelDefaults(BaseModel):
     # (or the default above) naming a preset gets the library's preset with these settings on
     # top; presets not listed here keep the library's settings.
     cache_presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Where ``cache_presets`` came from, e.g. what ``clusca tune`` measured them on (date, device,
+    # prompts, the measured quality and speed); shown by ``GET /models``, never used to run.
+    cache_presets_source: Optional[dict[str, Any]] = None
 
     @field_validator("cache", mode="before")
     @classmethod

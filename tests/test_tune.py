@@ -1,0 +1,265 @@
+"""`clusca tune`: per-model tuning of the cache presets, and the service serving the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, wait_until
+from clusca import ClusCaConfig
+from clusca.config import PRESETS
+from clusca.tune import (TuneError, canonical, key_of, label, pareto_front, pick_presets, preset_overrides, psnr,
+                         search_space, ssim, tune_with)
+from service.embedded_redis import free_port
+from service.registry import Registry
+from service.tune import TuneInputError, side_files, tune_model
+
+# A built-in entry on a short schedule, so that a tiny budget still measures something.
+SHORT_BUILTIN = """models:
+  - name: shapes
+    kind: builtin
+    defaults: {width: 32, height: 32, steps: 10, guidance: 5.0, cache: balanced}
+"""
+
+
+# ---------------------------------------------------------------------------- the pieces
+def test_pareto_front_and_picks_follow_the_documented_rules():
+    pts = [(1.5, 40.0), (2.0, 35.0), (2.0, 30.0), (3.0, 31.0), (2.5, 20.0), (3.0, 31.0)]
+    assert pareto_front(pts) == [0, 1, 3]  # dominated ones and the duplicate are off the front
+    picks = pick_presets(pts, {"quality": 1.6, "balanced": 2.0, "fast": 5.0})
+    # the best PSNR at least as fast as the anchor; none that fast: the fastest on the front
+    assert picks == {"quality": 1, "balanced": 1, "fast": 3}
+    assert pick_presets(pts, {"quality": 1.0}, eligible=[False, True, True, True, True, True]) == {"quality": 1}
+
+
+def test_quality_metrics():
+    rng = np.random.default_rng(0)
+    a = rng.random((16, 16, 3))
+    assert psnr(a, a) == 100.0 and abs(ssim(a, a) - 1.0) < 1e-9
+    b = np.clip(a + 0.01 * rng.standard_normal(a.shape), 0, 1)
+    assert 38 < psnr(a, b) < 42 and 0.9 < ssim(a, b) < 1.0
+
+
+def test_search_space_is_valid_and_free_of_duplicates():
+    space = search_space(40)
+    keys = [key_of(c) for c in space]
+    assert len(keys) == len(set(keys)) > 100
+    modes = {c.mode for c in space}
+    assert modes == {"fora", "taylorseer", "clusca"}
+    for knob in ("interval", "warmup", "order", "clusters", "gamma", "propagation", "guidance_pairs"):
+        assert len({getattr(c, knob) for c in space}) > 1, knob
+    assert all(canonical(c) == c for c in space)
+    # FORA ignores order and clusters: one run, one key
+    assert key_of(ClusCaConfig(mode="fora", interval=4, order=2, clusters=8)) == key_of(
+        ClusCaConfig(mode="fora", interval=4))
+    assert preset_overrides("balanced", PRESETS["balanced"]) == {}
+    over = preset_overrides("fast", ClusCaConfig(mode="clusca", interval=5, order=0, clusters=4, gamma=0.0))
+    assert ClusCaConfig.from_dict({"preset": "fast", **over}) == ClusCaConfig(mode="clusca", interval=5, order=0,
+                                                                               clusters=4, gamma=0.0)
+
+
+class FakeModel:
+    """A stand-in pipeline: the error of a setting grows with its interval and order; counts every image."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.calls: list[tuple[str, int]] = []
+        self.stop_after = stop_after
+
+    def __call__(self, cfg, items):
+        images = []
+        timing = len(items) == 1 and items[0][0] == "prompt 0"  # wall-clock runs: batch 1 on the first image
+        for prompt, seed in items:
+            rng = np.random.default_rng(abs(hash((prompt, seed))) % 2**32)
+            img = rng.random((8, 8, 3))
+            if cfg is not None:
+                if self.stop_after is not None and len(self.calls) >= self.stop_after:
+                    raise KeyboardInterrupt  # the operator presses Ctrl-C
+                if not timing:
+                    self.calls.append((key_of(cfg), prompt))
+                err = 0.002 * cfg.interval * (1 + cfg.effective_order) + (0.003 if cfg.mode == "fora" else 0)
+                img = np.clip(img + err * np.random.default_rng(seed).standard_normal(img.shape), 0, 1)
+            images.append(img)
+        time.sleep(0.001)
+        stats = None if cfg is None else {"flops_speedup": cfg.interval * 0.8, "cache_bytes": 100 * cfg.clusters,
+                                          "full_steps": 10}
+        return np.stack(images), stats
+
+
+def test_resume_continues_without_repeating_measured_candidates(tmp_path):
+    items = [(f"prompt {i}", 0) for i in range(12)]
+    journal = tmp_path / "m.json"
+    first = FakeModel(stop_after=40)
+    with pytest.raises(KeyboardInterrupt):
+        tune_with(first, items, minutes=0.3, steps=20, journal=journal, meta={"model": "fake"}, batch=2,
+                  progress=lambda _m: None)
+    partial = json.loads(journal.read_text())
+    assert partial["complete"] is False and len(first.calls) == 40
+    measured = sum(c["prompts_measured"] for c in partial["candidates"])
+    assert measured == 40  # every image measured before the interrupt was saved
+
+    second = FakeModel()
+    res = tune_with(second, items, minutes=0.3, steps=20, journal=journal, resume=True, meta={"model": "fake"},
+                    batch=2, progress=lambda _m: None)
+    assert not set(first.calls) & set(second.calls)  # nothing measured twice
+    assert res.complete and set(res.picks) == {"quality", "balanced", "fast"}
+    done = json.loads(journal.read_text())
+    assert done["complete"] is True and len(done["candidates"]) == len(partial["candidates"])
+    # the finalists saw every image of the last rung, the library presets among them
+    n = res.meta["final_prompts"]
+    lib = [c for c in res.candidates if c.origin.startswith("library")]
+    assert len(lib) == 3 and all(len(c.items) == n and c.wall_speedup for c in lib)
+    # resuming again measures only what is still missing (nothing, once every rung is done)
+    third = FakeModel()
+    again = tune_with(third, items, minutes=0.2, steps=20, journal=journal, resume=True, meta={"model": "fake"},
+                      batch=2, progress=lambda _m: None)
+    assert not set(third.calls) & (set(first.calls) | set(second.calls))
+    if res.meta["all_rungs"]:
+        assert third.calls == [] and again.picks == res.picks
+    # partial results of other settings are refused, not mixed in
+    with pytest.raises(TuneError, match="seeds"):
+        tune_with(FakeModel(), items, minutes=0.1, steps=20, journal=journal, resume=True,
+                  meta={"model": "fake", "seeds": 3}, progress=lambda _m: None)
+
+
+def test_memory_cap_keeps_picks_within_it(tmp_path):
+    items = [(f"p{i}", 0) for i in range(6)]
+    res = tune_with(FakeModel(), items, minutes=0.15, steps=20, memory_cap_bytes=500, meta={"model": "fake"},
+                    progress=lambda _m: None)
+    assert res.picks and all(res.by_key(k).cache_bytes <= 500 for k in res.picks.values())
+
+
+# ---------------------------------------------------------------------------- bad input
+def _bad(tmp_path, **kw):
+    with pytest.raises(TuneInputError) as err:
+        tune_model(**{"minutes": 1.0, "out": tmp_path / "out" / "t.yaml", **kw})
+    return str(err.value)
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
+    (tmp_path / "out").mkdir()
+    assert "unknown model 'nope'; the registry has shapes" in _bad(tmp_path, model="nope")
+    assert "--minutes: must be more than 0, got 0" in _bad(tmp_path, minutes=0)
+    assert "--prompts: cannot read" in _bad(tmp_path, prompts=tmp_path / "missing.txt")
+    assert "--prompts: cannot read" in _bad(tmp_path, prompts=tmp_path)  # a folder
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    assert "holds no prompts" in _bad(tmp_path, prompts=tmp_path / "empty.txt")
+    assert "--seeds" in _bad(tmp_path, seeds=0)
+    assert "must end in .yaml" in _bad(tmp_path, out=tmp_path / "out" / "t.txt")
+    assert "does not exist" in _bad(tmp_path, out=tmp_path / "nowhere" / "t.yaml")
+    noop = tmp_path / "noop.yaml"
+    noop.write_text("models:\n  - {name: noop, kind: noop}\n")
+    assert "nothing to tune" in _bad(tmp_path, model="noop", models_file=str(noop))
+    assert list((tmp_path / "out").iterdir()) == []
+    # the command says the same, without a traceback
+    res = subprocess.run([sys.executable, "-m", "service.cli", "tune", "nope", "--minutes", "0",
+                          "--out", str(tmp_path / "out" / "t.yaml")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode != 0 and res.stderr.strip().startswith("clusca tune: --minutes: must be more than 0")
+    assert "Traceback" not in res.stderr and list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_partial_run_is_not_overwritten_without_resume(tmp_path):
+    out = tmp_path / "t.yaml"
+    side_files(out)[0].write_text(json.dumps({"complete": False, "candidates": []}))
+    assert "pass --resume" in _bad(tmp_path, out=out)
+
+
+# ---------------------------------------------------------------------------- end to end
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        time.sleep(0.2)
+        return False
+
+
+def test_tune_builtin_then_serve_the_tuned_presets(tmp_path, one_torch_thread):
+    models = tmp_path / "models.yaml"
+    models.write_text(SHORT_BUILTIN)
+    out = tmp_path / "shapes-tuned.yaml"
+    lines: list[str] = []
+    result = tune_model("shapes", minutes=0.5, out=out, models_file=str(models), progress=lines.append)
+    measurements, plot = side_files(out)
+    assert out.exists() and measurements.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("rung 1/" in ln for ln in lines) and any("timing" in ln for ln in lines)  # progress shown
+    entry = Registry.load(out).get("shapes")  # the registry takes the file as written
+    assert entry.defaults.cache_presets == result["presets"] and set(result["presets"]) == {"quality", "balanced",
+                                                                                            "fast"}
+    src = entry.defaults.cache_presets_source
+    assert src["tool"] == "clusca tune" and src["device"].startswith("cpu") and "built-in evaluation set" in src["prompts"]
+    assert src["date"].endswith("Z") and src["measurements"] == measurements.name and src["steps"] == 10
+    data = json.loads(measurements.read_text())
+    assert data["complete"] and data["picks"] and all("psnr" in c for c in data["candidates"])
+    assert any("adherence" in c for c in data["candidates"])  # the built-in checker ran
+    # every tuned preset is at least as fast as the library's preset of its name, measured alike
+    for name, row in result["summary"]["picks"].items():
+        lib = result["summary"]["library"][name]
+        assert row["wall_speedup"] >= lib["wall_speedup"] or row["wall_speedup"] == max(
+            r["wall_speedup"] for r in result["summary"]["picks"].values())
+
+    # CLUSCA_MODELS=FILE clusca serve: the tuned presets are what the service runs and shows
+    port = free_port()
+    env = {**os.environ, "CLUSCA_MODELS": str(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for var in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "CLUSCA_API_KEYS", "CLUSCA_DEFAULT_MODEL"):
+        env.pop(var, None)
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: serve.poll() is not None or _ready(url), timeout=120, what="clusca serve ready")
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+        shown = httpx.get(url + "/models").json()["models"][0]
+        assert shown["name"] == "shapes" and shown["defaults"]["cache_presets"] == result["presets"]
+        assert shown["defaults"]["cache_presets_source"]["date"] == src["date"]
+        assert shown["defaults"]["cache_presets_source"]["device"] == src["device"]
+        r = httpx.post(url + "/generate", json={"prompt": "a red circle", "seed": 1, "cache": {"preset": "fast"}},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        ran = r.json()["cache"]
+        want = ClusCaConfig.from_dict({"preset": "fast", **result["presets"]["fast"]}).to_dict()
+        assert {k: ran[k] for k in want if k in ran} == {k: v for k, v in want.items() if k in ran}
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+
+
+def test_tune_runs_on_a_tiny_random_flux_pipeline(tmp_path, one_torch_thread):
+    pytest.importorskip("transformers")
+    from test_service_diffusers import SEQ, build_tiny_flux
+
+    build_tiny_flux(tmp_path / "pipe")
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n  - name: tinyflux\n    kind: diffusers\n    pipeline_class: FluxPipeline\n"
+        f"    path: {tmp_path / 'pipe'}\n"
+        "    defaults: {width: 32, height: 32, steps: 12, guidance: 3.5, cache: balanced, size_multiple: 16}\n"
+        f"    options: {{call_kwargs: {{max_sequence_length: {SEQ}}}}}\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n# a comment\n\na blue square on the left\ntwo green triangles\n")
+    out = tmp_path / "flux.json"
+    result = tune_model("tinyflux", minutes=0.4, out=out, prompts=prompts, models_file=str(models),
+                        progress=lambda _m: None)
+    entry = Registry.load(out).get("tinyflux")
+    assert entry.kind == "diffusers" and entry.path == str(tmp_path / "pipe")
+    assert entry.options == {"call_kwargs": {"max_sequence_length": SEQ}}
+    assert entry.defaults.cache_presets == result["presets"]
+    assert entry.defaults.cache_presets_source["prompts"] == "prompts.txt (3 prompts)"
+    for name, over in result["presets"].items():
+        cfg = entry.cache_config({"preset": name})
+        assert cfg.mode in ("fora", "taylorseer", "clusca") and label(cfg)
+    data = json.loads(side_files(out)[0].read_text())
+    assert data["meta"]["model"] == "tinyflux" and data["final"]
