@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .words import split_words
+
 IMAGE_SIZE = 32
 
 # Saturated, well separated colours: the checker classifies pixels by nearest palette
@@ -236,11 +238,3 @@ def vocabulary() -> list[str]:
             for phrase in phrases:
                 words.update(split_words(phrase))
     return sorted(words)
-
-
-_WORD = re.compile(r"[^\W\d_]+")
-
-
-def split_words(text: str) -> list[str]:
-    """Lower-case words of letters (any script); punctuation, digits and symbols are dropped."""
-    return _WORD.findall(text.lower())

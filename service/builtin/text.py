@@ -15,7 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .data import split_words
+from .words import split_words
 
 PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
 VOCAB_FILE = "vocab.json"
