@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -136,7 +137,7 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
     from clusca.tune import TuneError
 
     # ---- every check that needs no model first: a bad call writes nothing
-    if not isinstance(minutes, (int, float)) or not minutes > 0 or minutes != minutes:
+    if not isinstance(minutes, (int, float)) or not minutes > 0 or math.isinf(minutes):
         raise TuneInputError(f"--minutes: must be more than 0, got {minutes!r}")
     if not isinstance(seeds, int) or seeds < 1:
         raise TuneInputError(f"--seeds: must be at least 1, got {seeds!r}")
@@ -251,6 +252,10 @@ def cmd_tune(args: Any) -> None:
                             max_cache_mb=args.max_cache_mb, batch=args.batch)
     except TuneInputError as exc:
         raise SystemExit(f"clusca tune: {exc}") from None
+    except KeyboardInterrupt:
+        out = Path(args.out or f"{args.model}-tuned.yaml")
+        raise SystemExit(f"clusca tune: interrupted; the measurements so far are in {side_files(out)[0]}; "
+                         "run the same command with --resume to continue") from None
     lines = [f"wrote {result['out']} (serve it: CLUSCA_MODELS={result['out']} clusca serve)",
              f"      {result['measurements']}", f"      {result['plot']}"]
     for name, row in result["summary"]["picks"].items():

@@ -12,7 +12,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from conftest import ROOT, wait_until
 from clusca import ClusCaConfig
@@ -258,7 +257,7 @@ def test_tune_runs_on_a_tiny_random_flux_pipeline(tmp_path, one_torch_thread):
     assert entry.options == {"call_kwargs": {"max_sequence_length": SEQ}}
     assert entry.defaults.cache_presets == result["presets"]
     assert entry.defaults.cache_presets_source["prompts"] == "prompts.txt (3 prompts)"
-    for name, over in result["presets"].items():
+    for name in result["presets"]:
         cfg = entry.cache_config({"preset": name})
         assert cfg.mode in ("fora", "taylorseer", "clusca") and label(cfg)
     data = json.loads(side_files(out)[0].read_text())
