@@ -29,6 +29,32 @@ def resolve_device(entry: ModelEntry, default: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def announce_steps(kwargs: dict[str, Any], run: Any) -> dict[str, Any]:
+    """``kwargs`` with the step callback also telling the ClusCa run which step comes next.
+
+    The cache then never reads the timestep back from the device to find the step: on a
+    GPU that read would wait for the previous step to finish, once per transformer call.
+    """
+    run.set_step(0)
+    out = dict(kwargs)
+    on_end = kwargs.get("callback_on_step_end")
+    if on_end is not None:
+        def on_step_end(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
+            result = on_end(pipe, i, t, tensors)
+            run.set_step(i + 1)
+            return result
+
+        out["callback_on_step_end"] = on_step_end
+    legacy = kwargs.get("callback")
+    if legacy is not None:
+        def callback(i: int, t: Any, latents: Any) -> None:
+            legacy(i, t, latents)
+            run.set_step(i + 1)
+
+        out["callback"] = callback
+    return out
+
+
 class DiffusersRunner(PipelineRunner):
     """A diffusers pipeline class (``pipeline_class``, default ``DiffusionPipeline``) from ``path``."""
 
@@ -81,7 +107,7 @@ class DiffusersRunner(PipelineRunner):
         config = ClusCaConfig.from_dict(batch.cache)
         with torch.inference_mode():
             with clusca_run(pipe.transformer, config, num_inference_steps=batch.steps) as run:
-                images = list(pipe(**kwargs).images)
+                images = list(pipe(**announce_steps(kwargs, run)).images)
         return images, run.stats.to_dict()
 
     def free_memory(self) -> None:
