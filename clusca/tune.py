@@ -570,11 +570,11 @@ class _Tuner:
             for c in order:
                 rec[c.key] = self._run(c.config, item)[2]
             session.append(rec)
-        # The fastest of the rounds: the least disturbed run, on a machine shared with other work.
-        base = min(s["uncached"] for s in session)
+        # Per round, the uncached run against the setting's run of the same round; the median of
+        # those ratios. Load that drifts between rounds hits both runs of a round alike.
         for c in todo:
             c.times = [round(s[c.key], 5) for s in session]
-            c.wall_speedup = round(base / min(c.times), 4)
+            c.wall_speedup = round(statistics.median(s["uncached"] / s[c.key] for s in session), 4)
         self.reference["times"] = [round(s["uncached"], 5) for s in session]
         self.rounds += [{"uncached": s["uncached"], **{k: v for k, v in s.items() if k != "uncached"}} for s in session]
         self.save()
@@ -582,6 +582,7 @@ class _Tuner:
     # ---------------------------------------------------------------- all of it
     def run(self) -> TuneResult:
         if not self.candidates:
+            self._run(None, [0])  # one-off costs of a first call stay out of the plan's estimate
             self.ensure_reference(min(len(self.items), max(1, self.min_prompts)))
             self._candidates()
             self.make_plan()
