@@ -1,306 +1,33 @@
-"""Per-model tuning: find the cache settings a model tolerates, on the device it runs on.
-
-The paper's settings do not carry over from one model to the next, so :func:`tune` measures
-them. It runs the pipeline uncached and under candidate settings (modes ``fora``,
-``taylorseer`` and ``clusca``; interval, warm-up, order, clusters, gamma, propagation,
-guidance pairs) on the same prompts and seeds, and keeps every measurement:
-
-* quality: PSNR and SSIM of each image against the uncached image of the same prompt and
-  seed, and an optional adherence check (``checker``);
-* speed: analytic FLOPs from ``run.stats`` for every candidate, and for the finalists the
-  wall-clock speedup on this device, timed interleaved with the uncached model (batch 1,
-  every finalist once per round, the order rotated each round).
-
-The search is successive halving over prompts: every candidate runs on a few prompts, the
-best third (non-dominated sorting of PSNR against FLOPs speedup, spread along the speed
-axis) go on to three times as many, and so on up to the whole prompt set. The library's
-presets and the model's current presets (``baseline``) always go through to the end, so the
-result is compared with them on equal terms. The size of the first rung is chosen to fit
-the time budget; if time runs out early the deepest rung measured decides.
-
-The picks: on the Pareto front of mean PSNR against measured wall-clock speedup (among the
-settings within ``memory_cap_bytes``, if set), each preset (``quality``, ``balanced``,
-``fast``) is the setting of highest PSNR that is at least as fast as the library's preset
-of that name measured in the same rounds (ties: the faster one); when no setting is as fast,
-the fastest one on the front. Each tuned preset is therefore at least as fast as the preset a
-user knows by that name, and as accurate as this model allows at that speed.
-
-Measurements go to a journal (JSON, rewritten atomically after each measurement); a run
-started with ``resume=True`` continues from it and never measures a candidate on an image
-twice.
-
-``clusca.tune`` imports torch lazily: reading results needs numpy and the standard library only.
-"""
+"""The search: successive halving over prompts, then interleaved timing of the finalists."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import platform
-import random
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .config import PRESETS, ClusCaConfig
-
-TUNED_PRESETS = ("quality", "balanced", "fast")
-PSNR_CAP_DB = 100.0  # identical images count as 100 dB, so that means stay finite
-ETA = 3  # successive halving: a third of the candidates go on, on three times the prompts
-JOURNAL_VERSION = 1
-
-# What a pipeline call gives back and what it cost: images (N, H, W, C) in [0, 1] and the
-# run's statistics (``RunStats.to_dict()``, ``None`` uncached).
-Generate = Callable[[ClusCaConfig | None, Sequence[tuple[str, int]]], tuple[np.ndarray, dict[str, Any] | None]]
+from ..config import PRESETS, ClusCaConfig
+from ..quality import psnr as _psnr
+from ..quality import ssim
+from .journal import Candidate, _atomic_write
+from .picks import front_layers, pareto_front, pick_presets, preset_overrides
+from .space import ETA, JOURNAL_VERSION, PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, \
+    search_space
 
 
-class TuneError(ValueError):
-    """Bad input to :func:`tune` (the message says which and why)."""
+def psnr(a, b) -> float:
+    """PSNR in dB against the reference, identical images counted as :data:`PSNR_CAP_DB`."""
+    return _psnr(a, b, cap=PSNR_CAP_DB)
 
 
-# ============================================================================ quality
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two images in [0, 1], capped at :data:`PSNR_CAP_DB` (identical images)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else min(PSNR_CAP_DB, -10.0 * math.log10(mse))
-
-
-def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM of two (H, W, C) images in [0, 1]: Gaussian window, no padding, channels averaged."""
-    x = np.asarray(a, np.float64)
-    y = np.asarray(b, np.float64)
-    if x.ndim == 2:
-        x, y = x[..., None], y[..., None]
-    k = max(1, min(window, x.shape[0], x.shape[1]))
-    g = np.exp(-((np.arange(k) - (k - 1) / 2) ** 2) / (2 * sigma**2))
-    g /= g.sum()
-
-    def blur(z: np.ndarray) -> np.ndarray:  # separable weighted mean over every full window
-        h, w = z.shape[0] - k + 1, z.shape[1] - k + 1
-        rows = sum(g[i] * z[i:i + h] for i in range(k))
-        return sum(g[j] * rows[:, j:j + w] for j in range(k))
-
-    c1, c2 = 0.01**2, 0.03**2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(s.mean())
-
-
-# ============================================================================ Pareto front and picks
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (higher is better in both), sorted by speed.
-
-    Point j dominates i when it is at least as good in both coordinates and better in one.
-    Of identical points the first is kept.
-    """
-    front = []
-    for i, (si, qi) in enumerate(points):
-        beaten = False
-        for j, (sj, qj) in enumerate(points):
-            if j == i:
-                continue
-            if sj >= si and qj >= qi and (sj > si or qj > qi or j < i):
-                beaten = True
-                break
-        if not beaten:
-            front.append(i)
-    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
-
-
-def front_layers(points: Sequence[tuple[float, float]]) -> list[list[int]]:
-    """Non-dominated sorting: the front, then the front of the rest, and so on."""
-    left = list(range(len(points)))
-    layers = []
-    while left:
-        layer = [left[i] for i in pareto_front([points[i] for i in left])]
-        layers.append(layer)
-        chosen = set(layer)
-        left = [i for i in left if i not in chosen]
-    return layers
-
-
-def pick_presets(points: Sequence[tuple[float, float]], anchors: Mapping[str, float],
-                 eligible: Sequence[bool] | None = None) -> dict[str, int]:
-    """The index picked for each preset in ``anchors`` (preset name -> the speed to match).
-
-    Among the eligible points on the Pareto front: the highest quality at a speed of at least
-    the anchor (ties: the faster); without one, the fastest point of the front.
-    """
-    idx = [i for i in range(len(points)) if eligible is None or eligible[i]]
-    if not idx:
-        return {}
-    front = [idx[i] for i in pareto_front([points[i] for i in idx])]
-    out = {}
-    for name, speed in anchors.items():
-        fast_enough = [i for i in front if points[i][0] >= speed]
-        if fast_enough:
-            out[name] = max(fast_enough, key=lambda i: (points[i][1], points[i][0]))
-        else:
-            out[name] = max(front, key=lambda i: (points[i][0], points[i][1]))
-    return out
-
-
-def preset_overrides(name: str, config: ClusCaConfig) -> dict[str, Any]:
-    """``config`` as the registry spells a tuned preset: the fields that differ from the library's ``name``."""
-    base = PRESETS[name].to_dict()
-    return {k: v for k, v in config.to_dict().items() if k not in ("modules",) and base.get(k) != v}
-
-
-# ============================================================================ the search space
-def canonical(cfg: ClusCaConfig) -> ClusCaConfig:
-    """``cfg`` with the fields its mode ignores set to the defaults, so equal runs compare equal."""
-    d = ClusCaConfig()
-    if cfg.mode in ("fora", "taylorseer"):
-        cfg = dataclasses.replace(cfg, clusters=d.clusters, gamma=d.gamma, propagation=d.propagation,
-                                  guidance_pairs=d.guidance_pairs, fresh_tokens=d.fresh_tokens)
-    if cfg.mode == "fora":
-        cfg = dataclasses.replace(cfg, order=0)
-    if cfg.mode == "clusca" and (cfg.order == 0 or cfg.gamma == 0):
-        cfg = dataclasses.replace(cfg, propagation=d.propagation)
-    return cfg.validate()
-
-
-def label(cfg: ClusCaConfig) -> str:
-    """Short name: N interval, W warm-up, O order, K clusters, g gamma."""
-    if cfg.mode == "off":
-        return "uncached"
-    out = f"{cfg.mode} N{cfg.interval} W{cfg.warmup}"
-    if cfg.mode != "fora":
-        out += f" O{cfg.order}"
-    if cfg.mode == "clusca":
-        out += f" K{cfg.clusters} g{cfg.gamma:g}"
-        if cfg.propagation != "paper":
-            out += f" {cfg.propagation}"
-        if not cfg.guidance_pairs:
-            out += " pairs-off"
-    return out
-
-
-def key_of(cfg: ClusCaConfig) -> str:
-    return json.dumps(canonical(cfg).to_dict(), sort_keys=True)
-
-
-def search_space(steps: int, seed: int = 0) -> list[ClusCaConfig]:
-    """Candidate settings for a ``steps``-step schedule, the most telling first.
-
-    First the axes (for every interval: FORA, TaylorSeer order 1, ClusCa order 0 with few
-    clusters, ClusCa with the paper's order, clusters and gamma), then random draws over every
-    knob, in a fixed order for a given ``seed``.
-    """
-    top = max(2, min(12, steps // 4))
-    intervals = list(range(2, top + 1))
-    warmups = sorted({w for w in (1, 2, 3, 5) if w < steps})
-    out: list[ClusCaConfig] = []
-    for n in intervals:
-        out += [ClusCaConfig(mode="fora", interval=n, warmup=3, order=0),
-                ClusCaConfig(mode="taylorseer", interval=n, warmup=3, order=1),
-                ClusCaConfig(mode="clusca", interval=n, warmup=3, order=0, clusters=4, gamma=0.0),
-                ClusCaConfig(mode="clusca", interval=n, warmup=3, order=1, clusters=16, gamma=0.005)]
-    rng = random.Random(seed)
-    grid = {
-        "mode": ["fora", "taylorseer", "clusca", "clusca"],
-        "interval": intervals, "warmup": warmups, "order": [0, 1, 1, 2],
-        "clusters": [2, 4, 8, 16, 32], "gamma": [0.0, 0.0, 0.002, 0.005, 0.01, 0.05],
-        "propagation": ["paper", "anchored"], "guidance_pairs": [True, True, False],
-    }
-    for _ in range(40 * len(intervals)):
-        out.append(ClusCaConfig(**{k: rng.choice(v) for k, v in grid.items()}))
-    seen, unique = set(), []
-    for cfg in out:
-        k = key_of(cfg)
-        if k not in seen:
-            seen.add(k)
-            unique.append(canonical(cfg))
-    return unique
-
-
-# ============================================================================ the journal
-@dataclass
-class Candidate:
-    """One setting and everything measured of it."""
-
-    key: str
-    config: ClusCaConfig
-    origin: str = "search"  # "search", "library <preset>", "model <preset>"
-    items: dict[int, dict[str, Any]] = field(default_factory=dict)  # item -> {"psnr", "ssim", "ok"}
-    flops_speedup: float | None = None
-    cache_bytes: int = 0
-    full_steps: int | None = None
-    rung: int = 0
-    wall_speedup: float | None = None
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def forced(self) -> bool:
-        return self.origin != "search"
-
-    def mean(self, metric: str, n: int | None = None) -> float | None:
-        vals = [self.items[i][metric] for i in sorted(self.items) if (n is None or i < n)
-                and self.items[i].get(metric) is not None]
-        return statistics.fmean(float(v) for v in vals) if vals else None
-
-    def to_json(self) -> dict[str, Any]:
-        d = {"key": self.key, "label": label(self.config), "origin": self.origin,
-             "config": canonical(self.config).to_dict(), "rung": self.rung,
-             "prompts_measured": len(self.items), "psnr": _r(self.mean("psnr")), "ssim": _r(self.mean("ssim"), 4),
-             "psnr_min": _r(min((v["psnr"] for v in self.items.values()), default=None)),
-             "flops_speedup": self.flops_speedup, "wall_speedup": _r(self.wall_speedup, 4),
-             "cache_bytes": self.cache_bytes, "full_steps": self.full_steps, "times": self.times,
-             "items": {str(i): v for i, v in sorted(self.items.items())}}
-        if any("ok" in v for v in self.items.values()):
-            d["adherence"] = _r(100.0 * (self.mean("ok") or 0.0), 1)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Candidate":
-        cfg = ClusCaConfig.from_dict(d["config"])
-        return cls(key=key_of(cfg), config=cfg, origin=d.get("origin", "search"),
-                   items={int(k): dict(v) for k, v in (d.get("items") or {}).items()},
-                   flops_speedup=d.get("flops_speedup"), cache_bytes=int(d.get("cache_bytes") or 0),
-                   full_steps=d.get("full_steps"), rung=int(d.get("rung") or 0),
-                   wall_speedup=d.get("wall_speedup"), times=list(d.get("times") or []))
-
-
-def _r(x: float | None, nd: int = 2) -> float | None:
-    return None if x is None else round(float(x), nd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (a temporary file beside it, then a rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def describe_device(device: Any = None) -> str:
-    """A human-readable name of the device a pipeline runs on."""
-    import torch
-
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(dev)} (cuda)"
-    cpu = platform.processor() or platform.machine()
-    return f"cpu {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-# ============================================================================ the tuner
 @dataclass
 class TuneResult:
     """What :func:`tune` found (:meth:`to_json` is the measurements file)."""
@@ -340,6 +67,8 @@ class TuneResult:
 
     def plot(self, path: str | os.PathLike, title: str = "") -> None:
         """Draw the finalists, the front and the picks (PSNR against wall-clock speedup) as a PNG."""
+        from .plot import draw_pareto
+
         draw_pareto(self, Path(path), title)
 
 
@@ -644,8 +373,8 @@ def pipeline_generate(pipe: Any, *, steps: int, guidance: float | None = None, h
 
     import torch
 
-    from .hooks import apply_clusca
-    from .run import clusca_run
+    from ..hooks import apply_clusca
+    from ..run import clusca_run
 
     tr = getattr(pipe, "transformer", None)
     if tr is None:
@@ -711,68 +440,3 @@ def tune(pipe: Any, prompts: Sequence[str], *, minutes: float, seeds: int = 1, s
     return tune_with(gen, items, minutes=minutes, steps=steps, journal=journal, resume=resume, checker=checker,
                      baseline=baseline, memory_cap_bytes=memory_cap_bytes, meta=m, batch=batch, seed=seed,
                      progress=progress)
-
-
-# ============================================================================ the plot
-def draw_pareto(res: TuneResult, path: Path, title: str = "") -> None:
-    """PSNR against wall-clock speedup of the finalists, the front as a line, the picks and library presets named."""
-    from PIL import Image, ImageDraw
-
-    n = res.meta.get("final_prompts")
-    pts = {k: (res.by_key(k).wall_speedup or 0.0, res.by_key(k).mean("psnr", n) or 0.0) for k in res.final}
-    W, H, L, R, T, B = 900, 600, 70, 30, 40, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    if pts:
-        xs, ys = [p[0] for p in pts.values()], [p[1] for p in pts.values()]
-        x0, x1 = min(1.0, min(xs)), max(xs) * 1.05 + 1e-6
-        y0, y1 = min(ys) - 1.0, max(ys) + 1.0
-    else:
-        x0, x1, y0, y1 = 1.0, 2.0, 0.0, 1.0
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (L + (x - x0) / (x1 - x0) * (W - L - R), H - B - (y - y0) / (y1 - y0) * (H - T - B))
-
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for j in range(6):
-        xv, yv = x0 + (x1 - x0) * j / 5, y0 + (y1 - y0) * j / 5
-        px, _ = at(xv, y0)
-        _, py = at(x0, yv)
-        d.line([px, H - B, px, H - B + 5], fill="black")
-        d.text((px - 12, H - B + 8), f"{xv:.2f}x", fill="black")
-        d.line([L - 5, py, L, py], fill="black")
-        d.text((8, py - 6), f"{yv:.1f} dB", fill="black")
-    d.text((W // 2 - 120, H - 22), "wall-clock speedup vs uncached (this device)", fill="black")
-    d.text((L, 12), title or f"clusca tune: PSNR vs speed ({len(pts)} finalists, {n} images)", fill="black")
-    line = [at(*pts[k]) for k in res.front if k in pts]
-    if len(line) > 1:
-        d.line(line, fill=(31, 119, 180), width=2)
-    named = {k: [] for k in pts}
-    for name, k in res.picks.items():
-        named.setdefault(k, []).append(f"tuned {name}")
-    for c in res.candidates:
-        if c.key in pts and c.origin != "search":
-            named[c.key].append(c.origin.replace("library", "paper"))
-    for k, (x, y) in pts.items():
-        px, py = at(x, y)
-        colour = (214, 39, 40) if k in res.picks.values() else (31, 119, 180) if k in res.front else (150, 150, 150)
-        r = 5 if named[k] else 3
-        d.ellipse([px - r, py - r, px + r, py + r], fill=colour)
-        if named[k]:
-            d.text((px + 7, py - 6), ", ".join(named[k]), fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
-
-
-def load_result(path: str | os.PathLike) -> dict[str, Any]:
-    """A measurements file written by :func:`tune` (plain JSON)."""
-    return json.loads(Path(path).read_text())
-
-
-__all__ = ["TUNED_PRESETS", "Candidate", "TuneError", "TuneResult", "canonical", "describe_device", "draw_pareto",
-           "front_layers", "key_of", "label", "load_result", "pareto_front", "pick_presets", "pipeline_generate",
-           "preset_overrides", "psnr", "search_space", "ssim", "tune", "tune_with"]

@@ -1,0 +1,46 @@
+"""Per-model tuning: find the cache settings a model tolerates, on the device it runs on.
+
+The paper's settings do not carry over from one model to the next, so :func:`tune` measures
+them. It runs the pipeline uncached and under candidate settings (modes ``fora``,
+``taylorseer`` and ``clusca``; interval, warm-up, order, clusters, gamma, propagation,
+guidance pairs) on the same prompts and seeds, and keeps every measurement:
+
+* quality: PSNR and SSIM of each image against the uncached image of the same prompt and
+  seed, and an optional adherence check (``checker``);
+* speed: analytic FLOPs from ``run.stats`` for every candidate, and for the finalists the
+  wall-clock speedup on this device, timed interleaved with the uncached model (batch 1,
+  every finalist once per round, the order rotated each round).
+
+The search is successive halving over prompts: every candidate runs on a few prompts, the
+best third (non-dominated sorting of PSNR against FLOPs speedup, spread along the speed
+axis) go on to three times as many, and so on up to the whole prompt set. The library's
+presets and the model's current presets (``baseline``) always go through to the end, so the
+result is compared with them on equal terms. The size of the first rung is chosen to fit
+the time budget; if time runs out early the deepest rung measured decides.
+
+The picks: on the Pareto front of mean PSNR against measured wall-clock speedup (among the
+settings within ``memory_cap_bytes``, if set), each preset (``quality``, ``balanced``,
+``fast``) is the setting of highest PSNR that is at least as fast as the library's preset
+of that name measured in the same rounds (ties: the faster one); when no setting is as fast,
+the fastest one on the front. Each tuned preset is therefore at least as fast as the preset a
+user knows by that name, and as accurate as this model allows at that speed.
+
+Measurements go to a journal (JSON, rewritten atomically after each measurement); a run
+started with ``resume=True`` continues from it and never measures a candidate on an image
+twice.
+
+``clusca.tune`` imports torch lazily: reading results needs numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+from ..quality import ssim
+from .journal import Candidate, describe_device, load_result
+from .picks import front_layers, pareto_front, pick_presets, preset_overrides
+from .plot import draw_pareto
+from .space import PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, search_space
+from .tuner import TuneResult, pipeline_generate, psnr, tune, tune_with
+
+__all__ = ["PSNR_CAP_DB", "TUNED_PRESETS", "Generate", "Candidate", "TuneError", "TuneResult", "canonical", "describe_device", "draw_pareto",
+           "front_layers", "key_of", "label", "load_result", "pareto_front", "pick_presets", "pipeline_generate",
+           "preset_overrides", "psnr", "search_space", "ssim", "tune", "tune_with"]
