@@ -89,7 +89,13 @@ class ClusCaController:
         self.caching = config.enabled
         self.active = True
         if not self.caching:
-            self._bypass_module_hooks()
+            self._bypass_module_hooks(self.bypass_modules)
+        elif self.adapter is not None and self.text_dead:
+            # The lean cached step never calls the text stream, and the text stream is dead:
+            # its hooks would only bookkeep on full steps. Should a cached call fall back to
+            # the module hooks, these modules compute their real outputs, which reach nothing.
+            self._bypass_module_hooks([self.slot_modules[s.index] for s in self.slots
+                                       if s.role == "text" or (s.role == "feedforward" and s.group == "text")])
 
     def stop(self) -> None:
         self._restore_module_hooks()
@@ -121,15 +127,16 @@ class ClusCaController:
     def announce_step(self, step: int) -> None:
         self.steps.announce(step, self.reset_cache)
 
-    def _bypass_module_hooks(self) -> None:
-        """Mode ``off``: point each hooked module straight at the forward under our hooks for the run.
+    def _bypass_module_hooks(self, modules: list[torch.nn.Module]) -> None:
+        """Point each of ``modules`` straight at the forward under our hooks for the run (all of
+        them in mode ``off``).
 
         Those hooks would only pass the call through, but the hook chain is several Python
         calls per module and call; the root hook alone keeps the run's statistics. A module
         whose outermost hook is not ours keeps its chain, since bypassing ours would skip
         the others too.
         """
-        for mod in self.bypass_modules:
+        for mod in modules:
             hooked = mod.__dict__.get("forward")
             inner = forward_under(mod, (CACHE_HOOK, CLUSTER_HOOK))
             if hooked is None or inner is None:

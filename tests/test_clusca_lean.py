@@ -94,8 +94,9 @@ def test_lean_and_hook_paths_agree_and_count_the_same_work():
     want, want_stats, _ = _run(ref, CFG, steps=12)
     assert lean == stats.cached_steps > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (stats.tokens_computed, stats.flops, stats.cache_bytes) == (
-        want_stats.tokens_computed, want_stats.flops, want_stats.cache_bytes)
+    assert (stats.tokens_computed, stats.flops) == (want_stats.tokens_computed, want_stats.flops)
+    # The lean run keeps nothing of the text stream (its hooks are bypassed): less cache.
+    assert 0 < stats.cache_bytes < want_stats.cache_bytes
     remove_clusca(case.model)
 
 
