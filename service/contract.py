@@ -39,9 +39,14 @@ EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 FINAL_EVENT: dict[str, str] = {SUCCEEDED: "finished", FAILED: "failed", CANCELLED: "cancelled"}
 TERMINAL_EVENTS: tuple[str, ...] = tuple(FINAL_EVENT.values())
 
-OutputFormat = Literal["png", "jpeg", "webp"]
+OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
-CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# Formats of a still image, and of a video (WebP and GIF animated); a request's format is one of
+# the first when it has no frame count, one of the second when it has one.
+IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+VIDEO_FORMATS: tuple[str, ...] = ("mp4", "webp", "gif")
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
+                                 "mp4": "video/mp4", "gif": "image/gif"}
 
 
 class ContractError(ValueError):
@@ -69,7 +74,8 @@ class JobRequest:
     """One fully resolved request: every default filled in, every limit already checked.
 
     ``seed`` is the first image's seed; image ``k`` uses ``seed + k`` (:attr:`seeds`), so an
-    image depends only on its own seed. ``cache`` is the resolved ClusCa configuration
+    image depends only on its own seed. A video request has ``num_frames`` (and ``fps``, used
+    only to encode it); each of its "images" is then one video of that many frames. ``cache`` is the resolved ClusCa configuration
     (``ClusCaConfig.to_dict()``), not what the client sent.
     """
 
@@ -84,6 +90,12 @@ class JobRequest:
     cache: dict[str, Any] = field(default_factory=dict)
     negative_prompt: str | None = None
     webhook_url: str | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames is not None
 
     @property
     def seeds(self) -> list[int]:
@@ -102,7 +114,7 @@ class JobRequest:
         once for all its images (size, steps, guidance, cache settings, whether there are
         negative prompts) is equal; prompts, seeds, counts and formats may differ."""
         return json.dumps([model, self.width, self.height, self.steps, self.guidance,
-                           self.negative_prompt is None, self.cache], sort_keys=True)
+                           self.negative_prompt is None, self.cache, self.num_frames], sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,8 +134,12 @@ class JobRequest:
         for name, types in checks.items():
             if name not in d or not _is(d[name], *types):
                 raise ContractError(f"request.{name}: missing or of the wrong type")
-        if d["output_format"] not in OUTPUT_FORMATS:
-            raise ContractError(f"request.output_format: not one of {list(OUTPUT_FORMATS)}")
+        for name in ("num_frames", "fps"):  # absent in requests stored before video was served
+            if d.get(name) is not None and (not _is(d[name], int) or d[name] < 1):
+                raise ContractError(f"request.{name}: expected an integer of at least 1")
+        formats = VIDEO_FORMATS if d.get("num_frames") is not None else IMAGE_FORMATS
+        if d["output_format"] not in formats:
+            raise ContractError(f"request.output_format: not one of {list(formats)}")
         for name in ("width", "height", "steps", "num_images"):
             if d[name] < 1:
                 raise ContractError(f"request.{name}: must be at least 1")
@@ -132,7 +148,7 @@ class JobRequest:
         return cls(prompt=d["prompt"], negative_prompt=d["negative_prompt"], width=d["width"],
                    height=d["height"], steps=d["steps"], guidance=float(d["guidance"]), seed=d["seed"],
                    num_images=d["num_images"], output_format=d["output_format"], cache=dict(d["cache"]),
-                   webhook_url=d["webhook_url"])
+                   webhook_url=d["webhook_url"], num_frames=d.get("num_frames"), fps=d.get("fps"))
 
     @classmethod
     def parse(cls, raw: Any) -> "JobRequest | None":

@@ -33,6 +33,9 @@ INFERENCE = Histogram("clusca_inference_seconds", "Pipeline call time per batch"
 STEP = Histogram("clusca_step_seconds", "Time per denoising step", ["model", "cache_mode"], buckets=STEP_BUCKETS)
 REQUESTS = Counter("clusca_requests_total", "HTTP requests by route and status", ["endpoint", "status"])
 IMAGES = Counter("clusca_images_generated_total", "Images stored", ["model", "cache_mode"])
+FRAMES = Counter("clusca_frames_generated_total", "Video frames stored", ["model", "cache_mode"])
+FRAME_SECONDS = Histogram("clusca_seconds_per_frame", "Pipeline call time per video frame of a job's batch",
+                          ["model", "cache_mode"], buckets=STEP_BUCKETS)
 ERRORS = Counter("clusca_errors_total", "Errors by kind", ["kind"])
 TOKEN_FRACTION = Histogram("clusca_token_fraction", "Fraction of tokens computed per run (1 = uncached)",
                            ["model", "cache_mode"], buckets=FRACTION_BUCKETS)

@@ -43,6 +43,9 @@ class ModelDefaults(BaseModel):
     height: int = Field(1024, ge=8)
     steps: int = Field(28, ge=1)
     guidance: float = Field(3.5, ge=0, allow_inf_nan=False)
+    # Video models: frames per video and the frame rate it is encoded at.
+    num_frames: Optional[int] = Field(None, ge=1)
+    fps: int = Field(16, ge=1, le=240)
     cache: str = "balanced"
     # Older spelling of ``limits.size_multiple``; the entry keeps both equal.
     size_multiple: Optional[int] = Field(None, ge=1)
@@ -103,10 +106,15 @@ class ModelLimits(BaseModel):
     min_steps: int = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)
     max_images: Optional[int] = Field(None, ge=1)
-    # Video pipelines (not served yet): most frames per request.
+    # Video models: most frames per video; ``num_frames - 1`` a multiple of ``frame_step`` (Wan and
+    # HunyuanVideo: 4, their VAE's temporal compression); most width x height x frames of one
+    # video (what bounds the memory a call needs, with the batch size).
     max_frames: Optional[int] = Field(None, ge=1)
+    frame_step: int = Field(1, ge=1, le=64)
+    max_video_pixels: Optional[int] = Field(None, ge=64)
 
-    def within(self, *, max_side: int, max_pixels: int, max_steps: int, max_images: int) -> "ModelLimits":
+    def within(self, *, max_side: int, max_pixels: int, max_steps: int, max_images: int,
+               max_frames: int | None = None) -> "ModelLimits":
         """These limits tightened by the service's own, every bound set and reachable.
 
         Sides are rounded to the size multiple (the smallest side is the first multiple at
@@ -120,7 +128,8 @@ class ModelLimits(BaseModel):
                            min_steps=self.min_steps,
                            max_steps=min(x for x in (self.max_steps, max_steps) if x is not None),
                            max_images=min(x for x in (self.max_images, max_images) if x is not None),
-                           max_frames=self.max_frames)
+                           max_frames=min((x for x in (self.max_frames, max_frames) if x is not None), default=None),
+                           frame_step=self.frame_step, max_video_pixels=self.max_video_pixels)
 
     def size_problem(self, width: int, height: int) -> tuple[str, str] | None:
         """``(field, message)`` for the first way ``width`` x ``height`` breaks these limits, else None."""
@@ -134,6 +143,22 @@ class ModelLimits(BaseModel):
         if self.max_pixels is not None and width * height > self.max_pixels:
             return "width", f"width x height = {width * height} pixels exceeds the limit of {self.max_pixels}"
         return None
+
+    def frames_problem(self, width: int, height: int, frames: int) -> tuple[str, str] | None:
+        """``(field, message)`` for the first way a ``frames``-frame video breaks these limits, else None."""
+        if self.max_frames is not None and frames > self.max_frames:
+            return "num_frames", f"must be at most {self.max_frames}"
+        if (frames - 1) % self.frame_step:
+            return "num_frames", f"must be 1 plus a multiple of {self.frame_step}"
+        if self.max_video_pixels is not None and width * height * frames > self.max_video_pixels:
+            return "num_frames", (f"width x height x num_frames = {width * height * frames} exceeds the limit "
+                                  f"of {self.max_video_pixels}")
+        return None
+
+
+# diffusers pipeline classes whose output is frames; any other class can be declared `output: video`.
+VIDEO_PIPELINES = frozenset({"WanPipeline", "HunyuanVideoPipeline", "CogVideoXPipeline", "LTXPipeline",
+                             "MochiPipeline", "AllegroPipeline", "LattePipeline", "SkyReelsV2Pipeline"})
 
 
 class ModelEntry(BaseModel):
@@ -149,6 +174,8 @@ class ModelEntry(BaseModel):
     device: str = "auto"
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     limits: ModelLimits = Field(default_factory=ModelLimits)
+    # What the pipeline makes: still images or videos (default: video for the known video pipeline classes).
+    output: Optional[Literal["image", "video"]] = None
     # Free-form loader options (e.g. the no-op model's per-step delay).
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -163,6 +190,17 @@ class ModelEntry(BaseModel):
                                  f"limits.size_multiple ({lim.size_multiple}) differ; set only limits.size_multiple")
             lim.size_multiple = d.size_multiple
         d.size_multiple = lim.size_multiple
+        if self.output is None:
+            self.output = "video" if self.pipeline_class in VIDEO_PIPELINES else "image"
+        if self.output == "video":
+            if self.kind != "diffusers":
+                raise ValueError(f"model {self.name!r}: only kind 'diffusers' serves video")
+            if d.num_frames is None:
+                d.num_frames = 1 + min(16, (lim.max_frames or 17) - 1) // lim.frame_step * lim.frame_step
+            problem = lim.frames_problem(d.width, d.height, d.num_frames)
+            if problem:
+                raise ValueError(f"model {self.name!r}: default num_frames {d.num_frames} breaks the model's "
+                                 f"limits ({problem[1]})")
         # The defaults are requests too: one the model refuses would fail every request that leaves them out.
         problem = lim.size_problem(d.width, d.height)
         if problem:
@@ -189,13 +227,14 @@ class ModelEntry(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """What clients may see (no filesystem paths)."""
-        return {"name": self.name, "kind": self.kind, "pipeline_class": self.pipeline_class,
+        return {"name": self.name, "kind": self.kind, "output": self.output, "pipeline_class": self.pipeline_class,
                 "dtype": self.dtype, "defaults": self.defaults.model_dump()}
 
     def limits_within(self, settings: Any) -> ModelLimits:
         """What the API accepts for this model: its own limits tightened by the service's ``CLUSCA_MAX_*``."""
         return self.limits.within(max_side=settings.max_side, max_pixels=settings.max_pixels,
-                                  max_steps=settings.max_steps, max_images=settings.max_images)
+                                  max_steps=settings.max_steps, max_images=settings.max_images,
+                                  max_frames=settings.max_frames if self.output == "video" else None)
 
 
 def builtin_entry(path: str | Path | None = None) -> ModelEntry:

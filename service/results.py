@@ -80,7 +80,15 @@ class ResultWriter:
         if o.status == SUCCEEDED:
             metrics.REQUEST_LATENCY.labels(model, mode).observe(now - j.created)
             metrics.QUEUE_WAIT.labels(model).observe(j.started - j.created)
-            metrics.IMAGES.labels(model, mode).inc(len(o.images))
+            r = j.request
+            if r.is_video:
+                frames = (r.num_frames or 0) * len(o.images)
+                metrics.FRAMES.labels(model, mode).inc(frames)
+                batch_frames = (r.num_frames or 0) * (result.batch_images or len(o.images))
+                if batch_frames and result.timings.inference_s:
+                    metrics.FRAME_SECONDS.labels(model, mode).observe(result.timings.inference_s / batch_frames)
+            else:
+                metrics.IMAGES.labels(model, mode).inc(len(o.images))
         elif o.status == FAILED:
             metrics.ERRORS.labels("job_failed").inc()
 

@@ -49,6 +49,9 @@ class Settings(BaseModel):
     max_side: int = Field(4096, ge=8)
     max_steps: int = Field(200, ge=1)
     max_images: int = Field(8, ge=1)
+    max_frames: int = Field(257, ge=1)
+    # Largest encoded output (a video, usually) one job may store in Redis; a bigger one fails the job.
+    max_output_bytes: int = Field(64 << 20, ge=1024)
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
     @field_validator("device")
@@ -113,6 +116,8 @@ ENV_NAMES: dict[str, str] = {
     "max_side": "CLUSCA_MAX_SIDE",
     "max_steps": "CLUSCA_MAX_STEPS",
     "max_images": "CLUSCA_MAX_IMAGES",
+    "max_frames": "CLUSCA_MAX_FRAMES",
+    "max_output_bytes": "CLUSCA_MAX_OUTPUT_BYTES",
     "max_body_bytes": "CLUSCA_MAX_BODY_BYTES",
 }
 

@@ -28,7 +28,7 @@ import redis
 
 from . import metrics
 from .contract import CANCELLED, FAILED, SUCCEEDED, JobResult, Timings
-from .images import encode_image
+from .images import encode_output
 from .progress import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
 from .queue import HEARTBEAT_S, Delivery, StartedJob, WorkerQueue
 from .registry import Registry
@@ -269,7 +269,13 @@ class Worker:
             elif error:
                 out.append(Outcome(j, FAILED, result, error))
             else:
-                out.append(Outcome(j, SUCCEEDED, result, "", [encode_image(im, r.output_format) for im in mine]))
+                encoded = [encode_output(im, r.output_format, r.fps if r.is_video else None) for im in mine]
+                size, cap = sum(len(b) for b in encoded), self.settings.max_output_bytes
+                if size > cap:
+                    out.append(Outcome(j, FAILED, result, f"the encoded output is {size} bytes, over the "
+                                       f"service's limit of {cap} (CLUSCA_MAX_OUTPUT_BYTES)"))
+                else:
+                    out.append(Outcome(j, SUCCEEDED, result, "", encoded))
         return out
 
     # ------------------------------------------------------------------ helpers

@@ -25,13 +25,16 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
                            | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
 finite = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
 
-requests = st.builds(
-    JobRequest, prompt=st.text(max_size=200), negative_prompt=st.none() | st.text(max_size=50),
+_request_fields = dict(
+    prompt=st.text(max_size=200), negative_prompt=st.none() | st.text(max_size=50),
     width=st.integers(1, 16384), height=st.integers(1, 16384), steps=st.integers(1, 10_000),
     guidance=finite, seed=st.integers(0, MAX_SEED), num_images=st.integers(1, 1000),
-    output_format=st.sampled_from(contract.OUTPUT_FORMATS),
     cache=st.dictionaries(st.text(min_size=1, max_size=16), json_values, max_size=6),
     webhook_url=st.none() | st.text(max_size=60))
+# Still images (no frame count, an image format) and videos (frames, a frame rate, a video format).
+requests = st.builds(JobRequest, **_request_fields, output_format=st.sampled_from(contract.IMAGE_FORMATS)) \
+    | st.builds(JobRequest, **_request_fields, output_format=st.sampled_from(contract.VIDEO_FORMATS),
+                num_frames=st.integers(1, 1000), fps=st.integers(1, 240))
 timings = st.builds(Timings, queue_wait_s=st.none() | finite, inference_s=st.none() | finite,
                     total_s=st.none() | finite)
 results = st.builds(
@@ -82,6 +85,7 @@ def test_every_field_round_trips_api_redis_worker_views(service, req, result, st
     assert (view.seed, view.seeds, view.num_images, view.output_format) == (req.seed, req.seeds, req.num_images,
                                                                           req.output_format)
     assert (view.width, view.height, view.guidance, view.cache) == (req.width, req.height, req.guidance, req.cache)
+    assert (view.num_frames, view.fps) == (req.num_frames, req.fps)
     assert view.cache_stats == result.cache_stats and view.batch_images == result.batch_images
     assert view.timings.model_dump() == dataclasses.asdict(result.timings)
     assert len(view.links.images) == (req.num_images if status == "succeeded" else 0)

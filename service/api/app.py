@@ -17,7 +17,7 @@ from ..settings import Settings, get_settings
 from . import errors
 from .deps import Services
 from .middleware import BodyLimitAndMetrics
-from .routers import generate, jobs, openai, system
+from .routers import generate, jobs, openai, system, videos
 
 log = logging.getLogger("clusca.api")
 DOCS_ASSETS = "/docs-assets"
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                          description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
-    routers = (generate.router, jobs.router, openai.router, system.router)
+    routers = (generate.router, jobs.router, openai.router, videos.router, system.router)
     for r in routers:
         app.include_router(r)
     # The routes themselves (full paths), so requests refused before routing are counted by endpoint.

@@ -12,7 +12,7 @@ import anyio
 
 from clusca.config import ClusCaConfig
 
-from ..contract import JobRequest
+from ..contract import IMAGE_FORMATS, VIDEO_FORMATS, JobRequest
 from ..registry import ModelEntry, ModelLimits, Registry
 from ..settings import Settings
 from ..webhooks import WebhookError, check_url
@@ -118,11 +118,16 @@ def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> dict[str, A
 
 async def resolve_job(*, registry: Registry, settings: Settings, model: str | None, prompt: str,
                       negative_prompt: str | None, width: int | None, height: int | None, steps: int | None,
-                      guidance: float | None, seed: int | None, num_images: int, output_format: str,
+                      guidance: float | None, seed: int | None, num_images: int, output_format: str | None,
                       cache: CacheSettings | None, webhook_url: str | None,
-                      images_field: str = "num_images") -> tuple[ModelEntry, JobRequest]:
+                      images_field: str = "num_images", num_frames: int | None = None, fps: int | None = None,
+                      output: str | None = None) -> tuple[ModelEntry, JobRequest]:
+    """The complete job, or a 422 naming the first field at fault. ``output`` (``image`` or ``video``):
+    the endpoint serves only models that make it."""
     entry = model_entry(registry, model or settings.default_model)
     d = entry.defaults
+    if output is not None and entry.output != output:
+        raise _bad("model", f"model {entry.name!r} makes {entry.output}s, not {output}s")
     _check_text("prompt", prompt, settings.max_prompt_chars)
     _check_text("negative_prompt", negative_prompt, settings.max_prompt_chars)
     lim = entry.limits_within(settings)
@@ -138,6 +143,22 @@ async def resolve_job(*, registry: Registry, settings: Settings, model: str | No
         raise _bad("steps", f"must be at most {lim.max_steps} for model {entry.name!r}")
     if num_images > lim.max_images:
         raise _bad(images_field, f"must be at most {lim.max_images} for model {entry.name!r}")
+    if entry.output == "video":
+        num_frames = num_frames or d.num_frames
+        fps = fps or d.fps
+        output_format = output_format or "mp4"
+        if output_format not in VIDEO_FORMATS:
+            raise _bad("output_format", f"model {entry.name!r} makes videos: one of {list(VIDEO_FORMATS)}")
+        problem = lim.frames_problem(width, height, num_frames)
+        if problem:
+            raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
+    else:
+        for field, value in (("num_frames", num_frames), ("fps", fps)):
+            if value is not None:
+                raise _bad(field, f"model {entry.name!r} makes still images; it takes no {field}")
+        output_format = output_format or "png"
+        if output_format not in IMAGE_FORMATS:
+            raise _bad("output_format", f"model {entry.name!r} makes still images: one of {list(IMAGE_FORMATS)}")
     if webhook_url is not None:
         try:
             await anyio.to_thread.run_sync(lambda: check_url(webhook_url, allow_private=settings.webhook_allow_private))
@@ -155,6 +176,8 @@ async def resolve_job(*, registry: Registry, settings: Settings, model: str | No
         output_format=output_format,  # type: ignore[arg-type] - the schema allows only the contract's formats
         cache=resolve_cache(entry, cache),
         webhook_url=webhook_url,
+        num_frames=num_frames,
+        fps=fps,
     )
     return entry, job
 

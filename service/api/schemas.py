@@ -57,7 +57,12 @@ class GenerateRequest(BaseModel):
     guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Random when absent; the answer says which.")
     num_images: int = Field(1, ge=1, le=1000)
-    output_format: OutputFormat = "png"
+    output_format: Optional[OutputFormat] = Field(None, description="Images: png (default), jpeg, webp. "
+                                                  "Videos: mp4 (default, H.264), webp or gif (animated).")
+    num_frames: Optional[int] = Field(None, ge=1, le=10_000, description="Video models: frames per video.")
+    fps: Optional[int] = Field(None, ge=1, le=240, description="Video models: frame rate of the encoded video.")
+    inline: bool = Field(False, description="Video models: also return the videos base64-encoded in `images` "
+                                            "(by default the answer links to them).")
     cache: Optional[CacheSettings] = None
     webhook_url: Optional[str] = Field(None, max_length=2048)
     async_: bool = Field(False, alias="async", description="Answer 202 with a job id instead of waiting.")
@@ -88,6 +93,8 @@ class JobStatus(BaseModel):
     seeds: list[int] = []
     num_images: int = 1
     output_format: OutputFormat = "png"
+    num_frames: Optional[int] = Field(None, description="Frames per video (video models).")
+    fps: Optional[int] = None
     width: Optional[int] = None
     height: Optional[int] = None
     guidance: Optional[float] = None
@@ -104,9 +111,10 @@ class JobStatus(BaseModel):
 
 
 class GenerateResponse(JobStatus):
-    """A finished synchronous request: the job plus its images, base64-encoded."""
+    """A finished synchronous request: the job plus its images, base64-encoded (videos: only when
+    ``inline`` was asked; ``links.images`` names them either way)."""
 
-    images: list[str] = Field(default_factory=list, description="Base64 images in output_format.")
+    images: list[str] = Field(default_factory=list, description="Base64 images (or videos) in output_format.")
 
 
 class CancelResponse(JobStatus):
@@ -134,6 +142,7 @@ class ErrorBody(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     kind: str
+    output: str = Field("image", description="What the model makes: image or video.")
     pipeline_class: str
     dtype: str
     defaults: dict[str, Any]
@@ -171,7 +180,7 @@ class OpenAIImageRequest(BaseModel):
     n: int = Field(1, ge=1, le=1000)
     size: Optional[str] = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$", description="WIDTHxHEIGHT")
     response_format: Literal["b64_json", "url"] = "b64_json"
-    output_format: OutputFormat = "png"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: Optional[str] = Field(None, max_length=32)
     style: Optional[str] = Field(None, max_length=32)
     user: Optional[str] = Field(None, max_length=256)
@@ -196,3 +205,57 @@ class OpenAIImageResponse(BaseModel):
     seed: Optional[int] = None
     timings: Timings
     cache_stats: Optional[dict[str, Any]] = None
+
+
+class OpenAIVideoRequest(BaseModel):
+    """OpenAI ``videos.create`` body; the extra fields expose this service's options."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "examples": [{"prompt": "a paper boat on a river", "size": "832x480", "seconds": "4"}]})
+
+    prompt: str = Field(max_length=100_000)
+    model: Optional[str] = Field(None, pattern=MODEL_NAME_PATTERN)
+    size: Optional[str] = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$", description="WIDTHxHEIGHT")
+    seconds: Optional[str] = Field(None, pattern=r"^\d{1,3}(\.\d{1,3})?$",
+                                   description="Length; frames = seconds x fps (rounded to what the model makes). "
+                                               "num_frames, when given, wins.")
+    # Extensions.
+    num_frames: Optional[int] = Field(None, ge=1, le=10_000)
+    fps: Optional[int] = Field(None, ge=1, le=240)
+    negative_prompt: Optional[str] = Field(None, max_length=100_000)
+    steps: Optional[int] = Field(None, ge=1, le=10_000)
+    guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    output_format: Literal["mp4", "webp", "gif"] = "mp4"
+    cache: Optional[CacheSettings] = None
+    webhook_url: Optional[str] = Field(None, max_length=2048)
+
+
+class OpenAIVideoError(BaseModel):
+    code: str
+    message: str
+
+
+class OpenAIVideo(BaseModel):
+    """OpenAI's video object; ``status`` adds ``cancelled``, and the extra fields report this service's run."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    progress: int = Field(description="Percent of the denoising steps done.")
+    created_at: int
+    completed_at: Optional[int] = None
+    expires_at: Optional[int] = None
+    seconds: str
+    size: str
+    error: Optional[OpenAIVideoError] = None
+    # Extensions.
+    num_frames: int
+    fps: int
+    seed: Optional[int] = None
+    output_format: str
+    content_url: Optional[str] = Field(None, description="Where the bytes are, once completed.")
+    cache: dict[str, Any] = Field(default_factory=dict)
+    cache_stats: Optional[dict[str, Any]] = None
+    timings: Timings = Field(default_factory=Timings)

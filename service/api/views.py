@@ -26,6 +26,7 @@ def job_status(job: JobRecord, cls: type[JobStatus] = JobStatus, **extra: Any) -
         id=job.id, model=job.model, status=job.status, step=job.step, steps=job.steps,
         seed=req.seed if req else None, seeds=req.seeds if req else [], num_images=n,
         output_format=req.output_format if req else "png",
+        num_frames=req.num_frames if req else None, fps=req.fps if req else None,
         width=req.width if req else None, height=req.height if req else None,
         guidance=req.guidance if req else None, cache=req.cache if req else {},
         cache_stats=res.cache_stats if res else None, timings=timings(res), attempts=job.attempts,
@@ -34,5 +35,8 @@ def job_status(job: JobRecord, cls: type[JobStatus] = JobStatus, **extra: Any) -
         links=links(job.id, n if job.status == SUCCEEDED else 0), **extra)
 
 
-def generate_response(job: JobRecord, images: list[bytes]) -> GenerateResponse:
+def generate_response(job: JobRecord, images: list[bytes], inline: bool = True) -> GenerateResponse:
+    """The answer with its outputs inlined; videos only when ``inline`` (they are linked anyway)."""
+    if job.request is not None and job.request.is_video and not inline:
+        images = []
     return job_status(job, GenerateResponse, images=[base64.b64encode(b).decode() for b in images])

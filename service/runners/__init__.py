@@ -7,17 +7,20 @@ from .base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
 from .builtin import BuiltinRunner
 from .diffusers import DiffusersRunner
 from .noop import NoopRunner
+from .video import VideoDiffusersRunner
 
 # Registry kind -> runner class. A new kind of model is a new runner here, not a worker change.
 RUNNERS: dict[str, type[Runner]] = {"builtin": BuiltinRunner, "diffusers": DiffusersRunner, "noop": NoopRunner}
+# Registry kind -> runner class for models whose entry says ``output: video``.
+VIDEO_RUNNERS: dict[str, type[Runner]] = {"diffusers": VideoDiffusersRunner}
 
-__all__ = ["Batch", "BatchOutput", "RequestNotSupported", "Runner", "StepCallback", "RUNNERS", "load_runner"]
+__all__ = ["Batch", "BatchOutput", "RequestNotSupported", "Runner", "StepCallback", "RUNNERS", "VIDEO_RUNNERS", "load_runner"]
 
 
 def load_runner(entry: ModelEntry, device: str, torch_threads: int = 0) -> Runner:
     """``entry`` loaded and warm: its kind's runner, on ``device`` (``auto``: the best available)."""
     try:
-        cls = RUNNERS[entry.kind]
+        cls = (VIDEO_RUNNERS if entry.output == "video" else RUNNERS)[entry.kind]
     except KeyError:
         raise ValueError(f"model {entry.name!r}: no runner for kind {entry.kind!r}") from None
     runner = cls.load(entry, device, torch_threads)

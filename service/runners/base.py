@@ -36,6 +36,8 @@ class Batch:
     steps: int
     guidance: float
     cache: dict[str, Any] = field(default_factory=dict)
+    # Frames per video (video models; None: still images).
+    num_frames: int | None = None
 
     @classmethod
     def of(cls, requests: Sequence[JobRequest]) -> "Batch":
@@ -46,7 +48,7 @@ class Batch:
             [r.negative_prompt or "" for r in requests for _ in range(r.num_images)]
         return cls(prompts=prompts, negative_prompts=negatives, seeds=[s for r in requests for s in r.seeds],
                    width=first.width, height=first.height, steps=first.steps, guidance=first.guidance,
-                   cache=first.cache)
+                   cache=first.cache, num_frames=first.num_frames)
 
     @property
     def images(self) -> int:
@@ -55,7 +57,7 @@ class Batch:
 
 @dataclass
 class BatchOutput:
-    """One image per prompt (in order) and the run's statistics; ``stopped``: ended by the callback."""
+    """One image (or video) per prompt, in order, and the run's statistics; ``stopped``: ended by the callback."""
 
     images: list[Any]
     stats: dict[str, Any]

@@ -103,12 +103,22 @@ class DiffusersRunner(PipelineRunner):
         if getattr(pipe, "transformer", None) is None:
             # No transformer (e.g. a UNet pipeline): nothing for ClusCa to cache.
             with torch.inference_mode():
-                return list(pipe(**kwargs).images), uncached_stats(batch.cache, batch.steps)
+                return self.outputs(pipe(**kwargs)), uncached_stats(batch.cache, batch.steps)
         config = ClusCaConfig.from_dict(batch.cache)
         with torch.inference_mode():
             with clusca_run(pipe.transformer, config, num_inference_steps=batch.steps) as run:
-                images = list(pipe(**announce_steps(kwargs, run)).images)
+                images = self.outputs(pipe(**announce_steps(kwargs, run)))
         return images, run.stats.to_dict()
+
+    def outputs(self, result: Any) -> list[Any]:
+        """The pipeline call's outputs, one per prompt."""
+        return list(result.images)
+
+    def warm_up_kwargs(self) -> dict[str, Any]:
+        d = self.entry.defaults
+        return dict(prompt=["warm-up"], num_inference_steps=2, guidance_scale=d.guidance,
+                    generator=[self.generator(0)], height=d.height, width=d.width,
+                    num_images_per_prompt=1, output_type="pil", **self.extra_kwargs())
 
     def free_memory(self) -> None:
         import torch
@@ -121,12 +131,9 @@ class DiffusersRunner(PipelineRunner):
         # imports); paying them here keeps them out of the first client's latency.
         if not self.entry.options.get("warmup", True):
             return
-        d = self.entry.defaults
         t0 = time.perf_counter()
         try:
-            self.pipe(prompt=["warm-up"], num_inference_steps=2, guidance_scale=d.guidance,
-                      generator=[self.generator(0)], height=d.height, width=d.width,
-                      num_images_per_prompt=1, output_type="pil", **self.extra_kwargs())
+            self.pipe(**self.warm_up_kwargs())
             log.info("model %s warmed up in %.2fs", self.entry.name, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - a failed warm-up is logged, requests will tell
             log.warning("warm-up of %s failed: %s", self.entry.name, exc)

@@ -26,7 +26,7 @@ def wants_async(prefer: str | None, flag: bool) -> bool:
     return flag or (prefer is not None and "respond-async" in prefer.lower())
 
 
-@router.post("/generate", response_model=GenerateResponse, summary="Generate images",
+@router.post("/generate", response_model=GenerateResponse, summary="Generate images or videos",
              responses={202: {"model": JobStatus, "description": "Accepted; poll or stream the job"},
                         500: {"model": GenerateResponse, "description": "The job failed"}, **ERRORS})
 async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthDep,
@@ -41,7 +41,7 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
         registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
         negative_prompt=body.negative_prompt, width=body.width, height=body.height, steps=body.steps,
         guidance=body.guidance, seed=body.seed, num_images=body.num_images, output_format=body.output_format,
-        cache=body.cache, webhook_url=body.webhook_url)
+        cache=body.cache, webhook_url=body.webhook_url, num_frames=body.num_frames, fps=body.fps)
     fingerprint = request_fingerprint("/generate", entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     if wants_async(prefer, body.async_):
@@ -56,5 +56,5 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
     if not finished:
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}"})
-    resp = generate_response(record, images)
+    resp = generate_response(record, images, inline=body.inline)
     return JSONResponse(resp.model_dump(mode="json"), status_code=500 if record.status == FAILED else 200)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ...contract import FAILED, SUCCEEDED, JobRecord
 from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
+from ..content import content_response
 from ..schemas import CancelResponse, ErrorBody, JobStatus
 from ..views import job_status
 
@@ -36,10 +37,13 @@ async def get_job(job_id: JobId, services: ServicesDep, _: AuthDep) -> Any:
 
 
 @router.get("/{job_id}/images/{index}", summary="One image of a finished job (raw bytes)",
-            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **ERRORS,
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "video/mp4": {},
+                                         "image/gif": {}}}, 206: {"description": "Part of the bytes (Range)"},
+                       416: {"model": ErrorBody}, **ERRORS,
                        409: {"model": ErrorBody}})
 async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0, le=10_000)], services: ServicesDep,
-                    _: AuthDep) -> Response:
+                    _: AuthDep, range: Annotated[str | None, Header(max_length=200)] = None) -> Response:
+    """The bytes of output ``index`` (an image, or a video of a video model); ``Range`` asks for part of them."""
     job = await _job(services, job_id)
     if job.status != SUCCEEDED:
         raise ApiError(409, "job_not_succeeded", f"job {job_id} is {job.status}; it has no images")
@@ -49,8 +53,7 @@ async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0, le=10_000)],
         raise ApiError(404, "image_not_found", f"job {job_id} has {n} image(s); index {index} does not exist",
                        param="index")
     content_type = (job.result.content_type if job.result else None) or "application/octet-stream"
-    return Response(data, media_type=content_type,
-                    headers={"Cache-Control": "private, max-age=3600"})
+    return content_response(data, content_type, range)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelResponse, summary="Cancel a job",

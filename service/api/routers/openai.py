@@ -33,7 +33,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
         registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
         negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
         guidance=body.guidance, seed=body.seed, num_images=body.n, output_format=body.output_format,
-        cache=body.cache, webhook_url=None, images_field="n")
+        cache=body.cache, webhook_url=None, images_field="n", output="image")
     fingerprint = request_fingerprint("/v1/images/generations", entry.name, job, body.seed) if idem else ""
     job_id, _ = await submit(services, entry.name, job, idem, fingerprint)
     record, finished, images = await wait_for(services, job_id)

@@ -1,0 +1,219 @@
+"""Video models served end to end: a tiny random WanPipeline (built here, no downloads) behind
+POST /generate and the OpenAI-style /v1/videos API, with MP4 / WebP / GIF outputs decoded back."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from conftest import Service, wait_until
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+av = pytest.importorskip("av")
+
+from video_support import build_tiny_wan  # noqa: E402
+
+W, H, FRAMES = 48, 32, 9
+MODELS = """models:
+  - name: tinywan
+    kind: diffusers
+    pipeline_class: WanPipeline
+    path: {path}
+    defaults: {{width: 48, height: 32, steps: 3, guidance: 5.0, cache: "off", num_frames: 9, fps: 8}}
+    limits: {{size_multiple: 16, max_side: 64, max_frames: 17, frame_step: 4, max_video_pixels: 26112}}
+    options: {{warmup: false, call_kwargs: {{max_sequence_length: 16}}}}
+  - name: noop
+    kind: noop
+    defaults: {{width: 16, height: 16, steps: 4, guidance: 0, cache: "off", size_multiple: 8}}
+"""
+
+
+@pytest.fixture(scope="module")
+def wan(service, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinywan")
+    build_tiny_wan(root / "pipe")
+    models = root / "models.yaml"
+    models.write_text(MODELS.format(path=root / "pipe"))
+    env = {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "60", "CLUSCA_TORCH_THREADS": "1"}
+    metrics_port = __import__("service.embedded_redis", fromlist=["free_port"]).free_port()
+    worker = service.start_worker("tinywan", env, metrics_port=metrics_port, wait=False)
+    r = service.redis_client()
+    wait_until(lambda: worker.poll() is not None or r.zcard("clusca:workers:tinywan") > 0, timeout=180,
+               what="tinywan worker")
+    assert worker.poll() is None, open(worker.log_path).read()
+    api, url = service.start_api(env)
+    yield url, f"http://127.0.0.1:{metrics_port}/metrics"
+    Service.stop(api)
+    Service.stop(worker, timeout=60)
+
+
+def _client(url: str):
+    import httpx
+
+    return httpx.Client(base_url=url, timeout=120)
+
+
+def mp4_frames(data: bytes) -> list[np.ndarray]:
+    with av.open(io.BytesIO(data)) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def animated(data: bytes, fmt: str) -> tuple[int, tuple[int, int]]:
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    assert im.format == fmt
+    return im.n_frames, im.size
+
+
+def test_generate_returns_an_mp4_of_the_requested_frames_and_size(wan):
+    url, _ = wan
+    with _client(url) as c:
+        r = c.post("/generate", json={"model": "tinywan", "prompt": "a paper boat", "seed": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["output_format"] == "mp4" and body["num_frames"] == FRAMES and body["fps"] == 8
+        assert body["images"] == []  # linked, not inlined
+        raw = c.get(body["links"]["images"][0])
+        assert raw.status_code == 200 and raw.headers["content-type"] == "video/mp4"
+        inline = c.post("/generate", json={"model": "tinywan", "prompt": "a paper boat", "seed": 3,
+                                           "inline": True}).json()
+    frames = mp4_frames(raw.content)
+    assert len(frames) == FRAMES and frames[0].shape == (H, W, 3)
+    assert base64.b64decode(inline["images"][0]) == raw.content  # same seed, same video
+    assert body["cache_stats"]["full_steps"] == 3
+
+
+@pytest.mark.parametrize("fmt,pil_name", [("webp", "WEBP"), ("gif", "GIF")])
+def test_animated_webp_and_gif(wan, fmt, pil_name):
+    url, _ = wan
+    with _client(url) as c:
+        body = c.post("/generate", json={"model": "tinywan", "prompt": "waves", "seed": 1, "output_format": fmt,
+                                         "num_frames": 5, "width": 32, "inline": True}).json()
+    assert body["status"] == "succeeded", body
+    assert animated(base64.b64decode(body["images"][0]), pil_name) == (5, (32, H))
+
+
+def test_async_video_job_streams_progress_per_step(wan):
+    url, _ = wan
+    with _client(url) as c:
+        job = c.post("/generate", json={"model": "tinywan", "prompt": "rain", "steps": 4, "async": True}).json()
+        with c.stream("GET", f"/jobs/{job['id']}/events") as ev:
+            kinds = [line[7:] for line in ev.iter_lines() if line.startswith("event: ")]
+    assert kinds.count("progress") == 4 and kinds[-1] == "finished"
+
+
+def _wait_video(c, video_id: str) -> dict:
+    return wait_until(lambda: (v := c.get(f"/v1/videos/{video_id}").json())["status"] not in
+                      ("queued", "in_progress") and v, timeout=60, what="video")
+
+
+def test_v1_videos_life_cycle(wan):
+    url, _ = wan
+    with _client(url) as c:
+        r = c.post("/v1/videos", json={"model": "tinywan", "prompt": "a fox", "size": "32x32", "seconds": "1",
+                                       "fps": 8, "seed": 5})
+        assert r.status_code == 200, r.text
+        created = r.json()
+        assert created["object"] == "video" and created["status"] == "queued" and created["id"].startswith("video_")
+        assert created["size"] == "32x32" and created["num_frames"] == 9  # 1 s at 8 fps, 1 + 4k frames
+        done = _wait_video(c, created["id"])
+        assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"]
+        full = c.get(f"/v1/videos/{created['id']}/content")
+        assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes"
+        size = len(full.content)
+        part = c.get(f"/v1/videos/{created['id']}/content", headers={"Range": "bytes=0-99"})
+        tail = c.get(f"/v1/videos/{created['id']}/content", headers={"Range": "bytes=-10"})
+        beyond = c.get(f"/v1/videos/{created['id']}/content", headers={"Range": f"bytes={size}-"})
+        finished_delete = c.delete(f"/v1/videos/{created['id']}")
+    frames = mp4_frames(full.content)
+    assert len(frames) == 9 and frames[0].shape == (32, 32, 3)
+    assert part.status_code == 206 and part.content == full.content[:100]
+    assert part.headers["content-range"] == f"bytes 0-99/{size}"
+    assert tail.status_code == 206 and tail.content == full.content[-10:]
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{size}"
+    assert finished_delete.status_code == 409
+
+
+def test_v1_videos_cancel_and_unknown_ids(wan):
+    url, _ = wan
+    with _client(url) as c:
+        # The worker is busy with the first video; the second waits in the queue and is cancelled there.
+        busy = c.post("/v1/videos", json={"model": "tinywan", "prompt": "long", "steps": 50, "num_frames": 17,
+                                          "size": "64x16"}).json()
+        queued = c.post("/v1/videos", json={"model": "tinywan", "prompt": "never"}).json()
+        gone = c.delete(f"/v1/videos/{queued['id']}")
+        running = c.delete(f"/v1/videos/{busy['id']}")
+        assert gone.status_code == 200 and gone.json()["status"] == "cancelled"
+        assert running.status_code == 200 and running.json()["status"] in ("cancelled", "in_progress", "queued")
+        # A running video stops at its next step (unless its last step was already under way).
+        assert _wait_video(c, busy["id"])["status"] in ("cancelled", "completed")
+        assert c.get(f"/v1/videos/{queued['id']}/content").status_code == 409
+        for bad in (f"video_{uuid.uuid4().hex}", "nonsense", uuid.uuid4().hex):
+            for r in (c.get(f"/v1/videos/{bad}"), c.get(f"/v1/videos/{bad}/content"), c.delete(f"/v1/videos/{bad}")):
+                assert r.status_code == 404 and r.json()["error"]["code"] == "video_not_found", r.text
+        # An image job is not a video.
+        image_job = c.post("/generate", json={"model": "noop", "prompt": "x", "async": True}).json()
+        assert c.get(f"/v1/videos/video_{image_job['id']}").status_code == 404
+
+
+def test_out_of_limit_videos_are_refused_before_any_worker(wan, service):
+    url, _ = wan
+    r = service.redis_client()
+    before = r.xlen("clusca:stream:tinywan") if r.exists("clusca:stream:tinywan") else 0
+    # (/generate fields, /v1/videos fields or None, the field named, the message)
+    cases = [
+        ({"num_frames": 21}, {"num_frames": 21}, "num_frames", "at most 17"),
+        ({"num_frames": 8}, {"num_frames": 8}, "num_frames", "1 plus a multiple of 4"),
+        ({"num_frames": 25}, {"seconds": "3"}, "num_frames", "at most 17"),  # 3 s at 8 fps: 25 frames
+        ({"num_frames": 17, "width": 64}, {"num_frames": 17, "size": "64x32"}, "num_frames",
+         "exceeds the limit of 26112"),  # 64 x 32 x 17 pixels
+        ({"output_format": "png"}, None, "output_format", "makes videos"),
+        ({"width": 40}, None, "width", "multiple of 16"),
+        ({"width": 40}, {"size": "40x32"}, "size", "multiple of 16"),
+    ]
+    with _client(url) as c:
+        for generate, v1, param, text in cases:
+            for path, extra in (("/generate", generate), ("/v1/videos", v1)):
+                if extra is None or (path == "/generate" and param == "size"):
+                    continue
+                resp = c.post(path, json={"model": "tinywan", "prompt": "x", **extra})
+                assert resp.status_code == 422, (path, extra, resp.text)
+                err = resp.json()["error"]
+                assert err["param"] == param and text in err["message"], (path, extra, err)
+        # An image model takes no frames, and the videos API serves video models only.
+        assert c.post("/generate", json={"model": "noop", "prompt": "x", "num_frames": 9}).json()["error"]["param"] \
+            == "num_frames"
+        assert c.post("/generate", json={"model": "noop", "prompt": "x", "output_format": "mp4"}).status_code == 422
+        assert c.post("/v1/videos", json={"model": "noop", "prompt": "x"}).json()["error"]["param"] == "model"
+        assert c.post("/v1/images/generations", json={"model": "tinywan", "prompt": "x"}).json()["error"][
+            "param"] == "model"
+    after = r.xlen("clusca:stream:tinywan") if r.exists("clusca:stream:tinywan") else 0
+    assert after == before
+
+
+def test_cache_on_the_video_transformer_interval_1_exact_fast_fewer_flops(wan):
+    url, metrics_url = wan
+    body = {"model": "tinywan", "prompt": "a lighthouse", "seed": 11, "steps": 10, "inline": True,
+            "output_format": "gif"}  # lossless frames: exact comparisons
+    with _client(url) as c:
+        runs = {name: c.post("/generate", json={**body, "cache": cache}).json() for name, cache in
+                (("off", {"preset": "off"}), ("every", {"preset": "balanced", "interval": 1}),
+                 ("fast", {"preset": "fast"}))}
+        import httpx
+
+        text = httpx.get(metrics_url, timeout=10).text
+    assert all(r["status"] == "succeeded" for r in runs.values()), runs
+    assert runs["every"]["images"] == runs["off"]["images"]
+    assert runs["every"]["cache_stats"]["cached_steps"] == 0
+    fast = runs["fast"]["cache_stats"]
+    assert fast["cached_steps"] > 0 and fast["flops"] < fast["flops_uncached"] and fast["flops_speedup"] > 1.5
+    assert 'clusca_frames_generated_total{cache_mode="clusca",model="tinywan"}' in text
+    assert "clusca_seconds_per_frame_count" in text
