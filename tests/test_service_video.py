@@ -1,5 +1,6 @@
-"""Video models served end to end: a tiny random WanPipeline (built here, no downloads) behind
-POST /generate and the OpenAI-style /v1/videos API, with MP4 / WebP / GIF outputs decoded back."""
+"""Video models served end to end: tiny random WanPipeline and HunyuanVideoPipeline (built here, no
+downloads) behind POST /generate and the OpenAI-style /v1/videos API, with MP4 / WebP / GIF outputs
+decoded back."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 av = pytest.importorskip("av")
 
-from video_support import build_tiny_wan  # noqa: E402
+from video_support import build_tiny_hunyuan_video, build_tiny_wan  # noqa: E402
 
 W, H, FRAMES = 48, 32, 9
 MODELS = """models:
@@ -27,6 +28,13 @@ MODELS = """models:
     path: {path}
     defaults: {{width: 48, height: 32, steps: 3, guidance: 5.0, cache: "off", num_frames: 9, fps: 8}}
     limits: {{size_multiple: 16, max_side: 64, max_frames: 17, frame_step: 4, max_video_pixels: 26112}}
+    options: {{warmup: false, call_kwargs: {{max_sequence_length: 16}}}}
+  - name: tinyhunyuan
+    kind: diffusers
+    pipeline_class: HunyuanVideoPipeline
+    path: {hunyuan}
+    defaults: {{width: 48, height: 32, steps: 3, guidance: 6.0, cache: "off", num_frames: 9, fps: 8}}
+    limits: {{size_multiple: 16, max_side: 64, max_frames: 17, frame_step: 4}}
     options: {{warmup: false, call_kwargs: {{max_sequence_length: 16}}}}
   - name: noop
     kind: noop
@@ -38,11 +46,12 @@ MODELS = """models:
 def wan(service, tmp_path_factory):
     root = tmp_path_factory.mktemp("tinywan")
     build_tiny_wan(root / "pipe")
+    build_tiny_hunyuan_video(root / "hunyuan")
     models = root / "models.yaml"
-    models.write_text(MODELS.format(path=root / "pipe"))
+    models.write_text(MODELS.format(path=root / "pipe", hunyuan=root / "hunyuan"))
     env = {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "60", "CLUSCA_TORCH_THREADS": "1"}
     metrics_port = __import__("service.embedded_redis", fromlist=["free_port"]).free_port()
-    worker = service.start_worker("tinywan", env, metrics_port=metrics_port, wait=False)
+    worker = service.start_worker("tinywan,tinyhunyuan", env, metrics_port=metrics_port, wait=False)
     r = service.redis_client()
     wait_until(lambda: worker.poll() is not None or r.zcard("clusca:workers:tinywan") > 0, timeout=180,
                what="tinywan worker")
@@ -73,17 +82,18 @@ def animated(data: bytes, fmt: str) -> tuple[int, tuple[int, int]]:
     return im.n_frames, im.size
 
 
-def test_generate_returns_an_mp4_of_the_requested_frames_and_size(wan):
+@pytest.mark.parametrize("model", ["tinywan", "tinyhunyuan"])
+def test_generate_returns_an_mp4_of_the_requested_frames_and_size(wan, model):
     url, _ = wan
     with _client(url) as c:
-        r = c.post("/generate", json={"model": "tinywan", "prompt": "a paper boat", "seed": 3})
+        r = c.post("/generate", json={"model": model, "prompt": "a paper boat", "seed": 3})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["output_format"] == "mp4" and body["num_frames"] == FRAMES and body["fps"] == 8
         assert body["images"] == []  # linked, not inlined
         raw = c.get(body["links"]["images"][0])
         assert raw.status_code == 200 and raw.headers["content-type"] == "video/mp4"
-        inline = c.post("/generate", json={"model": "tinywan", "prompt": "a paper boat", "seed": 3,
+        inline = c.post("/generate", json={"model": model, "prompt": "a paper boat", "seed": 3,
                                            "inline": True}).json()
     frames = mp4_frames(raw.content)
     assert len(frames) == FRAMES and frames[0].shape == (H, W, 3)
@@ -199,9 +209,10 @@ def test_out_of_limit_videos_are_refused_before_any_worker(wan, service):
     assert after == before
 
 
-def test_cache_on_the_video_transformer_interval_1_exact_fast_fewer_flops(wan):
+@pytest.mark.parametrize("model", ["tinywan", "tinyhunyuan"])
+def test_cache_on_the_video_transformer_interval_1_exact_fast_fewer_flops(wan, model):
     url, metrics_url = wan
-    body = {"model": "tinywan", "prompt": "a lighthouse", "seed": 11, "steps": 10, "inline": True,
+    body = {"model": model, "prompt": "a lighthouse", "seed": 11, "steps": 10, "inline": True,
             "output_format": "gif"}  # lossless frames: exact comparisons
     with _client(url) as c:
         runs = {name: c.post("/generate", json={**body, "cache": cache}).json() for name, cache in
@@ -215,5 +226,5 @@ def test_cache_on_the_video_transformer_interval_1_exact_fast_fewer_flops(wan):
     assert runs["every"]["cache_stats"]["cached_steps"] == 0
     fast = runs["fast"]["cache_stats"]
     assert fast["cached_steps"] > 0 and fast["flops"] < fast["flops_uncached"] and fast["flops_speedup"] > 1.5
-    assert 'clusca_frames_generated_total{cache_mode="clusca",model="tinywan"}' in text
+    assert f'clusca_frames_generated_total{{cache_mode="clusca",model="{model}"}}' in text
     assert "clusca_seconds_per_frame_count" in text
