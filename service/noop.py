@@ -3,7 +3,9 @@
 It follows the worker's pipeline call convention (docs/architecture.md) exactly:
 per-step ``callback_on_step_end``, ``pipe._interrupt`` to stop, one generator per
 image. Each image is a flat colour derived from its own seed and prompt, so tests can
-tell which request and seed an image belongs to. It imports neither torch nor
+tell which request and seed an image belongs to; with ``num_frames`` it makes videos the
+way diffusers' video pipelines return them (``.frames``, one ``(frames, H, W, 3)`` array
+per prompt), each frame a shade of that colour. It imports neither torch nor
 diffusers; it exists to measure the service path (queue, batching, transport) alone.
 """
 
@@ -30,6 +32,7 @@ class SeedGenerator:
 @dataclass
 class NoopOutput:
     images: list[Image.Image]
+    frames: list[Any] | None = None
 
 
 def noop_color(prompt: str, seed: int) -> tuple[int, int, int]:
@@ -57,7 +60,7 @@ class NoopPipeline:
                  guidance_scale: float = 0.0, generator: Any = None, height: int = 32, width: int = 32,
                  num_images_per_prompt: int = 1,
                  callback_on_step_end: Callable[..., dict] | None = None,
-                 output_type: str = "pil", **_: Any) -> NoopOutput:
+                 output_type: str = "pil", num_frames: int | None = None, **_: Any) -> NoopOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         gens = generator if isinstance(generator, list) else [generator] * len(prompts)
@@ -74,9 +77,16 @@ class NoopPipeline:
                 time.sleep(self.step_delay_s)
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, num_inference_steps - i, {})
-        images = [Image.new("RGB", (width, height), noop_color(p, g.initial_seed() if g is not None else 0))
-                  for p, g in zip(prompts, gens)]
-        return NoopOutput(images)
+        colors = [noop_color(p, g.initial_seed() if g is not None else 0) for p, g in zip(prompts, gens)]
+        if num_frames is not None:
+            import numpy as np
+
+            # Frame k of a video: its colour scaled by (k + 1) / num_frames, so frames differ.
+            ramp = (np.arange(1, num_frames + 1, dtype=np.float32) / num_frames)[:, None, None, None]
+            frames = [np.broadcast_to(ramp * (np.asarray(c, dtype=np.float32) / 255.0),
+                                      (num_frames, height, width, 3)).copy() for c in colors]
+            return NoopOutput([], frames)
+        return NoopOutput([Image.new("RGB", (width, height), c) for c in colors])
 
 
 class LegacyCallbackNoopPipeline:

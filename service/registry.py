@@ -193,8 +193,8 @@ class ModelEntry(BaseModel):
         if self.output is None:
             self.output = "video" if self.pipeline_class in VIDEO_PIPELINES else "image"
         if self.output == "video":
-            if self.kind != "diffusers":
-                raise ValueError(f"model {self.name!r}: only kind 'diffusers' serves video")
+            if self.kind not in ("diffusers", "noop"):
+                raise ValueError(f"model {self.name!r}: kind {self.kind!r} makes no video")
             if d.num_frames is None:
                 d.num_frames = 1 + min(16, (lim.max_frames or 17) - 1) // lim.frame_step * lim.frame_step
             problem = lim.frames_problem(d.width, d.height, d.num_frames)

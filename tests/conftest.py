@@ -51,6 +51,11 @@ models:
     kind: noop
     options: {step_delay_s: 0.1, legacy_callback: true}
     defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
+  - name: noopvideo
+    kind: noop
+    output: video
+    defaults: {width: 16, height: 16, steps: 3, guidance: 0, cache: "off", size_multiple: 8, num_frames: 5, fps: 8}
+    limits: {max_frames: 17, frame_step: 4}
   - name: tinyflux
     kind: diffusers
     path: /built/by/test_service_diffusers
@@ -60,7 +65,7 @@ models:
 """
 
 # Models the session's main worker serves; the others get dedicated workers in their tests.
-MAIN_WORKER_MODELS = "noop,slow,failing,legacy"
+MAIN_WORKER_MODELS = "noop,slow,failing,legacy,noopvideo"
 
 BASE_ENV = {
     "CLUSCA_DEFAULT_MODEL": "noop",

@@ -46,6 +46,8 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(service):
     with service.client() as c:
         ok = c.post("/generate", json={"prompt": "a metric for every panel", "seed": 3})
         assert ok.status_code == 200, ok.text
+        video = c.post("/generate", json={"model": "noopvideo", "prompt": "frames for the video panels", "seed": 3})
+        assert video.status_code == 200, video.text
         bad = c.post("/generate", json={"prompt": "too many steps", "steps": 100000})
         assert bad.status_code == 422, bad.text
 

@@ -12,7 +12,7 @@ from .video import VideoDiffusersRunner
 # Registry kind -> runner class. A new kind of model is a new runner here, not a worker change.
 RUNNERS: dict[str, type[Runner]] = {"builtin": BuiltinRunner, "diffusers": DiffusersRunner, "noop": NoopRunner}
 # Registry kind -> runner class for models whose entry says ``output: video``.
-VIDEO_RUNNERS: dict[str, type[Runner]] = {"diffusers": VideoDiffusersRunner}
+VIDEO_RUNNERS: dict[str, type[Runner]] = {"diffusers": VideoDiffusersRunner, "noop": NoopRunner}
 
 __all__ = ["Batch", "BatchOutput", "RequestNotSupported", "Runner", "StepCallback", "RUNNERS", "VIDEO_RUNNERS", "load_runner"]
 

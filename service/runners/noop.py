@@ -28,4 +28,7 @@ class NoopRunner(PipelineRunner):
         return SeedGenerator(seed)
 
     def execute(self, kwargs: dict[str, Any], batch: Batch) -> tuple[list[Any], dict[str, Any]]:
+        if batch.num_frames is not None:  # an entry with `output: video`: one video per prompt
+            out = self.pipe(**kwargs, num_frames=batch.num_frames)
+            return list(out.frames), uncached_stats(batch.cache, batch.steps)
         return list(self.pipe(**kwargs).images), uncached_stats(batch.cache, batch.steps)
