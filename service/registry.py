@@ -144,8 +144,10 @@ class ModelLimits(BaseModel):
             return "width", f"width x height = {width * height} pixels exceeds the limit of {self.max_pixels}"
         return None
 
-    def frames_problem(self, width: int, height: int, frames: int) -> tuple[str, str] | None:
-        """``(field, message)`` for the first way a ``frames``-frame video breaks these limits, else None."""
+    def frames_problem(self, width: int, height: int, frames: int, videos: int = 1) -> tuple[str, str] | None:
+        """``(field, message)`` for the first way ``videos`` videos of ``frames`` frames break these
+        limits, else None. ``max_video_pixels`` bounds one request's videos together, as one call
+        computes them (the worker never batches more than that into a call either)."""
         if self.max_frames is not None and frames > self.max_frames:
             return "num_frames", f"must be at most {self.max_frames}"
         if (frames - 1) % self.frame_step:
@@ -153,6 +155,9 @@ class ModelLimits(BaseModel):
         if self.max_video_pixels is not None and width * height * frames > self.max_video_pixels:
             return "num_frames", (f"width x height x num_frames = {width * height * frames} exceeds the limit "
                                   f"of {self.max_video_pixels}")
+        if self.max_video_pixels is not None and width * height * frames * videos > self.max_video_pixels:
+            return "num_images", (f"width x height x num_frames x num_images = {width * height * frames * videos} "
+                                  f"exceeds the limit of {self.max_video_pixels}")
         return None
 
 

@@ -181,16 +181,21 @@ class Worker:
 
     # ------------------------------------------------------------------ running
     def _run_group(self, jobs: list[StartedJob]) -> None:
-        # Split by image count so one call never holds more than max_batch images (one job always fits).
+        # Split by image count so one call never holds more than max_batch images, and (videos)
+        # never more than the model's max_video_pixels of width x height x frames (one job always fits).
         chunk: list[StartedJob] = []
-        images = 0
+        images = pixels = 0
+        cap = self.models[jobs[0].delivery.model].entry.limits.max_video_pixels
         for j in jobs:
-            n = j.request.num_images
-            if chunk and images + n > self.settings.max_batch:
+            r = j.request
+            n = r.num_images
+            p = n * r.width * r.height * (r.num_frames or 0)
+            if chunk and (images + n > self.settings.max_batch or (cap is not None and pixels + p > cap)):
                 self._run_batch(chunk)
-                chunk, images = [], 0
+                chunk, images, pixels = [], 0, 0
             chunk.append(j)
             images += n
+            pixels += p
         if chunk:
             self._run_batch(chunk)
 

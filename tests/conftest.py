@@ -55,7 +55,7 @@ models:
     kind: noop
     output: video
     defaults: {width: 16, height: 16, steps: 3, guidance: 0, cache: "off", size_multiple: 8, num_frames: 5, fps: 8}
-    limits: {max_frames: 17, frame_step: 4}
+    limits: {max_frames: 17, frame_step: 4, max_video_pixels: 2304}
   - name: tinyflux
     kind: diffusers
     path: /built/by/test_service_diffusers

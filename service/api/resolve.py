@@ -149,7 +149,7 @@ async def resolve_job(*, registry: Registry, settings: Settings, model: str | No
         output_format = output_format or "mp4"
         if output_format not in VIDEO_FORMATS:
             raise _bad("output_format", f"model {entry.name!r} makes videos: one of {list(VIDEO_FORMATS)}")
-        problem = lim.frames_problem(width, height, num_frames)
+        problem = lim.frames_problem(width, height, num_frames, num_images)
         if problem:
             raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
     else:
