@@ -147,8 +147,9 @@ def _bar(step: int, steps: int, width: int = 30) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     base = args.url.rstrip("/")
-    body: dict[str, Any] = {"prompt": args.prompt, "output_format": args.format}
-    for k in ("model", "width", "height", "steps", "seed", "guidance", "negative_prompt"):
+    body: dict[str, Any] = {"prompt": args.prompt}
+    for k in ("model", "width", "height", "steps", "seed", "guidance", "negative_prompt", "num_frames", "fps",
+              "output_format"):
         v = getattr(args, k)
         if v is not None:
             body[k] = v
@@ -185,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SystemExit(f"error {exc.code}: {msg}") from None
     except urllib.error.URLError as exc:
         raise SystemExit(f"cannot reach {base}: {exc.reason}") from None
-    out = args.out or f"clusca-{job['id'][:8]}.{args.format}"
+    out = args.out or f"clusca-{job['id'][:8]}.{job['output_format']}"
     with open(out, "wb") as f:
         f.write(data)
     t, stats = job["timings"], job.get("cache_stats") or {}
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--models", help="comma-separated registry names (default: all)")
     wp.add_argument("--id", help="worker id (default: host-pid-random)")
     wp.set_defaults(fn=cmd_worker)
-    gp = sub.add_parser("generate", help="generate one image through a running service")
+    gp = sub.add_parser("generate", help="generate one image (or video) through a running service")
     gp.add_argument("prompt")
     gp.add_argument("--out", "-o")
     gp.add_argument("--url", default=os.environ.get("CLUSCA_URL", "http://127.0.0.1:8000"))
@@ -225,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--guidance", type=float)
     gp.add_argument("--negative-prompt", dest="negative_prompt")
     gp.add_argument("--cache", help="cache preset: off, quality, balanced, fast")
-    gp.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    gp.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp", "mp4", "gif"],
+                    help="default: png for image models, mp4 for video models")
+    gp.add_argument("--frames", dest="num_frames", type=int, help="video models: frames (default: the model's)")
+    gp.add_argument("--fps", type=int, help="video models: frame rate (default: the model's)")
     gp.set_defaults(fn=cmd_generate)
     from .tune import add_parser as add_tune_parser
 

@@ -40,6 +40,12 @@ def test_serve_then_generate_client(tmp_path):
         assert res.returncode == 0, res.stderr
         assert "4/4" in res.stderr and f"saved {out}" in res.stderr
         assert Image.open(out).convert("RGB").getpixel((0, 0)) == noop_color("a blue square", 21)
+        clip = tmp_path / "clip.gif"
+        res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a ramp", "--url", url,
+                              "--model", "noopvideo", "--frames", "9", "--format", "gif", "--out", str(clip)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert Image.open(clip).n_frames == 9
         # The API aggregates the worker's metrics (shared multi-process directory).
         text = httpx.get(url + "/metrics").text
         assert re.search(r'clusca_images_generated_total\{cache_mode="off",model="slow"\} 1\.0', text), text[-3000:]
