@@ -17,36 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import write_section  # noqa: E402
+from clusca.quality import psnr, ssim  # noqa: E402  (the yardstick of every benchmark)
 
 START, END = "<!-- builtin-model:start -->", "<!-- builtin-model:end -->"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
-def _box(x: np.ndarray, k: int) -> np.ndarray:
-    """Mean over k x k windows (valid positions only), per channel."""
-    c = np.cumsum(np.cumsum(np.pad(x, ((1, 0), (1, 0), (0, 0))), 0), 1)
-    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
-
-
-def ssim(a: np.ndarray, b: np.ndarray, k: int = 7) -> float:
-    """Mean SSIM over 7x7 windows and channels, images in [0, 1] (the usual constants)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = 0.01**2, 0.03**2
-    ma, mb = _box(a, k), _box(b, k)
-    va, vb = _box(a * a, k) - ma**2, _box(b * b, k) - mb**2
-    cov = _box(a * b, k) - ma * mb
-    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
-    return float(s.mean())
 
 
 def generate(pipe, prompts, seed, steps, guidance, batch=25, run_cfg=None):

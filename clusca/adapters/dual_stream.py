@@ -197,8 +197,9 @@ class DualStreamLeanStep:
         b, _, dim = x.shape
         slots = ctrl.branch.slots
         fresh = [hook.clusters_for(x, slots[i]) for hook, i in zip(self.ff_hooks, self.ff)]
-        gate_msa, gate_mlp, gate_msa2, shift_mlp, scale_mlp = self._modulations(temb, b, dim, any(c is not None for c in fresh))
-        if any(c is not None for c in fresh):
+        has_fresh = any(c is not None for c in fresh)
+        gate_msa, gate_mlp, gate_msa2, shift_mlp, scale_mlp = self._modulations(temb, b, dim, has_fresh)
+        if has_fresh:
             x_rows = x.view(-1, dim)
             group_rows = ctrl.fresh_rows("image", next(c for c in fresh if c is not None))
         else:
