@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 import uuid
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 
 from conftest import Service, wait_until
+from service.embedded_redis import free_port
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -42,6 +44,12 @@ MODELS = """models:
 """
 
 
+class Served(NamedTuple):
+    url: str
+    metrics_url: str
+    models_file: Path
+
+
 @pytest.fixture(scope="module")
 def wan(service, tmp_path_factory):
     root = tmp_path_factory.mktemp("tinywan")
@@ -50,14 +58,14 @@ def wan(service, tmp_path_factory):
     models = root / "models.yaml"
     models.write_text(MODELS.format(path=root / "pipe", hunyuan=root / "hunyuan"))
     env = {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "60", "CLUSCA_TORCH_THREADS": "1"}
-    metrics_port = __import__("service.embedded_redis", fromlist=["free_port"]).free_port()
+    metrics_port = free_port()
     worker = service.start_worker("tinywan,tinyhunyuan", env, metrics_port=metrics_port, wait=False)
     r = service.redis_client()
     wait_until(lambda: worker.poll() is not None or r.zcard("clusca:workers:tinywan") > 0, timeout=180,
                what="tinywan worker")
     assert worker.poll() is None, open(worker.log_path).read()
     api, url = service.start_api(env)
-    yield url, f"http://127.0.0.1:{metrics_port}/metrics"
+    yield Served(url, f"http://127.0.0.1:{metrics_port}/metrics", models)
     Service.stop(api)
     Service.stop(worker, timeout=60)
 
@@ -84,7 +92,7 @@ def animated(data: bytes, fmt: str) -> tuple[int, tuple[int, int]]:
 
 @pytest.mark.parametrize("model", ["tinywan", "tinyhunyuan"])
 def test_generate_returns_an_mp4_of_the_requested_frames_and_size(wan, model):
-    url, _ = wan
+    url = wan.url
     with _client(url) as c:
         r = c.post("/generate", json={"model": model, "prompt": "a paper boat", "seed": 3})
         assert r.status_code == 200, r.text
@@ -103,7 +111,7 @@ def test_generate_returns_an_mp4_of_the_requested_frames_and_size(wan, model):
 
 @pytest.mark.parametrize("fmt,pil_name", [("webp", "WEBP"), ("gif", "GIF")])
 def test_animated_webp_and_gif(wan, fmt, pil_name):
-    url, _ = wan
+    url = wan.url
     with _client(url) as c:
         body = c.post("/generate", json={"model": "tinywan", "prompt": "waves", "seed": 1, "output_format": fmt,
                                          "num_frames": 5, "width": 32, "inline": True}).json()
@@ -112,7 +120,7 @@ def test_animated_webp_and_gif(wan, fmt, pil_name):
 
 
 def test_async_video_job_streams_progress_per_step(wan):
-    url, _ = wan
+    url = wan.url
     with _client(url) as c:
         job = c.post("/generate", json={"model": "tinywan", "prompt": "rain", "steps": 4, "async": True}).json()
         with c.stream("GET", f"/jobs/{job['id']}/events") as ev:
@@ -126,7 +134,7 @@ def _wait_video(c, video_id: str) -> dict:
 
 
 def test_v1_videos_life_cycle(wan):
-    url, _ = wan
+    url = wan.url
     with _client(url) as c:
         r = c.post("/v1/videos", json={"model": "tinywan", "prompt": "a fox", "size": "32x32", "seconds": "1",
                                        "fps": 8, "seed": 5})
@@ -153,7 +161,7 @@ def test_v1_videos_life_cycle(wan):
 
 
 def test_v1_videos_cancel_and_unknown_ids(wan):
-    url, _ = wan
+    url = wan.url
     with _client(url) as c:
         # The worker is busy with the first video; the second waits in the queue and is cancelled there.
         busy = c.post("/v1/videos", json={"model": "tinywan", "prompt": "long", "steps": 50, "num_frames": 17,
@@ -175,7 +183,7 @@ def test_v1_videos_cancel_and_unknown_ids(wan):
 
 
 def test_out_of_limit_videos_are_refused_before_any_worker(wan, service):
-    url, _ = wan
+    url = wan.url
     r = service.redis_client()
     before = r.xlen("clusca:stream:tinywan") if r.exists("clusca:stream:tinywan") else 0
     # (/generate fields, /v1/videos fields or None, the field named, the message)
@@ -211,7 +219,7 @@ def test_out_of_limit_videos_are_refused_before_any_worker(wan, service):
 
 @pytest.mark.parametrize("model", ["tinywan", "tinyhunyuan"])
 def test_cache_on_the_video_transformer_interval_1_exact_fast_fewer_flops(wan, model):
-    url, metrics_url = wan
+    url, metrics_url = wan.url, wan.metrics_url
     body = {"model": model, "prompt": "a lighthouse", "seed": 11, "steps": 10, "inline": True,
             "output_format": "gif"}  # lossless frames: exact comparisons
     with _client(url) as c:
@@ -228,3 +236,25 @@ def test_cache_on_the_video_transformer_interval_1_exact_fast_fewer_flops(wan, m
     assert fast["cached_steps"] > 0 and fast["flops"] < fast["flops_uncached"] and fast["flops_speedup"] > 1.5
     assert f'clusca_frames_generated_total{{cache_mode="clusca",model="{model}"}}' in text
     assert "clusca_seconds_per_frame_count" in text
+
+
+def test_video_runner_warms_up_and_batched_videos_equal_lone_ones(wan, caplog, one_torch_thread):
+    import logging
+
+    from service.registry import Registry
+    from service.runners import Batch, load_runner
+
+    entry = Registry.load(wan.models_file).get("tinywan").model_copy(update={"options": {
+        "call_kwargs": {"max_sequence_length": 16}}})  # warm-up on
+    with caplog.at_level(logging.INFO, logger="clusca.worker"):
+        runner = load_runner(entry, "cpu")
+    assert any("warmed up" in r.message for r in caplog.records), caplog.text
+    cache = entry.cache_config({"preset": "off"}).to_dict()
+    common = dict(width=32, height=32, steps=3, guidance=5.0, cache=cache, num_frames=5, negative_prompts=None)
+    pair = runner.run(Batch(prompts=["a", "b"], seeds=[1, 2], **common), lambda step: False).images
+    alone = [runner.run(Batch(prompts=[p], seeds=[s], **common), lambda step: False).images[0]
+             for p, s in (("a", 1), ("b", 2))]
+    assert [v.shape for v in pair] == [(5, 32, 32, 3)] * 2
+    for k in range(2):
+        assert np.abs(pair[k] - alone[k]).max() < 1e-4
+    assert np.abs(pair[0] - pair[1]).max() > 1e-3
