@@ -50,6 +50,15 @@ def test_v1_videos_idempotency(service):
     assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key"
 
 
+def test_v1_videos_seconds_as_string_or_number(service):
+    with service.client() as c:
+        text = c.post("/v1/videos", json={"model": "noopvideo", "prompt": "x", "seconds": "1", "fps": 4}).json()
+        number = c.post("/v1/videos", json={"model": "noopvideo", "prompt": "x", "seconds": 1, "fps": 4}).json()
+        bad = c.post("/v1/videos", json={"model": "noopvideo", "prompt": "x", "seconds": "soon"})
+    assert text["num_frames"] == number["num_frames"] == 5 and text["seconds"] == "1.25"
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "seconds"
+
+
 def test_video_webhook_links_the_video(service):
     received: list[bytes] = []
 

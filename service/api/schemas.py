@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..contract import JobState, OutputFormat
 from ..registry import MODEL_NAME_PATTERN, ModelLimits
@@ -219,6 +219,13 @@ class OpenAIVideoRequest(BaseModel):
     seconds: Optional[str] = Field(None, pattern=r"^\d{1,3}(\.\d{1,3})?$",
                                    description="Length; frames = seconds x fps (rounded to what the model makes). "
                                                "num_frames, when given, wins.")
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _number_as_text(cls, v: Any) -> Any:
+        # OpenAI spells it as a string ("4"); a plain JSON number means the same.
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
     # Extensions.
     num_frames: Optional[int] = Field(None, ge=1, le=10_000)
     fps: Optional[int] = Field(None, ge=1, le=240)
