@@ -167,6 +167,35 @@ def tiny_wan(side: int = 12, frames: int = 2, text: int = 6) -> TinyCase:
     return TinyCase("wan", model, (4, frames, side, side), make, 4)
 
 
+class HostReads:
+    """Counts, while active, the calls that copy a tensor's value to the host (``.item()``,
+    ``.tolist()``, ``float(t)``, ``if t``): each is a synchronisation on an accelerator."""
+
+    _READS = ("tolist", "item", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        reads = {getattr(torch.Tensor, name) for name in self._READS}
+        counter = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func in reads:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count = 0
+        self._mode = _Mode()
+
+    def __enter__(self) -> "HostReads":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
 TINY_CASES: dict[str, Callable[[], TinyCase]] = {
     "flux": tiny_flux,
     "sd3": tiny_sd3,

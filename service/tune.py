@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -84,23 +83,6 @@ def _check_out(out: Path) -> None:
         raise TuneInputError(f"--out: cannot write in {parent}")
     if out.is_dir():
         raise TuneInputError(f"--out: {out} is a folder")
-
-
-def _write_whole(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
-    """Write ``path`` atomically; ``check`` (optional) must accept the temporary file first."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _load_pipeline(entry: Any, device: str | None) -> tuple[Any, str]:
@@ -239,7 +221,9 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
 
     res.plot(plot, title=f"clusca tune {entry.name} on {meta['device']}: PSNR vs wall-clock speedup "
                          f"({res.meta.get('final_prompts')} images)")
-    _write_whole(out, text.encode(), check=accepted)
+    from clusca.tune.journal import write_whole
+
+    write_whole(out, text.encode(), check=accepted)
     return {"out": str(out), "measurements": str(measurements), "plot": str(plot), "presets": res.presets,
             "summary": summary, "device": dev, "complete": res.meta.get("all_rungs")}
 

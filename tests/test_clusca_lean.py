@@ -7,12 +7,11 @@ import copy
 import diffusers
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state
 from clusca import diffusers_compat
 from clusca.taylor import Factors, coefficients
-from clusca.testing import euler_sample, tiny_flux, tiny_hunyuan_video, tiny_pixart, tiny_sd3
+from clusca.testing import HostReads, euler_sample, tiny_flux, tiny_hunyuan_video, tiny_pixart, tiny_sd3
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -148,23 +147,6 @@ def test_raw_output_keeps_differences_between_true_outputs_when_f0_is_edited():
     torch.testing.assert_close(f.views[1], y1 - y0)
 
 
-_HOST_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__,
-               torch.Tensor.__bool__, torch.Tensor.__index__}
-
-
-class _HostReads(TorchFunctionMode):
-    """Counts calls that copy a tensor's value to the host (``.item()``, ``.tolist()``, ``if t``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _HOST_READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_announced_steps_make_cached_steps_free_of_host_reads_with_the_same_result():
     case = tiny_flux()
     ref = copy.deepcopy(case)
@@ -183,8 +165,7 @@ def test_announced_steps_make_cached_steps_free_of_host_reads_with_the_same_resu
                 for i in range(steps):
                     if name == "announced":
                         run.set_step(i)
-                    counter = _HostReads()
-                    with counter:
+                    with HostReads() as counter:
                         v = model_case.model(**model_case.make_kwargs(xs, sigmas[i], [1]))[0]
                     if not state.full:
                         reads[name].append(counter.count)

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from clusca import ClusCaConfig, apply_clusca, clusca_run
+from clusca.testing import HostReads
 from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline
 from service.runners.diffusers import announce_steps
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="no built-in checkpoint")
-
-_HOST_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__,
-               torch.Tensor.__bool__, torch.Tensor.__index__}
-
-
-class _HostReads(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _HOST_READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
 
 def _generate(announce: bool):
     pipe = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR)
@@ -33,8 +18,7 @@ def _generate(announce: bool):
     reads, modes = [], []
 
     def before(mod, args, kwargs):
-        modes.append(_HostReads())
-        modes[-1].__enter__()
+        modes.append(HostReads().__enter__())
 
     def after(mod, args, kwargs, out):
         mode = modes.pop()

@@ -9,7 +9,7 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 from ..config import ClusCaConfig
@@ -66,12 +66,15 @@ def _r(x: float | None, nd: int = 2) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (a temporary file beside it, then a rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def write_whole(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it (same suffix), which
+    ``check`` (optional) must accept, then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 
-from .journal import _atomic_write
+from .journal import write_whole
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tuner import TuneResult
@@ -64,4 +64,4 @@ def draw_pareto(res: TuneResult, path: Path, title: str = "") -> None:
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
+    write_whole(path, buf.getvalue())

@@ -17,7 +17,7 @@ import numpy as np
 from ..config import PRESETS, ClusCaConfig
 from ..quality import psnr as _psnr
 from ..quality import ssim
-from .journal import Candidate, _atomic_write
+from .journal import Candidate, write_whole
 from .picks import front_layers, pareto_front, pick_presets, preset_overrides
 from .space import ETA, JOURNAL_VERSION, PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, \
     search_space
@@ -133,7 +133,7 @@ class _Tuner:
         self.reference["rounds"] = self.rounds
         res = TuneResult(self.meta, self.reference, self.candidates, self.final, front or [], picks or {}, complete)
         if self.journal is not None:
-            _atomic_write(self.journal, (json.dumps(res.to_json(), indent=1) + "\n").encode())
+            write_whole(self.journal, (json.dumps(res.to_json(), indent=1) + "\n").encode())
         return res
 
     # ---------------------------------------------------------------- measuring
