@@ -8,6 +8,7 @@ which share the same Redis and registry.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -94,6 +95,52 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _readyz(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        time.sleep(0.1)
+        return False
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    env: dict
+    proc: subprocess.Popen
+    log_path: Path
+
+
+@contextlib.contextmanager
+def clusca_serve(tmp_path: Path, env_extra: dict, timeout: float = 60.0):
+    """``clusca serve`` as a user runs it (its own Redis, worker and API) on a free port, with
+    ``env_extra`` on top of a clean environment; yields a :class:`Served` once it is ready and
+    stops it with SIGTERM (its whole process group, if it will not stop) on exit."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
+    for var in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "CLUSCA_API_KEYS", "CLUSCA_DEFAULT_MODEL"):
+        if var not in env_extra:
+            env.pop(var, None)
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: serve.poll() is not None or _readyz(url), timeout=timeout, what="clusca serve ready")
+        assert serve.poll() is None, log_path.read_text()
+        yield Served(url, port, env, serve, log_path)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+        log.close()
 
 
 def _http_ok(url: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TEST_MODELS, wait_until
+from conftest import ROOT, TEST_MODELS, clusca_serve, wait_until
 from service.embedded_redis import free_port
 from service.noop import noop_color
 
@@ -21,18 +20,9 @@ from service.noop import noop_color
 def test_serve_then_generate_client(tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text(TEST_MODELS.split("  - name: tinyflux")[0])
-    port = free_port()
-    env = {**os.environ, "CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_LOG_LEVEL": "INFO",
-           "PYTHONPATH": str(ROOT)}
-    for var in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "CLUSCA_API_KEYS"):
-        env.pop(var, None)
-    log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: serve.poll() is not None or _ready(url), timeout=60, what="clusca serve ready")
-        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+    with clusca_serve(tmp_path, {"CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop",
+                                 "CLUSCA_LOG_LEVEL": "INFO"}) as served:
+        url, env = served.url, served.env
         out = tmp_path / "img.png"
         res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a blue square", "--url", url,
                               "--model", "slow", "--seed", "21", "--steps", "4", "--out", str(out)],
@@ -52,14 +42,7 @@ def test_serve_then_generate_client(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "service.cli", "generate", "x", "--url", url, "--steps", "999"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and "error 422: steps" in bad.stderr
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
-    assert serve.returncode == 0
+    assert served.proc.returncode == 0
     text = (tmp_path / "serve.log").read_text()
     assert "started a private Redis at redis://127.0.0.1:" in text
     # Nothing is left behind: the worker and the private Redis stopped with serve.
@@ -69,7 +52,7 @@ def test_serve_then_generate_client(tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
     assert "stopped after" in text  # the worker's clean exit
-    assert f"send requests to http://127.0.0.1:{port}/generate" in text
+    assert f"send requests to http://127.0.0.1:{served.port}/generate" in text
 
 
 def _ready(url: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,12 +12,11 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, clusca_serve
 from clusca import ClusCaConfig
 from clusca.config import PRESETS
 from clusca.tune import (TuneError, canonical, key_of, label, pareto_front, pick_presets, preset_overrides, psnr,
                          search_space, ssim, tune_with)
-from service.embedded_redis import free_port
 from service.registry import Registry
 from service.tune import TuneInputError, side_files, tune_model
 
@@ -173,14 +171,6 @@ def test_a_partial_run_is_not_overwritten_without_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------- end to end
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        time.sleep(0.2)
-        return False
-
-
 def test_tune_builtin_then_serve_the_tuned_presets(tmp_path, one_torch_thread):
     models = tmp_path / "models.yaml"
     models.write_text(SHORT_BUILTIN)
@@ -206,17 +196,8 @@ def test_tune_builtin_then_serve_the_tuned_presets(tmp_path, one_torch_thread):
             r["wall_speedup"] for r in result["summary"]["picks"].values())
 
     # CLUSCA_MODELS=FILE clusca serve: the tuned presets are what the service runs and shows
-    port = free_port()
-    env = {**os.environ, "CLUSCA_MODELS": str(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for var in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "CLUSCA_API_KEYS", "CLUSCA_DEFAULT_MODEL"):
-        env.pop(var, None)
-    log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: serve.poll() is not None or _ready(url), timeout=120, what="clusca serve ready")
-        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+    with clusca_serve(tmp_path, {"CLUSCA_MODELS": str(out), "OMP_NUM_THREADS": "1"}, timeout=120) as served:
+        url = served.url
         shown = httpx.get(url + "/models").json()["models"][0]
         assert shown["name"] == "shapes" and shown["defaults"]["cache_presets"] == result["presets"]
         assert shown["defaults"]["cache_presets_source"]["date"] == src["date"]
@@ -227,13 +208,6 @@ def test_tune_builtin_then_serve_the_tuned_presets(tmp_path, one_torch_thread):
         ran = r.json()["cache"]
         want = ClusCaConfig.from_dict({"preset": "fast", **result["presets"]["fast"]}).to_dict()
         assert {k: ran[k] for k in want if k in ran} == {k: v for k, v in want.items() if k in ran}
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
 
 
 def test_tune_runs_on_a_tiny_random_flux_pipeline(tmp_path, one_torch_thread):
