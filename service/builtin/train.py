@@ -134,11 +134,18 @@ class BatchStream:
 
     def close(self) -> None:
         if self._pool is not None:
-            # The workers only draw data: stop them outright, a stalled one included.
+            # Let the workers finish the batch in hand and exit; only one still alive after a
+            # grace period (a stalled one) is terminated. Terminating a worker while it writes
+            # a result would leave the executor's reader waiting for the rest of the message,
+            # and the interpreter would then hang at exit joining that reader.
             workers = list((getattr(self._pool, "_processes", None) or {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
+            deadline = time.monotonic() + 5.0
             for w in workers:
-                w.terminate()
+                w.join(max(0.0, deadline - time.monotonic()))
+            for w in workers:
+                if w.is_alive():
+                    w.terminate()
             self._pool = None
             self._pending.clear()
 
