@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     import torch
 
-    from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline, checker, data
+    from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
+    from clusca_shapes.tools import checker, data
 
     import_s = time.perf_counter() - t0
     torch.set_num_threads(a.threads)
@@ -200,7 +201,7 @@ def write_docs(res) -> None:
         f"Written by `python benchmarks/builtin_model.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"CPU `{res['cpu']}`, {res['threads']} torch thread(s), no GPU. Model: {res['params_M']}M parameters, "
         f"{res['steps']} Euler steps, guidance {res['guidance']}; prompts: the fixed set "
-        f"`service.builtin.data.eval_set({res['n_prompts']})`, image i seeded {0}+i. `ClusCa balanced` is the "
+        f"`clusca_shapes.tools.data.eval_set({res['n_prompts']})`, image i seeded {0}+i. `ClusCa balanced` is the "
         "preset as the service runs it for this model (the checkpoint's `cache_presets` tuning); "
         "`ClusCa paper balanced` is the library's preset, for reference.",
         "",

@@ -209,7 +209,8 @@ def bench_builtin(a: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks._caches import Env, activate, calibrate_mag_ratios, count_flops, track_timestep
     from clusca import apply_clusca
-    from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline, checker, data
+    from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
+    from clusca_shapes.tools import checker, data
 
     weights = Path(a.weights) if a.weights else WEIGHTS_DIR
     pipe = ShapesFluxPipeline.from_pretrained(weights)
@@ -673,11 +674,11 @@ def render(res: dict[str, Any]) -> str:
             "### (a) Built-in shapes model: quality and speed",
             "",
             f"Checkpoint `{b['weights_label']}`"
-            + ("" if b["weights_label"].startswith("service/builtin/weights") else
+            + ("" if b["weights_label"].startswith("clusca_shapes/weights") else
                " (a training checkpoint, not the shipped weights; rerun the command for the shipped ones)")
             + f", {b['params_M']}M parameters, {b['image_tokens']} image tokens, "
             f"{b['steps']} Euler steps, guidance {b['guidance']} (one batched call per step). Quality over the fixed "
-            f"prompts `service.builtin.data.eval_set({b['prompts']})`, image i seeded i, in batches of {b['batch']}; "
+            f"prompts `clusca_shapes.tools.data.eval_set({b['prompts']})`, image i seeded i, in batches of {b['batch']}; "
             f"wall clock batch 1, median of {b['repeats']} rounds (CPU-time x: the same ratio of this process's CPU time). "
             "Pareto: on the front of PSNR vs FLOPs x / vs wall x.",
             "",

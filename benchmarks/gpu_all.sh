@@ -35,9 +35,9 @@ if [ "$TRAIN_MINUTES" != "0" ]; then
     echo "== training (${TRAIN_MINUTES} min each, in parallel)"
     common=(--minutes "$TRAIN_MINUTES" --batch 512 --data-workers "$DATA_WORKERS" --pair-fraction 0.35
             --save-every 1 --log-every 250)
-    $PY -m service.builtin.train --out "$work/A" --lr 1e-3 --warmup 300 "${common[@]}" > "$work/A.log" 2>&1 &
+    $PY -m clusca_shapes.tools.train --out "$work/A" --lr 1e-3 --warmup 300 "${common[@]}" > "$work/A.log" 2>&1 &
     pid_a=$!
-    $PY -m service.builtin.train --out "$work/B" --init service/builtin/weights --lr 4e-4 --warmup 100 \
+    $PY -m clusca_shapes.tools.train --out "$work/B" --init clusca_shapes/weights --lr 4e-4 --warmup 100 \
         "${common[@]}" > "$work/B.log" 2>&1 &
     pid_b=$!
     wait $pid_a $pid_b
@@ -49,7 +49,7 @@ if [ "$TRAIN_MINUTES" != "0" ]; then
     for v in A B; do
         if [ -f "$work/$v/model_index.json" ]; then
             echo "-- run $v"
-            $PY -m service.builtin.checker --weights "$work/$v" -n "$CHECK_N" --device "$CHECK_DEVICE" --json 2>&1 | grep -v accelerate
+            $PY -m clusca_shapes.tools.checker --weights "$work/$v" -n "$CHECK_N" --device "$CHECK_DEVICE" --json 2>&1 | grep -v accelerate
             cp "$work/$v/transformer/diffusion_pytorch_model.safetensors" "$OUT/${v}_transformer.safetensors"
             cp "$work/$v/text_encoder/diffusion_pytorch_model.safetensors" "$OUT/${v}_text_encoder.safetensors"
         fi

@@ -261,7 +261,7 @@ def bench_direct(a: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     from clusca import apply_clusca, clusca_run
-    from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline
+    from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
 
     torch.set_num_threads(a.threads)
     pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR).to(a.device)

@@ -101,7 +101,7 @@ def p90_ms(xs: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.builtin import WEIGHTS_DIR
+    from clusca_shapes import WEIGHTS_DIR
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(WEIGHTS_DIR), help="built-in model checkpoint folder")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from service.builtin import ShapesFluxPipeline
+    from clusca_shapes import ShapesFluxPipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="clusca-overhead-"))
     (tmp / "models.yaml").write_text(models_yaml(args.weights))

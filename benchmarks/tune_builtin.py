@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import clusca.tune as ct
     from clusca import ClusCaConfig
-    from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline, checker, data
+    from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
+    from clusca_shapes.tools import checker, data
     from service.registry import builtin_entry
     from service.tune import BUILTIN_PROMPTS
 

@@ -249,7 +249,7 @@ def builtin_entry(path: str | Path | None = None) -> ModelEntry:
     checkpoint's ``model_index.json`` records: what it was trained and tuned for and what its
     pipeline accepts. Reading the JSON keeps the API process free of torch.
     """
-    from .builtin import read_index
+    from clusca_shapes import read_index
 
     index = read_index(path)
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
@@ -261,7 +261,7 @@ def builtin_entry(path: str | Path | None = None) -> ModelEntry:
 
 
 def builtin_limits(index: dict[str, Any]) -> ModelLimits:
-    """The built-in pipeline's limits as :func:`service.builtin.read_index` gives them (the pipeline
+    """The built-in pipeline's limits as :func:`clusca_shapes.read_index` gives them (the pipeline
     enforces the same numbers); sizes are multiples of its patch size."""
     return ModelLimits(size_multiple=int(index["patch_size"]), **index["limits"])
 

@@ -154,7 +154,7 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
     # ---- the model and its prompts
     checker = None
     if prompt_list is None and entry.kind == "builtin":
-        from .builtin import checker as shapes_checker, data
+        from clusca_shapes.tools import checker as shapes_checker, data
 
         items = data.eval_set(BUILTIN_PROMPTS)
         prompt_list = [t for t, _ in items]

@@ -66,7 +66,7 @@ def env_float(name: str, default: float) -> float:
 
 def shapes_weights() -> Path | None:
     """The built-in model's checkpoint, or None when it is not there (its tests then skip)."""
-    from service.builtin import WEIGHTS_DIR
+    from clusca_shapes import WEIGHTS_DIR
 
     for p in (os.environ.get("REL_SHAPES_WEIGHTS"), WEIGHTS_DIR):
         if p and (Path(p) / "model_index.json").is_file():

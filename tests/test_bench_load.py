@@ -125,7 +125,7 @@ def test_report_states_the_target():
 def test_direct_baseline_runs_the_settings_the_service_runs(tmp_path):
     # The service resolves a preset through the checkpoint's own tuning; so must the baseline.
     from clusca import ClusCaConfig
-    from service.builtin import WEIGHTS_DIR
+    from clusca_shapes import WEIGHTS_DIR
 
     tuned = json.loads((WEIGHTS_DIR / "model_index.json").read_text())["cache_presets"]
     for preset in ("quality", "balanced", "fast"):

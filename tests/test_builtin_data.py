@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from service.builtin import checker, data
+from clusca_shapes.tools import checker, data
 
 
 def test_generator_is_deterministic_per_seed():
@@ -121,7 +121,7 @@ def test_checker_rejects_non_rgb_input():
 
 
 def test_tokenizer_handles_any_text():
-    from service.builtin.text import WordTokenizer
+    from clusca_shapes.text import WordTokenizer
 
     tok = WordTokenizer(data.vocabulary(), max_length=16)
     ids, mask = tok(["", "a red circle", "zzz ☃ 漢字 !!!", "red " * 100])

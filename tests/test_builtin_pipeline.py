@@ -10,7 +10,8 @@ import PIL.Image
 import pytest
 import torch
 
-from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline, checker, data
+from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
+from clusca_shapes.tools import checker, data
 
 SEED = 1234
 FEW = 4  # steps for tests of the call convention; quality tests use the default

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.builtin import ShapesFluxPipeline, train
+from clusca_shapes import ShapesFluxPipeline
+from clusca_shapes.tools import train
 
 TINY = ["--steps", "3", "--batch", "4", "--threads", "1", "--heads", "2", "--layers", "1",
         "--single-layers", "1", "--log-every", "1", "--warmup", "1"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from test_deploy import _wheel_names, image_wheel  # noqa: F401 - image_wheel is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "service" / "builtin" / "weights"
+WEIGHTS = ROOT / "clusca_shapes" / "weights"
 
 
 def test_image_wheel_carries_the_builtin_weights(image_wheel):  # noqa: F811 - the fixture

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
-from service.builtin import WEIGHTS_DIR
+from clusca_shapes import WEIGHTS_DIR
 
 WEIGHTS = Path(os.environ.get("CLUSCA_TEST_SHAPES_WEIGHTS", WEIGHTS_DIR))
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(),
@@ -52,7 +52,7 @@ def _gen(c, **body):
 def test_service_image_equals_direct_pipeline_call(shapes):
     import torch
 
-    from service.builtin import ShapesFluxPipeline
+    from clusca_shapes import ShapesFluxPipeline
 
     with shapes.client() as c:
         body = _gen(c, seed=3, steps=8, cache={"mode": "off"})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service import registry
-from service.builtin import INDEX_DEFAULTS, WEIGHTS_DIR, read_index
+from clusca_shapes import INDEX_DEFAULTS, WEIGHTS_DIR, read_index
 from service.registry import builtin_entry
 
 
@@ -58,7 +58,7 @@ def test_the_registry_spells_no_number_or_preset_of_the_builtin_model():
 
 def test_the_pipeline_saves_and_reads_the_same_index(tmp_path):
     pytest.importorskip("torch")
-    from service.builtin import ShapesFluxPipeline
+    from clusca_shapes import ShapesFluxPipeline
 
     pipe = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR)
     assert pipe.default_size == (_shipped()["default_height"], _shipped()["default_width"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.builtin import WEIGHTS_DIR
+from clusca_shapes import WEIGHTS_DIR
 from service.registry import BUILTIN_MODEL, Registry, RegistryError
 from service.settings import ENV_NAMES, Settings, SettingsError
 

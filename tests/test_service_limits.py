@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
-from service.builtin import PIPELINE_LIMITS, WEIGHTS_DIR
+from clusca_shapes import PIPELINE_LIMITS, WEIGHTS_DIR
 from service.registry import ModelLimits, Registry, RegistryError, builtin_entry
 
 
@@ -35,7 +35,7 @@ def test_builtin_limits_come_from_the_checkpoint_and_match_the_pipeline():
     for key in ("max_side", "max_pixels", "max_steps", "max_images"):
         assert getattr(lim, key) == index["limits"][key], key
 
-    from service.builtin import ShapesFluxPipeline
+    from clusca_shapes import ShapesFluxPipeline
 
     pipe = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR)
     ok = dict(num_inference_steps=1, guidance_scale=0.0, num_images_per_prompt=1, output_type="pil")
@@ -60,7 +60,7 @@ def test_a_checkpoint_declaring_other_limits_changes_both_sides(tmp_path):
         (tmp_path / sub).symlink_to(WEIGHTS_DIR / sub)
     lim = builtin_entry(tmp_path).limits
     assert (lim.max_side, lim.max_pixels, lim.max_steps, lim.max_images) == (64, 2048, 60, 2)
-    from service.builtin import ShapesFluxPipeline
+    from clusca_shapes import ShapesFluxPipeline
 
     pipe = ShapesFluxPipeline.from_pretrained(tmp_path)
     ok = dict(num_inference_steps=1, guidance_scale=0.0, num_images_per_prompt=1, output_type="pil")

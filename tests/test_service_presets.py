@@ -10,7 +10,7 @@ from clusca import ClusCaConfig
 from service.api.errors import ApiError
 from service.api.resolve import resolve_cache
 from service.api.schemas import CacheSettings
-from service.builtin import WEIGHTS_DIR
+from clusca_shapes import WEIGHTS_DIR
 from service.registry import BUILTIN_MODEL, Registry, RegistryError, builtin_entry
 
 FLUX_YAML = ("models:\n  - name: flux\n    kind: diffusers\n    path: /models/flux\n"
@@ -136,7 +136,7 @@ def test_bad_request_knob_on_a_tuned_preset_is_a_422():
 
 
 def test_checkpoint_keeps_its_preset_tuning_through_load_and_save(tmp_path):
-    from service.builtin import ShapesFluxPipeline
+    from clusca_shapes import ShapesFluxPipeline
 
     pipe = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR)
     assert pipe.cache_presets == _index()["cache_presets"]

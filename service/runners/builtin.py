@@ -13,7 +13,7 @@ class BuiltinRunner(DiffusersRunner):
     def from_pretrained(cls, entry: ModelEntry, dtype: Any) -> Any:
         import torch
 
-        from service.builtin import WEIGHTS_DIR, ShapesFluxPipeline
+        from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
 
         pipe = ShapesFluxPipeline.from_pretrained(entry.path or WEIGHTS_DIR)
         # Its checkpoint is float32; another dtype is a cast after loading.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .words import split_words
+from ..words import split_words
 
 IMAGE_SIZE = 32
 

@@ -1,6 +1,6 @@
 """Deterministic prompt-adherence checker for the built-in shapes model.
 
-It judges an image against the :class:`~service.builtin.data.Scene` a prompt asks for,
+It judges an image against the :class:`~clusca_shapes.tools.data.Scene` a prompt asks for,
 from pixel statistics only:
 
 * colour: pixels are labelled with their nearest palette colour; the requested colour
@@ -10,7 +10,7 @@ from pixel statistics only:
 * position: the centre of the blob's bounding box must be nearest to the requested anchor (one object),
   or the two centres must stand in the requested relation (two objects).
 
-``python -m service.builtin.checker`` generates the fixed benchmark prompts with a
+``python -m clusca_shapes.tools.checker`` generates the fixed benchmark prompts with a
 checkpoint and prints the accuracy; ``--ground-truth`` checks the rendered training
 images instead, which must score 100%.
 """
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import torch
 
-        from . import WEIGHTS_DIR
-        from .pipeline import ShapesFluxPipeline
+        from .. import WEIGHTS_DIR
+        from ..pipeline import ShapesFluxPipeline
 
         torch.set_num_threads(a.threads)
         pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR).to(a.device)

@@ -1,8 +1,8 @@
 """Train the built-in shapes model with rectified-flow matching.
 
-    python -m service.builtin.train --out DIR --minutes 80 --seed 0
+    python -m clusca_shapes.tools.train --out DIR --minutes 80 --seed 0
 
-Data are generated on the fly (see :mod:`service.builtin.data`), so the only inputs are
+Data are generated on the fly (see :mod:`clusca_shapes.tools.data`), so the only inputs are
 the seed and the budget. Batch ``k`` is drawn from its own generator seeded ``(seed, k)``,
 so the data do not depend on how many ``--data-workers`` processes draw them. ``--steps``
 fixes the number of optimiser steps and makes a run exactly repeatable on one machine;
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from . import data
-from .model import build_transformer, image_ids, pack, text_ids
-from .pipeline import ShapesFluxPipeline
-from .text import ShapesTextEncoder, WordTokenizer
+from ..model import build_transformer, image_ids, pack, text_ids
+from ..pipeline import ShapesFluxPipeline
+from ..text import ShapesTextEncoder, WordTokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -127,8 +127,8 @@ class ShapesFluxPipeline(DiffusionPipeline):
             "default_cache": self.default_cache,
             "limits": dict(self.limits),
             "transformer": ["diffusers", "FluxTransformer2DModel"],
-            "text_encoder": ["service.builtin.text", "ShapesTextEncoder"],
-            "tokenizer": ["service.builtin.text", "WordTokenizer"],
+            "text_encoder": ["clusca_shapes.text", "ShapesTextEncoder"],
+            "tokenizer": ["clusca_shapes.text", "WordTokenizer"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         }
         if getattr(self, "cache_presets", None):
