@@ -17,6 +17,7 @@ from ..settings import Settings, get_settings
 from . import errors
 from .deps import Services
 from .middleware import BodyLimitAndMetrics
+from .openapi_links import add_links
 from .routers import generate, jobs, openai, system, videos
 
 log = logging.getLogger("clusca.api")
@@ -95,6 +96,7 @@ def install_openapi(app: FastAPI, settings: Settings, registry: Registry | None 
                     if isinstance(op, dict):
                         op.pop("security", None)
                         op.get("responses", {}).pop("401", None)
+        add_links(schema)
         app.openapi_schema = schema
         return schema
 
