@@ -9,7 +9,7 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 
 from ..config import ClusCaConfig
@@ -35,8 +35,10 @@ class Candidate:
     def forced(self) -> bool:
         return self.origin != "search"
 
-    def mean(self, metric: str, n: int | None = None) -> float | None:
-        vals = [self.items[i][metric] for i in sorted(self.items) if (n is None or i < n)
+    def mean(self, metric: str, among: Iterable[int] | None = None) -> float | None:
+        """The mean of ``metric`` over the items measured (of ``among``, when given)."""
+        keep = None if among is None else set(among)
+        vals = [self.items[i][metric] for i in sorted(self.items) if (keep is None or i in keep)
                 and self.items[i].get(metric) is not None]
         return statistics.fmean(float(v) for v in vals) if vals else None
 

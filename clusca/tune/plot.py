@@ -18,7 +18,8 @@ def draw_pareto(res: TuneResult, path: Path, title: str = "") -> None:
     from PIL import Image, ImageDraw
 
     n = res.meta.get("final_prompts")
-    pts = {k: (res.by_key(k).wall_speedup or 0.0, res.by_key(k).mean("psnr", n) or 0.0) for k in res.final}
+    pts = {k: (res.by_key(k).wall_speedup or 0.0, res.by_key(k).mean("psnr", res.final_items) or 0.0)
+           for k in res.final}
     W, H, L, R, T, B = 900, 600, 70, 30, 40, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)

@@ -18,6 +18,7 @@ from ..config import PRESETS, ClusCaConfig
 from ..quality import psnr as _psnr
 from ..quality import ssim
 from .journal import Candidate, write_whole
+from .ladder import hard_leaning_order, survivors
 from .picks import front_layers, pareto_front, pick_presets, preset_overrides
 from .space import ETA, JOURNAL_VERSION, PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, \
     search_space
@@ -42,6 +43,14 @@ class TuneResult:
 
     def by_key(self, key: str) -> Candidate:
         return next(c for c in self.candidates if c.key == key)
+
+    @property
+    def final_items(self) -> list[int]:
+        """The images the finalists were all measured on (those their mean PSNR is over)."""
+        plan = self.meta.get("plan") or {}
+        n = int(self.meta.get("final_prompts") or 0)
+        order = plan.get("order") or list(range(n))
+        return list(order[:n])
 
     @property
     def presets(self) -> dict[str, dict[str, Any]]:
@@ -92,6 +101,7 @@ class _Tuner:
         self.min_prompts = min_prompts
         self.reserve = 0.0  # seconds kept back for timing the finalists
         self.measured_now = 0  # candidate-image evaluations of this session
+        self.cand_seconds = 0.0  # what those evaluations cost: the adaptive rungs plan with it
         self.baseline = {n: ClusCaConfig.from_dict({"preset": n, **dict(o)}) for n, o in baseline.items()
                          if n in TUNED_PRESETS}
         if resume and journal is not None and journal.exists():
@@ -142,8 +152,16 @@ class _Tuner:
         images, stats = self.generate(cfg, [self.items[i] for i in idx])
         return np.asarray(images, dtype=np.float32), stats, time.perf_counter() - t
 
-    def ensure_reference(self, n: int) -> None:
-        need = [i for i in range(n) if i not in self.ref_images]
+    @property
+    def order(self) -> list[int]:
+        return list(self.plan.get("order") or range(len(self.items)))
+
+    def rung_items(self, n: int) -> list[int]:
+        """The first ``n`` items in the rungs' order."""
+        return self.order[:n]
+
+    def ensure_reference(self, wanted: Sequence[int]) -> None:
+        need = [i for i in wanted if i not in self.ref_images]
         for s in range(0, len(need), self.batch):
             chunk = need[s:s + self.batch]
             images, _, dt = self._run(None, chunk)
@@ -155,15 +173,16 @@ class _Tuner:
                 self.ref_images[i] = img
                 self.reference["items"][i] = {} if ok is None else {"ok": bool(ok)}
 
-    def measure(self, c: Candidate, n: int) -> bool:
-        """Measure ``c`` on items ``0..n-1`` it has not seen; False if the time ran out first."""
-        need = [i for i in range(n) if i not in c.items]
+    def measure(self, c: Candidate, wanted: Sequence[int]) -> bool:
+        """Measure ``c`` on the items of ``wanted`` it has not seen; False if the time ran out first."""
+        need = [i for i in wanted if i not in c.items]
         for s in range(0, len(need), self.batch):
             if self.left() <= self.reserve:
                 return False
             chunk = need[s:s + self.batch]
-            self.ensure_reference(max(chunk) + 1)
-            images, stats, _ = self._run(c.config, chunk)
+            self.ensure_reference(chunk)
+            images, stats, dt = self._run(c.config, chunk)
+            self.cand_seconds += dt
             oks = self.checker(images, chunk) if self.checker else [None] * len(chunk)
             for i, img, ok in zip(chunk, images, oks):
                 rec = {"psnr": round(psnr(img, self.ref_images[i]), 4), "ssim": round(ssim(img, self.ref_images[i]), 5)}
@@ -232,20 +251,70 @@ class _Tuner:
         self.candidates = [c for c in self.candidates if c.key in keep]
 
     # ---------------------------------------------------------------- successive halving
-    def promote(self, alive: list[Candidate], n: int) -> list[Candidate]:
-        free = [c for c in alive if not c.forced and len([i for i in c.items if i < n]) >= n]
-        keep_n = max(1, math.ceil(len(free) / ETA))
-        pts = [(c.flops_speedup or 1.0, c.mean("psnr", n) or 0.0) for c in free]
+    def timing_reserve(self, finalists: int) -> float:
+        """Seconds the interleaved timing of ``finalists`` settings (and the reference ones) takes, about."""
+        t_one = 1.5 * (self.reference["seconds_per_image"] or 1.0)
+        return 10 * t_one * (1 + 0.6 * (finalists + sum(c.forced for c in self.candidates)))
+
+    def cost_per_image(self) -> float:
+        if self.measured_now:
+            return self.cand_seconds / self.measured_now
+        return 0.4 * (self.reference["seconds_per_image"] or 1.0)
+
+    def order_by_hardness(self) -> None:
+        """Measure the reference settings on the ladder's images first, then order the images
+        so that every rung sees the hard ones (:func:`hard_leaning_order`).
+
+        The reference settings go through every rung anyway, so this costs nothing extra.
+        """
+        rungs = self.plan["rungs"]
+        ladder = list(range(rungs[-1]))
+        forced = [c for c in self.candidates if c.forced]
+        self.say(f"[tune] {self.clock()} {len(forced)} reference settings on {len(ladder)} image(s), "
+                 "to find the hard prompts")
+        for c in forced:
+            if not self.measure(c, ladder):
+                break
+        seen = [i for i in ladder if all(i in c.items for c in forced)]
+        hardness = {i: -statistics.fmean(c.items[i]["psnr"] for c in forced) for i in seen} if forced else {}
+        first = hard_leaning_order(hardness, rungs) if hardness else []
+        self.plan["order"] = first + [i for i in range(len(self.items)) if i not in set(first)]
+        self.save()
+
+    def promote(self, alive: list[Candidate], r: int) -> list[Candidate]:
+        """The settings of rung ``r - 1`` that go on to rung ``r``: successive layers of the
+        Pareto front (PSNR against FLOPs speedup), spread along the speed axis, at least a third
+        of them and as many as the time left allows (decided once: a resumed run keeps it)."""
+        rungs = self.plan["rungs"]
+        prev = self.rung_items(rungs[r - 1])
+        free = [c for c in alive if not c.forced and all(i in c.items for i in prev)]
+        kept = self.plan.setdefault("kept", {})
+        if str(r) in kept:
+            keep_n = int(kept[str(r)])
+        else:
+            room = self.left() * 0.95
+
+            def fits(cost: float, finalists: int) -> bool:
+                return cost + self.timing_reserve(finalists) <= room
+
+            keep_n = survivors(len(free), rungs, r, fits, self.cost_per_image())
+            kept[str(r)] = keep_n
+        final = keep_n
+        for _ in range(r + 1, len(rungs)):
+            final = max(1, math.ceil(final / ETA))
+        self.reserve = max(self.reserve, min(self.timing_reserve(final), 0.5 * max(self.left(), 0.0)))
+        self.plan["reserve_s"] = round(self.reserve, 1)
+        pts = [(c.flops_speedup or 1.0, c.mean("psnr", prev) or 0.0) for c in free]
         chosen: list[int] = []
         for layer in front_layers(pts):
-            room = keep_n - len(chosen)
-            if room <= 0:
+            room_left = keep_n - len(chosen)
+            if room_left <= 0:
                 break
-            if len(layer) <= room:
+            if len(layer) <= room_left:
                 chosen += layer
             else:  # spread along the speed axis, ends included
-                step = (len(layer) - 1) / max(room - 1, 1)
-                chosen += sorted({layer[round(j * step)] for j in range(room)})
+                step = (len(layer) - 1) / max(room_left - 1, 1)
+                chosen += sorted({layer[round(j * step)] for j in range(room_left)})
         keys = {free[i].key for i in chosen} | {c.key for c in alive if c.forced}
         return [c for c in alive if c.key in keys]
 
@@ -256,18 +325,19 @@ class _Tuner:
         done = -1
         for r, n in enumerate(rungs):
             if r:
-                alive = self.promote(alive, rungs[r - 1])
+                alive = self.promote(alive, r)
             for c in alive:
                 c.rung = max(c.rung, r)
+            items = self.rung_items(n)
             self.say(f"[tune] {self.clock()} rung {r + 1}/{len(rungs)}: {len(alive)} settings x {n} image(s)")
             complete = True
             for c in alive:
-                fresh = len([i for i in range(n) if i not in c.items])
-                if not self.measure(c, n):
+                fresh = len([i for i in items if i not in c.items])
+                if not self.measure(c, items):
                     complete = False
                     break
                 if fresh:
-                    self.say(f"[tune] {self.clock()}   {label(c.config):<40} PSNR {c.mean('psnr', n):6.2f} dB"
+                    self.say(f"[tune] {self.clock()}   {label(c.config):<40} PSNR {c.mean('psnr', items):6.2f} dB"
                              f"  FLOPs {c.flops_speedup or 0:5.2f}x")
             if not complete:
                 self.say(f"[tune] {self.clock()} the time is up during rung {r + 1}; the deepest complete rung decides")
@@ -312,7 +382,7 @@ class _Tuner:
     def run(self) -> TuneResult:
         if not self.candidates:
             self._run(None, [0])  # one-off costs of a first call stay out of the plan's estimate
-            self.ensure_reference(min(len(self.items), max(1, self.min_prompts)))
+            self.ensure_reference(range(min(len(self.items), max(1, self.min_prompts))))
             self._candidates()
             self.make_plan()
             r = self.plan["rungs"]
@@ -321,12 +391,15 @@ class _Tuner:
                      f"rungs of {', '.join(map(str, r))} image(s)")
             self.save()
         self.reserve = float(self.plan.get("reserve_s") or 0.0)
+        if "order" not in self.plan:
+            self.order_by_hardness()
         done = self.search()
         n = self.plan["rungs"][done]
-        finalists = [c for c in self.candidates if c.rung >= done and all(i in c.items for i in range(n))]
+        final_items = self.rung_items(n)
+        finalists = [c for c in self.candidates if c.rung >= done and all(i in c.items for i in final_items)]
         self.final = [c.key for c in finalists]
         self.time_finalists(finalists)
-        pts = [(c.wall_speedup or 0.0, c.mean("psnr", n) or 0.0) for c in finalists]
+        pts = [(c.wall_speedup or 0.0, c.mean("psnr", final_items) or 0.0) for c in finalists]
         ok = [self.memory_cap is None or c.cache_bytes <= self.memory_cap for c in finalists]
         idx_ok = [i for i, e in enumerate(ok) if e]
         front = [finalists[idx_ok[j]].key for j in pareto_front([pts[i] for i in idx_ok])] if idx_ok else []
@@ -342,7 +415,7 @@ class _Tuner:
         res = self.save(complete=True, front=front, picks=picks)
         for name, k in picks.items():
             c = res.by_key(k)
-            self.say(f"[tune] {name:<8} {label(c.config):<40} PSNR {c.mean('psnr', n):6.2f} dB, "
+            self.say(f"[tune] {name:<8} {label(c.config):<40} PSNR {c.mean('psnr', final_items):6.2f} dB, "
                      f"{c.wall_speedup:.2f}x wall, {c.flops_speedup or 0:.2f}x FLOPs")
         return res
 
