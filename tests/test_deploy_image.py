@@ -16,3 +16,11 @@ def test_image_wheel_carries_the_builtin_weights(image_wheel):  # noqa: F811 - t
     assert any(n.endswith(".safetensors") for n in expected), f"no weights under {WEIGHTS}"
     names = _wheel_names(image_wheel)
     assert expected <= names, sorted(expected - names)
+
+
+def test_image_wheel_carries_the_playground_page(image_wheel):  # noqa: F811 - the fixture
+    static = ROOT / "service" / "api" / "static"
+    expected = {p.relative_to(ROOT).as_posix() for p in static.iterdir() if p.is_file()}
+    assert "service/api/static/index.html" in expected
+    names = _wheel_names(image_wheel)
+    assert expected <= names, sorted(expected - names)

@@ -18,7 +18,7 @@ from . import errors
 from .deps import Services
 from .middleware import BodyLimitAndMetrics
 from .openapi_links import add_links
-from .routers import generate, jobs, openai, system, videos
+from .routers import generate, jobs, openai, playground, system, videos
 
 log = logging.getLogger("clusca.api")
 DOCS_ASSETS = "/docs-assets"
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                          description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
-    routers = (generate.router, jobs.router, openai.router, videos.router, system.router)
+    routers = (generate.router, jobs.router, openai.router, videos.router, system.router, playground.router)
     for r in routers:
         app.include_router(r)
     # The routes themselves (full paths), so requests refused before routing are counted by endpoint.

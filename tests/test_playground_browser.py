@@ -1,0 +1,129 @@
+"""The playground in a real browser (headless Chromium) against ``clusca serve`` with the built-in model.
+
+A user's path through the page: type a prompt, Generate, watch the per-step progress and
+the image; compare mode with timings, FLOPs speedup and PSNR; an API error shown as the
+API words it; the tab's history. Every request the page makes must go to the service.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import clusca_serve
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = "/tmp/clusca-playground.png"
+
+pytestmark = pytest.mark.slow
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (it is in the test extra)")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with clusca_serve(tmp_path_factory.mktemp("playground"), {"CLUSCA_LOG_LEVEL": "WARNING"}, timeout=180) as s:
+        yield s
+
+
+@pytest.fixture
+def page(served):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no browser at {CHROMIUM} (Debian's chromium package; CI installs it)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            pg = browser.new_page()
+            pg.requests = []
+            pg.on("request", lambda r: pg.requests.append(r.url))
+            pg.console_errors = []
+            # A 4xx answer the page shows on purpose is logged by the browser too; that is not a fault.
+            pg.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
+                  and pg.console_errors.append(m.text))
+            pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
+            pg.set_default_timeout(60_000)
+            yield pg
+        finally:
+            browser.close()
+
+
+def _only_the_service(pg, served) -> None:
+    origin = urlsplit(served.url)
+    elsewhere = [u for u in pg.requests
+                 if not u.startswith(("data:", "blob:")) and urlsplit(u).netloc != origin.netloc]
+    assert pg.requests and not elsewhere, elsewhere
+
+
+def test_generate_shows_progress_then_the_image(page, served):
+    page.goto(served.url + "/")
+    page.wait_for_selector("#model option[value=shapes]", state="attached")
+    assert "balanced" in page.inner_text("#preset-info") or "balanced" in page.inner_text("#preset")
+    page.fill("#prompt", "a blue square at the top")
+    page.fill("#seed", "7")
+    page.click("#generate")
+
+    image = page.wait_for_selector(".panel img")
+    page.wait_for_function("document.querySelector('.panel img').naturalWidth > 0")
+    status = page.inner_text(".panel .status")
+    steps = int(re.search(r"done, (\d+) steps", status).group(1))
+    events = int(re.search(r"(\d+) progress event", status).group(1))
+    assert steps == 40 and events == steps, status
+    assert page.eval_on_selector(".panel progress", "p => [p.value, p.max]") == [steps, steps]
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [32, 32]
+    assert page.inner_text("[data-stat=seed]") == "7"
+    assert float(page.inner_text("[data-stat='FLOPs speedup']").rstrip("×")) > 1.0
+    assert page.is_hidden("#error")
+    assert page.locator("#history li").count() == 1
+    _only_the_service(page, served)
+    assert not page.console_errors, page.console_errors
+
+
+def test_compare_mode_runs_uncached_and_cached_side_by_side(page, served):
+    page.goto(served.url + "/")
+    page.wait_for_selector("#model option[value=shapes]", state="attached")
+    page.fill("#prompt", "a red circle on the left")
+    page.fill("#seed", "11")
+    page.select_option("#preset", "fast")
+    page.check("#compare")
+    page.click("#generate")
+
+    page.wait_for_selector("#summary:not([hidden])", timeout=120_000)
+    assert page.locator(".panel img").count() == 2
+    assert page.locator(".panel.diff canvas").count() == 1
+    titles = page.locator(".panel h3").all_inner_texts()
+    assert titles[:2] == ["uncached", "fast"], titles
+    cache_cells = page.locator("[data-stat=cache]").all_inner_texts()
+    assert cache_cells[0] == "off" and cache_cells[1].startswith("clusca"), cache_cells
+    seeds = page.locator("[data-stat=seed]").all_inner_texts()
+    assert seeds == ["11", "11"]
+    psnr = page.inner_text("#summary-psnr")
+    assert re.fullmatch(r"\d+\.\d\d dB", psnr), psnr
+    assert 10 < float(psnr.split()[0]) < 100  # close to uncached, and not the same image
+    wall = page.inner_text("#summary-speedup")
+    assert re.search(r"\d\.\d{3} s → \d\.\d{3} s \(\d+\.\d\d× faster\)", wall), wall
+    flops = float(page.inner_text("#summary-flops").rstrip("×"))
+    assert flops > 1.5, flops
+    page.screenshot(path=SCREENSHOT, full_page=True)
+
+    # A value the API refuses: its own words, naming the field, and no job.
+    page.uncheck("#compare")
+    page.fill("[data-knob=interval]", "0")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    error = page.inner_text("#error")
+    assert error.startswith("422 validation_error") and "cache.interval" in error, error
+    assert page.locator(".panel img").count() == 0
+
+    # The history survives a reload of the tab, and picking an entry brings its settings back.
+    page.reload()
+    page.wait_for_selector("#model option[value=shapes]", state="attached")
+    assert page.locator("#history li").count() == 1
+    page.fill("#prompt", "")
+    page.click("#history li")
+    assert page.input_value("#prompt") == "a red circle on the left"
+    assert page.input_value("#preset") == "fast" and page.input_value("#seed") == "11"
+    _only_the_service(page, served)
+    assert not page.console_errors, page.console_errors
