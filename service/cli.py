@@ -56,6 +56,12 @@ def cmd_api(args: argparse.Namespace) -> None:
     s = _settings()
     if not s.redis_url:
         raise SystemExit("clusca api: set REDIS_URL (or use `clusca serve`, which starts a private Redis)")
+    from .redis_conn import RedisUrlError, parse
+
+    try:
+        parse(s.redis_url)
+    except RedisUrlError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
     _check_registry(s)
     host, port = args.host or s.host, args.port if args.port is not None else s.port
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -22,11 +22,11 @@ NAMES: dict[str, str] = {
     "is_terminal": "(" + " or ".join(f"st == '{s}'" for s in c.TERMINAL) + ")",
 }
 
-# KEYS: stream, job, events, idem ('' = none)
+# KEYS: stream, job, events[, idem] (every key in the model's slot: see service.keys)
 # ARGV: job_id, now, request_json, model, max_queue, ttl, steps, queued_event_json, fingerprint
 # A key already used for another request (another fingerprint) is refused: 'mismatch'.
 ENQUEUE = """
-if KEYS[4] ~= '' then
+if KEYS[4] then
   local existing = redis.call('GET', KEYS[4])
   if existing then
     local id, fp = string.match(existing, '^(%S+) ?(%S*)$$')
@@ -43,7 +43,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[8])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
 redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[9], 'EX', ARGV[6]) end
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[9], 'EX', ARGV[6]) end
 return {'ok', ARGV[1]}
 """
 

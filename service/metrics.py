@@ -37,6 +37,8 @@ FRAMES = Counter("clusca_frames_generated_total", "Video frames stored", ["model
 FRAME_SECONDS = Histogram("clusca_seconds_per_frame", "Pipeline call time per video frame of a job's batch",
                           ["model", "cache_mode"], buckets=STEP_BUCKETS)
 ERRORS = Counter("clusca_errors_total", "Errors by kind", ["kind"])
+JOBS_LOST = Counter("clusca_jobs_lost_total", "Jobs confirmed to a client that Redis later lacked (a failover "
+                    "before replication)", ["model"])
 TOKEN_FRACTION = Histogram("clusca_token_fraction", "Fraction of tokens computed per run (1 = uncached)",
                            ["model", "cache_mode"], buckets=FRACTION_BUCKETS)
 FLOPS_SPEEDUP = Histogram("clusca_flops_speedup", "Analytic FLOPs speedup of a run over uncached",

@@ -1,16 +1,8 @@
 """Redis Streams job queue: the producer side (API, asyncio) and the consumer side (worker).
 
-Layout in Redis (all keys under ``clusca:``)::
-
-    stream:{model}        one stream per model; entries carry only the job id
-    job:{id}              hash: status, request (JSON), timestamps, step/steps, attempts,
-                          result (JSON), error, cancel flag
-    job:{id}:events       stream of JSON events (queued, started, progress, finished...)
-    job:{id}:images       hash: image index -> encoded bytes
-    job:{id}:done         list that gets one element when the job ends (wakes sync waiters)
-    idem:{hash}           idempotency key -> "<job id> <request fingerprint>"
-    workers:{model}       sorted set: worker id -> last heartbeat (unix seconds)
-    worker:{id}           hash: what a worker holds, with a short TTL
+Where each key lives is :mod:`service.keys` (one hash tag per model, so the same
+scripts run on one server and on Redis Cluster); how a client is made from
+``REDIS_URL`` is :mod:`service.redis_conn`.
 
 What a job holds is :mod:`service.contract` (requests, results, statuses), which also
 names the consumer group and caps the Lua scripts (:mod:`service.lua`) use.
@@ -24,56 +16,30 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from redis.exceptions import ResponseError
+
 from .contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, QUEUED, TERMINAL, TERMINAL_EVENTS, JobRecord, JobRequest, JobResult
+from .keys import (JOB_ID, check_layout, done_key, events_key, idem_key, idem_owner_key, images_key, job_belongs_to, job_key,
+                   new_job_id, stream_key, worker_key, workers_key)
+from .redis_conn import UNAVAILABLE, is_cluster
 
 __all__ = ["GROUP", "EVENTS_MAXLEN", "TERMINAL", "JobQueue", "WorkerQueue", "Delivery", "StartedJob", "LiveWorker",
-           "QueueFull", "IdempotencyMismatch"]
+           "QueueFull", "IdempotencyMismatch", "NotReplicated", "new_job_id", "stream_key", "job_key", "events_key",
+           "images_key", "done_key", "workers_key", "worker_key"]
 from .lua import SCRIPTS
 
 log = logging.getLogger("clusca.queue")
 
-PREFIX = "clusca:"
 HEARTBEAT_S = 1.0
 # A worker counts as alive while its last heartbeat is younger than this.
 ALIVE_WINDOW_S = 5.0
-
-
-def stream_key(model: str) -> str:
-    return f"{PREFIX}stream:{model}"
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}:events"
-
-
-def images_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}:images"
-
-
-def done_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}:done"
-
-
-def workers_key(model: str) -> str:
-    return f"{PREFIX}workers:{model}"
-
-
-def worker_key(worker_id: str) -> str:
-    return f"{PREFIX}worker:{worker_id}"
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
+# How often a worker whose streams span several cluster slots polls them (one blocking read
+# cannot wait on keys of different slots).
+SPREAD_POLL_S = 0.005
 
 
 def _s(v: Any) -> Any:
@@ -81,19 +47,26 @@ def _s(v: Any) -> Any:
     return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else v
 
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _job_id(fields: dict) -> str | None:
+def _job_id(fields: dict, model: str) -> str | None:
     raw = fields.get(b"job", fields.get("job"))
     job_id = _s(raw) if raw is not None else None
-    return job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else None
+    # An id of another model's tag would name keys in another slot: never the API's doing.
+    ok = isinstance(job_id, str) and JOB_ID.match(job_id) and job_belongs_to(job_id, model)
+    return job_id if ok else None
 
 
 class QueueFull(Exception):
     def __init__(self, depth: int):
         super().__init__(f"queue full ({depth} jobs waiting)")
         self.depth = depth
+
+
+class NotReplicated(Exception):
+    """The job is queued on the primary, but no replica confirmed it in time (``wait_replicas``)."""
+
+    def __init__(self, job_id: str, acked: int, wanted: int):
+        super().__init__(f"job {job_id}: {acked} of {wanted} replica(s) confirmed it")
+        self.job_id = job_id
 
 
 class IdempotencyMismatch(Exception):
@@ -126,12 +99,24 @@ class LiveWorker:
 
 # ---------------------------------------------------------------------------- producer side
 class JobQueue:
-    """What the API does with the queue (``redis.asyncio`` client)."""
+    """What the API does with the queue (``redis.asyncio`` client, any :mod:`service.redis_conn` mode).
 
-    def __init__(self, redis: Any, *, max_queue: int, ttl_s: int):
+    ``wait_replicas`` > 0 confirms a new job only once that many replicas hold it (Redis
+    ``WAIT`` after the enqueue script, on the same connection), so a failover to one of
+    them cannot lose it; ``journal`` (an :class:`~service.reconcile.AckJournal`) hears of
+    every job confirmed, to find later any that a failover lost anyway.
+    """
+
+    def __init__(self, redis: Any, *, max_queue: int, ttl_s: int, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 1000, journal: Any = None):
         self.r = redis
         self.max_queue = max_queue
         self.ttl_s = ttl_s
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.journal = journal
+        self._cluster = is_cluster(redis)
+        self._primaries: dict[tuple[str, int], Any] = {}
         self._enqueue = redis.register_script(SCRIPTS["enqueue"])
         self._cancel = redis.register_script(SCRIPTS["cancel"])
 
@@ -144,18 +129,73 @@ class JobQueue:
         """
         if " " in fingerprint:
             raise ValueError("fingerprint must not contain spaces")
-        job_id = new_job_id()
-        idem = f"{PREFIX}idem:{idempotency}" if idempotency else ""
-        res = await self._enqueue(
-            keys=[stream_key(model), job_key(job_id), events_key(job_id), idem],
-            args=[job_id, repr(time.time()), request.to_json(), model,
-                  self.max_queue, self.ttl_s, request.steps, event_json(QUEUED, model=model), fingerprint])
+        job_id = new_job_id(model)
+        if idempotency:
+            await self._claim_key(model, idempotency)
+        keys = [stream_key(model), job_key(job_id), events_key(job_id)] + ([idem_key(model, idempotency)] if idempotency else [])
+        args = [job_id, repr(time.time()), request.to_json(), model, self.max_queue, self.ttl_s, request.steps,
+                event_json(QUEUED, model=model), fingerprint]
+        if self.wait_replicas:
+            res, acked = await self._enqueue_replicated(keys, args)
+        else:
+            res, acked = await self._enqueue(keys=keys, args=args), None
         tag, value = _s(res[0]), _s(res[1])
         if tag == "full":
             raise QueueFull(int(value))
         if tag == "mismatch":
             raise IdempotencyMismatch(value)
+        if acked is not None and acked < self.wait_replicas:
+            raise NotReplicated(value, acked, self.wait_replicas)
+        if tag == "ok" and self.journal is not None:
+            self.journal.add(value, model)
         return value, tag == "ok"
+
+    async def _claim_key(self, model: str, idempotency: str) -> None:
+        """Bind an idempotency key to its first model: the key itself lives in that model's slot,
+        so a reuse for another model is caught here, by a key of its own."""
+        owner = idem_owner_key(idempotency)
+        if await self.r.set(owner, model, nx=True, ex=self.ttl_s):
+            return
+        first = _s(await self.r.get(owner))
+        if first is not None and first != model:
+            held = _s(await self.r.get(idem_key(first, idempotency)))
+            raise IdempotencyMismatch(held.split(" ")[0] if held else "(expired)")
+
+    async def _enqueue_replicated(self, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        # WAIT counts the replicas that acknowledged this connection's writes, so the script and
+        # the WAIT must share one connection: on a cluster, that of the slot's primary itself.
+        for attempt in (0, 1):
+            client = await self._primary_for(keys[0])
+            pipe = client.pipeline(transaction=False)
+            self._enqueue(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            try:
+                res, acked = await pipe.execute()
+                return res, int(acked)
+            except ResponseError as exc:
+                if not (self._cluster and str(exc).startswith(("MOVED", "ASK")) and attempt == 0):
+                    raise
+                self._primaries.clear()
+                await self.r.exists(keys[0])  # lets the cluster client learn the new slot map
+        raise AssertionError("unreachable")
+
+    async def _primary_for(self, key: str) -> Any:
+        if not self._cluster:
+            return self.r
+        import redis.asyncio as aioredis
+
+        node = self.r.get_node_from_key(key)
+        addr = (node.host, node.port)
+        if addr not in self._primaries:
+            kw = {k: v for k, v in node.connection_kwargs.items()
+                  if k in ("username", "password", "socket_timeout", "socket_connect_timeout", "ssl")}
+            self._primaries[addr] = aioredis.Redis(host=node.host, port=node.port, **kw)
+        return self._primaries[addr]
+
+    async def close(self) -> None:
+        for client in self._primaries.values():
+            await client.aclose()
+        self._primaries.clear()
 
     async def get(self, job_id: str) -> JobRecord | None:
         return JobRecord.from_hash(await self.r.hgetall(job_key(job_id)))
@@ -240,7 +280,11 @@ class JobQueue:
                                                                  "+inf"))
         keys = sorted(ids)
         out = []
-        for raw in (await self.r.mget([worker_key(k) for k in keys])) if keys else []:
+        # One GET per worker in a pipeline, not MGET: worker records live in different cluster slots.
+        pipe = self.r.pipeline(transaction=False)
+        for k in keys:
+            pipe.get(worker_key(k))
+        for raw in (await pipe.execute()) if keys else []:
             try:
                 info = json.loads(_s(raw)) if raw else None
             except ValueError:
@@ -290,8 +334,13 @@ class WorkerQueue:
         self._release = redis.register_script(SCRIPTS["release"])
         # Where the next reclaim scan of each stream's pending list starts (see reclaim()).
         self._reclaim_from: dict[str, str] = {}
+        self._model_of = {stream_key(m): m for m in self.models}
+        self._cluster = is_cluster(redis)
+        self._read_groups = _by_slot([stream_key(m) for m in self.models], self._cluster)
 
     def ensure_groups(self) -> None:
+        """Check the key layout (:func:`~service.keys.check_layout`), then create missing consumer groups."""
+        check_layout(self.r, self.models)
         for m in self.models:
             try:
                 self.r.xgroup_create(stream_key(m), GROUP, id="0", mkstream=True)
@@ -301,15 +350,32 @@ class WorkerQueue:
 
     def read(self, count: int, block_ms: int) -> list[Delivery]:
         """New entries for this worker's models (at most ``count``)."""
-        res = self.r.xreadgroup(GROUP, self.worker_id, {stream_key(m): ">" for m in self.models},
-                                count=count, block=block_ms if block_ms > 0 else None)
+        groups = self._read_groups
+        if len(groups) == 1:
+            res = self.r.xreadgroup(GROUP, self.worker_id, groups[0], count=count,
+                                    block=block_ms if block_ms > 0 else None)
+            return self._deliveries(res, count)
+        # Streams in several cluster slots: poll each slot's streams until one has work.
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            out: list[Delivery] = []
+            for streams in groups:
+                out += self._deliveries(self.r.xreadgroup(GROUP, self.worker_id, streams, count=count - len(out)),
+                                        count - len(out))
+                if len(out) >= count:
+                    return out
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(SPREAD_POLL_S)
+
+    def _deliveries(self, res: Any, count: int) -> list[Delivery]:
         out = []
         for stream, entries in res or []:
-            model = _s(stream)[len(PREFIX) + len("stream:"):]
+            model = self._model_of[_s(stream)]
             for entry_id, fields in entries:
                 if not fields:
                     continue
-                job_id = _job_id(fields)
+                job_id = _job_id(fields, model)
                 if job_id is None:
                     self.discard(model, _s(entry_id))
                     continue
@@ -343,7 +409,7 @@ class WorkerQueue:
                 if not fields:  # deleted entry still in the pending list
                     self.r.xack(stream_key(m), GROUP, entry_id)
                     continue
-                job_id = _job_id(fields)
+                job_id = _job_id(fields, m)
                 if job_id is None:
                     self.discard(m, _s(entry_id))
                     continue
@@ -367,12 +433,11 @@ class WorkerQueue:
     def start(self, deliveries: list[Delivery]) -> tuple[list[StartedJob], list[tuple[Delivery, str]]]:
         """Mark jobs running (counting attempts). Returns started jobs and skipped ones with why."""
         now = time.time()
-        pipe = self.r.pipeline(transaction=False)
-        for d in deliveries:
-            self._start(keys=[job_key(d.job_id), events_key(d.job_id), done_key(d.job_id), stream_key(d.model)],
-                        args=[self.worker_id, repr(now), self.max_attempts, self.ttl_s, d.entry_id], client=pipe)
+        calls = [dict(keys=[job_key(d.job_id), events_key(d.job_id), done_key(d.job_id), stream_key(d.model)],
+                      args=[self.worker_id, repr(now), self.max_attempts, self.ttl_s, d.entry_id]) for d in deliveries]
+        replies = self._scripts(self._start, calls)
         started, skipped = [], []
-        for d, res in zip(deliveries, pipe.execute()):
+        for d, res in zip(deliveries, replies):
             tag = _s(res[0])
             if tag == "ok":
                 req = JobRequest.parse(res[1])
@@ -390,6 +455,38 @@ class WorkerQueue:
             else:
                 skipped.append((d, tag if len(res) < 2 else f"{tag}: {_s(res[1])}"))
         return started, skipped
+
+    def _scripts(self, script: Any, calls: list[dict]) -> list[Any]:
+        """Run ``script`` once per call (``keys``, ``args``) in as few round trips as the mode allows."""
+        if not self._cluster:
+            pipe = self.r.pipeline(transaction=False)
+            for call in calls:
+                script(**call, client=pipe)
+            return pipe.execute()
+        # A cluster pipeline refuses scripts: one plain pipeline per primary instead, straight to
+        # the node. A slot that moved (MOVED) ran nothing there and runs again through the cluster
+        # client, which follows it; so does everything when a node is unreachable, which is
+        # how the cluster client learns of a failover.
+        replies: list[Any] = [None] * len(calls)
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, call in enumerate(calls):
+            node = self.r.get_node_from_key(call["keys"][0])
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        try:
+            for node, idxs in by_node.values():
+                pipe = node.redis_connection.pipeline(transaction=False)
+                for i in idxs:
+                    script(**calls[i], client=pipe)
+                for i, reply in zip(idxs, pipe.execute(raise_on_error=False)):
+                    replies[i] = reply
+        except UNAVAILABLE:
+            replies = [ResponseError("MOVED") if r is None else r for r in replies]
+        for i, reply in enumerate(replies):
+            if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK", "NOSCRIPT")):
+                replies[i] = script(**calls[i])
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def progress(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
         """Store ``(jobs, step, steps, cancelled)`` items in one round trip; set the cancel flags read back.
@@ -452,3 +549,15 @@ class WorkerQueue:
             pipe.zrem(workers_key(m), self.worker_id)
         pipe.delete(worker_key(self.worker_id))
         pipe.execute()
+
+
+def _by_slot(keys: list[str], cluster: bool) -> list[dict[str, str]]:
+    """XREADGROUP arguments: one read for all streams, or on a cluster one per slot."""
+    if not cluster:
+        return [{k: ">" for k in keys}]
+    from redis.crc import key_slot
+
+    groups: dict[int, dict[str, str]] = {}
+    for k in keys:
+        groups.setdefault(key_slot(k.encode()), {})[k] = ">"
+    return list(groups.values())

@@ -53,6 +53,11 @@ class Settings(BaseModel):
     # Largest encoded output (a video, usually) one job may store in Redis; a bigger one fails the job.
     max_output_bytes: int = Field(64 << 20, ge=1024)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Replicas that must hold a new job before the API confirms it (Redis WAIT); 0 = asynchronous.
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
+    # Age at which the API checks that a job it confirmed is still in Redis (service/reconcile.py).
+    reconcile_settle_s: float = Field(5.0, gt=0, le=3600)
 
     @field_validator("device")
     @classmethod
@@ -119,6 +124,9 @@ ENV_NAMES: dict[str, str] = {
     "max_frames": "CLUSCA_MAX_FRAMES",
     "max_output_bytes": "CLUSCA_MAX_OUTPUT_BYTES",
     "max_body_bytes": "CLUSCA_MAX_BODY_BYTES",
+    "redis_wait_replicas": "CLUSCA_REDIS_WAIT_REPLICAS",
+    "redis_wait_timeout_ms": "CLUSCA_REDIS_WAIT_TIMEOUT_MS",
+    "reconcile_settle_s": "CLUSCA_RECONCILE_SETTLE_S",
 }
 
 

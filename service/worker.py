@@ -26,9 +26,10 @@ from typing import Any, Callable, TypeVar
 
 import redis
 
-from . import metrics
+from . import metrics, redis_conn
 from .contract import CANCELLED, FAILED, SUCCEEDED, JobResult, Timings
 from .images import encode_output
+from .keys import LayoutError
 from .progress import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
 from .queue import HEARTBEAT_S, Delivery, StartedJob, WorkerQueue
 from .registry import Registry
@@ -41,7 +42,7 @@ __all__ = ["Worker", "run_worker", "ProgressPump", "progress_by_job", "PROGRESS_
 log = logging.getLogger("clusca.worker")
 T = TypeVar("T")
 
-_REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+_REDIS_ERRORS = redis_conn.UNAVAILABLE
 
 
 class Worker:
@@ -54,8 +55,8 @@ class Worker:
             raise ValueError(f"unknown model(s) {unknown}; the registry has {registry.names}")
         self.entries = [registry.get(m) for m in names]
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
-                                          health_check_interval=10)
+        self.redis = redis_conn.sync_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
+                                            health_check_interval=10)
         self.q = WorkerQueue(self.redis, worker_id=self.worker_id, models=names, ttl_s=settings.result_ttl_s,
                              visibility_timeout_s=settings.visibility_timeout_s,
                              max_attempts=settings.max_attempts)
@@ -337,7 +338,10 @@ def run_worker(settings: Settings, models: list[str] | None = None, worker_id: s
         registry = Registry.load(settings.models_file)
     except ValueError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
-    worker = Worker(settings, registry, models, worker_id)
+    try:
+        worker = Worker(settings, registry, models, worker_id)
+    except redis_conn.RedisUrlError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
     worker.install_signal_handlers()
     worker.load()
     if settings.worker_metrics_port:
@@ -347,4 +351,7 @@ def run_worker(settings: Settings, models: list[str] | None = None, worker_id: s
             start_http_server(settings.worker_metrics_port)
         except OSError as exc:
             log.warning("worker metrics port %d unavailable (%s)", settings.worker_metrics_port, exc)
-    worker.serve()
+    try:
+        worker.serve()
+    except LayoutError as exc:
+        raise SystemExit(f"clusca worker: {exc}") from None

@@ -22,6 +22,7 @@ import pytest
 import redis as redis_lib
 
 from service.embedded_redis import EmbeddedRedis, free_port
+from service.keys import workers_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,7 +187,7 @@ class Service:
         if wait:
             r = self.redis_client()
             first = models.split(",")[0]
-            key = f"clusca:workers:{first}"
+            key = workers_key(first)
             wait_until(lambda: proc.poll() is not None or any(
                 m.decode().endswith(f"-{proc.pid}-") or f"-{proc.pid}-" in m.decode() or m.decode() == worker_id
                 for m in r.zrangebyscore(key, time.time() - 5, "+inf")), timeout=60, what=f"worker for {models}")
@@ -244,3 +245,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A 3-primary, 3-replica Redis Cluster on loopback (Debian's redis-server), shared by the session."""
+    from service.embedded_redis import EmbeddedCluster, system_redis_server
+
+    if system_redis_server() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); Redis Cluster tests need it")
+    with EmbeddedCluster(3, 1) as cluster:
+        yield cluster

@@ -24,6 +24,7 @@ import httpx
 from PIL import Image
 
 from conftest import BASE_ENV, ROOT, Service, wait_until
+from service.keys import done_key, events_key, images_key, job_key
 from service.embedded_redis import EmbeddedRedis
 from service.noop import noop_color
 
@@ -138,7 +139,7 @@ def statuses(r: Any, ids: list[str]) -> dict[str, dict[str, str]]:
     """``{id: {status, worker, step, attempts}}`` straight from Redis, in one round trip."""
     pipe = r.pipeline(transaction=False)
     for j in ids:
-        pipe.hmget(f"clusca:job:{j}", "status", "worker", "step", "attempts")
+        pipe.hmget(job_key(j), "status", "worker", "step", "attempts")
     out = {}
     for j, vals in zip(ids, pipe.execute()):
         out[j] = {k: (v.decode() if v is not None else None)
@@ -155,13 +156,13 @@ def wait_terminal(r: Any, ids: list[str], timeout: float) -> dict[str, dict[str,
 
 
 def events(r: Any, job_id: str) -> list[dict[str, Any]]:
-    return [json.loads(f[b"e"]) for _, f in r.xrange(f"clusca:job:{job_id}:events")]
+    return [json.loads(f[b"e"]) for _, f in r.xrange(events_key(job_id))]
 
 
 def ledger_problems(r: Any, job_id: str, prompt: str, seed: int, num_images: int = 1) -> list[str]:
     """Everything wrong with a job that must have succeeded exactly once (empty list: fine)."""
     problems = []
-    job = {k.decode(): v.decode() for k, v in r.hgetall(f"clusca:job:{job_id}").items()}
+    job = {k.decode(): v.decode() for k, v in r.hgetall(job_key(job_id)).items()}
     if job.get("status") != "succeeded":
         problems.append(f"status {job.get('status')} ({job.get('error')})")
     evs = [e["type"] for e in events(r, job_id)]
@@ -169,10 +170,10 @@ def ledger_problems(r: Any, job_id: str, prompt: str, seed: int, num_images: int
         problems.append(f"terminal events {[e for e in evs if e in ('finished', 'failed', 'cancelled')]}")
     if evs.count("started") != int(job.get("attempts") or 0):
         problems.append(f"{evs.count('started')} starts for {job.get('attempts')} attempts")
-    done = r.lrange(f"clusca:job:{job_id}:done", 0, -1)
+    done = r.lrange(done_key(job_id), 0, -1)
     if len(done) != 1:
         problems.append(f"done markers {done}")
-    images = r.hgetall(f"clusca:job:{job_id}:images")
+    images = r.hgetall(images_key(job_id))
     if len(images) != num_images:
         problems.append(f"{len(images)} images stored for {num_images}")
     for k, data in images.items():

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from conftest import Service, wait_until
+from service.keys import IDEM_PATTERN, images_key, job_key, stream_key, workers_key
 from reliability_support import (env_float, env_int, events, ledger_problems, report, restart_redis, shapes_weights,
                                  stack, statuses, submit, wait_terminal)
 
@@ -67,7 +68,7 @@ def _kill_campaign(tmp_path, *, model: str, jobs: int, kills: int, extra_env: di
             running = [(j, s) for j, s in running if s["worker"] not in last]
             # One crash at a time: kill only while another worker is serving, so the takeover measured
             # is the queue's (not the time a fresh worker takes to load its model).
-            serving = {m.decode() for m in r.zrangebyscore(f"clusca:workers:{model}", time.time() - 1.5, "+inf")}
+            serving = {m.decode() for m in r.zrangebyscore(workers_key(model), time.time() - 1.5, "+inf")}
             if len(serving & {w for w, p in workers.items() if p.poll() is None}) < 2:
                 continue
             if not running:
@@ -88,8 +89,8 @@ def _kill_campaign(tmp_path, *, model: str, jobs: int, kills: int, extra_env: di
             p = ledger_problems(r, j, f"job {i}", 1000 + i) if check_image is None else check_image(r, j, i)
             if p:
                 problems[j] = p
-        pending = r.xpending(f"clusca:stream:{model}", "workers")["pending"]
-        left = r.xlen(f"clusca:stream:{model}")
+        pending = r.xpending(stream_key(model), "workers")["pending"]
+        left = r.xlen(stream_key(model))
         # Takeover delay: from the kill to the next start of each job the killed worker held.
         delays = []
         for k in kill_log:
@@ -101,7 +102,7 @@ def _kill_campaign(tmp_path, *, model: str, jobs: int, kills: int, extra_env: di
         lat = {}
         for j in ids:
             starts = [e["t"] for e in events(r, j) if e["type"] == "started"]
-            finished = r.hget(f"clusca:job:{j}", "finished")
+            finished = r.hget(job_key(j), "finished")
             if starts and finished:
                 lat[j] = float(finished) - min(starts)
         hit = {j for k in kill_log for j in k["jobs"]}
@@ -147,9 +148,9 @@ def test_sigkill_campaign_builtin_model(tmp_path):
     def check(r, job_id, i):
         evs = [e["type"] for e in events(r, job_id)]
         problems = []
-        if r.hget(f"clusca:job:{job_id}", "status") != b"succeeded" or evs.count("finished") != 1:
+        if r.hget(job_key(job_id), "status") != b"succeeded" or evs.count("finished") != 1:
             problems.append(f"not succeeded exactly once: {evs}")
-        refs[i] = r.hget(f"clusca:job:{job_id}:images", "0")
+        refs[i] = r.hget(images_key(job_id), "0")
         return problems
 
     body = {"steps": 50, "cache": {"preset": "balanced"}}
@@ -212,7 +213,7 @@ def test_redis_outage_under_load(tmp_path):
         time.sleep(0.5)
         r = svc.redis_client()
         # Workers find Redis again on their own (same processes, fresh heartbeats).
-        wait_until(lambda: all(float(r.zscore("clusca:workers:slow", f"o{i}") or 0) > t_up for i in range(2)),
+        wait_until(lambda: all(float(r.zscore(workers_key("slow"), f"o{i}") or 0) > t_up for i in range(2)),
                    timeout=20, what="worker heartbeats after the restart")
         assert all(w.poll() is None for w in workers)
         accepted = [e for e in log if e["status"] == 202]
@@ -255,7 +256,7 @@ def test_redis_restart_with_aof_loses_no_accepted_job(tmp_path, sig):
             wait_until(lambda: c.get(f"/jobs/{running}").json()["step"] >= 2, what="job running")
         restart_redis(svc, down_s=1.0, sig=sig)
         r = svc.redis_client()
-        assert r.xlen("clusca:stream:idle") == 20
+        assert r.xlen(stream_key("idle")) == 20
         idle_worker = svc.start_worker("idle")
         st = wait_terminal(r, [done_before, running, *queued], timeout=60)
         assert all(s["status"] == "succeeded" for s in st.values()), st
@@ -308,7 +309,7 @@ def test_api_restart_jobs_in_flight_finish_and_are_fetchable(tmp_path):
         t = threading.Thread(target=sync_call)
         t.start()
         r = svc.redis_client()
-        wait_until(lambda: r.keys("clusca:idem:*"), what="sync request queued")
+        wait_until(lambda: r.keys(IDEM_PATTERN), what="sync request queued")
         api.send_signal(signal.SIGKILL)
         api.wait(10)
         t.join(30)
@@ -375,7 +376,7 @@ def test_reclaim_finds_a_dead_workers_jobs_behind_many_live_ones():
         live, dead, rescuer = consumer("live"), consumer("dead"), consumer("rescuer")
         live.ensure_groups()
         for _ in range(60):
-            r.xadd(stream_key("m"), {"job": new_job_id()})
+            r.xadd(stream_key("m"), {"job": new_job_id("m")})
         held = live.read(50, block_ms=0)
         lost = dead.read(10, block_ms=0)
         assert len(held) == 50 and len(lost) == 10

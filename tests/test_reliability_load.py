@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
+from service.keys import stream_key
 from reliability_support import (env_int, ledger_problems, report, rss_bytes, shapes_weights, stack, statuses,
                                  wait_terminal)
 
@@ -257,7 +258,7 @@ def test_queue_overflow_429_with_retry_after_and_nothing_accepted_dropped(tmp_pa
             err = x.json()["error"]
             assert err["code"] == "queue_full" and "idle" in err["message"] and str(depth) in err["message"]
         r = svc.redis_client()
-        assert r.xlen("clusca:stream:idle") == depth
+        assert r.xlen(stream_key("idle")) == depth
         svc.start_worker("idle")
         wait_terminal(r, [j for _, j in accepted], timeout=30)
         for i, j in accepted:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, Service, wait_until
+from service.keys import JOB_PATTERN, STREAM_PATTERN, job_key, model_tag, stream_key
 from reliability_support import ledger_problems, stack, submit
 
 SECRET_KEYS = ("sk-live-4f1c0ffee", "second-key-77ab", "third-key-zz")
@@ -40,10 +41,10 @@ def hostile(tmp_path_factory):
 
 def _queued_state(r) -> tuple:
     """Everything a worker could ever receive: stream lengths, last ids added and delivered, job records."""
-    streams = sorted(r.scan_iter("clusca:stream:*"))
+    streams = sorted(r.scan_iter(STREAM_PATTERN))
     state = [(k, r.xlen(k), r.xinfo_stream(k)["last-generated-id"],
               tuple(g["last-delivered-id"] for g in r.xinfo_groups(k))) for k in streams]
-    jobs = sum(1 for k in r.scan_iter("clusca:job:*") if k.count(b":") == 2)
+    jobs = sum(1 for k in r.scan_iter(JOB_PATTERN) if k.count(b":") == 3)
     return tuple(state), jobs
 
 
@@ -320,25 +321,26 @@ def test_pickled_payload_in_the_stream_is_rejected_not_executed(hostile, tmp_pat
     payload = pickle.dumps(_Boom())
     # 1. A stream entry whose job field is a pickle, 2. a job record whose stored request is a pickle,
     # 3. job records whose request is JSON of the wrong shape.
-    r.xadd("clusca:stream:noop", {"job": payload})
-    for job_id, request in (("a" * 32, payload), ("b" * 32, b'{"prompt": ["not", "a", "job"]}'),
-                            ("c" * 32, b'[1, 2, 3]')):
-        r.hset(f"clusca:job:{job_id}", mapping={"id": job_id, "model": "noop", "status": "queued",
+    r.xadd(stream_key("noop"), {"job": payload})
+    ids = [model_tag("noop") + c * 28 for c in "abc"]  # ids of the noop model's tag, as the API makes them
+    for job_id, request in ((ids[0], payload), (ids[1], b'{"prompt": ["not", "a", "job"]}'),
+                            (ids[2], b'[1, 2, 3]')):
+        r.hset(job_key(job_id), mapping={"id": job_id, "model": "noop", "status": "queued",
                                                 "request": request, "created": str(time.time()),
                                                 "step": "0", "steps": "4", "attempts": "0"})
-        r.xadd("clusca:stream:noop", {"job": job_id})
+        r.xadd(stream_key("noop"), {"job": job_id})
         # One at a time, so each is also delivered alone (a worker takes a lone job on a shorter path).
-        wait_until(lambda: r.hget(f"clusca:job:{job_id}", "status") != b"queued", timeout=15,
+        wait_until(lambda: r.hget(job_key(job_id), "status") != b"queued", timeout=15,
                    what=f"injected job {job_id} delivered")
     with httpx.Client(base_url=hostile.base_url, timeout=30) as c:
         # The worker is still healthy and serves the next ordinary job.
         after = submit(c, prompt="after the injection", seed=5)
         wait_until(lambda: c.get(f"/jobs/{after}").json()["status"] == "succeeded", timeout=30,
                    what="a job after the injected entries")
-        for job_id in ("a" * 32, "b" * 32, "c" * 32):
-            wait_until(lambda: r.hget(f"clusca:job:{job_id}", "status") == b"failed", timeout=15,
+        for job_id in ids:
+            wait_until(lambda: r.hget(job_key(job_id), "status") == b"failed", timeout=15,
                        what=f"injected job {job_id} rejected")
-            assert r.hget(f"clusca:job:{job_id}", "error"), "a rejected job says why"
+            assert r.hget(job_key(job_id), "error"), "a rejected job says why"
             resp = c.get(f"/jobs/{job_id}")
             assert resp.status_code < 500, resp.text[:300]
     assert ledger_problems(r, after, "after the injection", 5) == []
@@ -346,7 +348,7 @@ def test_pickled_payload_in_the_stream_is_rejected_not_executed(hostile, tmp_pat
     # Refused entries are let go: once idle, no worker still counts them as running.
     wait_until(lambda: all(json.loads(r.get(k) or b"{}").get("running", 0) == 0 for k in r.scan_iter("clusca:worker:*")),
                timeout=10, what="workers to report nothing running")
-    assert r.xlen("clusca:stream:noop") == 0 and r.xpending("clusca:stream:noop", "workers")["pending"] == 0
+    assert r.xlen(stream_key("noop")) == 0 and r.xpending(stream_key("noop"), "workers")["pending"] == 0
     assert all(p.poll() is None for p in hostile.procs[:2]), "the worker or the API died"
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
+from service.keys import workers_key
 from clusca_shapes import WEIGHTS_DIR
 
 WEIGHTS = Path(os.environ.get("CLUSCA_TEST_SHAPES_WEIGHTS", WEIGHTS_DIR))
@@ -27,7 +28,7 @@ def shapes(service, tmp_path_factory):
     worker = service.start_worker("shapes", {"CLUSCA_MODELS": str(models), "CLUSCA_MAX_BATCH": "4",
                                              "CLUSCA_VISIBILITY_TIMEOUT_S": "60"}, wait=False)
     r = service.redis_client()
-    wait_until(lambda: worker.poll() is not None or r.zcard("clusca:workers:shapes") > 0, timeout=180,
+    wait_until(lambda: worker.poll() is not None or r.zcard(workers_key("shapes")) > 0, timeout=180,
                what="shapes worker")
     assert worker.poll() is None, open(worker.log_path).read()
     yield service

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
+from service.keys import workers_key
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -79,7 +80,7 @@ def tinyflux(service, tmp_path_factory):
     worker = service.start_worker("tinyflux", {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "60"},
                                   wait=False)
     r = service.redis_client()
-    wait_until(lambda: worker.poll() is not None or r.zcard("clusca:workers:tinyflux") > 0, timeout=180,
+    wait_until(lambda: worker.poll() is not None or r.zcard(workers_key("tinyflux")) > 0, timeout=180,
                what="tinyflux worker")
     assert worker.poll() is None, open(worker.log_path).read()
     yield root / "pipe"

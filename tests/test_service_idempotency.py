@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from conftest import Service
+from service.keys import JOB_PATTERN
 
 
 def _key() -> str:
@@ -29,7 +30,7 @@ def test_same_key_different_request_is_422_and_queues_nothing(service):
     with service.client() as c:
         first = c.post("/generate", json={"prompt": "one", "seed": 1}, headers={"Idempotency-Key": key})
         assert first.status_code == 200
-        jobs_before = len(list(r.scan_iter("clusca:job:*")))
+        jobs_before = len(list(r.scan_iter(JOB_PATTERN)))
         for changed in ({"prompt": "two", "seed": 1}, {"prompt": "one", "seed": 2}, {"prompt": "one", "seed": 1, "steps": 3},
                         {"prompt": "one", "seed": 1, "model": "slow"}):
             again = c.post("/generate", json=changed, headers={"Idempotency-Key": key})
@@ -37,7 +38,7 @@ def test_same_key_different_request_is_422_and_queues_nothing(service):
             err = again.json()["error"]
             assert err["code"] == "idempotency_key_reused" and err["param"] == "Idempotency-Key", err
             assert "different request" in err["message"]
-        assert len(list(r.scan_iter("clusca:job:*"))) == jobs_before
+        assert len(list(r.scan_iter(JOB_PATTERN))) == jobs_before
         # The original request with its key still answers with the original job.
         same = c.post("/generate", json={"prompt": "one", "seed": 1}, headers={"Idempotency-Key": key})
         assert same.status_code == 200 and same.json()["id"] == first.json()["id"]

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
+from service.keys import stream_key, workers_key
 from clusca_shapes import PIPELINE_LIMITS, WEIGHTS_DIR
 from service.registry import ModelLimits, Registry, RegistryError, builtin_entry
 
@@ -128,12 +129,12 @@ def test_models_lists_each_models_limits(service):
                                         ((64, 516), "height"), ((34, 32), "width")])
 def test_sizes_the_builtin_pipeline_refuses_are_422_before_queueing(service, size, field):
     r = service.redis_client()
-    before = r.xlen("clusca:stream:shapes")
+    before = r.xlen(stream_key("shapes"))
     with service.client() as c:
         err = _err(c.post("/generate", json={"prompt": "x", "model": "shapes", "width": size[0], "height": size[1]}),
                    field)
     assert "'shapes'" in err["message"] and ("512" in err["message"] or "multiple of 4" in err["message"])
-    assert r.xlen("clusca:stream:shapes") == before
+    assert r.xlen(stream_key("shapes")) == before
 
 
 def test_openai_size_outside_the_model_is_a_4xx_listing_supported_sizes(service):
@@ -235,7 +236,7 @@ def shapes_api(service, tmp_path_factory):
     worker = service.start_worker("shapes", {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "120"},
                                   wait=False)
     r = service.redis_client()
-    wait_until(lambda: worker.poll() is not None or r.zcard("clusca:workers:shapes") > 0, timeout=180,
+    wait_until(lambda: worker.poll() is not None or r.zcard(workers_key("shapes")) > 0, timeout=180,
                what="shapes worker")
     assert worker.poll() is None, open(worker.log_path).read()
     proc, url = service.start_api({"CLUSCA_SYNC_TIMEOUT_S": "240"})

@@ -15,7 +15,7 @@ REQ = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=0.0, seed=1)
 
 
 def _job(r, steps: int) -> StartedJob:
-    job_id = new_job_id()
+    job_id = new_job_id("noop")
     r.hset(job_key(job_id), mapping={"status": "running", "step": 0, "steps": steps})
     return StartedJob(Delivery("noop", "0-1", job_id), REQ, time.time(), time.time(), 1, False)
 

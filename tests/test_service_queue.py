@@ -1,4 +1,8 @@
-"""The queue's guarantees against a real Redis: exactly-once results, attempts, hand-back."""
+"""The queue's guarantees against a real Redis: exactly-once results, attempts, hand-back.
+
+Each test runs against one server and against a 3-primary Redis Cluster (its scripts must
+find all their keys in one slot there).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,33 @@ import time
 import uuid
 
 import pytest
-import redis.asyncio as aioredis
 
+from service import redis_conn
 from service.contract import JobRecord, JobRequest, JobResult
+from service.keys import done_key, images_key, stream_key
 from service.queue import JobQueue, QueueFull, WorkerQueue, job_key
 
 REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
 
 
+class Backend:
+    def __init__(self, url: str):
+        self.redis_url = url
+
+    def redis_client(self):
+        return redis_conn.sync_client(self.redis_url)
+
+
+@pytest.fixture(params=["single", "cluster"])
+def backend(request, service) -> Backend:
+    if request.param == "single":
+        return Backend(service.redis_url)
+    return Backend(request.getfixturevalue("redis_cluster").url)
+
+
 def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str | None = None) -> list[tuple[str, bool]]:
     async def go():
-        r = aioredis.Redis.from_url(url)
+        r = redis_conn.async_client(url)
         q = JobQueue(r, max_queue=max_queue, ttl_s=60)
         try:
             return [await q.enqueue(model, REQ, idem) for _ in range(n)]
@@ -27,17 +47,17 @@ def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str |
     return asyncio.run(go())
 
 
-def _wq(service, model: str, wid: str, vis: float = 30, attempts: int = 3) -> WorkerQueue:
-    q = WorkerQueue(service.redis_client(), worker_id=wid, models=[model], ttl_s=60, visibility_timeout_s=vis,
+def _wq(backend: Backend, model: str, wid: str, vis: float = 30, attempts: int = 3) -> WorkerQueue:
+    q = WorkerQueue(backend.redis_client(), worker_id=wid, models=[model], ttl_s=60, visibility_timeout_s=vis,
                     max_attempts=attempts)
     q.ensure_groups()
     return q
 
 
-def test_two_workers_racing_store_one_result(service):
+def test_two_workers_racing_store_one_result(backend):
     model = f"unit-{uuid.uuid4().hex[:6]}"
-    a, b = _wq(service, model, "A", vis=0.05), _wq(service, model, "B", vis=0.05)
-    (job_id, _), = _enqueue(service.redis_url, model)
+    a, b = _wq(backend, model, "A", vis=0.05), _wq(backend, model, "B", vis=0.05)
+    (job_id, _), = _enqueue(backend.redis_url, model)
     da = a.read(1, block_ms=100)
     started_a, _ = a.start(da)
     time.sleep(0.1)
@@ -48,19 +68,19 @@ def test_two_workers_racing_store_one_result(service):
     wins = [b.finish(started_b[0], "succeeded", JobResult(worker="B"), images=[b"img-B"]),
             a.finish(started_a[0], "succeeded", JobResult(worker="A"), images=[b"img-A"])]
     assert wins == [True, False]
-    r = service.redis_client()
+    r = backend.redis_client()
     job = JobRecord.from_hash(r.hgetall(job_key(job_id)))
     assert job.status == "succeeded" and job.result == JobResult(worker="B")
-    assert r.hgetall(f"clusca:job:{job_id}:images") == {b"0": b"img-B"}
-    assert r.xpending(f"clusca:stream:{model}", "workers")["pending"] == 0
-    assert r.xlen(f"clusca:stream:{model}") == 0
-    assert r.lrange(f"clusca:job:{job_id}:done", 0, -1) == [b"succeeded"]
+    assert r.hgetall(images_key(job_id)) == {b"0": b"img-B"}
+    assert r.xpending(stream_key(model), "workers")["pending"] == 0
+    assert r.xlen(stream_key(model)) == 0
+    assert r.lrange(done_key(job_id), 0, -1) == [b"succeeded"]
 
 
-def test_job_fails_after_max_attempts_with_reason(service):
+def test_job_fails_after_max_attempts_with_reason(backend):
     model = f"unit-{uuid.uuid4().hex[:6]}"
-    qs = [_wq(service, model, f"W{i}", vis=0.02, attempts=2) for i in range(3)]
-    (job_id, _), = _enqueue(service.redis_url, model)
+    qs = [_wq(backend, model, f"W{i}", vis=0.02, attempts=2) for i in range(3)]
+    (job_id, _), = _enqueue(backend.redis_url, model)
     s0, _ = qs[0].start(qs[0].read(1, block_ms=100))
     time.sleep(0.05)
     s1, _ = qs[1].start(qs[1].reclaim(1))
@@ -68,45 +88,45 @@ def test_job_fails_after_max_attempts_with_reason(service):
     time.sleep(0.05)
     started, skipped = qs[2].start(qs[2].reclaim(1))
     assert started == [] and skipped[0][1].startswith("exhausted")
-    job = JobRecord.from_hash(service.redis_client().hgetall(job_key(job_id)))
+    job = JobRecord.from_hash(backend.redis_client().hgetall(job_key(job_id)))
     assert job.status == "failed" and "gave up after 2 attempts" in job.error
     # A late finish from a stale worker cannot overwrite the verdict.
     assert qs[1].finish(s1[0], "succeeded", JobResult(), images=[b"x"]) is False
 
 
-def test_release_hands_unstarted_jobs_back(service):
+def test_release_hands_unstarted_jobs_back(backend):
     model = f"unit-{uuid.uuid4().hex[:6]}"
-    a, b = _wq(service, model, "A"), _wq(service, model, "B")
-    ids = [j for j, _ in _enqueue(service.redis_url, model, n=2)]
+    a, b = _wq(backend, model, "A"), _wq(backend, model, "B")
+    ids = [j for j, _ in _enqueue(backend.redis_url, model, n=2)]
     got = a.read(2, block_ms=100)
     assert [d.job_id for d in got] == ids
     a.release(got)
     again = b.read(2, block_ms=100)
     assert [d.job_id for d in again] == ids
-    assert service.redis_client().xpending(f"clusca:stream:{model}", "workers")["pending"] == 2
+    assert backend.redis_client().xpending(stream_key(model), "workers")["pending"] == 2
 
 
-def test_enqueue_depth_limit_and_idempotency(service):
+def test_enqueue_depth_limit_and_idempotency(backend):
     model = f"unit-{uuid.uuid4().hex[:6]}"
-    (first, created), (second, created2) = _enqueue(service.redis_url, model, n=2, idem="same")
+    (first, created), (second, created2) = _enqueue(backend.redis_url, model, n=2, idem="same")
     assert created and not created2 and first == second
-    _enqueue(service.redis_url, model, n=1, max_queue=2)
+    _enqueue(backend.redis_url, model, n=1, max_queue=2)
     with pytest.raises(QueueFull):
-        _enqueue(service.redis_url, model, n=1, max_queue=2)
+        _enqueue(backend.redis_url, model, n=1, max_queue=2)
 
 
-def test_live_workers_are_read_from_heartbeats_and_garbage_is_skipped(service):
+def test_live_workers_are_read_from_heartbeats_and_garbage_is_skipped(backend):
     from service.queue import LiveWorker, worker_key, workers_key
 
     model = f"unit-{uuid.uuid4().hex[:6]}"
-    _wq(service, model, "hb-1").heartbeat({"id": "hb-1", "host": "h", "running": 2,
+    _wq(backend, model, "hb-1").heartbeat({"id": "hb-1", "host": "h", "running": 2,
                                             "models": {model: {"device": "cpu"}}})
-    r = service.redis_client()
+    r = backend.redis_client()
     r.zadd(workers_key(model), {"ghost": time.time()})
     r.set(worker_key("ghost"), b"not json")
 
     async def go():
-        client = aioredis.Redis.from_url(service.redis_url)
+        client = redis_conn.async_client(backend.redis_url)
         try:
             q = JobQueue(client, max_queue=10, ttl_s=60)
             return await q.ping(), await q.live_workers([model])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import Service
+from service.keys import JOB_PATTERN, stream_key
 
 
 def _err(r, status: int) -> dict:
@@ -91,13 +92,13 @@ def test_job_routes_validate_ids(service):
 
 def test_rejected_requests_never_reach_a_worker(service):
     r = service.redis_client()
-    before = r.xlen("clusca:stream:noop") + int(r.xpending("clusca:stream:noop", "workers")["pending"])
-    keys_before = len(list(r.scan_iter("clusca:job:*")))
+    before = r.xlen(stream_key("noop")) + int(r.xpending(stream_key("noop"), "workers")["pending"])
+    keys_before = len(list(r.scan_iter(JOB_PATTERN)))
     with service.client() as c:
         for payload in ({"prompt": "x", "steps": 999}, {"prompt": "x", "width": 7}, {"prompt": "\x07"}):
             assert c.post("/generate", json=payload).status_code == 422
-    assert len(list(r.scan_iter("clusca:job:*"))) == keys_before
-    assert r.xlen("clusca:stream:noop") + int(r.xpending("clusca:stream:noop", "workers")["pending"]) <= before
+    assert len(list(r.scan_iter(JOB_PATTERN))) == keys_before
+    assert r.xlen(stream_key("noop")) + int(r.xpending(stream_key("noop"), "workers")["pending"]) <= before
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_full_queue_is_429_with_retry_after(service, restricted):
 
     auth = {"Authorization": "Bearer k-one", "Prefer": "respond-async"}
     r = service.redis_client()
-    r.delete("clusca:stream:orphan")
+    r.delete(stream_key("orphan"))
     with httpx.Client(base_url=restricted, timeout=30) as c:
         ids = [c.post("/generate", json={"prompt": f"q{i}", "model": "orphan"}, headers=auth) for i in range(2)]
         assert [x.status_code for x in ids] == [202, 202]
@@ -143,7 +144,7 @@ def test_full_queue_is_429_with_retry_after(service, restricted):
         # Accepted jobs are still there.
         for x in ids:
             assert c.get(f"/jobs/{x.json()['id']}", headers=auth).json()["status"] == "queued"
-    r.delete("clusca:stream:orphan")
+    r.delete(stream_key("orphan"))
 
 
 def test_private_webhook_targets_refused(service, restricted):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import Service, wait_until
+from service.keys import stream_key, workers_key
 from service.embedded_redis import free_port
 
 torch = pytest.importorskip("torch")
@@ -61,7 +62,7 @@ def wan(service, tmp_path_factory):
     metrics_port = free_port()
     worker = service.start_worker("tinywan,tinyhunyuan", env, metrics_port=metrics_port, wait=False)
     r = service.redis_client()
-    wait_until(lambda: worker.poll() is not None or r.zcard("clusca:workers:tinywan") > 0, timeout=180,
+    wait_until(lambda: worker.poll() is not None or r.zcard(workers_key("tinywan")) > 0, timeout=180,
                what="tinywan worker")
     assert worker.poll() is None, open(worker.log_path).read()
     api, url = service.start_api(env)
@@ -185,7 +186,7 @@ def test_v1_videos_cancel_and_unknown_ids(wan):
 def test_out_of_limit_videos_are_refused_before_any_worker(wan, service):
     url = wan.url
     r = service.redis_client()
-    before = r.xlen("clusca:stream:tinywan") if r.exists("clusca:stream:tinywan") else 0
+    before = r.xlen(stream_key("tinywan")) if r.exists(stream_key("tinywan")) else 0
     # (/generate fields, /v1/videos fields or None, the field named, the message)
     cases = [
         ({"num_frames": 21}, {"num_frames": 21}, "num_frames", "at most 17"),
@@ -213,7 +214,7 @@ def test_out_of_limit_videos_are_refused_before_any_worker(wan, service):
         assert c.post("/v1/videos", json={"model": "noop", "prompt": "x"}).json()["error"]["param"] == "model"
         assert c.post("/v1/images/generations", json={"model": "tinywan", "prompt": "x"}).json()["error"][
             "param"] == "model"
-    after = r.xlen("clusca:stream:tinywan") if r.exists("clusca:stream:tinywan") else 0
+    after = r.xlen(stream_key("tinywan")) if r.exists(stream_key("tinywan")) else 0
     assert after == before
 
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 from conftest import Service, wait_until
+from service.keys import stream_key, workers_key
 
 from service.embedded_redis import free_port
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
@@ -81,7 +82,7 @@ def test_sigkilled_worker_job_finishes_on_another(service):
         img = c.get(f"/jobs/{job}/images/0")
         assert img.status_code == 200
     r = service.redis_client()
-    assert r.xpending("clusca:stream:kill", "workers")["pending"] == 0
+    assert r.xpending(stream_key("kill"), "workers")["pending"] == 0
 
 
 def test_sigterm_finishes_the_running_job_then_exits(service):
@@ -148,7 +149,7 @@ def test_redis_outage_503_then_recovery_without_losing_jobs(service, tmp_path):
         worker = service.start_worker("slow", env, wait=False)
         api, url = service.start_api(env)
         r = redis_lib.Redis.from_url(own.url)
-        wait_until(lambda: r.zcard("clusca:workers:slow") > 0, timeout=30, what="worker heartbeat")
+        wait_until(lambda: r.zcard(workers_key("slow")) > 0, timeout=30, what="worker heartbeat")
         with httpx.Client(base_url=url, timeout=30) as c:
             running = c.post("/generate", json={"prompt": "outage", "model": "slow", "steps": 15},
                              headers={"Prefer": "respond-async"}).json()["id"]

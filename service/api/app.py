@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import asyncio
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
+from .. import reconcile, redis_conn
+from ..keys import LayoutError, check_layout_async
 from ..queue import JobQueue
 from ..registry import Registry
 from ..settings import Settings, get_settings
@@ -18,7 +20,7 @@ from . import errors
 from .deps import Services
 from .middleware import BodyLimitAndMetrics
 from .openapi_links import add_links
-from .routers import generate, jobs, openai, playground, system, videos
+from .routers import admin, generate, jobs, openai, playground, system, videos
 
 log = logging.getLogger("clusca.api")
 DOCS_ASSETS = "/docs-assets"
@@ -29,6 +31,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     settings = settings or get_settings()
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (clusca serve starts a private Redis; clusca api needs one)")
+    redis_conn.parse(settings.redis_url)  # a malformed URL stops the start, naming what is wrong
     registry = registry or Registry.load(settings.models_file)
     if settings.default_model not in registry:
         raise RuntimeError(f"CLUSCA_DEFAULT_MODEL {settings.default_model!r} is not in the registry "
@@ -37,14 +40,24 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Short timeouts: a dead or hung Redis must turn into a quick 503, never a hanging request.
-        r = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
+        r = redis_conn.async_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
                                     health_check_interval=10, retry_on_timeout=False)
-        app.state.services = Services(settings, registry, r,
-                                      JobQueue(r, max_queue=settings.max_queue, ttl_s=settings.result_ttl_s))
+        try:
+            await check_layout_async(r, registry.names)
+        except redis_conn.UNAVAILABLE as exc:  # the API starts without Redis and answers 503 until it is back
+            log.warning("Redis unreachable at start (%s); the queue layout is checked by the workers", exc)
+        journal = reconcile.AckJournal(settings.reconcile_settle_s)
+        queue = JobQueue(r, max_queue=settings.max_queue, ttl_s=settings.result_ttl_s,
+                         wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms,
+                         journal=journal)
+        app.state.services = Services(settings, registry, r, queue, journal)
+        checker = asyncio.create_task(reconcile.run(journal, r))
         log.info("API ready; models: %s", ", ".join(registry.names))
         try:
             yield
         finally:
+            checker.cancel()
+            await queue.close()
             await r.aclose()
 
     # /docs and /redoc with their Swagger UI and ReDoc assets served from the installed
@@ -53,7 +66,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                          description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
-    routers = (generate.router, jobs.router, openai.router, videos.router, system.router, playground.router)
+    routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router)
     for r in routers:
         app.include_router(r)
     # The routes themselves (full paths), so requests refused before routing are counted by endpoint.

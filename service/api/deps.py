@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..queue import JobQueue
+from ..reconcile import AckJournal
 from ..registry import Registry
 from ..settings import Settings, get_settings
 from .errors import ApiError
@@ -24,6 +25,7 @@ class Services:
     registry: Registry
     redis: Any
     queue: JobQueue
+    journal: AckJournal = field(default_factory=AckJournal)
 
 
 def get_services(request: Request) -> Services:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import metrics
+from ..queue import NotReplicated
+from ..redis_conn import UNAVAILABLE
 
 log = logging.getLogger("clusca.api")
 
@@ -104,13 +105,22 @@ def install(app: FastAPI) -> None:
             msg = "the body could not be parsed as JSON (malformed or nested too deeply)"
         return error_response(exc.status_code, code, msg, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
         metrics.ERRORS.labels("redis_unavailable").inc()
         log.warning("redis unavailable: %s", exc)
         return error_response(503, "unavailable", "the job queue is unavailable; retry shortly",
                               headers={"Retry-After": "5"})
+
+    # Every way each Redis mode says "no primary right now" (a failover in progress included).
+    for kind in UNAVAILABLE:
+        app.add_exception_handler(kind, _redis_down)
+
+    @app.exception_handler(NotReplicated)
+    async def _not_replicated(_: Request, exc: NotReplicated) -> JSONResponse:
+        metrics.ERRORS.labels("not_replicated").inc()
+        log.warning("%s", exc)
+        return error_response(503, "not_replicated", "the job could not be confirmed on a replica in time; retry "
+                              "with the same Idempotency-Key to get the same job", headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

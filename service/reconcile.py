@@ -1,0 +1,100 @@
+"""Finding jobs a failover lost: the API remembers what it confirmed and checks it later.
+
+With asynchronous replication a primary confirms a write before any replica has it; if
+it dies in that gap, the replica promoted in its place never saw the job. Nothing in
+Redis can say so afterwards, so the API keeps a short journal of the jobs it confirmed
+and, once each is ``settle_s`` old, asks the (by then possibly new) primary whether it
+still holds the job. A job that is gone was lost: it is logged at ERROR with its id and
+model, counted in ``clusca_jobs_lost_total{model}``, and listed by
+``GET /admin/lost-jobs``. A check that cannot reach Redis is retried; the journal only
+forgets a job once Redis has answered for it.
+
+Jobs are never deleted before their result TTL (hours), so within the journal's window
+"gone" means "lost", never "expired". With ``CLUSCA_REDIS_WAIT_REPLICAS`` the API
+confirms a job only once a replica holds it, and this journal should stay empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from . import metrics
+from .keys import job_key
+from .redis_conn import UNAVAILABLE
+
+log = logging.getLogger("clusca.reconcile")
+
+
+@dataclass(frozen=True)
+class LostJob:
+    id: str
+    model: str
+    acknowledged_at: float
+
+
+class AckJournal:
+    """Confirmed jobs waiting for their check, and the lost ones found so far (bounded)."""
+
+    def __init__(self, settle_s: float = 5.0, capacity: int = 500_000, keep_lost: int = 10_000):
+        self.settle_s = settle_s
+        self.capacity = capacity
+        self._pending: deque[tuple[float, float, str, str]] = deque()
+        self.lost: deque[LostJob] = deque(maxlen=keep_lost)
+        self.checked = 0
+        self.dropped = 0
+
+    def add(self, job_id: str, model: str) -> None:
+        if len(self._pending) >= self.capacity:
+            # Checks have been failing for a long time; the oldest entries can no longer be checked.
+            self._pending.popleft()
+            self.dropped += 1
+        self._pending.append((time.monotonic(), time.time(), job_id, model))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _due(self, limit: int) -> list[tuple[float, float, str, str]]:
+        cutoff, out = time.monotonic() - self.settle_s, []
+        while self._pending and self._pending[0][0] <= cutoff and len(out) < limit:
+            out.append(self._pending.popleft())
+        return out
+
+    async def check(self, r: Any, limit: int = 20_000) -> list[LostJob]:
+        """Check the jobs that are due; return those Redis no longer holds."""
+        due = self._due(limit)
+        if not due:
+            return []
+        try:
+            pipe = r.pipeline(transaction=False)
+            for _, _, job_id, _ in due:
+                pipe.exists(job_key(job_id))
+            found = await pipe.execute()
+        except UNAVAILABLE:
+            self._pending.extendleft(reversed(due))
+            raise
+        lost = [LostJob(job_id, model, wall) for (_, wall, job_id, model), n in zip(due, found) if not n]
+        for job in lost:
+            log.error("job %s (model %s), confirmed to its client at %.3f, is missing from Redis: lost in a "
+                      "failover before a replica had it", job.id, job.model, job.acknowledged_at)
+            metrics.JOBS_LOST.labels(job.model).inc()
+        self.lost.extend(lost)
+        self.checked += len(due)
+        return lost
+
+
+async def run(journal: AckJournal, r: Any, interval_s: float = 1.0) -> None:
+    """Check the journal every ``interval_s`` until cancelled."""
+    while True:
+        try:
+            await journal.check(r)
+        except UNAVAILABLE:
+            pass
+        except Exception:  # noqa: BLE001 - the checker must outlive a bad reply
+            log.exception("reconciliation check failed")
+        await asyncio.sleep(interval_s)
