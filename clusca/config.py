@@ -15,6 +15,7 @@ from typing import Any, Mapping
 MODES = ("off", "fora", "taylorseer", "clusca")
 DISTANCES = ("l1", "l2")
 PROPAGATIONS = ("paper", "anchored")
+CAPTURES = ("auto", "off")
 MAX_ORDER = 4
 
 
@@ -52,6 +53,9 @@ class ClusCaConfig:
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
         seed: seed of the fresh-token draws and the first k-means initialisation.
+        capture: ``auto`` records the lean cached step of a run as a CUDA graph and replays it
+            (on a CUDA device, for the architectures with a lean cached step; elsewhere it
+            does nothing); ``off`` always runs cached steps eagerly. See ``clusca.capture``.
         modules: optional override of the architecture's module name patterns, a mapping
             ``{"attention": [...], "feedforward": [...], "block": [...], "cluster": [...],
             "text_stream": [...]}`` of regular expressions matched against ``named_modules()``
@@ -73,6 +77,7 @@ class ClusCaConfig:
     refresh_text: bool = False
     guidance_pairs: bool = True
     seed: int = 0
+    capture: str = "auto"
     modules: dict[str, list[str]] | None = None
 
     # ------------------------------------------------------------------ presets
@@ -143,6 +148,8 @@ class ClusCaConfig:
         if self.propagate_text and not self.refresh_text:
             raise ValueError("propagate_text: needs refresh_text=true (no text tokens are refreshed otherwise)")
         _int_range("seed", self.seed, 0, 2**63 - 1)
+        if self.capture not in CAPTURES:
+            raise ValueError(f"capture: must be one of {list(CAPTURES)}, got {self.capture!r}")
         if self.modules is not None:
             allowed = {"attention", "feedforward", "block", "cluster", "text_stream"}
             for key, pats in self.modules.items():
@@ -196,6 +203,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "refresh_text": bool,
     "guidance_pairs": bool,
     "seed": int,
+    "capture": str,
     "modules": "modules",
 }
 

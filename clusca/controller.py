@@ -234,6 +234,10 @@ class ClusCaController:
         """This step's fresh rows of every feed-forward module of ``group`` (see ``FreshTokens``)."""
         return self.fresh.rows(self.branch, self.config, self.num_inference_steps, group, clusters)
 
+    def fresh_table(self, group: str, clusters) -> torch.Tensor:
+        """The same rows as one ``(layers, rows)`` tensor (see ``FreshTokens.table``)."""
+        return self.fresh.table(self.branch, self.config, self.num_inference_steps, group, clusters)
+
     def count_fresh(self, st: SlotState, n_fresh: int) -> None:
         c = self.counters
         c.tokens_computed += n_fresh

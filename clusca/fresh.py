@@ -47,6 +47,15 @@ class FreshTokens:
         The picks of all layers and of every cached step up to the next full step are made
         at once, on the first cached call after a clustering: per step that leaves a lookup.
         """
+        return self._lookup(branch, cfg, total_steps, group, clusters)[0]
+
+    def table(self, branch: BranchState, cfg: ClusCaConfig, total_steps: int | None, group: str,
+              clusters: GroupClusters) -> torch.Tensor:
+        """The same rows as one ``(layers, batch * k * f)`` tensor (what a captured step copies in)."""
+        return self._lookup(branch, cfg, total_steps, group, clusters)[1]
+
+    def _lookup(self, branch: BranchState, cfg: ClusCaConfig, total_steps: int | None, group: str,
+                clusters: GroupClusters) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         step = branch.step
         cached = branch.fresh.get(group)
         if cached is not None and cached[0] == step and cached[1] is clusters:
@@ -56,12 +65,13 @@ class FreshTokens:
             steps = _cached_run(cfg, total_steps, step)
             ahead = (clusters, self._pick(cfg.seed, group, clusters, steps, cfg.fresh_tokens))
             branch.fresh_ahead[group] = ahead
-        rows = ahead[1][step]
-        branch.fresh[group] = (step, clusters, rows)
-        return rows
+        picked = ahead[1][step]
+        branch.fresh[group] = (step, clusters, picked)
+        return picked
 
     def _pick(self, seed: int, group: str, clusters: GroupClusters, steps: tuple[int, ...], f: int) -> dict[int, tuple]:
-        """Fresh rows of every layer of ``group`` for each of ``steps``: ``{step: layers x (b * k * f,)}``."""
+        """Fresh rows of every layer of ``group`` for each of ``steps``:
+        ``{step: (layers x (b * k * f,), the (layers, b * k * f) table they view)}``."""
         assign = clusters.assign
         b, n = assign.shape
         k = clusters.k
@@ -90,7 +100,7 @@ class FreshTokens:
             tokens = order.gather(1, stacked.clamp_min(0).reshape(m, -1)).reshape(m, b, k * f)
         rows = tokens.add_(offsets).view(len(steps), layers, -1)
         # Per step, one row tensor per layer (views made here, not on the hot path).
-        return {s: tuple(rows[i].unbind(0)) for i, s in enumerate(steps)}
+        return {s: (tuple(rows[i].unbind(0)), rows[i]) for i, s in enumerate(steps)}
 
     def _draw(self, seed: int, steps: tuple[int, ...], group: str, layers: int, n: int, dev: torch.device):
         """Token order by random score, and each token's rank in it: ``(steps * layers, n)`` each.

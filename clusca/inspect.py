@@ -69,7 +69,7 @@ class RunState:
         picked = branch.fresh.get(slot.group) if slot.role == "feedforward" else None
         if picked is None or branch.full or picked[0] != branch.step:
             return None
-        return picked[2][slot.group_pos]
+        return picked[2][0][slot.group_pos]
 
     def group_fresh_rows(self, group: str = "image") -> torch.Tensor | None:
         """This cached step's fresh rows of every feed-forward module of ``group``: ``(layers, rows)``."""
@@ -77,7 +77,7 @@ class RunState:
         picked = branch.fresh.get(group)
         if picked is None or branch.full or picked[0] != branch.step:
             return None
-        return torch.stack(picked[2])
+        return picked[2][1]
 
     def factors(self, name: str, output: int = 0) -> tuple[torch.Tensor, ...]:
         """The valid Taylor factors of output ``output`` of module ``name`` (a block chain keeps

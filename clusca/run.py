@@ -31,6 +31,12 @@ class RunStats:
         cache_bytes: peak bytes held by cache tensors (Taylor factors, clusters).
         kmeans_ms: total time spent in k-means; kmeans_calls: how many clusterings;
             kmeans_rounds: update rounds they ran in total.
+        graph_captures / graph_replays: cached steps recorded as a CUDA graph / replayed
+            from one (``capture="auto"``, see ``clusca.capture``).
+        capture: what became of capture: ``off`` (the setting), ``replayed``, ``unused`` (no
+            lean cached step ran), ``unavailable: <why>`` (e.g. not a CUDA device), or
+            ``eager: <why>`` (recording failed or disagreed with the eager step; with
+            ``replayed; eager for some: <why>`` when other kinds of steps did replay).
     """
 
     mode: str
@@ -47,9 +53,12 @@ class RunStats:
     kmeans_ms: float
     kmeans_calls: int
     kmeans_rounds: int
+    graph_captures: int = 0
+    graph_replays: int = 0
+    capture: str = "unused"
 
     @classmethod
-    def from_counters(cls, mode: str, c: Counters) -> "RunStats":
+    def from_counters(cls, mode: str, c: Counters, capture: str = "auto") -> "RunStats":
         full = c.full_steps
         return cls(
             mode=mode,
@@ -66,10 +75,26 @@ class RunStats:
             kmeans_ms=c.kmeans_s * 1000.0,
             kmeans_calls=c.kmeans_calls,
             kmeans_rounds=c.kmeans_rounds,
+            graph_captures=c.graph_captures,
+            graph_replays=c.graph_replays,
+            capture=_capture_summary(capture, c),
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _capture_summary(setting: str, c: Counters) -> str:
+    if setting == "off":
+        return "off"
+    why = "; ".join(c.capture_failures)
+    if c.graph_replays or c.graph_captures:
+        return f"replayed; eager for some: {why}" if why else "replayed"
+    if why:
+        return f"eager: {why}"
+    if c.capture_unavailable:
+        return f"unavailable: {c.capture_unavailable}"
+    return "unused"
 
 
 class ClusCaRun:
@@ -86,7 +111,7 @@ class ClusCaRun:
         if self._final is not None:
             return self._final
         ctrl = get_controller(self.model)
-        return RunStats.from_counters(self.config.mode, ctrl.counters)
+        return RunStats.from_counters(self.config.mode, ctrl.counters, self.config.capture)
 
     def set_step(self, step: int) -> None:
         """Say which denoising step (0-based) the next transformer calls belong to.
@@ -103,7 +128,7 @@ class ClusCaRun:
             ctrl.announce_step(step)
 
     def _finish(self, counters: Counters) -> None:
-        self._final = RunStats.from_counters(self.config.mode, counters)
+        self._final = RunStats.from_counters(self.config.mode, counters, self.config.capture)
 
 
 @contextlib.contextmanager

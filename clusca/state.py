@@ -124,12 +124,13 @@ class BranchState(BaseState):
         self.coeffs: tuple[float, ...] = (1.0,)
         self.signature: tuple | None = None
         self.probed = False
-        self.fresh: dict[str, tuple] = {}  # group -> (step, clusters, rows of every layer)
-        self.fresh_ahead: dict[str, tuple] = {}  # group -> (clusters, {step: rows of every layer})
+        self.fresh: dict[str, tuple] = {}  # group -> (step, clusters, (rows of every layer, their table))
+        self.fresh_ahead: dict[str, tuple] = {}  # group -> (clusters, {step: (rows of every layer, table)})
         self.chain_acc: dict[int, list[torch.Tensor]] = {}  # block-chain sums being built this full step
         self.flops_call = 0  # analytic FLOPs of one uncached call
         self.flops_unhooked = 0  # part of it spent outside the hooked modules
         self.lean_plan = None  # the architecture adapter's per-sequence plan (see clusca.adapters)
+        self.graphs: dict[tuple, object] = {}  # recorded cached steps of this sequence (clusca.capture)
 
     def drop_tensors(self) -> int:
         """Forget every cached tensor of this branch; returns the bytes freed."""
@@ -141,6 +142,7 @@ class BranchState(BaseState):
         self.chain_acc = {}
         self.probed = False
         self.lean_plan = None
+        self.graphs = {}
         return freed
 
 
@@ -162,6 +164,11 @@ class Counters:
     kmeans_s: float = 0.0
     kmeans_calls: int = 0
     kmeans_rounds: int = 0
+    graph_captures: int = 0  # cached steps recorded as a graph (clusca.capture)
+    graph_replays: int = 0  # cached steps replayed from one
+    graph_bytes: int = 0  # device memory the recordings took
+    capture_failures: dict = field(default_factory=dict)  # reason -> how often a step ran eagerly for it
+    capture_unavailable: str | None = None  # why nothing could be recorded on this device
 
     def add_cache_bytes(self, delta: int) -> None:
         self.cache_bytes += delta

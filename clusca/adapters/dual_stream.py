@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import captured_step
 from ..fresh import write_fresh
 from ..taylor import Factors
 
@@ -51,6 +52,8 @@ class DualStreamLeanStep:
         self.chunks = chunks  # modulation chunks per block (6, or 9 with a second attention)
         # Blocks with the same chunk count have their modulations stacked together.
         self.groups = [[i for i, c in enumerate(chunks) if c == n] for n in sorted(set(chunks))]
+        # Every slot a cached step reads.
+        self.used_slots = [*attn, *ff, *(a for a in attn2 if a is not None), *([chain_head] if chain_head is not None else [])]
         self.block_fn = dual_block_step  # or its torch.compile'd form (clusca.compile_clusca)
         self.compiled = False
         self._scalars: dict[tuple, torch.Tensor] = {}
@@ -142,6 +145,9 @@ class DualStreamLeanStep:
         return cls(model, attn, attn2, ff, [hooks[i] for i in ff], head, image_out, chunks)
 
     # ---------------------------------------------------------------- the step
+    # The call's tensors the embedding reads (a captured step copies them into its buffers).
+    input_names: tuple[str, ...] = ("timestep", "guidance", "pooled_projections")
+
     def cached_step(self, ctrl, args: tuple, kwargs: dict) -> Any:
         """The transformer's output for this cached call, or ``None`` to leave it to the hooks."""
         if torch.is_grad_enabled() or len(args) > 1 or ctrl.config.refresh_text or not self.accepts(args, kwargs):
@@ -153,19 +159,104 @@ class DualStreamLeanStep:
         head = slots[self.chain_head] if self.chain_head is not None else None
         if head is not None and (head.n == 0 or head.factors is None or head.factors_of(self.image_out) is None):
             return None
+        for i in (*self.attn, *(a for a in self.attn2 if a is not None), *self.ff):
+            if slots[i].n == 0 or not slots[i].factors:
+                return None
+        if ctrl.config.capture != "off":
+            out = captured_step(self, ctrl, hs, kwargs)
+            if out is not None:
+                return self.output(out, kwargs)
         x, temb = self.embed(hs, kwargs)
-        if not x.is_contiguous():
-            x = x.contiguous()  # updated in place and read as a (tokens, channels) table
+        plan = self.plan(ctrl, x)
+        if plan is None:
+            return None
+        out = self.run_embedded(plan, x, temb, hs, kwargs)
+        count_fresh(ctrl, plan)
+        return self.output(out, kwargs)
+
+    def plan(self, ctrl, x: torch.Tensor, shared_coeffs: bool = False) -> "LeanPlan | None":
+        """What this cached call, whose embedded image tokens are ``x``, reads from the cache
+        state, or ``None`` when the state does not fit the call (a stale or differently shaped
+        cache). With ``shared_coeffs`` every prediction takes the coefficients passed to
+        :meth:`run`; then ``None`` also when some module's last full step is not the branch's."""
+        slots = ctrl.branch.slots
         shape = x.shape
-        for i in (*self.attn, *(a for a in self.attn2 if a is not None)):
-            if slots[i].n == 0 or slots[i].in_shape != shape or not slots[i].factors:
+        for i in (*self.attn, *(a for a in self.attn2 if a is not None), *self.ff):
+            if slots[i].in_shape != shape:
                 return None
         for i in self.ff:
-            if slots[i].n == 0 or slots[i].in_shape != shape or slots[i].structure is not None:
+            if slots[i].structure is not None:
                 return None
-        self._dual_blocks(ctrl, x, temb)
-        if head is not None:
-            x = head.factors_of(self.image_out).predict(ctrl.coeffs_for(head), base=x)
+        n_blocks = len(self.blocks)
+        clusters = [hook.clusters_for(x, slots[i]) for hook, i in zip(self.ff_hooks, self.ff)]
+        fresh = next((c for c in clusters if c is not None), None)
+        rows = ctrl.fresh_rows("image", fresh) if fresh is not None else None
+        cfg = ctrl.config
+        used = self.used_slots
+        if shared_coeffs:
+            if any(slots[i].last_full != ctrl.branch.last_full for i in used):
+                return None
+            coeff = None
+        work = []
+        for i in range(n_blocks):
+            hook = self.ff_hooks[i]
+            c = clusters[i]
+            if c is None:
+                work.append(None)
+                continue
+            gamma = self._scalar(hook.gamma, x)
+            work.append((hook.slot.group_pos, _norm_fn(self.blocks[i].norm2), _ff_fn(self.blocks[i].ff, hook),
+                         gamma, cfg.fresh_tokens, cfg.propagation == "anchored"))
+        if not shared_coeffs:
+            coeff = {i: self._scalar(ctrl.coeffs_for(slots[i]), x) for i in used}
+        head = slots[self.chain_head].factors_of(self.image_out) if self.chain_head is not None else None
+        return LeanPlan(
+            attn=[slots[i].factors[0] for i in self.attn],
+            attn2=[slots[i].factors[0] if i is not None else None for i in self.attn2],
+            ff=[slots[i].factors[0] for i in self.ff],
+            head=head, work=work, coeffs=coeff, rows=rows,
+            flat_index=fresh.flat_index if fresh is not None and any(w is not None and w[3] is not None for w in work)
+            else None,
+            fresh_slots=[(slots[self.ff[i]], rows[0].numel()) for i, w in enumerate(work) if w is not None]
+            if rows is not None else [],
+            n_valid=tuple(slots[i].n for i in used),
+        )
+
+    def run(self, plan: "LeanPlan", hs: torch.Tensor, kwargs: dict, coeffs: torch.Tensor | None = None,
+            rows: torch.Tensor | None = None, flat_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The cached step's sample from ``plan``; tensors only, so it can be recorded as a graph.
+        ``coeffs``, ``rows`` and ``flat_index`` replace the plan's (a captured step passes its
+        buffers)."""
+        x, temb = self.embed(hs, kwargs)
+        return self.run_embedded(plan, x, temb, hs, kwargs, coeffs, rows, flat_index)
+
+    def run_embedded(self, plan: "LeanPlan", x: torch.Tensor, temb: torch.Tensor, hs: torch.Tensor, kwargs: dict,
+                     coeffs: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                     flat_index: torch.Tensor | None = None) -> torch.Tensor:
+        if not x.is_contiguous():
+            x = x.contiguous()  # updated in place and read as a (tokens, channels) table
+        rows = plan.rows if rows is None else rows
+        flat_index = plan.flat_index if flat_index is None else flat_index
+        coeff = (lambda i: coeffs) if coeffs is not None else plan.coeffs.__getitem__
+        b, _, dim = x.shape
+        has_fresh = rows is not None
+        gate_msa, gate_mlp, gate_msa2, shift_mlp, scale_mlp = self._modulations(temb, b, dim, has_fresh)
+        x_rows = x.view(-1, dim) if has_fresh else None
+        block = self.block_fn
+        for i in range(len(self.blocks)):
+            second = None
+            if plan.attn2[i] is not None:
+                second = (gate_msa2[i], plan.attn2[i], coeff(self.attn2[i]))
+            w = plan.work[i]
+            work = None
+            if w is not None:
+                pos, norm, ff_fn, gamma, per_cluster, anchored = w
+                work = (x_rows, rows[pos], shift_mlp[i], scale_mlp[i], norm, ff_fn,
+                        flat_index if gamma is not None else None, gamma, per_cluster, anchored)
+            block(x, gate_msa[i], gate_mlp[i], plan.attn[i], coeff(self.attn[i]), plan.ff[i], coeff(self.ff[i]),
+                  work, second)
+        if plan.head is not None:
+            x = plan.head.predict(coeff(self.chain_head), base=x)
         return self.finish(x, temb, hs, kwargs)
 
     def _modulations(self, temb: torch.Tensor, b: int, dim: int, fresh: bool) -> tuple[list, ...]:
@@ -192,40 +283,25 @@ class DualStreamLeanStep:
                 _unbind_into(scale_mlp, idx, parts[_SCALE_MLP].add(1))
         return gate_msa, gate_mlp, gate_msa2, shift_mlp, scale_mlp
 
-    def _dual_blocks(self, ctrl, x: torch.Tensor, temb: torch.Tensor) -> None:
-        """Update the image tokens ``x`` in place through every dual-stream block."""
-        b, _, dim = x.shape
-        slots = ctrl.branch.slots
-        fresh = [hook.clusters_for(x, slots[i]) for hook, i in zip(self.ff_hooks, self.ff)]
-        has_fresh = any(c is not None for c in fresh)
-        gate_msa, gate_mlp, gate_msa2, shift_mlp, scale_mlp = self._modulations(temb, b, dim, has_fresh)
-        if has_fresh:
-            x_rows = x.view(-1, dim)
-            group_rows = ctrl.fresh_rows("image", next(c for c in fresh if c is not None))
-        else:
-            x_rows = group_rows = None
-        block = self.block_fn
-        cfg = ctrl.config
-        anchored = cfg.propagation == "anchored"
-        for i, blk in enumerate(self.blocks):
-            st_a, st_f = slots[self.attn[i]], slots[self.ff[i]]
-            coeffs = ctrl.coeffs_for(st_f)
-            second = None
-            if self.attn2[i] is not None:
-                st_a2 = slots[self.attn2[i]]
-                second = (gate_msa2[i], st_a2.factors[0], self._scalar(ctrl.coeffs_for(st_a2), x))
-            clusters = fresh[i]
-            work = None
-            if clusters is not None:
-                hook = self.ff_hooks[i]
-                rows = group_rows[hook.slot.group_pos]
-                gamma = self._scalar(hook.gamma, x)
-                work = (x_rows, rows, shift_mlp[i], scale_mlp[i], _norm_fn(blk.norm2), _ff_fn(blk.ff, hook),
-                        clusters.flat_index if gamma is not None else None, gamma, cfg.fresh_tokens, anchored)
-            block(x, gate_msa[i], gate_mlp[i], st_a.factors[0], self._scalar(ctrl.coeffs_for(st_a), x),
-                  st_f.factors[0], self._scalar(coeffs, x), work, second)
-            if clusters is not None:
-                ctrl.count_fresh(st_f, rows.numel())
+
+def count_fresh(ctrl, plan: "LeanPlan") -> None:
+    """The run's counters for the fresh tokens a step computed (kept on the host, outside any graph)."""
+    for st, n in plan.fresh_slots:
+        ctrl.count_fresh(st, n)
+
+
+class LeanPlan:
+    """What one cached step reads from the cache state: the factors per block, the fresh-token
+    work per block, the coefficients per slot, this step's fresh rows (one per layer) and
+    cluster index."""
+
+    __slots__ = ("attn", "attn2", "ff", "head", "work", "coeffs", "rows", "flat_index", "fresh_slots", "n_valid")
+
+    def __init__(self, attn, attn2, ff, head, work, coeffs, rows, flat_index, fresh_slots, n_valid) -> None:
+        self.attn, self.attn2, self.ff, self.head = attn, attn2, ff, head
+        self.work, self.coeffs, self.rows, self.flat_index = work, coeffs, rows, flat_index
+        self.fresh_slots = fresh_slots  # (slot state, rows per layer) of each block with fresh tokens
+        self.n_valid = n_valid  # valid factors per slot: part of what a recorded step was recorded for
 
 
 def _unbind_into(out: list, idx: list[int], t: torch.Tensor) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .dual_stream import DualStreamLeanStep
@@ -24,5 +22,5 @@ class FluxLeanStep(DualStreamLeanStep):
             return x, model.time_text_embed(t, pooled)
         return x, model.time_text_embed(t, guidance.to(x.dtype) * 1000, pooled)
 
-    def finish(self, x: torch.Tensor, temb: torch.Tensor, hs: torch.Tensor, kwargs: dict) -> Any:
-        return self.output(self.model.proj_out(self.model.norm_out(x, temb)), kwargs)
+    def finish(self, x: torch.Tensor, temb: torch.Tensor, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        return self.model.proj_out(self.model.norm_out(x, temb))

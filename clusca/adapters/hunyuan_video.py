@@ -7,8 +7,6 @@ them. The token-replace variant (image-to-video) keeps the module hooks.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .dual_stream import DualStreamLeanStep
@@ -29,11 +27,11 @@ class HunyuanVideoLeanStep(DualStreamLeanStep):
         temb, _ = model.time_text_embed(kwargs["timestep"], kwargs.get("pooled_projections"), kwargs.get("guidance"))
         return model.x_embedder(hs), temb
 
-    def finish(self, x: torch.Tensor, temb: torch.Tensor, hs: torch.Tensor, kwargs: dict) -> Any:
+    def finish(self, x: torch.Tensor, temb: torch.Tensor, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
         model = self.model
         b, _, frames, height, width = hs.shape
         p, p_t = model.config.patch_size, model.config.patch_size_t
         out = model.proj_out(model.norm_out(x, temb))
         out = out.reshape(b, frames // p_t, height // p, width // p, -1, p_t, p, p)
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return self.output(out, kwargs)
+        return out

@@ -6,8 +6,6 @@ output per block.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .dual_stream import DualStreamLeanStep
@@ -25,11 +23,11 @@ class SD3LeanStep(DualStreamLeanStep):
         x = model.pos_embed(hs).contiguous()
         return x, model.time_text_embed(kwargs["timestep"], kwargs.get("pooled_projections"))
 
-    def finish(self, x: torch.Tensor, temb: torch.Tensor, hs: torch.Tensor, kwargs: dict) -> Any:
+    def finish(self, x: torch.Tensor, temb: torch.Tensor, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
         model = self.model
         p = model.config.patch_size
         h, w = hs.shape[-2] // p, hs.shape[-1] // p
         out = model.proj_out(model.norm_out(x, temb))
         out = out.reshape(out.shape[0], h, w, p, p, model.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], model.out_channels, h * p, w * p)
-        return self.output(out, kwargs)
+        return out
