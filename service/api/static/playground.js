@@ -356,7 +356,9 @@ $("cancel").addEventListener("click", cancelAll);
 $("model").addEventListener("change", onModelChange);
 $("preset").addEventListener("change", onPresetChange);
 $("new-seed").addEventListener("click", () => { $("seed").value = String(Math.floor(Math.random() * MAX_SEED)); });
-$("api-key").addEventListener("change", () => { api.setKey($("api-key").value); loadModels(); });
+// Every call uses the key as typed; the model list is read again once the field is left.
+$("api-key").addEventListener("input", () => api.setKey($("api-key").value));
+$("api-key").addEventListener("change", loadModels);
 $("clear-history").addEventListener("click", () => { history.clear(); renderHistory(); });
 renderHistory();
 loadModels();
