@@ -167,7 +167,7 @@ class JobQueue:
         for attempt in (0, 1):
             client = await self._primary_for(keys[0])
             pipe = client.pipeline(transaction=False)
-            self._enqueue(keys=keys, args=args, client=pipe)
+            await self._enqueue(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             try:
                 res, acked = await pipe.execute()
@@ -184,6 +184,7 @@ class JobQueue:
             return self.r
         import redis.asyncio as aioredis
 
+        await self.r.initialize()  # a no-op once the slot map is known
         node = self.r.get_node_from_key(key)
         addr = (node.host, node.port)
         if addr not in self._primaries:

@@ -256,3 +256,14 @@ def redis_cluster():
         pytest.skip("redis-server is not installed (apt-get install redis-server); Redis Cluster tests need it")
     with EmbeddedCluster(3, 1) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel():
+    """A primary, a replica and three Sentinels on loopback (Debian's redis-server), shared by the session."""
+    from service.embedded_redis import EmbeddedSentinel, system_redis_server
+
+    if system_redis_server() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); Sentinel tests need it")
+    with EmbeddedSentinel(replicas=1, sentinels=3) as topology:
+        yield topology
