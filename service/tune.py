@@ -176,6 +176,7 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
     import torch
 
     d = entry.defaults
+    frames = d.num_frames if entry.output == "video" else None
     meta = {"model": entry.name, "prompts_source": source, "prompts_sha256": digest, "seeds": seeds,
             "steps": d.steps, "width": d.width, "height": d.height, "guidance": d.guidance,
             "device": ct.describe_device(dev), "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -185,7 +186,7 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
                       height=d.height, width=d.width, call_kwargs=entry.options.get("call_kwargs") or {},
                       journal=measurements, resume=resume, checker=checker, baseline=d.cache_presets,
                       memory_cap_bytes=int(max_cache_mb * 2**20) if max_cache_mb else None, meta=meta,
-                      batch=batch or (16 if entry.kind == "builtin" else 1), progress=progress)
+                      batch=batch or (16 if entry.kind == "builtin" else 1), progress=progress, num_frames=frames)
     except TuneError as exc:
         raise TuneInputError(str(exc)) from None
     if not res.picks:
@@ -198,6 +199,7 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
         "tool": "clusca tune", "date": finished, "device": meta["device"], "prompts": source,
         "prompts_sha256": digest, "seeds": seeds, "images": res.meta.get("final_prompts"),
         "steps": d.steps, "size": f"{d.width}x{d.height}", "minutes": minutes,
+        **({"num_frames": frames, "quality": "PSNR and SSIM per frame, averaged"} if frames else {}),
         "rule": "per preset, the highest PSNR at least as fast as the library's preset of that name",
         "measurements": measurements.name,
         "measured": {n: {k: v for k, v in row.items() if k != "label"} for n, row in summary["picks"].items()},
@@ -219,8 +221,9 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
     def accepted(tmp: Path) -> None:  # the registry must take the file as it is written
         Registry.load(tmp)
 
+    what = f"videos of {frames} frames" if frames else "images"
     res.plot(plot, title=f"clusca tune {entry.name} on {meta['device']}: PSNR vs wall-clock speedup "
-                         f"({res.meta.get('final_prompts')} images)")
+                         f"({res.meta.get('final_prompts')} {what})")
     from clusca.tune.journal import write_whole
 
     write_whole(out, text.encode(), check=accepted)

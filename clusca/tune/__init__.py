@@ -6,17 +6,24 @@ them. It runs the pipeline uncached and under candidate settings (modes ``fora``
 guidance pairs) on the same prompts and seeds, and keeps every measurement:
 
 * quality: PSNR and SSIM of each image against the uncached image of the same prompt and
-  seed, and an optional adherence check (``checker``);
+  seed (a video: per frame, averaged), and an optional adherence check (``checker``);
 * speed: analytic FLOPs from ``run.stats`` for every candidate, and for the finalists the
-  wall-clock speedup on this device, timed interleaved with the uncached model (batch 1,
-  every finalist once per round, the order rotated each round).
+  wall-clock speedup on this device, timed interleaved with the uncached model
+  (:func:`interleaved_speedups`: batch 1, an uncached run between every few settings, each
+  setting against the uncached runs around it).
 
-The search is successive halving over prompts: every candidate runs on a few prompts, the
-best third (non-dominated sorting of PSNR against FLOPs speedup, spread along the speed
-axis) go on to three times as many, and so on up to the whole prompt set. The library's
-presets and the model's current presets (``baseline``) always go through to the end, so the
-result is compared with them on equal terms. The size of the first rung is chosen to fit
-the time budget; if time runs out early the deepest rung measured decides.
+The search is successive halving over prompts. The library's presets and the model's current
+presets (``baseline``) run first on every image of the ladder: they go through to the end
+anyway, so that the result is compared with them on equal terms, and where they fail shows
+which prompts are hard. The images are then ordered so that every rung's sample leans
+towards those (:func:`clusca.tune.ladder.hard_leaning_order`): a setting that breaks on a
+few prompts must not win the first rungs on easy ones. Every candidate runs on the first
+few images; at least the best third (non-dominated sorting of PSNR against FLOPs speedup,
+spread along the speed axis), and as many more as the time left allows at the measured cost,
+go on to three times as many images, and so on. The plan's ladder is sized from the first
+uncached images; when the measured cost leaves room, one more rung is added, up to the whole
+prompt set. If time runs out inside a rung, the deepest complete rung decides. The finalists
+worth timing are the first two layers of that front and the reference settings.
 
 The picks: on the Pareto front of mean PSNR against measured wall-clock speedup (among the
 settings within ``memory_cap_bytes``, if set), each preset (``quality``, ``balanced``,
@@ -38,9 +45,11 @@ from ..quality import ssim
 from .journal import Candidate, describe_device, load_result
 from .picks import front_layers, pareto_front, pick_presets, preset_overrides
 from .plot import draw_pareto
+from .timing import GROUP, interleaved_speedups
 from .space import PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, search_space
-from .tuner import TuneResult, pipeline_generate, psnr, tune, tune_with
+from .pipeline import pipeline_generate, tune
+from .tuner import TuneResult, psnr, score, tune_with
 
-__all__ = ["PSNR_CAP_DB", "TUNED_PRESETS", "Generate", "Candidate", "TuneError", "TuneResult", "canonical", "describe_device", "draw_pareto",
+__all__ = ["GROUP", "interleaved_speedups", "PSNR_CAP_DB", "TUNED_PRESETS", "Generate", "Candidate", "TuneError", "TuneResult", "canonical", "describe_device", "draw_pareto",
            "front_layers", "key_of", "label", "load_result", "pareto_front", "pick_presets", "pipeline_generate",
-           "preset_overrides", "psnr", "search_space", "ssim", "tune", "tune_with"]
+           "preset_overrides", "psnr", "score", "search_space", "ssim", "tune", "tune_with"]

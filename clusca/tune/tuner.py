@@ -19,6 +19,7 @@ from ..quality import psnr as _psnr
 from ..quality import ssim
 from .journal import Candidate, write_whole
 from .ladder import hard_leaning_order, survivors
+from .timing import GROUP, interleaved_speedups
 from .picks import front_layers, pareto_front, pick_presets, preset_overrides
 from .space import ETA, JOURNAL_VERSION, PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, \
     search_space
@@ -27,6 +28,17 @@ from .space import ETA, JOURNAL_VERSION, PSNR_CAP_DB, TUNED_PRESETS, Generate, T
 def psnr(a, b) -> float:
     """PSNR in dB against the reference, identical images counted as :data:`PSNR_CAP_DB`."""
     return _psnr(a, b, cap=PSNR_CAP_DB)
+
+
+def score(output: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """PSNR and SSIM of one output against its uncached twin: an image ``(H, W, C)``, or a
+    video ``(frames, H, W, C)`` scored per frame and averaged (a frame gone wrong weighs as
+    one frame, as a viewer sees it, not diluted into one whole-clip error)."""
+    if output.ndim == 4:
+        pairs = list(zip(output, ref))
+        return {"psnr": statistics.fmean(psnr(a, b) for a, b in pairs),
+                "ssim": statistics.fmean(ssim(a, b) for a, b in pairs)}
+    return {"psnr": psnr(output, ref), "ssim": ssim(output, ref)}
 
 
 @dataclass
@@ -96,7 +108,6 @@ class _Tuner:
         self.reference: dict[str, Any] = {"items": {}, "seconds_per_image": None}
         self.candidates: list[Candidate] = []
         self.final: list[str] = []
-        self.rounds: list[dict[str, float]] = []
         self.plan: dict[str, Any] = {}
         self.min_prompts = min_prompts
         self.reserve = 0.0  # seconds kept back for timing the finalists
@@ -125,7 +136,7 @@ class _Tuner:
         except (OSError, ValueError) as exc:
             raise TuneError(f"resume: cannot read the partial results in {path}: {exc}") from None
         old = data.get("meta") or {}
-        for k in ("model", "prompts_sha256", "seeds", "steps", "width", "height", "guidance"):
+        for k in ("model", "prompts_sha256", "seeds", "steps", "width", "height", "guidance", "num_frames"):
             if old.get(k) != self.meta.get(k):
                 raise TuneError(f"resume: {path} was measured with {k}={old.get(k)!r}, this run has "
                                 f"{self.meta.get(k)!r}; use another --out or start afresh")
@@ -133,14 +144,12 @@ class _Tuner:
         self.reference["items"] = {int(k): v for k, v in (data.get("reference") or {}).get("items", {}).items()}
         self.reference["seconds_per_image"] = (data.get("reference") or {}).get("seconds_per_image")
         self.plan = dict((data.get("meta") or {}).get("plan") or {})
-        self.rounds = list((data.get("reference") or {}).get("rounds") or [])
         done = sum(len(c.items) for c in self.candidates)
         self.say(f"[tune] resuming {path.name}: {len(self.candidates)} candidates, {done} images measured")
 
     def save(self, complete: bool = False, front: list[str] | None = None,
              picks: dict[str, str] | None = None) -> TuneResult:
         self.meta["plan"] = self.plan
-        self.reference["rounds"] = self.rounds
         res = TuneResult(self.meta, self.reference, self.candidates, self.final, front or [], picks or {}, complete)
         if self.journal is not None:
             write_whole(self.journal, (json.dumps(res.to_json(), indent=1) + "\n").encode())
@@ -181,11 +190,12 @@ class _Tuner:
                 return False
             chunk = need[s:s + self.batch]
             self.ensure_reference(chunk)
-            images, stats, dt = self._run(c.config, chunk)
-            self.cand_seconds += dt
+            t0 = time.perf_counter()
+            images, stats, _ = self._run(c.config, chunk)
             oks = self.checker(images, chunk) if self.checker else [None] * len(chunk)
             for i, img, ok in zip(chunk, images, oks):
-                rec = {"psnr": round(psnr(img, self.ref_images[i]), 4), "ssim": round(ssim(img, self.ref_images[i]), 5)}
+                q = score(img, self.ref_images[i])
+                rec = {"psnr": round(q["psnr"], 4), "ssim": round(q["ssim"], 5)}
                 if ok is not None:
                     rec["ok"] = bool(ok)
                 c.items[i] = rec
@@ -196,6 +206,7 @@ class _Tuner:
                 c.cache_bytes = max(c.cache_bytes, int(stats.get("cache_bytes") or 0))
                 c.full_steps = stats.get("full_steps")
             self.save()
+            self.cand_seconds += time.perf_counter() - t0  # scoring and the journal count too
         return True
 
     # ---------------------------------------------------------------- plan
@@ -318,12 +329,30 @@ class _Tuner:
         keys = {free[i].key for i in chosen} | {c.key for c in alive if c.forced}
         return [c for c in alive if c.key in keys]
 
+    def extend(self, count: int) -> bool:
+        """One more rung (three times the images, up to all) when the time left holds it for a
+        third of the ``count`` settings that finished the last one, the reference settings and
+        their timing: the plan's ladder was sized on an estimate, the measured cost decides."""
+        rungs, p = self.plan["rungs"], len(self.items)
+        if rungs[-1] >= p or self.plan.get("closed"):  # a finished run resumed: its ladder stays
+            return False
+        nxt = min(p, rungs[-1] * ETA)
+        k = max(1, math.ceil(count / ETA))
+        forced = sum(c.forced for c in self.candidates)
+        cost = (k + forced) * (nxt - rungs[-1]) * self.cost_per_image() + self.timing_reserve(k)
+        if cost > 0.95 * self.left():
+            return False
+        rungs.append(nxt)
+        self.save()
+        return True
+
     def search(self) -> int:
         """Run the rungs; the index of the deepest rung every survivor completed."""
         rungs = self.plan["rungs"]
         alive = list(self.candidates)
-        done = -1
-        for r, n in enumerate(rungs):
+        done, r = -1, 0
+        while r < len(rungs):
+            n = rungs[r]
             if r:
                 alive = self.promote(alive, r)
             for c in alive:
@@ -343,14 +372,28 @@ class _Tuner:
                 self.say(f"[tune] {self.clock()} the time is up during rung {r + 1}; the deepest complete rung decides")
                 break
             done = r
+            if r == len(rungs) - 1 and self.extend(sum(not c.forced for c in alive)):
+                self.say(f"[tune] {self.clock()} time left for one more rung: {rungs[-1]} image(s)")
+            r += 1
         if done < 0:
             raise TuneError("minutes: the budget ran out before one rung was measured; give it more time "
                             "(or --resume to continue)")
         return done
 
     # ---------------------------------------------------------------- timing
+    def worth_timing(self, finalists: list[Candidate], items: Sequence[int]) -> list[Candidate]:
+        """The finalists that can be picked: the first two layers of the front of PSNR against
+        FLOPs speedup, and the reference settings. The wall clock reorders settings whose FLOPs
+        are close (the clustering costs time its FLOPs hide) but not one that loses on both, and
+        fewer settings a round keep the timing short and the load it sees alike."""
+        free = [c for c in finalists if not c.forced]
+        pts = [(c.flops_speedup or 1.0, c.mean("psnr", items) or 0.0) for c in free]
+        keep = {free[i].key for layer in front_layers(pts)[:2] for i in layer}
+        return [c for c in finalists if c.forced or c.key in keep]
+
     def time_finalists(self, finalists: list[Candidate]) -> None:
-        """Interleaved wall clock, batch 1 on the first prompt: uncached and every finalist each round."""
+        """Wall clock, batch 1 on the first prompt, interleaved with uncached runs
+        (:func:`interleaved_speedups`)."""
         item = [0]
         todo = [c for c in finalists if c.wall_speedup is None]
         if not todo:
@@ -359,23 +402,15 @@ class _Tuner:
         for c in todo[:1]:
             self._run(c.config, item)
         t_u = self._run(None, item)[2]
-        est = t_u * (1 + 0.6 * len(todo))
+        est = t_u * (1 + 1 / GROUP + 0.6 * len(todo))
         rounds = int(max(5, min(15, (self.left() - 2) // max(est, 1e-3))))
         self.say(f"[tune] {self.clock()} timing {len(todo)} finalists against uncached, {rounds} interleaved rounds")
-        session: list[dict[str, float]] = []
-        for r in range(rounds):
-            order = todo[r % len(todo):] + todo[:r % len(todo)]
-            rec = {"uncached": self._run(None, item)[2]}
-            for c in order:
-                rec[c.key] = self._run(c.config, item)[2]
-            session.append(rec)
-        # Per round, the uncached run against the setting's run of the same round; the median of
-        # those ratios. Load that drifts between rounds hits both runs of a round alike.
+        runs = {c.key: (lambda cfg=c.config: self._run(cfg, item)) for c in todo}
+        speedups, times, base = interleaved_speedups(lambda: self._run(None, item), runs, rounds)
         for c in todo:
-            c.times = [round(s[c.key], 5) for s in session]
-            c.wall_speedup = round(statistics.median(s["uncached"] / s[c.key] for s in session), 4)
-        self.reference["times"] = [round(s["uncached"], 5) for s in session]
-        self.rounds += [{"uncached": s["uncached"], **{k: v for k, v in s.items() if k != "uncached"}} for s in session]
+            c.times = [round(t, 5) for t in times[c.key]]
+            c.wall_speedup = round(speedups[c.key], 4)
+        self.reference["times"] = [round(t, 5) for t in base]
         self.save()
 
     # ---------------------------------------------------------------- all of it
@@ -394,9 +429,11 @@ class _Tuner:
         if "order" not in self.plan:
             self.order_by_hardness()
         done = self.search()
+        self.plan["closed"] = True
         n = self.plan["rungs"][done]
         final_items = self.rung_items(n)
         finalists = [c for c in self.candidates if c.rung >= done and all(i in c.items for i in final_items)]
+        finalists = self.worth_timing(finalists, final_items)
         self.final = [c.key for c in finalists]
         self.time_finalists(finalists)
         pts = [(c.wall_speedup or 0.0, c.mean("psnr", final_items) or 0.0) for c in finalists]
@@ -437,79 +474,3 @@ def tune_with(generate: Generate, items: Sequence[tuple[str, int]], *, minutes: 
                checker=checker, baseline=baseline or {}, memory_cap_bytes=memory_cap_bytes,
                meta=dict(meta or {}), steps=steps, batch=batch, seed=seed, progress=say, min_prompts=min_prompts)
     return t.run()
-
-
-def pipeline_generate(pipe: Any, *, steps: int, guidance: float | None = None, height: int | None = None,
-                      width: int | None = None, call_kwargs: Mapping[str, Any] | None = None) -> Generate:
-    """A :data:`Generate` calling a diffusers-style pipeline with a ``transformer`` (hooks installed here)."""
-    import inspect
-
-    import torch
-
-    from ..hooks import apply_clusca
-    from ..run import clusca_run
-
-    tr = getattr(pipe, "transformer", None)
-    if tr is None:
-        raise TuneError(f"{type(pipe).__name__} has no transformer: there is nothing to cache")
-    apply_clusca(tr)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    params = set(inspect.signature(pipe.__call__).parameters)
-    fixed: dict[str, Any] = {"num_inference_steps": steps, "output_type": "np"}
-    for k, v in (("guidance_scale", guidance), ("height", height), ("width", width)):
-        if v is not None:
-            fixed[k] = v
-    fixed.update(call_kwargs or {})
-    step_callback = "callback_on_step_end" in params
-
-    def generate(cfg: ClusCaConfig | None, items: Sequence[tuple[str, int]]):
-        kwargs = dict(fixed, prompt=[p for p, _ in items],
-                      generator=[torch.Generator(device="cpu").manual_seed(int(s)) for _, s in items])
-        with torch.inference_mode():
-            if cfg is None:
-                images = pipe(**kwargs).images
-                return np.asarray(images, dtype=np.float32), None
-            with clusca_run(tr, cfg, num_inference_steps=steps) as run:
-                if step_callback:
-                    run.set_step(0)
-
-                    def on_step(_pipe, i, _t, kw):
-                        run.set_step(i + 1)
-                        return kw
-
-                    kwargs["callback_on_step_end"] = on_step
-                images = pipe(**kwargs).images
-        return np.asarray(images, dtype=np.float32), run.stats.to_dict()
-
-    return generate
-
-
-def tune(pipe: Any, prompts: Sequence[str], *, minutes: float, seeds: int = 1, steps: int = 28,
-         guidance: float | None = None, height: int | None = None, width: int | None = None,
-         call_kwargs: Mapping[str, Any] | None = None, journal: str | os.PathLike | None = None,
-         resume: bool = False, checker: Callable[[np.ndarray, list[int]], list[bool]] | None = None,
-         baseline: Mapping[str, Mapping[str, Any]] | None = None, memory_cap_bytes: int | None = None,
-         meta: Mapping[str, Any] | None = None, batch: int = 4, seed: int = 0,
-         progress: Callable[[str], None] | None = None) -> TuneResult:
-    """Find the cache settings ``pipe`` tolerates on its device, within ``minutes``.
-
-    Every prompt runs with seeds ``0..seeds-1`` (image ``k`` of the set is prompt
-    ``k // seeds``, seed ``k % seeds``; the first rungs use the first images). ``checker(images,
-    indices)`` (optional) says whether each image adheres to its prompt. ``baseline`` is the
-    model's current preset tuning (``cache_presets``), measured alongside. ``journal`` keeps every
-    measurement (and is what ``resume`` continues from). See the module docstring for the search
-    and the picking rules; :attr:`TuneResult.presets` is the registry's ``cache_presets``.
-    """
-    prompts = [p for p in prompts]
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise TuneError("prompts: need at least one non-empty prompt")
-    if not isinstance(seeds, int) or seeds < 1:
-        raise TuneError(f"seeds: must be at least 1, got {seeds!r}")
-    items = [(p, s) for p in prompts for s in range(seeds)]
-    gen = pipeline_generate(pipe, steps=steps, guidance=guidance, height=height, width=width, call_kwargs=call_kwargs)
-    m = {"steps": steps, "guidance": guidance, "height": height, "width": width, "seeds": seeds,
-         "prompts": len(prompts), **dict(meta or {})}
-    return tune_with(gen, items, minutes=minutes, steps=steps, journal=journal, resume=resume, checker=checker,
-                     baseline=baseline, memory_cap_bytes=memory_cap_bytes, meta=m, batch=batch, seed=seed,
-                     progress=progress)
