@@ -122,7 +122,7 @@ def test_compare_mode_runs_uncached_and_cached_side_by_side(page, served):
     page.wait_for_selector("#error:not([hidden])")
     error = page.inner_text("#error")
     assert error.startswith("422 validation_error") and "cache.interval" in error, error
-    assert page.locator(".panel img").count() == 0
+    assert page.locator(".panel").count() == 0
 
     # The history survives a reload of the tab, and picking an entry brings its settings back.
     page.reload()
@@ -141,10 +141,14 @@ models:
   - name: noop
     kind: noop
     defaults: {width: 16, height: 16, steps: 6, guidance: 0, cache: "off", size_multiple: 8}
+  - name: slow
+    kind: noop
+    options: {step_delay_s: 0.2}
+    defaults: {width: 16, height: 16, steps: 50, guidance: 0, cache: "off", size_multiple: 8}
 """
 
 
-def test_with_api_keys_the_page_asks_for_one_and_sends_it(tmp_path):
+def test_with_api_keys_the_page_asks_for_one_and_sends_it_and_cancel_stops_a_job(tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text(NOOP_MODELS)
     env = {"CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_API_KEYS": "playground-key",
@@ -167,5 +171,17 @@ def test_with_api_keys_the_page_asks_for_one_and_sends_it(tmp_path):
         pg.click("#generate")
         pg.wait_for_function("() => document.querySelector('.panel img')?.naturalWidth === 16")
         assert "6 progress event(s)" in pg.inner_text(".panel .status")
+
+        # Cancel, through the API with the key, stops a running job at its next step.
+        pg.select_option("#model", "slow")
+        pg.click("#generate")
+        pg.wait_for_function("() => /step \\d+ \\/ 50/.test(document.querySelector('.panel .status').textContent)")
+        with pg.expect_response(lambda r: r.url.endswith("/cancel")) as answer:
+            pg.click("#cancel")
+        assert answer.value.status in (200, 202)
+        pg.wait_for_selector("#error:not([hidden])")
+        assert "cancelled" in pg.inner_text("#error") and "cancelled" in pg.inner_text(".panel .status")
+        assert pg.eval_on_selector(".panel progress", "p => p.value") < 50
+        assert pg.is_enabled("#generate") and pg.is_disabled("#cancel")
         _only_the_service(pg, s)
         assert not pg.console_errors, pg.console_errors

@@ -191,6 +191,7 @@ function describeCache(cache) {
 async function runJob(body, view) {
   view.request(body);
   const job = await api.submit(body);
+  view.root.classList.add("submitted");
   inFlight.push(job);
   view.status(`queued (job ${job.id.slice(0, 8)})`);
   try {
@@ -231,6 +232,8 @@ async function generate(event) {
     if (compare) await compareRuns(body, cache);
     else await singleRun(body, cache);
   } catch (err) {
+    // A refused request never became a job: its empty panel would only look like one waiting.
+    for (const node of $("panels").querySelectorAll(".panel:not(.submitted)")) node.remove();
     showError(err);
   } finally {
     setBusy(false);
