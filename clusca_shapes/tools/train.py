@@ -8,7 +8,8 @@ so the data do not depend on how many ``--data-workers`` processes draw them. ``
 fixes the number of optimiser steps and makes a run exactly repeatable on one machine;
 ``--minutes`` stops at a wall-clock budget instead. On a GPU, drawing the scenes is the
 bottleneck: give ``--data-workers`` (CPU processes) and a larger ``--batch``.
-``--init DIR`` continues from an earlier checkpoint of the same architecture.
+``--init DIR`` continues from an earlier checkpoint of the same architecture; words the
+data now use but that checkpoint's vocabulary lacks start from its ``<unk>`` embedding.
 A checkpoint of the EMA weights (safetensors + configs) is written to ``--out`` every
 ``--save-every`` minutes and at the end, so the run can be stopped at any time.
 """
@@ -30,7 +31,7 @@ import torch
 from . import data
 from ..model import build_transformer, image_ids, pack, text_ids
 from ..pipeline import ShapesFluxPipeline
-from ..text import ShapesTextEncoder, WordTokenizer
+from ..text import UNK, ShapesTextEncoder, WordTokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,11 +56,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads; 0 = up to 2, dropping to 1 while other processes load the CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-workers", type=int, default=0, help="processes drawing batches (0 = in this process)")
-    p.add_argument("--pair-fraction", type=float, default=0.25, help="share of two-object scenes")
+    p.add_argument("--pair-fraction", type=float, default=0.3, help="share of two-object scenes in a relation")
+    p.add_argument("--count-fraction", type=float, default=0.2, help="share of counts (two or three alike)")
+    p.add_argument("--unplaced-fraction", type=float, default=0.3,
+                   help="share of one-object captions without a position")
     p.add_argument("--init", default=None, help="checkpoint folder to continue from (same architecture)")
     a = p.parse_args(argv)
     if a.minutes <= 0 and a.steps <= 0:
         p.error("give a positive --minutes or --steps")
+    fractions = (a.pair_fraction, a.count_fraction, a.unplaced_fraction)
+    if min(fractions) < 0 or a.unplaced_fraction > 1 or a.pair_fraction + a.count_fraction > 1:
+        p.error("--pair-fraction and --count-fraction must be >= 0 with a sum <= 1, "
+                "--unplaced-fraction between 0 and 1")
     return a
 
 
@@ -76,10 +84,15 @@ def _drop_words(captions: list[str], rng: np.random.Generator, caption_p: float,
 
 
 def draw_batch(seed: int, index: int, n: int, caption_p: float, word_p: float,
-               pair_fraction: float) -> tuple[np.ndarray, list[str]]:
-    """Batch ``index`` of the run seeded ``seed``: the same in any process."""
+               mix: tuple[float, float, float]) -> tuple[np.ndarray, list[str]]:
+    """Batch ``index`` of the run seeded ``seed``: the same in any process.
+
+    ``mix`` is (pair, count, unplaced) fractions, as :func:`data.sample_scene` takes them.
+    """
     rng = np.random.default_rng([seed, index])
-    images, captions, _ = data.make_batch(rng, n, pair_fraction=pair_fraction)
+    pair, count, unplaced = mix
+    images, captions, _ = data.make_batch(rng, n, pair_fraction=pair, count_fraction=count,
+                                          unplaced_fraction=unplaced)
     return images, _drop_words(captions, rng, caption_p, word_p)
 
 
@@ -92,7 +105,8 @@ class BatchStream:
     """
 
     def __init__(self, a: argparse.Namespace, timeout_s: float = 120.0) -> None:
-        self._args = (a.seed, a.batch, a.caption_dropout, a.word_dropout, a.pair_fraction)
+        self._args = (a.seed, a.batch, a.caption_dropout, a.word_dropout,
+                      (a.pair_fraction, a.count_fraction, a.unplaced_fraction))
         self._next = 0  # next batch index handed out
         self._timeout_s = timeout_s
         self._pool = None
@@ -109,13 +123,11 @@ class BatchStream:
                 self._submit()
 
     def _draw(self, index: int) -> tuple[np.ndarray, list[str]]:
-        seed, n, cp, wp, pf = self._args
-        return draw_batch(seed, index, n, cp, wp, pf)
+        return draw_batch(self._args[0], index, *self._args[1:])
 
     def _submit(self) -> None:
-        seed, n, cp, wp, pf = self._args
         index = self._next + len(self._pending)
-        self._pending.append(self._pool.submit(draw_batch, seed, index, n, cp, wp, pf))
+        self._pending.append(self._pool.submit(draw_batch, self._args[0], index, *self._args[1:]))
 
     def __next__(self) -> tuple[np.ndarray, list[str]]:
         index = self._next
@@ -148,6 +160,29 @@ class BatchStream:
                     w.terminate()
             self._pool = None
             self._pending.clear()
+
+
+@torch.no_grad()
+def _load_text_encoder(encoder, tokenizer, old_encoder, old_tokenizer) -> list[str]:
+    """Copy ``old_encoder`` into ``encoder`` whose vocabulary may have grown.
+
+    Word embeddings are matched by word, so a checkpoint trained on fewer words keeps what
+    it learnt; words it never saw start from its ``<unk>`` embedding, which is what the
+    old checkpoint made of them. Returns those new words.
+    """
+    old = old_encoder.state_dict()
+    table = old.pop("embed.weight")
+    missing, unexpected = encoder.load_state_dict(old, strict=False)
+    if unexpected or set(missing) != {"embed.weight"}:
+        raise ValueError(f"--init: text encoder of another architecture (missing {missing}, unexpected {unexpected})")
+    new = []
+    for i, word in enumerate(tokenizer.itos):
+        j = old_tokenizer.stoi.get(word)
+        if j is None:
+            new.append(word)
+            j = old_tokenizer.stoi[UNK]
+        encoder.embed.weight[i] = table[j]
+    return new
 
 
 @torch.no_grad()
@@ -207,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.init:
         start_from = ShapesFluxPipeline.from_pretrained(a.init)
         transformer.load_state_dict(start_from.transformer.state_dict())
-        text_encoder.load_state_dict(start_from.text_encoder.state_dict())
-        print(f"continuing from {a.init}", flush=True)
+        new_words = _load_text_encoder(text_encoder, tokenizer, start_from.text_encoder, start_from.tokenizer)
+        print(f"continuing from {a.init}" + (f"; words new to it: {' '.join(new_words)}" if new_words else ""),
+              flush=True)
     transformer.to(device)
     text_encoder.to(device)
     ema_tr, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
