@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from . import metrics
-from .contract import FAILED, SUCCEEDED, JobResult, Timings
+from . import metrics, video_store
+from .contract import FAILED, SUCCEEDED, JobRequest, JobResult, Timings
 from .queue import StartedJob, WorkerQueue
 from .settings import Settings
+from .video_store import RedisStore
 from .webhooks import deliver
 
 log = logging.getLogger("clusca.worker")
@@ -45,8 +46,24 @@ class ResultWriter:
         self._retry = retry
         self._release = release
         self.jobs_done = 0
+        self._inline = RedisStore(settings.max_output_bytes)
+        self.videos = video_store.from_settings(settings)
+        self.videos.sweep()
         # Webhooks go out in the background (a slow receiver must not stall the GPU), a few at a time.
         self._webhooks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+
+    def keep(self, job_id: str, request: JobRequest, encoded: list[bytes]) -> list[bytes]:
+        """What the job's outputs hash will hold for ``encoded``: videos go to the video store,
+        still images stay in Redis; raises :class:`~service.video_store.OutputTooLarge`."""
+        store = self.videos if request.is_video else self._inline
+        kept: list[bytes] = []
+        try:
+            for k, data in enumerate(encoded):
+                kept.append(store.put(job_id, k, data, request.output_format))
+        except OutputTooLarge:
+            store.delete(kept)
+            raise
+        return kept
 
     def store(self, outcomes: list[Outcome], progress: dict[str, tuple[list[str], int]] | None = None) -> None:
         """Store each outcome with the job's progress events not sent yet (``{job_id: (events, step)}``)."""
@@ -61,6 +78,10 @@ class ResultWriter:
             events, step = (progress or {}).get(j.delivery.job_id, ((), None))
             stored = self._retry(lambda: self.q.finish(j, o.status, result, o.error, o.images, events, step))
             self._release([j.delivery])
+            if not stored:
+                # Files this outcome wrote are referenced by nothing (the job is retried, or another
+                # worker's outcome was stored): remove them now rather than at their expiry.
+                self.videos.delete(o.images)
             if stored is None:
                 log.error("job %s: result not stored (redis unreachable); it will be retried", j.delivery.job_id)
                 continue

@@ -52,6 +52,9 @@ class Settings(BaseModel):
     max_frames: int = Field(257, ge=1)
     # Largest encoded output (a video, usually) one job may store in Redis; a bigger one fails the job.
     max_output_bytes: int = Field(64 << 20, ge=1024)
+    # Where videos are kept: "redis" (beside the job, bounded by max_output_bytes) or
+    # "dir:///path", a folder every worker and API process shares (service/video_store.py).
+    video_store: str = "redis"
     max_body_bytes: int = Field(1 << 20, ge=1024)
     # Replicas that must hold a new job before the API confirms it (Redis WAIT); 0 = asynchronous.
     redis_wait_replicas: int = Field(0, ge=0, le=16)
@@ -65,6 +68,14 @@ class Settings(BaseModel):
         if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("video_store")
+    @classmethod
+    def _video_store(cls, v: str) -> str:
+        from .video_store import parse_spec
+
+        parse_spec(v)
+        return v
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -123,6 +134,7 @@ ENV_NAMES: dict[str, str] = {
     "max_images": "CLUSCA_MAX_IMAGES",
     "max_frames": "CLUSCA_MAX_FRAMES",
     "max_output_bytes": "CLUSCA_MAX_OUTPUT_BYTES",
+    "video_store": "CLUSCA_VIDEO_STORE",
     "max_body_bytes": "CLUSCA_MAX_BODY_BYTES",
     "redis_wait_replicas": "CLUSCA_REDIS_WAIT_REPLICAS",
     "redis_wait_timeout_ms": "CLUSCA_REDIS_WAIT_TIMEOUT_MS",

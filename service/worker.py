@@ -36,6 +36,7 @@ from .registry import Registry
 from .results import Outcome, ResultWriter
 from .runners import Batch, RequestNotSupported, Runner, load_runner
 from .settings import Settings
+from .video_store import OutputTooLarge
 
 __all__ = ["Worker", "run_worker", "ProgressPump", "progress_by_job", "PROGRESS_INTERVAL_S"]
 
@@ -276,12 +277,12 @@ class Worker:
                 out.append(Outcome(j, FAILED, result, error))
             else:
                 encoded = [encode_output(im, r.output_format, r.fps if r.is_video else None) for im in mine]
-                size, cap = sum(len(b) for b in encoded), self.settings.max_output_bytes
-                if size > cap:
-                    out.append(Outcome(j, FAILED, result, f"the encoded output is {size} bytes, over the "
-                                       f"service's limit of {cap} (CLUSCA_MAX_OUTPUT_BYTES)"))
+                try:
+                    stored = self.results.keep(j.delivery.job_id, r, encoded)
+                except OutputTooLarge as exc:
+                    out.append(Outcome(j, FAILED, result, str(exc)))
                 else:
-                    out.append(Outcome(j, SUCCEEDED, result, "", encoded))
+                    out.append(Outcome(j, SUCCEEDED, result, "", stored))
         return out
 
     # ------------------------------------------------------------------ helpers

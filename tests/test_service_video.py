@@ -49,6 +49,7 @@ class Served(NamedTuple):
     url: str
     metrics_url: str
     models_file: Path
+    videos: Path
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,9 @@ def wan(service, tmp_path_factory):
     build_tiny_hunyuan_video(root / "hunyuan")
     models = root / "models.yaml"
     models.write_text(MODELS.format(path=root / "pipe", hunyuan=root / "hunyuan"))
-    env = {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "60", "CLUSCA_TORCH_THREADS": "1"}
+    # These workers keep videos in a folder (the no-op video tests cover the Redis store).
+    env = {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "60", "CLUSCA_TORCH_THREADS": "1",
+           "CLUSCA_VIDEO_STORE": f"dir://{root / 'videos'}"}
     metrics_port = free_port()
     worker = service.start_worker("tinywan,tinyhunyuan", env, metrics_port=metrics_port, wait=False)
     r = service.redis_client()
@@ -66,7 +69,7 @@ def wan(service, tmp_path_factory):
                what="tinywan worker")
     assert worker.poll() is None, open(worker.log_path).read()
     api, url = service.start_api(env)
-    yield Served(url, f"http://127.0.0.1:{metrics_port}/metrics", models)
+    yield Served(url, f"http://127.0.0.1:{metrics_port}/metrics", models, root / "videos")
     Service.stop(api)
     Service.stop(worker, timeout=60)
 
@@ -151,14 +154,21 @@ def test_v1_videos_life_cycle(wan):
         part = c.get(f"/v1/videos/{created['id']}/content", headers={"Range": "bytes=0-99"})
         tail = c.get(f"/v1/videos/{created['id']}/content", headers={"Range": "bytes=-10"})
         beyond = c.get(f"/v1/videos/{created['id']}/content", headers={"Range": f"bytes={size}-"})
+        files = {p.name for p in wan.videos.iterdir()}
         finished_delete = c.delete(f"/v1/videos/{created['id']}")
+        after = [c.get(f"/v1/videos/{created['id']}/content"), c.get(f"/v1/videos/{created['id']}")]
     frames = mp4_frames(full.content)
     assert len(frames) == 9 and frames[0].shape == (32, 32, 3)
     assert part.status_code == 206 and part.content == full.content[:100]
     assert part.headers["content-range"] == f"bytes 0-99/{size}"
     assert tail.status_code == 206 and tail.content == full.content[-10:]
     assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{size}"
-    assert finished_delete.status_code == 409
+    # Deleting a finished video removes its file and its record, as OpenAI's videos.delete does.
+    assert len({n for n in files if n.startswith(created["id"].removeprefix("video_"))}) == 1
+    assert finished_delete.status_code == 200
+    assert finished_delete.json() == {"id": created["id"], "object": "video.deleted", "deleted": True}
+    assert [a.status_code for a in after] == [404, 404]
+    assert not any(p.name.startswith(created["id"].removeprefix("video_")) for p in wan.videos.iterdir())
 
 
 def test_v1_videos_cancel_and_unknown_ids(wan):
@@ -259,3 +269,35 @@ def test_video_runner_warms_up_and_batched_videos_equal_lone_ones(wan, caplog, o
     for k in range(2):
         assert np.abs(pair[k] - alone[k]).max() < 1e-4
     assert np.abs(pair[0] - pair[1]).max() > 1e-3
+
+
+def test_clusters_are_per_video_over_its_frames_and_patches(wan, monkeypatch, one_torch_thread):
+    """ClusCa on a served video model clusters each video's own spatio-temporal tokens (latent frames
+    x patches), so a cached video does not depend on its batch mates, and the run's statistics come back."""
+    import clusca.hooks
+    from service.registry import Registry
+    from service.runners import Batch, load_runner
+
+    seen: list[tuple[int, ...]] = []
+    real = clusca.hooks.kmeans
+
+    def recording(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(clusca.hooks, "kmeans", recording)
+    entry = Registry.load(wan.models_file).get("tinywan")
+    runner = load_runner(entry, "cpu")
+    cache = entry.cache_config({"preset": "fast"}).to_dict()
+    # 9 frames of 64 x 32: 3 latent frames (the VAE keeps 1 + 8/4) of 8 x 4 latents, 2 x 2 patches: 3 x 4 x 2 tokens.
+    common = dict(width=64, height=32, steps=6, guidance=5.0, cache=cache, num_frames=9, negative_prompts=None)
+    pair = runner.run(Batch(prompts=["a kite", "a train"], seeds=[1, 2], **common), lambda step: False)
+    pair_shapes, seen[:] = list(seen), []
+    alone = [runner.run(Batch(prompts=[p], seeds=[s], **common), lambda step: False).images[0]
+             for p, s in (("a kite", 1), ("a train", 2))]
+    assert pair_shapes and {s[:2] for s in pair_shapes} == {(2, 3 * 4 * 2)}, pair_shapes
+    assert {s[:2] for s in seen} == {(1, 3 * 4 * 2)}, seen
+    stats = pair.stats
+    assert stats["cached_steps"] > 0 and stats["kmeans_calls"] == len(pair_shapes) and stats["flops_speedup"] > 1
+    for k in range(2):
+        assert np.abs(pair.images[k] - alone[k]).max() < 1e-4

@@ -6,6 +6,7 @@ import re
 
 from fastapi.responses import Response
 
+from ..video_store import Blob
 from .errors import ApiError
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -36,12 +37,14 @@ def _unsatisfiable(size: int) -> ApiError:
                     headers={"Content-Range": f"bytes */{size}"})
 
 
-def content_response(data: bytes, media_type: str, range_header: str | None) -> Response:
-    """``data`` as the answer: 200 with all of it, or 206 with the range asked for."""
+def content_response(data: bytes | Blob, media_type: str, range_header: str | None) -> Response:
+    """``data`` as the answer: 200 with all of it, or 206 with the range asked for (a file is read
+    only as far as that range)."""
+    blob = data if isinstance(data, Blob) else Blob(len(data), data)
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
-    span = byte_range(range_header, len(data)) if range_header else None
+    span = byte_range(range_header, blob.size) if range_header else None
     if span is None:
-        return Response(data, media_type=media_type, headers=headers)
+        return Response(blob.read(), media_type=media_type, headers=headers)
     first, last = span
-    headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
-    return Response(data[first:last + 1], status_code=206, media_type=media_type, headers=headers)
+    headers["Content-Range"] = f"bytes {first}-{last}/{blob.size}"
+    return Response(blob.read(first, last), status_code=206, media_type=media_type, headers=headers)

@@ -10,10 +10,12 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .. import video_store
 from ..queue import JobQueue
 from ..reconcile import AckJournal
 from ..registry import Registry
 from ..settings import Settings, get_settings
+from ..video_store import Store
 from .errors import ApiError
 
 
@@ -26,6 +28,11 @@ class Services:
     redis: Any
     queue: JobQueue
     journal: AckJournal = field(default_factory=AckJournal)
+    videos: Store | None = None  # default: the one the settings name
+
+    def __post_init__(self) -> None:
+        if self.videos is None:
+            self.videos = video_store.from_settings(self.settings)
 
 
 def get_services(request: Request) -> Services:

@@ -243,6 +243,14 @@ class OpenAIVideoError(BaseModel):
     message: str
 
 
+class OpenAIVideoDeleted(BaseModel):
+    """OpenAI's answer to deleting a video: its stored bytes and record are gone."""
+
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
 class OpenAIVideo(BaseModel):
     """OpenAI's video object; ``status`` adds ``cancelled``, and the extra fields report this service's run."""
 

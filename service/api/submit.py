@@ -5,8 +5,11 @@ Routers do not import each other; what more than one of them needs lives here.
 
 from __future__ import annotations
 
+import asyncio
+
 from ..contract import SUCCEEDED, JobRecord, JobRequest
 from ..queue import IdempotencyMismatch, QueueFull
+from ..video_store import open_output, stored_is_ref
 from .deps import Services
 from .errors import ApiError
 
@@ -25,9 +28,15 @@ async def submit(services: Services, model: str, job: JobRequest, idem: str | No
                        f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
 
 
-async def wait_for(services: Services, job_id: str) -> tuple[JobRecord, bool, list[bytes]]:
-    """Wait up to the sync timeout; return ``(job, finished, images)``."""
+async def wait_for(services: Services, job_id: str, files: bool = True) -> tuple[JobRecord, bool, list[bytes]]:
+    """Wait up to the sync timeout; return ``(job, finished, images)``. Outputs kept in the video
+    store's folder are read only when ``files`` (they are linked anyway)."""
     finished, job, images = await services.queue.wait_result(job_id, services.settings.sync_timeout_s)
     if job is None:
         raise ApiError(404, "job_not_found", "the job expired before it finished")
-    return job, finished, images if job.status == SUCCEEDED else []
+    if job.status != SUCCEEDED:
+        return job, finished, []
+    if any(stored_is_ref(v) for v in images):
+        blobs = [await open_output(services.videos, v) for v in images] if files else []
+        images = [await asyncio.to_thread(b.read) for b in blobs if b is not None]
+    return job, finished, images

@@ -52,7 +52,7 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
             raise ApiError(404, "job_not_found", "the job of this Idempotency-Key has expired")
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async"})
-    record, finished, images = await wait_for(services, job_id)
+    record, finished, images = await wait_for(services, job_id, files=body.inline)
     if not finished:
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}"})

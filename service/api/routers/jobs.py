@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Annotated, Any, AsyncIterator
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ...contract import FAILED, SUCCEEDED, JobRecord
+from ...video_store import open_output
 from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
 from ..content import content_response
@@ -52,8 +54,11 @@ async def get_image(job_id: JobId, index: Annotated[int, Path(ge=0, le=10_000)],
         n = job.request.num_images if job.request else 1
         raise ApiError(404, "image_not_found", f"job {job_id} has {n} image(s); index {index} does not exist",
                        param="index")
+    blob = await open_output(services.videos, data)
+    if blob is None:
+        raise ApiError(404, "image_not_found", f"the stored output {index} of job {job_id} has expired")
     content_type = (job.result.content_type if job.result else None) or "application/octet-stream"
-    return content_response(data, content_type, range)
+    return await asyncio.to_thread(content_response, blob, content_type, range)
 
 
 @router.post("/{job_id}/cancel", response_model=CancelResponse, summary="Cancel a job",

@@ -1,4 +1,4 @@
-"""The OpenAI-style videos API: create a job, poll it, fetch its content, cancel it.
+"""The OpenAI-style videos API: create a job, poll it, fetch its content, cancel or delete it.
 
 A video is a job of a video model like any other (queue, worker, progress, webhooks);
 these routes only speak OpenAI's shapes: ``video_<job id>`` ids, ``seconds`` and ``size``.
@@ -6,19 +6,21 @@ these routes only speak OpenAI's shapes: ``video_<job id>`` ids, ``seconds`` and
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import Response
 
-from ...contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord
+from ...contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobRecord
+from ...video_store import delete_job, open_output
 from ..content import content_response
 from ..deps import AuthDep, ServicesDep
 from ..errors import ApiError
 from ..resolve import check_openai_size, idempotency_scope, model_entry, request_fingerprint, resolve_job
-from ..schemas import ErrorBody, OpenAIVideo, OpenAIVideoError, OpenAIVideoRequest
+from ..schemas import ErrorBody, OpenAIVideo, OpenAIVideoDeleted, OpenAIVideoError, OpenAIVideoRequest
 from ..submit import submit
 from ..views import timings
 
@@ -108,18 +110,24 @@ async def video_content(video_id: VideoId, services: ServicesDep, _: AuthDep,
     if job.status != SUCCEEDED:
         raise ApiError(409, "video_not_ready", f"video {video_id} is {_STATUS.get(job.status, job.status)}; "
                        "it has no content")
-    data = await services.queue.image(job.id, 0)
-    if data is None:
+    blob = await open_output(services.videos, await services.queue.image(job.id, 0))
+    if blob is None:
         raise ApiError(404, "video_not_found", f"the content of video {video_id} has expired")
-    return content_response(data, job.request.content_type if job.request else "application/octet-stream", range)
+    media_type = job.request.content_type if job.request else "application/octet-stream"
+    return await asyncio.to_thread(content_response, blob, media_type, range)
 
 
-@router.delete("/{video_id}", response_model=OpenAIVideo, summary="Cancel a video",
-               responses={**ERRORS, 409: {"model": ErrorBody}})
+@router.delete("/{video_id}", response_model=Union[OpenAIVideoDeleted, OpenAIVideo], summary="Delete or cancel a video",
+               responses=ERRORS)
 async def delete_video(video_id: VideoId, services: ServicesDep, _: AuthDep) -> Any:
-    """A queued video is cancelled at once, a running one at its next step; a finished one is a 409."""
+    """A finished video (completed, failed or cancelled) is deleted, its bytes with it, as OpenAI's
+    ``videos.delete`` does: the answer is ``video.deleted`` and the id is unknown from then on. A
+    video still being made is cancelled instead, a queued one at once, a running one at its next
+    step: the answer is its video object, and a second DELETE once it has stopped deletes it."""
     job = await _video(services, video_id)
-    outcome = await services.queue.cancel(job.id)
-    if outcome in (SUCCEEDED, FAILED):
-        raise ApiError(409, "video_finished", f"video {video_id} already {_STATUS[outcome]}")
-    return video_object(await _video(services, video_id), services.settings.result_ttl_s)
+    if job.status not in TERMINAL:
+        outcome = await services.queue.cancel(job.id)
+        if outcome not in (SUCCEEDED, FAILED):  # cancelled now, or stopping at its next step
+            return video_object(await _video(services, video_id), services.settings.result_ttl_s)
+    await delete_job(services.redis, services.videos, job.id)
+    return OpenAIVideoDeleted(id=video_id)
