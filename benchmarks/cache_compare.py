@@ -2,7 +2,7 @@
 
     python benchmarks/cache_compare.py            # the full comparison (about 25 min on 2 CPU cores)
     python benchmarks/cache_compare.py --quick    # a few methods, small sizes (a couple of minutes)
-    python benchmarks/cache_compare.py --from-json results.json   # re-render docs and plot only
+    python benchmarks/cache_compare.py --from-json benchmarks/results/cache_compare.json   # docs and plot only
 
 Two models, every method in the same process on the same prompts and seeds:
 
@@ -16,8 +16,10 @@ Two models, every method in the same process on the same prompts and seeds:
 FLOPs are measured the same way for every method with torch's FLOP counter (matrix
 multiplies and attention actually executed inside the transformer); for our own modes
 the library's analytic estimate is shown next to it. Cache memory is the peak bytes of
-cache tensors held for one request. Prints the tables, rewrites its section of
-docs/benchmarks.md (other sections are kept) and draws docs/pareto.png.
+cache tensors held for one request. Saves the raw results (``--json``, default
+benchmarks/results/cache_compare.json), then prints the tables, rewrites its section of
+docs/benchmarks.md (other sections are kept) and draws docs/pareto.png from them alone;
+``--from-json`` does only the second part.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._results import RESULTS, save  # noqa: E402
 
 from benchmarks._metrics import dominators, pareto_front, psnr, ssim  # noqa: E402
 
@@ -329,35 +332,20 @@ class _null:
 
 
 # ==================================================================== large random-weight model
-def euler_sample(model, inputs, steps: int):
-    """Flow-matching Euler loop from sigma 1 to 0 calling the transformer directly (batch 1)."""
-    import torch
-
-    x, enc, pooled, img_ids, txt_ids = inputs
-    x = x.clone()
-    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
-    guidance = torch.full((1,), 3.5, dtype=x.dtype, device=x.device)
-    with torch.no_grad():
-        for i in range(steps):
-            v = model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
-                      timestep=torch.full((1,), sigmas[i], dtype=x.dtype, device=x.device),
-                      img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x
-
-
 def bench_large(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from benchmarks._caches import Env, activate, count_flops, track_timestep
-    from benchmarks.speed_flux import build_model, make_inputs
+    from benchmarks._sampling import FluxInputs
+    from benchmarks.speed_flux import build_model
     from clusca import apply_clusca
 
     spec = SimpleNamespace(width=a.large_width, head_dim=64, dual=a.large_dual, single=a.large_single,
                            latent_side=a.large_side, text_tokens=32, text_dim=a.large_text_dim)
     device, dtype = torch.device("cpu"), torch.float32
     model = build_model(spec, device, dtype)
-    inputs = make_inputs(spec, device, dtype)
+    inputs = FluxInputs.random(side=spec.latent_side, text_tokens=spec.text_tokens, text_dim=spec.text_dim,
+                               device=device, dtype=dtype)
     steps = a.large_steps
     env = Env(steps=steps)
     track_timestep(model, env)
@@ -369,11 +357,11 @@ def bench_large(a: argparse.Namespace) -> dict[str, Any]:
             counter = count_flops(model) if flops else _null()
             with counter as fl:
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = euler_sample(model, inputs, steps)
+                out = inputs.loop(model, steps).run()
                 dt, dc = time.perf_counter() - t0, time.process_time() - c0
         return out, probe, (dt, dc), (fl[0] if flops else 0)
 
-    euler_sample(model, inputs, 2)  # allocator and kernels warm
+    inputs.loop(model, 2).run()  # allocator and kernels warm
     rows: dict[str, dict[str, Any]] = {}
     ref = None
     for method in methods:  # one counted run per method: FLOPs, memory, error; also a warm-up
@@ -744,9 +732,9 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(res: dict[str, Any]) -> None:
-    write_section(START, END, render(res), DOCS)
-    print(f"wrote {DOCS.relative_to(ROOT)}")
+def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
+    write_section(START, END, render(res), path)
+    print(f"wrote {path.name}")
 
 
 def plot(res: dict[str, Any], path: Path = PLOT) -> None:
@@ -853,7 +841,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared CPU an oversubscribed pool is many times slower)")
-    p.add_argument("--json", default=None, help="also save the raw results here")
+    p.add_argument("--json", default=str(RESULTS / "cache_compare.json"),
+                   help="where the raw results go (default: benchmarks/results/cache_compare.json)")
     p.add_argument("--reuse-large", default=None, help="take the large-model part from this saved results file")
     p.add_argument("--from-json", default=None, help="render tables, docs and plot from saved results; run nothing")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md or docs/pareto.png")
@@ -900,8 +889,8 @@ def main(argv: list[str] | None = None) -> int:
         res["large"] = saved["large"]
         res["meta"]["large_from"] = {k: v for k, v in saved["meta"].items() if k in ("date", "argv", "threads")}
     analyse(res)
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+    if not a.from_json:
+        print(f"wrote {save(res, a.json)}")
     print_tables(res)
     for p in analyse(res).get("clusca_vs_taylorseer", []):
         print(f"ClusCa - TaylorSeer at N{p['interval']} O{p['order']}: {p['d_psnr']:+.2f} dB PSNR")

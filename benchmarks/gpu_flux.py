@@ -8,8 +8,12 @@ methods alternate within a round (uncached, ours, diffusers'), and the latency i
 median over rounds. Our hooks are installed only for our own methods and removed again,
 so the uncached and diffusers runs see the plain model.
 
-    python benchmarks/gpu_flux.py --json results.json            # on a GPU machine
-    python benchmarks/gpu_flux.py --render results.json          # write docs/benchmarks.md
+    python benchmarks/gpu_flux.py                                # on a GPU machine
+    python benchmarks/gpu_flux.py --render benchmarks/results/gpu_flux-h200.json   # the docs section only
+
+The raw results go to ``--json`` (default benchmarks/results/gpu_flux.json, rewritten
+after every run); the docs section is rendered from results files alone (``--render``
+merges several, e.g. a batch-1 run and a batch-4 run), so it can be rewritten anywhere.
 
 ``--deadline`` (seconds) stops starting new runs once the time is nearly spent, so a
 run on a rented machine always leaves its partial results behind.
@@ -31,7 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._results import RESULTS, load, save  # noqa: E402
+from benchmarks._sampling import FluxInputs, sync_for  # noqa: E402
 
 START, END = "<!-- gpu-flux:start -->", "<!-- gpu-flux:end -->"
 
@@ -70,45 +76,10 @@ def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype)
     return model.eval()
 
 
-def make_inputs(a, batch: int, device, dtype) -> dict:
-    g = torch.Generator().manual_seed(1234)
-    side = a.side
-    img_ids = torch.zeros(side * side, 3)
-    img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
-    img_ids[:, 2] = torch.arange(side).repeat(side)
-    to = dict(device=device, dtype=dtype)
-    return {
-        "x": torch.randn(batch, side * side, 64, generator=g).to(**to),
-        "encoder_hidden_states": torch.randn(batch, a.text_tokens, a.text_dim, generator=g).to(**to),
-        "pooled_projections": torch.randn(batch, 768, generator=g).to(**to),
-        "img_ids": img_ids.to(**to),
-        "txt_ids": torch.zeros(a.text_tokens, 3, **to),
-        "guidance": torch.full((batch,), 3.5, **to),
-    }
-
-
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def generate(model, inputs: dict, steps: int, device, run=None) -> torch.Tensor:
-    x = inputs["x"].clone()
-    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
-    batch = x.shape[0]
-    for i in range(steps):
-        if run is not None:
-            run.set_step(i)  # no host read of the timestep on cached steps
-        v = model(
-            hidden_states=x, encoder_hidden_states=inputs["encoder_hidden_states"],
-            pooled_projections=inputs["pooled_projections"],
-            timestep=torch.full((batch,), sigmas[i], device=device, dtype=x.dtype),
-            img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"], guidance=inputs["guidance"],
-            return_dict=False,
-        )[0]
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x
+    done = sync_for(device)
+    if done is not None:
+        done()
 
 
 def run_once(method, model, inputs, steps, device) -> dict:
@@ -127,7 +98,7 @@ def run_once(method, model, inputs, steps, device) -> dict:
     t0 = time.perf_counter()
     try:
         with activate(method, model, Env(steps=steps)) as probe:
-            out = generate(model, inputs, steps, device, probe.run)
+            out = inputs.loop(model, steps, before_step=probe.run.set_step if probe.run else None).run()
             probe.sample_memory()
             sync(device)
         seconds = time.perf_counter() - t0
@@ -145,7 +116,7 @@ def run_once(method, model, inputs, steps, device) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dual", type=int, default=19)
     p.add_argument("--single", type=int, default=38)
@@ -160,16 +131,13 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--deadline", type=float, default=0.0, help="seconds; 0 = none")
-    p.add_argument("--json", default=None, help="write the raw results here")
-    p.add_argument("--render", nargs="+", default=None, help="only write docs/benchmarks.md from results files")
-    a = p.parse_args()
+    p.add_argument("--json", default=str(RESULTS / "gpu_flux.json"),
+                   help="raw results, saved after every run (default: benchmarks/results/gpu_flux.json)")
+    p.add_argument("--render", nargs="+", default=None,
+                   help="only write docs/benchmarks.md from these results files (merged); run nothing")
+    a = p.parse_args(argv)
     if a.render:
-        merged = {"info": None, "results": []}
-        for path in a.render:
-            part = json.loads(Path(path).read_text())
-            merged["info"] = merged["info"] or part["info"]
-            merged["results"] += part["results"]
-        render(merged)
+        write_docs(merge([load(path) for path in a.render]))
         return 0
 
     t_start = time.time()
@@ -192,16 +160,17 @@ def main() -> int:
     rounds = [int(r) for r in a.rounds.split(",")]
     rounds += [rounds[-1]] * (len(batches) - len(rounds))
 
-    def save() -> None:
+    def keep() -> None:
         if a.json:
-            Path(a.json).write_text(json.dumps({"info": info, "results": results}, indent=1))
+            save({"info": info, "results": results}, a.json)
 
     per_image = 0.0  # uncached seconds per image, once measured
     for batch, n_rounds in zip(batches, rounds):
         if a.deadline and time.time() - t_start + per_image * batch * 1.5 > a.deadline:
             print(f"deadline: skipping batch {batch}", flush=True)
             continue
-        inputs = make_inputs(a, batch, device, dtype)
+        inputs = FluxInputs.random(side=a.side, text_tokens=a.text_tokens, text_dim=a.text_dim, batch=batch,
+                                   device=device, dtype=dtype)
         # Warm-up: kernels, allocator, and the first-call costs of each method. Its
         # timings (scaled to the full step count) predict each run for the deadline.
         last: dict[str, float] = {}
@@ -228,9 +197,9 @@ def main() -> int:
                 print(f"batch {batch} round {r + 1} {m.name}: {res['seconds']:.2f} s "
                       f"peak+{res['peak_extra_bytes'] / 2**30:.2f} GiB cache {res['cache_bytes'] / 2**20:.0f} MiB "
                       f"finite={res['finite']}", flush=True)
-                save()
+                keep()
     info["total_seconds"] = round(time.time() - t_start, 1)
-    save()
+    keep()
     print(table({"info": info, "results": results}))
     return 0
 
@@ -267,9 +236,19 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def render(data: dict) -> None:
+def merge(parts: list[dict]) -> dict:
+    """Several results files as one: the first one's description, every file's runs."""
+    info = dict(parts[0]["info"])
+    extra = [p["info"]["command"] for p in parts[1:] if p["info"]["command"] != info["command"]]
+    if extra:
+        info["extra_commands"] = list(dict.fromkeys([*info.get("extra_commands", []), *extra]))
+    return {"info": info, "results": [r for p in parts for r in p["results"]]}
+
+
+def render(data: dict) -> str:
+    """The gpu-flux section of docs/benchmarks.md, from raw results."""
     info = data["info"]
-    body = "\n".join([
+    return "\n".join([
         START,
         "## GPU: full-size FLUX.1-dev transformer, random weights",
         "",
@@ -285,8 +264,11 @@ def render(data: dict) -> None:
         "",
         END,
     ])
-    write_section(START, END, body)
-    print(body)
+
+
+def write_docs(data: dict, path: Path = DOCS) -> None:
+    write_section(START, END, render(data), path)
+    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

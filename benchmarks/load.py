@@ -11,7 +11,9 @@ requests in flight (an asyncio client on httpx) until the level's request count 
 It reports throughput (images/s over the level's wall time), p50/p95/p99 latency, errors
 and the mean batch size the worker ran. In the same run, the same requests are timed as
 direct in-process pipeline calls (batch 1, and batched) as the baseline without HTTP,
-queue and worker. Rewrites its section of docs/benchmarks.md.
+queue and worker. Saves the raw results (``--json``, default benchmarks/results/load.json)
+and renders its section of docs/benchmarks.md from them; ``--from-json`` renders again
+without measuring.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._results import RESULTS, save  # noqa: E402
 
 from benchmarks._metrics import percentile  # noqa: E402
 
@@ -353,9 +356,9 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(res: dict[str, Any]) -> None:
-    write_section(START, END, render(res), DOCS)
-    print(f"wrote {DOCS.relative_to(ROOT)}")
+def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
+    write_section(START, END, render(res), path)
+    print(f"wrote {path.name}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -381,7 +384,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, seconds")
     p.add_argument("--no-direct", action="store_true", help="skip the in-process baseline")
     p.add_argument("--no-docs", action="store_true")
-    p.add_argument("--json", default=None, help="also save the raw results here")
+    p.add_argument("--json", default=str(RESULTS / "load.json"),
+                   help="where the raw results go (default: benchmarks/results/load.json)")
     p.add_argument("--from-json", default=None, help="rewrite the docs section from saved results; run nothing")
     a = p.parse_args(argv)
     try:
@@ -456,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in res.get("targets") or []:
         print(f"target, max batch {t['batch']}: throughput c16 / c1 = {t['ratio']:.2f}x "
               f"({'met' if t['ratio'] >= 1.5 else 'NOT met'})")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(f"wrote {save(res, a.json)}")
     if not a.no_docs:
         write_docs(res)
     return 0

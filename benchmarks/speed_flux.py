@@ -12,15 +12,20 @@ and cached steps and the share of k-means in the full steps.
 
     python benchmarks/speed_flux.py                       # the target setting (minutes on CPU)
     python benchmarks/speed_flux.py --width 256 --steps 20 --runs 3 --no-docs   # quick look
+    python benchmarks/speed_flux.py --from-json benchmarks/results/speed_flux-cpu-float32-1-thread.json
 
-Results are written to a section of docs/benchmarks.md (other sections are kept).
+Measures, writes the raw numbers to a JSON file (``--json``, default under
+benchmarks/results/), then renders its section of docs/benchmarks.md from that file (other
+sections are kept); ``--from-json`` renders again without measuring.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -33,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._results import RESULTS, save  # noqa: E402
+from benchmarks._sampling import FluxInputs, sync_for  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run  # noqa: E402
 
 SECTION = "## ClusCa speed, FLUX architecture"
@@ -67,58 +74,10 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     return model.to(device=device, dtype=dtype).eval()
 
 
-def make_inputs(args, device, dtype):
-    side = args.latent_side
-    g = torch.Generator().manual_seed(1234)
-    x = torch.randn(1, side * side, 64, generator=g)
-    enc = torch.randn(1, args.text_tokens, args.text_dim, generator=g)
-    pooled = torch.randn(1, 768, generator=g)
-    img_ids = torch.zeros(side * side, 3)
-    img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
-    img_ids[:, 2] = torch.arange(side).repeat(side)
-    txt_ids = torch.zeros(args.text_tokens, 3)
-    to = dict(device=device, dtype=dtype)
-    return x.to(**to), enc.to(**to), pooled.to(**to), img_ids.to(**to), txt_ids.to(**to)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Loop:
-    """One Euler flow-matching loop, advanced a step at a time."""
-
-    def __init__(self, model, inputs, steps: int, device) -> None:
-        self.model, self.inputs, self.steps, self.device = model, inputs, steps, device
-        x, *_ = inputs
-        self.x = x.clone()
-        self.sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        self.guidance = torch.full((1,), 3.5, device=device, dtype=x.dtype)
-        self.times: list[float] = []
-
-    @torch.no_grad()
-    def step(self, i: int) -> None:
-        _, enc, pooled, img_ids, txt_ids = self.inputs
-        t0 = time.perf_counter()
-        v = self.model(
-            hidden_states=self.x,
-            encoder_hidden_states=enc,
-            pooled_projections=pooled,
-            timestep=torch.full((1,), self.sigmas[i], device=self.device, dtype=self.x.dtype),
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=self.guidance,
-            return_dict=False,
-        )[0]
-        self.x = self.x + (self.sigmas[i + 1] - self.sigmas[i]) * v
-        sync(self.device)
-        self.times.append(time.perf_counter() - t0)
-
-
-def lockstep(cached_model, plain_model, inputs, steps, device, cfg) -> tuple[Loop, Loop, object]:
-    plain = Loop(plain_model, inputs, steps, device)
-    cached = Loop(cached_model, inputs, steps, device)
+def lockstep(cached_model, plain_model, inputs: FluxInputs, steps, device, cfg):
+    """An uncached and a cached loop, each step of one followed by the same step of the other."""
+    sync = sync_for(device)
+    plain, cached = inputs.loop(plain_model, steps, sync=sync), inputs.loop(cached_model, steps, sync=sync)
     with clusca_run(cached_model, cfg, num_inference_steps=steps) as run:
         for i in range(steps):
             first, second = (plain, cached) if i % 2 == 0 else (cached, plain)
@@ -127,7 +86,7 @@ def lockstep(cached_model, plain_model, inputs, steps, device, cfg) -> tuple[Loo
     return plain, cached, run.stats
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--head-dim", type=int, default=64)
@@ -144,96 +103,146 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--label", default=None, help="label of the results section in docs/benchmarks.md")
+    p.add_argument("--json", default=None, help="raw results file (default: benchmarks/results/speed_flux-LABEL.json)")
+    p.add_argument("--from-json", default=None, help="render the docs section from this results file; run nothing")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+def measure(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Run the benchmark; every number the report needs, unrounded, per run where it varies."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     model = build_model(args, device, dtype)
-    inputs = make_inputs(args, device, dtype)
-    cfg = ClusCaConfig.preset(args.preset)
-    if args.mode:
-        cfg = ClusCaConfig.preset(args.preset, mode=args.mode)
+    inputs = FluxInputs.random(side=args.latent_side, text_tokens=args.text_tokens, text_dim=args.text_dim,
+                               device=device, dtype=dtype)
+    cfg = ClusCaConfig.preset(args.preset, **({"mode": args.mode} if args.mode else {}))
     plain_model = copy.deepcopy(model)  # never hooked: the exact original
     apply_clusca(model, cfg)
-    params = sum(p.numel() for p in model.parameters())
 
     # Warm-up of both paths (allocator, kernels) before timing.
     lockstep(model, plain_model, inputs, min(args.steps, cfg.warmup + 3), device, cfg)
 
-    ratios, base_t, cache_t, full_t, cached_t, full_over, kmeans_share = [], [], [], [], [], [], []
-    stats = None
+    runs = {"uncached_s": [], "cached_s": [], "full_step_s": [], "cached_step_s": [], "full_step_overhead": [],
+            "kmeans_share": []}
     full_idx = set(cfg.full_steps(args.steps))
     for r in range(args.runs):
         plain, cached, stats = lockstep(model, plain_model, inputs, args.steps, device, cfg)
-        base_t.append(sum(plain.times))
-        cache_t.append(sum(cached.times))
-        ratios.append(base_t[-1] / cache_t[-1])
         fs = [t for i, t in enumerate(cached.times) if i in full_idx]
         cs = [t for i, t in enumerate(cached.times) if i not in full_idx]
-        full_t.append(statistics.median(fs))
-        cached_t.append(statistics.median(cs) if cs else float("nan"))
-        full_over.append(statistics.median(
+        runs["uncached_s"].append(sum(plain.times))
+        runs["cached_s"].append(sum(cached.times))
+        runs["full_step_s"].append(statistics.median(fs))
+        runs["cached_step_s"].append(statistics.median(cs) if cs else None)
+        runs["full_step_overhead"].append(statistics.median(
             [cached.times[i] / plain.times[i] - 1.0 for i in full_idx if i >= 1]))  # step 0 runs the FLOPs probe
-        kmeans_share.append(stats.kmeans_ms / 1000.0 / sum(fs))
-        print(
-            f"run {r + 1}/{args.runs}: uncached {base_t[-1]:.2f}s  cached {cache_t[-1]:.2f}s  "
-            f"ratio {ratios[-1]:.2f}x",
-            flush=True,
-        )
-    out, ref = cached.x, plain.x
+        runs["kmeans_share"].append(stats.kmeans_ms / 1000.0 / sum(fs))
+        print(f"run {r + 1}/{args.runs}: uncached {runs['uncached_s'][-1]:.2f}s  cached {runs['cached_s'][-1]:.2f}s  "
+              f"ratio {runs['uncached_s'][-1] / runs['cached_s'][-1]:.2f}x", flush=True)
+    out, ref = cached.x.float(), plain.x.float()
+    return {
+        "meta": {"argv": shlex.join(argv), "label": args.label or f"{device.type}, {args.dtype}",
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "device": f"{device.type} ({platform.processor() or platform.machine()})",
+                 "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "model": {"width": args.width, "dual": args.dual, "single": args.single,
+                  "params": sum(p.numel() for p in model.parameters()), "image_tokens": args.latent_side ** 2,
+                  "text_tokens": args.text_tokens, "dtype": args.dtype, "steps": args.steps},
+        "config": {"preset": args.preset, **cfg.to_dict()},
+        "stats": {"full_steps": stats.full_steps, "cached_steps": stats.cached_steps,
+                  "token_fraction": stats.token_fraction, "flops_speedup": stats.flops_speedup,
+                  "cache_bytes": stats.cache_bytes},
+        "runs": runs,
+        "rel_error": ((out - ref).norm() / ref.norm()).item(),
+    }
 
+
+def summarise(res: dict) -> tuple[list[tuple[str, str]], list[tuple[str, bool]]]:
+    """The report's table rows and targets, from the raw results."""
+    m, c, st, runs = res["model"], res["config"], res["stats"], res["runs"]
+    n = len(runs["uncached_s"])
+    ratios = [b / a for b, a in zip(runs["uncached_s"], runs["cached_s"])]
     wall = statistics.median(ratios)
-    b_med, c_med = statistics.median(base_t), statistics.median(cache_t)
-    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    cached = [t for t in runs["cached_step_s"] if t is not None]
+    kmeans = statistics.median(runs["kmeans_share"])
     rows = [
-        ("device", f"{device.type} ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}"),
-        ("model", f"FLUX architecture, random weights, width {args.width}, {args.dual} dual + {args.single} single blocks, {params / 1e6:.1f}M params"),
-        ("tokens", f"{args.latent_side ** 2} image + {args.text_tokens} text, batch 1, {args.dtype}"),
-        ("schedule", f"{args.steps} steps, preset `{args.preset}` ({cfg.mode}, interval {cfg.interval}, warm-up {cfg.warmup}, order {cfg.order}, K {cfg.clusters}, gamma {cfg.gamma})"),
-        ("full / cached steps", f"{stats.full_steps} / {stats.cached_steps}"),
-        ("uncached run (median of %d)" % args.runs, f"{b_med:.2f} s"),
-        ("cached run (median of %d)" % args.runs, f"{c_med:.2f} s"),
-        ("full step / cached step (median)", f"{statistics.median(full_t) * 1000:.1f} ms / {statistics.median(cached_t) * 1000:.1f} ms"),
-        ("full step overhead vs the same uncached step (median)", f"{statistics.median(full_over) * 100:+.1f}%"),
-        ("token fraction", f"{stats.token_fraction:.4f}"),
-        ("**FLOPs speedup** (analytic)", f"{stats.flops_speedup:.2f}x"),
-        ("**wall-clock speedup** (median of per-run ratios)", f"{wall:.2f}x  (runs: {', '.join(f'{r:.2f}' for r in ratios)})"),
-        ("wall / FLOPs speedup", f"{wall / stats.flops_speedup:.3f}"),
-        ("k-means share of full-step time", f"{statistics.median(kmeans_share) * 100:.2f}%"),
-        ("cache memory (peak)", f"{stats.cache_bytes / 2**20:.1f} MiB"),
-        ("relative L2 error of the final latent vs uncached", f"{rel:.4f}"),
+        ("device", f"{res['meta']['device']}, torch threads {res['meta']['threads']}"),
+        ("model", f"FLUX architecture, random weights, width {m['width']}, {m['dual']} dual + {m['single']} single "
+                  f"blocks, {m['params'] / 1e6:.1f}M params"),
+        ("tokens", f"{m['image_tokens']} image + {m['text_tokens']} text, batch 1, {m['dtype']}"),
+        ("schedule", f"{m['steps']} steps, preset `{c['preset']}` ({c['mode']}, interval {c['interval']}, warm-up "
+                     f"{c['warmup']}, order {c['order']}, K {c['clusters']}, gamma {c['gamma']})"),
+        ("full / cached steps", f"{st['full_steps']} / {st['cached_steps']}"),
+        (f"uncached run (median of {n})", f"{statistics.median(runs['uncached_s']):.2f} s"),
+        (f"cached run (median of {n})", f"{statistics.median(runs['cached_s']):.2f} s"),
+        ("full step / cached step (median)", f"{statistics.median(runs['full_step_s']) * 1000:.1f} ms / "
+                                             f"{statistics.median(cached) * 1000 if cached else float('nan'):.1f} ms"),
+        ("full step overhead vs the same uncached step (median)",
+         f"{statistics.median(runs['full_step_overhead']) * 100:+.1f}%"),
+        ("token fraction", f"{st['token_fraction']:.4f}"),
+        ("**FLOPs speedup** (analytic)", f"{st['flops_speedup']:.2f}x"),
+        ("**wall-clock speedup** (median of per-run ratios)",
+         f"{wall:.2f}x  (runs: {', '.join(f'{r:.2f}' for r in ratios)})"),
+        ("wall / FLOPs speedup", f"{wall / st['flops_speedup']:.3f}"),
+        ("k-means share of full-step time", f"{kmeans * 100:.2f}%"),
+        ("cache memory (peak)", f"{st['cache_bytes'] / 2**20:.1f} MiB"),
+        ("relative L2 error of the final latent vs uncached", f"{res['rel_error']:.4f}"),
     ]
+    targets = [
+        ("FLOPs speedup >= 4.8x", st["flops_speedup"] >= 4.8),
+        ("wall >= 0.9 x FLOPs speedup", wall >= 0.9 * st["flops_speedup"]),
+        ("k-means <= 3% of full steps", kmeans <= 0.03),
+    ]
+    return rows, targets
+
+
+def markers(label: str) -> tuple[str, str]:
+    return f"<!-- speed-flux {label}:start -->", f"<!-- speed-flux {label}:end -->"
+
+
+def render(res: dict) -> str:
+    """This label's marked section of docs/benchmarks.md."""
+    label = res["meta"]["label"]
+    start, end = markers(label)
+    rows, targets = summarise(res)
+    body = [start, f"{SECTION} ({label})", "", f"`python benchmarks/speed_flux.py {res['meta']['argv']}`".replace(" `", "`"),
+            "", NOTES, "", "| quantity | value |", "|---|---|"]
+    body += [f"| {k} | {v} |" for k, v in rows]
+    body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), end]
+    return "\n".join(body) + "\n"
+
+
+def write_docs(res: dict, path: Path | None = None) -> None:
+    """Rewrite this label's marked section of docs/benchmarks.md; the text around it stays."""
+    write_section(*markers(res["meta"]["label"]), render(res), **({"path": path} if path else {}))
+    print(f"wrote {(path or DOCS).name}")
+
+
+def default_json(label: str) -> Path:
+    return RESULTS / f"speed_flux-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+    else:
+        res = measure(args, argv)
+        print(f"wrote {save(res, args.json or default_json(res['meta']['label']))}")
+    rows, targets = summarise(res)
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
-    targets = [
-        ("FLOPs speedup >= 4.8x", stats.flops_speedup >= 4.8),
-        ("wall >= 0.9 x FLOPs speedup", wall >= 0.9 * stats.flops_speedup),
-        ("k-means <= 3% of full steps", statistics.median(kmeans_share) <= 0.03),
-    ]
     for name, ok in targets:
         print(f"target {name}: {'met' if ok else 'NOT met'}")
-
     if not args.no_docs:
-        label = args.label or f"{device.type}, {args.dtype}"
-        write_docs(label, rows, targets, shlex.join(sys.argv[1:]))
-
-
-def write_docs(label: str, rows, targets, argv: str, path: Path | None = None) -> None:
-    """Rewrite this label's marked section of docs/benchmarks.md; the text around it stays."""
-    heading = f"{SECTION} ({label})"
-    start, end = f"<!-- speed-flux {label}:start -->", f"<!-- speed-flux {label}:end -->"
-    body = [start, heading, "", f"`python benchmarks/speed_flux.py {argv}`".replace(" `", "`"), "", NOTES, "",
-            "| quantity | value |", "|---|---|"]
-    body += [f"| {k} | {v} |" for k, v in rows]
-    body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), end]
-    write_section(start, end, "\n".join(body) + "\n", **({"path": path} if path else {}))
-    print(f"wrote {(path or DOCS).name}")
+        write_docs(res)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

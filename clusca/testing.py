@@ -1,9 +1,11 @@
-"""Tiny randomly initialised transformers of every supported architecture, and a plain
-Euler sampler that drives them, for tests and quick experiments (no weights, no network).
+"""Tiny randomly initialised transformers of every supported architecture, and the plain
+Euler sampler that drives them and the benchmarks' models, for tests and quick experiments
+(no weights, no network).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -207,13 +209,51 @@ TINY_CASES: dict[str, Callable[[], TinyCase]] = {
 }
 
 
-@torch.no_grad()
+class EulerLoop:
+    """The one sampling loop of the tests and benchmarks: flow-matching Euler from sigma 1 to
+    0, advanced a step at a time, ``x <- x + (sigma[i + 1] - sigma[i]) * velocity(x, sigma[i])``.
+
+    ``velocity(x, sigma)`` is the model's prediction. ``before_step(i)`` runs first in each
+    step (e.g. ``run.set_step``, which spares the library a host read of the timestep);
+    ``sync`` runs last (an accelerator's synchronise), so that ``times`` (seconds per step,
+    filled as steps run) holds what each step really took. Stepping, not only ``run()``,
+    lets a benchmark advance two loops in lockstep, so that both see the same load.
+    """
+
+    def __init__(self, velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, steps: int, *,
+                 before_step: Callable[[int], None] | None = None, sync: Callable[[], None] | None = None) -> None:
+        self.velocity, self.steps, self.before_step, self.sync = velocity, steps, before_step, sync
+        self.x = x.clone()
+        self.sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+        self.times: list[float] = []
+
+    @torch.no_grad()
+    def step(self, i: int) -> None:
+        t0 = time.perf_counter()
+        if self.before_step is not None:
+            self.before_step(i)
+        v = self.velocity(self.x, self.sigmas[i])
+        self.x = self.x + (self.sigmas[i + 1] - self.sigmas[i]) * v
+        if self.sync is not None:
+            self.sync()
+        self.times.append(time.perf_counter() - t0)
+
+    def run(self) -> torch.Tensor:
+        for i in range(self.steps):
+            self.step(i)
+        return self.x
+
+
+def case_velocity(case: TinyCase, seeds: list[int] | int = 0) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The prediction of a tiny case's transformer, learned-sigma channels dropped."""
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        out = case.model(**case.make_kwargs(x, sigma, seeds))[0]
+        return out if out.shape == x.shape else out[:, : case.out_channels]
+
+    return velocity
+
+
 def euler_sample(case: TinyCase, x: torch.Tensor, steps: int, seeds: list[int] | int = 0) -> torch.Tensor:
-    """Flow-matching Euler loop from sigma 1 to 0 calling the transformer directly."""
-    x = x.clone()
-    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
-    for i in range(steps):
-        out = case.model(**case.make_kwargs(x, sigmas[i], seeds))[0]
-        v = out if out.shape == x.shape else out[:, : case.out_channels]  # drop learned-sigma channels
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x
+    """A whole :class:`EulerLoop` of a tiny case, calling its transformer directly."""
+    return EulerLoop(case_velocity(case, seeds), x, steps).run()

@@ -249,3 +249,42 @@ def test_sweep_builtin_model_no_5xx(shapes_api):
     # Guidance 0 (no second, unconditional pass) and one step keep the 512x512 case affordable on a CPU.
     seen = _sweep(shapes_api, "shapes", {"guidance": 0})
     assert seen[200] and seen[422] and not any(s >= 500 for s in seen), seen
+
+
+def _video_cases(limits: dict, defaults: dict) -> list[tuple[str, dict, bool]]:
+    """``(label, request fields, expected to be accepted)`` at and just beyond every frame limit:
+    the frame count, its step, and the pixels of one request's videos together."""
+    fmax, step, vpx = limits["max_frames"], limits["frame_step"], limits["max_video_pixels"]
+    w, h = defaults["width"], defaults["height"]
+
+    def fits(frames: int, n: int) -> bool:
+        return frames <= fmax and (frames - 1) % step == 0 and w * h * frames * n <= vpx
+
+    cases = []
+    at_pixels = vpx // (w * h)  # most frames by the pixel bound alone
+    for frames in sorted({1, 2, 1 + step, fmax - 1, fmax, fmax + 1, fmax + step, at_pixels, at_pixels + 1}):
+        if frames >= 1:
+            cases.append((f"num_frames={frames}", {"num_frames": frames}, fits(frames, 1)))
+    for n in (1, 2, limits["max_images"], limits["max_images"] + 1):
+        cases.append((f"num_images={n}", {"num_frames": 1 + step, "num_images": n},
+                      fits(1 + step, n) and n <= limits["max_images"]))
+    return cases
+
+
+def test_sweep_noop_video_model_no_5xx(service):
+    seen: collections.Counter = collections.Counter()
+    with httpx.Client(base_url=service.base_url, timeout=120) as c:
+        info = next(m for m in c.get("/models").json()["models"] if m["name"] == "noopvideo")
+        cases = _video_cases(info["limits"], info["defaults"])
+        assert any(ok for *_, ok in cases) and not all(ok for *_, ok in cases)
+        for label, fields, accepted in cases:
+            r = c.post("/generate", json={"prompt": "a red circle", "model": "noopvideo", "seed": 1, **fields})
+            seen[r.status_code] += 1
+            assert r.status_code < 500, (label, r.status_code, r.text[:300])
+            if accepted:
+                assert r.status_code == 200 and r.json()["status"] == "succeeded", (label, r.text[:300])
+                assert r.json()["num_frames"] == fields["num_frames"], label
+            else:
+                err = r.json()["error"]
+                assert r.status_code == 422 and err["param"] in ("num_frames", "num_images"), (label, r.text)
+    assert seen[200] and seen[422], seen
