@@ -91,3 +91,44 @@ def test_init_continues_from_a_checkpoint(tmp_path):
     assert train.main(["--out", str(second), "--seed", "9", "--init", str(first), *TINY, "--lr", "0"]) == 0
     w1, w2 = _weights(first), _weights(second)
     assert all(torch.allclose(w1[k], w2[k]) for k in w1)
+
+
+def test_the_data_stream_draws_every_prompt_form():
+    from clusca_shapes.tools import data
+
+    args = train.parse_args(["--out", "unused", "--steps", "1"])
+    mix = (args.pair_fraction, args.count_fraction, args.unplaced_fraction)
+    forms = set()
+    for index in range(4):
+        _, captions = train.draw_batch(0, index, 64, 0.0, 0.0, mix)
+        forms.update(data.parse_prompt(c).form for c in captions)
+    assert forms == set(data.FORMS)
+    _, counts = train.draw_batch(0, 0, 32, 0.0, 0.0, (0.0, 1.0, 0.0))
+    assert all(data.parse_prompt(c).form in ("two_of_a_kind", "three_of_a_kind") for c in counts)
+    _, dropped = train.draw_batch(0, 0, 200, 1.0, 0.0, mix)
+    assert set(dropped) == {""}  # every caption dropped for guidance
+
+
+@pytest.mark.parametrize("bad", [["--pair-fraction", "0.7", "--count-fraction", "0.4"],
+                                 ["--unplaced-fraction", "1.5"], ["--count-fraction", "-0.1"]])
+def test_data_mix_is_checked(tmp_path, bad):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path), "--steps", "1", *bad])
+
+
+def test_init_from_the_shipped_weights_keeps_what_they_learnt(tmp_path, capsys):
+    """The data's vocabulary outgrew the shipped one; continuing keeps every learnt word."""
+    from clusca_shapes import WEIGHTS_DIR
+
+    out = tmp_path / "next"
+    assert train.main(["--out", str(out), "--init", str(WEIGHTS_DIR), "--steps", "1", "--batch", "2",
+                       "--threads", "1", "--lr", "0", "--warmup", "1"]) == 0
+    assert "words new to it: are three two" in capsys.readouterr().out
+    old, new = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR), ShapesFluxPipeline.from_pretrained(out)
+    wo, wn = _weights(WEIGHTS_DIR), _weights(out)
+    assert all(torch.allclose(wo[k], wn[k]) for k in wo)
+    eo, en = old.text_encoder.embed.weight, new.text_encoder.embed.weight
+    for word, i in new.tokenizer.stoi.items():
+        j = old.tokenizer.stoi.get(word, old.tokenizer.stoi["<unk>"])
+        assert torch.allclose(en[i], eo[j]), word
+    assert {"two", "three"} <= set(new.tokenizer.itos) and "two" not in old.tokenizer.stoi
