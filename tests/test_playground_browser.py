@@ -8,11 +8,17 @@ API words it; the tab's history. Every request the page makes must go to the ser
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 from urllib.parse import urlsplit
 
+import httpx
+import numpy as np
 import pytest
+from PIL import Image
+
+from clusca import quality
 
 from conftest import clusca_serve
 
@@ -109,6 +115,12 @@ def test_compare_mode_runs_uncached_and_cached_side_by_side(page, served):
     psnr = page.inner_text("#summary-psnr")
     assert re.fullmatch(r"\d+\.\d\d dB", psnr), psnr
     assert 10 < float(psnr.split()[0]) < 100  # close to uncached, and not the same image
+    # The page's number is the library's, from the same two images.
+    shown = [u for u in page.requests if re.search(r"/jobs/[0-9a-f]{32}/images/0$", u)]
+    assert len(shown) == 2, shown
+    pair = [np.asarray(Image.open(io.BytesIO(httpx.get(u).content)).convert("RGB"), dtype=np.float64) / 255
+            for u in shown]
+    assert float(psnr.split()[0]) == pytest.approx(quality.psnr(*pair), abs=0.006)
     wall = page.inner_text("#summary-speedup")
     assert re.search(r"\d\.\d{3} s → \d\.\d{3} s \(\d+\.\d\d× (faster|slower)\)", wall), wall
     flops = float(page.inner_text("#summary-flops").rstrip("×"))
