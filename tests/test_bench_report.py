@@ -61,8 +61,9 @@ def test_overhead_report_takes_the_median_over_runs(tmp_path):
     report.main([str(tmp_path / "service_overhead.json"), "--docs", str(docs)])
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n") and service_overhead.START in text
-    assert "Median over 3 run(s):" in text
-    assert "Overhead on the built-in model: +9.0 ms" in text  # the middle run's, not the mean (+11)
+    assert "Latency over all 15 requests of the 3 run(s):" in text
+    # The middle run's, not the mean (+11) nor the pooled medians' difference.
+    assert "median over the runs of each run's difference of medians: +9.0 ms" in text
     assert "target <= +15 ms: met (1 of 3 runs above it)" in text
     assert "and 5.5 ms per request around it" in text
     assert "| built-in model, direct pipeline call | 387.0 |" in text
