@@ -120,7 +120,7 @@ def _stateful(schema, url: str, session, tally: Tally, steps: int) -> None:
     base = schema.as_state_machine()
 
     class Machine(base):  # type: ignore[misc, valid-type]
-        def step(self, input):  # noqa: A002 - schemathesis' name
+        def step(self, input):
             if input.transition is not None and input.is_applied:
                 tally.linked += 1
             return super().step(input)
@@ -174,7 +174,7 @@ def test_schemathesis_finds_no_server_error(tmp_path):
     assert sum(tally.by_phase.values()) >= 5000, summary
     assert tally.by_phase["stateful"] >= steps * 0.9 and tally.linked >= steps // 10, summary
     assert len(tally.operations) >= 12, summary  # every operation was reached
-    assert tally.statuses[200] > 0 and tally.statuses[202] > 0, summary  # jobs really ran
+    assert tally.statuses[200] >= 100, summary  # jobs really ran, not only refusals
     assert "Traceback" not in log, log[-3000:]
 
 
