@@ -16,8 +16,11 @@ buffers that outlive it:
   cluster index are copied into static buffers before each replay: device-to-device copies
   and one ``fill_`` of a number, none of which waits for the device.
 
-A graph belongs to its branch's state: a new sequence or a new run starts without graphs,
-and dropping the state releases them (so a graph never outlives the buffers it reads).
+The factor buffers and the recorded steps are kept per family of runs (same settings but
+the seed, same call shape; :class:`KeptSteps`): a later run of the family gets the same
+buffers slot by slot, so it replays from its first cached step. Without a capable device
+nothing is kept and a branch's state holds nothing of this module.
+
 The first replay of each graph is checked against the eager step: the graph runs on a
 snapshot of the state it mutates, the snapshot is put back, the eager step runs and its
 result is the one used. A graph that fails to record or disagrees is dropped, the branch
@@ -34,7 +37,8 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -49,6 +53,15 @@ _REASONS_KEPT = 8
 # Device memory a run's recorded graphs may take (their private pools hold each recorded
 # step's intermediates); past it, further kinds of cached steps run eagerly.
 DEFAULT_BUDGET_MB = 2048
+
+
+def kept_families() -> int:
+    """``CLUSCA_CAPTURE_KEEP`` (default 1): how many (settings, input shape) families keep their
+    cache buffers and graphs between runs."""
+    try:
+        return max(int(os.environ.get("CLUSCA_CAPTURE_KEEP", 1)), 0)
+    except ValueError:
+        return 1
 
 
 def budget_bytes() -> int:
@@ -199,6 +212,65 @@ class Captured:
     nbytes: int = 0  # device memory the recording took
 
 
+class Family:
+    """The cache buffers and recorded steps of one (settings, input shape) family of runs.
+
+    A new run of the family gets the same factor buffers, slot by slot, so the graphs
+    recorded in an earlier run read this run's factors: the next request replays at once.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.graphs: dict[tuple, Captured] = {}
+        self.run = 0  # the last run that used it
+
+    def take(self, key: tuple, y: torch.Tensor, order: int, keep_raw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        got = self.buffers.get(key)
+        if got is None:
+            buf = torch.empty((order + 1, *y.shape), dtype=y.dtype, device=y.device)
+            got = self.buffers[key] = (buf, torch.empty_like(y) if keep_raw else None)
+        return got
+
+
+class KeptSteps:
+    """Families kept between runs of one transformer (at most ``CLUSCA_CAPTURE_KEEP``; the
+    least recently used go first, and never one the running run uses)."""
+
+    def __init__(self) -> None:
+        self.families: OrderedDict[tuple, Family] = OrderedDict()
+        self.run = 0
+        self.weights: tuple | None = None
+
+    def begin_run(self, model: torch.nn.Module) -> None:
+        self.run += 1
+        # A graph reads the weights it was recorded with: parameters replaced or changed in
+        # place (a LoRA fused, a dtype cast) make every kept family stale.
+        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if weights != self.weights:
+            self.families.clear()
+            self.weights = weights
+
+    def family(self, key: tuple) -> Family:
+        fam = self.families.get(key)
+        if fam is None:
+            keep = kept_families()
+            for old in [k for k, f in self.families.items() if f.run != self.run]:
+                if len(self.families) < max(keep, 1):
+                    break
+                del self.families[old]
+            fam = self.families[key] = Family()
+        self.families.move_to_end(key)
+        fam.run = self.run
+        return fam
+
+    def end_run(self) -> None:
+        if kept_families() == 0:
+            self.families.clear()
+
+    def clear(self) -> None:
+        self.families.clear()
+
+
 def signature(hs: torch.Tensor, kwargs: dict, names: tuple[str, ...], extra: tuple) -> tuple:
     """What must match for a recorded step to be replayed for this call."""
     parts = [tuple(hs.shape), hs.dtype, hs.device]
@@ -246,8 +318,8 @@ def captured_step(adapter, ctrl, hs: torch.Tensor, kwargs: dict) -> torch.Tensor
         return None
     clusters = branch.clusters.get("image") if ctrl.uses_clusters else None
     key = signature(hs, kwargs, adapter.input_names,
-                    (tuple(slots[i].n for i in used), clusters is not None and tuple(clusters.assign.shape)))
-    graphs = branch.graphs
+                    (branch.name, tuple(slots[i].n for i in used), clusters is not None and tuple(clusters.assign.shape)))
+    graphs = ctrl.graphs()
     entry = graphs.get(key)
     d = branch.step - branch.last_full
     if entry is None:
@@ -260,14 +332,9 @@ def captured_step(adapter, ctrl, hs: torch.Tensor, kwargs: dict) -> torch.Tensor
     inputs.load(hs, kwargs, d, table, flat)
     entry.replay()
     out = entry.output().clone()
-    _count_fresh(ctrl, entry.plan)
+    entry.plan.count(ctrl)
     counters.graph_replays += 1
     return out
-
-
-def _count_fresh(ctrl, plan) -> None:
-    for st, n in plan.fresh_slots:
-        ctrl.count_fresh(st, n)
 
 
 def _record(adapter, ctrl, hs: torch.Tensor, kwargs: dict, key: tuple, d: int) -> torch.Tensor | None:
@@ -280,7 +347,7 @@ def _record(adapter, ctrl, hs: torch.Tensor, kwargs: dict, key: tuple, d: int) -
         return None
     budget = budget_bytes()
     if counters.graph_bytes >= budget:
-        ctrl.branch.graphs[key] = Captured(inputs=None, plan=plan, failed="capture memory budget reached")
+        ctrl.graphs()[key] = Captured(inputs=None, plan=plan, failed="capture memory budget reached")
         note_failure(counters, f"capture memory budget reached ({budget >> 20} MiB of graphs)")
         return None
     table = torch.stack(plan.rows) if plan.rows is not None else None
@@ -288,7 +355,7 @@ def _record(adapter, ctrl, hs: torch.Tensor, kwargs: dict, key: tuple, d: int) -
     inputs._flat_src = plan.flat_index
     inputs.d.fill_(d)
     entry = Captured(inputs=inputs, plan=plan)
-    ctrl.branch.graphs[key] = entry
+    ctrl.graphs()[key] = entry
     mutated = _mutated(plan)
     before = [t.clone() for t in mutated]
 
@@ -315,7 +382,7 @@ def _record(adapter, ctrl, hs: torch.Tensor, kwargs: dict, key: tuple, d: int) -
         restore()
     del before
     out = adapter.run_embedded(eager_plan, x, temb, hs, kwargs)
-    _count_fresh(ctrl, eager_plan)
+    eager_plan.count(ctrl)
     if entry.failed is None:
         err = rel_error(recorded, out)
         if not err <= tolerance(out.dtype):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from . import capture
 from .calls import first_tensor
 from .config import ClusCaConfig
 from .diffusers_compat import StateManager, current_context, forward_under
@@ -74,6 +75,10 @@ class ClusCaController:
         self.probe = FlopsProbe(model, slots, slot_modules)
         self.fresh = FreshTokens(self.group_sizes)
         self.adapter = None  # the architecture's lean cached step, if it has one (clusca.adapters)
+        # Cache buffers and recorded cached steps kept between runs while capture is on.
+        self.kept = capture.KeptSteps()
+        self.keeping = False
+        self._settings_key: str = ""
         self.state_manager: StateManager | None = None  # set by the root hook
         # (module, its hooked forward, the forward under our hooks) while a run bypasses them.
         self._bypassed: list[tuple[torch.nn.Module, Any, Any]] = []
@@ -87,6 +92,11 @@ class ClusCaController:
         self.uses_clusters = config.uses_clusters
         self.text_dead = bool(self.arch.text_stream and self.arch.text_outputs) and not config.refresh_text
         self.caching = config.enabled
+        self.keeping = self.caching and config.capture == "auto" and self.adapter is not None \
+            and capture.backend().unavailable(_device_of(self.model)) is None
+        if self.keeping:
+            self.kept.begin_run(self.model)
+            self._settings_key = repr(sorted((k, v) for k, v in config.to_dict().items() if k != "seed"))
         self.active = True
         if not self.caching:
             self._bypass_module_hooks(self.bypass_modules)
@@ -98,6 +108,9 @@ class ClusCaController:
                                        if s.role == "text" or (s.role == "feedforward" and s.group == "text")])
 
     def stop(self) -> None:
+        if self.keeping:
+            self.kept.end_run()
+            self.keeping = False
         self._restore_module_hooks()
         self.active = False
         self.caching = False
@@ -221,8 +234,25 @@ class ClusCaController:
             if substitute is None or substitute.shape != dead.shape:
                 st.dead_kept = dead.detach().clone()
             tensors = tensors[:text_pos] + tensors[text_pos + 1:]
-        st.record(tensors, self.branch.step, self.order, keep_raw)
+        st.record(tensors, self.branch.step, self.order, keep_raw, self._buffers(st, keep_raw))
         self.counters.add_cache_bytes(st.nbytes() - before)
+
+    def _buffers(self, st: SlotState, keep_raw: bool):
+        """Where a new allocation of ``st``'s factors comes from: ``None`` (new tensors), or,
+        while capture keeps them, the buffers of this (settings, call shape) family."""
+        if not self.keeping:
+            return None
+        fam = self.kept.family((self._settings_key, self.branch.signature))
+        name, order = self.branch.name, self.order
+        return lambda pos, t: fam.take((name, st.index, pos, tuple(t.shape), t.dtype, order, keep_raw), t, order,
+                                       keep_raw)
+
+    def graphs(self) -> dict:
+        """Where this branch's recorded cached steps live: with the kept family while capture
+        keeps buffers (so later runs replay them), else with the branch's own state."""
+        if self.keeping:
+            return self.kept.family((self._settings_key, self.branch.signature)).graphs
+        return self.branch.graphs
 
     def coeffs_for(self, st: SlotState) -> tuple[float, ...]:
         branch = self.branch
@@ -243,3 +273,8 @@ class ClusCaController:
         c.tokens_computed += n_fresh
         if st.tokens:
             c.flops += st.flops * n_fresh // st.tokens
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

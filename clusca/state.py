@@ -20,10 +20,11 @@ class SlotState:
     ``None`` for "the current input" (see ``TextStreamHook``).
     """
 
-    __slots__ = ("factors", "kept", "dead_pos", "dead_kept", "n", "last_full", "in_shape", "structure", "tokens",
-                 "flops")
+    __slots__ = ("index", "factors", "kept", "dead_pos", "dead_kept", "n", "last_full", "in_shape", "structure",
+                 "tokens", "flops")
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index  # the hooked module's slot
         self.factors: list[Factors] | None = None
         self.kept: list[torch.Tensor | None] | None = None
         self.dead_pos: int | None = None
@@ -58,16 +59,18 @@ class SlotState:
                 total += t.numel() * t.element_size()
         return total
 
-    def record(self, tensors: list[torch.Tensor], step: int, order: int, keep_raw: bool) -> None:
+    def record(self, tensors: list[torch.Tensor], step: int, order: int, keep_raw: bool, buffers=None) -> None:
         """Full step ``step``: fold the module's true outputs into the factors (in place
-        when the buffers of this sequence already exist)."""
+        when the buffers of this sequence already exist). ``buffers(pos, tensor)``, when
+        given, supplies the buffers of a new allocation (see ``Factors``)."""
         fs = self.factors
         fresh = (
             fs is None or self.last_full < 0 or len(fs) != len(tensors)
             or any(f.shape != t.shape or f.buffer.shape[0] != order + 1 for f, t in zip(fs, tensors))
         )
         if fresh:
-            self.factors = [Factors(t.detach(), order, keep_raw) for t in tensors]
+            self.factors = [Factors(t.detach(), order, keep_raw, buffers(pos, t) if buffers is not None else None)
+                            for pos, t in enumerate(tensors)]
         else:
             d = step - self.last_full
             for f, t in zip(fs, tensors):
@@ -114,8 +117,9 @@ class BranchState(BaseState):
         self.reset()
 
     def reset(self, *args, **kwargs) -> None:
-        self.slots: list[SlotState] = [SlotState() for _ in range(self.num_slots)]
+        self.slots: list[SlotState] = [SlotState(i) for i in range(self.num_slots)]
         self.clusters: dict[str, GroupClusters] = {}
+        self.name = "call"  # the cache context this branch is (cond, uncond, ...)
         self.step = -1
         self.calls = 0
         self.last_full = -1
@@ -135,7 +139,7 @@ class BranchState(BaseState):
     def drop_tensors(self) -> int:
         """Forget every cached tensor of this branch; returns the bytes freed."""
         freed = sum(st.nbytes() for st in self.slots) + sum(g.nbytes() for g in self.clusters.values())
-        self.slots = [SlotState() for _ in range(self.num_slots)]
+        self.slots = [SlotState(i) for i in range(self.num_slots)]
         self.clusters = {}
         self.fresh = {}
         self.fresh_ahead = {}

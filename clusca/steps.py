@@ -85,6 +85,7 @@ class StepTracker:
             sm.set_context(ctx)
         else:
             branch = sm.get_state()
+        branch.name = key
         return branch, step
 
     def _timestep(self, args: tuple, kwargs: dict) -> float | None:

@@ -37,8 +37,14 @@ class Factors:
 
     __slots__ = ("buffer", "views", "rows", "n", "raw")
 
-    def __init__(self, y: torch.Tensor, order: int, keep_raw: bool) -> None:
-        self.buffer = torch.empty((order + 1, *y.shape), dtype=y.dtype, device=y.device)
+    def __init__(self, y: torch.Tensor, order: int, keep_raw: bool,
+                 buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+        # ``buffers``: (factor buffer, raw buffer) to use instead of new ones (kept from an
+        # earlier run, so that graphs recorded then read this run's factors; clusca.capture).
+        if buffers is not None:
+            self.buffer, raw = buffers
+        else:
+            self.buffer, raw = torch.empty((order + 1, *y.shape), dtype=y.dtype, device=y.device), None
         # Plain indexing, not unbind: its views may be written in place with autograd on.
         self.views: tuple[torch.Tensor, ...] = tuple(self.buffer[k] for k in range(order + 1))
         # The same factors as (tokens, channels) tables, for row gathers and writes.
@@ -46,7 +52,12 @@ class Factors:
         self.rows: tuple[torch.Tensor, ...] = tuple(table[k] for k in range(order + 1))
         self.views[0].copy_(y)
         self.n = 1
-        self.raw = y.detach().clone() if keep_raw else None
+        if not keep_raw:
+            self.raw = None
+        elif raw is not None:
+            self.raw = raw.copy_(y)
+        else:
+            self.raw = y.detach().clone()
 
     @property
     def shape(self) -> torch.Size:

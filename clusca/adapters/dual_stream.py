@@ -171,7 +171,7 @@ class DualStreamLeanStep:
         if plan is None:
             return None
         out = self.run_embedded(plan, x, temb, hs, kwargs)
-        count_fresh(ctrl, plan)
+        plan.count(ctrl)
         return self.output(out, kwargs)
 
     def plan(self, ctrl, x: torch.Tensor, shared_coeffs: bool = False) -> "LeanPlan | None":
@@ -217,7 +217,7 @@ class DualStreamLeanStep:
             head=head, work=work, coeffs=coeff, rows=rows,
             flat_index=fresh.flat_index if fresh is not None and any(w is not None and w[3] is not None for w in work)
             else None,
-            fresh_slots=[(slots[self.ff[i]], rows[0].numel()) for i, w in enumerate(work) if w is not None]
+            fresh_slots=[(self.ff[i], rows[0].numel()) for i, w in enumerate(work) if w is not None]
             if rows is not None else [],
             n_valid=tuple(slots[i].n for i in used),
         )
@@ -284,12 +284,6 @@ class DualStreamLeanStep:
         return gate_msa, gate_mlp, gate_msa2, shift_mlp, scale_mlp
 
 
-def count_fresh(ctrl, plan: "LeanPlan") -> None:
-    """The run's counters for the fresh tokens a step computed (kept on the host, outside any graph)."""
-    for st, n in plan.fresh_slots:
-        ctrl.count_fresh(st, n)
-
-
 class LeanPlan:
     """What one cached step reads from the cache state: the factors per block, the fresh-token
     work per block, the coefficients per slot, this step's fresh rows (one per layer) and
@@ -300,8 +294,14 @@ class LeanPlan:
     def __init__(self, attn, attn2, ff, head, work, coeffs, rows, flat_index, fresh_slots, n_valid) -> None:
         self.attn, self.attn2, self.ff, self.head = attn, attn2, ff, head
         self.work, self.coeffs, self.rows, self.flat_index = work, coeffs, rows, flat_index
-        self.fresh_slots = fresh_slots  # (slot state, rows per layer) of each block with fresh tokens
+        self.fresh_slots = fresh_slots  # (slot index, rows per layer) of each block with fresh tokens
         self.n_valid = n_valid  # valid factors per slot: part of what a recorded step was recorded for
+
+    def count(self, ctrl) -> None:
+        """The run's counters for the fresh tokens a step computed (on the host, outside any graph)."""
+        slots = ctrl.branch.slots
+        for i, n in self.fresh_slots:
+            ctrl.count_fresh(slots[i], n)
 
 
 def _unbind_into(out: list, idx: list[int], t: torch.Tensor) -> None:
