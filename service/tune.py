@@ -9,7 +9,7 @@ written side by side, each whole or not at all:
   the measured quality and speed of each preset); ``GET /models`` shows both;
 * ``FILE``'s stem + ``.measurements.json``: every measurement (also the partial results that
   ``--resume`` continues from);
-* ``FILE``'s stem + ``.pareto.png``: PSNR against wall-clock speedup, the front and the picks.
+* ``FILE``'s stem + ``.pareto.png``: PSNR against measured speedup, the front and the picks.
 
 Nothing is written before the input has been checked and the model loaded.
 """
@@ -201,6 +201,7 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
         "steps": d.steps, "size": f"{d.width}x{d.height}", "minutes": minutes,
         **({"num_frames": frames, "quality": "PSNR and SSIM per frame, averaged"} if frames else {}),
         "rule": "per preset, the highest PSNR at least as fast as the library's preset of that name",
+        "clock": res.meta.get("clock", "wall"),
         "measurements": measurements.name,
         "measured": {n: {k: v for k, v in row.items() if k != "label"} for n, row in summary["picks"].items()},
     }
@@ -222,13 +223,14 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
         Registry.load(tmp)
 
     what = f"videos of {frames} frames" if frames else "images"
-    res.plot(plot, title=f"clusca tune {entry.name} on {meta['device']}: PSNR vs wall-clock speedup "
+    res.plot(plot, title=f"clusca tune {entry.name} on {meta['device']}: PSNR vs speedup "
                          f"({res.meta.get('final_prompts')} {what})")
     from clusca.tune.journal import write_whole
 
     write_whole(out, text.encode(), check=accepted)
     return {"out": str(out), "measurements": str(measurements), "plot": str(plot), "presets": res.presets,
-            "summary": summary, "device": dev, "complete": res.meta.get("all_rungs")}
+            "summary": summary, "device": dev, "complete": res.meta.get("all_rungs"),
+            "clock": res.meta.get("clock", "wall")}
 
 
 def cmd_tune(args: Any) -> None:
@@ -243,11 +245,12 @@ def cmd_tune(args: Any) -> None:
         out = Path(args.out or f"{args.model}-tuned.yaml")
         raise SystemExit(f"clusca tune: interrupted; the measurements so far are in {side_files(out)[0]}; "
                          "run the same command with --resume to continue") from None
+    clock = result.get("clock", "wall")
     lines = [f"wrote {result['out']} (serve it: CLUSCA_MODELS={result['out']} clusca serve)",
              f"      {result['measurements']}", f"      {result['plot']}"]
     for name, row in result["summary"]["picks"].items():
         lib = result["summary"]["library"].get(name, {})
-        lines.append(f"{name:<9} {row['label']:<36} {row['psnr']:6.2f} dB  {row['wall_speedup']:.2f}x wall"
+        lines.append(f"{name:<9} {row['label']:<36} {row['psnr']:6.2f} dB  {row['wall_speedup']:.2f}x {clock}"
                      f"   (library {name}: {lib.get('psnr', float('nan')):6.2f} dB  "
                      f"{lib.get('wall_speedup') or float('nan'):.2f}x)")
     print("\n".join(lines))

@@ -238,3 +238,28 @@ def test_tune_runs_on_a_tiny_random_flux_pipeline(tmp_path, one_torch_thread):
         assert cfg.mode in ("fora", "taylorseer", "clusca") and label(cfg)
     data = json.loads(side_files(out)[0].read_text())
     assert data["meta"]["model"] == "tinyflux" and data["final"]
+
+
+def test_interleaved_timing_reads_both_clocks_and_answers_by_the_chosen_one():
+    from clusca.tune import interleaved_speedups
+    from clusca.tune.timing import pick_clock
+
+    def busy(seconds):
+        def run():
+            end = time.process_time() + seconds
+            while time.process_time() < end:
+                pass
+        return run
+
+    def napping():  # little CPU, much wall clock: what a loaded machine does to a run
+        busy(0.005)()
+        time.sleep(0.03)
+
+    runs = {"half": busy(0.01), "napping": napping}
+    timing = interleaved_speedups(busy(0.02), runs, rounds=3, clock="cpu")
+    assert len(timing.times["cpu"]["half"]) == 3 and len(timing.base["cpu"]) == 3 * 2  # one group of 2, + ends
+    cpu, wall = timing.speedups(), timing.speedups("wall")
+    assert 1.5 < cpu["half"] < 2.6 and cpu["napping"] > 2.5 and wall["napping"] < 1.0
+    assert pick_clock("cpu", 1) == "cpu" and pick_clock("cpu", 4) == "wall" and pick_clock("cuda:0", 1) == "wall"
+    with pytest.raises(ValueError, match="clock"):
+        interleaved_speedups(busy(0.001), runs, rounds=1, clock="sundial")

@@ -90,10 +90,15 @@ def tune(pipe: Any, prompts: Sequence[str], *, minutes: float, seeds: int = 1, s
     if not isinstance(seeds, int) or seeds < 1:
         raise TuneError(f"seeds: must be at least 1, got {seeds!r}")
     items = [(p, s) for p in prompts for s in range(seeds)]
+    import torch
+
+    from .timing import pick_clock
+
+    device = getattr(pipe, "device", "cpu")
     gen = pipeline_generate(pipe, steps=steps, guidance=guidance, height=height, width=width, call_kwargs=call_kwargs,
                             num_frames=num_frames)
     m = {"steps": steps, "guidance": guidance, "height": height, "width": width, "seeds": seeds,
          "prompts": len(prompts), **({"num_frames": num_frames} if num_frames is not None else {}), **dict(meta or {})}
     return tune_with(gen, items, minutes=minutes, steps=steps, journal=journal, resume=resume, checker=checker,
                      baseline=baseline, memory_cap_bytes=memory_cap_bytes, meta=m, batch=batch, seed=seed,
-                     progress=progress)
+                     progress=progress, clock=pick_clock(device, torch.get_num_threads()))

@@ -42,7 +42,8 @@ def draw_pareto(res: TuneResult, path: Path, title: str = "") -> None:
         d.text((px - 12, H - B + 8), f"{xv:.2f}x", fill="black")
         d.line([L - 5, py, L, py], fill="black")
         d.text((8, py - 6), f"{yv:.1f} dB", fill="black")
-    d.text((W // 2 - 120, H - 22), "wall-clock speedup vs uncached (this device)", fill="black")
+    clock = "CPU-time" if res.meta.get("clock") == "cpu" else "wall-clock"
+    d.text((W // 2 - 120, H - 22), f"{clock} speedup vs uncached (this device)", fill="black")
     d.text((L, 12), title or f"clusca tune: PSNR vs speed ({len(pts)} finalists, {n} images)", fill="black")
     line = [at(*pts[k]) for k in res.front if k in pts]
     if len(line) > 1:

@@ -19,7 +19,7 @@ from ..quality import psnr as _psnr
 from ..quality import ssim
 from .journal import Candidate, write_whole
 from .ladder import hard_leaning_order, survivors
-from .timing import GROUP, interleaved_speedups
+from .timing import CLOCKS, GROUP, interleaved_speedups
 from .picks import front_layers, pareto_front, pick_presets, preset_overrides
 from .space import ETA, JOURNAL_VERSION, PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, \
     search_space
@@ -404,13 +404,15 @@ class _Tuner:
         t_u = self._run(None, item)[2]
         est = t_u * (1 + 1 / GROUP + 0.6 * len(todo))
         rounds = int(max(5, min(15, (self.left() - 2) // max(est, 1e-3))))
-        self.say(f"[tune] {self.clock()} timing {len(todo)} finalists against uncached, {rounds} interleaved rounds")
+        self.say(f"[tune] {self.clock()} timing {len(todo)} finalists against uncached, {rounds} interleaved rounds"
+                 f" ({self.meta.get('clock', 'wall')} clock)")
         runs = {c.key: (lambda cfg=c.config: self._run(cfg, item)) for c in todo}
-        speedups, times, base = interleaved_speedups(lambda: self._run(None, item), runs, rounds)
+        timing = interleaved_speedups(lambda: self._run(None, item), runs, rounds, clock=self.meta.get("clock", "wall"))
+        speedups = timing.speedups()
         for c in todo:
-            c.times = [round(t, 5) for t in times[c.key]]
+            c.times = [round(t, 5) for t in timing.times[timing.clock][c.key]]
             c.wall_speedup = round(speedups[c.key], 4)
-        self.reference["times"] = [round(t, 5) for t in base]
+        self.reference["times"] = [round(t, 5) for t in timing.base[timing.clock]]
         self.save()
 
     # ---------------------------------------------------------------- all of it
@@ -462,8 +464,13 @@ def tune_with(generate: Generate, items: Sequence[tuple[str, int]], *, minutes: 
               checker: Callable[[np.ndarray, list[int]], list[bool]] | None = None,
               baseline: Mapping[str, Mapping[str, Any]] | None = None, memory_cap_bytes: int | None = None,
               meta: Mapping[str, Any] | None = None, batch: int = 4, seed: int = 0, min_prompts: int = 2,
-              progress: Callable[[str], None] | None = None) -> TuneResult:
-    """:func:`tune` over any ``generate(config or None, [(prompt, seed), ...]) -> (images, stats)``."""
+              progress: Callable[[str], None] | None = None, clock: str = "wall") -> TuneResult:
+    """:func:`tune` over any ``generate(config or None, [(prompt, seed), ...]) -> (images, stats)``.
+
+    ``clock`` times the finalists: ``wall`` or ``cpu`` (:func:`clusca.tune.timing.pick_clock`).
+    """
+    if clock not in CLOCKS:
+        raise TuneError(f"clock: must be one of {', '.join(CLOCKS)}, got {clock!r}")
     if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
         raise TuneError(f"minutes: must be more than 0, got {minutes!r}")
     items = list(items)
@@ -472,5 +479,5 @@ def tune_with(generate: Generate, items: Sequence[tuple[str, int]], *, minutes: 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t = _Tuner(generate, items, minutes=minutes, journal=Path(journal) if journal else None, resume=resume,
                checker=checker, baseline=baseline or {}, memory_cap_bytes=memory_cap_bytes,
-               meta=dict(meta or {}), steps=steps, batch=batch, seed=seed, progress=say, min_prompts=min_prompts)
+               meta={**dict(meta or {}), "clock": clock}, steps=steps, batch=batch, seed=seed, progress=say, min_prompts=min_prompts)
     return t.run()
