@@ -54,13 +54,13 @@ class ResultWriter:
 
     def keep(self, job_id: str, request: JobRequest, encoded: list[bytes]) -> list[bytes]:
         """What the job's outputs hash will hold for ``encoded``: videos go to the video store,
-        still images stay in Redis; raises :class:`~service.video_store.OutputTooLarge`."""
+        still images stay in Redis; raises :class:`~service.video_store.NotKept`."""
         store = self.videos if request.is_video else self._inline
         kept: list[bytes] = []
         try:
             for k, data in enumerate(encoded):
                 kept.append(store.put(job_id, k, data, request.output_format))
-        except OutputTooLarge:
+        except video_store.NotKept:
             store.delete(kept)
             raise
         return kept

@@ -16,6 +16,7 @@ with their own magic bytes), so a value is a reference exactly when it starts wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -38,7 +39,11 @@ GRACE_S = 60.0
 SWEEP_EVERY_S = 60.0
 
 
-class OutputTooLarge(ValueError):
+class NotKept(Exception):
+    """An output the store could not keep: its job fails with this message (retrying would not help)."""
+
+
+class OutputTooLarge(NotKept):
     """An output is bigger than the store keeps."""
 
 
@@ -77,7 +82,7 @@ class Store(Protocol):
     kind: str
 
     def put(self, job_id: str, index: int, data: bytes, fmt: str) -> bytes:
-        """What the outputs hash keeps for ``data``; raises :class:`OutputTooLarge`."""
+        """What the outputs hash keeps for ``data``; raises :class:`NotKept`."""
 
     def open(self, stored: bytes) -> Blob | None:
         """The bytes a value of the outputs hash stands for; None when they are gone."""
@@ -136,14 +141,21 @@ class DirStore:
         self._last_sweep = float("-inf")
 
     def put(self, job_id: str, index: int, data: bytes, fmt: str) -> bytes:
-        self.root.mkdir(parents=True, exist_ok=True)
         name = f"{job_id}-{index}-{uuid.uuid4().hex[:12]}.{fmt}"
         if not _NAME.match(name):
             raise ValueError(f"not a storable output: job {job_id!r}, format {fmt!r}")
         tmp = self.root / f"{_TMP_PREFIX}{name}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.root / name)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.root / name)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.error("video store %s: %s", self.root, exc)
+            raise NotKept(f"the video could not be written to the video store folder ({exc.strerror or exc}); "
+                          "see CLUSCA_VIDEO_STORE") from None
         if time.monotonic() - self._last_sweep >= min(SWEEP_EVERY_S, self.ttl_s):
             self.sweep()
         return REF_PREFIX + name.encode()

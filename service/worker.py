@@ -36,7 +36,7 @@ from .registry import Registry
 from .results import Outcome, ResultWriter
 from .runners import Batch, RequestNotSupported, Runner, load_runner
 from .settings import Settings
-from .video_store import OutputTooLarge
+from .video_store import NotKept
 
 __all__ = ["Worker", "run_worker", "ProgressPump", "progress_by_job", "PROGRESS_INTERVAL_S"]
 
@@ -279,7 +279,7 @@ class Worker:
                 encoded = [encode_output(im, r.output_format, r.fps if r.is_video else None) for im in mine]
                 try:
                     stored = self.results.keep(j.delivery.job_id, r, encoded)
-                except OutputTooLarge as exc:
+                except NotKept as exc:
                     out.append(Outcome(j, FAILED, result, str(exc)))
                 else:
                     out.append(Outcome(j, SUCCEEDED, result, "", stored))

@@ -15,7 +15,7 @@ import pytest
 from conftest import Service, wait_until
 from service.keys import images_key, job_key
 from service.settings import Settings, SettingsError
-from service.video_store import GRACE_S, REF_PREFIX, DirStore, OutputTooLarge, RedisStore, parse_spec
+from service.video_store import GRACE_S, REF_PREFIX, DirStore, NotKept, OutputTooLarge, RedisStore, parse_spec
 
 av = pytest.importorskip("av")
 
@@ -69,6 +69,13 @@ def test_dir_store_expires_files_with_the_result_ttl(tmp_path):
     assert store.sweep() == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.txt", fresh[len(REF_PREFIX):].decode()])
     assert store.open(fresh).read() == MP4
+
+
+def test_a_folder_that_cannot_be_written_fails_the_video_not_the_worker(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    store = DirStore(tmp_path / "not-a-folder" / "videos", ttl_s=3600)
+    with pytest.raises(NotKept, match="could not be written to the video store folder"):
+        store.put(_job(), 0, MP4, "mp4")
 
 
 def test_redis_store_keeps_the_bytes_up_to_its_cap():
