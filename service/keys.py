@@ -13,7 +13,7 @@ Layout (version :data:`LAYOUT_VERSION`; ``T`` is :func:`model_tag` of the model)
     clusca:{T}:job:<id>              hash: status, request (JSON), timestamps, step/steps,
                                      attempts, result (JSON), error, cancel flag
     clusca:{T}:job:<id>:events       stream of JSON events (queued, started, progress...)
-    clusca:{T}:job:<id>:images       hash: output index -> encoded bytes
+    clusca:{T}:job:<id>:images       hash: output index -> encoded bytes, or a video store reference
     clusca:{T}:job:<id>:done         list that gets one element when the job ends
     clusca:{T}:job:<id>:<part>       anything else stored per job (job_part_key)
     clusca:{T}:idem:<hash>           idempotency key -> "<job id> <request fingerprint>"
