@@ -253,13 +253,13 @@ def test_interleaved_timing_reads_both_clocks_and_answers_by_the_chosen_one():
 
     def napping():  # little CPU, much wall clock: what a loaded machine does to a run
         busy(0.005)()
-        time.sleep(0.03)
+        time.sleep(0.2)
 
     runs = {"half": busy(0.01), "napping": napping}
     timing = interleaved_speedups(busy(0.02), runs, rounds=3, clock="cpu")
     assert len(timing.times["cpu"]["half"]) == 3 and len(timing.base["cpu"]) == 3 * 2  # one group of 2, + ends
     cpu, wall = timing.speedups(), timing.speedups("wall")
-    assert 1.5 < cpu["half"] < 2.6 and cpu["napping"] > 2.5 and wall["napping"] < 1.0
+    assert 1.5 < cpu["half"] < 2.6 and cpu["napping"] > 2.5 and wall["napping"] < cpu["napping"] / 3
     assert pick_clock("cpu", 1) == "cpu" and pick_clock("cpu", 4) == "wall" and pick_clock("cuda:0", 1) == "wall"
     with pytest.raises(ValueError, match="clock"):
         interleaved_speedups(busy(0.001), runs, rounds=1, clock="sundial")
