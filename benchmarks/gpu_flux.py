@@ -51,9 +51,13 @@ def methods() -> list:
     ms = large_methods(quick=False)
     ms.insert(1, Method("ClusCa quality (N4)", "ClusCa", clusca=ClusCaConfig.preset("quality")))
     fast = ClusCaConfig.preset("fast")
-    # The same `fast` run on the module hooks alone, and compiled (compile_clusca).
-    ms.insert(4, Method("ClusCa fast (N6), module hooks", "ClusCa", clusca=fast, lean=False))
-    ms.insert(5, Method("ClusCa fast (N6), compiled", "ClusCa", clusca=fast, compiled=True))
+    # The rows above capture cached steps as CUDA graphs (capture="auto", the default); the
+    # same `fast` runs eagerly, on the module hooks alone, and compiled (compile_clusca).
+    ms.insert(4, Method("ClusCa fast (N6), eager", "ClusCa", clusca=ClusCaConfig.preset("fast", capture="off")))
+    ms.insert(5, Method("ClusCa fast (N6), module hooks", "ClusCa", clusca=fast, lean=False))
+    ms.insert(6, Method("ClusCa fast (N6), compiled", "ClusCa", clusca=fast, compiled=True))
+    ms.insert(8, Method("TaylorSeer N6 O1, eager", "TaylorSeer",
+                        clusca=ClusCaConfig.preset("fast", mode="taylorseer", capture="off")))
     return ms
 
 
@@ -111,6 +115,8 @@ def run_once(method, model, inputs, steps, device) -> dict:
         "peak_extra_bytes": int(peak),
         "cache_bytes": int(probe.cache_bytes),
         "flops_speedup": probe.stats.flops_speedup if probe.stats else None,
+        "capture": probe.stats.capture if probe.stats else None,
+        "graph_replays": probe.stats.graph_replays if probe.stats else 0,
         "finite": bool(torch.isfinite(out).all()),
         "out": out,
     }
@@ -221,18 +227,19 @@ def summarise(data: dict) -> list[dict]:
                 "peak_gib": max(r["peak_extra_bytes"] for r in runs) / 2**30,
                 "cache_mib": max(r["cache_bytes"] for r in runs) / 2**20,
                 "rel_l2": statistics.median(r.get("rel_l2", float("nan")) for r in runs),
+                "capture": runs[-1].get("capture") or "-",
                 "finite": all(r["finite"] for r in runs),
             })
     return rows
 
 
 def table(data: dict) -> str:
-    lines = ["| batch | method | runs | s per image | speedup | FLOPs speedup | extra GPU memory GiB | cache MiB | rel. L2 vs uncached |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | method | runs | s per image | speedup | FLOPs speedup | extra GPU memory GiB | cache MiB | rel. L2 vs uncached | capture |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summarise(data):
         fs = f"{r['flops_speedup']:.2f}x" if r["flops_speedup"] else "-"
         lines.append(f"| {r['batch']} | {r['method']} | {r['runs']} | {r['per_image']:.2f} | {r['speedup']:.2f}x | {fs} "
-                     f"| {r['peak_gib']:.2f} | {r['cache_mib']:.0f} | {r['rel_l2']:.3f} |")
+                     f"| {r['peak_gib']:.2f} | {r['cache_mib']:.0f} | {r['rel_l2']:.3f} | {r['capture']} |")
     return "\n".join(lines)
 
 
@@ -258,7 +265,9 @@ def render(data: dict) -> str:
         f"{info['tokens'][1]} text tokens (1024x1024), {info['steps']} Euler steps, the transformer "
         "alone (no text encoders, no VAE). Methods alternate inside each round; seconds are the median "
         "over rounds; speedup is against the uncached run of the same batch size. Extra GPU memory is "
-        "the peak above the weights during the run (activations plus cache).",
+        "the peak above the weights during the run (activations plus cache). The capture column is "
+        "`run.stats.capture` (`replayed`: cached steps ran as CUDA graphs); `-` marks runs that "
+        "predate graph capture, whose cached steps ran eagerly.",
         "",
         table(data),
         "",
