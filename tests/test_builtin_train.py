@@ -132,3 +132,5 @@ def test_init_from_the_shipped_weights_keeps_what_they_learnt(tmp_path, capsys):
         j = old.tokenizer.stoi.get(word, old.tokenizer.stoi["<unk>"])
         assert torch.allclose(en[i], eo[j]), word
     assert {"two", "three"} <= set(new.tokenizer.itos) and "two" not in old.tokenizer.stoi
+    # The cache tuning the service applies to this model travels with the weights.
+    assert old.cache_presets and new.cache_presets == old.cache_presets

@@ -206,13 +206,15 @@ def _adapt_threads(current: int) -> int:
     return wanted
 
 
-def _save(out: str, transformer, text_encoder, tokenizer, patch: int) -> None:
+def _save(out: str, transformer, text_encoder, tokenizer, patch: int, cache_presets: dict | None = None) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe = ShapesFluxPipeline(
         transformer, text_encoder, tokenizer,
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0), patch_size=patch,
     )
+    if cache_presets:
+        pipe.cache_presets = dict(cache_presets)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
@@ -239,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     text_encoder = ShapesTextEncoder(len(tokenizer), max_length=16)
     transformer = build_transformer(patch=a.patch, width_heads=a.heads, num_layers=a.layers,
                                     num_single_layers=a.single_layers)
+    presets = None
     if a.init:
         start_from = ShapesFluxPipeline.from_pretrained(a.init)
+        # The cache tuning of the starting point stays until `clusca tune` measures anew;
+        # without it the service would fall back to the library's presets.
+        presets = getattr(start_from, "cache_presets", None)
         transformer.load_state_dict(start_from.transformer.state_dict())
         new_words = _load_text_encoder(text_encoder, tokenizer, start_from.text_encoder, start_from.tokenizer)
         print(f"continuing from {a.init}" + (f"; words new to it: {' '.join(new_words)}" if new_words else ""),
@@ -299,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             loss_sum.zero_()
             loss_n = 0
         if time.time() - last_save > a.save_every * 60:
-            _save(a.out, ema_tr, ema_te, tokenizer, a.patch)
+            _save(a.out, ema_tr, ema_te, tokenizer, a.patch, presets)
             last_save = time.time()
             print(f"saved {a.out} at step {step}", flush=True)
     batches.close()
-    _save(a.out, ema_tr, ema_te, tokenizer, a.patch)
+    _save(a.out, ema_tr, ema_te, tokenizer, a.patch, presets)
     print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min, saved {a.out}", flush=True)
     return 0
 
