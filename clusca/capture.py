@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+
+from .taylor import coefficient_table, coefficients_from
 
 log = logging.getLogger("clusca.capture")
 
@@ -156,8 +157,7 @@ class StaticInputs:
     kwargs: dict[str, Any]  # the call's keyword arguments, tensors replaced by static copies
     tensor_names: tuple[str, ...]  # which of them are static copies
     d: torch.Tensor  # 0-d: steps since the last full one
-    powers: torch.Tensor  # (order + 1,): 0, 1, ..., order
-    inv_factorials: torch.Tensor  # (order + 1,): 1 / k!
+    table: tuple[torch.Tensor, torch.Tensor]  # taylor.coefficient_table of the run's order
     rows: torch.Tensor | None  # (layers, batch * k * f) fresh rows of this step
     flat_index: torch.Tensor | None  # (batch * tokens,) cluster row of each token
 
@@ -175,8 +175,7 @@ class StaticInputs:
         return cls(
             hs=hs.clone(), kwargs=kw, tensor_names=tuple(present),
             d=torch.zeros((), dtype=dtype, device=dev),
-            powers=torch.arange(order + 1, dtype=dtype, device=dev),
-            inv_factorials=torch.tensor([1.0 / math.factorial(k) for k in range(order + 1)], dtype=dtype, device=dev),
+            table=coefficient_table(order, dtype, dev),
             rows=rows.clone() if rows is not None else None,
             flat_index=flat_index.clone() if flat_index is not None else None,
         )
@@ -197,7 +196,7 @@ class StaticInputs:
 
     def coefficients(self) -> torch.Tensor:
         """``d^k / k!`` for ``k = 0..order``, computed on the device (part of the graph)."""
-        return self.d.pow(self.powers).mul_(self.inv_factorials)
+        return coefficients_from(self.d, self.table)
 
 
 @dataclass

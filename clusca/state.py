@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.hooks.hooks import BaseState
+from .diffusers_compat import BaseState
 
 from .taylor import Factors
 

@@ -17,6 +17,20 @@ def coefficients(d: int, order: int) -> tuple[float, ...]:
     return tuple(d**k / math.factorial(k) for k in range(order + 1))
 
 
+def coefficient_table(order: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, 1 / k!)`` for ``k = 0..order`` as tensors on ``device``: what
+    :func:`coefficients_from` needs, made once (a recorded graph may not copy from the host)."""
+    k = torch.arange(order + 1, dtype=dtype, device=device)
+    return k, torch.tensor(coefficients(1, order), dtype=dtype, device=device)
+
+
+def coefficients_from(d: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """:func:`coefficients` as a tensor, from ``d`` held in a 0-d tensor: a recorded graph
+    reads ``d`` from a buffer and computes its coefficients itself."""
+    k, inv_factorials = table
+    return d.pow(k).mul_(inv_factorials)
+
+
 def add_scaled(y: torch.Tensor, x: torch.Tensor, c) -> torch.Tensor:
     """``y += c * x`` in place, for a Python number ``c`` or a 0-d tensor (under torch.compile
     the coefficients are tensors, so a new step offset is new data, not a new graph)."""
