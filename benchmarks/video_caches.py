@@ -1,14 +1,22 @@
-"""Cache presets on a served video model: seconds per frame, FLOPs and quality against uncached.
+"""Cache presets on video: a served video model end to end, or a Wan-architecture transformer alone.
 
     python benchmarks/video_caches.py --tiny wan           # a tiny random WanPipeline built here (CPU, seconds)
     python benchmarks/video_caches.py --tiny hunyuan       # likewise, HunyuanVideoPipeline
     CLUSCA_MODELS=models.yaml python benchmarks/video_caches.py --model wan-1.3b --frames 33 --steps 30
+    python benchmarks/video_caches.py --transformer --docs # a Wan-architecture transformer, random weights
 
-Runs the model the way a worker does (its registry entry, ``load_runner``, one batch per
-call) once per preset, on the same prompts and seeds, and reports for each: seconds per
-frame (median over ``--repeats`` after an untimed round, presets interleaved), the run's analytic FLOPs speedup
-and fraction of tokens computed, and PSNR / SSIM of every frame against the uncached
-video of the same seed. ``--json`` writes the results.
+Pipeline modes run the model the way a worker does (its registry entry, ``load_runner``, one
+batch per call) once per preset, on the same prompts and seeds, and report for each: seconds
+per frame (median over ``--repeats`` after an untimed round, presets interleaved), the run's
+analytic FLOPs speedup and fraction of tokens computed, and PSNR / SSIM of every frame against
+the uncached video of the same seed.
+
+``--transformer`` times the denoising loop of a randomly initialised WanTransformer3DModel
+called directly (flow-matching Euler, batch 1, no guidance), so the token count can be large
+without a VAE or text encoder in the way: the presets plus FORA and TaylorSeer at the ``fast``
+interval, each round running every method once in a rotated order; wall-clock and CPU-time
+speedups are medians of the per-round ratios against the uncached run of the same round.
+``--docs`` writes its section of docs/benchmarks.md. ``--json`` writes the results.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRESETS = ("off", "quality", "balanced", "fast")
+MARKERS = ("<!-- video-transformer:start -->", "<!-- video-transformer:end -->")
 
 
 def tiny_entry(kind: str, folder: Path) -> Any:
@@ -86,13 +95,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--tiny", choices=["wan", "hunyuan"])
     which.add_argument("--model", help="a video model of the registry named by CLUSCA_MODELS")
-    ap.add_argument("--frames", type=int, help="frames per video (default: the model's)")
-    ap.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    which.add_argument("--transformer", action="store_true", help="a Wan-architecture transformer alone")
+    ap.add_argument("--frames", type=int, help="frames per video (default: the model's; --transformer: 17)")
+    ap.add_argument("--steps", type=int, help="denoising steps (default: the model's; --transformer: 20)")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path)
+    wan = ap.add_argument_group("--transformer")
+    wan.add_argument("--size", default="416x240", help="WIDTHxHEIGHT in pixels (multiples of 16)")
+    wan.add_argument("--dim", type=int, default=384, help="model width (heads of 64)")
+    wan.add_argument("--layers", type=int, default=8)
+    wan.add_argument("--threads", type=int, default=1, help="torch threads")
+    wan.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
     args = ap.parse_args(argv)
+    if args.transformer:
+        from benchmarks.video_transformer import bench, render
+
+        report = bench(args)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        if args.docs:
+            from benchmarks._docs import write_section
+
+            write_section(*MARKERS, render(report, sys.argv[1:] if argv is None else argv))
+        return report
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             entry = tiny_entry(args.tiny, Path(tmp))
