@@ -15,6 +15,15 @@ Target: >= 200 jobs/s on a 2-core machine. Prints a table and rewrites the
 "Service: queue throughput" section of docs/benchmarks.md (``--no-write`` to skip).
 
     python benchmarks/queue_throughput.py --jobs 2000 --concurrency 32
+
+``--compare A:B`` instead runs the ``http-async`` path on two Redis set-ups side by side,
+interleaved for ``--rounds`` rounds, and reports the median of the per-round ratios B/A
+(throughput, and the median time to a 202): ``single:cluster`` (one server against a
+3-primary, 3-replica Redis Cluster), ``sentinel:sentinel+wait`` (the cost of confirming a
+job only once a replica has it, ``CLUSCA_REDIS_WAIT_REPLICAS=1``). Each comparison owns
+its own section of docs/benchmarks.md.
+
+    python benchmarks/queue_throughput.py --compare single:cluster --jobs 2000 --rounds 3
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,15 +41,15 @@ import time
 from pathlib import Path
 
 import httpx
-import redis
-import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import write_section  # noqa: E402
 
-from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from service import redis_conn  # noqa: E402
+from service.contract import JobRequest  # noqa: E402
+from service.embedded_redis import EmbeddedCluster, EmbeddedRedis, EmbeddedSentinel, free_port  # noqa: E402
 from service.queue import JobQueue, job_key, stream_key  # noqa: E402
 
 START, END = "<!-- service-throughput:start -->", "<!-- service-throughput:end -->"
@@ -55,16 +65,19 @@ JOB = {"prompt": "p", "negative_prompt": None, "width": 8, "height": 8, "steps":
 class Stack:
     """Redis + workers + API as separate processes, like a deployment on one host."""
 
-    def __init__(self, workers: int, max_batch: int, batch_wait_ms: float):
+    def __init__(self, workers: int, max_batch: int, batch_wait_ms: float, redis_spec: str = "single"):
         self.tmp = Path(tempfile.mkdtemp(prefix="clusca-bench-"))
         (self.tmp / "models.yaml").write_text(MODELS)
-        self.redis = EmbeddedRedis().start()
+        kind, _, option = redis_spec.partition("+")
+        self.redis = {"single": EmbeddedRedis, "cluster": lambda: EmbeddedCluster(3, 1),
+                      "sentinel": EmbeddedSentinel}[kind]().start()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "REDIS_URL": self.redis.url, "CLUSCA_MODELS": str(self.tmp / "models.yaml"),
                     "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_MAX_BATCH": str(max_batch),
                     "CLUSCA_BATCH_WAIT_MS": str(batch_wait_ms), "CLUSCA_MAX_QUEUE": "1000000",
-                    "CLUSCA_WORKER_METRICS_PORT": "0", "CLUSCA_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+                    "CLUSCA_WORKER_METRICS_PORT": "0", "CLUSCA_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
+                    "CLUSCA_REDIS_WAIT_REPLICAS": "1" if option == "wait" else "0"}
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=self.env, cwd=ROOT)
                       for _ in range(workers)]
@@ -85,11 +98,12 @@ class Stack:
         """CPU time used so far by each server process (user + system)."""
         tick = os.sysconf("SC_CLK_TCK")
         out = {}
-        named = [("redis", self.redis.proc.pid)] + [(f"worker{i}", p.pid) for i, p in enumerate(self.procs[:-1])]
-        named.append(("api", self.procs[-1].pid))
+        servers = getattr(self.redis, "nodes", None) or getattr(self.redis, "servers", None) or [self.redis]
+        named = [("redis", n.proc.pid) for n in servers]
+        named += [(f"worker{i}", p.pid) for i, p in enumerate(self.procs[:-1])] + [("api", self.procs[-1].pid)]
         for name, pid in named:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[name] = (int(fields[11]) + int(fields[12])) / tick
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
         return out
 
     def close(self) -> None:
@@ -102,7 +116,7 @@ class Stack:
 
 def wait_done(redis_url: str, ids: list[str], timeout: float = 300) -> None:
     """Wait until the stream is empty (finished entries are deleted), then check every job once."""
-    r = redis.Redis.from_url(redis_url)
+    r = redis_conn.sync_client(redis_url)
     deadline = time.monotonic() + timeout
     while r.xlen(stream_key("noop")):
         if time.monotonic() > deadline:
@@ -118,14 +132,14 @@ def wait_done(redis_url: str, ids: list[str], timeout: float = 300) -> None:
 
 
 async def run_queue(stack: Stack, n: int, concurrency: int) -> float:
-    r = aioredis.Redis.from_url(stack.redis.url, max_connections=concurrency + 4)
+    r = redis_conn.async_client(stack.redis.url, max_connections=concurrency + 4)
     q = JobQueue(r, max_queue=10**9, ttl_s=600)
     ids: list[str] = []
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with sem:
-            job_id, _ = await q.enqueue("noop", {**JOB, "seed": i}, 1)
+            job_id, _ = await q.enqueue("noop", JobRequest.from_dict({**JOB, "seed": i}))
             ids.append(job_id)
 
     t0 = time.perf_counter()
@@ -164,7 +178,7 @@ class RawClient:
             self.writer.close()
 
 
-async def run_http(stack: Stack, n: int, concurrency: int, sync: bool) -> float:
+async def run_http(stack: Stack, n: int, concurrency: int, sync: bool, latencies: list[float] | None = None) -> float:
     ids: list[str] = []
     counter = iter(range(n))
     headers = {} if sync else {"Prefer": "respond-async"}
@@ -173,7 +187,10 @@ async def run_http(stack: Stack, n: int, concurrency: int, sync: bool) -> float:
         c = RawClient(stack.port)
         try:
             for i in counter:
+                t = time.perf_counter()
                 status, body = await c.post("/generate", {"prompt": "p", "seed": i}, headers)
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - t)
                 if status != (200 if sync else 202):
                     raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
                 ids.append(json.loads(body)["id"])
@@ -189,7 +206,7 @@ async def run_http(stack: Stack, n: int, concurrency: int, sync: bool) -> float:
     return elapsed
 
 
-def write_section(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None:
+def write_throughput(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None:
     body = [START, "## Service: queue throughput (no-op model)", "",
             f"`python benchmarks/queue_throughput.py --jobs {args.jobs} --concurrency {args.concurrency} "
             f"--workers {args.workers} --max-batch {args.max_batch}` on {os.cpu_count()} CPU core(s), "
@@ -212,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--paths", default="queue,http-async,http-sync")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    p.add_argument("--compare", help="A:B, each single, cluster or sentinel, optionally +wait")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
+    if args.compare:
+        return compare(args)
     stack = Stack(args.workers, args.max_batch, args.batch_wait_ms)
     rows = []
     try:
@@ -233,8 +254,50 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.close()
     if not args.no_write:
-        write_section(rows, args)
+        write_throughput(rows, args)
     return 0 if all(n / s >= 200 for _, n, s in rows) else 1
+
+
+def compare(args: argparse.Namespace) -> int:
+    specs = args.compare.split(":")
+    if len(specs) != 2:
+        raise SystemExit("--compare wants A:B")
+    stacks = {s: Stack(args.workers, args.max_batch, args.batch_wait_ms, s) for s in specs}
+    rates: dict[str, list[float]] = {s: [] for s in specs}
+    lat: dict[str, list[float]] = {s: [] for s in specs}
+    try:
+        for s in specs:
+            asyncio.run(run_http(stacks[s], 100, 8, sync=True))  # warm-up
+        for k in range(args.rounds):
+            for s in (specs if k % 2 == 0 else specs[::-1]):
+                latencies: list[float] = []
+                secs = asyncio.run(run_http(stacks[s], args.jobs, args.concurrency, sync=False, latencies=latencies))
+                rates[s].append(args.jobs / secs)
+                lat[s].append(statistics.median(latencies))
+                print(f"round {k + 1} {s:15s} {args.jobs / secs:7.1f} jobs/s, median 202 in "
+                      f"{lat[s][-1] * 1000:.2f} ms", flush=True)
+    finally:
+        for st in stacks.values():
+            st.close()
+    a, b = specs
+    ratio = statistics.median(rb / ra for ra, rb in zip(rates[a], rates[b]))
+    lat_ratio = statistics.median(lb / la for la, lb in zip(lat[a], lat[b]))
+    print(f"{b} / {a}: throughput x{ratio:.2f}, time to 202 x{lat_ratio:.2f} (medians of {args.rounds} rounds)")
+    if not args.no_write:
+        start, end = f"<!-- queue-redis-{a}-vs-{b}:start -->", f"<!-- queue-redis-{a}-vs-{b}:end -->"
+        body = [start, f"## Service: queue throughput, {a} against {b} Redis", "",
+                f"`python benchmarks/queue_throughput.py --compare {args.compare} --jobs {args.jobs} --concurrency "
+                f"{args.concurrency} --rounds {args.rounds}` on {os.cpu_count()} CPU core(s), {platform.machine()}: "
+                "the http-async path (no-op model), both set-ups side by side in one run, interleaved. "
+                "Every Redis server, the API, the worker and the load generator share these cores.", "",
+                "| Redis | jobs/s (median) | per round | median time to 202 (ms) |", "|---|---|---|---|"]
+        for s in specs:
+            body.append(f"| {s} | {statistics.median(rates[s]):.0f} | {', '.join(f'{x:.0f}' for x in rates[s])} | "
+                        f"{statistics.median(lat[s]) * 1000:.2f} |")
+        body += ["", f"{b} / {a}: throughput **x{ratio:.2f}**, time to 202 **x{lat_ratio:.2f}** (medians of the "
+                 "per-round ratios).", end]
+        write_section(start, end, "\n".join(body))
+    return 0
 
 
 if __name__ == "__main__":

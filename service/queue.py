@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from .contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, QUEUED, TERMINAL, TERMINAL_EVENTS, JobRecord, JobRequest, JobResult
 from .keys import (JOB_ID, check_layout, done_key, events_key, idem_key, idem_owner_key, images_key, job_belongs_to, job_key,
@@ -172,12 +172,26 @@ class JobQueue:
             try:
                 res, acked = await pipe.execute()
                 return res, int(acked)
-            except ResponseError as exc:
-                if not (self._cluster and str(exc).startswith(("MOVED", "ASK")) and attempt == 0):
+            except UNAVAILABLE:
+                if self._cluster:
+                    await self._relearn(keys[0])
+                raise
+            except AskError:  # MOVED too: the slot has another primary now; nothing ran
+                if not (self._cluster and attempt == 0):
                     raise
-                self._primaries.clear()
-                await self.r.exists(keys[0])  # lets the cluster client learn the new slot map
+                await self._relearn(keys[0])
         raise AssertionError("unreachable")
+
+    async def _relearn(self, key: str) -> None:
+        """Forget the primaries known so far; a command through the cluster client makes it read the
+        slot map again (after a failover, the next enqueue finds the promoted replica)."""
+        for client in self._primaries.values():
+            await client.aclose()
+        self._primaries.clear()
+        try:
+            await self.r.exists(key)
+        except UNAVAILABLE:
+            pass
 
     async def _primary_for(self, key: str) -> Any:
         if not self._cluster:
@@ -481,9 +495,9 @@ class WorkerQueue:
                 for i, reply in zip(idxs, pipe.execute(raise_on_error=False)):
                     replies[i] = reply
         except UNAVAILABLE:
-            replies = [ResponseError("MOVED") if r is None else r for r in replies]
+            replies = [AskError("unreachable") if r is None else r for r in replies]
         for i, reply in enumerate(replies):
-            if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK", "NOSCRIPT")):
+            if isinstance(reply, (AskError, NoScriptError, TryAgainError)):
                 replies[i] = script(**calls[i])
             elif isinstance(reply, Exception):
                 raise reply

@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
-from .. import reconcile, redis_conn
-from ..keys import LayoutError, check_layout_async
+from .. import metrics, reconcile, redis_conn
+from ..keys import check_layout_async
 from ..queue import JobQueue
 from ..registry import Registry
 from ..settings import Settings, get_settings
@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         except redis_conn.UNAVAILABLE as exc:  # the API starts without Redis and answers 503 until it is back
             log.warning("Redis unreachable at start (%s); the queue layout is checked by the workers", exc)
         journal = reconcile.AckJournal(settings.reconcile_settle_s)
+        for name in registry.names:  # a zero per model, so alerts and dashboards see the series before any loss
+            metrics.JOBS_LOST.labels(name)
         queue = JobQueue(r, max_queue=settings.max_queue, ttl_s=settings.result_ttl_s,
                          wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms,
                          journal=journal)
