@@ -43,6 +43,8 @@ TOKEN_FRACTION = Histogram("clusca_token_fraction", "Fraction of tokens computed
                            ["model", "cache_mode"], buckets=FRACTION_BUCKETS)
 FLOPS_SPEEDUP = Histogram("clusca_flops_speedup", "Analytic FLOPs speedup of a run over uncached",
                           ["model", "cache_mode"], buckets=SPEEDUP_BUCKETS)
+GRAPH_REPLAYS = Counter("clusca_graph_replays_total", "Cached transformer calls replayed from a recorded CUDA graph "
+                        "(ClusCa capture=auto)", ["model", "cache_mode"])
 HEARTBEAT = Gauge("clusca_worker_heartbeat_timestamp_seconds", "Last heartbeat of a worker (unix time)",
                   ["worker"], multiprocess_mode="max")
 

@@ -256,6 +256,7 @@ class Worker:
                 metrics.TOKEN_FRACTION.labels(model_name, mode).observe(float(stats["token_fraction"]))
             if "flops_speedup" in stats:
                 metrics.FLOPS_SPEEDUP.labels(model_name, mode).observe(float(stats["flops_speedup"]))
+            metrics.GRAPH_REPLAYS.labels(model_name, mode).inc(int(stats.get("graph_replays", 0)))
 
     def _outcomes(self, jobs: list[StartedJob], cancelled: list[bool], images: list[Any], stats: dict[str, Any],
                   error: str, inference_s: float, batch_images: int) -> list[Outcome]:

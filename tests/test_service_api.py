@@ -210,7 +210,7 @@ def test_metrics_exported_by_api_and_worker(service):
     worker = httpx.get(service.worker_metrics_url).text
     for name in ("clusca_request_latency_seconds_bucket", "clusca_queue_wait_seconds_bucket",
                  "clusca_inference_seconds_bucket", "clusca_step_seconds_bucket", "clusca_images_generated_total",
-                 "clusca_token_fraction_bucket", "clusca_flops_speedup_bucket",
+                 "clusca_token_fraction_bucket", "clusca_flops_speedup_bucket", "clusca_graph_replays_total",
                  "clusca_worker_heartbeat_timestamp_seconds"):
         assert name in worker, name
 
