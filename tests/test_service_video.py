@@ -141,13 +141,17 @@ def test_v1_videos_life_cycle(wan):
     url = wan.url
     with _client(url) as c:
         r = c.post("/v1/videos", json={"model": "tinywan", "prompt": "a fox", "size": "32x32", "seconds": "1",
-                                       "fps": 8, "seed": 5})
+                                       "fps": 8, "seed": 5, "steps": 8, "cache": {"preset": "fast"}})
         assert r.status_code == 200, r.text
         created = r.json()
         assert created["object"] == "video" and created["status"] == "queued" and created["id"].startswith("video_")
         assert created["size"] == "32x32" and created["num_frames"] == 9  # 1 s at 8 fps, 1 + 4k frames
         done = _wait_video(c, created["id"])
         assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"]
+        # The run's statistics come with the video: fast computes steps 0-2 in full and predicts the other 5.
+        stats = done["cache_stats"]
+        assert (stats["mode"], stats["full_steps"], stats["cached_steps"]) == ("clusca", 3, 5), stats
+        assert stats["kmeans_calls"] > 0 and stats["flops_speedup"] > 1
         full = c.get(f"/v1/videos/{created['id']}/content")
         assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes"
         size = len(full.content)
