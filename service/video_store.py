@@ -194,6 +194,9 @@ class DirStore:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return 0
+        except OSError as exc:  # the worker must still start; writes will name the problem
+            log.warning("video store %s cannot be swept: %s", self.root, exc)
+            return 0
         for e in entries:
             ours = _NAME.match(e.name) or (e.name.startswith(_TMP_PREFIX) and _NAME.match(e.name[len(_TMP_PREFIX):]))
             if not ours or not e.is_file(follow_symlinks=False):
@@ -204,6 +207,8 @@ class DirStore:
                     removed += 1
             except FileNotFoundError:  # another process swept it first
                 pass
+            except OSError as exc:
+                log.warning("video store %s: %s not swept: %s", self.root, e.name, exc)
         if removed:
             log.info("swept %d expired video file(s) from %s", removed, self.root)
         return removed
