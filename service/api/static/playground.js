@@ -10,6 +10,8 @@ const PRESETS = ["off", "quality", "balanced", "fast"];
 const MAX_SEED = 2 ** 32 - 1;
 const models = new Map();
 let inFlight = [];
+// The images on show; a new run frees them (the history keeps its own data: URLs).
+let shownURLs = [];
 
 function el(tag, attrs = {}, text) {
   const node = document.createElement(tag);
@@ -21,7 +23,7 @@ function el(tag, attrs = {}, text) {
 function showError(err) {
   const box = $("error");
   box.replaceChildren();
-  const where = err.status ? `${err.status}${err.code ? " " + err.code : ""}` : "error";
+  const where = err.status ? `${err.status}${err.code ? " " + err.code : ""}` : err.code || "error";
   box.append(el("strong", {}, where + ": "), document.createTextNode(err.message));
   if (err.fields && err.fields.length > 1) {
     const list = el("ul");
@@ -171,6 +173,7 @@ function panel(title) {
     },
     async show(blob, format) {
       const url = URL.createObjectURL(blob);
+      shownURLs.push(url);
       const video = ["mp4"].includes(format);
       const media = video ? el("video", { src: url, controls: "", loop: "", muted: "", autoplay: "" })
         : el("img", { src: url, alt: `${title} result` });
@@ -207,13 +210,9 @@ async function runJob(body, view) {
     err.code = `job ${record.status}`;
     throw err;
   }
-  const blob = await output(record);
+  const blob = await api.output(record.links.images[0]);
   const media = await view.show(blob, record.output_format);
   return { record, blob, media };
-}
-
-async function output(record) {
-  return api.output(record.links.images[0]);
 }
 
 // ---- generate, compare, history ---------------------------------------------------------------
@@ -222,6 +221,8 @@ async function generate(event) {
   event.preventDefault();
   clearError();
   $("panels").replaceChildren();
+  for (const url of shownURLs) URL.revokeObjectURL(url);
+  shownURLs = [];
   $("summary").hidden = true;
   const compare = $("compare").checked;
   if (compare && $("seed").value === "") $("seed").value = String(Math.floor(Math.random() * MAX_SEED));
