@@ -263,3 +263,24 @@ def test_interleaved_timing_reads_both_clocks_and_answers_by_the_chosen_one():
     assert pick_clock("cpu", 1) == "cpu" and pick_clock("cpu", 4) == "wall" and pick_clock("cuda:0", 1) == "wall"
     with pytest.raises(ValueError, match="clock"):
         interleaved_speedups(busy(0.001), runs, rounds=1, clock="sundial")
+
+
+def test_rungs_lean_to_hard_prompts_and_keep_the_settings_near_the_presets_speeds():
+    from clusca.tune.ladder import band_of, hard_leaning_order, keep_for_picks
+
+    hardness = {i: -float(i) for i in range(48)}  # item 0 the hardest
+    order = hard_leaning_order(hardness, [2, 6, 18, 48])
+    assert sorted(order) == list(range(48))
+    assert set(order[:2]) <= set(order[:6]) <= set(order[:18])  # each rung adds to the one before
+    hardest_sixth = set(range(8))
+    assert len(hardest_sixth & set(order[:6])) >= 2 and len(hardest_sixth & set(order[:18])) >= 4
+    assert max(order[:6]) >= 24  # still a sample of the whole set, easy prompts included
+
+    # FLOPs speedup, PSNR: a front from 1.5x to 6x; the presets sit at 2.8x to 3.5x
+    pts = [(1.5, 50.0), (2.0, 45.0), (2.6, 40.0), (3.2, 36.0), (3.8, 32.0), (4.2, 30.0), (6.0, 20.0)]
+    band = band_of([2.8, 3.3, 3.5])
+    assert band == pytest.approx((0.85 * 2.8, 1.25 * 3.5))
+    assert keep_for_picks(pts, 4, band) == [2, 3, 4, 5]  # not the ends of the front
+    assert keep_for_picks(pts, 3, band) == [2, 4, 5]  # a band too full: spread over it
+    assert keep_for_picks(pts, 3) == [0, 3, 6]  # without presets: spread over the whole front
+    assert keep_for_picks(pts, 6, band) == [0, 2, 3, 4, 5, 6]  # room left: the rest of the front, spread

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Sequence
 
+from .picks import front_layers
 from .space import ETA
 
 LEAN = 1.5  # how far the rungs' samples lean towards the hard items (1: not at all)
@@ -64,3 +65,44 @@ def survivors(count: int, rungs: Sequence[int], r: int, fits: Callable[[float, i
             break
         best = k
     return best
+
+
+# Cached steps of the clustering modes cost time their FLOPs do not show, so a setting a
+# little below a library preset in FLOPs speedup can still match it on the clock.
+BAND_BELOW = 0.85
+BAND_ABOVE = 1.25  # past the fastest preset's speed a setting only matters as a fallback
+
+
+def band_of(anchor_speeds: Sequence[float]) -> tuple[float, float] | None:
+    """The FLOPs-speedup range where the picks will fall, from the library presets' speedups:
+    each pick is the most accurate setting at least as fast as one of them."""
+    speeds = [s for s in anchor_speeds if s]
+    if not speeds:
+        return None
+    return BAND_BELOW * min(speeds), BAND_ABOVE * max(speeds)
+
+
+def keep_for_picks(points: Sequence[tuple[float, float]], keep: int,
+                   band: tuple[float, float] | None = None) -> list[int]:
+    """Which ``keep`` of ``points`` (FLOPs speedup, PSNR) go on to the next rung.
+
+    Successive layers of the Pareto front, a layer too big for the room left spread along the
+    speed axis (its ends included). Settings inside ``band`` (:func:`band_of`) come first:
+    spreading over the whole front would spend the last places on settings far slower or far
+    faster than any preset, which no pick can use, and drop the ones at the presets' speeds.
+    """
+    inside = [i for i, (s, _) in enumerate(points) if band is None or band[0] <= s <= band[1]]
+    outside = [i for i in range(len(points)) if i not in set(inside)]
+    chosen: list[int] = []
+    for group in (inside, outside):
+        for layer in front_layers([points[i] for i in group]):
+            room = keep - len(chosen)
+            if room <= 0:
+                return sorted(chosen)
+            layer = [group[i] for i in layer]
+            if len(layer) <= room:
+                chosen += layer
+            else:
+                step = (len(layer) - 1) / max(room - 1, 1)
+                chosen += sorted({layer[round(j * step)] for j in range(room)})
+    return sorted(chosen)

@@ -18,11 +18,14 @@ from ..config import PRESETS, ClusCaConfig
 from ..quality import psnr as _psnr
 from ..quality import ssim
 from .journal import Candidate, write_whole
-from .ladder import hard_leaning_order, survivors
+from .ladder import band_of, hard_leaning_order, keep_for_picks, survivors
 from .timing import CLOCKS, GROUP, interleaved_speedups
 from .picks import front_layers, pareto_front, pick_presets, preset_overrides
 from .space import ETA, JOURNAL_VERSION, PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, \
     search_space
+
+
+CALIBRATION_SHARE = 0.4  # of the time left, at most, for ranking the images by hardness
 
 
 def psnr(a, b) -> float:
@@ -276,15 +279,19 @@ class _Tuner:
         """Measure the reference settings on the ladder's images first, then order the images
         so that every rung sees the hard ones (:func:`hard_leaning_order`).
 
-        The reference settings go through every rung anyway, so this costs nothing extra.
+        The reference settings go through every rung anyway, so this costs nothing extra. On a
+        machine slower than the plan expected it stops after a share of the time left, so that
+        the search still gets its rungs; the images not reached keep their order.
         """
         rungs = self.plan["rungs"]
         ladder = list(range(rungs[-1]))
         forced = [c for c in self.candidates if c.forced]
         self.say(f"[tune] {self.clock()} {len(forced)} reference settings on {len(ladder)} image(s), "
                  "to find the hard prompts")
-        for c in forced:
-            if not self.measure(c, ladder):
+        stop_at = self.elapsed() + CALIBRATION_SHARE * max(self.left() - self.reserve, 0.0)
+        for s in range(0, len(ladder), self.batch):
+            chunk = ladder[s:s + self.batch]
+            if not all(self.measure(c, chunk) for c in forced) or self.elapsed() > stop_at:
                 break
         seen = [i for i in ladder if all(i in c.items for c in forced)]
         hardness = {i: -statistics.fmean(c.items[i]["psnr"] for c in forced) for i in seen} if forced else {}
@@ -316,16 +323,8 @@ class _Tuner:
         self.reserve = max(self.reserve, min(self.timing_reserve(final), 0.5 * max(self.left(), 0.0)))
         self.plan["reserve_s"] = round(self.reserve, 1)
         pts = [(c.flops_speedup or 1.0, c.mean("psnr", prev) or 0.0) for c in free]
-        chosen: list[int] = []
-        for layer in front_layers(pts):
-            room_left = keep_n - len(chosen)
-            if room_left <= 0:
-                break
-            if len(layer) <= room_left:
-                chosen += layer
-            else:  # spread along the speed axis, ends included
-                step = (len(layer) - 1) / max(room_left - 1, 1)
-                chosen += sorted({layer[round(j * step)] for j in range(room_left)})
+        band = band_of([c.flops_speedup or 0.0 for c in alive if c.origin.startswith("library ")])
+        chosen = keep_for_picks(pts, keep_n, band)
         keys = {free[i].key for i in chosen} | {c.key for c in alive if c.forced}
         return [c for c in alive if c.key in keys]
 
