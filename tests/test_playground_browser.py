@@ -70,10 +70,26 @@ def _only_the_service(pg, served) -> None:
     assert pg.requests and not elsewhere, elsewhere
 
 
+def _as_js(value) -> str:
+    """A JSON value as JavaScript's String() writes it (0.0 is "0", True is "true")."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def test_generate_shows_progress_then_the_image(page, served):
     page.goto(served.url + "/")
+    # The built-in model's own defaults, as the service publishes them (they follow its checkpoint).
+    defaults = next(m for m in httpx.get(served.url + "/models").json()["models"] if m["name"] == "shapes")["defaults"]
     page.wait_for_selector("#model option[value=shapes]", state="attached")
-    assert "balanced" in page.inner_text("#preset-info") or "balanced" in page.inner_text("#preset")
+    assert page.inner_text("#preset option[value='']") == f"default ({defaults['cache']})"
+    tuned = defaults["cache_presets"].get(defaults["cache"])
+    info = page.inner_text("#preset-info")
+    assert info.startswith(f"{defaults['cache']} as tuned for shapes" if tuned else defaults["cache"]), info
+    for knob, value in (tuned or {}).items():
+        assert f"{knob} {_as_js(value)}" in info, (knob, info)
     page.fill("#prompt", "a blue square at the top")
     page.fill("#seed", "7")
     page.click("#generate")
@@ -83,9 +99,9 @@ def test_generate_shows_progress_then_the_image(page, served):
     status = page.inner_text(".panel .status")
     steps = int(re.search(r"done, (\d+) steps", status).group(1))
     events = int(re.search(r"(\d+) progress event", status).group(1))
-    assert steps == 40 and events == steps, status
+    assert steps == defaults["steps"] and events == steps, status
     assert page.eval_on_selector(".panel progress", "p => [p.value, p.max]") == [steps, steps]
-    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [32, 32]
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [defaults["width"], defaults["height"]]
     assert page.inner_text("[data-stat=seed]") == "7"
     assert float(page.inner_text("[data-stat='FLOPs speedup']").rstrip("×")) > 1.0
     assert page.is_hidden("#error")
