@@ -56,16 +56,15 @@ def denoise(model: Any, x0: Any, text: Any, steps: int, cfg: Any) -> tuple[Any, 
     import torch
 
     from clusca import clusca_run
+    from clusca.testing import EulerLoop
 
-    x = x0.clone()
-    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    def velocity(x: Any, sigma: float) -> Any:  # Wan's timestep scale is 0..1000
+        return model(hidden_states=x, timestep=torch.full((1,), sigma * 1000.0), encoder_hidden_states=text,
+                     return_dict=False)[0]
+
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad(), clusca_run(model, cfg, num_inference_steps=steps) as run:
-        for i in range(steps):
-            run.set_step(i)
-            v = model(hidden_states=x, timestep=torch.full((1,), sigmas[i] * 1000.0), encoder_hidden_states=text,
-                      return_dict=False)[0]
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        x = EulerLoop(velocity, x0, steps, before_step=run.set_step).run()
     return x, run.stats, time.perf_counter() - t0, time.process_time() - c0
 
 
