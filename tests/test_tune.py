@@ -32,9 +32,15 @@ SHORT_BUILTIN = """models:
 def test_pareto_front_and_picks_follow_the_documented_rules():
     pts = [(1.5, 40.0), (2.0, 35.0), (2.0, 30.0), (3.0, 31.0), (2.5, 20.0), (3.0, 31.0)]
     assert pareto_front(pts) == [0, 1, 3]  # dominated ones and the duplicate are off the front
-    picks = pick_presets(pts, {"quality": 1.6, "balanced": 2.0, "fast": 5.0})
-    # the best PSNR at least as fast as the anchor; none that fast: the fastest on the front
-    assert picks == {"quality": 1, "balanced": 1, "fast": 3}
+    # the best PSNR at least as fast as the anchor and a step (1.1x) faster than the preset
+    # before it; none that fast: without the step; none as fast as the anchor: the fastest
+    assert pick_presets(pts, {"quality": 1.6, "balanced": 2.0, "fast": 5.0}) == {"quality": 1, "balanced": 3,
+                                                                               "fast": 3}
+    assert pick_presets(pts, {"quality": 1.6, "balanced": 1.7}, step=1.0) == {"quality": 1, "balanced": 1}
+    assert pick_presets([(2.0, 35.0), (2.1, 34.0)], {"quality": 1.0, "balanced": 2.0}) == {"quality": 0,
+                                                                                          "balanced": 0}
+    assert pick_presets([(2.0, 35.0), (2.1, 30.0)], {"quality": 1.0, "balanced": 2.5}) == {"quality": 0,
+                                                                                          "balanced": 1}
     assert pick_presets(pts, {"quality": 1.0}, eligible=[False, True, True, True, True, True]) == {"quality": 1}
 
 

@@ -27,9 +27,10 @@ worth timing are the first two layers of that front and the reference settings.
 
 The picks: on the Pareto front of mean PSNR against measured wall-clock speedup (among the
 settings within ``memory_cap_bytes``, if set), each preset (``quality``, ``balanced``,
-``fast``) is the setting of highest PSNR that is at least as fast as the library's preset
-of that name measured in the same rounds (ties: the faster one); when no setting is as fast,
-the fastest one on the front. Each tuned preset is therefore at least as fast as the preset a
+``fast``, in that order) is the setting of highest PSNR that is at least as fast as the
+library's preset of that name measured in the same rounds and 1.1 times as fast as the tuned
+preset before it (ties: the faster one); without one that much faster, the step is dropped;
+when no setting is as fast as the library preset, the fastest one on the front. Each tuned preset is therefore at least as fast as the preset a
 user knows by that name, and as accurate as this model allows at that speed.
 
 Measurements go to a journal (JSON, rewritten atomically after each measurement); a run

@@ -27,24 +27,35 @@ def front_layers(points: Sequence[tuple[float, float]]) -> list[list[int]]:
     return layers
 
 
+STEP = 1.1  # each preset at least this much faster than the tuned one before it
+
+
 def pick_presets(points: Sequence[tuple[float, float]], anchors: Mapping[str, float],
-                 eligible: Sequence[bool] | None = None) -> dict[str, int]:
-    """The index picked for each preset in ``anchors`` (preset name -> the speed to match).
+                 eligible: Sequence[bool] | None = None, step: float = STEP) -> dict[str, int]:
+    """The index picked for each preset in ``anchors`` (preset name -> the speed to match),
+    taken in the order given (``quality``, ``balanced``, ``fast``).
 
     Among the eligible points on the Pareto front: the highest quality at a speed of at least
-    the anchor (ties: the faster); without one, the fastest point of the front.
+    the anchor and at least ``step`` times the speed of the preset picked before it (ties: the
+    faster), so that the presets are distinct steps of speed; when no point is that fast, the
+    step is dropped; when none is as fast as the anchor either, the fastest point of the front.
     """
     idx = [i for i in range(len(points)) if eligible is None or eligible[i]]
     if not idx:
         return {}
     front = [idx[i] for i in pareto_front([points[i] for i in idx])]
-    out = {}
+    out: dict[str, int] = {}
+    prev: int | None = None
     for name, speed in anchors.items():
-        fast_enough = [i for i in front if points[i][0] >= speed]
-        if fast_enough:
-            out[name] = max(fast_enough, key=lambda i: (points[i][1], points[i][0]))
+        targets = [speed] if prev is None else [max(speed, step * points[prev][0]), speed]
+        for target in targets:
+            fast_enough = [i for i in front if points[i][0] >= target]
+            if fast_enough:
+                out[name] = max(fast_enough, key=lambda i: (points[i][1], points[i][0]))
+                break
         else:
             out[name] = max(front, key=lambda i: (points[i][0], points[i][1]))
+        prev = out[name]
     return out
 
 

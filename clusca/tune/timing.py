@@ -37,7 +37,8 @@ class Timing:
 
 
 def interleaved_speedups(uncached: Callable[[], object], runs: Mapping[Hashable, Callable[[], object]],
-                         rounds: int, group: int = GROUP, clock: str = "wall") -> Timing:
+                         rounds: int, group: int = GROUP, clock: str = "wall",
+                         until: float | None = None, min_rounds: int = 3) -> Timing:
     """Speedup of each of ``runs`` over ``uncached``: the median over ``rounds`` of per-run ratios.
 
     Each round runs the settings in a rotated order with an uncached run before every
@@ -47,7 +48,9 @@ def interleaved_speedups(uncached: Callable[[], object], runs: Mapping[Hashable,
     uncached run per round (many calls away on a long list) would not.
 
     Both clocks are read; ``clock`` (``wall`` or ``cpu``, :func:`pick_clock`) is the one
-    :meth:`Timing.speedups` answers by default.
+    :meth:`Timing.speedups` answers by default. With ``until`` (a ``time.perf_counter()``
+    value) no round starts after it once ``min_rounds`` are done: a time budget holds even
+    when the machine runs slower than the estimate the round count came from.
     """
     keys = list(runs)
     times = {c: {k: [] for k in keys} for c in CLOCKS}
@@ -60,6 +63,8 @@ def interleaved_speedups(uncached: Callable[[], object], runs: Mapping[Hashable,
         return {c: f() - t[c] for c, f in CLOCKS.items()}
 
     for r in range(rounds):
+        if until is not None and r >= min_rounds and time.perf_counter() > until:
+            break
         order = keys[r % len(keys):] + keys[:r % len(keys)] if keys else []
         before = timed(uncached)
         for c in CLOCKS:

@@ -402,11 +402,12 @@ class _Tuner:
             self._run(c.config, item)
         t_u = self._run(None, item)[2]
         est = t_u * (1 + 1 / GROUP + 0.6 * len(todo))
-        rounds = int(max(5, min(15, (self.left() - 2) // max(est, 1e-3))))
+        rounds = int(max(3, min(15, (self.left() - 2) // max(est, 1e-3))))
         self.say(f"[tune] {self.clock()} timing {len(todo)} finalists against uncached, {rounds} interleaved rounds"
                  f" ({self.meta.get('clock', 'wall')} clock)")
         runs = {c.key: (lambda cfg=c.config: self._run(cfg, item)) for c in todo}
-        timing = interleaved_speedups(lambda: self._run(None, item), runs, rounds, clock=self.meta.get("clock", "wall"))
+        timing = interleaved_speedups(lambda: self._run(None, item), runs, rounds, clock=self.meta.get("clock", "wall"),
+                                      until=self.t0 + self.budget - est)
         speedups = timing.speedups()
         for c in todo:
             c.times = [round(t, 5) for t in timing.times[timing.clock][c.key]]
@@ -454,7 +455,7 @@ class _Tuner:
         for name, k in picks.items():
             c = res.by_key(k)
             self.say(f"[tune] {name:<8} {label(c.config):<40} PSNR {c.mean('psnr', final_items):6.2f} dB, "
-                     f"{c.wall_speedup:.2f}x wall, {c.flops_speedup or 0:.2f}x FLOPs")
+                     f"{c.wall_speedup:.2f}x {self.meta.get('clock', 'wall')}, {c.flops_speedup or 0:.2f}x FLOPs")
         return res
 
 
