@@ -40,6 +40,8 @@ ALIVE_WINDOW_S = 5.0
 # How often a worker whose streams span several cluster slots polls them (one blocking read
 # cannot wait on keys of different slots).
 SPREAD_POLL_S = 0.005
+# A script call whose node could not be reached: it runs again through the cluster client.
+_AGAIN = object()
 
 
 def _s(v: Any) -> Any:
@@ -117,6 +119,7 @@ class JobQueue:
         self.journal = journal
         self._cluster = is_cluster(redis)
         self._primaries: dict[tuple[str, int], Any] = {}
+        self._retired: list[Any] = []
         self._enqueue = redis.register_script(SCRIPTS["enqueue"])
         self._cancel = redis.register_script(SCRIPTS["cancel"])
 
@@ -185,8 +188,8 @@ class JobQueue:
     async def _relearn(self, key: str) -> None:
         """Forget the primaries known so far; a command through the cluster client makes it read the
         slot map again (after a failover, the next enqueue finds the promoted replica)."""
-        for client in self._primaries.values():
-            await client.aclose()
+        # Other requests may be using these clients right now: retire them, close them at the end.
+        self._retired += self._primaries.values()
         self._primaries.clear()
         try:
             await self.r.exists(key)
@@ -208,9 +211,10 @@ class JobQueue:
         return self._primaries[addr]
 
     async def close(self) -> None:
-        for client in self._primaries.values():
+        for client in [*self._primaries.values(), *self._retired]:
             await client.aclose()
         self._primaries.clear()
+        self._retired.clear()
 
     async def get(self, job_id: str) -> JobRecord | None:
         return JobRecord.from_hash(await self.r.hgetall(job_key(job_id)))
@@ -495,9 +499,9 @@ class WorkerQueue:
                 for i, reply in zip(idxs, pipe.execute(raise_on_error=False)):
                     replies[i] = reply
         except UNAVAILABLE:
-            replies = [AskError("unreachable") if r is None else r for r in replies]
+            replies = [_AGAIN if r is None else r for r in replies]
         for i, reply in enumerate(replies):
-            if isinstance(reply, (AskError, NoScriptError, TryAgainError)):
+            if reply is _AGAIN or isinstance(reply, (AskError, NoScriptError, TryAgainError)):
                 replies[i] = script(**calls[i])
             elif isinstance(reply, Exception):
                 raise reply

@@ -38,6 +38,19 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     rex.SlotNotCoveredError, rex.ReadOnlyError, rex.ClusterError, rex.RedisClusterException)
 
 
+def is_transport_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (not a redis error) escaped redis-py's asyncio connection code: a connection
+    closed under a command, as the asyncio cluster client does while it re-reads the slot map after a
+    failover (RuntimeError "unable to perform operation on <TCPTransport closed=True>", or
+    AttributeError on the writer it has just dropped). It means "Redis unavailable", nothing else."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "redis.asyncio.connection":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class RedisUrlError(ValueError):
     """``REDIS_URL`` is not one of the accepted forms."""
 

@@ -43,20 +43,23 @@ FAST_RECOVERY = {"CLUSCA_VISIBILITY_TIMEOUT_S": "3", "CLUSCA_RECONCILE_SETTLE_S"
 
 @dataclass
 class Load:
-    """Async submissions at a steady rate, each answer recorded (monotonic time, status, job id)."""
+    """Async submissions at a steady rate from ``clients`` concurrent clients, each answer recorded
+    (monotonic time, status, job id, Retry-After)."""
 
     url: str
     rate_hz: float = 40.0
+    clients: int = 4
     answers: list[tuple[float, object, str | None, float]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> "Load":
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(self.clients)]
+        for t in self.threads:
+            t.start()
         return self
 
-    def _run(self) -> None:
-        i = 0
+    def _run(self, k: int) -> None:
+        i = k * 10**6
         with httpx.Client(base_url=self.url, timeout=5) as c:
             next_t = time.monotonic()
             while not self.stop.is_set():
@@ -69,22 +72,24 @@ class Load:
                     self.answers.append((t, r.status_code, job, float(r.headers.get("retry-after", 0) or 0)))
                 except httpx.HTTPError as exc:
                     self.answers.append((t, type(exc).__name__, None, 0.0))
-                next_t += 1 / self.rate_hz
+                next_t += self.clients / self.rate_hz
                 time.sleep(max(0.0, next_t - time.monotonic()))
 
     def finish(self) -> None:
         self.stop.set()
-        self.thread.join(30)
+        for t in self.threads:
+            t.join(30)
 
     @property
     def confirmed(self) -> list[str]:
         return [j for _, s, j, _ in self.answers if s == 202 and j]
 
     def recovery_after(self, t_kill: float, t_promoted: float) -> float | None:
+        answers = sorted(self.answers, key=lambda a: a[0])
         """Seconds the API refused jobs after the kill (its first refusal to its next 202; 0 when the
         clients rode the failover out without one), or None while no job sent after the promotion
         has been confirmed yet."""
-        later = [a for a in self.answers if a[0] >= t_kill]
+        later = [a for a in answers if a[0] >= t_kill]
         if not any(a[1] == 202 and a[0] >= t_promoted for a in later):
             return None
         first_bad = next((a for a in later if a[1] != 202), None)

@@ -94,3 +94,16 @@ def test_an_entry_naming_another_models_job_is_discarded_not_run(service):
     r.xadd(stream_key(model), {"job": new_job_id("another-model")})
     assert q.read(10, block_ms=100) == []
     assert r.xlen(stream_key(model)) == 0
+
+
+def test_only_failures_from_redis_connection_code_count_as_unavailable():
+    # What the asyncio cluster client lets escape when it closes a connection under a command
+    # (a failover): raised from redis-py's connection module, it means "Redis unavailable".
+    ns = {"__name__": "redis.asyncio.connection"}
+    exec("def send(writer):\n    writer.writelines([b'x'])\n", ns)
+    with pytest.raises(AttributeError) as from_redis:
+        ns["send"](None)
+    assert redis_conn.is_transport_failure(from_redis.value)
+    with pytest.raises(AttributeError) as elsewhere:
+        None.writelines([b"x"])  # type: ignore[attr-defined]
+    assert not redis_conn.is_transport_failure(elsewhere.value)

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import metrics
 from ..queue import NotReplicated
-from ..redis_conn import UNAVAILABLE
+from ..redis_conn import UNAVAILABLE, is_transport_failure
 
 log = logging.getLogger("clusca.api")
 
@@ -114,6 +114,17 @@ def install(app: FastAPI) -> None:
     # Every way each Redis mode says "no primary right now" (a failover in progress included).
     for kind in UNAVAILABLE:
         app.add_exception_handler(kind, _redis_down)
+
+    # The asyncio cluster client can close a connection under a command while it re-reads the slot
+    # map after a failover; what escapes then is no redis error, but it means the same. Handled
+    # here (not by the catch-all below) so the client's connection stays open.
+    async def _maybe_redis_down(request: Request, exc: Exception) -> JSONResponse:
+        if is_transport_failure(exc):
+            return await _redis_down(request, exc)
+        return await _unexpected(request, exc)
+
+    for kind in (RuntimeError, AttributeError):
+        app.add_exception_handler(kind, _maybe_redis_down)
 
     @app.exception_handler(NotReplicated)
     async def _not_replicated(_: Request, exc: NotReplicated) -> JSONResponse:
