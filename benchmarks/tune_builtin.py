@@ -160,8 +160,9 @@ def render(s: dict, a: argparse.Namespace) -> str:
              f"image(s), finalists timed interleaved against uncached. The checkpoint's own (hand-tuned) presets "
              "were left out of the search, so the tuner had to find its own. The check below is on "
              f"{a.holdout} held-out prompts (`eval_set({a.holdout}, seed=7)`, image i seeded 1000+i), "
-             f"batch 1, {a.rounds} interleaved rounds (an uncached run between every {s['group']} settings), the median "
-             "of each run's ratio to the uncached runs around it, as the tuner counts. Speedups are by the tuner's "
+             f"batch 1, {a.rounds} interleaved rounds (an uncached run between every {s['group']} settings), counted as "
+             "the tuner counts (CPU time: the median uncached run over the setting's median run; wall clock: the "
+             "median of each run's ratio to the uncached runs around it). Speedups are by the tuner's "
              f"clock, `{s['clock']}` ({CLOCK_WHY[s['clock']]}); the wall clock of the same runs is the last column. "
              "The machine's 2 cores were shared with other work while this ran, so wall-clock ratios are noisy; "
              "every number here comes from this one run, side by side.", "",

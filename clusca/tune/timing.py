@@ -32,8 +32,18 @@ class Timing:
     ratios: dict[str, dict[Hashable, list[float]]]  # clock -> setting -> ratio of each run
 
     def speedups(self, clock: str | None = None) -> dict[Hashable, float]:
-        """The median ratio of each setting by ``clock`` (default: the one chosen)."""
-        return {k: statistics.median(v) for k, v in self.ratios[clock or self.clock].items() if v}
+        """Each setting's speedup by ``clock`` (default: the one chosen).
+
+        By the wall clock, the median of the per-run ratios: load drifts, and a ratio of runs a
+        few calls apart cancels the drift. By CPU time, which other work barely moves, the
+        median of all uncached runs over the median of the setting's: a ratio per run would
+        add the noise of two runs where the medians average it away.
+        """
+        clock = clock or self.clock
+        if clock == "cpu":
+            base = statistics.median(self.base[clock])
+            return {k: base / max(statistics.median(v), 1e-9) for k, v in self.times[clock].items() if v}
+        return {k: statistics.median(v) for k, v in self.ratios[clock].items() if v}
 
 
 def interleaved_speedups(uncached: Callable[[], object], runs: Mapping[Hashable, Callable[[], object]],

@@ -397,8 +397,8 @@ class _Tuner:
         todo = [c for c in finalists if c.wall_speedup is None]
         if not todo:
             return
-        self._run(None, item)  # warm
-        for c in todo[:1]:
+        self._run(None, item)  # warm: every setting's first call pays one-off costs (buffers, hooks)
+        for c in todo:
             self._run(c.config, item)
         t_u = self._run(None, item)[2]
         est = t_u * (1 + 1 / GROUP + 0.6 * len(todo))
