@@ -226,6 +226,13 @@ class JobQueue:
         raw = await self.r.hgetall(images_key(job_id))
         return _ordered_images(raw)
 
+    async def delete(self, job_id: str) -> list[bytes]:
+        """Remove a job's records and outputs (call it once the job has ended); return the outputs
+        it held, so that a video store can remove files they refer to."""
+        outputs = list((await self.r.hgetall(images_key(job_id))).values())
+        await self.r.delete(images_key(job_id), job_key(job_id), events_key(job_id), done_key(job_id))
+        return outputs
+
     async def cancel(self, job_id: str) -> str:
         res = await self._cancel(keys=[job_key(job_id), events_key(job_id), done_key(job_id)],
                                  args=[repr(time.time()), self.ttl_s])

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .keys import done_key, events_key, images_key, job_key
 
 log = logging.getLogger("clusca.video_store")
 
@@ -235,9 +234,8 @@ async def open_output(store: Store, value: bytes | None) -> Blob | None:
     return await asyncio.to_thread(store.open, value)
 
 
-async def delete_job(redis: Any, store: Store, job_id: str) -> None:
-    """Remove a finished job: its records, then the files they referenced (should this stop between
+async def delete_job(queue: Any, store: Store, job_id: str) -> None:
+    """Remove an ended job: its records, then the files they referenced (should this stop between
     the two, the sweep removes the files once they expire)."""
-    values = list((await redis.hgetall(images_key(job_id))).values())
-    await redis.delete(images_key(job_id), job_key(job_id), events_key(job_id), done_key(job_id))
+    values = await queue.delete(job_id)
     await asyncio.to_thread(store.delete, [v for v in values if stored_is_ref(v)])

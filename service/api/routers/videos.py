@@ -129,5 +129,5 @@ async def delete_video(video_id: VideoId, services: ServicesDep, _: AuthDep) -> 
         outcome = await services.queue.cancel(job.id)
         if outcome not in (SUCCEEDED, FAILED):  # cancelled now, or stopping at its next step
             return video_object(await _video(services, video_id), services.settings.result_ttl_s)
-    await delete_job(services.redis, services.videos, job.id)
+    await delete_job(services.queue, services.videos, job.id)
     return OpenAIVideoDeleted(id=video_id)
