@@ -277,7 +277,7 @@ def render(res: dict[str, Any]) -> str:
         f"`python benchmarks/service_overhead.py {m['argv']}` on {m['cores']} CPU core(s), {m['machine']}, torch "
         f"{m['torch']} ({m['threads']} thread(s) in each process), {m['date']}"
         + (f"; 1-minute load average {m['load_avg']} at the start" if "load_avg" in m else "")
-        + ". The CPU is shared with other work, so every number moves by milliseconds from run to run. In each "
+        + ". The CPU is shared with other work, so every number moves from run to run. In each "
         f"run ({m['requests']} requests, {m['steps']} steps, 32x32, batch 1, cache off, a fresh Redis, worker and "
         "API) direct calls and service requests alternate; the service latency is measured at the HTTP client "
         "(synchronous `POST /generate`, PNG encoding and base64 included).", "",
@@ -296,7 +296,7 @@ def render(res: dict[str, Any]) -> str:
         + f"; median of the paired differences {h['paired']:+.1f} ms. Split (paired medians): the worker's "
         f"pipeline call against the direct call {h['inside']:+.1f} ms, and {h['around']:.1f} ms per request "
         "around it. Worker-side medians: queue wait "
-        f"{h['queue_wait']:.1f} ms, inference {h['inference']:.1f} ms.", "",
+        f"{h['queue_wait']:.1f} ms, inference {h['inference']:.1f} ms." + _oversubscribed(m, runs), "",
     ]
     if n > 1:
         lines += ["| run | direct ms | service ms | overhead ms | paired ms | inside the call ms | around it ms "
@@ -307,6 +307,19 @@ def render(res: dict[str, Any]) -> str:
         lines.append("")
     lines += [NOTES, END]
     return "\n".join(lines) + "\n"
+
+
+def _oversubscribed(meta: dict[str, Any], runs: list[dict[str, float]]) -> str:
+    """What a loaded machine does to the figures, when it was loaded (more runnable work than cores)."""
+    if meta.get("load_avg") is None or meta["load_avg"] < meta["cores"] or len(runs) < 2:
+        return ""
+    direct = [r["direct"] for r in runs]
+    over = [r["overhead"] for r in runs]
+    return (f" The machine was oversubscribed (load average {meta['load_avg']} on {meta['cores']} cores at the "
+            f"start): the direct call's median went from {min(direct):.0f} to {max(direct):.0f} ms between runs and "
+            f"the difference of medians from {min(over):+.1f} to {max(over):+.1f} ms, so that difference, and the "
+            "target's verdict on it, say little about the service here; the paired differences and the part "
+            "around the pipeline call are the steadier figures.")
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
