@@ -96,7 +96,9 @@ class TuneResult:
         draw_pareto(self, Path(path), title)
 
 
-class _Tuner:
+class _Measurer:
+    """The clock, the journal and the measuring of candidates on images (what a search stands on)."""
+
     def __init__(self, generate: Generate, items: list[tuple[str, int]], *, minutes: float,
                  journal: Path | None, resume: bool, checker: Callable[[np.ndarray, list[int]], list[bool]] | None,
                  baseline: Mapping[str, Mapping[str, Any]], memory_cap_bytes: int | None, meta: dict[str, Any],
@@ -211,6 +213,10 @@ class _Tuner:
             self.save()
             self.cand_seconds += time.perf_counter() - t0  # scoring and the journal count too
         return True
+
+
+class _Tuner(_Measurer):
+    """The search: the plan, the rungs of successive halving, the timing, the picks."""
 
     # ---------------------------------------------------------------- plan
     def _candidates(self) -> None:
