@@ -214,25 +214,34 @@ class Service:
             return proc.wait()
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory) -> Service:
-    tmp = tmp_path_factory.mktemp("service")
+@contextlib.contextmanager
+def running_service(cls, redis, tmp: Path, workers: str = MAIN_WORKER_MODELS, extra_env: dict | None = None):
+    """A ``cls`` (:class:`Service` or a subclass) with one worker serving ``workers`` and one
+    API, over ``redis`` (anything with a ``url``), stopped on exit."""
     models = tmp / "models.yaml"
     models.write_text(TEST_MODELS)
-    srv = EmbeddedRedis().start()
-    env = {**os.environ, **BASE_ENV, "REDIS_URL": srv.url, "CLUSCA_MODELS": str(models),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, **BASE_ENV, "REDIS_URL": redis.url, "CLUSCA_MODELS": str(models),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    svc = Service(srv, models, tmp, env)
+    svc = cls(redis, models, tmp, env)
     try:
         metrics_port = free_port()
-        svc.start_worker(MAIN_WORKER_MODELS, metrics_port=metrics_port)
+        svc.start_worker(workers, metrics_port=metrics_port)
         svc.worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         _, svc.base_url = svc.start_api()
         yield svc
     finally:
         for p in reversed(svc.procs):
             Service.stop(p, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> Service:
+    srv = EmbeddedRedis().start()
+    try:
+        with running_service(Service, srv, tmp_path_factory.mktemp("service")) as svc:
+            yield svc
+    finally:
         srv.stop()
 
 
