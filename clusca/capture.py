@@ -18,8 +18,9 @@ buffers that outlive it:
 
 The factor buffers and the recorded steps are kept per family of runs (same settings but
 the seed, same call shape; :class:`KeptSteps`): a later run of the family gets the same
-buffers slot by slot, so it replays from its first cached step. Without a capable device
-nothing is kept and a branch's state holds nothing of this module.
+buffers slot by slot, so it replays from its first cached step. Whether a run records at
+all is settled when it starts (``ClusCaController.start``): without a capable device
+nothing is kept and cached steps never come here.
 
 The first replay of each graph is checked against the eager step: the graph runs on a
 snapshot of the state it mutates, the snapshot is put back, the eager step runs and its
@@ -305,11 +306,6 @@ def captured_step(adapter, ctrl, hs: torch.Tensor, kwargs: dict) -> torch.Tensor
     """The sample of this cached call replayed from a recorded graph (recording it first when
     this is the first step of its kind), or ``None``: the caller runs the step eagerly."""
     counters = ctrl.counters
-    rec = backend()
-    missing = rec.unavailable(hs.device)
-    if missing is not None:
-        counters.capture_unavailable = missing
-        return None
     branch = ctrl.branch
     slots = branch.slots
     used = adapter.used_slots

@@ -92,8 +92,12 @@ class ClusCaController:
         self.uses_clusters = config.uses_clusters
         self.text_dead = bool(self.arch.text_stream and self.arch.text_outputs) and not config.refresh_text
         self.caching = config.enabled
-        self.keeping = self.caching and config.capture == "auto" and self.adapter is not None \
-            and capture.backend().unavailable(_device_of(self.model)) is None
+        # Whether cached steps are recorded is settled once per run, off the hot path.
+        self.keeping = False
+        if self.caching and config.capture == "auto" and self.adapter is not None:
+            missing = capture.backend().unavailable(_device_of(self.model))
+            self.counters.capture_unavailable = missing
+            self.keeping = missing is None
         if self.keeping:
             self.kept.begin_run(self.model)
             self._settings_key = repr(sorted((k, v) for k, v in config.to_dict().items() if k != "seed"))
@@ -248,11 +252,9 @@ class ClusCaController:
                                        keep_raw)
 
     def graphs(self) -> dict:
-        """Where this branch's recorded cached steps live: with the kept family while capture
-        keeps buffers (so later runs replay them), else with the branch's own state."""
-        if self.keeping:
-            return self.kept.family((self._settings_key, self.branch.signature)).graphs
-        return self.branch.graphs
+        """This branch's recorded cached steps: they live with the kept family, so later runs
+        of the family replay them (only called while capture keeps buffers)."""
+        return self.kept.family((self._settings_key, self.branch.signature)).graphs
 
     def coeffs_for(self, st: SlotState) -> tuple[float, ...]:
         branch = self.branch

@@ -134,7 +134,6 @@ class BranchState(BaseState):
         self.flops_call = 0  # analytic FLOPs of one uncached call
         self.flops_unhooked = 0  # part of it spent outside the hooked modules
         self.lean_plan = None  # the architecture adapter's per-sequence plan (see clusca.adapters)
-        self.graphs: dict[tuple, object] = {}  # recorded cached steps of this sequence (clusca.capture)
 
     def drop_tensors(self) -> int:
         """Forget every cached tensor of this branch; returns the bytes freed."""
@@ -146,7 +145,6 @@ class BranchState(BaseState):
         self.chain_acc = {}
         self.probed = False
         self.lean_plan = None
-        self.graphs = {}
         return freed
 
 

@@ -162,7 +162,7 @@ class DualStreamLeanStep:
         for i in (*self.attn, *(a for a in self.attn2 if a is not None), *self.ff):
             if slots[i].n == 0 or not slots[i].factors:
                 return None
-        if ctrl.config.capture != "off":
+        if ctrl.keeping:
             out = captured_step(self, ctrl, hs, kwargs)
             if out is not None:
                 return self.output(out, kwargs)
