@@ -11,8 +11,10 @@ the other in the same run:
 * ``http-sync``: synchronous ``POST /generate`` from concurrent clients (each waits for
   its image).
 
-Target: >= 200 jobs/s on a 2-core machine. Prints a table and rewrites the
-"Service: queue throughput" section of docs/benchmarks.md (``--no-write`` to skip).
+Target: >= 200 jobs/s on a 2-core machine. Prints a table, saves the raw results (``--json``,
+default benchmarks/results/queue_throughput.json) and renders the "Service: queue throughput"
+section of docs/benchmarks.md from them alone (``--no-write`` to skip, ``--docs`` for another
+file; ``--from-json`` renders a saved file again without measuring).
 
     python benchmarks/queue_throughput.py --jobs 2000 --concurrency 32
 
@@ -21,7 +23,8 @@ interleaved for ``--rounds`` rounds, and reports the median of the per-round rat
 (throughput, and the median time to a 202): ``single:cluster`` (one server against a
 3-primary, 3-replica Redis Cluster), ``sentinel:sentinel+wait`` (the cost of confirming a
 job only once a replica has it, ``CLUSCA_REDIS_WAIT_REPLICAS=1``). Each comparison owns
-its own section of docs/benchmarks.md.
+its own section of docs/benchmarks.md and its own results file
+(``queue_throughput-single-vs-cluster.json``).
 
     python benchmarks/queue_throughput.py --compare single:cluster --jobs 2000 --rounds 3
 """
@@ -33,19 +36,22 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._results import RESULTS, load, save  # noqa: E402
 
 from service import redis_conn  # noqa: E402
 from service.contract import JobRequest  # noqa: E402
@@ -206,34 +212,20 @@ async def run_http(stack: Stack, n: int, concurrency: int, sync: bool, latencies
     return elapsed
 
 
-def write_throughput(rows: list[tuple[str, int, float]], args: argparse.Namespace) -> None:
-    body = [START, "## Service: queue throughput (no-op model)", "",
-            f"`python benchmarks/queue_throughput.py --jobs {args.jobs} --concurrency {args.concurrency} "
-            f"--workers {args.workers} --max-batch {args.max_batch}` on {os.cpu_count()} CPU core(s), "
-            f"{platform.machine()}, Python {platform.python_version()}. Redis, the API process, "
-            f"{args.workers} worker process(es) and the load generator all share these cores.", "",
-            "| path | jobs | seconds | jobs/s | target |", "|---|---|---|---|---|"]
-    for name, n, secs in rows:
-        rate = n / secs
-        body.append(f"| {name} | {n} | {secs:.2f} | {rate:.0f} | >= 200 {'met' if rate >= 200 else 'MISSED'} |")
-    body.append(END)
-    write_section(START, END, "\n".join(body))
+def environment() -> dict[str, Any]:
+    """The machine a run measured on, as its section states it."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version(),
+            "load_avg": round(os.getloadavg()[0], 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", type=int, default=2000)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=2.0)
-    p.add_argument("--paths", default="queue,http-async,http-sync")
-    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
-    p.add_argument("--compare", help="A:B, each single, cluster or sentinel, optionally +wait")
-    p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args(argv)
-    if args.compare:
-        return compare(args)
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"jobs": args.jobs, "concurrency": args.concurrency, "workers": args.workers, "max_batch": args.max_batch,
+            "batch_wait_ms": args.batch_wait_ms}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every path of ``--paths`` on one stack: seconds for the jobs, each server's share of a core."""
     stack = Stack(args.workers, args.max_batch, args.batch_wait_ms)
     rows = []
     try:
@@ -246,19 +238,38 @@ def main(argv: list[str] | None = None) -> int:
                 secs = asyncio.run(run_http(stack, args.jobs, args.concurrency, sync=path == "http-sync"))
             else:
                 raise SystemExit(f"unknown path {path!r}")
-            rows.append((path, args.jobs, secs))
-            cpu = {k: v - cpu0[k] for k, v in stack.cpu_seconds().items()}
             wall = time.perf_counter() - wall0
+            share = {k: (v - cpu0[k]) / wall for k, v in stack.cpu_seconds().items()}
+            rows.append({"path": path, "jobs": args.jobs, "seconds": secs, "cpu_share": share})
             print(f"{path:11s} {args.jobs} jobs in {secs:6.2f} s = {args.jobs / secs:7.1f} jobs/s   CPU share: "
-                  + ", ".join(f"{k} {v / wall:.0%}" for k, v in cpu.items()), flush=True)
+                  + ", ".join(f"{k} {v:.0%}" for k, v in share.items()), flush=True)
     finally:
         stack.close()
-    if not args.no_write:
-        write_throughput(rows, args)
-    return 0 if all(n / s >= 200 for _, n, s in rows) else 1
+    return {"mode": "plain", "meta": environment(), "config": settings(args), "rows": rows}
 
 
-def compare(args: argparse.Namespace) -> int:
+def targets_met(res: dict[str, Any]) -> bool:
+    return all(row["jobs"] / row["seconds"] >= 200 for row in res["rows"])
+
+
+def render_throughput(res: dict[str, Any]) -> str:
+    c, m = res["config"], res["meta"]
+    body = [START, "## Service: queue throughput (no-op model)", "",
+            f"`python benchmarks/queue_throughput.py --jobs {c['jobs']} --concurrency {c['concurrency']} "
+            f"--workers {c['workers']} --max-batch {c['max_batch']}` on {m['cores']} CPU core(s), "
+            f"{m['machine']}, Python {m['python']}. Redis, the API process, "
+            f"{c['workers']} worker process(es) and the load generator all share these cores.", "",
+            "| path | jobs | seconds | jobs/s | target |", "|---|---|---|---|---|"]
+    for row in res["rows"]:
+        rate = row["jobs"] / row["seconds"]
+        body.append(f"| {row['path']} | {row['jobs']} | {row['seconds']:.2f} | {rate:.0f} | "
+                    f">= 200 {'met' if rate >= 200 else 'MISSED'} |")
+    body.append(END)
+    return "\n".join(body)
+
+
+def measure_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """The http-async path on two Redis set-ups, interleaved: jobs/s and the median time to a 202, per round."""
     specs = args.compare.split(":")
     if len(specs) != 2:
         raise SystemExit("--compare wants A:B")
@@ -279,25 +290,89 @@ def compare(args: argparse.Namespace) -> int:
     finally:
         for st in stacks.values():
             st.close()
+    return {"mode": "compare", "compare": args.compare, "meta": environment(),
+            "config": {**settings(args), "rounds": args.rounds}, "rates": rates, "latency_s": lat}
+
+
+def compare_ratios(res: dict[str, Any]) -> tuple[float, float]:
+    """Medians of the per-round ratios B/A: throughput, and time to a 202."""
+    a, b = res["compare"].split(":")
+    rates, lat = res["rates"], res["latency_s"]
+    return (statistics.median(rb / ra for ra, rb in zip(rates[a], rates[b])),
+            statistics.median(lb / la for la, lb in zip(lat[a], lat[b])))
+
+
+def compare_markers(compare: str) -> tuple[str, str]:
+    a, b = compare.split(":")
+    return f"<!-- queue-redis-{a}-vs-{b}:start -->", f"<!-- queue-redis-{a}-vs-{b}:end -->"
+
+
+def render_compare(res: dict[str, Any]) -> str:
+    c, m = res["config"], res["meta"]
+    specs = res["compare"].split(":")
     a, b = specs
-    ratio = statistics.median(rb / ra for ra, rb in zip(rates[a], rates[b]))
-    lat_ratio = statistics.median(lb / la for la, lb in zip(lat[a], lat[b]))
-    print(f"{b} / {a}: throughput x{ratio:.2f}, time to 202 x{lat_ratio:.2f} (medians of {args.rounds} rounds)")
+    ratio, lat_ratio = compare_ratios(res)
+    start, end = compare_markers(res["compare"])
+    body = [start, f"## Service: queue throughput, {a} against {b} Redis", "",
+            f"`python benchmarks/queue_throughput.py --compare {res['compare']} --jobs {c['jobs']} --concurrency "
+            f"{c['concurrency']} --rounds {c['rounds']}` on {m['cores']} CPU core(s), {m['machine']}: "
+            "the http-async path (no-op model), both set-ups side by side in one run, interleaved. "
+            "Every Redis server, the API, the worker and the load generator share these cores.", "",
+            "| Redis | jobs/s (median) | per round | median time to 202 (ms) |", "|---|---|---|---|"]
+    for s in specs:
+        rates = res["rates"][s]
+        body.append(f"| {s} | {statistics.median(rates):.0f} | {', '.join(f'{x:.0f}' for x in rates)} | "
+                    f"{statistics.median(res['latency_s'][s]) * 1000:.2f} |")
+    body += ["", f"{b} / {a}: throughput **x{ratio:.2f}**, time to 202 **x{lat_ratio:.2f}** (medians of the "
+             "per-round ratios).", end]
+    return "\n".join(body)
+
+
+def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
+    """Rewrite the section this run owns: the plain run's, or its comparison's."""
+    if res["mode"] == "compare":
+        write_section(*compare_markers(res["compare"]), render_compare(res), path)
+    else:
+        write_section(START, END, render_throughput(res), path)
+    print(f"wrote {path.name}")
+
+
+def default_json(res: dict[str, Any]) -> Path:
+    if res["mode"] != "compare":
+        return RESULTS / "queue_throughput.json"
+    a, b = (re.sub(r"[^a-z0-9]+", "-", s) for s in res["compare"].split(":"))
+    return RESULTS / f"queue_throughput-{a}-vs-{b}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--paths", default="queue,http-async,http-sync")
+    p.add_argument("--no-write", action="store_true", help="do not touch the docs")
+    p.add_argument("--compare", help="A:B, each single, cluster or sentinel, optionally +wait")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None,
+                   help="raw results file (default: benchmarks/results/queue_throughput[-A-vs-B].json)")
+    p.add_argument("--from-json", type=Path, default=None, help="render the docs section from this file; run nothing")
+    p.add_argument("--docs", type=Path, default=DOCS, help="the file whose section is rewritten")
+    args = p.parse_args(argv)
+    if args.from_json:
+        res = load(args.from_json)
+    else:
+        res = measure_compare(args) if args.compare else measure(args)
+        print(f"wrote {save(res, args.json or default_json(res))}")
+    if res["mode"] == "compare":
+        ratio, lat_ratio = compare_ratios(res)
+        a, b = res["compare"].split(":")
+        print(f"{b} / {a}: throughput x{ratio:.2f}, time to 202 x{lat_ratio:.2f} "
+              f"(medians of {res['config']['rounds']} rounds)")
     if not args.no_write:
-        start, end = f"<!-- queue-redis-{a}-vs-{b}:start -->", f"<!-- queue-redis-{a}-vs-{b}:end -->"
-        body = [start, f"## Service: queue throughput, {a} against {b} Redis", "",
-                f"`python benchmarks/queue_throughput.py --compare {args.compare} --jobs {args.jobs} --concurrency "
-                f"{args.concurrency} --rounds {args.rounds}` on {os.cpu_count()} CPU core(s), {platform.machine()}: "
-                "the http-async path (no-op model), both set-ups side by side in one run, interleaved. "
-                "Every Redis server, the API, the worker and the load generator share these cores.", "",
-                "| Redis | jobs/s (median) | per round | median time to 202 (ms) |", "|---|---|---|---|"]
-        for s in specs:
-            body.append(f"| {s} | {statistics.median(rates[s]):.0f} | {', '.join(f'{x:.0f}' for x in rates[s])} | "
-                        f"{statistics.median(lat[s]) * 1000:.2f} |")
-        body += ["", f"{b} / {a}: throughput **x{ratio:.2f}**, time to 202 **x{lat_ratio:.2f}** (medians of the "
-                 "per-round ratios).", end]
-        write_section(start, end, "\n".join(body))
-    return 0
+        write_docs(res, args.docs)
+    return 0 if res["mode"] == "compare" or targets_met(res) else 1
 
 
 if __name__ == "__main__":
