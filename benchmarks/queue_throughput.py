@@ -226,6 +226,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every path of ``--paths`` on one stack: seconds for the jobs, each server's share of a core."""
+    meta = environment()  # before the stack starts: the load of other work alone
     stack = Stack(args.workers, args.max_batch, args.batch_wait_ms)
     rows = []
     try:
@@ -245,7 +246,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                   + ", ".join(f"{k} {v:.0%}" for k, v in share.items()), flush=True)
     finally:
         stack.close()
-    return {"mode": "plain", "meta": environment(), "config": settings(args), "rows": rows}
+    return {"mode": "plain", "meta": meta, "config": settings(args), "rows": rows}
+
+
+def shared(meta: dict[str, Any]) -> str:
+    """What else ran on the cores: at a load above their count the rates are lower bounds."""
+    load_avg = meta.get("load_avg")
+    if load_avg is None or load_avg <= meta["cores"]:
+        return ""
+    return (f" Other work shared the cores too (1-minute load average {load_avg:.1f} on {meta['cores']} cores when "
+            "the run began), so these rates are lower bounds for an idle machine.")
 
 
 def targets_met(res: dict[str, Any]) -> bool:
@@ -258,7 +268,7 @@ def render_throughput(res: dict[str, Any]) -> str:
             f"`python benchmarks/queue_throughput.py --jobs {c['jobs']} --concurrency {c['concurrency']} "
             f"--workers {c['workers']} --max-batch {c['max_batch']}` on {m['cores']} CPU core(s), "
             f"{m['machine']}, Python {m['python']}. Redis, the API process, "
-            f"{c['workers']} worker process(es) and the load generator all share these cores.", "",
+            f"{c['workers']} worker process(es) and the load generator all share these cores.{shared(m)}", "",
             "| path | jobs | seconds | jobs/s | target |", "|---|---|---|---|---|"]
     for row in res["rows"]:
         rate = row["jobs"] / row["seconds"]
@@ -273,6 +283,7 @@ def measure_compare(args: argparse.Namespace) -> dict[str, Any]:
     specs = args.compare.split(":")
     if len(specs) != 2:
         raise SystemExit("--compare wants A:B")
+    meta = environment()
     stacks = {s: Stack(args.workers, args.max_batch, args.batch_wait_ms, s) for s in specs}
     rates: dict[str, list[float]] = {s: [] for s in specs}
     lat: dict[str, list[float]] = {s: [] for s in specs}
@@ -290,7 +301,7 @@ def measure_compare(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for st in stacks.values():
             st.close()
-    return {"mode": "compare", "compare": args.compare, "meta": environment(),
+    return {"mode": "compare", "compare": args.compare, "meta": meta,
             "config": {**settings(args), "rounds": args.rounds}, "rates": rates, "latency_s": lat}
 
 
@@ -317,7 +328,7 @@ def render_compare(res: dict[str, Any]) -> str:
             f"`python benchmarks/queue_throughput.py --compare {res['compare']} --jobs {c['jobs']} --concurrency "
             f"{c['concurrency']} --rounds {c['rounds']}` on {m['cores']} CPU core(s), {m['machine']}: "
             "the http-async path (no-op model), both set-ups side by side in one run, interleaved. "
-            "Every Redis server, the API, the worker and the load generator share these cores.", "",
+            f"Every Redis server, the API, the worker and the load generator share these cores.{shared(m)}", "",
             "| Redis | jobs/s (median) | per round | median time to 202 (ms) |", "|---|---|---|---|"]
     for s in specs:
         rates = res["rates"][s]

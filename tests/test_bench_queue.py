@@ -57,3 +57,13 @@ def test_each_comparison_owns_its_section_and_reports_per_round_ratios(tmp_path)
              "rows": [{"path": "queue", "jobs": 100, "seconds": 0.5, "cpu_share": {}}]}
     both = _render(plain, tmp_path, "queue_throughput.json")
     assert "throughput **x0.50**" in both and "| queue | 100 | 0.50 | 200 | >= 200 met |" in both
+
+
+def test_readme_quotes_the_saved_plain_run():
+    from benchmarks._results import RESULTS, load
+
+    res = load(RESULTS / "queue_throughput.json")
+    rate = {row["path"]: row["jobs"] / row["seconds"] for row in res["rows"]}
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| queue throughput"))
+    assert (f"{rate['queue']:.0f} jobs/s queue, {rate['http-async']:.0f} jobs/s HTTP async, "
+            f"{rate['http-sync']:.0f} jobs/s HTTP sync") in row
