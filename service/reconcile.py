@@ -12,6 +12,10 @@ forgets a job once Redis has answered for it.
 Jobs are never deleted before their result TTL (hours), so within the journal's window
 "gone" means "lost", never "expired". With ``CLUSCA_REDIS_WAIT_REPLICAS`` the API
 confirms a job only once a replica holds it, and this journal should stay empty.
+
+With an :class:`~service.ack_log.AckLog` (``CLUSCA_RECONCILE_JOURNAL``) the journal is also
+on disk: a process that starts checks what a stopped one left unchecked. Entries older
+than the result TTL are dropped then, unchecked: their jobs may have expired.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
+from .ack_log import AckLog
 from .keys import job_key
 from .redis_conn import UNAVAILABLE
 
@@ -40,26 +45,54 @@ class LostJob:
 class AckJournal:
     """Confirmed jobs waiting for their check, and the lost ones found so far (bounded)."""
 
-    def __init__(self, settle_s: float = 5.0, capacity: int = 500_000, keep_lost: int = 10_000):
+    def __init__(self, settle_s: float = 5.0, capacity: int = 500_000, keep_lost: int = 10_000,
+                 disk: AckLog | None = None, max_age_s: float = 86400.0):
         self.settle_s = settle_s
         self.capacity = capacity
-        self._pending: deque[tuple[float, float, str, str]] = deque()
+        # (monotonic time, unix time, job id, model, segment of `disk` holding it)
+        self._pending: deque[tuple[float, float, str, str, int]] = deque()
         self.lost: deque[LostJob] = deque(maxlen=keep_lost)
         self.checked = 0
         self.dropped = 0
+        self.disk = disk
+        self.adopted = self._adopt(max_age_s) if disk else 0
+
+    def _adopt(self, max_age_s: float) -> int:
+        assert self.disk is not None
+        now_wall, now_mono = time.time(), time.monotonic()
+        entries = self.disk.adopt(since=now_wall - max_age_s)
+        for wall, job_id, model, seg in entries:  # due as their age says
+            self._pending.append((now_mono - (now_wall - wall), wall, job_id, model, seg))
+        return len(entries)
 
     def add(self, job_id: str, model: str) -> None:
         if len(self._pending) >= self.capacity:
             # Checks have been failing for a long time; the oldest entries can no longer be checked.
-            self._pending.popleft()
+            self._forget([self._pending.popleft()])
             self.dropped += 1
-        self._pending.append((time.monotonic(), time.time(), job_id, model))
+        wall = time.time()
+        seg = self.disk.append(wall, job_id, model) if self.disk else 0
+        self._pending.append((time.monotonic(), wall, job_id, model, seg))
+
+    def _forget(self, entries: list[tuple[float, float, str, str, int]]) -> None:
+        if self.disk:
+            for entry in entries:
+                self.disk.checked(entry[4])
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def _due(self, limit: int) -> list[tuple[float, float, str, str]]:
+    def sync(self) -> None:
+        """Make what the journal wrote durable on disk (one fsync at most)."""
+        if self.disk:
+            self.disk.sync()
+
+    def close(self) -> None:
+        if self.disk:
+            self.disk.close()
+
+    def _due(self, limit: int) -> list[tuple[float, float, str, str, int]]:
         cutoff, out = time.monotonic() - self.settle_s, []
         while self._pending and self._pending[0][0] <= cutoff and len(out) < limit:
             out.append(self._pending.popleft())
@@ -72,13 +105,14 @@ class AckJournal:
             return []
         try:
             pipe = r.pipeline(transaction=False)
-            for _, _, job_id, _ in due:
+            for _, _, job_id, _, _ in due:
                 pipe.exists(job_key(job_id))
             found = await pipe.execute()
         except UNAVAILABLE:
             self._pending.extendleft(reversed(due))
             raise
-        lost = [LostJob(job_id, model, wall) for (_, wall, job_id, model), n in zip(due, found) if not n]
+        self._forget(due)
+        lost = [LostJob(job_id, model, wall) for (_, wall, job_id, model, _), n in zip(due, found) if not n]
         for job in lost:
             log.error("job %s (model %s), confirmed to its client at %.3f, is missing from Redis: lost in a "
                       "failover before a replica had it", job.id, job.model, job.acknowledged_at)
@@ -97,4 +131,5 @@ async def run(journal: AckJournal, r: Any, interval_s: float = 1.0) -> None:
             pass
         except Exception:  # noqa: BLE001 - the checker must outlive a bad reply
             log.exception("reconciliation check failed")
+        journal.sync()
         await asyncio.sleep(interval_s)

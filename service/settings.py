@@ -61,6 +61,8 @@ class Settings(BaseModel):
     redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
     # Age at which the API checks that a job it confirmed is still in Redis (service/reconcile.py).
     reconcile_settle_s: float = Field(5.0, gt=0, le=3600)
+    # Directory where each API process keeps that journal on disk too (service/ack_log.py); unset: memory only.
+    reconcile_journal: str | None = None
 
     @field_validator("device")
     @classmethod
@@ -139,6 +141,7 @@ ENV_NAMES: dict[str, str] = {
     "redis_wait_replicas": "CLUSCA_REDIS_WAIT_REPLICAS",
     "redis_wait_timeout_ms": "CLUSCA_REDIS_WAIT_TIMEOUT_MS",
     "reconcile_settle_s": "CLUSCA_RECONCILE_SETTLE_S",
+    "reconcile_journal": "CLUSCA_RECONCILE_JOURNAL",
 }
 
 

@@ -12,6 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
 from .. import metrics, reconcile, redis_conn
+from ..ack_log import AckLog
 from ..keys import check_layout_async
 from ..queue import JobQueue
 from ..registry import Registry
@@ -46,7 +47,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             await check_layout_async(r, registry.names)
         except redis_conn.UNAVAILABLE as exc:  # the API starts without Redis and answers 503 until it is back
             log.warning("Redis unreachable at start (%s); the queue layout is checked by the workers", exc)
-        journal = reconcile.AckJournal(settings.reconcile_settle_s)
+        disk = AckLog(settings.reconcile_journal, settings.redis_url) if settings.reconcile_journal else None
+        journal = reconcile.AckJournal(settings.reconcile_settle_s, disk=disk, max_age_s=settings.result_ttl_s)
         for name in registry.names:  # a zero per model, so alerts and dashboards see the series before any loss
             metrics.JOBS_LOST.labels(name)
         queue = JobQueue(r, max_queue=settings.max_queue, ttl_s=settings.result_ttl_s,
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             yield
         finally:
             checker.cancel()
+            journal.close()
             await queue.close()
             await r.aclose()
 
