@@ -36,3 +36,19 @@ def save(res: dict[str, Any], path: str | Path) -> Path:
 
 def load(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def quoted_command(argv: list[str], *, paths: tuple[str, ...] = ("--json", "--from-json"),
+                   flags: tuple[str, ...] = ("--no-write", "--no-docs")) -> list[str]:
+    """``argv`` as the docs quote the command: where its results and docs went is not part of
+    the measurement, so the options in ``paths`` (with their value, if one follows) and ``flags``
+    are left out."""
+    out, after_path = [], False
+    for a in argv:
+        if after_path and not a.startswith("-"):
+            after_path = False
+            continue
+        after_path = a in paths
+        if not after_path and a not in flags and not a.startswith(tuple(f"{p}=" for p in paths)):
+            out.append(a)
+    return out

@@ -16,7 +16,10 @@ called directly (flow-matching Euler, batch 1, no guidance), so the token count 
 without a VAE or text encoder in the way: the presets plus FORA and TaylorSeer at the ``fast``
 interval, each round running every method once in a rotated order; wall-clock and CPU-time
 speedups are medians of the per-round ratios against the uncached run of the same round.
-``--docs`` writes its section of docs/benchmarks.md. ``--json`` writes the results.
+It saves its raw results (``--json``, default benchmarks/results/video_transformer.json) and
+``--docs [PATH]`` renders its section of docs/benchmarks.md (or PATH) from them alone;
+``--from-json FILE`` renders a saved file again without measuring. Pipeline modes write their
+results to ``--json`` only.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._docs import DOCS  # noqa: E402
+from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
+
 PRESETS = ("off", "quality", "balanced", "fast")
-MARKERS = ("<!-- video-transformer:start -->", "<!-- video-transformer:end -->")
 
 
 def tiny_entry(kind: str, folder: Path) -> Any:
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     which.add_argument("--tiny", choices=["wan", "hunyuan"])
     which.add_argument("--model", help="a video model of the registry named by CLUSCA_MODELS")
     which.add_argument("--transformer", action="store_true", help="a Wan-architecture transformer alone")
+    which.add_argument("--from-json", type=Path, help="render the --transformer section from this file; run nothing")
     ap.add_argument("--frames", type=int, help="frames per video (default: the model's; --transformer: 17)")
     ap.add_argument("--steps", type=int, help="denoising steps (default: the model's; --transformer: 20)")
     ap.add_argument("--prompts", type=int, default=2)
@@ -107,18 +113,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wan.add_argument("--dim", type=int, default=384, help="model width (heads of 64)")
     wan.add_argument("--layers", type=int, default=8)
     wan.add_argument("--threads", type=int, default=1, help="torch threads")
-    wan.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
+    wan.add_argument("--docs", nargs="?", type=Path, const=DOCS, default=None,
+                     help="render the section into docs/benchmarks.md (or this file)")
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    if args.transformer:
-        from benchmarks.video_transformer import bench, render
+    if args.transformer or args.from_json:
+        from benchmarks.video_transformer import bench, write_docs
 
-        report = bench(args)
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
+        if args.from_json:
+            report = load(args.from_json)
+        else:
+            # The command as the docs quote it: where the results and the section went is left out.
+            shown = quoted_command(argv, paths=("--json", "--docs")) + (["--docs"] if args.docs else [])
+            report = bench(args, shown)
+            print(f"wrote {save(report, args.json or RESULTS / 'video_transformer.json')}")
         if args.docs:
-            from benchmarks._docs import write_section
-
-            write_section(*MARKERS, render(report, sys.argv[1:] if argv is None else argv))
+            write_docs(report, args.docs)
         return report
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:

@@ -1,5 +1,9 @@
 """The ``--transformer`` mode of benchmarks/video_caches.py: cache methods on a Wan-architecture
-transformer with random weights, timed side by side in one process."""
+transformer with random weights, timed side by side in one process.
+
+:func:`bench` measures and returns the raw results (saved to
+benchmarks/results/video_transformer.json); :func:`write_docs` renders the section from them alone.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import platform
 import shlex
 import statistics
 import time
+from pathlib import Path
 from typing import Any
+
+from benchmarks._docs import DOCS, write_section
 
 # (row name, ClusCaConfig keywords): the service presets, then plain reuse and Taylor prediction
 # at the interval and warm-up of `fast`, so only the clusters differ from it.
@@ -21,6 +28,7 @@ METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("TaylorSeer N6 O1", {"mode": "taylorseer", "interval": 6, "warmup": 3, "order": 1}),
 )
 VAE_TIME, VAE_SPACE, PATCH = 4, 8, 2  # Wan's VAE compression and the transformer's patch (1, 2, 2)
+MARKERS = ("<!-- video-transformer:start -->", "<!-- video-transformer:end -->")
 
 
 def config(kw: dict[str, Any]) -> Any:
@@ -68,7 +76,8 @@ def denoise(model: Any, x0: Any, text: Any, steps: int, cfg: Any) -> tuple[Any, 
     return x, run.stats, time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench(args: Any) -> dict[str, Any]:
+def bench(args: Any, argv: list[str]) -> dict[str, Any]:
+    """Every method of :data:`METHODS` on one model, rounds rotated; ``argv``: the command as the docs quote it."""
     import torch
 
     from clusca import apply_clusca
@@ -110,7 +119,8 @@ def bench(args: Any) -> dict[str, Any]:
             "cached_steps": stats.cached_steps, "token_fraction": stats.token_fraction,
             "rel_error": float((x - ref).norm() / ref.norm()), "times": [round(t, 2) for t in wall[name]],
         })
-    report = {"frames": frames, "width": width, "height": height, "latent": list(latent[2:]), "tokens": tokens,
+    report = {"argv": shlex.join(argv), "cores": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "frames": frames, "width": width, "height": height, "latent": list(latent[2:]), "tokens": tokens,
               "dim": args.dim, "layers": args.layers, "steps": steps, "repeats": args.repeats,
               "threads": args.threads, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
               "device": f"cpu ({platform.processor() or platform.machine()})",
@@ -123,10 +133,10 @@ def bench(args: Any) -> dict[str, Any]:
     return report
 
 
-def render(r: dict[str, Any], argv: list[str]) -> str:
-    cmd = "python benchmarks/video_caches.py " + " ".join(shlex.quote(a) for a in argv)
+def render(r: dict[str, Any]) -> str:
+    cmd = f"python benchmarks/video_caches.py {r['argv']}"
     lines = [
-        "<!-- video-transformer:start -->",
+        MARKERS[0],
         "## Video: cache methods on a Wan-architecture transformer (CPU)",
         "",
         f"`nice -n 19 {cmd}`",
@@ -136,7 +146,7 @@ def render(r: dict[str, Any], argv: list[str]) -> str:
         f"guidance, float32, {r['threads']} torch thread(s) on {r['device']}. Video: {r['frames']} frames of "
         f"{r['width']}x{r['height']}, i.e. latents of {r['latent'][0]} x {r['latent'][1]} x {r['latent'][2]} "
         f"(frames x height x width) and **{r['tokens']} spatio-temporal tokens** (2 x 2 patches), the largest "
-        f"count whose full comparison ran in minutes on this shared 2-core machine; {r['steps']} steps. Every "
+        f"count whose full comparison ran in minutes on this shared {r['cores']}-core machine; {r['steps']} steps. Every "
         f"round runs each method once, in a rotated order; wall x and CPU x are medians over {r['repeats']} "
         "rounds of the per-round ratio uncached / method (CPU x: this process's CPU time, which leaves out the "
         "time other work held the core). FLOPs x: the library's analytic count (`run.stats`). The relative error "
@@ -155,5 +165,10 @@ def render(r: dict[str, Any], argv: list[str]) -> str:
     lines += ["", f"The machine was shared with other work while this ran{load}: absolute seconds vary with "
               "its load, the side-by-side ratios much less, and CPU x is the steadier of the two. With random "
               "weights the errors are a sanity check (cached runs stay close to the uncached one), not a quality "
-              "comparison between methods.", "<!-- video-transformer:end -->"]
+              "comparison between methods.", MARKERS[1]]
     return "\n".join(lines)
+
+
+def write_docs(r: dict[str, Any], path: Path = DOCS) -> None:
+    write_section(*MARKERS, render(r), path)
+    print(f"wrote {path.name}")

@@ -27,15 +27,14 @@ def test_video_benchmark_reports_every_preset(tmp_path, one_torch_thread):
 
 
 def test_transformer_benchmark_compares_every_method_side_by_side(tmp_path, one_torch_thread):
-    from benchmarks.video_transformer import METHODS, render
+    from benchmarks.video_transformer import METHODS
 
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nkept\n")
-    import benchmarks._docs as docs_module
-
     argv = ["--transformer", "--size", "64x32", "--frames", "9", "--dim", "64", "--layers", "2", "--steps", "12",
-            "--repeats", "2", "--json", str(tmp_path / "t.json")]
+            "--repeats", "2", "--json", str(tmp_path / "t.json"), "--docs", str(docs)]
     report = main(argv)
+    assert json.loads((tmp_path / "t.json").read_text()) == json.loads(json.dumps(report))
     # 9 frames of 64 x 32: 3 latent frames of 8 x 4, in 2 x 2 patches.
     assert report["tokens"] == 3 * 4 * 2 and report["latent"] == [3, 4, 8]
     rows = {r["name"]: r for r in report["rows"]}
@@ -45,7 +44,10 @@ def test_transformer_benchmark_compares_every_method_side_by_side(tmp_path, one_
     assert fast["flops_speedup"] > 1.5 and fast["cached_steps"] > 0 and 0 < fast["rel_error"] < 1
     assert rows["FORA N6"]["config"].startswith("fora, interval 6") and "K 16" in fast["config"]
     assert all(len(r["times"]) == 2 and r["wall_speedup"] > 0 for r in rows.values())
-    section = render(report, argv)
-    docs_module.write_section(section.splitlines()[0], section.splitlines()[-1], section, path=docs)
     text = docs.read_text()
     assert "kept" in text and "**24 spatio-temporal tokens**" in text and "| ClusCa fast |" in text
+    # The command as quoted leaves out where the results and the section went.
+    assert str(tmp_path) not in text and "--repeats 2 --docs`" in text
+    # Rendered again from the saved file alone: the same section.
+    main(["--from-json", str(tmp_path / "t.json"), "--docs", str(docs)])
+    assert docs.read_text() == text
