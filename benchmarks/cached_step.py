@@ -19,19 +19,24 @@ torch thread, 50 steps under ``torch.inference_mode()``. This script measures it
 
     python benchmarks/cached_step.py                 # ~2 minutes on one core
     python benchmarks/cached_step.py --runs 3 --no-docs
+    python benchmarks/cached_step.py --from-json benchmarks/results/cached_step.json
 
-Results go to a marked section of docs/benchmarks.md.
+Saves the raw results (``--json``, default benchmarks/results/cached_step.json) and renders its
+marked section of docs/benchmarks.md (``--docs`` for another file) from them alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,7 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
+from benchmarks._sampling import EulerLoop, FluxInputs  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state  # noqa: E402
 
 START, END = "<!-- cached-step:start -->", "<!-- cached-step:end -->"
@@ -69,37 +76,15 @@ def build_proxy():
     ).eval()
 
 
-class Loop:
-    """One Euler flow-matching loop on the proxy, advanced a step at a time."""
-
-    def __init__(self, model, steps: int, side: int = 16, text: int = 8) -> None:
-        g = torch.Generator().manual_seed(1234)
-        self.model = model
-        self.x = torch.randn(1, side * side, 16, generator=g)
-        self.enc = torch.randn(1, text, 32, generator=g)
-        self.pooled = torch.randn(1, 32, generator=g)
-        self.img_ids = torch.zeros(side * side, 3)
-        self.img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
-        self.img_ids[:, 2] = torch.arange(side).repeat(side)
-        self.txt_ids = torch.zeros(text, 3)
-        self.sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        self.times: list[float] = []
-        self.cpu: list[float] = []  # the thread's CPU time per step: what load from other processes leaves alone
-
-    def step(self, i: int) -> None:
-        t0, c0 = time.perf_counter(), time.thread_time()
-        v = self.model(
-            hidden_states=self.x, encoder_hidden_states=self.enc, pooled_projections=self.pooled,
-            timestep=torch.full((1,), self.sigmas[i]), img_ids=self.img_ids, txt_ids=self.txt_ids, return_dict=False,
-        )[0]
-        self.x = self.x + (self.sigmas[i + 1] - self.sigmas[i]) * v
-        self.times.append(time.perf_counter() - t0)
-        self.cpu.append(time.thread_time() - c0)
+def proxy_loop(model, steps: int) -> EulerLoop:
+    """An Euler loop of the proxy: 16 x 16 latent tokens of 16 channels, 8 text tokens, no guidance."""
+    return FluxInputs.random(side=16, text_tokens=8, text_dim=32, channels=16, pooled_dim=32,
+                             guidance=None).loop(model, steps)
 
 
 def count_ops(model, cfg: ClusCaConfig, steps: int) -> dict:
     """Operators per full and per cached step over one run."""
-    loop = Loop(model, steps)
+    loop = proxy_loop(model, steps)
     state = run_state(model)
     full, cached = [], []
     with torch.inference_mode(), clusca_run(model, cfg, num_inference_steps=steps) as run:
@@ -115,7 +100,7 @@ def count_ops(model, cfg: ClusCaConfig, steps: int) -> dict:
 
 def wall_round(model, plain, cfg: ClusCaConfig, steps: int, plain_first: bool, lockstep: bool) -> dict:
     """One round: the wall-clock ratio and the median step times (ms) of each kind."""
-    a, b = Loop(plain, steps), Loop(model, steps)
+    a, b = proxy_loop(plain, steps), proxy_loop(model, steps)
     with torch.inference_mode(), clusca_run(model, cfg, num_inference_steps=steps):
         if lockstep:
             for i in range(steps):
@@ -129,20 +114,32 @@ def wall_round(model, plain, cfg: ClusCaConfig, steps: int, plain_first: bool, l
     full = set(cfg.full_steps(steps))
     cached_ms = statistics.median(t for i, t in enumerate(b.times) if i not in full) * 1000
     full_ms = statistics.median(t for i, t in enumerate(b.times) if i in full) * 1000
-    return {"ratios": sum(a.times) / sum(b.times), "cpu_ratios": sum(a.cpu) / sum(b.cpu), "cached_ms": cached_ms,
+    return {"ratios": sum(a.times) / sum(b.times), "cpu_ratios": sum(a.cpu_times) / sum(b.cpu_times),
+            "cached_ms": cached_ms,
             "full_ms": full_ms, "plain_ms": statistics.median(a.times[1:]) * 1000}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--runs", type=int, default=9, help="interleaved wall-clock runs per method")
     p.add_argument("--preset", default="fast")
     p.add_argument("--lockstep", action="store_true", help="interleave the two runs step by step")
     p.add_argument("--no-docs", action="store_true")
-    args = p.parse_args()
-    torch.set_num_threads(1)
+    p.add_argument("--json", type=Path, default=RESULTS / "cached_step.json", help="the raw results file")
+    p.add_argument("--from-json", type=Path, default=None, help="render the docs section from this file; run nothing")
+    p.add_argument("--docs", type=Path, default=DOCS, help="the file whose section is rewritten")
+    return p.parse_args(argv)
 
+
+def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Operator counts of each (method, path), then wall clock and CPU time per round, unrounded."""
+    torch.set_num_threads(1)
+    meta = {"argv": shlex.join(quoted_command(argv, paths=("--json", "--docs"))),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
+            "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg": round(os.getloadavg()[0], 2), "steps": args.steps, "runs": args.runs, "preset": args.preset,
+            "lockstep": args.lockstep}
     model = build_proxy()
     plain = copy.deepcopy(model)
     methods = [("clusca", ClusCaConfig.preset(args.preset)),
@@ -151,15 +148,16 @@ def main() -> None:
     with torch.inference_mode():
         uncached = OpCounter()
         with uncached:
-            Loop(plain, args.steps).step(0)
+            proxy_loop(plain, args.steps).step(0)
 
     rows = []
     for lean in (True, False):
         apply_clusca(model, lean=lean)
         for name, cfg in methods:
             ops = count_ops(model, cfg, args.steps)
-            rows.append({"method": name, "lean": lean, **ops, "ratios": [], "cpu_ratios": [], "cached_ms": [], "full_ms": [],
-                         "plain_ms": []})
+            assert not lean or ops["lean_steps"] == ops["cached_steps"], "a cached step left the lean path"
+            rows.append({"method": name, "lean": lean, **ops, "ratios": [], "cpu_ratios": [], "cached_ms": [],
+                         "full_ms": [], "plain_ms": []})
         remove_clusca(model)
 
     # Wall clock: every (method, path) once per round, rounds interleaved.
@@ -172,45 +170,72 @@ def main() -> None:
             remove_clusca(model)
         print(f"round {r + 1}/{args.runs}: " + "  ".join(
             f"{row['method']}{'' if row['lean'] else '(hooks)'} {row['ratios'][-1]:.2f}x" for row in rows), flush=True)
+    return {"meta": meta, "uncached_ops": uncached.count, "rows": rows}
 
-    plain_ms = statistics.median(t for row in rows for t in row["plain_ms"])
-    print(f"\nuncached step: {uncached.count} aten operators, {plain_ms:.2f} ms (median)")
+
+def summarise(res: dict[str, Any]) -> tuple[float, list[str], list[tuple[str, bool]]]:
+    """The median uncached step (ms), the table's lines and the targets, from the raw results."""
+    plain_ms = statistics.median(t for row in res["rows"] for t in row["plain_ms"])
     header = ("| method | cached step path | aten ops / cached step | aten ops / full step | cached step (ms) | "
               "full step (ms) | FLOPs speedup | wall speedup | wall / FLOPs | CPU-time speedup | CPU time / FLOPs |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
-    results = {}
-    for row in rows:
+    lean = {}
+    for row in res["rows"]:
         wall = statistics.median(row["ratios"])
         ratio = wall / row["flops_speedup"]
         cpu = statistics.median(row["cpu_ratios"])
-        path = "lean" if row["lean"] else "module hooks"
         if row["lean"]:
-            results[row["method"]] = (row["cached"], ratio)
+            lean[row["method"]] = (row["cached"], ratio)
         lines.append(
-            f"| {row['method']} | {path} | {row['cached']:.0f} | {row['full']:.0f} | {statistics.median(row['cached_ms']):.2f} | "
-            f"{statistics.median(row['full_ms']):.2f} | {row['flops_speedup']:.2f}x | {wall:.2f}x | {ratio:.3f} | "
-            f"{cpu:.2f}x | {cpu / row['flops_speedup']:.3f} |")
-        assert not row["lean"] or row["lean_steps"] == row["cached_steps"], "a cached step left the lean path"
+            f"| {row['method']} | {'lean' if row['lean'] else 'module hooks'} | {row['cached']:.0f} | "
+            f"{row['full']:.0f} | {statistics.median(row['cached_ms']):.2f} | {statistics.median(row['full_ms']):.2f} | "
+            f"{row['flops_speedup']:.2f}x | {wall:.2f}x | {ratio:.3f} | {cpu:.2f}x | {cpu / row['flops_speedup']:.3f} |")
+    targets = [(f"{m} aten ops per cached step <= {limit}", lean[m][0] <= limit) for m, limit in TARGETS.items()]
+    targets.append((f"clusca wall / FLOPs >= {WALL_TARGET}", lean["clusca"][1] >= WALL_TARGET))
+    return plain_ms, lines, targets
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["meta"]
+    plain_ms, lines, targets = summarise(res)
+    shared = (f" The {m['cores']} cores were shared with other work while this ran (1-minute load average "
+              f"{m['load_avg']:.1f} when it began)." if m["load_avg"] > 1 else "")
+    body = [START, "## Cached-step cost on the CPU proxy of FLUX depth", "",
+            f"`python benchmarks/cached_step.py {m['argv']}`".replace(" `", "`"), "",
+            f"FLUX architecture at FLUX depth (19 dual + 38 single blocks), width 64, random weights; "
+            f"256 image + 8 text tokens, batch 1, float32, one torch thread, {m['steps']} steps, "
+            f"preset `{m['preset']}`. Operators: a `TorchDispatchMode` counting each dispatched aten operator, "
+            f"median over the run's steps (an uncached step: {res['uncached_ops']}). Wall clock: against an unhooked "
+            f"copy, median of {m['runs']} rounds of one whole run each, alternating which goes first"
+            f"{' (steps in lockstep)' if m['lockstep'] else ''}; an uncached step: {plain_ms:.2f} ms. "
+            "CPU time is the process thread's, read beside the wall clock: on a shared machine it leaves out "
+            f"the time other processes take the core, so it is the steadier of the two.{shared}", "", *lines, "",
+            "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), END]
+    return "\n".join(body) + "\n"
+
+
+def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
+    write_section(START, END, render(res), path)
+    print(f"wrote {path.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.from_json:
+        res = load(args.from_json)
+    else:
+        res = measure(args, argv)
+        print(f"wrote {save(res, args.json)}")
+    plain_ms, lines, targets = summarise(res)
+    print(f"\nuncached step: {res['uncached_ops']} aten operators, {plain_ms:.2f} ms (median)")
     print("\n".join(lines))
-    targets = [(f"{m} aten ops per cached step <= {limit}", results[m][0] <= limit) for m, limit in TARGETS.items()]
-    targets.append((f"clusca wall / FLOPs >= {WALL_TARGET}", results["clusca"][1] >= WALL_TARGET))
     for name, ok in targets:
         print(f"target {name}: {'met' if ok else 'NOT met'}")
     if not args.no_docs:
-        body = [START, "## Cached-step cost on the CPU proxy of FLUX depth", "",
-                f"`python benchmarks/cached_step.py {shlex.join(sys.argv[1:])}`".replace(" `", "`"), "",
-                f"FLUX architecture at FLUX depth (19 dual + 38 single blocks), width 64, random weights; "
-                f"256 image + 8 text tokens, batch 1, float32, one torch thread, {args.steps} steps, "
-                f"preset `{args.preset}`. Operators: a `TorchDispatchMode` counting each dispatched aten operator, "
-                f"median over the run's steps (an uncached step: {uncached.count}). Wall clock: against an unhooked "
-                f"copy, median of {args.runs} rounds of one whole run each, alternating which goes first"
-                f"{' (steps in lockstep)' if args.lockstep else ''}; an uncached step: {plain_ms:.2f} ms. "
-                "CPU time is the process thread's, read beside the wall clock: on a shared machine it leaves out "
-                "the time other processes take the core, so it is the steadier of the two.", "", *lines, "",
-                "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), END]
-        write_section(START, END, "\n".join(body) + "\n")
-        print("wrote docs/benchmarks.md")
+        write_docs(res, args.docs)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

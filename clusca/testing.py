@@ -216,8 +216,10 @@ class EulerLoop:
     ``velocity(x, sigma)`` is the model's prediction. ``before_step(i)`` runs first in each
     step (e.g. ``run.set_step``, which spares the library a host read of the timestep);
     ``sync`` runs last (an accelerator's synchronise), so that ``times`` (seconds per step,
-    filled as steps run) holds what each step really took. Stepping, not only ``run()``,
-    lets a benchmark advance two loops in lockstep, so that both see the same load.
+    filled as steps run) holds what each step really took; ``cpu_times`` holds the calling
+    thread's CPU time per step beside it, which leaves out the time other processes held the
+    core. Stepping, not only ``run()``, lets a benchmark advance two loops in lockstep, so that
+    both see the same load.
     """
 
     def __init__(self, velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, steps: int, *,
@@ -226,10 +228,11 @@ class EulerLoop:
         self.x = x.clone()
         self.sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     @torch.no_grad()
     def step(self, i: int) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if self.before_step is not None:
             self.before_step(i)
         v = self.velocity(self.x, self.sigmas[i])
@@ -237,6 +240,7 @@ class EulerLoop:
         if self.sync is not None:
             self.sync()
         self.times.append(time.perf_counter() - t0)
+        self.cpu_times.append(time.thread_time() - c0)
 
     def run(self) -> torch.Tensor:
         for i in range(self.steps):
