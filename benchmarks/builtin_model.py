@@ -1,12 +1,14 @@
 """Benchmark of the built-in shapes model: load time, latency, adherence per prompt form, ClusCa effect.
 
     python benchmarks/builtin_model.py [--weights DIR] [-n 400] [--seeds 2] [--paper] [--no-write]
+    python benchmarks/builtin_model.py --from-json benchmarks/results/builtin_model.json
 
 Every prompt of the fixed evaluation set is drawn with ``--seeds`` seeds, uncached and
 with the cache preset the service runs for this model; the checker judges each image
-(all-right rates and the edge measure, per prompt form). Prints the numbers as JSON and
-rewrites the "Built-in model" section of docs/benchmarks.md (other sections are left as
-they are).
+(all-right rates and the edge measure, per prompt form). Saves the numbers (``--json``,
+default benchmarks/results/builtin_model.json) and renders the "Built-in model" section of
+docs/benchmarks.md (``--docs`` for another file) from them alone; other sections are left
+as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -24,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
 from clusca.quality import psnr, ssim  # noqa: E402  (the yardstick of every benchmark)
 
 START, END = "<!-- builtin-model:start -->", "<!-- builtin-model:end -->"
@@ -131,10 +135,18 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="balanced")
     p.add_argument("--paper", action="store_true", help="also run the library's (the paper's) preset")
     p.add_argument("--threads", type=int, default=1, help="torch threads; with 1, CPU time is the compute time")
-    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true", help="do not touch the docs")
     p.add_argument("--latency-only", action="store_true",
                    help="only time one image, uncached and cached in alternation (prints, writes nothing)")
+    p.add_argument("--json", type=Path, default=RESULTS / "builtin_model.json", help="the raw results file")
+    p.add_argument("--from-json", type=Path, default=None, help="render the docs section from this file; run nothing")
+    p.add_argument("--docs", type=Path, default=DOCS, help="the file whose section is rewritten")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
+    if a.from_json:
+        if not a.no_write:
+            write_docs(load(a.from_json), a.docs)
+        return 0
 
     t0 = time.perf_counter()
     import torch
@@ -157,6 +169,8 @@ def main(argv=None) -> int:
     items = data.eval_set(a.n)
     prompts, scenes = [t for t, _ in items], [s for _, s in items]
     res = {
+        "argv": shlex.join(quoted_command(argv, paths=("--json", "--docs"), flags=("--no-write",))),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(), "preset": a.preset,
         "cpu": platform.processor() or platform.machine(), "threads": a.threads, "params_M": round(n_params / 1e6, 2),
         "steps": steps, "guidance": guidance, "n_prompts": a.n, "seeds": a.seeds, "seed": a.seed,
         "size": f"{pipe.default_size[1]}x{pipe.default_size[0]}",
@@ -201,8 +215,9 @@ def main(argv=None) -> int:
             remove_clusca(pipe.transformer)
 
     print(json.dumps(res, indent=2))
+    print(f"wrote {save(res, a.json)}")
     if not a.no_write:
-        write_docs(res)
+        write_docs(res, a.docs)
     return 0
 
 
@@ -254,7 +269,7 @@ def _form_rows(res) -> list[str]:
     return rows
 
 
-def write_docs(res) -> None:
+def write_docs(res: dict, path: Path = DOCS) -> None:
     u = res["uncached"]
     notes = []
     if not isinstance(res.get("clusca"), dict):
@@ -279,12 +294,12 @@ def write_docs(res) -> None:
         START,
         "## Built-in model (shapes)",
         "",
-        f"Written by `python benchmarks/builtin_model.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"Written by `{' '.join(['python benchmarks/builtin_model.py', res['argv']]).strip()}` on {res['date']}; "
         f"CPU `{res['cpu']}`, {res['threads']} torch thread(s), no GPU. Model: {res['params_M']}M parameters, "
         f"{res['steps']} Euler steps, guidance {res['guidance']}; prompts: the fixed set "
         f"`clusca_shapes.tools.data.eval_set({res['n_prompts']})` (six prompt forms), each drawn with "
         f"{res['seeds']} seeds (round r, image i: generator seed {res['seed']} + r x {SEED_STRIDE} + i), judged by "
-        "`clusca_shapes.tools.checker`. \"Cached\" is the service's default: the `balanced` preset as the "
+        f"`clusca_shapes.tools.checker`. \"Cached\" is the service's default: the `{res['preset']}` preset as the "
         "service runs it for this model (the checkpoint's `cache_presets` tuning).",
         "",
         *_targets(res),
@@ -300,11 +315,12 @@ def write_docs(res) -> None:
         *notes,
         "",
         f"Import of torch + diffusers + the package: {res['import_s']} s; pipeline load (after imports): "
-        f"{res['load_s']} s. 1-minute load average during the run: {res['load_avg_1min']} on {os.cpu_count()} cores "
+        f"{res['load_s']} s. 1-minute load average during the run: {res['load_avg_1min']} on {res['cores']} cores "
         "(other processes shared the CPU, which inflates wall-clock times; CPU times are not affected).",
         END,
     ]
-    write_section(START, END, "\n".join(body))
+    write_section(START, END, "\n".join(body), path)
+    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

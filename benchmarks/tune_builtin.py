@@ -11,13 +11,16 @@
    PSNR and SSIM against the uncached image, the built-in checker's adherence, and the
    speedup timed as the tuner times it (``clusca.tune.interleaved_speedups``: batch 1, an
    uncached run between every few settings, by the tuner's clock, the wall clock beside it).
-3. Writes the `tune` section of docs/benchmarks.md (other sections are kept).
+3. Saves every number (``--json``, default benchmarks/results/tune_builtin.json) and renders
+   the `tune` section of docs/benchmarks.md (``--docs`` for another file) from them alone;
+   other sections are kept. ``--from-json FILE`` renders a saved file again without measuring.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -26,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._results import RESULTS, load, save  # noqa: E402
 
 START, END = "<!-- tune:start -->", "<!-- tune:end -->"
 CLOCK_WHY = {"cpu": "the process's CPU time: one torch thread on a CPU, whose wall clock on an idle machine it is",
@@ -40,9 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds of the check")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/clusca-tune-bench")
-    p.add_argument("--json", default=None, help="also write every number here")
+    p.add_argument("--json", type=Path, default=RESULTS / "tune_builtin.json", help="the raw results file")
+    p.add_argument("--from-json", type=Path, default=None, help="render the docs section from this file; run nothing")
+    p.add_argument("--docs", type=Path, default=DOCS, help="the file whose section is rewritten")
     p.add_argument("--no-docs", action="store_true")
     a = p.parse_args(argv)
+    if a.from_json:
+        if not a.no_docs:
+            write_docs(load(a.from_json), a.docs)
+        return 0
 
     import numpy as np
     import torch
@@ -138,33 +148,41 @@ def main(argv: list[str] | None = None) -> int:
             targets.append((f"a tuned preset at the speed of hand-tuned {n} is within 0.5 dB of it, or better",
                             f"no tuned preset as fast as its {h['speedup']:.2f}x", False))
 
-    summary = {"minutes": a.minutes, "tune_s": round(tune_s, 1), "plan": res.meta.get("plan"),
+    summary = {"minutes": a.minutes, "holdout": a.holdout, "rounds": a.rounds, "cores": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tune_s": round(tune_s, 1),
+               "plan": res.meta.get("plan"),
                "final_prompts": res.meta.get("final_prompts"), "all_rungs": res.meta.get("all_rungs"),
                "candidates": len(res.candidates), "images_measured": sum(len(c.items) for c in res.candidates),
                "presets": res.presets, "rows": rows, "targets": targets,
                "device": ct.describe_device("cpu"), "clock": clock, "group": ct.GROUP}
-    print(json.dumps(summary, indent=1, default=str))
-    if a.json:
-        Path(a.json).write_text(json.dumps(summary, indent=1, default=str))
+    summary = json.loads(json.dumps(summary, default=str))  # as saved: what the section is rendered from
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {save(summary, a.json)}")
     if not a.no_docs:
-        write_section(START, END, render(summary, a))
+        write_docs(summary, a.docs)
     return 0
 
 
-def render(s: dict, a: argparse.Namespace) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+def write_docs(s: dict, path: Path = DOCS) -> None:
+    write_section(START, END, render(s), path)
+    print(f"wrote {path.name}")
+
+
+def render(s: dict) -> str:
     lines = [START, "## Per-model tuning (`clusca tune`) on the built-in model", "",
-             f"Written by `python benchmarks/tune_builtin.py --minutes {a.minutes:g}` on {when}; {s['device']}, "
+             f"Written by `python benchmarks/tune_builtin.py --minutes {s['minutes']:g}` on {s['date']}; "
+             f"{s['device']}, "
              f"shared with other work. The tuner ran {s['tune_s']:.0f} s: {s['candidates']} settings, "
              f"{s['images_measured']} candidate images, rungs of {', '.join(map(str, s['plan']['rungs']))} "
              f"image(s), finalists timed interleaved against uncached. The checkpoint's own (hand-tuned) presets "
              "were left out of the search, so the tuner had to find its own. The check below is on "
-             f"{a.holdout} held-out prompts (`eval_set({a.holdout}, seed=7)`, image i seeded 1000+i), "
-             f"batch 1, {a.rounds} interleaved rounds (an uncached run between every {s['group']} settings), counted as "
+             f"{s['holdout']} held-out prompts (`eval_set({s['holdout']}, seed=7)`, image i seeded 1000+i), "
+             f"batch 1, {s['rounds']} interleaved rounds (an uncached run between every {s['group']} settings), counted as "
              "the tuner counts (CPU time: the median uncached run over the setting's median run; wall clock: the "
              "median of each run's ratio to the uncached runs around it). Speedups are by the tuner's "
              f"clock, `{s['clock']}` ({CLOCK_WHY[s['clock']]}); the wall clock of the same runs is the last column. "
-             "The machine's 2 cores were shared with other work while this ran, so wall-clock ratios are noisy; "
+             f"The machine's {s['cores']} cores were shared with other work while this ran, so wall-clock "
+             "ratios are noisy; "
              "every number here comes from this one run, side by side.", "",
              "| target | measured | met |", "|---|---|---|"]
     for t, m, ok in s["targets"]:

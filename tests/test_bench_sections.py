@@ -79,3 +79,62 @@ def test_video_transformer_section(tmp_path):
     assert "medians over 2 rounds" in text and "(load average 6.2 at the end)" in text
     assert ("| ClusCa fast | setting of ClusCa fast | 12.3 | 4.00 | 3.00 | 2.00 | 0.50 | 4 / 6 | 0.500 | 0.0123 |"
             in text)
+
+
+def _measures(n: int, adherence: float, judged: int) -> dict:
+    return {"n": n, "adherence": adherence, "colour": 90.0, "count": 80.0, "shape": 70.0, "position": 60.0,
+            "judged": judged, "clean": 55.5, "outline": 0.8, "roughness": 1.1, "stray_px": 2.5, "touches_frame": 10.0}
+
+
+def _checked(adherence: float) -> dict:
+    out = _measures(10, adherence, 8)
+    out["forms"] = {"one_placed": _measures(6, 100.0, 6), "relation": _measures(4, 25.0, 0)}
+    out["groups"] = {"one_object": _measures(6, 100.0, 6), "relation": _measures(4, 25.0, 0)}
+    out["adherence_per_seed"] = [adherence - 1, adherence + 1]
+    return out
+
+
+def test_builtin_model_section(tmp_path):
+    res = {"argv": "-n 10 --seeds 2", "date": "2026-01-01 00:00 UTC", "cores": 7, "preset": "quality",
+           "cpu": "testarch", "threads": 3, "params_M": 1.23, "steps": 12, "guidance": 4.5, "n_prompts": 10, "seeds": 2,
+           "seed": 5, "size": "16x16", "import_s": 1.5, "load_s": 0.25, "latency_s": 0.75, "latency_cpu_s": 0.4,
+           "load_avg_1min": 6.5, "uncached": _checked(70.0), "eval_s": 3.0,
+           "clusca": {"preset": "quality", "config": {"mode": "clusca", "interval": 3, "order": 0, "clusters": 4,
+                                                      "gamma": 0.0},
+                      "summary": _checked(68.5), "adherence_drop": 1.5, "psnr_db": 33.3, "ssim": 0.9123,
+                      "latency_s": 0.3, "latency_cpu_s": 0.2,
+                      "stats_first_batch": {"full_steps": 5, "cached_steps": 7, "token_fraction": 0.4,
+                                            "flops_speedup": 2.5}}}
+    text = render_via_report(res, tmp_path, "builtin_model.json")
+    assert "Written by `python benchmarks/builtin_model.py -n 10 --seeds 2` on 2026-01-01 00:00 UTC; CPU `testarch`, " \
+           "3 torch thread(s)" in text
+    assert "Model: 1.23M parameters, 12 Euler steps, guidance 4.5" in text and "eval_set(10)" in text
+    assert "generator seed 5 + r x 100000 + i" in text and "the `quality` preset as the service runs it" in text
+    assert "| all right, one object, with or without a position, uncached | >= 97% | 100.0% | yes |" in text
+    assert "| all right, two objects in a relation, uncached | >= 80% | 25.0% | NO |" in text
+    assert "| one 16x16 image, batch 1, 12 steps, uncached | <= 0.5 s | 0.75 s wall, 0.4 s CPU | yes |" in text
+    assert "| relation | 4 | 25.0 | 90.0 | 80.0 | 70.0 | 60.0 | 25.0 | 0 | - | - | - | - | - | - |" in text
+    assert "Uncached all right per seed round: 69.0 / 71.0%." in text
+    assert "PSNR 33.3 dB, SSIM 0.9123" in text and "flops_speedup=2.5" in text
+    assert "1-minute load average during the run: 6.5 on 7 cores" in text
+
+
+def test_tune_section(tmp_path):
+    row = {"label": "fora N3 W3", "psnr": 30.0, "ssim": 0.9, "adherence": 50.0, "speedup": 2.5, "wall_clock_speedup": 2.4}
+    rows = {"uncached": {"adherence": 43.75}, "tuned fast": row,
+            "paper fast": {**row, "label": "clusca N6", "psnr": 20.0, "speedup": 2.0}}
+    res = {"minutes": 1.5, "holdout": 8, "rounds": 4, "cores": 7, "date": "2026-01-01 00:00 UTC", "tune_s": 88.4,
+           "plan": {"rungs": [2, 6]}, "final_prompts": 6, "all_rungs": [2, 6], "candidates": 11,
+           "images_measured": 77, "presets": {"fast": {"mode": "fora", "interval": 3}}, "rows": rows,
+           "targets": [["tuned fast dominates paper fast", "30.00 vs 20.00 dB", True], ["another", "x", False]],
+           "device": "cpu testarch (7 cores)", "clock": "wall", "group": 5}
+    text = render_via_report(res, tmp_path, "tune_builtin.json")
+    assert "Written by `python benchmarks/tune_builtin.py --minutes 1.5` on 2026-01-01 00:00 UTC; " \
+           "cpu testarch (7 cores), shared with other work. The tuner ran 88 s: 11 settings, 77 candidate images, " \
+           "rungs of 2, 6 image(s)" in text
+    assert "on 8 held-out prompts (`eval_set(8, seed=7)`" in text and "batch 1, 4 interleaved rounds" in text
+    assert "an uncached run between every 5 settings" in text and "The machine's 7 cores were shared" in text
+    assert "| tuned fast dominates paper fast | 30.00 vs 20.00 dB | yes |" in text and "| another | x | no |" in text
+    assert "| uncached | - | - | 43.8 | 1.00 | 1.00 |" in text
+    assert "| tuned fast (fora N3 W3) | 30.00 | 0.9000 | 50.0 | 2.50 | 2.40 |" in text
+    assert 'Tuned `cache_presets`: `{"fast": {"mode": "fora", "interval": 3}}`.' in text
