@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,6 +36,16 @@ def save(res: dict[str, Any], path: str | Path) -> Path:
 
 def load(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def measured_or_loaded(from_json: str | Path | None, measure: Callable[[], dict[str, Any]],
+                       path: str | Path) -> dict[str, Any]:
+    """The results saved in ``from_json`` (nothing is measured), or ``measure()``'s, saved to ``path``."""
+    if from_json:
+        return load(from_json)
+    res = measure()
+    print(f"wrote {save(res, path)}")
+    return res
 
 
 def quoted_command(argv: list[str], *, paths: tuple[str, ...] = ("--json", "--from-json"),

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
-from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
+from benchmarks._results import RESULTS, measured_or_loaded, quoted_command  # noqa: E402
 from benchmarks._sampling import EulerLoop, FluxInputs  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state  # noqa: E402
 
@@ -222,11 +222,7 @@ def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.from_json:
-        res = load(args.from_json)
-    else:
-        res = measure(args, argv)
-        print(f"wrote {save(res, args.json)}")
+    res = measured_or_loaded(args.from_json, lambda: measure(args, argv), args.json)
     plain_ms, lines, targets = summarise(res)
     print(f"\nuncached step: {res['uncached_ops']} aten operators, {plain_ms:.2f} ms (median)")
     print("\n".join(lines))

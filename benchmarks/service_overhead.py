@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
-from benchmarks._results import RESULTS, load, save  # noqa: E402
+from benchmarks._results import RESULTS, measured_or_loaded, quoted_command  # noqa: E402
 
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 
@@ -201,7 +201,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     pipe = ShapesFluxPipeline.from_pretrained(args.weights)
     pipe.set_progress_bar_config(disable=True)
     res: dict[str, Any] = {
-        "meta": {"argv": shlex.join(_without_json(argv)),
+        "meta": {"argv": shlex.join(quoted_command(argv, flags=("--no-write",))),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
                  "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "load_avg": round(os.getloadavg()[0], 2), "steps": args.steps, "requests": args.requests},
@@ -211,19 +211,6 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         res["runs"].append(rows)
         print(f"run {r + 1}/{args.runs}: " + summary_line(summarise_run(rows)), flush=True)
     return res
-
-
-def _without_json(argv: list[str]) -> list[str]:
-    """The command as the docs quote it: where its results went is not part of the measurement."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--json", "--from-json"):
-            skip = True
-        elif a != "--no-write" and not a.startswith(("--json=", "--from-json=")):
-            out.append(a)
-    return out
 
 
 def median_ms(xs: list[float]) -> float:
@@ -330,11 +317,7 @@ def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.from_json:
-        res = load(args.from_json)
-    else:
-        res = measure(args, argv)
-        print(f"wrote {save(res, args.json)}")
+    res = measured_or_loaded(args.from_json, lambda: measure(args, argv), args.json)
     h = headline(res)
     print(f"median over {len(res['runs'])} run(s): " + summary_line(h))
     print(f"  target <= +15 ms: {'met' if h['overhead'] <= 15 else 'MISSED'}")

@@ -103,3 +103,13 @@ def test_every_benchmark_renders_its_sections_with_write_docs():
         # A section of the docs is written through write_docs only, never straight from a measurement.
         src = (ROOT / "benchmarks" / f"{name}.py").read_text()
         assert src.count("write_section(") <= 1 + src.count("def write_docs"), name
+
+
+def test_the_quoted_command_leaves_out_where_results_and_docs_went():
+    from benchmarks._results import quoted_command
+
+    argv = ["--runs", "3", "--json", "/tmp/r.json", "--no-write", "--from-json=x.json", "--docs", "--steps", "4"]
+    assert quoted_command(argv) == ["--runs", "3", "--docs", "--steps", "4"]
+    # An option whose value is optional drops only a value that follows it.
+    assert quoted_command(argv, paths=("--json", "--docs")) == ["--runs", "3", "--from-json=x.json", "--steps", "4"]
+    assert quoted_command(["--docs", "/tmp/b.md", "--x"], paths=("--docs",)) == ["--x"]
