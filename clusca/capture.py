@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .taylor import coefficient_table, coefficients_from
+from .taylor import CoefficientTable, coefficient_table, coefficients_from
 
 log = logging.getLogger("clusca.capture")
 
@@ -158,12 +158,12 @@ class StaticInputs:
     kwargs: dict[str, Any]  # the call's keyword arguments, tensors replaced by static copies
     tensor_names: tuple[str, ...]  # which of them are static copies
     d: torch.Tensor  # 0-d: steps since the last full one
-    table: tuple[torch.Tensor, torch.Tensor]  # taylor.coefficient_table of the run's order
+    table: CoefficientTable  # the weights of the run's order and predictor
     rows: torch.Tensor | None  # (layers, batch * k * f) fresh rows of this step
     flat_index: torch.Tensor | None  # (batch * tokens,) cluster row of each token
 
     @classmethod
-    def like(cls, hs: torch.Tensor, kwargs: dict, names: tuple[str, ...], order: int, rows, flat_index,
+    def like(cls, hs: torch.Tensor, kwargs: dict, names: tuple[str, ...], config, order: int, rows, flat_index,
              dtype: torch.dtype) -> "StaticInputs":
         kw = dict(kwargs)
         present = []
@@ -176,7 +176,7 @@ class StaticInputs:
         return cls(
             hs=hs.clone(), kwargs=kw, tensor_names=tuple(present),
             d=torch.zeros((), dtype=dtype, device=dev),
-            table=coefficient_table(order, dtype, dev),
+            table=coefficient_table(order, dtype, dev, config.predictor, config.hermite_scale),
             rows=rows.clone() if rows is not None else None,
             flat_index=flat_index.clone() if flat_index is not None else None,
         )
@@ -196,7 +196,7 @@ class StaticInputs:
     _flat_src: Any = None
 
     def coefficients(self) -> torch.Tensor:
-        """``d^k / k!`` for ``k = 0..order``, computed on the device (part of the graph)."""
+        """The prediction weights for ``k = 0..order``, computed on the device (part of the graph)."""
         return coefficients_from(self.d, self.table)
 
 
@@ -340,13 +340,14 @@ def _record(adapter, ctrl, hs: torch.Tensor, kwargs: dict, key: tuple, d: int) -
     plan = adapter.plan(ctrl, x, shared_coeffs=True)
     if eager_plan is None or plan is None:
         return None
+    plan = plan.frozen()
     budget = budget_bytes()
     if counters.graph_bytes >= budget:
         ctrl.graphs()[key] = Captured(inputs=None, plan=plan, failed="capture memory budget reached")
         note_failure(counters, f"capture memory budget reached ({budget >> 20} MiB of graphs)")
         return None
     table = torch.stack(plan.rows) if plan.rows is not None else None
-    inputs = StaticInputs.like(hs, kwargs, adapter.input_names, ctrl.order, table, plan.flat_index, torch.float32)
+    inputs = StaticInputs.like(hs, kwargs, adapter.input_names, ctrl.config, ctrl.order, table, plan.flat_index, torch.float32)
     inputs._flat_src = plan.flat_index
     inputs.d.fill_(d)
     entry = Captured(inputs=inputs, plan=plan)

@@ -16,6 +16,7 @@ MODES = ("off", "fora", "taylorseer", "clusca")
 DISTANCES = ("l1", "l2")
 PROPAGATIONS = ("paper", "anchored")
 CAPTURES = ("auto", "off")
+PREDICTORS = ("taylor", "hermite")
 MAX_ORDER = 4
 
 
@@ -31,6 +32,12 @@ class ClusCaConfig:
             which reproduces the uncached model exactly).
         warmup: number of leading steps that are always full (at least 1).
         order: Taylor order of the prediction (0..4). Forced to 0 in ``fora`` mode.
+        predictor: how the factors of orders 1 and up are weighted on a cached step:
+            ``taylor`` (the Taylor series, as in the paper) or ``hermite`` (HiCache's scaled
+            Hermite polynomials, which damp the extrapolation; see ``clusca.taylor``). Order 0
+            predicts the same with either.
+        hermite_scale: the contraction ``s`` of the ``hermite`` predictor, in (0, 1]; smaller
+            damps more, ``1/sqrt(2)`` keeps Taylor's first-order weight.
         clusters: number of k-means clusters K per sample and token group (image / text).
         fresh_tokens: tokens per cluster recomputed by the feed-forward network on cached steps.
         gamma: propagation ratio: weight of a cluster's fresh output blended into each member.
@@ -66,6 +73,8 @@ class ClusCaConfig:
     interval: int = 5
     warmup: int = 3
     order: int = 1
+    predictor: str = "taylor"
+    hermite_scale: float = 0.5
     clusters: int = 16
     fresh_tokens: int = 1
     gamma: float = 0.005
@@ -135,6 +144,10 @@ class ClusCaConfig:
         _int_range("interval", self.interval, 1, 1000)
         _int_range("warmup", self.warmup, 1, 1000)
         _int_range("order", self.order, 0, MAX_ORDER)
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor: must be one of {list(PREDICTORS)}, got {self.predictor!r}")
+        if not (0.0 < float(self.hermite_scale) <= 1.0):
+            raise ValueError(f"hermite_scale: must be above 0 and at most 1, got {self.hermite_scale!r}")
         _int_range("clusters", self.clusters, 1, 4096)
         _int_range("fresh_tokens", self.fresh_tokens, 1, 64)
         if not (0.0 <= float(self.gamma) <= 1.0) or math.isnan(float(self.gamma)):
@@ -192,6 +205,8 @@ _FIELD_TYPES: dict[str, Any] = {
     "interval": int,
     "warmup": int,
     "order": int,
+    "predictor": str,
+    "hermite_scale": float,
     "clusters": int,
     "fresh_tokens": int,
     "gamma": float,

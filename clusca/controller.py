@@ -17,7 +17,7 @@ from .patterns import ArchitecturePatterns
 from .probe import FlopsProbe
 from .state import BranchState, Counters, SlotState
 from .steps import StepTracker
-from .taylor import coefficients
+from .taylor import coefficients as prediction_weights
 
 CACHE_HOOK = "clusca_cache"
 CLUSTER_HOOK = "clusca_cluster"
@@ -192,7 +192,7 @@ class ClusCaController:
             and x.shape[0] % 2 == 0 and torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:])
         )
         if not full:
-            branch.coeffs = coefficients(step - branch.last_full, self.order)
+            branch.coeffs = self.coefficients(step - branch.last_full)
         self.branch = branch
         if not branch.probed:
             self.probe.begin(branch, args, kwargs)
@@ -256,11 +256,16 @@ class ClusCaController:
         of the family replay them (only called while capture keeps buffers)."""
         return self.kept.family((self._settings_key, self.branch.signature)).graphs
 
+    def coefficients(self, d: int) -> tuple[float, ...]:
+        """The prediction weights of this run's order and predictor, ``d`` steps after a full step."""
+        cfg = self.config
+        return prediction_weights(d, self.order, cfg.predictor, cfg.hermite_scale)
+
     def coeffs_for(self, st: SlotState) -> tuple[float, ...]:
         branch = self.branch
         if st.last_full == branch.last_full:
             return branch.coeffs
-        return coefficients(branch.step - st.last_full, self.order)
+        return self.coefficients(branch.step - st.last_full)
 
     def fresh_rows(self, group: str, clusters) -> tuple[torch.Tensor, ...]:
         """This step's fresh rows of every feed-forward module of ``group`` (see ``FreshTokens``)."""

@@ -2,33 +2,77 @@
 
 The one home of the prediction math: ``F_0 = y`` on a full step, ``F_{k+1} = (F_k - F_k') / d``
 (finite differences against the previous full step's factors, ``d`` steps apart), and on a
-cached step ``d`` steps after the last full one ``y_hat = sum_k F_k d^k / k!``.
+cached step ``d`` steps after the last full one ``y_hat = sum_k F_k c_k(d)``, with the weights
+``c_k`` of one of two predictors:
+
+* ``taylor``: ``c_k = d^k / k!``, the Taylor series (TaylorSeer, ClusCa);
+* ``hermite``: ``c_k = s^k H_k(s d) / k!`` with ``H_k`` the physicists' Hermite polynomials
+  and a contraction ``s`` in (0, 1] (HiCache, arXiv 2508.16984). At ``s = 1/sqrt(2)`` the
+  first-order weight equals Taylor's; a smaller ``s`` damps the extrapolation, the more so
+  the higher the order and the further from the last full step.
+
+Both use the same factors, so the predictor is a choice of weights only: it costs nothing
+per step and can change from one run to the next.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-
-def coefficients(d: int, order: int) -> tuple[float, ...]:
-    """``d^k / k!`` for ``k = 0..order``."""
-    return tuple(d**k / math.factorial(k) for k in range(order + 1))
+from .config import PREDICTORS
 
 
-def coefficient_table(order: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(k, 1 / k!)`` for ``k = 0..order`` as tensors on ``device``: what
-    :func:`coefficients_from` needs, made once (a recorded graph may not copy from the host)."""
+def _hermite(y, order: int) -> list:
+    """``H_0(y) .. H_order(y)`` by the recurrence ``H_{k+1} = 2y H_k - 2k H_{k-1}``; ``y`` a
+    number or a 0-d tensor (then every value is computed on its device)."""
+    h = [y * 0 + 1, 2 * y]
+    for k in range(1, order):
+        h.append(2 * y * h[k] - 2 * k * h[k - 1])
+    return h[: order + 1]
+
+
+def _weights(order: int, predictor: str, scale: float) -> tuple[float, ...]:
+    # The part of c_k that does not depend on d: 1 / k! (taylor), s^k / k! (hermite).
+    s = scale if predictor == "hermite" else 1.0
+    return tuple(s**k / math.factorial(k) for k in range(order + 1))
+
+
+def coefficients(d: int, order: int, predictor: str = "taylor", scale: float = 0.5) -> tuple[float, ...]:
+    """The weights ``c_0 .. c_order`` of a prediction ``d`` steps after the last full step."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor: must be one of {list(PREDICTORS)}, got {predictor!r}")
+    w = _weights(order, predictor, scale)
+    if predictor == "hermite":
+        return tuple(float(h) * wk for h, wk in zip(_hermite(scale * d, order), w))
+    return tuple(d**k * wk for k, wk in enumerate(w))
+
+
+class CoefficientTable(NamedTuple):
+    """What :func:`coefficients_from` needs as tensors, made once (a recorded graph may not
+    copy from the host)."""
+
+    powers: torch.Tensor  # k = 0..order
+    weights: torch.Tensor  # the d-independent part of each c_k
+    hermite_scale: float | None  # s, or None for the Taylor series
+
+
+def coefficient_table(order: int, dtype: torch.dtype, device, predictor: str = "taylor",
+                      scale: float = 0.5) -> CoefficientTable:
     k = torch.arange(order + 1, dtype=dtype, device=device)
-    return k, torch.tensor(coefficients(1, order), dtype=dtype, device=device)
+    w = torch.tensor(_weights(order, predictor, scale), dtype=dtype, device=device)
+    return CoefficientTable(k, w, scale if predictor == "hermite" else None)
 
 
-def coefficients_from(d: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def coefficients_from(d: torch.Tensor, table: CoefficientTable) -> torch.Tensor:
     """:func:`coefficients` as a tensor, from ``d`` held in a 0-d tensor: a recorded graph
     reads ``d`` from a buffer and computes its coefficients itself."""
-    k, inv_factorials = table
-    return d.pow(k).mul_(inv_factorials)
+    if table.hermite_scale is None:
+        return d.pow(table.powers).mul_(table.weights)
+    order = table.powers.numel() - 1
+    return torch.stack(_hermite(d * table.hermite_scale, order)).mul_(table.weights)
 
 
 def add_scaled(y: torch.Tensor, x: torch.Tensor, c) -> torch.Tensor:
@@ -72,6 +116,13 @@ class Factors:
             self.raw = raw.copy_(y)
         else:
             self.raw = y.detach().clone()
+
+    def frozen(self) -> "Factors":
+        """The same buffers with the count of valid factors fixed at its present value."""
+        twin = Factors.__new__(Factors)
+        for name in Factors.__slots__:
+            setattr(twin, name, getattr(self, name))
+        return twin
 
     @property
     def shape(self) -> torch.Size:

@@ -58,12 +58,18 @@ def test_search_space_is_valid_and_free_of_duplicates():
     assert len(keys) == len(set(keys)) > 100
     modes = {c.mode for c in space}
     assert modes == {"fora", "taylorseer", "clusca"}
-    for knob in ("interval", "warmup", "order", "clusters", "gamma", "propagation", "guidance_pairs"):
+    for knob in ("interval", "warmup", "order", "predictor", "hermite_scale", "clusters", "gamma", "propagation",
+                 "guidance_pairs"):
         assert len({getattr(c, knob) for c in space}) > 1, knob
     assert all(canonical(c) == c for c in space)
     # FORA ignores order and clusters: one run, one key
     assert key_of(ClusCaConfig(mode="fora", interval=4, order=2, clusters=8)) == key_of(
         ClusCaConfig(mode="fora", interval=4))
+    # The predictor only weighs factors of order 1 and up: at order 0 it is not a new setting.
+    assert key_of(ClusCaConfig(mode="clusca", order=0, predictor="hermite", hermite_scale=0.7)) == key_of(
+        ClusCaConfig(mode="clusca", order=0))
+    hermite = [c for c in space if c.predictor == "hermite"]
+    assert hermite and all(c.order > 0 and " H" in label(c) for c in hermite)
     assert preset_overrides("balanced", PRESETS["balanced"]) == {}
     over = preset_overrides("fast", ClusCaConfig(mode="clusca", interval=5, order=0, clusters=4, gamma=0.0))
     assert ClusCaConfig.from_dict({"preset": "fast", **over}) == ClusCaConfig(mode="clusca", interval=5, order=0,

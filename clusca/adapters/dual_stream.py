@@ -297,6 +297,18 @@ class LeanPlan:
         self.fresh_slots = fresh_slots  # (slot index, rows per layer) of each block with fresh tokens
         self.n_valid = n_valid  # valid factors per slot: part of what a recorded step was recorded for
 
+    def frozen(self) -> "LeanPlan":
+        """This plan over factors whose count of valid factors stays as it is now. A CUDA
+        graph keeps the decisions made while it was recorded (how many factors a prediction
+        sums); a later run of the same family reuses the buffers with new ``Factors`` objects,
+        so a step replayed by calling it again must not read their changing counts either."""
+        def keep(f):
+            return f.frozen() if f is not None else None
+
+        return LeanPlan([keep(f) for f in self.attn], [keep(f) for f in self.attn2], [keep(f) for f in self.ff],
+                        keep(self.head), self.work, self.coeffs, self.rows, self.flat_index, self.fresh_slots,
+                        self.n_valid)
+
     def count(self, ctrl) -> None:
         """The run's counters for the fresh tokens a step computed (on the host, outside any graph)."""
         slots = ctrl.branch.slots

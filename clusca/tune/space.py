@@ -36,16 +36,20 @@ def canonical(cfg: ClusCaConfig) -> ClusCaConfig:
         cfg = dataclasses.replace(cfg, order=0)
     if cfg.mode == "clusca" and (cfg.order == 0 or cfg.gamma == 0):
         cfg = dataclasses.replace(cfg, propagation=d.propagation)
+    if cfg.order == 0 or cfg.predictor == "taylor":
+        cfg = dataclasses.replace(cfg, predictor=d.predictor, hermite_scale=d.hermite_scale)
     return cfg.validate()
 
 
 def label(cfg: ClusCaConfig) -> str:
-    """Short name: N interval, W warm-up, O order, K clusters, g gamma."""
+    """Short name: N interval, W warm-up, O order, H Hermite scale, K clusters, g gamma."""
     if cfg.mode == "off":
         return "uncached"
     out = f"{cfg.mode} N{cfg.interval} W{cfg.warmup}"
     if cfg.mode != "fora":
         out += f" O{cfg.order}"
+        if cfg.predictor == "hermite" and cfg.order > 0:
+            out += f" H{cfg.hermite_scale:g}"
     if cfg.mode == "clusca":
         out += f" K{cfg.clusters} g{cfg.gamma:g}"
         if cfg.propagation != "paper":
@@ -63,8 +67,9 @@ def search_space(steps: int, seed: int = 0) -> list[ClusCaConfig]:
     """Candidate settings for a ``steps``-step schedule, the most telling first.
 
     First the axes (for every interval: FORA, TaylorSeer order 1, ClusCa order 0 with few
-    clusters, ClusCa with the paper's order, clusters and gamma), then random draws over every
-    knob, in a fixed order for a given ``seed``.
+    clusters, ClusCa with the paper's order, clusters and gamma, TaylorSeer order 1 with the
+    Hermite predictor), then random draws over every knob (a third of them with the Hermite
+    predictor), in a fixed order for a given ``seed``.
     """
     top = max(2, min(12, steps // 4))
     intervals = list(range(2, top + 1))
@@ -74,8 +79,12 @@ def search_space(steps: int, seed: int = 0) -> list[ClusCaConfig]:
         out += [ClusCaConfig(mode="fora", interval=n, warmup=3, order=0),
                 ClusCaConfig(mode="taylorseer", interval=n, warmup=3, order=1),
                 ClusCaConfig(mode="clusca", interval=n, warmup=3, order=0, clusters=4, gamma=0.0),
-                ClusCaConfig(mode="clusca", interval=n, warmup=3, order=1, clusters=16, gamma=0.005)]
+                ClusCaConfig(mode="clusca", interval=n, warmup=3, order=1, clusters=16, gamma=0.005),
+                ClusCaConfig(mode="taylorseer", interval=n, warmup=3, order=1, predictor="hermite", hermite_scale=0.5)]
     rng = random.Random(seed)
+    # The predictor is drawn from a stream of its own, so the other knobs of each draw stay
+    # what they were before the Hermite predictor existed.
+    predictor_rng = random.Random(seed + 1)
     grid = {
         "mode": ["fora", "taylorseer", "clusca", "clusca"],
         "interval": intervals, "warmup": warmups, "order": [0, 1, 1, 2],
@@ -83,7 +92,10 @@ def search_space(steps: int, seed: int = 0) -> list[ClusCaConfig]:
         "propagation": ["paper", "anchored"], "guidance_pairs": [True, True, False],
     }
     for _ in range(40 * len(intervals)):
-        out.append(ClusCaConfig(**{k: rng.choice(v) for k, v in grid.items()}))
+        cfg = ClusCaConfig(**{k: rng.choice(v) for k, v in grid.items()})
+        if predictor_rng.random() < 1 / 3:
+            cfg = dataclasses.replace(cfg, predictor="hermite", hermite_scale=predictor_rng.choice([0.5, 0.6, 0.7]))
+        out.append(cfg)
     seen, unique = set(), []
     for cfg in out:
         k = key_of(cfg)

@@ -17,7 +17,7 @@ class CacheSettings(BaseModel):
     """ClusCa settings of one request: a preset, a mode, and any knob of the ClusCa config.
 
     Unset fields come from the preset (default: the model's default preset). Knobs:
-    ``interval``, ``warmup``, ``order``, ``clusters``, ``fresh_tokens``, ``gamma``,
+    ``interval``, ``warmup``, ``order``, ``predictor``, ``hermite_scale``, ``clusters``, ``fresh_tokens``, ``gamma``,
     ``kmeans_iters``, ``kmeans_distance``, ``propagation``, ``propagate_text``,
     ``refresh_text``, ``guidance_pairs``, ``seed``.
     """
@@ -30,6 +30,8 @@ class CacheSettings(BaseModel):
     interval: Optional[int] = Field(None, ge=1, le=1000)
     warmup: Optional[int] = Field(None, ge=1, le=1000)
     order: Optional[int] = Field(None, ge=0, le=4)
+    predictor: Optional[Literal["taylor", "hermite"]] = None
+    hermite_scale: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
     clusters: Optional[int] = Field(None, ge=1, le=4096)
     fresh_tokens: Optional[int] = Field(None, ge=1, le=64)
     gamma: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
