@@ -37,6 +37,8 @@ def _err(r, status: int) -> dict:
     ({"prompt": "x", "cache": {"bogus_knob": 1}}, "cache.bogus_knob", "unknown setting"),
     ({"prompt": "x", "cache": {"guidance_pairs": "sometimes"}}, "cache.guidance_pairs", "boolean"),
     ({"prompt": "x", "cache": {"capture": "always"}}, "cache.capture", "'auto', 'off'"),
+    ({"prompt": "x", "cache": {"predictor": "spline"}}, "cache.predictor", "'taylor' or 'hermite'"),
+    ({"prompt": "x", "cache": {"hermite_scale": 0}}, "cache.hermite_scale", "greater than 0"),
     ({"prompt": "x", "cache": {"modules": {"attention": ["(a+)+$"]}}}, "cache.modules", "operator"),
     ({"prompt": "x", "webhook_url": "ftp://example.com/x"}, "webhook_url", "http"),
     ({"prompt": "x", "model": "../../etc/passwd"}, "model", "pattern"),
