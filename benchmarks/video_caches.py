@@ -18,14 +18,18 @@ interval, each round running every method once in a rotated order; wall-clock an
 speedups are medians of the per-round ratios against the uncached run of the same round.
 It saves its raw results (``--json``, default benchmarks/results/video_transformer.json) and
 ``--docs [PATH]`` renders its section of docs/benchmarks.md (or PATH) from them alone;
-``--from-json FILE`` renders a saved file again without measuring. Pipeline modes write their
-results to ``--json`` only.
+``--from-json FILE`` renders a saved file again without measuring. Pipeline modes save theirs
+to benchmarks/results/video_caches-MODEL.json (or ``--json``), and ``--docs [PATH]`` renders
+the model's own section from them the same way.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import platform
+import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -36,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS  # noqa: E402
+from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
 
 PRESETS = ("off", "quality", "balanced", "fast")
@@ -101,35 +105,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     which.add_argument("--tiny", choices=["wan", "hunyuan"])
     which.add_argument("--model", help="a video model of the registry named by CLUSCA_MODELS")
     which.add_argument("--transformer", action="store_true", help="a Wan-architecture transformer alone")
-    which.add_argument("--from-json", type=Path, help="render the --transformer section from this file; run nothing")
+    which.add_argument("--from-json", type=Path, help="render the section of this results file; run nothing")
     ap.add_argument("--frames", type=int, help="frames per video (default: the model's; --transformer: 17)")
     ap.add_argument("--steps", type=int, help="denoising steps (default: the model's; --transformer: 20)")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--docs", nargs="?", type=Path, const=DOCS, default=None,
+                    help="render the section into docs/benchmarks.md (or this file)")
     wan = ap.add_argument_group("--transformer")
     wan.add_argument("--size", default="416x240", help="WIDTHxHEIGHT in pixels (multiples of 16)")
     wan.add_argument("--dim", type=int, default=384, help="model width (heads of 64)")
     wan.add_argument("--layers", type=int, default=8)
     wan.add_argument("--threads", type=int, default=1, help="torch threads")
-    wan.add_argument("--docs", nargs="?", type=Path, const=DOCS, default=None,
-                     help="render the section into docs/benchmarks.md (or this file)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    if args.transformer or args.from_json:
-        from benchmarks.video_transformer import bench, write_docs
+    # The command as the docs quote it: where the results and the section went is left out.
+    shown = quoted_command(argv, paths=("--json", "--docs")) + (["--docs"] if args.docs else [])
+    if args.from_json:
+        report = load(args.from_json)
+    elif args.transformer:
+        from benchmarks.video_transformer import bench
 
-        if args.from_json:
-            report = load(args.from_json)
-        else:
-            # The command as the docs quote it: where the results and the section went is left out.
-            shown = quoted_command(argv, paths=("--json", "--docs")) + (["--docs"] if args.docs else [])
-            report = bench(args, shown)
-            print(f"wrote {save(report, args.json or RESULTS / 'video_transformer.json')}")
-        if args.docs:
+        report = bench(args, shown)
+        print(f"wrote {save(report, args.json or RESULTS / 'video_transformer.json')}")
+    else:
+        report = bench_pipeline(args, shown)
+        print(f"wrote {save(report, args.json or default_json(report))}")
+    if args.docs:
+        if "presets" in report:
             write_docs(report, args.docs)
-        return report
+        else:
+            from benchmarks.video_transformer import write_docs as write_transformer_docs
+
+            write_transformer_docs(report, args.docs)
+    return report
+
+
+def bench_pipeline(args: argparse.Namespace, shown: list[str]) -> dict[str, Any]:
+    """Every preset on a served video model (``--tiny`` or ``--model``), as a worker runs it."""
+    meta = {"argv": shlex.join(shown), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cores": os.cpu_count(), "machine": platform.machine(), "device": args.device,
+            "load_avg": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             entry = tiny_entry(args.tiny, Path(tmp))
@@ -144,16 +162,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = args.steps or entry.defaults.steps
         prompts = [f"a short clip number {k}" for k in range(args.prompts)]
         results = run(entry, frames, steps, prompts, args.repeats, args.device)
-    report = {"model": entry.name, "frames": frames, "steps": steps, "size": f"{entry.defaults.width}x"
-              f"{entry.defaults.height}", "prompts": args.prompts, "repeats": args.repeats, "presets": results}
+    report = {"meta": meta, "model": entry.name, "frames": frames, "steps": steps,
+              "size": f"{entry.defaults.width}x{entry.defaults.height}", "prompts": args.prompts,
+              "repeats": args.repeats, "presets": results}
     print(f"{entry.name}: {frames} frames, {steps} steps, {report['size']}")
     print(f"{'preset':<10} {'s/frame':>9} {'speedup':>8} {'tokens':>7} {'PSNR':>7} {'SSIM':>6}")
     for preset, r in results.items():
         print(f"{preset:<10} {r['seconds_per_frame']:>9.4f} {r['flops_speedup'] or 1:>7.2f}x "
               f"{r['token_fraction'] or 1:>7.2f} {r['psnr']:>7.2f} {r['ssim']:>6.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
     return report
+
+
+def default_json(report: dict[str, Any]) -> Path:
+    return RESULTS / f"video_caches-{re.sub(r'[^a-z0-9]+', '-', report['model'].lower()).strip('-')}.json"
+
+
+def markers(model: str) -> tuple[str, str]:
+    return f"<!-- video-caches {model}:start -->", f"<!-- video-caches {model}:end -->"
+
+
+def render(r: dict[str, Any]) -> str:
+    """The model's section: every preset's cost and its frames against the uncached video."""
+    m = r["meta"]
+    start, end = markers(r["model"])
+    lines = [start, f"## Video: cache presets on a served pipeline ({r['model']})", "",
+             f"`python benchmarks/video_caches.py {m['argv']}`".replace(" `", "`"), "",
+             f"The model as a worker runs it (its registry entry, `load_runner`, one batch of {r['prompts']} "
+             f"prompt(s) per call, device `{m['device']}`) on {m['cores']} CPU core(s), {m['machine']}: "
+             f"{r['frames']} frames of {r['size']}, {r['steps']} steps. Every round runs each preset once; seconds "
+             f"per frame are the median of {r['repeats']} timed rounds after an untimed one. PSNR and SSIM: every "
+             "frame against the uncached video of the same seed (mean). FLOPs speedup and token fraction: the "
+             "library's analytic count (`run.stats`)."]
+    if r["model"].startswith("tiny-"):
+        lines[-1] += (" The pipeline is tiny and random: its FLOPs and token figures hold, its quality figures "
+                      "mean nothing.")
+    if m["load_avg"] > 1:
+        lines[-1] += (f" Other work shared the cores (1-minute load average {m['load_avg']:.1f} when the run "
+                      "began), so the seconds are noisy.")
+    lines += ["", "| preset | s per frame | FLOPs speedup | token fraction | cached steps | PSNR dB | SSIM |",
+              "|---|---|---|---|---|---|---|"]
+    for preset, p in r["presets"].items():
+        lines.append(f"| {preset} | {p['seconds_per_frame']:.4f} | {p['flops_speedup'] or 1:.2f}x | "
+                     f"{p['token_fraction'] or 1:.3f} | {p['cached_steps'] or 0} | {p['psnr']:.2f} | {p['ssim']:.4f} |")
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def write_docs(r: dict[str, Any], path: Path = DOCS) -> None:
+    write_section(*markers(r["model"]), render(r), path)
+    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

@@ -89,17 +89,13 @@ def test_gpu_results_of_two_commands_merge_into_one_table(tmp_path):
     assert "| 1 | uncached | 1 | 8.00 |" in text and "| 4 | uncached | 1 | 8.00 |" in text
 
 
-# Sections rendered by another module's write_docs, named by the results file that feeds them.
-RENDERED_ELSEWHERE = {"video_caches": "video_transformer"}  # its --transformer section: results/video_transformer.json
-
-
 def test_every_benchmark_renders_its_sections_with_write_docs():
     import importlib
 
     names = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_") and p.stem != "report"}
     for name in sorted(names):
-        owner = importlib.import_module(f"benchmarks.{RENDERED_ELSEWHERE.get(name, name)}")
-        assert callable(getattr(owner, "write_docs", None)), f"benchmarks/{name}.py has no write_docs(results)"
+        module = importlib.import_module(f"benchmarks.{name}")
+        assert callable(getattr(module, "write_docs", None)), f"benchmarks/{name}.py has no write_docs(results)"
         # A section of the docs is written through write_docs only, never straight from a measurement.
         src = (ROOT / "benchmarks" / f"{name}.py").read_text()
         assert src.count("write_section(") <= 1 + src.count("def write_docs"), name

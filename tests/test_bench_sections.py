@@ -138,3 +138,31 @@ def test_tune_section(tmp_path):
     assert "| uncached | - | - | 43.8 | 1.00 | 1.00 |" in text
     assert "| tuned fast (fora N3 W3) | 30.00 | 0.9000 | 50.0 | 2.50 | 2.40 |" in text
     assert 'Tuned `cache_presets`: `{"fast": {"mode": "fora", "interval": 3}}`.' in text
+
+
+def _preset(seconds: float, flops: float | None, fraction: float | None, cached: int, psnr: float) -> dict:
+    return {"seconds_per_frame": seconds, "flops_speedup": flops, "token_fraction": fraction, "cached_steps": cached,
+            "psnr": psnr, "ssim": 0.95}
+
+
+def test_video_pipeline_section_per_model(tmp_path):
+    from benchmarks import video_caches
+
+    res = {"meta": {"argv": "--model wan-test --docs", "date": "2026-01-01 00:00 UTC", "cores": 7,
+                    "machine": "testarch", "device": "cuda", "load_avg": 0.2},
+           "model": "wan-test", "frames": 9, "steps": 12, "size": "96x64", "prompts": 3, "repeats": 4,
+           "presets": {"off": _preset(0.5, None, None, 0, 100.0), "fast": _preset(0.125, 3.5, 0.25, 9, 31.25)}}
+    name = video_caches.default_json(res).name
+    assert name == "video_caches-wan-test.json"
+    text = render_via_report(res, tmp_path, name)
+    start, end = video_caches.markers("wan-test")
+    assert text.count(start) == 1 and text.count(end) == 1
+    assert "`python benchmarks/video_caches.py --model wan-test --docs`" in text
+    assert "one batch of 3 prompt(s) per call, device `cuda`) on 7 CPU core(s), testarch: 9 frames of 96x64, 12 steps" in text
+    assert "the median of 4 timed rounds" in text and "tiny and random" not in text and "load average" not in text
+    assert "| off | 0.5000 | 1.00x | 1.000 | 0 | 100.00 | 0.9500 |" in text
+    assert "| fast | 0.1250 | 3.50x | 0.250 | 9 | 31.25 | 0.9500 |" in text
+    # A tiny pipeline on a busy machine says both.
+    busy = {**res, "model": "tiny-wan", "meta": {**res["meta"], "load_avg": 5.5}}
+    text = render_via_report(busy, tmp_path, "video_caches-tiny-wan.json")
+    assert "its quality figures mean nothing" in text and "1-minute load average 5.5 when the run began" in text
