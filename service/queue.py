@@ -18,14 +18,15 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from .contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, QUEUED, TERMINAL, TERMINAL_EVENTS, JobRecord, JobRequest, JobResult
-from .keys import (JOB_ID, check_layout, done_key, events_key, idem_key, idem_owner_key, images_key, job_belongs_to, job_key,
+from .keys import (JOB_ID, check_layout, done_key, events_key, idem_key, idem_owner_key, images_key, job_belongs_to, job_key, job_tag,
                    new_job_id, stream_key, worker_key, workers_key)
 from .redis_conn import UNAVAILABLE, is_cluster
+from .slot_route import SlotRoute
 
 __all__ = ["GROUP", "EVENTS_MAXLEN", "TERMINAL", "JobQueue", "WorkerQueue", "Delivery", "StartedJob", "LiveWorker",
            "QueueFull", "IdempotencyMismatch", "NotReplicated", "new_job_id", "stream_key", "job_key", "events_key",
@@ -33,6 +34,7 @@ __all__ = ["GROUP", "EVENTS_MAXLEN", "TERMINAL", "JobQueue", "WorkerQueue", "Del
 from .lua import SCRIPTS
 
 log = logging.getLogger("clusca.queue")
+T = TypeVar("T")
 
 HEARTBEAT_S = 1.0
 # A worker counts as alive while its last heartbeat is younger than this.
@@ -363,6 +365,7 @@ class WorkerQueue:
         self._model_of = {stream_key(m): m for m in self.models}
         self._cluster = is_cluster(redis)
         self._read_groups = _by_slot([stream_key(m) for m in self.models], self._cluster)
+        self._route = SlotRoute(redis)
 
     def ensure_groups(self) -> None:
         """Check the key layout (:func:`~service.keys.check_layout`), then create missing consumer groups."""
@@ -378,21 +381,24 @@ class WorkerQueue:
         """New entries for this worker's models (at most ``count``)."""
         groups = self._read_groups
         if len(groups) == 1:
-            res = self.r.xreadgroup(GROUP, self.worker_id, groups[0], count=count,
-                                    block=block_ms if block_ms > 0 else None)
+            res = self._read(groups[0], count, block_ms if block_ms > 0 else None)
             return self._deliveries(res, count)
         # Streams in several cluster slots: poll each slot's streams until one has work.
         deadline = time.monotonic() + block_ms / 1000
         while True:
             out: list[Delivery] = []
             for streams in groups:
-                out += self._deliveries(self.r.xreadgroup(GROUP, self.worker_id, streams, count=count - len(out)),
-                                        count - len(out))
+                out += self._deliveries(self._read(streams, count - len(out), None), count - len(out))
                 if len(out) >= count:
                     return out
             if out or time.monotonic() >= deadline:
                 return out
             time.sleep(SPREAD_POLL_S)
+
+    def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> Any:
+        # Straight to the slot's primary: the cluster client would ask the server for XREADGROUP's keys first.
+        return self._route.call(next(iter(streams)), lambda c: c.xreadgroup(GROUP, self.worker_id, streams,
+                                                                            count=count, block=block_ms))
 
     def _deliveries(self, res: Any, count: int) -> list[Delivery]:
         out = []
@@ -451,10 +457,20 @@ class WorkerQueue:
             self.r.xclaim(stream_key(m), GROUP, self.worker_id, 0, ids, justid=True)
 
     def peek_requests(self, deliveries: list[Delivery]) -> list[JobRequest | None]:
-        pipe = self.r.pipeline(transaction=False)
-        for d in deliveries:
-            pipe.hget(job_key(d.job_id), "request")
-        return [JobRequest.parse(v) if v else None for v in pipe.execute()]
+        def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for d in deliveries:
+                pipe.hget(job_key(d.job_id), "request")
+            return pipe.execute()
+
+        return [JobRequest.parse(v) if v else None for v in self._one_slot([d.job_id for d in deliveries], run)]
+
+    def _one_slot(self, job_ids: list[str], run: Callable[[Any], T]) -> T:
+        """``run(client)``: on the primary of the jobs' slot when they share one (a batch is of one
+        model), else through the client itself (on a cluster, its pipeline splits by slot)."""
+        if self._cluster and job_ids and all(job_tag(j) == job_tag(job_ids[0]) for j in job_ids):
+            return self._route.call(job_key(job_ids[0]), run)
+        return run(self.r)
 
     def start(self, deliveries: list[Delivery]) -> tuple[list[StartedJob], list[tuple[Delivery, str]]]:
         """Mark jobs running (counting attempts). Returns started jobs and skipped ones with why."""
@@ -520,19 +536,25 @@ class WorkerQueue:
         One progress event per job and step, in order; each job's ``step`` field and cancel
         flag are written and read once, for its latest step.
         """
-        pipe = self.r.pipeline(transaction=False)
         latest: dict[str, tuple[int, list[bool], int]] = {}
-        for jobs, step, steps, cancelled in items:
-            ev = event_json("progress", step=step, steps=steps)
+        for jobs, step, _, cancelled in items:
             for idx, j in enumerate(jobs):
-                pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
                 latest[j.delivery.job_id] = (step, cancelled, idx)
         if not latest:
             return
-        for job_id, (step, _, _) in latest.items():
-            pipe.hset(job_key(job_id), "step", step)
-            pipe.hget(job_key(job_id), "cancel")
-        res = pipe.execute()
+
+        def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for jobs, step, steps, _ in items:
+                ev = event_json("progress", step=step, steps=steps)
+                for j in jobs:
+                    pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
+            for job_id, (step, _, _) in latest.items():
+                pipe.hset(job_key(job_id), "step", step)
+                pipe.hget(job_key(job_id), "cancel")
+            return pipe.execute()
+
+        res = self._one_slot(list(latest), run)
         flags = res[len(res) - 2 * len(latest) + 1::2]  # the HGET replies, after every XADD
         for (_, cancelled, idx), flag in zip(latest.values(), flags):
             if _s(flag) == "1":
@@ -548,12 +570,10 @@ class WorkerQueue:
         """
         d = job.delivery
         ev = event_json(FINAL_EVENT[status], status=status, error=error or None, images=len(images))
-        res = self._finish(keys=[job_key(d.job_id), events_key(d.job_id), images_key(d.job_id),
-                                 done_key(d.job_id), stream_key(d.model)],
-                           args=[status, repr(time.time()), result.to_json(),
-                                 error, self.ttl_s, d.entry_id, ev, "" if step is None else int(step),
-                                 len(progress), *progress, *images])
-        return bool(res)
+        keys = [job_key(d.job_id), events_key(d.job_id), images_key(d.job_id), done_key(d.job_id), stream_key(d.model)]
+        args = [status, repr(time.time()), result.to_json(), error, self.ttl_s, d.entry_id, ev,
+                "" if step is None else int(step), len(progress), *progress, *images]
+        return bool(self._route.call(keys[0], lambda c: self._finish(keys=keys, args=args, client=c)))
 
     def release(self, deliveries: list[Delivery]) -> None:
         """Hand unstarted jobs back to the queue (they go to the end of their stream)."""
