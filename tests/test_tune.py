@@ -141,6 +141,29 @@ def test_resume_continues_without_repeating_measured_candidates(tmp_path):
                   meta={"model": "fake", "seeds": 3}, progress=lambda _m: None)
 
 
+class SlowingModel(FakeModel):
+    """Cached runs become far slower than the uncached runs the plan was sized on, as when
+    other work takes the cores mid-run."""
+
+    def __call__(self, cfg, items):
+        if cfg is not None:
+            time.sleep(0.08 * len(items))
+        return super().__call__(cfg, items)
+
+
+def test_a_first_rung_the_time_cuts_short_still_gives_presets():
+    items = [(f"p{i}", 0) for i in range(12)]
+    lines: list[str] = []
+    res = tune_with(SlowingModel(), items, minutes=0.1, steps=20, meta={"model": "fake"}, batch=2,
+                    progress=lines.append)
+    assert any("the time is up during rung 1; the settings it measured decide" in ln for ln in lines), lines
+    plan = res.meta["plan"]
+    measured = [c for c in res.candidates if len(c.items) >= plan["rungs"][0]]
+    assert 0 < len(measured) < plan["start"] + 3  # only part of the planned rung was measured
+    assert set(res.picks) == {"quality", "balanced", "fast"}
+    assert all(res.by_key(k) in measured for k in res.picks.values())
+
+
 def test_memory_cap_keeps_picks_within_it(tmp_path):
     items = [(f"p{i}", 0) for i in range(6)]
     res = tune_with(FakeModel(), items, minutes=0.15, steps=20, memory_cap_bytes=500, meta={"model": "fake"},
