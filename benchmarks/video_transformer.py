@@ -120,7 +120,8 @@ def bench(args: Any, argv: list[str]) -> dict[str, Any]:
             "rel_error": float((x - ref).norm() / ref.norm()), "times": [round(t, 2) for t in wall[name]],
         })
     report = {"argv": shlex.join(argv), "cores": os.cpu_count(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "frames": frames, "width": width, "height": height, "latent": list(latent[2:]), "tokens": tokens,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "frames": frames, "width": width,
+              "height": height, "latent": list(latent[2:]), "tokens": tokens,
               "dim": args.dim, "layers": args.layers, "steps": steps, "repeats": args.repeats,
               "threads": args.threads, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
               "device": f"cpu ({platform.processor() or platform.machine()})",

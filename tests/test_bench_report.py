@@ -109,3 +109,11 @@ def test_the_quoted_command_leaves_out_where_results_and_docs_went():
     # An option whose value is optional drops only a value that follows it.
     assert quoted_command(argv, paths=("--json", "--docs")) == ["--runs", "3", "--from-json=x.json", "--steps", "4"]
     assert quoted_command(["--docs", "/tmp/b.md", "--x"], paths=("--docs",)) == ["--x"]
+
+
+def test_readme_quotes_the_saved_video_transformer_run():
+    res = load(RESULTS / "video_transformer.json")
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| cache presets on video"))
+    assert f"{res['tokens']} spatio-temporal tokens" in row and f"load average {res['load_avg']:.1f}" in row
+    for r in res["rows"][1:]:
+        assert f"{r['flops_speedup']:.2f}x / {r['wall_speedup']:.2f}x / {r['cpu_speedup']:.2f}x" in row, r["name"]
