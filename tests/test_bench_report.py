@@ -25,7 +25,8 @@ def test_every_saved_result_reproduces_its_section_of_the_docs(tmp_path):
     shutil.copy(DOCS, docs)
     files = sorted(RESULTS.glob("*.json"))
     assert {report.benchmark_of(f) for f in files} >= {"cache_compare", "gpu_flux", "load", "service_overhead",
-                                                        "speed_flux", "queue_throughput"}
+                                                        "speed_flux", "queue_throughput", "video_transformer",
+                                                        "video_caches"}
     assert report.main([*map(str, files), "--docs", str(docs)]) == 0
     assert docs.read_text() == DOCS.read_text()
 
