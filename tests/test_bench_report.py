@@ -26,7 +26,7 @@ def test_every_saved_result_reproduces_its_section_of_the_docs(tmp_path):
     files = sorted(RESULTS.glob("*.json"))
     assert {report.benchmark_of(f) for f in files} >= {"cache_compare", "gpu_flux", "load", "service_overhead",
                                                         "speed_flux", "queue_throughput", "video_transformer",
-                                                        "video_caches"}
+                                                        "video_caches", "cached_step"}
     assert report.main([*map(str, files), "--docs", str(docs)]) == 0
     assert docs.read_text() == DOCS.read_text()
 
@@ -118,3 +118,20 @@ def test_readme_quotes_the_saved_video_transformer_run():
     assert f"{res['tokens']} spatio-temporal tokens" in row and f"load average {res['load_avg']:.1f}" in row
     for r in res["rows"][1:]:
         assert f"{r['flops_speedup']:.2f}x / {r['wall_speedup']:.2f}x / {r['cpu_speedup']:.2f}x" in row, r["name"]
+
+
+def test_readme_quotes_the_saved_cached_step_run():
+    import statistics
+
+    res = load(RESULTS / "cached_step.json")
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| cached step at FLUX"))
+    lean = {r["method"]: r for r in res["rows"] if r["lean"]}
+    hooks = {r["method"]: r for r in res["rows"] if not r["lean"]}
+    ops = f"ClusCa `fast` {lean['clusca']['cached']:.0f}, TaylorSeer {lean['taylorseer']['cached']:.0f}, " \
+          f"FORA {lean['fora']['cached']:.0f} (module hooks alone: " + \
+          " / ".join(f"{hooks[m]['cached']:.0f}" for m in ("clusca", "taylorseer", "fora")) + ")"
+    assert ops in row and f"load {res['meta']['load_avg']:.1f}" in row
+    for name, method in (("ClusCa `fast`", "clusca"), ("TaylorSeer", "taylorseer"), ("FORA", "fora")):
+        r = lean[method]
+        wall, cpu = (statistics.median(r[k]) / r["flops_speedup"] for k in ("ratios", "cpu_ratios"))
+        assert f"{name} {wall:.3f} / {cpu:.3f}" in row, name
