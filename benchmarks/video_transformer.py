@@ -118,6 +118,7 @@ def bench(args: Any, argv: list[str]) -> dict[str, Any]:
             "flops_speedup": stats.flops_speedup, "full_steps": stats.full_steps,
             "cached_steps": stats.cached_steps, "token_fraction": stats.token_fraction,
             "rel_error": float((x - ref).norm() / ref.norm()), "times": [round(t, 2) for t in wall[name]],
+            "wall_s": wall[name], "cpu_s": cpu[name],  # per round, unrounded: what the medians come from
         })
     report = {"argv": shlex.join(argv), "cores": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "frames": frames, "width": width,

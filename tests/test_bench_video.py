@@ -44,6 +44,9 @@ def test_transformer_benchmark_compares_every_method_side_by_side(tmp_path, one_
     assert fast["flops_speedup"] > 1.5 and fast["cached_steps"] > 0 and 0 < fast["rel_error"] < 1
     assert rows["FORA N6"]["config"].startswith("fora, interval 6") and "K 16" in fast["config"]
     assert all(len(r["times"]) == 2 and r["wall_speedup"] > 0 for r in rows.values())
+    # The per-round times are saved whole: the speedups are the medians of their ratios.
+    ratios = sorted(u / t for u, t in zip(off["cpu_s"], fast["cpu_s"]))
+    assert fast["cpu_speedup"] == sum(ratios) / 2 and len(fast["wall_s"]) == 2
     text = docs.read_text()
     assert "kept" in text and "**24 spatio-temporal tokens**" in text and "| ClusCa fast |" in text
     # The command as quoted leaves out where the results and the section went.
