@@ -6,19 +6,20 @@ directory, named after the Redis it confirms jobs for and a random process id::
     acks-<redis>-<proc>.lock         held (flock) for as long as the process lives
     acks-<redis>-<proc>.<seq>.log    segments: one line "<unix time> <job id> <model>" per job
 
-A process that starts takes over every lock of its Redis that nobody holds (their
-writer died or stopped): it reads their segments, writes the unchecked entries into a
-segment of its own and only then removes the orphan's files, so a crash in between
-leaves the entries twice, never nowhere. A directory shared by deployments of
+At its start and every 30 s after (:func:`service.reconcile.run`), a process takes
+over every lock of its Redis that nobody holds (their writer died or stopped): it
+reads their segments, writes the unchecked entries into a segment of its own and only
+then removes the orphan's files, so a crash in between leaves the entries twice, never
+nowhere. A directory shared by deployments of
 different Redis servers keeps them apart by the ``<redis>`` part of the names.
 
 Writing costs one ``write`` per confirmed job, made before the API answers: the entry is
 in the kernel's page cache, so a killed or crashed process loses none. ``fsync`` runs
 at most once a second (from the checker), so a host crash can lose the last second.
 
-Compaction: checks go in confirmation order, so whole segments fall behind the checks
-and are deleted; a segment is closed after :data:`SEGMENT_LINES` entries, which bounds
-the disk to the unchecked entries plus at most two segments.
+Compaction: checks go mostly in confirmation order, so whole segments fall behind the
+checks and are deleted; a segment is closed after :data:`SEGMENT_LINES` entries, which
+bounds the disk to the unchecked entries plus about two segments.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from typing import Any
 from . import metrics
 from .ack_log import AckLog
 from .keys import job_key
-from .redis_conn import UNAVAILABLE
+from .redis_conn import UNAVAILABLE, is_transport_failure
 
 log = logging.getLogger("clusca.reconcile")
 
@@ -49,20 +49,28 @@ class AckJournal:
                  disk: AckLog | None = None, max_age_s: float = 86400.0):
         self.settle_s = settle_s
         self.capacity = capacity
-        # (monotonic time, unix time, job id, model, segment of `disk` holding it)
+        # (monotonic time, unix time, job id, model, segment of `disk` holding it, or -1)
         self._pending: deque[tuple[float, float, str, str, int]] = deque()
         self.lost: deque[LostJob] = deque(maxlen=keep_lost)
         self.checked = 0
         self.dropped = 0
         self.disk = disk
-        self.adopted = self._adopt(max_age_s) if disk else 0
+        self.max_age_s = max_age_s
+        self.adopted = 0
+        self.adopt_orphans()
 
-    def _adopt(self, max_age_s: float) -> int:
-        assert self.disk is not None
+    def adopt_orphans(self) -> int:
+        """Take over the journals on disk that no live process holds (their process stopped or
+        died, at our start or since: a rolling restart stops the old process after the new one
+        started); return how many jobs they left unchecked."""
+        if not self.disk:
+            return 0
         now_wall, now_mono = time.time(), time.monotonic()
-        entries = self.disk.adopt(since=now_wall - max_age_s)
-        for wall, job_id, model, seg in entries:  # due as their age says
+        entries = self.disk.adopt(since=now_wall - self.max_age_s)
+        # Due as their age says; behind younger entries they wait at most one settle time more.
+        for wall, job_id, model, seg in entries:
             self._pending.append((now_mono - (now_wall - wall), wall, job_id, model, seg))
+        self.adopted += len(entries)
         return len(entries)
 
     def add(self, job_id: str, model: str) -> None:
@@ -70,14 +78,19 @@ class AckJournal:
             # Checks have been failing for a long time; the oldest entries can no longer be checked.
             self._forget([self._pending.popleft()])
             self.dropped += 1
-        wall = time.time()
-        seg = self.disk.append(wall, job_id, model) if self.disk else 0
+        wall, seg = time.time(), -1
+        if self.disk:
+            try:
+                seg = self.disk.append(wall, job_id, model)
+            except OSError as exc:  # the job is confirmed already: it is still checked, from memory
+                log.warning("could not write job %s to the journal on disk (%s)", job_id, exc)
         self._pending.append((time.monotonic(), wall, job_id, model, seg))
 
     def _forget(self, entries: list[tuple[float, float, str, str, int]]) -> None:
         if self.disk:
             for entry in entries:
-                self.disk.checked(entry[4])
+                if entry[4] >= 0:
+                    self.disk.checked(entry[4])
 
     @property
     def pending(self) -> int:
@@ -108,8 +121,9 @@ class AckJournal:
             for _, _, job_id, _, _ in due:
                 pipe.exists(job_key(job_id))
             found = await pipe.execute()
-        except UNAVAILABLE:
-            self._pending.extendleft(reversed(due))
+        except Exception as exc:
+            if isinstance(exc, UNAVAILABLE) or is_transport_failure(exc):  # checked again on the next round
+                self._pending.extendleft(reversed(due))
             raise
         self._forget(due)
         lost = [LostJob(job_id, model, wall) for (_, wall, job_id, model, _), n in zip(due, found) if not n]
@@ -122,14 +136,26 @@ class AckJournal:
         return lost
 
 
-async def run(journal: AckJournal, r: Any, interval_s: float = 1.0) -> None:
-    """Check the journal every ``interval_s`` until cancelled."""
+async def run(journal: AckJournal, r: Any, interval_s: float = 1.0, adopt_every_s: float = 30.0) -> None:
+    """Check the journal every ``interval_s`` and look for orphaned journals on disk every
+    ``adopt_every_s``, until cancelled."""
+    next_adoption = time.monotonic() + adopt_every_s
     while True:
         try:
             await journal.check(r)
         except UNAVAILABLE:
             pass
-        except Exception:  # noqa: BLE001 - the checker must outlive a bad reply
-            log.exception("reconciliation check failed")
-        journal.sync()
+        except Exception as exc:  # noqa: BLE001 - the checker must outlive a bad reply
+            if not is_transport_failure(exc):
+                log.exception("reconciliation check failed")
+        if time.monotonic() >= next_adoption:
+            next_adoption = time.monotonic() + adopt_every_s
+            try:
+                journal.adopt_orphans()
+            except OSError:
+                log.exception("could not take over the journals of stopped API processes")
+        try:
+            journal.sync()
+        except OSError:
+            log.exception("could not sync the journal to disk")
         await asyncio.sleep(interval_s)

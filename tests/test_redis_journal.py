@@ -185,3 +185,16 @@ def test_the_api_reports_after_a_restart_a_loss_its_predecessor_had_not_checked(
     finally:
         service.stop(proc)
         r.delete(*[job_key(j) for j in ids])
+
+
+def test_a_journal_left_by_a_process_that_stopped_later_is_taken_over_while_running(service, tmp_path):
+    # A rolling restart: the new process starts while the old one still holds its journal.
+    url = service.redis_url
+    old = AckJournal(settle_s=30, disk=AckLog(tmp_path, url))
+    old.add("4" * 32, "durable")
+    new = AckJournal(settle_s=30, disk=AckLog(tmp_path, url))
+    assert new.adopted == 0
+    old.close()  # stopped with a job unchecked: its files stay
+    assert new.adopt_orphans() == 1 and new.pending == 1 and new.adopted == 1
+    assert new.adopt_orphans() == 0, "taken over once"
+    new.close()
