@@ -90,10 +90,10 @@ class AckLog:
     def _open_segment(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        self._seq += 1
-        self._fd = os.open(self._name(self.proc, f".{self._seq}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._lines[self._seq] = 0
-        self._written = 0
+            self._fd = -1  # never write to a closed descriptor's number: another file may hold it now
+        seq = self._seq + 1
+        self._fd = os.open(self._name(self.proc, f".{seq}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._seq, self._lines[seq], self._written = seq, 0, 0
 
     def append(self, wall: float, job_id: str, model: str) -> int:
         """Write one entry; return the segment that holds it (for :meth:`checked`)."""
@@ -174,7 +174,10 @@ class AckLog:
         none left is removed."""
         if self._fd < 0:
             return
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:  # a stop must not fail on it: what the kernel holds is written anyway
+            log.warning("could not sync the journal at stop (%s)", exc)
         os.close(self._fd)
         self._fd = -1
         if not any(self._lines.values()):
