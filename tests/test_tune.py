@@ -58,8 +58,7 @@ def test_search_space_is_valid_and_free_of_duplicates():
     assert len(keys) == len(set(keys)) > 100
     modes = {c.mode for c in space}
     assert modes == {"fora", "taylorseer", "clusca"}
-    for knob in ("interval", "warmup", "order", "predictor", "hermite_scale", "clusters", "gamma", "propagation",
-                 "guidance_pairs"):
+    for knob in ("interval", "warmup", "order", "predictor", "clusters", "gamma", "propagation", "guidance_pairs"):
         assert len({getattr(c, knob) for c in space}) > 1, knob
     assert all(canonical(c) == c for c in space)
     # FORA ignores order and clusters: one run, one key
