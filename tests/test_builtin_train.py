@@ -116,16 +116,46 @@ def test_data_mix_is_checked(tmp_path, bad):
         train.parse_args(["--out", str(tmp_path), "--steps", "1", *bad])
 
 
-def test_init_from_the_shipped_weights_keeps_what_they_learnt(tmp_path, capsys):
-    """The data's vocabulary outgrew the shipped one; continuing keeps every learnt word."""
+NUMBER_WORDS = ("two", "three", "are")
+
+
+def _checkpoint_without(words, folder):
+    """The shipped weights as a checkpoint from before ``words`` joined the data: those
+    words, their embedding rows and the vocabulary size taken out."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
     from clusca_shapes import WEIGHTS_DIR
 
+    shutil.copytree(WEIGHTS_DIR, folder)
+    vocab_file = folder / "tokenizer" / "vocab.json"
+    vocab = json.loads(vocab_file.read_text())
+    itos = ["<pad>", "<unk>", "<bos>"] + vocab["words"]
+    keep = [i for i, w in enumerate(itos) if w not in words]
+    vocab["words"] = [w for w in vocab["words"] if w not in words]
+    vocab_file.write_text(json.dumps(vocab))
+    weights_file = folder / "text_encoder" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(weights_file))
+    weights["embed.weight"] = weights["embed.weight"][keep].contiguous()
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    config_file = folder / "text_encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["vocab_size"] = len(keep)
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+def test_init_from_older_weights_keeps_what_they_learnt(tmp_path, capsys):
+    """When the data's vocabulary outgrows a checkpoint's, continuing keeps every learnt word."""
+    start = _checkpoint_without(NUMBER_WORDS, tmp_path / "older")
     out = tmp_path / "next"
-    assert train.main(["--out", str(out), "--init", str(WEIGHTS_DIR), "--steps", "1", "--batch", "2",
+    assert train.main(["--out", str(out), "--init", str(start), "--steps", "1", "--batch", "2",
                        "--threads", "1", "--lr", "0", "--warmup", "1"]) == 0
     assert "words new to it: are three two" in capsys.readouterr().out
-    old, new = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR), ShapesFluxPipeline.from_pretrained(out)
-    wo, wn = _weights(WEIGHTS_DIR), _weights(out)
+    old, new = ShapesFluxPipeline.from_pretrained(start), ShapesFluxPipeline.from_pretrained(out)
+    wo, wn = _weights(start), _weights(out)
     assert all(torch.allclose(wo[k], wn[k]) for k in wo)
     eo, en = old.text_encoder.embed.weight, new.text_encoder.embed.weight
     for word, i in new.tokenizer.stoi.items():
