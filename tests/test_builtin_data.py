@@ -363,11 +363,11 @@ def test_tokenizer_handles_any_text():
         tok([None])
 
 
-def test_shipped_vocabulary_reads_plurals_and_lacks_only_the_number_words():
+def test_shipped_vocabulary_knows_every_word_of_the_data_and_reads_plurals():
     from clusca_shapes import WEIGHTS_DIR
     from clusca_shapes.text import WordTokenizer
 
     shipped = WordTokenizer.from_pretrained(WEIGHTS_DIR / "tokenizer")
-    assert set(data.vocabulary()) - set(shipped.itos) == {"two", "three", "are"}
+    assert set(data.vocabulary()) <= set(shipped.itos)
     ids, _ = shipped(["two blue squares"])
-    assert ids[0, 1] == shipped.stoi["<unk>"] and ids[0, 3] == shipped.stoi["square"]
+    assert ids[0, 1:4].tolist() == [shipped.stoi["two"], shipped.stoi["blue"], shipped.stoi["square"]]
