@@ -25,7 +25,12 @@ NAMES: dict[str, str] = {
 # KEYS: stream, job, events[, idem] (every key in the model's slot: see service.keys)
 # ARGV: job_id, now, request_json, model, max_queue, ttl, steps, queued_event_json, fingerprint
 # A key already used for another request (another fingerprint) is refused: 'mismatch'.
+# The job id is drawn once per call, so finding its record means this very script ran
+# already: a client that lost the reply and sent the script again (redis-py's cluster
+# client does so on a dropped connection). Answering as the first run did keeps that
+# resend from queueing the job twice.
 ENQUEUE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'ok', ARGV[1]} end
 if KEYS[4] then
   local existing = redis.call('GET', KEYS[4])
   if existing then

@@ -114,6 +114,20 @@ def test_objects_stand_out_keep_a_margin_and_do_not_touch():
                 assert not (masks[i] & (data._coverage(s.objects[j], 32, 4) > 0)).any(), s
 
 
+def test_each_count_has_one_layout():
+    # A count drawn in one of several layouts taught the model to blend them (four blobs
+    # for "three"): two stand side by side, three make a triangle with its apex up.
+    rng = np.random.default_rng(5)
+    for form in ("two_of_a_kind", "three_of_a_kind"):
+        for _ in range(200):
+            objs = sorted(data.sample_form(rng, form).objects, key=lambda o: (o.y, o.x))
+            if form == "two_of_a_kind":
+                assert abs(objs[0].y - objs[1].y) < 1e-9 and abs(objs[0].x - objs[1].x) > 10
+            else:
+                top, left, right = objs[0], *sorted(objs[1:], key=lambda o: o.x)
+                assert top.y + 10 < min(left.y, right.y) and left.x < top.x < right.x
+
+
 def test_mono_false_leaves_out_black_and_white():
     assert not any(o.colour in data.MONO for s in _scenes(800, seed=3, mono=False) for o in s.objects)
 

@@ -38,6 +38,16 @@ def test_tiny_run_is_repeatable_and_loadable(tmp_path, capsys):
     assert len(pipe.transformer.transformer_blocks) == 1 and len(pipe.transformer.single_transformer_blocks) == 1
 
 
+def test_t_mean_moves_the_timesteps_towards_noise():
+    torch.manual_seed(0)
+    mid, noisy = train.sample_timesteps(20000, 0.0), train.sample_timesteps(20000, 0.8)
+    assert 0.0 < mid.min() and noisy.max() < 1.0
+    assert abs(mid.median().item() - 0.5) < 0.01
+    assert abs(noisy.median().item() - torch.sigmoid(torch.tensor(0.8)).item()) < 0.01
+    assert (noisy > 0.8).float().mean() > 2 * (mid > 0.8).float().mean()
+    assert train.parse_args(["--out", "unused", "--steps", "1"]).t_mean == 0.0
+
+
 def test_budget_is_required(tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--out", str(tmp_path), "--minutes", "0"])

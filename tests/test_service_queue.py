@@ -115,6 +115,20 @@ def test_enqueue_depth_limit_and_idempotency(backend):
         _enqueue(backend.redis_url, model, n=1, max_queue=2)
 
 
+def test_a_resent_enqueue_script_queues_the_job_once(backend, monkeypatch):
+    # A client that loses the reply to the enqueue script sends it again with the same
+    # arguments, the same job id among them; two calls drawing one id replay exactly that.
+    import service.queue
+
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    fixed = service.queue.new_job_id(model)
+    monkeypatch.setattr(service.queue, "new_job_id", lambda m: fixed)
+    assert _enqueue(backend.redis_url, model, n=2) == [(fixed, True), (fixed, True)]
+    r = backend.redis_client()
+    assert r.xlen(stream_key(model)) == 1
+    assert r.hget(job_key(fixed), "status") == b"queued"
+
+
 def test_live_workers_are_read_from_heartbeats_and_garbage_is_skipped(backend):
     from service.queue import LiveWorker, worker_key, workers_key
 

@@ -199,16 +199,24 @@ def _relation(rng, background, mono) -> Scene:
 
 
 def _count(rng, background, colour, shape, n: int) -> Scene:
-    """``n`` objects of one colour and shape, apart from each other (the checker counts blobs)."""
+    """``n`` objects of one colour and shape, apart from each other (the checker counts blobs).
+
+    Each count has one layout: two side by side, three in a triangle with its apex up. With
+    the layout left to chance (pairs either way, trios either way up) a small model blends
+    the choices and draws four blobs for three, or two merged ones. The draws that once chose
+    the layout are still made, so the fixed prompt set stays the same prompts.
+    """
     if n == 2:
-        a, b = _pair_centres(rng, bool(rng.random() < 0.5))
+        rng.random()
+        a, b = _pair_centres(rng, False)
         radii = rng.uniform(*PAIR_RADIUS, size=2)
         centres, layout = [a, b], "pair"
     else:
         # Three in a row would have to be too small to tell a circle from a square at 32 px.
-        layout = _pick(rng, ("apex up", "apex down"))
+        _pick(rng, ("apex up", "apex down"))
+        layout = "apex up"
         j = rng.uniform(-1.0, 1.0, size=2)
-        top, bottom = (9.5, 22.5) if layout == "apex up" else (22.5, 9.5)
+        top, bottom = 9.5, 22.5
         centres = [(16 + j[0], top + j[1]), (9.5 + j[0], bottom + j[1]), (22.5 + j[0], bottom + j[1])]
         radii = rng.uniform(*TRIO_RADIUS, size=3)
     objs = tuple(SceneObject(shape, colour, _inside(x, float(r)), _inside(y, float(r)), float(r))

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--count-fraction", type=float, default=0.2, help="share of counts (two or three alike)")
     p.add_argument("--unplaced-fraction", type=float, default=0.3,
                    help="share of one-object captions without a position")
+    p.add_argument("--t-mean", type=float, default=0.0,
+                   help="location of the logit-normal timesteps; > 0 trains more at high noise, where layout is decided")
     p.add_argument("--init", default=None, help="checkpoint folder to continue from (same architecture)")
     a = p.parse_args(argv)
     if a.minutes <= 0 and a.steps <= 0:
@@ -185,6 +187,16 @@ def _load_text_encoder(encoder, tokenizer, old_encoder, old_tokenizer) -> list[s
     return new
 
 
+def sample_timesteps(n: int, mean: float, device=None) -> torch.Tensor:
+    """Logit-normal timesteps in (0, 1), their median at ``sigmoid(mean)``.
+
+    At ``mean`` 0 they concentrate training on the middle of the path. A positive mean
+    moves the weight towards the noisy end, where which object goes where is decided: a
+    model that has learnt to draw shapes but not to bind a colour to a place errs there.
+    """
+    return torch.sigmoid(torch.randn(n, device=device) + mean)
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
@@ -272,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         x0 = pack(torch.from_numpy(images).permute(0, 3, 1, 2).to(device) * 2 - 1, a.patch)
         ids, mask = tokenizer(captions)
         seq, pooled = text_encoder(ids.to(device), mask.to(device))
-        # Logit-normal timesteps concentrate training on the middle of the path, where
-        # layout and shape are decided.
-        t = torch.sigmoid(torch.randn(a.batch, device=device))
+        t = sample_timesteps(a.batch, a.t_mean, device)
         noise = torch.randn_like(x0)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         v = transformer(hidden_states=xt, encoder_hidden_states=seq, pooled_projections=pooled,
