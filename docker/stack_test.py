@@ -589,6 +589,11 @@ def fault_api_restart(stack: Stack, rc, counts: dict) -> None:
     if not job_id:
         raise Failed("job not accepted before the API restart")
     cid = stack.container("api")
+    # The confirmed job is in the journal on the API's volume, which the restart keeps.
+    journal = stack.engine.docker("exec", cid, "sh", "-c", f"grep -l {job_id} /var/lib/clusca/journal/*.log",
+                                  check=False)
+    if journal.returncode != 0:
+        raise Failed(f"job {job_id} is not in the API's journal volume: {journal.stdout}{journal.stderr}")
     stack.engine.docker("restart", "-t", "15", cid)
     wait_for("the API to serve again", lambda: call("GET", f"{stack.api}/healthz", timeout=3)[0] == 200, 90)
     done = wait_done(stack, job_id, 180)
@@ -599,7 +604,8 @@ def fault_api_restart(stack: Stack, rc, counts: dict) -> None:
     counts["duplicated"] += n > 1
     if done["status"] != "succeeded" or code != 200 or n != 1:
         raise Failed(f"API restart: job {job_id} {done['status']}, image {code}, finished {n} time(s)")
-    say(f"API restarted: job {job_id} still fetchable by id, succeeded once, image {len(img)} bytes")
+    say(f"API restarted: job {job_id} journaled on the volume, still fetchable by id, succeeded once, "
+        f"image {len(img)} bytes")
 
 
 # ---------------------------------------------------------------------------- sizes

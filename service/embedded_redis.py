@@ -257,7 +257,7 @@ class EmbeddedSentinel:
             r.start()
         for s in self.sentinels:
             conf = Path(s.dir) / "sentinel.conf"
-            conf.write_text(f"port {s.port}\nbind 127.0.0.1\ndir {s.dir}\n"
+            conf.write_text(f"port {s.port}\nbind 127.0.0.1\ndir {s.dir}\nlogfile {s.dir}/sentinel.log\n"
                             f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
                             f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
                             f"sentinel failover-timeout {self.MASTER} 10000\n"

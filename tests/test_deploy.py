@@ -675,3 +675,25 @@ def test_deployment_doc_env_table_matches_the_contract():
     text = DEPLOYMENT_DOC.read_text()
     for alert in (r["alert"] for r in alert_rules()):
         assert alert in text, alert
+
+
+def test_the_api_keeps_its_journal_of_confirmed_jobs_on_a_volume():
+    """Compose and Kubernetes set CLUSCA_RECONCILE_JOURNAL to a mounted, writable volume that the
+    image creates for the service user, so a restarted API still checks the jobs it confirmed."""
+    cfg = _compose_config()
+    api = cfg["services"]["api"]
+    folder = api["environment"]["CLUSCA_RECONCILE_JOURNAL"]
+    source, mode = _mounts(api)[folder]
+    assert source in cfg["volumes"] and mode == "rw"
+    for target in ("gpu", "cpu"):
+        (run,) = [rest for op, rest in _dockerfile_stages()[target] if op == "RUN" and "useradd" in rest]
+        chown = re.search(r"chown clusca:clusca ([^&\\]+)", run).group(1).split()
+        assert folder in chown and folder in run.split("mkdir -p", 1)[1].split("&&")[0], target
+
+    spec = _workload(_k8s_docs(), "clusca-api")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env["CLUSCA_RECONCILE_JOURNAL"]]
+    assert not mount.get("readOnly")
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume or "persistentVolumeClaim" in volume
