@@ -53,10 +53,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
 
-from service import redis_conn  # noqa: E402
+from service.broker import connect as redis_conn  # noqa: E402
 from service.contract import JobRequest  # noqa: E402
-from service.embedded_redis import EmbeddedCluster, EmbeddedRedis, EmbeddedSentinel, free_port  # noqa: E402
-from service.queue import JobQueue, job_key, stream_key  # noqa: E402
+from service.broker.embedded import EmbeddedCluster, EmbeddedRedis, EmbeddedSentinel, free_port  # noqa: E402
+from service.broker.producer import JobQueue  # noqa: E402
+from service.broker.keys import job_key, stream_key
 
 START, END = "<!-- service-throughput:start -->", "<!-- service-throughput:end -->"
 MODELS = """models:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, measured_or_loaded, quoted_command  # noqa: E402
 
-from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from service.broker.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 START, END = "<!-- service-overhead:start -->", "<!-- service-overhead:end -->"
 
@@ -112,7 +112,7 @@ def measure_once(args: argparse.Namespace, pipe: Any) -> dict[str, list[float]]:
     """One run against a fresh Redis, worker and API: the raw timings, in seconds."""
     import torch
 
-    from service.noop import NoopPipeline, SeedGenerator
+    from service.worker.runners.noop_pipeline import NoopPipeline, SeedGenerator
 
     tmp = Path(tempfile.mkdtemp(prefix="clusca-overhead-"))
     (tmp / "models.yaml").write_text(models_yaml(args.weights))

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
     from clusca_shapes.tools import checker, data
     from service.registry import builtin_entry
-    from service.tune import BUILTIN_PROMPTS
+    from service.cli.tune import BUILTIN_PROMPTS
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)

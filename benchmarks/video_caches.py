@@ -67,7 +67,7 @@ def run(entry: Any, frames: int, steps: int, prompts: list[str], repeats: int, d
     import numpy as np
 
     from clusca.quality import psnr, ssim
-    from service.runners import Batch, load_runner
+    from service.worker.runners import Batch, load_runner
 
     runner = load_runner(entry, device)
     d = entry.defaults

@@ -460,7 +460,7 @@ def wait_done(stack: Stack, job_id: str, timeout: float) -> dict:
 
 def finish_count(redis_client, job_id: str) -> int:
     """How many times a job was recorded as finished (``finished`` events in its stream)."""
-    # Key layout: service/keys.py (a job id starts with its model's hash tag).
+    # Key layout: service/broker/keys.py (a job id starts with its model's hash tag).
     events = redis_client.xrange(f"clusca:{{{job_id[:4]}}}:job:{job_id}:events")
     return sum(1 for _, fields in events if json.loads(fields.get(b"e", b"{}")).get("type") == "finished")
 

@@ -226,20 +226,22 @@ class JobResult:
 
 
 # ---------------------------------------------------------------------------- the record
-def _text(v: Any) -> str:
-    return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
+def as_text(v: Any) -> Any:
+    """A value read from Redis as text; undecodable bytes are replaced, so a foreign value is
+    refused later rather than crashing its reader. Anything not bytes is returned as it is."""
+    return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else v
 
 
 def _float(v: Any) -> float | None:
     try:
-        return float(_text(v)) if v not in (None, b"", "") else None
+        return float(as_text(v)) if v not in (None, b"", "") else None
     except ValueError:
         return None
 
 
 def _int(v: Any) -> int:
     try:
-        return int(_text(v)) if v not in (None, b"", "") else 0
+        return int(as_text(v)) if v not in (None, b"", "") else 0
     except ValueError:
         return 0
 
@@ -279,12 +281,12 @@ class JobRecord:
     def from_hash(cls, raw: Mapping[Any, Any]) -> "JobRecord | None":
         if not raw:
             return None
-        h = {_text(k): v for k, v in raw.items()}
-        return cls(id=_text(h.get("id", "")), model=_text(h.get("model", "")), status=_text(h.get("status", "")),
+        h = {as_text(k): v for k, v in raw.items()}
+        return cls(id=as_text(h.get("id", "")), model=as_text(h.get("model", "")), status=as_text(h.get("status", "")),
                    request=JobRequest.parse(h["request"]) if h.get("request") else None,
                    result=JobResult.parse(h["result"]) if h.get("result") else None,
                    step=_int(h.get("step")), steps=_int(h.get("steps")), attempts=_int(h.get("attempts")),
-                   error=_text(h["error"]) or None if h.get("error") else None,
-                   worker=_text(h["worker"]) if h.get("worker") else None,
+                   error=as_text(h["error"]) or None if h.get("error") else None,
+                   worker=as_text(h["worker"]) if h.get("worker") else None,
                    created=_float(h.get("created")), started=_float(h.get("started")),
                    finished=_float(h.get("finished")))

@@ -53,15 +53,15 @@ class Settings(BaseModel):
     # Largest encoded output (a video, usually) one job may store in Redis; a bigger one fails the job.
     max_output_bytes: int = Field(64 << 20, ge=1024)
     # Where videos are kept: "redis" (beside the job, bounded by max_output_bytes) or
-    # "dir:///path", a folder every worker and API process shares (service/video_store.py).
+    # "dir:///path", a folder every worker and API process shares (service/outputs/store.py).
     video_store: str = "redis"
     max_body_bytes: int = Field(1 << 20, ge=1024)
     # Replicas that must hold a new job before the API confirms it (Redis WAIT); 0 = asynchronous.
     redis_wait_replicas: int = Field(0, ge=0, le=16)
     redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
-    # Age at which the API checks that a job it confirmed is still in Redis (service/reconcile.py).
+    # Age at which the API checks that a job it confirmed is still in Redis (service/broker/reconcile.py).
     reconcile_settle_s: float = Field(5.0, gt=0, le=3600)
-    # Directory where each API process keeps that journal on disk too (service/ack_log.py); unset: memory only.
+    # Directory where each API process keeps that journal on disk too (service/broker/ack_log.py); unset: memory only.
     reconcile_journal: str | None = None
 
     @field_validator("device")
@@ -74,7 +74,7 @@ class Settings(BaseModel):
     @field_validator("video_store")
     @classmethod
     def _video_store(cls, v: str) -> str:
-        from .video_store import parse_spec
+        from service.outputs.store import parse_spec
 
         parse_spec(v)
         return v

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import redis as redis_lib
 
-from service.embedded_redis import EmbeddedRedis, free_port
-from service.keys import workers_key
+from service.broker.embedded import EmbeddedRedis, free_port
+from service.broker.keys import workers_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +259,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def redis_cluster():
     """A 3-primary, 3-replica Redis Cluster on loopback (Debian's redis-server), shared by the session."""
-    from service.embedded_redis import EmbeddedCluster, system_redis_server
+    from service.broker.embedded import EmbeddedCluster, system_redis_server
 
     if system_redis_server() is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); Redis Cluster tests need it")
@@ -270,7 +270,7 @@ def redis_cluster():
 @pytest.fixture(scope="session")
 def redis_sentinel():
     """A primary, a replica and three Sentinels on loopback (Debian's redis-server), shared by the session."""
-    from service.embedded_redis import EmbeddedSentinel, system_redis_server
+    from service.broker.embedded import EmbeddedSentinel, system_redis_server
 
     if system_redis_server() is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); Sentinel tests need it")

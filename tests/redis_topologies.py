@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import MAIN_WORKER_MODELS, Service, running_service
 
-from service import redis_conn
+from service.broker import connect as redis_conn
 
 
 class TopologyService(Service):

@@ -24,9 +24,9 @@ import httpx
 from PIL import Image
 
 from conftest import BASE_ENV, ROOT, Service, wait_until
-from service.keys import done_key, events_key, images_key, job_key
-from service.embedded_redis import EmbeddedRedis
-from service.noop import noop_color
+from service.broker.keys import done_key, events_key, images_key, job_key
+from service.broker.embedded import EmbeddedRedis
+from service.worker.runners.noop_pipeline import noop_color
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

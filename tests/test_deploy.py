@@ -514,7 +514,7 @@ def test_image_build_context_installs_the_service_and_its_command(image_wheel):
     with zipfile.ZipFile(image_wheel) as z:
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert re.search(r"^clusca = service\.cli:main$", entry_points, re.M)
-    assert {"clusca/__init__.py", "service/cli.py", "service/worker.py", "service/api/app.py"} <= names
+    assert {"clusca/__init__.py", "service/cli/main.py", "service/worker/loop.py", "service/api/app.py"} <= names
 
 
 def _hadolint() -> str | None:
@@ -656,7 +656,7 @@ def test_k8s_worker_autoscaler_scales_on_the_job_stream():
     assert scaled["spec"]["minReplicaCount"] >= 1
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "redis-streams"
-    from service.queue import stream_key  # the stream name is the queue's, not a copy
+    from service.broker.keys import stream_key  # the stream name is the queue's, not a copy
 
     assert trigger["metadata"]["stream"] == stream_key("shapes")
     assert int(trigger["metadata"]["streamLength"]) >= 1

@@ -102,7 +102,7 @@ def test_health_probe_passes_against_the_real_api_and_worker(service):
 def test_worker_behind_the_gpu_claim_serves_and_stops_gracefully(service, tmp_path):
     """The compose worker's exact chain: clusca-claim-gpu execs `clusca worker`, which then
     serves jobs, exports metrics, and on SIGTERM exits cleanly and frees its GPU claim."""
-    from service.embedded_redis import free_port
+    from service.broker.embedded import free_port
 
     port = free_port()
     env = {**service.env, "CLUSCA_WORKER_METRICS_PORT": str(port)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from redis_topologies import service_on
-from service.keys import JOB_PATTERN, events_key, job_key, model_tag, stream_key
+from service.broker.keys import JOB_PATTERN, events_key, job_key, model_tag, stream_key
 
 from test_service_api import *  # noqa: F401,F403 - collected again, on the cluster
 from test_service_idempotency import *  # noqa: F401,F403

@@ -9,12 +9,13 @@ import httpx
 import pytest
 
 from conftest import wait_until
-from service import redis_conn
+from service.broker import connect as redis_conn
 from service.contract import JobRequest
-from service.embedded_redis import EmbeddedCluster, system_redis_server
-from service.keys import job_key
-from service.queue import JobQueue, NotReplicated
-from service.reconcile import AckJournal
+from service.broker.embedded import EmbeddedCluster, system_redis_server
+from service.broker.keys import job_key
+from service.broker.producer import JobQueue
+from service.broker.wire import NotReplicated
+from service.broker.reconcile import AckJournal
 
 REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
 needs_redis7 = pytest.mark.skipif(system_redis_server() is None, reason="redis-server is not installed")

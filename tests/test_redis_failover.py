@@ -30,8 +30,8 @@ import pytest
 
 from conftest import wait_until
 from redis_topologies import service_on
-from service.embedded_redis import EmbeddedCluster, EmbeddedSentinel, _Node, system_redis_server
-from service.keys import events_key, job_key, stream_key
+from service.broker.embedded import EmbeddedCluster, EmbeddedSentinel, _Node, system_redis_server
+from service.broker.keys import events_key, job_key, stream_key
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(system_redis_server() is None, reason="redis-server is not installed")]
@@ -230,7 +230,7 @@ def test_jobs_confirmed_while_the_replica_is_cut_off(wait_replicas, tmp_path):
     they were never confirmed (503 not_replicated), and nothing is lost."""
     import redis
 
-    from service.embedded_redis import free_port
+    from service.broker.embedded import free_port
 
     env = {**FAST_RECOVERY, "CLUSCA_REDIS_WAIT_REPLICAS": str(wait_replicas), "CLUSCA_REDIS_WAIT_TIMEOUT_MS": "200"}
     with EmbeddedSentinel() as topology, service_on(topology, tmp_path, env, workers=MODEL) as svc:

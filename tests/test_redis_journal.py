@@ -14,23 +14,23 @@ from pathlib import Path
 import httpx
 
 from conftest import ROOT, wait_until
-from service import ack_log, redis_conn
-from service.ack_log import AckLog
+from service.broker import ack_log, connect as redis_conn
+from service.broker.ack_log import AckLog
 from service.contract import JobRequest
-from service.keys import job_key
-from service.queue import JobQueue
-from service.reconcile import AckJournal
+from service.broker.keys import job_key
+from service.broker.producer import JobQueue
+from service.broker.reconcile import AckJournal
 
 REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
 
 # A process that confirms jobs into a journal on disk and dies before checking any (SIGKILL-like).
 CONFIRM_AND_DIE = """
 import asyncio, os, sys
-from service import redis_conn
-from service.ack_log import AckLog
+from service.broker import connect as redis_conn
+from service.broker.ack_log import AckLog
 from service.contract import JobRequest
-from service.queue import JobQueue
-from service.reconcile import AckJournal
+from service.broker.producer import JobQueue
+from service.broker.reconcile import AckJournal
 
 async def main(url, directory, n):
     r = redis_conn.async_client(url)

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import yaml
 
-from service import redis_conn
+from service.broker import connect as redis_conn
 from service.settings import ENV_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]

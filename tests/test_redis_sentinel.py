@@ -11,8 +11,8 @@ import pytest
 
 from conftest import wait_until
 from redis_topologies import service_on
-from service import redis_conn
-from service.embedded_redis import EmbeddedSentinel
+from service.broker import connect as redis_conn
+from service.broker.embedded import EmbeddedSentinel
 
 from test_service_api import *  # noqa: F401,F403 - collected again, behind Sentinel
 
@@ -31,7 +31,7 @@ def service(sentinel, tmp_path_factory):
 def test_jobs_are_written_to_the_primary_and_replicated(service, sentinel):
     import redis
 
-    from service.keys import job_key
+    from service.broker.keys import job_key
 
     with service.client() as c:
         job_id = c.post("/generate", json={"prompt": "replicated", "seed": 3}).json()["id"]

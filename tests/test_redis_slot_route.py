@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import redis
 
-from service import redis_conn
-from service.embedded_redis import EmbeddedCluster, system_redis_server
-from service.keys import new_job_id, stream_key
-from service.queue import GROUP, WorkerQueue
-from service.slot_route import SlotRoute
+from service.broker import connect as redis_conn
+from service.broker.embedded import EmbeddedCluster, system_redis_server
+from service.broker.keys import new_job_id, stream_key
+from service.contract import GROUP
+from service.broker.consumer import WorkerQueue
+from service.broker.slot_route import SlotRoute
 
 pytestmark = pytest.mark.skipif(system_redis_server() is None, reason="redis-server is not installed")
 

@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from conftest import ROOT
-from service import redis_conn
-from service.embedded_redis import EmbeddedRedis
-from service.keys import LAYOUT_KEY, LayoutError, check_layout, legacy_stream_key, new_job_id, stream_key
-from service.queue import WorkerQueue
+from service.broker import connect as redis_conn
+from service.broker.embedded import EmbeddedRedis
+from service.broker.keys import LAYOUT_KEY, LayoutError, check_layout, legacy_stream_key, new_job_id, stream_key
+from service.broker.consumer import WorkerQueue
 
 
 @pytest.mark.parametrize("url, mode, nodes, master", [

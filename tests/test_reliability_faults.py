@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import Service, wait_until
-from service.keys import IDEM_PATTERN, images_key, job_key, stream_key, workers_key
+from service.broker.keys import IDEM_PATTERN, images_key, job_key, stream_key, workers_key
 from reliability_support import (env_float, env_int, events, ledger_problems, report, restart_redis, shapes_weights,
                                  stack, statuses, submit, wait_terminal)
 
@@ -364,8 +364,9 @@ def test_reclaim_finds_a_dead_workers_jobs_behind_many_live_ones():
     """Takeover must not wait for the live jobs ahead of the dead worker's ones in the pending list."""
     import redis as redis_lib
 
-    from service.embedded_redis import EmbeddedRedis
-    from service.queue import WorkerQueue, new_job_id, stream_key
+    from service.broker.embedded import EmbeddedRedis
+    from service.broker.consumer import WorkerQueue
+    from service.broker.keys import new_job_id, stream_key
 
     with EmbeddedRedis() as srv:
         r = redis_lib.Redis.from_url(srv.url)

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
-from service.keys import stream_key
+from service.broker.keys import stream_key
 from reliability_support import (env_int, ledger_problems, report, rss_bytes, shapes_weights, stack, statuses,
                                  wait_terminal)
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, Service, wait_until
-from service.keys import JOB_PATTERN, STREAM_PATTERN, job_key, model_tag, stream_key
+from service.broker.keys import JOB_PATTERN, STREAM_PATTERN, job_key, model_tag, stream_key
 from reliability_support import ledger_problems, stack, submit
 
 SECRET_KEYS = ("sk-live-4f1c0ffee", "second-key-77ab", "third-key-zz")

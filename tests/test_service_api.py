@@ -12,7 +12,7 @@ import time
 import pytest
 from PIL import Image
 
-from service.noop import noop_color
+from service.worker.runners.noop_pipeline import noop_color
 
 from conftest import ROOT, wait_until
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
-from service.keys import workers_key
+from service.broker.keys import workers_key
 from clusca_shapes import WEIGHTS_DIR
 
 WEIGHTS = Path(os.environ.get("CLUSCA_TEST_SHAPES_WEIGHTS", WEIGHTS_DIR))

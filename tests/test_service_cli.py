@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TEST_MODELS, clusca_serve, wait_until
-from service.embedded_redis import free_port
-from service.noop import noop_color
+from service.broker.embedded import free_port
+from service.worker.runners.noop_pipeline import noop_color
 
 
 def test_serve_then_generate_client(tmp_path):

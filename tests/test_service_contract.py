@@ -12,11 +12,13 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service import contract, lua
+from service import contract
+from service.broker import lua
 from service.api.schemas import JobStatus
 from service.api.views import job_status
 from service.contract import JobRecord, JobRequest, JobResult, Timings
-from service.queue import JobQueue, WorkerQueue
+from service.broker.producer import JobQueue
+from service.broker.consumer import WorkerQueue
 
 MAX_SEED = 2**53 - 1
 json_scalars = st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False) \
@@ -175,10 +177,13 @@ def test_lua_scripts_take_statuses_group_and_caps_from_the_contract():
 
 
 def test_shared_names_have_one_home():
-    from service import queue
     from service.api import schemas
+    from service.broker import consumer, producer
 
-    assert queue.GROUP is contract.GROUP and queue.EVENTS_MAXLEN is contract.EVENTS_MAXLEN
-    assert queue.TERMINAL is contract.TERMINAL
+    for side in (producer, consumer):
+        for name in ("GROUP", "EVENTS_MAXLEN", "TERMINAL", "TERMINAL_EVENTS"):
+            if hasattr(side, name):
+                assert getattr(side, name) is getattr(contract, name), f"{side.__name__}.{name}"
+    assert producer.GROUP is contract.GROUP
     assert schemas.JobState is contract.JobState and schemas.OutputFormat is contract.OutputFormat
     assert set(contract.FINAL_EVENT) == set(contract.TERMINAL)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
-from service.keys import workers_key
+from service.broker.keys import workers_key
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import Service
-from service.keys import JOB_PATTERN
+from service.broker.keys import JOB_PATTERN
 
 
 def _key() -> str:

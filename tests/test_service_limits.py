@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import Service, wait_until
-from service.keys import stream_key, workers_key
+from service.broker.keys import stream_key, workers_key
 from clusca_shapes import PIPELINE_LIMITS, WEIGHTS_DIR
 from service.registry import ModelLimits, Registry, RegistryError, builtin_entry
 

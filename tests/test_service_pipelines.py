@@ -8,10 +8,10 @@ torch = pytest.importorskip("torch")
 
 
 def test_call_parameters_and_bad_pipeline_class():
-    from service.noop import LegacyCallbackNoopPipeline, NoopPipeline
+    from service.worker.runners.noop_pipeline import LegacyCallbackNoopPipeline, NoopPipeline
     from service.registry import ModelEntry
-    from service.runners import load_runner
-    from service.runners.pipeline import call_parameters
+    from service.worker.runners import load_runner
+    from service.worker.runners.pipeline import call_parameters
 
     assert call_parameters(NoopPipeline()) == {"*"}
     legacy = call_parameters(LegacyCallbackNoopPipeline())

@@ -8,8 +8,9 @@ import time
 from conftest import wait_until
 
 from service.contract import JobRequest, JobResult
-from service.progress import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
-from service.queue import Delivery, StartedJob, WorkerQueue, events_key, images_key, job_key, new_job_id
+from service.worker.progress import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
+from service.broker.consumer import Delivery, StartedJob, WorkerQueue
+from service.broker.keys import events_key, images_key, job_key, new_job_id
 
 REQ = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=0.0, seed=1)
 

@@ -12,10 +12,13 @@ import uuid
 
 import pytest
 
-from service import redis_conn
+from service.broker import connect as redis_conn
 from service.contract import JobRecord, JobRequest, JobResult
-from service.keys import done_key, images_key, stream_key
-from service.queue import JobQueue, QueueFull, WorkerQueue, job_key
+from service.broker.keys import done_key, images_key, stream_key
+from service.broker.producer import JobQueue
+from service.broker.wire import QueueFull
+from service.broker.consumer import WorkerQueue
+from service.broker.keys import job_key
 
 REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
 
@@ -118,11 +121,11 @@ def test_enqueue_depth_limit_and_idempotency(backend):
 def test_a_resent_enqueue_script_queues_the_job_once(backend, monkeypatch):
     # A client that loses the reply to the enqueue script sends it again with the same
     # arguments, the same job id among them; two calls drawing one id replay exactly that.
-    import service.queue
+    import service.broker.producer as producer
 
     model = f"unit-{uuid.uuid4().hex[:6]}"
-    fixed = service.queue.new_job_id(model)
-    monkeypatch.setattr(service.queue, "new_job_id", lambda m: fixed)
+    fixed = producer.new_job_id(model)
+    monkeypatch.setattr(producer, "new_job_id", lambda m: fixed)
     assert _enqueue(backend.redis_url, model, n=2) == [(fixed, True), (fixed, True)]
     r = backend.redis_client()
     assert r.xlen(stream_key(model)) == 1
@@ -130,7 +133,8 @@ def test_a_resent_enqueue_script_queues_the_job_once(backend, monkeypatch):
 
 
 def test_live_workers_are_read_from_heartbeats_and_garbage_is_skipped(backend):
-    from service.queue import LiveWorker, worker_key, workers_key
+    from service.broker.wire import LiveWorker
+    from service.broker.keys import worker_key, workers_key
 
     model = f"unit-{uuid.uuid4().hex[:6]}"
     _wq(backend, model, "hb-1").heartbeat({"id": "hb-1", "host": "h", "running": 2,

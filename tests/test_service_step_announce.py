@@ -8,7 +8,7 @@ import torch
 from clusca import ClusCaConfig, apply_clusca, clusca_run
 from clusca.testing import HostReads
 from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
-from service.runners.diffusers import announce_steps
+from service.worker.runners.diffusers import announce_steps
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "model_index.json").exists(), reason="no built-in checkpoint")
 

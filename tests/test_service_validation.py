@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import Service
-from service.keys import JOB_PATTERN, stream_key
+from service.broker.keys import JOB_PATTERN, stream_key
 
 
 def _err(r, status: int) -> dict:
@@ -166,7 +166,7 @@ def test_redis_down_is_503_not_500_or_hang(service):
 
     import httpx
 
-    from service.embedded_redis import free_port
+    from service.broker.embedded import free_port
 
     proc, url = service.start_api({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     try:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import Service, wait_until
-from service.keys import stream_key, workers_key
-from service.embedded_redis import free_port
+from service.broker.keys import stream_key, workers_key
+from service.broker.embedded import free_port
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -257,7 +257,7 @@ def test_video_runner_warms_up_and_batched_videos_equal_lone_ones(wan, caplog, o
     import logging
 
     from service.registry import Registry
-    from service.runners import Batch, load_runner
+    from service.worker.runners import Batch, load_runner
 
     entry = Registry.load(wan.models_file).get("tinywan").model_copy(update={"options": {
         "call_kwargs": {"max_sequence_length": 16}}})  # warm-up on
@@ -280,7 +280,7 @@ def test_clusters_are_per_video_over_its_frames_and_patches(wan, monkeypatch, on
     x patches), so a cached video does not depend on its batch mates, and the run's statistics come back."""
     import clusca.hooks
     from service.registry import Registry
-    from service.runners import Batch, load_runner
+    from service.worker.runners import Batch, load_runner
 
     seen: list[tuple[int, ...]] = []
     real = clusca.hooks.kmeans

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import wait_until
-from service.embedded_redis import free_port
+from service.broker.embedded import free_port
 
 av = pytest.importorskip("av")
 

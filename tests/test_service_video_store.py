@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import Service, wait_until
-from service.keys import images_key, job_key
+from service.broker.keys import images_key, job_key
 from service.settings import Settings, SettingsError
-from service.video_store import GRACE_S, REF_PREFIX, DirStore, NotKept, OutputTooLarge, RedisStore, parse_spec
+from service.outputs.store import GRACE_S, REF_PREFIX, DirStore, NotKept, OutputTooLarge, RedisStore, parse_spec
 
 av = pytest.importorskip("av")
 

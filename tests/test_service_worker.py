@@ -9,9 +9,9 @@ import threading
 import time
 
 from conftest import Service, wait_until
-from service.keys import stream_key, workers_key
+from service.broker.keys import stream_key, workers_key
 
-from service.embedded_redis import free_port
+from service.broker.embedded import free_port
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 
@@ -139,7 +139,7 @@ def test_redis_outage_503_then_recovery_without_losing_jobs(service, tmp_path):
     import httpx
     import redis as redis_lib
 
-    from service.embedded_redis import EmbeddedRedis
+    from service.broker.embedded import EmbeddedRedis
 
     data = tmp_path / "redis-data"
     data.mkdir()
@@ -186,7 +186,7 @@ def test_torch_threads_setting_applies_when_a_worker_loads_models(service):
 
     from service.registry import Registry
     from service.settings import Settings
-    from service.worker import Worker
+    from service.worker.loop import Worker
 
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2

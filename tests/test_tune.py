@@ -18,7 +18,7 @@ from clusca.config import PRESETS
 from clusca.tune import (TuneError, canonical, key_of, label, pareto_front, pick_presets, preset_overrides, psnr,
                          search_space, ssim, tune_with)
 from service.registry import Registry
-from service.tune import TuneInputError, side_files, tune_model
+from service.cli.tune import TuneInputError, side_files, tune_model
 
 # A built-in entry on a short schedule, so that a tiny budget still measures something.
 SHORT_BUILTIN = """models:

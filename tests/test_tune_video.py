@@ -10,7 +10,7 @@ import pytest
 from clusca.tune import psnr, ssim
 from clusca.tune import score
 from service.registry import Registry
-from service.tune import side_files, tune_model
+from service.cli.tune import side_files, tune_model
 
 MODELS = """models:
   - name: tinywan

@@ -1,5 +1,5 @@
 """The HTTP API (imports neither torch nor diffusers)."""
 
-from .app import create_app
+from service.api.app import create_app
 
 __all__ = ["create_app"]

@@ -11,17 +11,18 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
-from .. import metrics, reconcile, redis_conn
-from ..ack_log import AckLog
-from ..keys import check_layout_async
-from ..queue import JobQueue
-from ..registry import Registry
-from ..settings import Settings, get_settings
-from . import errors
-from .deps import Services
-from .middleware import BodyLimitAndMetrics
-from .openapi_links import add_links
-from .routers import admin, generate, jobs, openai, playground, system, videos
+from service import metrics
+from service.broker import reconcile, connect as redis_conn
+from service.broker.ack_log import AckLog
+from service.broker.keys import check_layout_async
+from service.broker.producer import JobQueue
+from service.registry import Registry
+from service.settings import Settings, get_settings
+from service.api import errors
+from service.api.deps import Services
+from service.api.middleware import BodyLimitAndMetrics
+from service.api.openapi_links import add_links
+from service.api.routers import admin, generate, jobs, openai, playground, system, videos
 
 log = logging.getLogger("clusca.api")
 DOCS_ASSETS = "/docs-assets"

@@ -6,8 +6,8 @@ import re
 
 from fastapi.responses import Response
 
-from ..video_store import Blob
-from .errors import ApiError
+from service.outputs.store import Blob
+from service.api.errors import ApiError
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 

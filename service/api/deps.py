@@ -10,13 +10,13 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .. import video_store
-from ..queue import JobQueue
-from ..reconcile import AckJournal
-from ..registry import Registry
-from ..settings import Settings, get_settings
-from ..video_store import Store
-from .errors import ApiError
+from service.outputs import store as video_store
+from service.broker.producer import JobQueue
+from service.broker.reconcile import AckJournal
+from service.registry import Registry
+from service.settings import Settings, get_settings
+from service.outputs.store import Store
+from service.api.errors import ApiError
 
 
 @dataclass

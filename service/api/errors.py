@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import metrics
-from ..queue import NotReplicated
-from ..redis_conn import UNAVAILABLE, is_transport_failure
+from service import metrics
+from service.broker.wire import NotReplicated
+from service.broker.connect import UNAVAILABLE, is_transport_failure
 
 log = logging.getLogger("clusca.api")
 

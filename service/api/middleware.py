@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 from starlette.routing import Match
 
-from .. import metrics
+from service import metrics
 
 Scope = dict[str, Any]
 

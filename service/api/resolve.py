@@ -12,12 +12,12 @@ import anyio
 
 from clusca.config import ClusCaConfig
 
-from ..contract import IMAGE_FORMATS, VIDEO_FORMATS, JobRequest
-from ..registry import ModelEntry, ModelLimits, Registry
-from ..settings import Settings
-from ..webhooks import WebhookError, check_url
-from .errors import ApiError
-from .schemas import CacheSettings
+from service.contract import IMAGE_FORMATS, VIDEO_FORMATS, JobRequest
+from service.registry import ModelEntry, ModelLimits, Registry
+from service.settings import Settings
+from service.webhooks import WebhookError, check_url
+from service.api.errors import ApiError
+from service.api.schemas import CacheSettings
 
 # C0 controls other than tab / newline / carriage return, and DEL: never meaningful in a prompt.
 _CONTROL = {c for c in range(32) if c not in (9, 10, 13)} | {127}

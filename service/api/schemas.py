@@ -6,8 +6,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..contract import JobState, OutputFormat
-from ..registry import MODEL_NAME_PATTERN, ModelLimits
+from service.contract import JobState, OutputFormat
+from service.registry import MODEL_NAME_PATTERN, ModelLimits
 
 # Seeds stay exact in every JSON client (JavaScript numbers are doubles).
 MAX_SEED = 2**53 - 1

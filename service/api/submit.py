@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
-from ..contract import SUCCEEDED, JobRecord, JobRequest
-from ..queue import IdempotencyMismatch, QueueFull
-from ..video_store import open_output, stored_is_ref
-from .deps import Services
-from .errors import ApiError
+from service.contract import SUCCEEDED, JobRecord, JobRequest
+from service.broker.wire import IdempotencyMismatch, QueueFull
+from service.outputs.store import open_output, stored_is_ref
+from service.api.deps import Services
+from service.api.errors import ApiError
 
 
 async def submit(services: Services, model: str, job: JobRequest, idem: str | None,

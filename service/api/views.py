@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from ..contract import SUCCEEDED, JobRecord, JobResult
-from .schemas import GenerateResponse, JobLinks, JobStatus, Timings
+from service.contract import SUCCEEDED, JobRecord, JobResult
+from service.api.schemas import GenerateResponse, JobLinks, JobStatus, Timings
 
 
 def links(job_id: str, n_images: int = 0) -> JobLinks:

@@ -6,8 +6,8 @@ from pydantic import BaseModel
 
 from fastapi import APIRouter
 
-from ..deps import AuthDep, ServicesDep
-from ..schemas import ErrorBody
+from service.api.deps import AuthDep, ServicesDep
+from service.api.schemas import ErrorBody
 
 router = APIRouter(tags=["system"])
 

@@ -8,13 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
-from ...contract import FAILED, JobRecord
-from ..deps import AuthDep, ServicesDep
-from ..errors import ApiError
-from ..resolve import idempotency_scope, request_fingerprint, resolve_job
-from ..schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
-from ..submit import submit, wait_for
-from ..views import generate_response, job_status
+from service.contract import FAILED, JobRecord
+from service.api.deps import AuthDep, ServicesDep
+from service.api.errors import ApiError
+from service.api.resolve import idempotency_scope, request_fingerprint, resolve_job
+from service.api.schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
+from service.api.submit import submit, wait_for
+from service.api.views import generate_response, job_status
 
 router = APIRouter(tags=["generate"])
 

@@ -10,13 +10,13 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ...contract import FAILED, SUCCEEDED, JobRecord
-from ...video_store import open_output
-from ..deps import AuthDep, ServicesDep
-from ..errors import ApiError
-from ..content import content_response
-from ..schemas import CancelResponse, ErrorBody, JobStatus
-from ..views import job_status
+from service.contract import FAILED, SUCCEEDED, JobRecord
+from service.outputs.store import open_output
+from service.api.deps import AuthDep, ServicesDep
+from service.api.errors import ApiError
+from service.api.content import content_response
+from service.api.schemas import CancelResponse, ErrorBody, JobStatus
+from service.api.views import job_status
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 log = logging.getLogger("clusca.api")

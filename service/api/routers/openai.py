@@ -8,13 +8,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 
-from ...contract import SUCCEEDED
-from ..deps import AuthDep, ServicesDep
-from ..errors import ApiError
-from ..schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
-from ..views import timings
-from ..resolve import check_openai_size, idempotency_scope, request_fingerprint, resolve_job
-from ..submit import submit, wait_for
+from service.contract import SUCCEEDED
+from service.api.deps import AuthDep, ServicesDep
+from service.api.errors import ApiError
+from service.api.schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
+from service.api.views import timings
+from service.api.resolve import check_openai_size, idempotency_scope, request_fingerprint, resolve_job
+from service.api.submit import submit, wait_for
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from ..errors import ApiError
+from service.api.errors import ApiError
 
 router = APIRouter(include_in_schema=False)
 

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from ... import metrics
-from ..deps import AuthDep, ServicesDep
-from ..schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
+from service import metrics
+from service.api.deps import AuthDep, ServicesDep
+from service.api.schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
 
 router = APIRouter(tags=["system"])
 

@@ -14,15 +14,15 @@ from typing import Annotated, Any, Union
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import Response
 
-from ...contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobRecord
-from ...video_store import delete_job, open_output
-from ..content import content_response
-from ..deps import AuthDep, ServicesDep
-from ..errors import ApiError
-from ..resolve import check_openai_size, idempotency_scope, model_entry, request_fingerprint, resolve_job
-from ..schemas import ErrorBody, OpenAIVideo, OpenAIVideoDeleted, OpenAIVideoError, OpenAIVideoRequest
-from ..submit import submit
-from ..views import timings
+from service.contract import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobRecord
+from service.outputs.store import delete_job, open_output
+from service.api.content import content_response
+from service.api.deps import AuthDep, ServicesDep
+from service.api.errors import ApiError
+from service.api.resolve import check_openai_size, idempotency_scope, model_entry, request_fingerprint, resolve_job
+from service.api.schemas import ErrorBody, OpenAIVideo, OpenAIVideoDeleted, OpenAIVideoError, OpenAIVideoRequest
+from service.api.submit import submit
+from service.api.views import timings
 
 router = APIRouter(prefix="/v1/videos", tags=["openai-compatible"])
 

@@ -13,7 +13,7 @@ Jobs are never deleted before their result TTL (hours), so within the journal's 
 "gone" means "lost", never "expired". With ``CLUSCA_REDIS_WAIT_REPLICAS`` the API
 confirms a job only once a replica holds it, and this journal should stay empty.
 
-With an :class:`~service.ack_log.AckLog` (``CLUSCA_RECONCILE_JOURNAL``) the journal is also
+With an :class:`~service.broker.ack_log.AckLog` (``CLUSCA_RECONCILE_JOURNAL``) the journal is also
 on disk: a process that starts checks what a stopped one left unchecked. Entries older
 than the result TTL are dropped then, unchecked: their jobs may have expired.
 """
@@ -27,10 +27,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
-from .ack_log import AckLog
-from .keys import job_key
-from .redis_conn import UNAVAILABLE, is_transport_failure
+from service import metrics
+from service.broker.ack_log import AckLog
+from service.broker.keys import job_key
+from service.broker.connect import UNAVAILABLE, is_transport_failure
 
 log = logging.getLogger("clusca.reconcile")
 

@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..contract import JobRequest
-from ..registry import ModelEntry
+from service.contract import JobRequest
+from service.registry import ModelEntry
 
 # Called after every denoising step with the number of steps done; returning True asks the
 # runner to stop the batch (every job in it was cancelled).

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..registry import ModelEntry
-from .base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
-from .builtin import BuiltinRunner
-from .diffusers import DiffusersRunner
-from .noop import NoopRunner
-from .video import VideoDiffusersRunner
+from service.registry import ModelEntry
+from service.worker.runners.base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
+from service.worker.runners.builtin import BuiltinRunner
+from service.worker.runners.diffusers import DiffusersRunner
+from service.worker.runners.noop import NoopRunner
+from service.worker.runners.video import VideoDiffusersRunner
 
 # Registry kind -> runner class. A new kind of model is a new runner here, not a worker change.
 RUNNERS: dict[str, type[Runner]] = {"builtin": BuiltinRunner, "diffusers": DiffusersRunner, "noop": NoopRunner}

@@ -14,12 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from . import metrics, video_store
-from .contract import FAILED, SUCCEEDED, JobRequest, JobResult, Timings
-from .queue import StartedJob, WorkerQueue
-from .settings import Settings
-from .video_store import RedisStore
-from .webhooks import deliver
+from service import metrics
+from service.outputs import store as video_store
+from service.contract import FAILED, SUCCEEDED, JobRequest, JobResult, Timings
+from service.broker.consumer import StartedJob, WorkerQueue
+from service.settings import Settings
+from service.outputs.store import RedisStore
+from service.webhooks import deliver
 
 log = logging.getLogger("clusca.worker")
 T = TypeVar("T")
@@ -54,7 +55,7 @@ class ResultWriter:
 
     def keep(self, job_id: str, request: JobRequest, encoded: list[bytes]) -> list[bytes]:
         """What the job's outputs hash will hold for ``encoded``: videos go to the video store,
-        still images stay in Redis; raises :class:`~service.video_store.NotKept`."""
+        still images stay in Redis; raises :class:`~service.outputs.store.NotKept`."""
         store = self.videos if request.is_video else self._inline
         kept: list[bytes] = []
         try:

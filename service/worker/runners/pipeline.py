@@ -18,7 +18,7 @@ import inspect
 from abc import abstractmethod
 from typing import Any
 
-from .base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
+from service.worker.runners.base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
 
 
 def call_parameters(pipe: Any) -> set[str]:

@@ -1,6 +1,6 @@
 """Commands of one slot sent straight to its primary, for the worker's hot path on Redis Cluster.
 
-Every key one job's commands touch carries its model's hash tag (:mod:`service.keys`), so
+Every key one job's commands touch carries its model's hash tag (:mod:`service.broker.keys`), so
 the primary that holds a job is known from any one of its keys. The cluster client
 works that out again for every command, and for commands whose keys it cannot find by
 itself (XREADGROUP, XREAD) it asks the server first (``COMMAND GETKEYS``), one more
@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 
 from redis import exceptions as rex
 
-from .redis_conn import is_cluster
+from service.broker.connect import is_cluster
 
 T = TypeVar("T")
 

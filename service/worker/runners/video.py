@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Batch, StepCallback
-from .diffusers import DiffusersRunner
+from service.worker.runners.base import Batch, StepCallback
+from service.worker.runners.diffusers import DiffusersRunner
 
 
 class VideoDiffusersRunner(DiffusersRunner):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from string import Template
 
-from . import contract as c
+from service import contract as c
 
 # Placeholder -> value. ``$is_terminal`` is a Lua expression over a local ``st``.
 NAMES: dict[str, str] = {
@@ -22,7 +22,7 @@ NAMES: dict[str, str] = {
     "is_terminal": "(" + " or ".join(f"st == '{s}'" for s in c.TERMINAL) + ")",
 }
 
-# KEYS: stream, job, events[, idem] (every key in the model's slot: see service.keys)
+# KEYS: stream, job, events[, idem] (every key in the model's slot: see service.broker.keys)
 # ARGV: job_id, now, request_json, model, max_queue, ttl, steps, queued_event_json, fingerprint
 # A key already used for another request (another fingerprint) is refused: 'mismatch'.
 # The job id is drawn once per call, so finding its record means this very script ran

@@ -25,7 +25,7 @@ def _logging() -> None:
 
 
 def _settings() -> Any:
-    from .settings import Settings, SettingsError
+    from service.settings import Settings, SettingsError
 
     try:
         return Settings.from_env()
@@ -34,7 +34,7 @@ def _settings() -> Any:
 
 
 def _check_registry(s: Any) -> None:
-    from .registry import Registry, RegistryError
+    from service.registry import Registry, RegistryError
 
     try:
         reg = Registry.load(s.models_file)
@@ -56,7 +56,7 @@ def cmd_api(args: argparse.Namespace) -> None:
     s = _settings()
     if not s.redis_url:
         raise SystemExit("clusca api: set REDIS_URL (or use `clusca serve`, which starts a private Redis)")
-    from .redis_conn import RedisUrlError, parse
+    from service.broker.connect import RedisUrlError, parse
 
     try:
         parse(s.redis_url)
@@ -72,7 +72,7 @@ def cmd_api(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from .worker import run_worker
+    from service.worker.loop import run_worker
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     try:
@@ -88,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     redis_server = None
     env = dict(os.environ)
     if not s.redis_url:
-        from .embedded_redis import EmbeddedRedis
+        from service.broker.embedded import EmbeddedRedis
 
         redis_server = EmbeddedRedis().start()
         env["REDIS_URL"] = redis_server.url
@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                for _ in range(args.workers)]
     threading.Thread(target=_watch_workers, args=(workers,), daemon=True).start()
     os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")})
-    from .settings import get_settings
+    from service.settings import get_settings
 
     get_settings.cache_clear()
     log.info("ClusCa Serve: send requests to http://%s:%d/generate (docs: http://%s:%d/docs); "
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--frames", dest="num_frames", type=int, help="video models: frames (default: the model's)")
     gp.add_argument("--fps", type=int, help="video models: frame rate (default: the model's)")
     gp.set_defaults(fn=cmd_generate)
-    from .tune import add_parser as add_tune_parser
+    from service.cli.tune import add_parser as add_tune_parser
 
     add_tune_parser(sub)
     return p

@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 import time
 
-from .queue import StartedJob, WorkerQueue, event_json
+from service.broker.consumer import StartedJob, WorkerQueue
+from service.broker.wire import event_json
 
 # Least time between two progress round trips of a worker (see ProgressPump). A job of up
 # to this length makes no progress round trip of its own: its steps go out with its result.

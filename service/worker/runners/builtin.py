@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import ModelEntry
-from .diffusers import DiffusersRunner
+from service.registry import ModelEntry
+from service.worker.runners.diffusers import DiffusersRunner
 
 
 class BuiltinRunner(DiffusersRunner):

@@ -6,7 +6,7 @@ directory, named after the Redis it confirms jobs for and a random process id::
     acks-<redis>-<proc>.lock         held (flock) for as long as the process lives
     acks-<redis>-<proc>.<seq>.log    segments: one line "<unix time> <job id> <model>" per job
 
-At its start and every 30 s after (:func:`service.reconcile.run`), a process takes
+At its start and every 30 s after (:func:`service.broker.reconcile.run`), a process takes
 over every lock of its Redis that nobody holds (their writer died or stopped): it
 reads their segments, writes the unchecked entries into a segment of its own and only
 then removes the orphan's files, so a crash in between leaves the entries twice, never
@@ -33,7 +33,7 @@ import secrets
 from pathlib import Path
 from typing import Iterable
 
-from .keys import JOB_ID
+from service.broker.keys import JOB_ID
 
 log = logging.getLogger("clusca.reconcile")
 

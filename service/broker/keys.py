@@ -40,6 +40,8 @@ import re
 import secrets
 from typing import Any, Iterable
 
+from service.contract import as_text
+
 PREFIX = "clusca:"
 LAYOUT_VERSION = "2"
 LAYOUT_KEY = f"{PREFIX}layout"
@@ -122,17 +124,13 @@ def legacy_stream_key(model: str) -> str:
     return f"{PREFIX}stream:{model}"
 
 
-def _text(v: Any) -> str | None:
-    return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else v
-
-
 def check_layout(r: Any, models: Iterable[str]) -> None:
     """Mark a fresh Redis with this layout, or refuse one holding another (sync client).
 
     Version-1 data is found through the streams of the models served here (no keyspace
     scan, which costs as much as the keyspace on a large Redis).
     """
-    found = _text(r.get(LAYOUT_KEY))
+    found = as_text(r.get(LAYOUT_KEY))
     if found not in (None, LAYOUT_VERSION):
         raise LayoutError(f"this Redis holds queue layout {found!r}; this version reads layout {LAYOUT_VERSION!r}")
     if found is None:
@@ -144,7 +142,7 @@ def check_layout(r: Any, models: Iterable[str]) -> None:
 
 async def check_layout_async(r: Any, models: Iterable[str]) -> None:
     """:func:`check_layout` for an asyncio client."""
-    found = _text(await r.get(LAYOUT_KEY))
+    found = as_text(await r.get(LAYOUT_KEY))
     if found not in (None, LAYOUT_VERSION):
         raise LayoutError(f"this Redis holds queue layout {found!r}; this version reads layout {LAYOUT_VERSION!r}")
     if found is None:

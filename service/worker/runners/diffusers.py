@@ -13,9 +13,9 @@ import logging
 import time
 from typing import Any
 
-from ..registry import ModelEntry
-from .base import Batch, uncached_stats
-from .pipeline import PipelineRunner
+from service.registry import ModelEntry
+from service.worker.runners.base import Batch, uncached_stats
+from service.worker.runners.pipeline import PipelineRunner
 
 log = logging.getLogger("clusca.worker")
 

@@ -1,6 +1,6 @@
 """The no-op model's runner: the service path (queue, batching, transport) with nothing to compute.
 
-Its pipelines (:mod:`service.noop`) follow the diffusers calling conventions, the older
+Its pipelines (:mod:`service.worker.runners.noop_pipeline`) follow the diffusers calling conventions, the older
 callback one included, so the service's handling of them is tested without torch.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..noop import LegacyCallbackNoopPipeline, NoopPipeline, SeedGenerator
-from ..registry import ModelEntry
-from .base import Batch, uncached_stats
-from .pipeline import PipelineRunner
+from service.worker.runners.noop_pipeline import LegacyCallbackNoopPipeline, NoopPipeline, SeedGenerator
+from service.registry import ModelEntry
+from service.worker.runners.base import Batch, uncached_stats
+from service.worker.runners.pipeline import PipelineRunner
 
 
 class NoopRunner(PipelineRunner):

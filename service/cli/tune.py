@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .registry import Registry, RegistryError
+from service.registry import Registry, RegistryError
 
 # Prompts for models without a prompt set of their own: varied subjects, layouts and textures.
 DEFAULT_PROMPTS = [
@@ -88,8 +88,8 @@ def _check_out(out: Path) -> None:
 def _load_pipeline(entry: Any, device: str | None) -> tuple[Any, str]:
     import torch
 
-    from .runners import RUNNERS
-    from .runners.diffusers import resolve_device
+    from service.worker.runners import RUNNERS
+    from service.worker.runners.diffusers import resolve_device
 
     if device and device != "auto":
         dev = device

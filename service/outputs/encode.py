@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from .contract import IMAGE_FORMATS, OUTPUT_FORMATS, VIDEO_FORMATS
+from service.contract import IMAGE_FORMATS, OUTPUT_FORMATS, VIDEO_FORMATS
 
 # PIL format name and options per output format. PNG at the lowest compression level: the
 # bytes go once through Redis to one client, and level 1 costs a fraction of the default's time.

@@ -1,0 +1,323 @@
+"""The consumer side of the Redis Streams queue: what a worker does (synchronous client).
+
+Read new entries (per cluster slot where the streams span several), reclaim entries a
+dead worker left pending, start jobs with attempt counting, publish progress, and finish
+each job exactly once with its acknowledgement: start and finish are single Lua scripts
+(:mod:`service.broker.lua`), so two workers that both ran a job after a takeover cannot
+both store a result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+
+from redis.exceptions import AskError, NoScriptError, TryAgainError
+
+from service.contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, JobRequest, JobResult, as_text
+from service.broker.keys import (check_layout, done_key, events_key, images_key, job_key, job_tag, stream_key, worker_key, workers_key)
+from service.broker.connect import UNAVAILABLE, is_cluster
+from service.broker.slot_route import SlotRoute
+from service.broker.lua import SCRIPTS
+from service.broker.wire import ALIVE_WINDOW_S, entry_job_id, event_json
+
+T = TypeVar("T")
+
+log = logging.getLogger("clusca.queue")
+
+# How often a worker whose streams span several cluster slots polls them (one blocking read
+# cannot wait on keys of different slots).
+SPREAD_POLL_S = 0.005
+# A script call whose node could not be reached: it runs again through the cluster client.
+_AGAIN = object()
+
+
+@dataclass
+class Delivery:
+    """One stream entry handed to this worker."""
+
+    model: str
+    entry_id: str
+    job_id: str
+
+
+@dataclass
+class StartedJob:
+    """A job this worker marked running: its request, and what the start script said."""
+
+    delivery: Delivery
+    request: JobRequest
+    created: float
+    started: float
+    attempt: int
+    cancel_requested: bool
+
+
+class WorkerQueue:
+    """What a worker does with the queue (synchronous ``redis`` client)."""
+
+    def __init__(self, redis: Any, *, worker_id: str, models: list[str], ttl_s: int,
+                 visibility_timeout_s: float, max_attempts: int):
+        self.r = redis
+        self.worker_id = worker_id
+        self.models = list(models)
+        self.ttl_s = ttl_s
+        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.max_attempts = max_attempts
+        self._start = redis.register_script(SCRIPTS["start"])
+        self._finish = redis.register_script(SCRIPTS["finish"])
+        self._release = redis.register_script(SCRIPTS["release"])
+        # Where the next reclaim scan of each stream's pending list starts (see reclaim()).
+        self._reclaim_from: dict[str, str] = {}
+        self._model_of = {stream_key(m): m for m in self.models}
+        self._cluster = is_cluster(redis)
+        self._read_groups = _by_slot([stream_key(m) for m in self.models], self._cluster)
+        self._route = SlotRoute(redis)
+
+    def ensure_groups(self) -> None:
+        """Check the key layout (:func:`~service.broker.keys.check_layout`), then create missing consumer groups."""
+        check_layout(self.r, self.models)
+        for m in self.models:
+            try:
+                self.r.xgroup_create(stream_key(m), GROUP, id="0", mkstream=True)
+            except Exception as exc:  # noqa: BLE001
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """New entries for this worker's models (at most ``count``)."""
+        groups = self._read_groups
+        if len(groups) == 1:
+            res = self._read(groups[0], count, block_ms if block_ms > 0 else None)
+            return self._deliveries(res, count)
+        # Streams in several cluster slots: poll each slot's streams until one has work.
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            out: list[Delivery] = []
+            for streams in groups:
+                out += self._deliveries(self._read(streams, count - len(out), None), count - len(out))
+                if len(out) >= count:
+                    return out
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(SPREAD_POLL_S)
+
+    def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> Any:
+        # Straight to the slot's primary: the cluster client would ask the server for XREADGROUP's keys first.
+        return self._route.call(next(iter(streams)), lambda c: c.xreadgroup(GROUP, self.worker_id, streams,
+                                                                            count=count, block=block_ms))
+
+    def _deliveries(self, res: Any, count: int) -> list[Delivery]:
+        out = []
+        for stream, entries in res or []:
+            model = self._model_of[as_text(stream)]
+            for entry_id, fields in entries:
+                if not fields:
+                    continue
+                job_id = entry_job_id(fields, model)
+                if job_id is None:
+                    self.discard(model, as_text(entry_id))
+                    continue
+                out.append(Delivery(model, as_text(entry_id), job_id))
+        return out[:count] if len(out) > count else out
+
+    def discard(self, model: str, entry_id: str) -> None:
+        """Drop a stream entry the API did not write (it names no job): acknowledged and deleted, never run."""
+        log.warning("discarding malformed entry %s in the %s stream", entry_id, model)
+        self.r.xack(stream_key(model), GROUP, entry_id)
+        self.r.xdel(stream_key(model), entry_id)
+
+    def reclaim(self, count: int) -> list[Delivery]:
+        """Entries another worker held longer than the visibility timeout without finishing.
+
+        XAUTOCLAIM looks at a bounded window of the pending list per call, so each call goes on
+        from where the previous one stopped: a dead worker's entries are found however many
+        live entries precede them.
+        """
+        out: list[Delivery] = []
+        for m in self.models:
+            if len(out) >= count:
+                break
+            res = self.r.xautoclaim(stream_key(m), GROUP, self.worker_id, self.visibility_ms,
+                                    start_id=self._reclaim_from.get(m, "0-0"), count=count - len(out))
+            self._reclaim_from[m] = as_text(res[0]) if res else "0-0"
+            for item in res[1] if res else []:
+                if not item:
+                    continue
+                entry_id, fields = item
+                if not fields:  # deleted entry still in the pending list
+                    self.r.xack(stream_key(m), GROUP, entry_id)
+                    continue
+                job_id = entry_job_id(fields, m)
+                if job_id is None:
+                    self.discard(m, as_text(entry_id))
+                    continue
+                out.append(Delivery(m, as_text(entry_id), job_id))
+        return out
+
+    def touch(self, deliveries: list[Delivery]) -> None:
+        """Reset the idle time of entries this worker still works on (it is alive, not stuck)."""
+        by_model: dict[str, list[str]] = {}
+        for d in deliveries:
+            by_model.setdefault(d.model, []).append(d.entry_id)
+        for m, ids in by_model.items():
+            self.r.xclaim(stream_key(m), GROUP, self.worker_id, 0, ids, justid=True)
+
+    def peek_requests(self, deliveries: list[Delivery]) -> list[JobRequest | None]:
+        def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for d in deliveries:
+                pipe.hget(job_key(d.job_id), "request")
+            return pipe.execute()
+
+        return [JobRequest.parse(v) if v else None for v in self._one_slot([d.job_id for d in deliveries], run)]
+
+    def _one_slot(self, job_ids: list[str], run: Callable[[Any], T]) -> T:
+        """``run(client)``: on the primary of the jobs' slot when they share one (a batch is of one
+        model), else through the client itself (on a cluster, its pipeline splits by slot)."""
+        if self._cluster and job_ids and all(job_tag(j) == job_tag(job_ids[0]) for j in job_ids):
+            return self._route.call(job_key(job_ids[0]), run)
+        return run(self.r)
+
+    def start(self, deliveries: list[Delivery], known: Mapping[str, JobRequest] | None = None,
+              ) -> tuple[list[StartedJob], list[tuple[Delivery, str]]]:
+        """Mark jobs running (counting attempts). Returns started jobs and skipped ones with why.
+
+        ``known``: requests already read (:meth:`peek_requests`) by entry id; a stored request
+        never changes, so these are not parsed a second time."""
+        now = time.time()
+        calls = [dict(keys=[job_key(d.job_id), events_key(d.job_id), done_key(d.job_id), stream_key(d.model)],
+                      args=[self.worker_id, repr(now), self.max_attempts, self.ttl_s, d.entry_id]) for d in deliveries]
+        replies = self._scripts(self._start, calls)
+        started, skipped = [], []
+        for d, res in zip(deliveries, replies):
+            tag = as_text(res[0])
+            if tag == "ok":
+                req = (known or {}).get(d.entry_id) or JobRequest.parse(res[1])
+                try:
+                    created = float(as_text(res[2]))
+                except (TypeError, ValueError):
+                    created, req = now, None
+                if req is None:
+                    # Only the delivery matters to finish(); the request stands in for the unreadable one.
+                    job = StartedJob(d, JobRequest("", 1, 1, 1, 0.0, 0), created, now, int(as_text(res[4])), False)
+                    self.finish(job, "failed", JobResult(), "the stored request is not a valid job; it was not run")
+                    skipped.append((d, "invalid request"))
+                else:
+                    started.append(StartedJob(d, req, created, now, int(as_text(res[4])), as_text(res[3]) == "1"))
+            else:
+                skipped.append((d, tag if len(res) < 2 else f"{tag}: {as_text(res[1])}"))
+        return started, skipped
+
+    def _scripts(self, script: Any, calls: list[dict]) -> list[Any]:
+        """Run ``script`` once per call (``keys``, ``args``) in as few round trips as the mode allows."""
+        if not self._cluster:
+            pipe = self.r.pipeline(transaction=False)
+            for call in calls:
+                script(**call, client=pipe)
+            return pipe.execute()
+        # A cluster pipeline refuses scripts: one plain pipeline per primary instead, straight to
+        # the node. A slot that moved (MOVED) ran nothing there and runs again through the cluster
+        # client, which follows it; so does everything when a node is unreachable, which is
+        # how the cluster client learns of a failover.
+        replies: list[Any] = [None] * len(calls)
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, call in enumerate(calls):
+            node = self.r.get_node_from_key(call["keys"][0])
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        try:
+            for node, idxs in by_node.values():
+                pipe = node.redis_connection.pipeline(transaction=False)
+                for i in idxs:
+                    script(**calls[i], client=pipe)
+                for i, reply in zip(idxs, pipe.execute(raise_on_error=False)):
+                    replies[i] = reply
+        except UNAVAILABLE:
+            replies = [_AGAIN if r is None else r for r in replies]
+        for i, reply in enumerate(replies):
+            if reply is _AGAIN or isinstance(reply, (AskError, NoScriptError, TryAgainError)):
+                replies[i] = script(**calls[i])
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def progress(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
+        """Store ``(jobs, step, steps, cancelled)`` items in one round trip; set the cancel flags read back.
+
+        One progress event per job and step, in order; each job's ``step`` field and cancel
+        flag are written and read once, for its latest step.
+        """
+        latest: dict[str, tuple[int, list[bool], int]] = {}
+        for jobs, step, _, cancelled in items:
+            for idx, j in enumerate(jobs):
+                latest[j.delivery.job_id] = (step, cancelled, idx)
+        if not latest:
+            return
+
+        def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for jobs, step, steps, _ in items:
+                ev = event_json("progress", step=step, steps=steps)
+                for j in jobs:
+                    pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
+            for job_id, (step, _, _) in latest.items():
+                pipe.hset(job_key(job_id), "step", step)
+                pipe.hget(job_key(job_id), "cancel")
+            return pipe.execute()
+
+        res = self._one_slot(list(latest), run)
+        flags = res[len(res) - 2 * len(latest) + 1::2]  # the HGET replies, after every XADD
+        for (_, cancelled, idx), flag in zip(latest.values(), flags):
+            if as_text(flag) == "1":
+                cancelled[idx] = True
+
+    def finish(self, job: StartedJob, status: str, result: JobResult, error: str = "",
+               images: list[bytes] = (), progress: list[str] = (), step: int | None = None) -> bool:
+        """Store the outcome and acknowledge, atomically; False if another worker finished it first.
+
+        ``progress`` (event JSON strings) go into the job's event stream before its final
+        event, and ``step`` into its ``step`` field, in the same round trip; a job that was
+        already finished gets neither.
+        """
+        d = job.delivery
+        ev = event_json(FINAL_EVENT[status], status=status, error=error or None, images=len(images))
+        keys = [job_key(d.job_id), events_key(d.job_id), images_key(d.job_id), done_key(d.job_id), stream_key(d.model)]
+        args = [status, repr(time.time()), result.to_json(), error, self.ttl_s, d.entry_id, ev,
+                "" if step is None else int(step), len(progress), *progress, *images]
+        return bool(self._route.call(keys[0], lambda c: self._finish(keys=keys, args=args, client=c)))
+
+    def release(self, deliveries: list[Delivery]) -> None:
+        """Hand unstarted jobs back to the queue (they go to the end of their stream)."""
+        for d in deliveries:
+            self._release(keys=[stream_key(d.model), job_key(d.job_id)], args=[d.entry_id, d.job_id])
+
+    def heartbeat(self, info: dict[str, Any]) -> None:
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        for m in self.models:
+            pipe.zadd(workers_key(m), {self.worker_id: now})
+            pipe.zremrangebyscore(workers_key(m), "-inf", now - 3600)
+        pipe.set(worker_key(self.worker_id), json.dumps({**info, "t": now}), ex=int(ALIVE_WINDOW_S * 2))
+        pipe.execute()
+
+    def leave(self) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for m in self.models:
+            pipe.zrem(workers_key(m), self.worker_id)
+        pipe.delete(worker_key(self.worker_id))
+        pipe.execute()
+
+
+def _by_slot(keys: list[str], cluster: bool) -> list[dict[str, str]]:
+    """XREADGROUP arguments: one read for all streams, or on a cluster one per slot."""
+    if not cluster:
+        return [{k: ">" for k in keys}]
+    from redis.crc import key_slot
+
+    groups: dict[int, dict[str, str]] = {}
+    for k in keys:
+        groups.setdefault(key_slot(k.encode()), {})[k] = ">"
+    return list(groups.values())
