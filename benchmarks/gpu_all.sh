@@ -60,8 +60,8 @@ fi
 
 if [ "$FLUX_DEADLINE" != "0" ]; then
     if $PY -c "import pytest" 2>/dev/null; then
-        echo "== graph capture on CUDA (tests/test_clusca_capture.py, the CUDA tests)"
-        $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_clusca_capture.py -k cuda 2>&1 | tail -15
+        echo "== graph capture on CUDA (tests/clusca/test_clusca_capture.py, the CUDA tests)"
+        $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/clusca/test_clusca_capture.py -k cuda 2>&1 | tail -15
     fi
     echo "== FLUX.1-dev size cache benchmark"
     # shellcheck disable=SC2086

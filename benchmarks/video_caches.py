@@ -48,8 +48,8 @@ PRESETS = ("off", "quality", "balanced", "fast")
 
 def tiny_entry(kind: str, folder: Path) -> Any:
     """A registry entry for a tiny random video pipeline built into ``folder`` (no downloads)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from video_support import build_tiny_hunyuan_video, build_tiny_wan
+    sys.path.insert(0, str(ROOT))
+    from tests.worker.video_support import build_tiny_hunyuan_video, build_tiny_wan
 
     from service.registry import ModelEntry
 

@@ -12,7 +12,7 @@ state, and the hooks stay eager around them:
 
 Step offsets and mixing ratios are Python floats, which dynamo turns into graph inputs
 after the first recompilation, so a run compiles a handful of graphs and requests that
-change only cache settings reuse them (tests/test_clusca_compile.py counts them).
+change only cache settings reuse them (tests/clusca/test_clusca_compile.py counts them).
 """
 
 from __future__ import annotations

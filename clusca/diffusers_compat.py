@@ -3,7 +3,7 @@
 ClusCa builds on ``diffusers.hooks`` (``ModelHook``, ``HookRegistry``, ``StateManager``) the
 way diffusers' own caches do. A few of the things it needs are not public API: the order of
 a registry's hooks and the forward under each, and a state manager's current context. They
-are read here only, and ``tests/test_clusca_diffusers_compat.py`` pins the diffusers release
+are read here only, and ``tests/clusca/test_clusca_lean.py`` pins the diffusers release
 this was written against, so an upgrade shows up as one failing test, not as wrong caching.
 """
 

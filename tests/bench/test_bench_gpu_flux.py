@@ -1,0 +1,69 @@
+"""The GPU cache benchmark's code path, run on the CPU with a tiny FLUX configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--dual", "1", "--single", "1", "--width", "128", "--head-dim", "64", "--text-dim", "64",
+        "--side", "8", "--text-tokens", "16", "--steps", "8", "--dtype", "float32"]
+
+
+def test_tiny_run_measures_every_method_and_renders(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, "benchmarks/gpu_flux.py", *TINY, "--batches", "1,2", "--rounds", "2,1",
+                    "--json", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    data = json.loads(out.read_text())
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_flux import methods, summarise
+
+    names = [m.name for m in methods()]
+    rows = summarise(data)
+    assert [(r["batch"], r["method"]) for r in rows] == [(b, n) for b in (1, 2) for n in names]
+    assert all(r["finite"] for r in rows)
+    assert [r["runs"] for r in rows if r["batch"] == 1] == [2] * len(names)
+    uncached = next(r for r in rows if r["method"] == "uncached" and r["batch"] == 1)
+    assert uncached["speedup"] == 1.0 and uncached["rel_l2"] == 0.0
+    ours = [r for r in rows if r["flops_speedup"]]
+    assert ours and all(r["flops_speedup"] > 1.0 and r["cache_mib"] >= 0 for r in ours)
+    assert all(0 < r["rel_l2"] < 1 for r in ours)
+
+
+def test_deadline_skips_runs_but_keeps_partial_results(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, "benchmarks/gpu_flux.py", *TINY, "--batches", "1,2", "--rounds", "1",
+                    "--deadline", "0.001", "--json", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    data = json.loads(out.read_text())
+    assert data["results"] == [] and data["info"]["params"] > 0
+
+
+def _gpu_job(tmp_path, **env) -> list[list[str]]:
+    """Run benchmarks/gpu_all.sh with a stand-in interpreter that records each call."""
+    import os
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    subprocess.run(["bash", "benchmarks/gpu_all.sh"], cwd=ROOT, check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), **env})
+    return [line.split() for line in calls.read_text().splitlines()]
+
+
+def test_gpu_job_runs_only_the_parts_asked_for(tmp_path):
+    calls = _gpu_job(tmp_path, TRAIN_MINUTES="0", FLUX_DEADLINE="0", LOAD="1")
+    scripts = [c[0] for c in calls if not c[0].startswith("-")]
+    assert scripts == ["benchmarks/load.py"]
+    load = next(c for c in calls if c[0] == "benchmarks/load.py")
+    assert load[load.index("--json") + 1] == str(tmp_path / "out" / "load.json")
+    assert "--no-docs" in load
+    (tmp_path / "b").mkdir()
+    flux_only = _gpu_job(tmp_path / "b", TRAIN_MINUTES="0", FLUX_DEADLINE="60")
+    assert [c[0] for c in flux_only if not c[0].startswith("-")] == ["benchmarks/gpu_flux.py"]
+    # The CUDA-only capture tests run before the benchmark, where pytest is installed.
+    assert any(c[:2] == ["-m", "pytest"] and "tests/clusca/test_clusca_capture.py" in c for c in flux_only)
+    assert not any(c[:2] == ["-m", "pytest"] for c in calls)

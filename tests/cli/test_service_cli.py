@@ -1,0 +1,106 @@
+"""`clusca serve` (private Redis + worker + API in one command) and the `clusca generate` client."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.support import ROOT, TEST_MODELS, clusca_serve, wait_until
+from service.broker.embedded import free_port
+from service.worker.runners.noop_pipeline import noop_color
+
+
+def test_serve_then_generate_client(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text(TEST_MODELS.split("  - name: tinyflux")[0])
+    with clusca_serve(tmp_path, {"CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop",
+                                 "CLUSCA_LOG_LEVEL": "INFO"}) as served:
+        url, env = served.url, served.env
+        out = tmp_path / "img.png"
+        res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a blue square", "--url", url,
+                              "--model", "slow", "--seed", "21", "--steps", "4", "--out", str(out)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "4/4" in res.stderr and f"saved {out}" in res.stderr
+        assert Image.open(out).convert("RGB").getpixel((0, 0)) == noop_color("a blue square", 21)
+        clip = tmp_path / "clip.gif"
+        res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a ramp", "--url", url,
+                              "--model", "noopvideo", "--frames", "9", "--format", "gif", "--out", str(clip)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert Image.open(clip).n_frames == 9
+        # The API aggregates the worker's metrics (shared multi-process directory).
+        text = httpx.get(url + "/metrics").text
+        assert re.search(r'clusca_images_generated_total\{cache_mode="off",model="slow"\} 1\.0', text), text[-3000:]
+        bad = subprocess.run([sys.executable, "-m", "service.cli", "generate", "x", "--url", url, "--steps", "999"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "error 422: steps" in bad.stderr
+    assert served.proc.returncode == 0
+    text = (tmp_path / "serve.log").read_text()
+    assert "started a private Redis at redis://127.0.0.1:" in text
+    # Nothing is left behind: the worker and the private Redis stopped with serve.
+    redis_port = int(re.search(r"private Redis at redis://127.0.0.1:(\d+)", text).group(1))
+    import socket
+
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+    assert "stopped after" in text  # the worker's clean exit
+    assert f"send requests to http://127.0.0.1:{served.port}/generate" in text
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        time.sleep(0.1)
+        return False
+
+
+def test_worker_and_api_need_redis_url():
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYTHONPATH"] = str(ROOT)
+    for cmd in (["worker"], ["api"]):
+        res = subprocess.run([sys.executable, "-m", "service.cli", *cmd], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode != 0 and "REDIS_URL" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  - name: ../etc\n    kind: noop\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": "redis://127.0.0.1:1/0", "CLUSCA_MODELS": str(bad)}
+    res = subprocess.run([sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0 and "models[0].name" in res.stderr and "Traceback" not in res.stderr
+    env.update(CLUSCA_MODELS="", CLUSCA_MAX_BATCH="zero")
+    res = subprocess.run([sys.executable, "-m", "service.cli", "api"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0 and "CLUSCA_MAX_BATCH" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_api_with_several_processes_reports_every_request(service):
+    env_extra = {k: v for k, v in service.env.items() if k.startswith("CLUSCA_") or k in ("REDIS_URL", "PYTHONPATH")}
+    env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, **env_extra}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(port), "--workers", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is not None or _ready(url), timeout=60, what="API with 2 processes")
+        # A new connection per request, so both processes get some of them.
+        for _ in range(12):
+            assert httpx.post(url + "/generate", json={"prompt": "count me"}, timeout=30).status_code == 200
+        texts = [httpx.get(url + "/metrics", timeout=30).text for _ in range(4)]
+        # Whichever process answers the scrape, it reports the requests of both.
+        for text in texts:
+            assert 'clusca_requests_total{endpoint="/generate",status="200"} 12.0' in text
+    finally:
+        proc.terminate()
+        proc.wait(30)

