@@ -253,7 +253,7 @@ def test_jobs_confirmed_while_the_replica_is_cut_off(wait_replicas, tmp_path):
             reported = [x["id"] for x in c.get("/admin/lost-jobs").json()["lost"]]
             metrics = c.get("/metrics").text
         fates = _settle(svc, before + cut)
-    assert all(fates[j] == "succeeded" for j in before)
+    assert all(fates[j] == "succeeded" for j in before), {j: fates[j] for j in before + cut}
     if wait_replicas:
         assert cut == [] and {a.status_code for a in refused} == {503}
         assert {a.json()["error"]["code"] for a in refused} == {"not_replicated"} and reported == []
