@@ -108,6 +108,37 @@ KNOBS: tuple[Knob, ...] = (
 KNOB: dict[str, Knob] = {k.name: k for k in KNOBS}
 
 
+def knob_range(knob: Knob) -> str:
+    """What a knob accepts, in words (``1..1000``, ``(0..1]``, ``l1|l2``, ``true|false``)."""
+    if knob.choices is not None:
+        return "|".join(knob.choices)
+    if knob.type is bool:
+        return "true|false"
+    return f"{'(' if knob.lo_open else ''}{_number(knob.lo)}..{_number(knob.hi)}{']' if knob.lo_open else ''}"
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """ClusCa settings from their command-line spelling: a preset name, ``knob=value`` pairs, or
+    both, comma-separated (``fast``, ``interval=4,clusters=8``, ``quality,gamma=0.01``). Each
+    value is checked against its knob; :class:`ClusCaConfigError` names the first bad one."""
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, eq, value = (x.strip() for x in part.partition("="))
+        if not eq:
+            name, value = "preset", name
+        if name == "preset":
+            if value not in PRESETS:
+                raise ClusCaConfigError("preset", f"unknown preset {value!r}; choose one of {list(PRESETS)}")
+            out["preset"] = value
+        elif name in KNOB:
+            out[name] = KNOB[name].parse(value)
+        else:
+            raise ClusCaConfigError(name, f"unknown setting; known settings are {['preset', *KNOB]}")
+    return out
+
+
 def _number(x: float | None) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
