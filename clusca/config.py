@@ -18,6 +18,133 @@ PROPAGATIONS = ("paper", "anchored")
 CAPTURES = ("auto", "off")
 PREDICTORS = ("taylor", "hermite")
 MAX_ORDER = 4
+# Seeds stay exact in every JSON client (JavaScript numbers are doubles).
+MAX_SEED = 2**53 - 1
+
+
+class ClusCaConfigError(ValueError):
+    """A setting is refused: ``field`` names it (``modules``, ``preset``, ``interval``...),
+    ``reason`` says why; the message is ``"field: reason"``."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One scalar ClusCa setting: its type, allowed values and default, written once.
+
+    ``lo``/``hi`` bound numbers (``lo_open``: ``lo`` itself is refused); ``choices`` lists the
+    allowed strings. The config validates with this, the HTTP schema is generated from it,
+    and the CLI parses ``--cache`` with it.
+    """
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: Any) -> Any:
+        """``value`` as this knob's type, or :class:`ClusCaConfigError` naming the knob."""
+        value = _coerce(self.name, value, self.type)
+        if self.choices is not None and value not in self.choices:
+            raise ClusCaConfigError(self.name, f"must be one of {list(self.choices)}, got {value!r}")
+        if self.lo is None and self.hi is None:
+            return value
+        low_ok = value > self.lo if self.lo_open else value >= self.lo
+        if not (low_ok and value <= self.hi):
+            lo, hi = _number(self.lo), _number(self.hi)
+            if self.lo_open:
+                raise ClusCaConfigError(self.name, f"must be above {lo} and at most {hi}, got {value!r}")
+            raise ClusCaConfigError(self.name, f"must be between {lo} and {hi}, got {value!r}")
+        return value
+
+    def parse(self, text: str) -> Any:
+        """A command-line spelling of a value (``4``, ``0.5``, ``true``, ``l2``), checked."""
+        value: Any = text
+        if self.type is bool:
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower(), text)
+        elif self.type in (int, float):
+            try:
+                value = int(text) if self.type is int else float(text)
+            except ValueError:
+                pass  # check() names the knob and the type
+        return self.check(value)
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("mode", str, "clusca", "off (the unmodified model), fora (reuse the last full step), taylorseer "
+         "(Taylor prediction) or clusca (prediction plus fresh tokens per cluster).", choices=MODES),
+    Knob("interval", int, 5, "One full step every `interval` steps after warm-up (1: every step full).", 1, 1000),
+    Knob("warmup", int, 3, "Leading steps that are always full.", 1, 1000),
+    Knob("order", int, 1, "Taylor order of the prediction (forced to 0 in fora mode).", 0, MAX_ORDER),
+    Knob("predictor", str, "taylor", "How orders 1 and up are weighted on a cached step: taylor (the series) "
+         "or hermite (scaled Hermite polynomials, damped).", choices=PREDICTORS),
+    Knob("hermite_scale", float, 0.5, "Contraction of the hermite predictor; smaller damps more.", 0.0, 1.0,
+         lo_open=True),
+    Knob("clusters", int, 16, "k-means clusters per sample and token group.", 1, 4096),
+    Knob("fresh_tokens", int, 1, "Tokens per cluster recomputed on cached steps.", 1, 64),
+    Knob("gamma", float, 0.005, "Propagation ratio: weight of a cluster's fresh output blended into each member.",
+         0.0, 1.0),
+    Knob("kmeans_iters", int, 10, "Most k-means iterations per full step (stops early when stable).", 1, 100),
+    Knob("kmeans_distance", str, "l1", "k-means distance: l1 (the paper's) or l2.", choices=DISTANCES),
+    Knob("kmeans_fit_per_cluster", int, 32, "Fit the centroids on clusters x this token positions (0: all tokens).",
+         0, 100000),
+    Knob("propagation", str, "paper", "paper (blend into the order-0 factor) or anchored (blend into the "
+         "predicted output, fresh tokens exact).", choices=PROPAGATIONS),
+    Knob("propagate_text", bool, False, "Also propagate inside text-token clusters (needs refresh_text)."),
+    Knob("refresh_text", bool, False, "Also compute the text stream of dual-stream models on cached steps."),
+    Knob("guidance_pairs", bool, True, "Cluster the two halves of a guidance batch jointly (same fresh tokens)."),
+    Knob("seed", int, 0, "Seed of the fresh-token draws and the first k-means initialisation.", 0, MAX_SEED),
+    Knob("capture", str, "auto", "auto (replay cached steps as a CUDA graph where possible) or off (eager).",
+         choices=CAPTURES),
+)
+KNOB: dict[str, Knob] = {k.name: k for k in KNOBS}
+
+
+def knob_range(knob: Knob) -> str:
+    """What a knob accepts, in words (``1..1000``, ``(0..1]``, ``l1|l2``, ``true|false``)."""
+    if knob.choices is not None:
+        return "|".join(knob.choices)
+    if knob.type is bool:
+        return "true|false"
+    return f"{'(' if knob.lo_open else ''}{_number(knob.lo)}..{_number(knob.hi)}{']' if knob.lo_open else ''}"
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """ClusCa settings from their command-line spelling: a preset name, ``knob=value`` pairs, or
+    both, comma-separated (``fast``, ``interval=4,clusters=8``, ``quality,gamma=0.01``). Each
+    value is checked against its knob; :class:`ClusCaConfigError` names the first bad one."""
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, eq, value = (x.strip() for x in part.partition("="))
+        if not eq:
+            name, value = "preset", name
+        if name == "preset":
+            if value not in PRESETS:
+                raise ClusCaConfigError("preset", f"unknown preset {value!r}; choose one of {list(PRESETS)}")
+            out["preset"] = value
+        elif name in KNOB:
+            out[name] = KNOB[name].parse(value)
+        else:
+            raise ClusCaConfigError(name, f"unknown setting; known settings are {['preset', *KNOB]}")
+    return out
+
+
+def _number(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _default(name: str) -> Any:
+    return KNOB[name].default
 
 
 @dataclass
@@ -69,24 +196,24 @@ class ClusCaConfig:
             names (overriding attention or blocks clears the text-stream patterns).
     """
 
-    mode: str = "clusca"
-    interval: int = 5
-    warmup: int = 3
-    order: int = 1
-    predictor: str = "taylor"
-    hermite_scale: float = 0.5
-    clusters: int = 16
-    fresh_tokens: int = 1
-    gamma: float = 0.005
-    kmeans_iters: int = 10
-    kmeans_distance: str = "l1"
-    kmeans_fit_per_cluster: int = 32
-    propagation: str = "paper"
-    propagate_text: bool = False
-    refresh_text: bool = False
-    guidance_pairs: bool = True
-    seed: int = 0
-    capture: str = "auto"
+    mode: str = _default("mode")
+    interval: int = _default("interval")
+    warmup: int = _default("warmup")
+    order: int = _default("order")
+    predictor: str = _default("predictor")
+    hermite_scale: float = _default("hermite_scale")
+    clusters: int = _default("clusters")
+    fresh_tokens: int = _default("fresh_tokens")
+    gamma: float = _default("gamma")
+    kmeans_iters: int = _default("kmeans_iters")
+    kmeans_distance: str = _default("kmeans_distance")
+    kmeans_fit_per_cluster: int = _default("kmeans_fit_per_cluster")
+    propagation: str = _default("propagation")
+    propagate_text: bool = _default("propagate_text")
+    refresh_text: bool = _default("refresh_text")
+    guidance_pairs: bool = _default("guidance_pairs")
+    seed: int = _default("seed")
+    capture: str = _default("capture")
     modules: dict[str, list[str]] | None = None
 
     # ------------------------------------------------------------------ presets
@@ -94,7 +221,7 @@ class ClusCaConfig:
     def preset(cls, name: str, **overrides: Any) -> "ClusCaConfig":
         """Return a copy of the named preset, optionally with some fields changed."""
         if name not in PRESETS:
-            raise ValueError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ClusCaConfigError("preset", f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         cfg = dataclasses.replace(PRESETS[name], **overrides) if overrides else dataclasses.replace(PRESETS[name])
         cfg.validate()
         return cfg
@@ -111,70 +238,37 @@ class ClusCaConfig:
         """Build a validated config from a JSON-like mapping.
 
         A ``preset`` key picks the base settings; other keys override it. Unknown keys and
-        wrongly typed values raise ``ValueError`` naming the field.
+        wrongly typed values raise :class:`ClusCaConfigError` naming the field.
         """
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ValueError("config: expected an object with ClusCa settings")
+            raise ClusCaConfigError("config", "expected an object with ClusCa settings")
         data = dict(data)
         base_name = data.pop("preset", None)
         if base_name is not None and not isinstance(base_name, str):
-            raise ValueError("preset: must be a string")
+            raise ClusCaConfigError("preset", "must be a string")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{unknown[0]}: unknown setting; known settings are {sorted(names)}")
+            raise ClusCaConfigError(unknown[0], f"unknown setting; known settings are {sorted(names)}")
         base = cls.preset(base_name) if base_name is not None else cls()
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in data:
-                kwargs[f.name] = _coerce(f.name, data[f.name], _FIELD_TYPES[f.name])
+        kwargs = {name: KNOB[name].check(value) for name, value in data.items() if name in KNOB}
+        if "modules" in data:
+            kwargs["modules"] = _modules(data["modules"])
         cfg = dataclasses.replace(base, **kwargs)
         cfg.validate()
         return cfg
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "ClusCaConfig":
-        """Check every field; raise ``ValueError`` whose message starts with the field name."""
-        for name, typ in _FIELD_TYPES.items():
-            _coerce(name, getattr(self, name), typ)  # type check only
-        if self.mode not in MODES:
-            raise ValueError(f"mode: must be one of {list(MODES)}, got {self.mode!r}")
-        _int_range("interval", self.interval, 1, 1000)
-        _int_range("warmup", self.warmup, 1, 1000)
-        _int_range("order", self.order, 0, MAX_ORDER)
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"predictor: must be one of {list(PREDICTORS)}, got {self.predictor!r}")
-        if not (0.0 < float(self.hermite_scale) <= 1.0):
-            raise ValueError(f"hermite_scale: must be above 0 and at most 1, got {self.hermite_scale!r}")
-        _int_range("clusters", self.clusters, 1, 4096)
-        _int_range("fresh_tokens", self.fresh_tokens, 1, 64)
-        if not (0.0 <= float(self.gamma) <= 1.0) or math.isnan(float(self.gamma)):
-            raise ValueError(f"gamma: must be between 0 and 1, got {self.gamma!r}")
-        _int_range("kmeans_iters", self.kmeans_iters, 1, 100)
-        _int_range("kmeans_fit_per_cluster", self.kmeans_fit_per_cluster, 0, 100000)
-        if self.kmeans_distance not in DISTANCES:
-            raise ValueError(f"kmeans_distance: must be one of {list(DISTANCES)}, got {self.kmeans_distance!r}")
-        if self.propagation not in PROPAGATIONS:
-            raise ValueError(f"propagation: must be one of {list(PROPAGATIONS)}, got {self.propagation!r}")
+        """Check every field against :data:`KNOBS`; raise :class:`ClusCaConfigError` naming the first bad one."""
+        for knob in KNOBS:
+            knob.check(getattr(self, knob.name))
         if self.propagate_text and not self.refresh_text:
-            raise ValueError("propagate_text: needs refresh_text=true (no text tokens are refreshed otherwise)")
-        _int_range("seed", self.seed, 0, 2**63 - 1)
-        if self.capture not in CAPTURES:
-            raise ValueError(f"capture: must be one of {list(CAPTURES)}, got {self.capture!r}")
+            raise ClusCaConfigError("propagate_text", "needs refresh_text=true (no text tokens are refreshed otherwise)")
         if self.modules is not None:
-            allowed = {"attention", "feedforward", "block", "cluster", "text_stream"}
-            for key, pats in self.modules.items():
-                if key not in allowed:
-                    raise ValueError(f"modules: unknown role {key!r}; roles are {sorted(allowed)}")
-                if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
-                    raise ValueError(f"modules: {key!r} must be a list of regular expressions")
-                for p in pats:
-                    try:
-                        re.compile(p)
-                    except re.error as exc:
-                        raise ValueError(f"modules: invalid regular expression {p!r} ({exc})") from None
+            _modules(self.modules)
         return self
 
     # ------------------------------------------------------------------ derived settings
@@ -200,62 +294,50 @@ class ClusCaConfig:
         return [s for s in range(num_inference_steps) if self.is_full_step(s)]
 
 
-_FIELD_TYPES: dict[str, Any] = {
-    "mode": str,
-    "interval": int,
-    "warmup": int,
-    "order": int,
-    "predictor": str,
-    "hermite_scale": float,
-    "clusters": int,
-    "fresh_tokens": int,
-    "gamma": float,
-    "kmeans_iters": int,
-    "kmeans_distance": str,
-    "kmeans_fit_per_cluster": int,
-    "propagation": str,
-    "propagate_text": bool,
-    "refresh_text": bool,
-    "guidance_pairs": bool,
-    "seed": int,
-    "capture": str,
-    "modules": "modules",
-}
+MODULE_ROLES = ("attention", "feedforward", "block", "cluster", "text_stream")
 
 
-def _coerce(name: str, value: Any, typ: Any) -> Any:
-    if typ == "modules":
-        if value is None:
-            return None
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{name}: must be an object mapping roles to lists of patterns")
-        return {str(k): list(v) if isinstance(v, (list, tuple)) else v for k, v in value.items()}
+def _modules(value: Any) -> dict[str, list[str]] | None:
+    """Module name patterns as ``{role: [regex, ...]}``, checked (the operator's, never a request's)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ClusCaConfigError("modules", "must be an object mapping roles to lists of patterns")
+    out: dict[str, list[str]] = {}
+    for key, pats in value.items():
+        if key not in MODULE_ROLES:
+            raise ClusCaConfigError("modules", f"unknown role {key!r}; roles are {sorted(MODULE_ROLES)}")
+        if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
+            raise ClusCaConfigError("modules", f"{key!r} must be a list of regular expressions")
+        for p in pats:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ClusCaConfigError("modules", f"invalid regular expression {p!r} ({exc})") from None
+        out[str(key)] = list(pats)
+    return out
+
+
+def _coerce(name: str, value: Any, typ: type) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{name}: must be true or false, got {value!r}")
+        raise ClusCaConfigError(name, f"must be true or false, got {value!r}")
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ValueError(f"{name}: must be an integer, got {value!r}")
+            raise ClusCaConfigError(name, f"must be an integer, got {value!r}")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}: must be a number, got {value!r}")
+            raise ClusCaConfigError(name, f"must be a number, got {value!r}")
         if not math.isfinite(float(value)):
-            raise ValueError(f"{name}: must be a finite number, got {value!r}")
+            raise ClusCaConfigError(name, f"must be a finite number, got {value!r}")
         return float(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: must be a string, got {value!r}")
-        return value
+    if not isinstance(value, str):
+        raise ClusCaConfigError(name, f"must be a string, got {value!r}")
     return value
-
-
-def _int_range(name: str, value: int, lo: int, hi: int) -> None:
-    if not (lo <= value <= hi):
-        raise ValueError(f"{name}: must be between {lo} and {hi}, got {value!r}")
 
 
 PRESETS: dict[str, ClusCaConfig] = {

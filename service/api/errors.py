@@ -15,9 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clusca.config import PRESETS
+
 from service import metrics
-from service.broker.wire import NotReplicated
+from service.api.schemas import CACHE_FIELDS
 from service.broker.connect import UNAVAILABLE, is_transport_failure
+from service.broker.wire import NotReplicated
 
 log = logging.getLogger("clusca.api")
 
@@ -45,7 +48,7 @@ def _field_name(loc: tuple) -> str:
 
 # Pydantic's error types for "an object was expected here".
 _NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
-_PRESETS = ("off", "quality", "balanced", "fast")
+_PRESETS = tuple(PRESETS)
 
 
 def _message(err: dict[str, Any], content_type: str = "application/json") -> str:
@@ -65,6 +68,10 @@ def _message(err: dict[str, Any], content_type: str = "application/json") -> str
     if err.get("type") == "missing":
         return "is required"
     if err.get("type") == "extra_forbidden":
+        if loc[:2] == ("body", "cache") and len(loc) == 3:
+            if loc[2] == "modules":
+                return "module patterns are set by the operator, not per request"
+            return f"unknown setting; known settings are {CACHE_FIELDS}"
         return "is not a known field"
     if err.get("type") == "finite_number":
         return "must be a finite number (NaN and infinity are not allowed)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import secrets
@@ -10,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from clusca.config import ClusCaConfig
+from clusca.config import ClusCaConfigError
 
 from service.contract import IMAGE_FORMATS, VIDEO_FORMATS, JobRequest
 from service.registry import ModelEntry, ModelLimits, Registry
@@ -94,26 +93,14 @@ def _check_text(field: str, text: str | None, limit: int) -> None:
         raise _bad(field, "contains unpaired surrogate characters") from None
 
 
-def request_cache_knobs() -> list[str]:
-    """The cache settings a request may send: ``preset`` and the ClusCa knobs, not ``modules``."""
-    return sorted({f.name for f in dataclasses.fields(ClusCaConfig)} - {"modules"} | {"preset"})
-
-
 def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> dict[str, Any]:
+    """The run's settings: the model's version of the preset, then the request's knobs. The schema
+    has checked each knob on its own; what is left to the library is how they combine."""
     settings = cache.model_dump(exclude_none=True) if cache is not None else {}
-    if "modules" in settings:
-        raise _bad("cache.modules", "module patterns are set by the operator, not per request")
-    known = request_cache_knobs()
-    for name in sorted(settings):
-        if name not in known:
-            raise _bad(f"cache.{name}", f"unknown setting; known settings are {known}")
     try:
-        return entry.cache_config(settings).to_dict()  # the model's version of the preset, then the request's knobs
-    except ValueError as exc:
-        msg = str(exc)
-        name, _, rest = msg.partition(": ")
-        field = name if name.replace("_", "").isalnum() else "cache"
-        raise _bad(f"cache.{field}" if field != "cache" else "cache", rest or msg) from None
+        return entry.cache_config(settings).to_dict()
+    except ClusCaConfigError as exc:
+        raise _bad(f"cache.{exc.field}", exc.reason) from None
 
 
 async def resolve_job(*, registry: Registry, settings: Settings, model: str | None, prompt: str,

@@ -4,44 +4,40 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from clusca.config import KNOBS, MAX_SEED, PRESETS, Knob
 
 from service.contract import JobState, OutputFormat
 from service.registry import MODEL_NAME_PATTERN, ModelLimits
 
-# Seeds stay exact in every JSON client (JavaScript numbers are doubles).
-MAX_SEED = 2**53 - 1
+def _knob_field(knob: Knob) -> tuple[Any, Any]:
+    """The request field of one ClusCa knob: its type, range, choices and doc from the knob table."""
+    typ: Any = Literal[knob.choices] if knob.choices is not None else knob.type  # type: ignore[valid-type]
+    limits: dict[str, Any] = {}
+    if knob.lo is not None:
+        limits["gt" if knob.lo_open else "ge"] = knob.lo
+    if knob.hi is not None:
+        limits["le"] = knob.hi
+    if knob.type is float:
+        limits["allow_inf_nan"] = False
+    return Optional[typ], Field(None, description=knob.doc, **limits)
 
 
-class CacheSettings(BaseModel):
-    """ClusCa settings of one request: a preset, a mode, and any knob of the ClusCa config.
-
-    Unset fields come from the preset (default: the model's default preset). Knobs:
-    ``interval``, ``warmup``, ``order``, ``predictor``, ``hermite_scale``, ``clusters``, ``fresh_tokens``, ``gamma``,
-    ``kmeans_iters``, ``kmeans_distance``, ``propagation``, ``propagate_text``,
-    ``refresh_text``, ``guidance_pairs``, ``seed``.
-    """
-
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{"preset": "balanced"},
-                                                                             {"mode": "taylorseer", "interval": 4}]})
-
-    mode: Optional[Literal["off", "fora", "taylorseer", "clusca"]] = None
-    preset: Optional[Literal["off", "quality", "balanced", "fast"]] = None
-    interval: Optional[int] = Field(None, ge=1, le=1000)
-    warmup: Optional[int] = Field(None, ge=1, le=1000)
-    order: Optional[int] = Field(None, ge=0, le=4)
-    predictor: Optional[Literal["taylor", "hermite"]] = None
-    hermite_scale: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
-    clusters: Optional[int] = Field(None, ge=1, le=4096)
-    fresh_tokens: Optional[int] = Field(None, ge=1, le=64)
-    gamma: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
-    kmeans_iters: Optional[int] = Field(None, ge=1, le=100)
-    kmeans_distance: Optional[Literal["l1", "l2"]] = None
-    propagation: Optional[str] = Field(None, max_length=32)
-    propagate_text: Optional[bool] = None
-    refresh_text: Optional[bool] = None
-    guidance_pairs: Optional[bool] = None
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+# Generated from the knob table (clusca.config.KNOBS), so the schema, its OpenAPI document and the
+# library can never disagree about a name, a range or a choice.
+CacheSettings = create_model(
+    "CacheSettings",
+    __doc__="ClusCa settings of one request: a preset, and any knob of the ClusCa config.\n\n"
+            "Unset fields come from the preset (default: the model's default preset, as the model tunes it).",
+    __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"preset": "balanced"},
+                                                                        {"mode": "taylorseer", "interval": 4}]}),
+    preset=(Optional[Literal[tuple(PRESETS)]],  # type: ignore[valid-type]
+            Field(None, description="Base settings; the model's default preset when absent.")),
+    **{knob.name: _knob_field(knob) for knob in KNOBS},
+)
+# What a request's ``cache`` may set: ``preset`` and every knob; ``modules`` is the operator's.
+CACHE_FIELDS: list[str] = sorted(CacheSettings.model_fields)
 
 
 class GenerateRequest(BaseModel):

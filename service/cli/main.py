@@ -160,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if v is not None:
             body[k] = v
     if args.cache:
-        body["cache"] = {"preset": args.cache}
+        body["cache"] = args.cache
     try:
         with _request("POST", f"{base}/generate", body, args.api_key, {"Prefer": "respond-async"}) as r:
             job = json.load(r)
@@ -202,6 +202,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"total {t['total_s']:.3f}s{cache})", file=sys.stderr)
 
 
+def _cache_arg(text: str) -> dict[str, Any]:
+    from clusca.config import ClusCaConfigError, parse_settings
+
+    try:
+        return parse_settings(text)
+    except ClusCaConfigError as exc:
+        raise argparse.ArgumentTypeError(f"cache.{exc.field}: {exc.reason}") from None
+
+
+def _cache_help() -> str:
+    from clusca.config import KNOBS, PRESETS, knob_range
+
+    lines = [f"cache presets: {', '.join(PRESETS)}", "cache knobs (unset ones come from the preset):"]
+    lines += [f"  {k.name:<24} {knob_range(k):<28} {k.doc}" for k in KNOBS]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clusca", description="ClusCa Serve: diffusion transformers over HTTP.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--models", help="comma-separated registry names (default: all)")
     wp.add_argument("--id", help="worker id (default: host-pid-random)")
     wp.set_defaults(fn=cmd_worker)
-    gp = sub.add_parser("generate", help="generate one image (or video) through a running service")
+    gp = sub.add_parser("generate", help="generate one image (or video) through a running service",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_cache_help())
     gp.add_argument("prompt")
     gp.add_argument("--out", "-o")
     gp.add_argument("--url", default=os.environ.get("CLUSCA_URL", "http://127.0.0.1:8000"))
@@ -231,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--seed", type=int)
     gp.add_argument("--guidance", type=float)
     gp.add_argument("--negative-prompt", dest="negative_prompt")
-    gp.add_argument("--cache", help="cache preset: off, quality, balanced, fast")
+    gp.add_argument("--cache", type=_cache_arg, metavar="PRESET|KNOB=VALUE,...",
+                    help="ClusCa settings: a preset, knob=value pairs, or both (e.g. fast, "
+                         "interval=4,clusters=8 or quality,gamma=0.01); knobs below")
     gp.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp", "mp4", "gif"],
                     help="default: png for image models, mp4 for video models")
     gp.add_argument("--frames", dest="num_frames", type=int, help="video models: frames (default: the model's)")

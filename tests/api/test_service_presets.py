@@ -131,8 +131,8 @@ def test_unknown_default_preset_is_a_registry_error(tmp_path):
 def test_bad_request_knob_on_a_tuned_preset_is_a_422():
     entry = Registry.load(None).get(BUILTIN_MODEL)
     with pytest.raises(ApiError) as exc:
-        resolve_cache(entry, CacheSettings(preset="balanced", kmeans_distance="l1", propagation="sideways"))
-    assert exc.value.status == 422 and "propagation" in str(exc.value)
+        resolve_cache(entry, CacheSettings(preset="balanced", kmeans_distance="l1", propagate_text=True))
+    assert exc.value.status == 422 and exc.value.param == "cache.propagate_text"
 
 
 def test_checkpoint_keeps_its_preset_tuning_through_load_and_save(tmp_path):

@@ -36,7 +36,7 @@ def _err(r, status: int) -> dict:
     ({"prompt": "x", "cache": {"preset": "ludicrous"}}, "cache.preset", "balanced"),
     ({"prompt": "x", "cache": {"bogus_knob": 1}}, "cache.bogus_knob", "unknown setting"),
     ({"prompt": "x", "cache": {"guidance_pairs": "sometimes"}}, "cache.guidance_pairs", "boolean"),
-    ({"prompt": "x", "cache": {"capture": "always"}}, "cache.capture", "'auto', 'off'"),
+    ({"prompt": "x", "cache": {"capture": "always"}}, "cache.capture", "'auto' or 'off'"),
     ({"prompt": "x", "cache": {"predictor": "spline"}}, "cache.predictor", "'taylor' or 'hermite'"),
     ({"prompt": "x", "cache": {"hermite_scale": 0}}, "cache.hermite_scale", "greater than 0"),
     ({"prompt": "x", "cache": {"modules": {"attention": ["(a+)+$"]}}}, "cache.modules", "operator"),

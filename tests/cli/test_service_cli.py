@@ -25,7 +25,8 @@ def test_serve_then_generate_client(tmp_path):
         url, env = served.url, served.env
         out = tmp_path / "img.png"
         res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a blue square", "--url", url,
-                              "--model", "slow", "--seed", "21", "--steps", "4", "--out", str(out)],
+                              "--model", "slow", "--seed", "21", "--steps", "4", "--out", str(out),
+                              "--cache", "off,interval=2,kmeans_fit_per_cluster=8"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert "4/4" in res.stderr and f"saved {out}" in res.stderr
@@ -53,6 +54,30 @@ def test_serve_then_generate_client(tmp_path):
         socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
     assert "stopped after" in text  # the worker's clean exit
     assert f"send requests to http://127.0.0.1:{served.port}/generate" in text
+
+
+def test_generate_cache_takes_a_preset_and_knobs_checked_by_the_knob_table(capsys):
+    from clusca.config import KNOBS
+    from service.cli.main import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["generate", "x", "--cache", "fast"]).cache == {"preset": "fast"}
+    assert parse(["generate", "x", "--cache", "interval=4,clusters=8"]).cache == {"interval": 4, "clusters": 8}
+    assert parse(["generate", "x", "--cache", "quality,gamma=0.01,guidance_pairs=false,predictor=hermite"]).cache \
+        == {"preset": "quality", "gamma": 0.01, "guidance_pairs": False, "predictor": "hermite"}
+    for bad, fragment in (("interval=0", "cache.interval: must be between 1 and 1000"),
+                          ("clusters=many", "cache.clusters: must be an integer"),
+                          ("capture=always", "cache.capture: must be one of"),
+                          ("turbo", "cache.preset: unknown preset"), ("intervall=4", "cache.intervall: unknown")):
+        with pytest.raises(SystemExit):
+            parse(["generate", "x", "--cache", bad])
+        assert fragment in capsys.readouterr().err, bad
+    with pytest.raises(SystemExit):
+        parse(["generate", "--help"])
+    help_text = capsys.readouterr().out
+    for knob in KNOBS:
+        assert re.search(rf"^  {knob.name} ", help_text, re.M), knob.name
+    assert "1..1000" in help_text and "(0..1]" in help_text and "auto|off" in help_text
 
 
 def _ready(url: str) -> bool:
