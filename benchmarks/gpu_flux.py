@@ -89,7 +89,7 @@ def sync(device: torch.device) -> None:
 def run_once(method, model, inputs, steps, device) -> dict:
     from benchmarks._caches import Env, activate
     from clusca import remove_clusca
-    from clusca.hooks import is_clusca_applied
+    from clusca.install import is_clusca_applied
 
     # diffusers' cache hooks leave reference cycles holding their states: collect them
     # now, or they are freed during the next run and hide its real peak.

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 from .config import DEFAULT_PRESET, MODES, PRESETS, ClusCaConfig
 
 _LAZY = {
-    "apply_clusca": "hooks",
-    "remove_clusca": "hooks",
-    "is_clusca_applied": "hooks",
+    "apply_clusca": "install",
+    "remove_clusca": "install",
+    "is_clusca_applied": "install",
     "clusca_run": "run",
     "ClusCaRun": "run",
     "RunStats": "run",
@@ -28,7 +28,7 @@ _LAZY = {
 __all__ = ["ClusCaConfig", "PRESETS", "MODES", "DEFAULT_PRESET", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .hooks import apply_clusca, is_clusca_applied, remove_clusca
+    from .install import apply_clusca, is_clusca_applied, remove_clusca
     from .compile import compile_clusca, uncompile_clusca
     from .inspect import RunState, run_state
     from .patterns import ARCHITECTURES, ArchitecturePatterns

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .hooks import get_controller
+from .install import get_controller
 
 _COMPILED_ROLES = ("attention", "feedforward", "block")
 # Compiled forwards by module and settings: hooks installed again (or compiled again) reuse

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hooks import get_controller
+from .install import get_controller
 
 
 @dataclass(frozen=True)

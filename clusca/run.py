@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from .config import ClusCaConfig
-from .hooks import apply_clusca, get_controller
+from .install import apply_clusca, get_controller
 from .state import Counters
 
 

@@ -49,7 +49,8 @@ from .plot import draw_pareto
 from .timing import GROUP, interleaved_speedups
 from .space import PSNR_CAP_DB, TUNED_PRESETS, Generate, TuneError, canonical, key_of, label, search_space
 from .pipeline import pipeline_generate, tune
-from .tuner import TuneResult, psnr, score, tune_with
+from .result import TuneResult
+from .tuner import psnr, score, tune_with
 
 __all__ = ["GROUP", "interleaved_speedups", "PSNR_CAP_DB", "TUNED_PRESETS", "Generate", "Candidate", "TuneError", "TuneResult", "canonical", "describe_device", "draw_pareto",
            "front_layers", "key_of", "label", "load_result", "pareto_front", "pick_presets", "pipeline_generate",

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..config import ClusCaConfig
 from .space import Generate, TuneError
-from .tuner import TuneResult, tune_with
+from .result import TuneResult
+from .tuner import tune_with
 
 
 def pipeline_generate(pipe: Any, *, steps: int, guidance: float | None = None, height: int | None = None,
@@ -24,7 +25,7 @@ def pipeline_generate(pipe: Any, *, steps: int, guidance: float | None = None, h
 
     import torch
 
-    from ..hooks import apply_clusca
+    from ..install import apply_clusca
     from ..run import clusca_run
 
     tr = getattr(pipe, "transformer", None)

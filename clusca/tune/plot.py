@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pathlib import Path
+from typing import Any, Protocol
+
+from .journal import Candidate, write_whole
 
 
-from .journal import write_whole
+class PlottedRun(Protocol):
+    """What the plot reads of a tuning run (a :class:`~clusca.tune.result.TuneResult` is one);
+    a protocol, so the result can draw itself without the two modules importing each other."""
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .tuner import TuneResult
+    meta: dict[str, Any]
+    final: list[str]
+    front: list[str]
+    picks: dict[str, str]
+    candidates: list[Candidate]
+
+    @property
+    def final_items(self) -> list[int]: ...
+
+    def by_key(self, key: str) -> Candidate: ...
 
 
-def draw_pareto(res: TuneResult, path: Path, title: str = "") -> None:
+def draw_pareto(res: PlottedRun, path: Path, title: str = "") -> None:
     """PSNR against wall-clock speedup of the finalists, the front as a line, the picks and library presets named."""
     from PIL import Image, ImageDraw
 

@@ -154,15 +154,13 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
     # ---- the model and its prompts
     checker = None
     if prompt_list is None and entry.kind == "builtin":
-        from clusca_shapes.tools import checker as shapes_checker, data
+        from clusca_shapes.evaluation import evaluation_prompts
 
-        items = data.eval_set(BUILTIN_PROMPTS)
-        prompt_list = [t for t, _ in items]
-        scenes = [s for _, s in items]
+        prompt_list, follows = evaluation_prompts(BUILTIN_PROMPTS)
         source = f"the built-in evaluation set ({len(prompt_list)} prompts)"
 
         def checker(images: Any, idx: Sequence[int]) -> list[bool]:
-            return [shapes_checker.check(img, scenes[i // seeds]).ok for img, i in zip(images, idx)]
+            return [follows(img, i // seeds) for img, i in zip(images, idx)]
     elif prompt_list is None:
         prompt_list = list(DEFAULT_PROMPTS)
         source = f"the default prompts ({len(prompt_list)})"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca
-from clusca.hooks import is_clusca_applied
+from clusca.install import is_clusca_applied
 from clusca.testing import TINY_CASES, euler_sample
 
 STEPS = 12

@@ -40,3 +40,18 @@ def test_the_taylor_coefficients_are_written_once():
     # d^k / k! appears as code in taylor.py only; everyone else asks it.
     users = sorted({p.name for p in FILES if "factorial" in p.read_text()})
     assert users == ["taylor.py"], users
+
+
+def test_the_tuners_modules_import_no_cycle():
+    # plot and tuner both read the result; neither reads the other, even for type hints.
+    tune = CLUSCA / "tune"
+    graph = {}
+    for p in tune.glob("*.py"):
+        graph[p.stem] = {n.module for n in ast.walk(_tree(p)) if isinstance(n, ast.ImportFrom) and n.level == 1
+                         and n.module and (tune / f"{n.module}.py").exists()}
+
+    def reaches(a: str, b: str, seen: set[str]) -> bool:
+        return any(m == b or (m not in seen and reaches(m, b, seen | {m})) for m in graph.get(a, ()))
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not cycles, cycles

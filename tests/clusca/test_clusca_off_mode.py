@@ -7,7 +7,7 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from clusca import ClusCaConfig, apply_clusca, clusca_run
-from clusca.hooks import get_controller, remove_clusca
+from clusca.install import get_controller, remove_clusca
 from clusca.testing import euler_sample, tiny_flux, tiny_sd3
 
 

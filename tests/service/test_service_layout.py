@@ -77,3 +77,14 @@ def test_no_module_over_600_lines_and_no_class_over_300():
            for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.ClassDef)
            and node.end_lineno - node.lineno + 1 > 300]
     assert not too_long and not big, too_long + big
+
+
+def test_no_service_module_reaches_into_the_built_in_models_tools():
+    # clusca_shapes.evaluation is the door; tools/ is the model's offline kit.
+    users = []
+    for p in FILES:
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            users += [f"{p.relative_to(ROOT)}: {n}" for n in names if n.startswith("clusca_shapes.tools")]
+    assert not users, users
