@@ -94,16 +94,18 @@ def install_openapi(app: FastAPI, settings: Settings, registry: Registry | None 
     side = max((m.max_side for m in models), default=settings.max_side)
     steps = max((m.max_steps for m in models), default=settings.max_steps)
     images = max((m.max_images for m in models), default=settings.max_images)
+    frames = max((m.max_frames for m in models if m.max_frames is not None), default=settings.max_frames)
     limits = {"prompt": ("maxLength", settings.max_prompt_chars),
               "negative_prompt": ("maxLength", settings.max_prompt_chars),
               "width": ("maximum", side), "height": ("maximum", side),
-              "steps": ("maximum", steps), "num_images": ("maximum", images), "n": ("maximum", images)}
+              "steps": ("maximum", steps), "num_images": ("maximum", images), "n": ("maximum", images),
+              "num_frames": ("maximum", frames)}
 
     def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for name in ("GenerateRequest", "OpenAIImageRequest"):
+        for name in ("GenerateRequest", "OpenAIImageRequest", "OpenAIVideoRequest"):
             props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
             for field, (keyword, value) in limits.items():
                 if field in props:

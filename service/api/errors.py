@@ -63,8 +63,6 @@ def _message(err: dict[str, Any], content_type: str = "application/json") -> str
         if isinstance(given, str) and given in _PRESETS:
             return f'must be an object; for the {given!r} preset send {{"preset": "{given}"}}'
         return 'must be an object of ClusCa settings, for example {"preset": "balanced"}'
-    if err.get("type") == "json_invalid":
-        return f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})"
     if err.get("type") == "missing":
         return "is required"
     if err.get("type") == "extra_forbidden":
@@ -76,6 +74,23 @@ def _message(err: dict[str, Any], content_type: str = "application/json") -> str
     if err.get("type") == "finite_number":
         return "must be a finite number (NaN and infinity are not allowed)"
     return str(err.get("msg", "is invalid"))
+
+
+def malformed_body(reason: str) -> JSONResponse:
+    """The one answer to a body that is not JSON: a 422 naming ``body``."""
+    message = f"the body is not valid JSON ({reason})"
+    return error_response(422, "validation_error", f"body: {message}", param="body",
+                          fields=[{"field": "body", "message": message}])
+
+
+def _parse_failure(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeError):
+        return "it is not UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number has too many digits"
+    return "it could not be parsed"
 
 
 def error_kind(code: str) -> str:
@@ -94,11 +109,12 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.ERRORS.labels("validation").inc()
         content_type = request.headers.get("content-type", "")
+        invalid = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if invalid is not None:
+            return malformed_body(str(invalid.get("ctx", {}).get("error", "decode error")))
         fields = []
         for err in exc.errors()[:20]:
             loc = tuple(err.get("loc", ()))
-            if err.get("type") == "json_invalid":
-                loc = ("body",)
             fields.append({"field": _field_name(loc), "message": _message(err, content_type)})
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
         return error_response(422, "validation_error", summary, param=fields[0]["field"] if fields else None,
@@ -109,7 +125,11 @@ def install(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}.get(exc.status_code, "http_error")
         msg = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 400 and "parsing the body" in msg:
-            msg = "the body could not be parsed as JSON (malformed or nested too deeply)"
+            # The framework answers a 400 when the JSON parser fails with anything but a syntax
+            # error (bytes that are not UTF-8, nesting too deep, a number too long); these are
+            # malformed JSON like any other and get the same 422 as a syntax error.
+            metrics.ERRORS.labels("validation").inc()
+            return malformed_body(_parse_failure(exc.__cause__))
         return error_response(exc.status_code, code, msg, headers=getattr(exc, "headers", None))
 
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:

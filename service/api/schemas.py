@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+import math
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
 from clusca.config import KNOBS, MAX_SEED, PRESETS, Knob
 
 from service.contract import JobState, OutputFormat
 from service.registry import MODEL_NAME_PATTERN, ModelLimits
+
+def _whole_number(v: Any) -> Any:
+    # 1e30 is a whole number too: read it as one, so that the model's limit refuses it by name.
+    return int(v) if isinstance(v, float) and math.isfinite(v) and v.is_integer() else v
+
+
+# A count whose upper bound is the model's (GET /models; the API checks it and names that limit).
+Count = Annotated[int, BeforeValidator(_whole_number)]
+
 
 def _knob_field(knob: Knob) -> tuple[Any, Any]:
     """The request field of one ClusCa knob: its type, range, choices and doc from the knob table."""
@@ -49,15 +59,15 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(max_length=100_000, description="What to draw.")
     negative_prompt: Optional[str] = Field(None, max_length=100_000)
     model: Optional[str] = Field(None, pattern=MODEL_NAME_PATTERN, description="Registry name; default CLUSCA_DEFAULT_MODEL.")
-    width: Optional[int] = Field(None, ge=8, le=16384)
-    height: Optional[int] = Field(None, ge=8, le=16384)
-    steps: Optional[int] = Field(None, ge=1, le=10_000)
+    width: Optional[Count] = Field(None, ge=8)
+    height: Optional[Count] = Field(None, ge=8)
+    steps: Optional[Count] = Field(None, ge=1)
     guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Random when absent; the answer says which.")
-    num_images: int = Field(1, ge=1, le=1000)
+    num_images: Count = Field(1, ge=1)
     output_format: Optional[OutputFormat] = Field(None, description="Images: png (default), jpeg, webp. "
                                                   "Videos: mp4 (default, H.264), webp or gif (animated).")
-    num_frames: Optional[int] = Field(None, ge=1, le=10_000, description="Video models: frames per video.")
+    num_frames: Optional[Count] = Field(None, ge=1, description="Video models: frames per video.")
     fps: Optional[int] = Field(None, ge=1, le=240, description="Video models: frame rate of the encoded video.")
     inline: bool = Field(False, description="Video models: also return the videos base64-encoded in `images` "
                                             "(by default the answer links to them).")
@@ -175,7 +185,7 @@ class OpenAIImageRequest(BaseModel):
 
     prompt: str = Field(max_length=100_000)
     model: Optional[str] = Field(None, pattern=MODEL_NAME_PATTERN)
-    n: int = Field(1, ge=1, le=1000)
+    n: Count = Field(1, ge=1)
     size: Optional[str] = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$", description="WIDTHxHEIGHT")
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -184,7 +194,7 @@ class OpenAIImageRequest(BaseModel):
     user: Optional[str] = Field(None, max_length=256)
     # Extensions.
     negative_prompt: Optional[str] = Field(None, max_length=100_000)
-    steps: Optional[int] = Field(None, ge=1, le=10_000)
+    steps: Optional[Count] = Field(None, ge=1)
     guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     cache: Optional[CacheSettings] = None
@@ -225,10 +235,10 @@ class OpenAIVideoRequest(BaseModel):
         return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
     # Extensions.
-    num_frames: Optional[int] = Field(None, ge=1, le=10_000)
+    num_frames: Optional[Count] = Field(None, ge=1)
     fps: Optional[int] = Field(None, ge=1, le=240)
     negative_prompt: Optional[str] = Field(None, max_length=100_000)
-    steps: Optional[int] = Field(None, ge=1, le=10_000)
+    steps: Optional[Count] = Field(None, ge=1)
     guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     output_format: Literal["mp4", "webp", "gif"] = "mp4"

@@ -288,3 +288,19 @@ def test_sweep_noop_video_model_no_5xx(service):
                 err = r.json()["error"]
                 assert r.status_code == 422 and err["param"] in ("num_frames", "num_images"), (label, r.text)
     assert seen[200] and seen[422], seen
+
+
+@pytest.mark.parametrize("raw,field,limit", [
+    (b'{"prompt":"x","steps":1e30}', "steps", "max_steps"),
+    (b'{"prompt":"x","steps":100000}', "steps", "max_steps"),
+    (b'{"prompt":"x","width":100000}', "width", "max_side"),
+    (b'{"prompt":"x","num_images":1e20}', "num_images", "max_images"),
+])
+def test_a_value_past_every_bound_reports_the_models_limit(service, raw, field, limit):
+    """However far out a value is, the answer names the model's limit, not an outer bound of the schema."""
+    with service.client() as c:
+        models = c.get("/models").json()
+        lim = next(m for m in models["models"] if m["name"] == models["default_model"])["limits"]
+        r = c.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+    err = _err(r, field)
+    assert f"at most {lim[limit]}" in err["message"] and models["default_model"] in err["message"], err

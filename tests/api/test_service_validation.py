@@ -69,8 +69,14 @@ def test_malformed_bodies(service):
         assert "not valid JSON" in _err(c.post("/generate", content=b"{nope",
                                                 headers={"Content-Type": "application/json"}), 422)["message"]
         deep = b"[" * 5000 + b"]" * 5000
-        r = c.post("/generate", content=deep, headers={"Content-Type": "application/json"})
-        assert r.status_code in (400, 422) and r.json()["error"]["message"]
+        # Every malformed body gets the same answer: a 422 naming the body, whatever the parser tripped on.
+        for raw, reason in ((deep, "nested too deeply"), (b'{"prompt":"\xff\xfe"}', "not UTF-8"),
+                            (b'{"prompt":"x","seed":' + b"9" * 5000 + b"}", "too many digits"),
+                            (b"{nope", "double quotes")):
+            err = _err(c.post("/generate", content=raw, headers={"Content-Type": "application/json"}), 422)
+            assert err["code"] == "validation_error" and err["param"] == "body", err
+            assert err["fields"] == [{"field": "body", "message": err["message"][len("body: "):]}], err
+            assert "not valid JSON" in err["message"] and reason in err["message"], err
         _err(c.post("/generate", content=b"prompt=x", headers={"Content-Type": "text/plain"}), 422)
         err = _err(c.post("/generate", content=b'{"prompt": "' + b"x" * 70000 + b'"}',
                           headers={"Content-Type": "application/json"}), 413)
