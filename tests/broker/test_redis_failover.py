@@ -132,7 +132,10 @@ def _restart_as_replica(topology, victim: _Node) -> None:
 
     if isinstance(topology, EmbeddedSentinel):
         new = topology.current_primary()
-        victim.extra = ["--replicaof", "127.0.0.1", str(new.port)]
+        # Not promotable until it has copied the primary: restarted empty (no persistence), it
+        # would otherwise be a candidate for a spurious failover on a busy host, and promoting
+        # it would wipe every job, a loss of the test's making rather than the service's.
+        victim.extra = ["--replicaof", "127.0.0.1", str(new.port), "--replica-priority", "0"]
     victim.start()
     pointed = [time.monotonic()]
 
@@ -140,11 +143,13 @@ def _restart_as_replica(topology, victim: _Node) -> None:
         node = redis.Redis(port=victim.port)
         info = node.info("replication")
         if info.get("role") == "slave" and info.get("master_link_status") == "up":
+            node.config_set("replica-priority", 100)
             return True
         if info.get("role") == "master" and _victim(topology) is victim and any(
                 isinstance(v, dict) and v.get("state") == "online" for k, v in info.items() if k.startswith("slave")):
             # A further failover (a busy host can miss the 1 s down-after) handed the role back
             # to the restarted node, and its peer follows it now: the pair is whole again.
+            node.config_set("replica-priority", 100)
             return True
         if isinstance(topology, EmbeddedSentinel) and time.monotonic() - pointed[0] > 10:
             # The primary read at the restart can be stale (the sentinels were still
