@@ -40,6 +40,8 @@ class BodyLimitAndMetrics:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
+        # As it came in: a mount the request is routed through rewrites the scope's root_path.
+        arrived = dict(scope)
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -66,7 +68,7 @@ class BodyLimitAndMetrics:
                 await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or self._template(scope) or "unmatched"
+            endpoint = getattr(route, "path", None) or self._template(arrived) or "unmatched"
             metrics.REQUESTS.labels(endpoint, str(status["code"])).inc()
 
     async def _read(self, scope: Scope, receive: Callable) -> bytes | None:
