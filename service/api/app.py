@@ -74,9 +74,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router)
     for r in routers:
         app.include_router(r)
-    # The app's own (live) route list, so requests refused before routing, and those the docs pages
-    # and their asset mount serve, are counted by endpoint.
-    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes, routes=app.routes)
+    # The routes themselves (full paths), so requests refused before routing are counted by endpoint;
+    # with the app's own (the docs pages and their assets' mount), which no router holds.
+    own = [route for route in app.routes if getattr(route, "path", None)]
+    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes,
+                       routes=own + [route for r in routers for route in r.routes],
+                       body_timeout_s=settings.body_timeout_s)
     install_openapi(app, settings, registry)
     return app
 
