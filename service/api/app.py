@@ -19,9 +19,10 @@ from ..registry import Registry
 from ..settings import Settings, get_settings
 from . import errors
 from .deps import Services
+from .form_body import FormAsJson
 from .middleware import BodyLimitAndMetrics
 from .openapi_links import add_links
-from .routers import admin, generate, jobs, openai, playground, system, videos
+from .routers import admin, generate, jobs, openai, openai_models, playground, system, videos
 
 log = logging.getLogger("clusca.api")
 DOCS_ASSETS = "/docs-assets"
@@ -71,12 +72,15 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                          description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
-    routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router)
+    routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router,
+               openai_models.router)
     for r in routers:
         app.include_router(r)
     # The routes themselves (full paths), so requests refused before routing are counted by endpoint;
     # with the app's own (the docs pages and their assets' mount), which no router holds.
     own = [route for route in app.routes if getattr(route, "path", None)]
+    # OpenAI's SDK sends videos.create as a multipart form; the route reads the same fields as JSON.
+    app.add_middleware(FormAsJson, paths=["/v1/videos"])
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes,
                        routes=own + [route for r in routers for route in r.routes],
                        body_timeout_s=settings.body_timeout_s)
