@@ -19,6 +19,7 @@ from ..registry import Registry
 from ..settings import Settings, get_settings
 from . import errors
 from .deps import Services
+from .docs_pages import SWAGGER_UI_PARAMETERS, install_redoc
 from .form_body import FormAsJson
 from .middleware import BodyLimitAndMetrics
 from .openapi_links import add_links
@@ -69,7 +70,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     # /docs and /redoc with their Swagger UI and ReDoc assets served from the installed
     # fastapi-offline package: they work without any network access.
     app = FastAPIOffline(title="ClusCa Serve", version="0.1.0", lifespan=lifespan, static_url=DOCS_ASSETS,
-                         description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
+                         description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.",
+                         redoc_url=None, swagger_ui_parameters=SWAGGER_UI_PARAMETERS)
+    install_redoc(app, DOCS_ASSETS)  # fastapi-offline's ReDoc bundle still shows a logo from a CDN
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
     routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router,
