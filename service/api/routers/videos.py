@@ -94,7 +94,8 @@ async def create_video(body: OpenAIVideoRequest, services: ServicesDep, identity
     if record is None:
         raise ApiError(404, "video_not_found", "the video of this Idempotency-Key has expired")
     if created:
-        await VideoIndex(services.redis, services.settings.result_ttl_s).add(identity, job_id, record.created or time.time())
+        index = VideoIndex(services.redis, services.settings.result_ttl_s)
+        await index.add(identity, job_id, record.created or time.time())
     return video_object(record, services.settings.result_ttl_s)
 
 
@@ -116,8 +117,8 @@ async def list_videos(services: ServicesDep, identity: AuthDep,
 
     m = _ID.match(after) if after else None
     try:
-        videos, more = await VideoIndex(services.redis, ttl).page(identity, load, limit=limit, newest_first=order == "desc",
-                                                                  after=m.group(1) if m else None)
+        videos, more = await VideoIndex(services.redis, ttl).page(
+            identity, load, limit=limit, newest_first=order == "desc", after=m.group(1) if m else None)
     except UnknownCursor:
         raise ApiError(404, "video_not_found", f"after: no video {after} in this list (unknown, deleted, or "
                        "expired)", param="after") from None
