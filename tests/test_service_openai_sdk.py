@@ -189,3 +189,19 @@ def test_images_generate_as_the_sdk_sends_it(service):
     assert r.status_code == 200, r.text
     image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
     assert image.size == (16, 16)
+
+
+def test_form_fields_keep_text_exactly_and_nest_as_the_sdk_flattens():
+    from service.api.form_body import FormError, as_object, form_fields
+
+    prompt = "un bateau en papier \u2014 \u00fcn\u00efcode \u65e5\u672c\r\nline 2\n--not-a-boundary"
+    req = httpx.Request("POST", "http://api/v1/videos", files=_ForceMultipart(),
+                        data=sdk_form({"prompt": prompt, "cache": {"preset": "off", "interval": 3},
+                                       "tags": ["a", "b"], "flag": True, "absent": None}))
+    fields = form_fields(req.headers["content-type"], req.read())
+    assert as_object((n, v) for n, v, _ in fields) == {
+        "prompt": prompt, "cache": {"preset": "off", "interval": "3"}, "tags": ["a", "b"], "flag": "true"}
+    assert as_object([("a", "1"), ("b", "")]) == {"a": "1"}  # an empty value is an absent field
+    with pytest.raises(FormError) as err:
+        as_object([("cache", "off"), ("cache[preset]", "off")])
+    assert err.value.field == "cache[preset]"
