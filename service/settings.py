@@ -56,6 +56,10 @@ class Settings(BaseModel):
     # "dir:///path", a folder every worker and API process shares (service/outputs/store.py).
     video_store: str = "redis"
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Seconds a client has to send a request's whole body; a slower one is answered 408 and cut off.
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # Connections (and requests in progress) one API process holds at most; more are answered 503.
+    max_connections: int = Field(2048, ge=1)
     # Replicas that must hold a new job before the API confirms it (Redis WAIT); 0 = asynchronous.
     redis_wait_replicas: int = Field(0, ge=0, le=16)
     redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
@@ -138,6 +142,8 @@ ENV_NAMES: dict[str, str] = {
     "max_output_bytes": "CLUSCA_MAX_OUTPUT_BYTES",
     "video_store": "CLUSCA_VIDEO_STORE",
     "max_body_bytes": "CLUSCA_MAX_BODY_BYTES",
+    "body_timeout_s": "CLUSCA_BODY_TIMEOUT_S",
+    "max_connections": "CLUSCA_MAX_CONNECTIONS",
     "redis_wait_replicas": "CLUSCA_REDIS_WAIT_REPLICAS",
     "redis_wait_timeout_ms": "CLUSCA_REDIS_WAIT_TIMEOUT_MS",
     "reconcile_settle_s": "CLUSCA_RECONCILE_SETTLE_S",

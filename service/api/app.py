@@ -22,7 +22,9 @@ from service.api import errors
 from service.api.deps import Services
 from service.api.middleware import BodyLimitAndMetrics
 from service.api.openapi_links import add_links
-from service.api.routers import admin, generate, jobs, openai, playground, system, videos
+from service.api.routers import admin, generate, jobs, openai, openai_models, playground, system, videos
+from service.api.docs_pages import SWAGGER_UI_PARAMETERS, install_redoc
+from service.api.form_body import FormAsJson
 
 log = logging.getLogger("clusca.api")
 DOCS_ASSETS = "/docs-assets"
@@ -69,15 +71,23 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     # /docs and /redoc with their Swagger UI and ReDoc assets served from the installed
     # fastapi-offline package: they work without any network access.
     app = FastAPIOffline(title="ClusCa Serve", version="0.1.0", lifespan=lifespan, static_url=DOCS_ASSETS,
-                         description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.")
+                         description="Text-to-image generation with diffusion transformers, accelerated by ClusCa.",
+                         redoc_url=None, swagger_ui_parameters=SWAGGER_UI_PARAMETERS)
+    install_redoc(app, DOCS_ASSETS)  # fastapi-offline's ReDoc bundle still shows a logo from a CDN
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
-    routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router)
+    routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router,
+               openai_models.router)
     for r in routers:
         app.include_router(r)
-    # The routes themselves (full paths), so requests refused before routing are counted by endpoint.
+    # The routes themselves (full paths), so requests refused before routing are counted by endpoint;
+    # with the app's own (the docs pages and their assets' mount), which no router holds.
+    own = [route for route in app.routes if getattr(route, "path", None)]
+    # OpenAI's SDK sends videos.create as a multipart form; the route reads the same fields as JSON.
+    app.add_middleware(FormAsJson, paths=["/v1/videos"])
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes,
-                       routes=[route for r in routers for route in r.routes])
+                       routes=own + [route for r in routers for route in r.routes],
+                       body_timeout_s=settings.body_timeout_s)
     install_openapi(app, settings, registry)
     return app
 

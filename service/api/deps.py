@@ -16,6 +16,7 @@ from service.broker.reconcile import AckJournal
 from service.registry import Registry
 from service.settings import Settings, get_settings
 from service.outputs.store import Store
+from service.api.video_index import VideoIndex
 from service.api.errors import ApiError
 
 
@@ -33,6 +34,11 @@ class Services:
     def __post_init__(self) -> None:
         if self.videos is None:
             self.videos = video_store.from_settings(self.settings)
+
+    @property
+    def video_index(self) -> VideoIndex:
+        """Each caller's OpenAI-style videos, newest last (``GET /v1/videos``)."""
+        return VideoIndex(self.redis, self.settings.result_ttl_s)
 
 
 def get_services(request: Request) -> Services:

@@ -20,12 +20,14 @@ Layout (version :data:`LAYOUT_VERSION`; ``T`` is :func:`model_tag` of the model)
     clusca:idem-owner:<hash>         the model an idempotency key was first used with
     clusca:{T}:workers:<model>       sorted set: worker id -> last heartbeat (unix seconds)
     clusca:worker:<worker id>        what a worker holds, with a short TTL
+    clusca:videos:<caller>           sorted set: video job id -> creation time, the videos a caller
+                                     made through POST /v1/videos (GET /v1/videos lists them)
 
 A job id is 32 lowercase hex digits whose first four are its model's tag, so the id
 alone finds every key of the job: no lookup, no pointer key. The tag is a hash of the
 model name (16 bits, so two models may share a shard; that costs nothing but spread).
 
-Keys outside any tag (``clusca:layout``, ``clusca:idem-owner:*``, ``clusca:worker:*``)
+Keys outside any tag (``clusca:layout``, ``clusca:idem-owner:*``, ``clusca:worker:*``, ``clusca:videos:*``)
 are only ever read or written one at a time, never inside a script.
 
 Version 1 (before the tags) used ``clusca:stream:<model>`` and ``clusca:job:<id>``.
@@ -117,6 +119,10 @@ def idem_owner_key(scoped_key: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return f"{PREFIX}worker:{worker_id}"
+
+
+def video_index_key(caller: str) -> str:
+    return f"{PREFIX}videos:{caller}"
 
 
 def legacy_stream_key(model: str) -> str:

@@ -49,7 +49,15 @@ def _run_api(host: str, port: int, workers: int = 1) -> None:
     import uvicorn
 
     uvicorn.run("service.api:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+                log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                **connection_limits(_settings()))
+
+
+def connection_limits(s: Any) -> dict[str, Any]:
+    """uvicorn's caps on what clients may hold: a slow body is cut off by the API itself
+    (CLUSCA_BODY_TIMEOUT_S); these bound how many connections, and for how long idle ones, stay open."""
+    return {"limit_concurrency": s.max_connections, "timeout_keep_alive": 5,
+            "h11_max_incomplete_event_size": 16 * 1024}
 
 
 def cmd_api(args: argparse.Namespace) -> None:

@@ -27,3 +27,15 @@ def test_api_docs_load_only_local_assets(service, page, expect):
         scripts = [u for u in urls if u.endswith(".js")]
         assert scripts and all(len(c.get(u).content) > 100_000 for u in scripts)  # the real bundles, not stubs
         assert c.get("/openapi.json").status_code == 200
+
+
+def test_docs_pages_and_assets_are_counted_under_their_routes(service):
+    with service.client() as c:
+        html = c.get("/docs").text
+        asset = re.findall(r"""src\s*=\s*["'](/docs-assets/[^"']+)["']""", html)[0]
+        assert c.get(asset).status_code == 200
+        assert c.get("/redoc").status_code == 200
+        text = c.get("/metrics").text
+    for endpoint in ("/docs-assets", "/docs", "/redoc"):
+        assert re.search(rf'^clusca_requests_total\{{endpoint="{endpoint}",status="200"\}} [1-9]', text, re.M), endpoint
+    assert not re.search(r'^clusca_requests_total\{endpoint="unmatched",status="200"\}', text, re.M)

@@ -23,6 +23,8 @@ from service.api.resolve import check_openai_size, idempotency_scope, model_entr
 from service.api.schemas import ErrorBody, OpenAIVideo, OpenAIVideoDeleted, OpenAIVideoError, OpenAIVideoRequest
 from service.api.submit import submit
 from service.api.views import timings
+from service.api.openai_schemas import OpenAIVideoList
+from service.api.video_index import UnknownCursor
 
 router = APIRouter(prefix="/v1/videos", tags=["openai-compatible"])
 
@@ -91,7 +93,36 @@ async def create_video(body: OpenAIVideoRequest, services: ServicesDep, identity
     record = JobRecord.queued(job_id, entry.name, job, time.time()) if created else await services.queue.get(job_id)
     if record is None:
         raise ApiError(404, "video_not_found", "the video of this Idempotency-Key has expired")
+    if created:
+        await services.video_index.add(identity, job_id, record.created or time.time())
     return video_object(record, services.settings.result_ttl_s)
+
+
+@router.get("", response_model=OpenAIVideoList, summary="Your videos (OpenAI-compatible list)", responses=ERRORS)
+async def list_videos(services: ServicesDep, identity: AuthDep,
+                      after: Annotated[str | None, Query(pattern=_ID.pattern, description="The last id of the "
+                                                         "previous page")] = None,
+                      limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                      order: Annotated[str, Query(pattern="^(asc|desc)$", description="By creation time")] = "desc"
+                      ) -> Any:
+    """The videos made with this bearer key (all of them when the service has no keys) through
+    ``POST /v1/videos`` that have not expired or been deleted, newest first unless ``order=asc``."""
+    ttl = services.settings.result_ttl_s
+
+    async def load(job_id: str) -> OpenAIVideo | None:
+        job = await services.queue.get(job_id)
+        return video_object(job, ttl) if job is not None and job.request is not None and job.request.is_video \
+            else None
+
+    m = _ID.match(after) if after else None
+    try:
+        videos, more = await services.video_index.page(
+            identity, load, limit=limit, newest_first=order == "desc", after=m.group(1) if m else None)
+    except UnknownCursor:
+        raise ApiError(404, "video_not_found", f"after: no video {after} in this list (unknown, deleted, or "
+                       "expired)", param="after") from None
+    return OpenAIVideoList(data=videos, has_more=more, first_id=videos[0].id if videos else None,
+                           last_id=videos[-1].id if videos else None)
 
 
 @router.get("/{video_id}", response_model=OpenAIVideo, summary="A video's status", responses=ERRORS)
