@@ -275,7 +275,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     _logging()
     args = build_parser().parse_args(argv)
     args.fn(args)
-
-
-if __name__ == "__main__":
-    main()
