@@ -102,6 +102,12 @@ class JobRequest:
         return [self.seed + k for k in range(self.num_images)]
 
     @property
+    def cost(self) -> int:
+        """What the job asks of a worker, in pixel-steps: width x height x steps x images (x frames).
+        Admission (a model's ``max_cost``) and the worker lanes compare jobs by it."""
+        return self.width * self.height * self.steps * self.num_images * (self.num_frames or 1)
+
+    @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.output_format]
 
