@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section, written_by  # noqa: E402
 from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
 from clusca.quality import psnr, ssim  # noqa: E402  (the yardstick of every benchmark)
 
@@ -302,7 +302,7 @@ def write_docs(res: dict, path: Path = DOCS) -> None:
         START,
         "## Built-in model (shapes)",
         "",
-        f"Written by `{' '.join(['python benchmarks/builtin_model.py', res['argv']]).strip()}` on {res['date']}; "
+        written_by("builtin_model.py", res["argv"], res["date"]) + "; "
         f"CPU `{res['cpu']}`, {res['threads']} torch thread(s), no GPU. Model: {res['params_M']}M parameters, "
         f"{res['steps']} Euler steps, guidance {res['guidance']}; prompts: the fixed set "
         f"`clusca_shapes.tools.data.eval_set({res['n_prompts']})` (six prompt forms), each drawn with "
@@ -328,7 +328,6 @@ def write_docs(res: dict, path: Path = DOCS) -> None:
         END,
     ]
     write_section(START, END, "\n".join(body), path)
-    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS, write_section  # noqa: E402
-from benchmarks._results import RESULTS, measured_or_loaded, quoted_command  # noqa: E402
+from benchmarks._docs import DOCS, print_targets, targets_line, write_section  # noqa: E402
+from benchmarks._results import RESULTS, parsed_and_results, quoted_command  # noqa: E402
 from benchmarks._sampling import EulerLoop, FluxInputs  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state  # noqa: E402
 
@@ -210,24 +210,20 @@ def render(res: dict[str, Any]) -> str:
             f"{' (steps in lockstep)' if m['lockstep'] else ''}; an uncached step: {plain_ms:.2f} ms. "
             "CPU time is the process thread's, read beside the wall clock: on a shared machine it leaves out "
             f"the time other processes take the core, so it is the steadier of the two.{shared}", "", *lines, "",
-            "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), END]
+            targets_line(targets), END]
     return "\n".join(body) + "\n"
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(START, END, render(res), path)
-    print(f"wrote {path.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    res = measured_or_loaded(args.from_json, lambda: measure(args, argv), args.json)
+    args, res = parsed_and_results(argv, parse_args, measure)
     plain_ms, lines, targets = summarise(res)
     print(f"\nuncached step: {res['uncached_ops']} aten operators, {plain_ms:.2f} ms (median)")
     print("\n".join(lines))
-    for name, ok in targets:
-        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    print_targets(targets)
     if not args.no_docs:
         write_docs(res, args.docs)
     return 0

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
-from benchmarks._sampling import FluxInputs, sync_for  # noqa: E402
+from benchmarks._sampling import FluxInputs, add_flux_shape_args, sync_for  # noqa: E402
 
 START, END = "<!-- gpu-flux:start -->", "<!-- gpu-flux:end -->"
 
@@ -124,14 +124,8 @@ def run_once(method, model, inputs, steps, device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dual", type=int, default=19)
-    p.add_argument("--single", type=int, default=38)
-    p.add_argument("--width", type=int, default=3072)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--text-dim", type=int, default=4096)
+    add_flux_shape_args(p, width=3072, head_dim=128, dual=19, single=38, text_dim=4096, text_tokens=512, steps=50)
     p.add_argument("--side", type=int, default=64, help="packed latent side: 64 -> 1024x1024 pixels")
-    p.add_argument("--text-tokens", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batches", default="1,4")
     p.add_argument("--rounds", default="3,1", help="rounds per batch size (methods alternate in a round)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -277,7 +271,6 @@ def render(data: dict) -> str:
 
 def write_docs(data: dict, path: Path = DOCS) -> None:
     write_section(START, END, render(data), path)
-    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

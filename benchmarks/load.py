@@ -39,8 +39,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import write_section, written_by  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
+from benchmarks._service import wait_until_ready  # noqa: E402
 
 from benchmarks._metrics import percentile  # noqa: E402
 
@@ -136,17 +137,13 @@ class Serve:
                                      env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"clusca serve exited with {self.proc.returncode}; see {self.tmp / 'serve.log'}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"clusca serve was not ready after {timeout_s:.0f} s; see {self.tmp / 'serve.log'}")
+        def exited() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"clusca serve exited with {self.proc.returncode}; see {self.tmp / 'serve.log'}"
+
+        if not wait_until_ready(self.url, timeout_s, poll_s=0.25, request_timeout_s=2, exited=exited):
+            raise RuntimeError(f"clusca serve was not ready after {timeout_s:.0f} s; see {self.tmp / 'serve.log'}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -305,7 +302,7 @@ def render(res: dict[str, Any]) -> str:
         START,
         "## Service under load (built-in model)",
         "",
-        f"Written by `python benchmarks/load.py {m['argv']}`".rstrip() + f" on {m['date']}; CPU `{m['cpu']}` "
+        written_by("load.py", m["argv"], m["date"]) + f"; CPU `{m['cpu']}` "
         f"({m['cores']} cores, shared by the load generator, the API, Redis and the worker"
         + (f"; 1-minute load average {m['load_avg']} at the start" if "load_avg" in m else "")
         + f"), {m.get('device_name') or 'no GPU'}; the worker runs torch with {m['worker_threads']} thread(s) "
@@ -358,7 +355,6 @@ def render(res: dict[str, Any]) -> str:
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(START, END, render(res), path)
-    print(f"wrote {path.name}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

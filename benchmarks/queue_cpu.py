@@ -154,7 +154,6 @@ def render(res: dict[str, Any]) -> str:
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(*markers(res["compare"]), render(res), path)
-    print(f"wrote {path.name}")
 
 
 def default_json(compare: str) -> Path:

@@ -45,13 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
+from benchmarks._service import wait_until_ready  # noqa: E402
 
 from service.broker import connect as redis_conn  # noqa: E402
 from service.contract import JobRequest  # noqa: E402
@@ -90,14 +89,8 @@ class Stack:
                       for _ in range(workers)]
         self.procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(self.port)],
                                            env=self.env, cwd=ROOT))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        if wait_until_ready(self.url, 60, poll_s=0.1, request_timeout_s=1):
+            return
         self.close()
         raise RuntimeError("the service did not become ready")
 
@@ -346,7 +339,6 @@ def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
         write_section(*compare_markers(res["compare"]), render_compare(res), path)
     else:
         write_section(START, END, render_throughput(res), path)
-    print(f"wrote {path.name}")
 
 
 def default_json(res: dict[str, Any]) -> Path:

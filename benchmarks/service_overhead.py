@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
-from benchmarks._results import RESULTS, measured_or_loaded, quoted_command  # noqa: E402
+from benchmarks._results import RESULTS, parsed_and_results, quoted_command  # noqa: E402
 
 from service.broker.embedded import EmbeddedRedis, free_port  # noqa: E402
 
@@ -311,13 +311,10 @@ def _oversubscribed(meta: dict[str, Any], runs: list[dict[str, float]]) -> str:
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(START, END, render(res), path)
-    print(f"wrote {path.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    res = measured_or_loaded(args.from_json, lambda: measure(args, argv), args.json)
+    args, res = parsed_and_results(argv, parse_args, measure)
     h = headline(res)
     print(f"median over {len(res['runs'])} run(s): " + summary_line(h))
     print(f"  target <= +15 ms: {'met' if h['overhead'] <= 15 else 'MISSED'}")

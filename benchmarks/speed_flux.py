@@ -37,9 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._docs import DOCS, print_targets, targets_line, write_section  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
-from benchmarks._sampling import FluxInputs, sync_for  # noqa: E402
+from benchmarks._sampling import FluxInputs, add_flux_shape_args, sync_for  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run  # noqa: E402
 
 SECTION = "## ClusCa speed, FLUX architecture"
@@ -88,14 +88,8 @@ def lockstep(cached_model, plain_model, inputs: FluxInputs, steps, device, cfg):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dual", type=int, default=4)
-    p.add_argument("--single", type=int, default=8)
+    add_flux_shape_args(p, width=512, head_dim=64, dual=4, single=8, text_dim=4096, text_tokens=32, steps=50)
     p.add_argument("--latent-side", type=int, default=32, help="image tokens = side^2 (32 -> 1024)")
-    p.add_argument("--text-tokens", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--preset", default="fast")
     p.add_argument("--mode", default=None, help="override the preset's mode (fora|taylorseer|clusca)")
@@ -210,14 +204,13 @@ def render(res: dict) -> str:
     body = [start, f"{SECTION} ({label})", "", f"`python benchmarks/speed_flux.py {res['meta']['argv']}`".replace(" `", "`"),
             "", NOTES, "", "| quantity | value |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
-    body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), end]
+    body += ["", targets_line(targets), end]
     return "\n".join(body) + "\n"
 
 
 def write_docs(res: dict, path: Path | None = None) -> None:
     """Rewrite this label's marked section of docs/benchmarks.md; the text around it stays."""
-    write_section(*markers(res["meta"]["label"]), render(res), **({"path": path} if path else {}))
-    print(f"wrote {(path or DOCS).name}")
+    write_section(*markers(res["meta"]["label"]), render(res), path or DOCS)
 
 
 def default_json(label: str) -> Path:
@@ -237,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
-    for name, ok in targets:
-        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    print_targets(targets)
     if not args.no_docs:
         write_docs(res)
     return 0

@@ -165,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_docs(s: dict, path: Path = DOCS) -> None:
     write_section(START, END, render(s), path)
-    print(f"wrote {path.name}")
 
 
 def render(s: dict) -> str:

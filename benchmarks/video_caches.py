@@ -210,7 +210,6 @@ def render(r: dict[str, Any]) -> str:
 
 def write_docs(r: dict[str, Any], path: Path = DOCS) -> None:
     write_section(*markers(r["model"]), render(r), path)
-    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

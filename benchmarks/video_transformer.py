@@ -173,4 +173,3 @@ def render(r: dict[str, Any]) -> str:
 
 def write_docs(r: dict[str, Any], path: Path = DOCS) -> None:
     write_section(*MARKERS, render(r), path)
-    print(f"wrote {path.name}")
