@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section, written_by  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
 from clusca.quality import psnr, ssim  # noqa: E402  (the yardstick of every benchmark)
 
 START, END = "<!-- builtin-model:start -->", "<!-- builtin-model:end -->"
+TOPIC = "builtin"
 SEED_STRIDE = 100_000  # seed round r draws image i with generator seed seed + r * SEED_STRIDE + i
 LATENCY_PROMPT = "a red circle on the left"
 TARGETS = {"one_object": 97.0, "relation": 80.0, "count": 80.0}
@@ -275,6 +277,23 @@ def _form_rows(res) -> list[str]:
                     f"{edge(k, 'clean')} | {edge(m, 'outline')} | {edge(m, 'roughness')} | {edge(m, 'stray_px')} | "
                     f"{edge(m, 'touches_frame')} |")
     return rows
+
+
+def headline(res: dict) -> list[Headline]:
+    """The summary's rows: prompt adherence uncached and with the default cache, and one image's latency."""
+    u, c = res["uncached"], res.get("clusca")
+    on, date = cpu(res["cpu"], res["cores"]), day(res["date"])
+    groups = ", ".join(f"{name.replace('_', ' ')} {u['groups'][key]['adherence']}%"
+                       for key, name in (("one_object", "one object"), ("relation", "relations"), ("count", "counts"))
+                       if key in u["groups"])
+    cached = (f"; `{c['preset']}` {c['adherence_drop']} points lower, PSNR {c['psnr_db']} dB"
+              if isinstance(c, dict) else "")
+    all_cores = (f", {res['latency_all_cores_s']} s on {res['cores']} threads" if "latency_all_cores_s" in res else "")
+    fast = f"; `{c['preset']}` {c['latency_s']} s" if isinstance(c, dict) else ""
+    return [Headline(f"built-in model, prompt adherence ({res['n_prompts']} prompts x {res['seeds']} seeds)",
+                     f"all right **{u['adherence']}%** ({groups}){cached}", on, date),
+            Headline(f"built-in model, one {res['size']} image, {res['steps']} steps, batch 1",
+                     f"**{res['latency_s']} s** uncached on {res['threads']} thread(s){all_cores}{fast}", on, date)]
 
 
 def write_docs(res: dict, path: Path = DOCS) -> None:

@@ -42,11 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import write_section, written_by  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
 
 from benchmarks._metrics import dominators, pareto_front, psnr, ssim  # noqa: E402
 
 START, END = "<!-- cache-compare:start -->", "<!-- cache-compare:end -->"
+TOPIC = "library"
 PSNR_CAP = 100.0  # identical images count as 100 dB so that means stay finite
 TIE_DB = 0.1  # PSNR differences below this are reported as ties, not wins
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -730,6 +732,26 @@ def render(res: dict[str, Any]) -> str:
         END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's rows: `balanced` on the built-in model, and ClusCa's wall / FLOPs on the large one."""
+    meta, out = res["meta"], []
+    on, date = cpu(meta["cpu"]) + f", {meta['threads']} thread(s)", day(meta["date"])
+    b = res.get("builtin")
+    bal = next((r for r in (b or {}).get("rows", []) if r["name"].startswith("ClusCa balanced")), None)
+    if bal:
+        out.append(Headline(f"ClusCa `balanced` against other caches, built-in model ({b['prompts']} prompts)",
+                            f"PSNR {bal['psnr']:.2f} dB at {bal['flops_speedup']:.2f}x FLOPs, "
+                            f"{bal['wall_speedup']:.2f}x wall clock", on, date))
+    lg = res.get("large")
+    clusca = [r for r in (lg or {}).get("rows", []) if r["name"].startswith("ClusCa")]
+    if clusca:
+        out.append(Headline(f"ClusCa presets, FLUX architecture, {lg['params_M']:.1f}M random weights, wall / FLOPs",
+                            ", ".join(f"{r['name'].split(' (')[0].removeprefix('ClusCa ')} {r['wall_over_flops']:.2f} "
+                                      f"({r['wall_speedup']:.2f}x of {r['flops_speedup']:.2f}x)" for r in clusca),
+                            on, date))
+    return out
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:

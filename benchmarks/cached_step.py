@@ -47,9 +47,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._docs import DOCS, print_targets, targets_line, write_section  # noqa: E402
 from benchmarks._results import RESULTS, parsed_and_results, quoted_command  # noqa: E402
 from benchmarks._sampling import EulerLoop, FluxInputs  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state  # noqa: E402
 
 START, END = "<!-- cached-step:start -->", "<!-- cached-step:end -->"
+TOPIC = "library"
 TARGETS = {"clusca": 400, "taylorseer": 250, "fora": 250}
 WALL_TARGET = 0.85
 
@@ -193,6 +195,19 @@ def summarise(res: dict[str, Any]) -> tuple[float, list[str], list[tuple[str, bo
     targets = [(f"{m} aten ops per cached step <= {limit}", lean[m][0] <= limit) for m, limit in TARGETS.items()]
     targets.append((f"clusca wall / FLOPs >= {WALL_TARGET}", lean["clusca"][1] >= WALL_TARGET))
     return plain_ms, lines, targets
+
+
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's rows: operators per cached step, and how much of the FLOPs gain the clocks keep."""
+    m = res["meta"]
+    lean = [row for row in res["rows"] if row["lean"]]
+    on = cpu(m["machine"], m["cores"], m.get("load_avg"))
+    keep = ", ".join(f"{row['method']} {statistics.median(row['ratios']) / row['flops_speedup']:.3f} / "
+                     f"{statistics.median(row['cpu_ratios']) / row['flops_speedup']:.3f}" for row in lean)
+    return [Headline("aten operators per cached step at FLUX depth (CPU proxy)",
+                     ", ".join(f"{row['method']} {row['cached']:.0f}" for row in lean), on, day(m["date"])),
+            Headline(f"wall / FLOPs and CPU time / FLOPs at FLUX depth, preset `{m['preset']}`", keep, on,
+                     day(m["date"]))]
 
 
 def render(res: dict[str, Any]) -> str:

@@ -42,10 +42,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._docs import write_section, written_by  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
 from benchmarks._service import wait_until_ready  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
 from benchmarks._metrics import percentile  # noqa: E402
 
 START, END = "<!-- service-load:start -->", "<!-- service-load:end -->"
+TOPIC = "service"
 DOCS = ROOT / "docs" / "benchmarks.md"
 PROMPTS = [
     "a red circle on the left", "a blue square at the top", "a green triangle on the right",
@@ -351,6 +353,15 @@ def render(res: dict[str, Any]) -> str:
                   "http://HOST:PORT --label gpu` measures a running GPU service."]
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's rows: what batching gains under load (concurrency 16 against 1), per max batch."""
+    m = res["meta"]
+    on = (m.get("device_name") or cpu(m["cpu"], m["cores"], m.get("load_avg"))) + f", {m['worker_threads']} worker thread(s)"
+    return [Headline(f"service under load, built-in model, batching on (max batch {t['batch']}), {m['steps']} steps",
+                     f"{t['c16']:.2f} img/s at concurrency 16 against {t['c1']:.2f} at 1: **{t['ratio']:.2f}x** "
+                     "(target >= 1.5x)", on, day(m["date"])) for t in res.get("targets") or []]
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:

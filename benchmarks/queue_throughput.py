@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
 from benchmarks._service import wait_until_ready  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
 from service.broker import connect as redis_conn  # noqa: E402
 from service.contract import JobRequest  # noqa: E402
@@ -59,6 +60,7 @@ from service.broker.producer import JobQueue  # noqa: E402
 from service.broker.keys import job_key, stream_key
 
 START, END = "<!-- service-throughput:start -->", "<!-- service-throughput:end -->"
+TOPIC = "service"
 MODELS = """models:
   - name: noop
     kind: noop
@@ -331,6 +333,21 @@ def render_compare(res: dict[str, Any]) -> str:
     body += ["", f"{b} / {a}: throughput **x{ratio:.2f}**, time to 202 **x{lat_ratio:.2f}** (medians of the "
              "per-round ratios).", end]
     return "\n".join(body)
+
+
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's row: jobs/s per path of a plain run, or a comparison's ratios."""
+    m = res["meta"]
+    on, date = cpu(m["machine"], m["cores"], m.get("load_avg")), day(m["date"])
+    if res["mode"] == "compare":
+        a, b = res["compare"].split(":")
+        ratio, lat_ratio = compare_ratios(res)
+        return [Headline(f"queue throughput, {b} against {a} Redis (no-op model, http-async)",
+                         f"throughput x{ratio:.2f}, time to 202 x{lat_ratio:.2f}", on, date)]
+    paths = [row["path"] for row in res["rows"]]
+    return [Headline(f"queue throughput, no-op model, jobs/s ({' / '.join(paths)})",
+                     " / ".join(f"**{row['jobs'] / row['seconds']:.0f}**" for row in res["rows"]) + " (target >= 200)",
+                     on, date)]
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:

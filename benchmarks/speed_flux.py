@@ -40,8 +40,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._docs import DOCS, print_targets, targets_line, write_section  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
 from benchmarks._sampling import FluxInputs, add_flux_shape_args, sync_for  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run  # noqa: E402
 
+TOPIC = "library"
 SECTION = "## ClusCa speed, FLUX architecture"
 NOTES = (
     "Cached run: the hooked model inside `clusca_run`. Uncached run: an unhooked copy with the same "
@@ -153,11 +155,27 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict:
     }
 
 
+def run_ratios(res: dict) -> list[float]:
+    """Each run's wall-clock speedup: its uncached time over its cached time."""
+    return [b / a for b, a in zip(res["runs"]["uncached_s"], res["runs"]["cached_s"])]
+
+
+def headline(res: dict) -> list[Headline]:
+    """The summary's row: this label's FLOPs and wall-clock speedup."""
+    m, flops = res["meta"], res["stats"]["flops_speedup"]
+    wall = statistics.median(run_ratios(res))
+    on = cpu(m["device"]) if m["device"].startswith("cpu") else m["device"]
+    return [Headline(f"ClusCa `{res['config']['preset']}`, FLUX architecture {res['model']['params'] / 1e6:.0f}M random "
+                     f"weights, {res['model']['image_tokens']} image tokens ({m['label']})",
+                     f"**{flops:.2f}x** fewer FLOPs, **{wall:.2f}x** wall clock ({wall / flops:.3f} of FLOPs)",
+                     f"{on}, {m['threads']} thread(s)", day(m.get("date")))]
+
+
 def summarise(res: dict) -> tuple[list[tuple[str, str]], list[tuple[str, bool]]]:
     """The report's table rows and targets, from the raw results."""
     m, c, st, runs = res["model"], res["config"], res["stats"], res["runs"]
     n = len(runs["uncached_s"])
-    ratios = [b / a for b, a in zip(runs["uncached_s"], runs["cached_s"])]
+    ratios = run_ratios(res)
     wall = statistics.median(ratios)
     cached = [t for t in runs["cached_step_s"] if t is not None]
     kmeans = statistics.median(runs["kmeans_share"])
