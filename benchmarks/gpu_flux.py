@@ -277,12 +277,13 @@ def headline(data: dict) -> list[Headline]:
     info, out = data["info"], []
     rows = summarise(data)
     for batch in sorted({r["batch"] for r in rows}):
-        ours = [r for r in rows if r["batch"] == batch and r["method"].split(" (")[0] in ("ClusCa balanced", "ClusCa fast")]
+        ours = [r for r in rows
+                if r["batch"] == batch and r["method"].split(" (")[0] in ("ClusCa balanced", "ClusCa fast")]
         base = next((r for r in rows if r["batch"] == batch and r["method"] == "uncached"), None)
         if not ours or base is None:
             continue
-        out.append(Headline(f"ClusCa on a FLUX.1-dev-size transformer, random weights, {info['tokens'][0]} image tokens, "
-                            f"{info['steps']} steps, {info['dtype']}, batch {batch}",
+        out.append(Headline(f"ClusCa on a FLUX.1-dev-size transformer, random weights, {info['tokens'][0]} image "
+                            f"tokens, {info['steps']} steps, {info['dtype']}, batch {batch}",
                             f"{base['per_image']:.2f} s per image uncached; " + ", ".join(
                                 f"`{r['method'].split(' (')[0].removeprefix('ClusCa ')}` **{r['speedup']:.2f}x** "
                                 f"({r['flops_speedup']:.2f}x FLOPs)" for r in ours),

@@ -358,7 +358,8 @@ def render(res: dict[str, Any]) -> str:
 def headline(res: dict[str, Any]) -> list[Headline]:
     """The summary's rows: what batching gains under load (concurrency 16 against 1), per max batch."""
     m = res["meta"]
-    on = (m.get("device_name") or cpu(m["cpu"], m["cores"], m.get("load_avg"))) + f", {m['worker_threads']} worker thread(s)"
+    machine = m.get("device_name") or cpu(m["cpu"], m["cores"], m.get("load_avg"))
+    on = f"{machine}, {m['worker_threads']} worker thread(s)"
     return [Headline(f"service under load, built-in model, batching on (max batch {t['batch']}), {m['steps']} steps",
                      f"{t['c16']:.2f} img/s at concurrency 16 against {t['c1']:.2f} at 1: **{t['ratio']:.2f}x** "
                      "(target >= 1.5x)", on, day(m["date"])) for t in res.get("targets") or []]

@@ -165,8 +165,9 @@ def headline(res: dict) -> list[Headline]:
     m, flops = res["meta"], res["stats"]["flops_speedup"]
     wall = statistics.median(run_ratios(res))
     on = cpu(m["device"]) if m["device"].startswith("cpu") else m["device"]
-    return [Headline(f"ClusCa `{res['config']['preset']}`, FLUX architecture {res['model']['params'] / 1e6:.0f}M random "
-                     f"weights, {res['model']['image_tokens']} image tokens ({m['label']})",
+    model = res["model"]
+    return [Headline(f"ClusCa `{res['config']['preset']}`, FLUX architecture {model['params'] / 1e6:.0f}M random "
+                     f"weights, {model['image_tokens']} image tokens ({m['label']})",
                      f"**{flops:.2f}x** fewer FLOPs, **{wall:.2f}x** wall clock ({wall / flops:.3f} of FLOPs)",
                      f"{on}, {m['threads']} thread(s)", day(m.get("date")))]
 
