@@ -13,11 +13,9 @@ import logging
 import time
 from typing import Any
 
-from clusca.stats import RunStats
-
 from service import metrics
 from service.broker.consumer import StartedJob
-from service.contract import CANCELLED, FAILED, SUCCEEDED, JobResult, Timings
+from service.contract import CANCELLED, FAILED, SUCCEEDED, JobResult, RunStats, Timings
 from service.outputs.encode import encode_output
 from service.outputs.store import NotKept
 from service.worker.batching import shares, split_into_calls

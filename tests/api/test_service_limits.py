@@ -120,20 +120,21 @@ def test_models_lists_each_models_limits(service):
     # The built-in model: its pipeline's limits, tightened by the test deployment's CLUSCA_MAX_* ones.
     assert models["shapes"]["limits"] == {"size_multiple": 4, "min_side": 8, "max_side": 512, "max_pixels": 512 * 512,
                                           "min_steps": 1, "max_steps": 50, "max_images": 4, "max_frames": None,
-                                          "frame_step": 1, "max_video_pixels": None}
+                                          "frame_step": 1, "max_video_pixels": None, "max_cost": 983040,
+                                          "sizes": ["32x32"]}
     # A model without limits of its own gets the service's.
     assert models["noop"]["limits"]["max_side"] == 1024 and models["noop"]["limits"]["size_multiple"] == 8
 
 
-@pytest.mark.parametrize("size,field", [((516, 652), "width"), ((1024, 1024), "width"), ((2048, 64), "width"),
-                                        ((64, 516), "height"), ((34, 32), "width")])
-def test_sizes_the_builtin_pipeline_refuses_are_422_before_queueing(service, size, field):
+@pytest.mark.parametrize("size", [(516, 652), (1024, 1024), (2048, 64), (64, 516), (34, 32), (64, 64), (8, 8)])
+def test_sizes_the_builtin_model_does_not_draw_are_422_before_queueing(service, size):
     r = service.redis_client()
     before = r.xlen(stream_key("shapes"))
     with service.client() as c:
         err = _err(c.post("/generate", json={"prompt": "x", "model": "shapes", "width": size[0], "height": size[1]}),
-                   field)
-    assert "'shapes'" in err["message"] and ("512" in err["message"] or "multiple of 4" in err["message"])
+                   "width")
+    assert "'shapes'" in err["message"] and "the sizes it draws well: 32x32" in err["message"]
+    assert f"{size[0]}x{size[1]}" in err["message"]
     assert r.xlen(stream_key("shapes")) == before
 
 
@@ -141,9 +142,8 @@ def test_openai_size_outside_the_model_is_a_4xx_listing_supported_sizes(service)
     with service.client() as c:
         r = c.post("/v1/images/generations", json={"prompt": "x", "model": "shapes", "size": "1024x1024"})
         err = _err(r, "size")
-        assert "1024x1024" in err["message"] and "512x512" in err["message"]
-        assert {"auto", "32x32", "256x256", "512x512"} <= set(err["supported_sizes"])
-        assert "1024x1024" not in err["supported_sizes"]
+        assert "1024x1024" in err["message"] and "32x32" in err["message"]
+        assert err["supported_sizes"] == ["auto", "32x32"]
         # Every size offered is one the API accepts for that model.
         limits = next(m for m in c.get("/models").json()["models"] if m["name"] == "shapes")["limits"]
         for size in err["supported_sizes"][1:]:
@@ -169,15 +169,22 @@ def _cases(limits: dict, defaults: dict) -> list[tuple[str, dict, bool, tuple[st
     just beyond every limit."""
     m, lo, hi, px = limits["size_multiple"], limits["min_side"], limits["max_side"], limits["max_pixels"]
     w0, h0 = defaults["width"], defaults["height"]
+    listed = limits.get("sizes")
 
     def fits(w: int, h: int) -> bool:
+        if listed is not None:  # a model that lists its sizes takes only those
+            return f"{w}x{h}" in listed
         return all(v % m == 0 and lo <= v <= hi for v in (w, h)) and w * h <= px
 
     cases = []
     for side in sorted({lo - m, lo, lo + 1, hi - m, hi, hi + 1, hi + m, 2 * hi}):
         if side >= 8:  # below 8 the schema itself refuses (tested elsewhere)
             cases.append((f"width={side}", {"width": side, "height": lo}, fits(side, lo), ("width",)))
-            cases.append((f"height={side}", {"width": lo, "height": side}, fits(lo, side), ("height",)))
+            cases.append((f"height={side}", {"width": lo, "height": side}, fits(lo, side),
+                          ("height",) if listed is None else SIZE))
+    for size in listed or []:
+        w, h = (int(v) for v in size.split("x"))
+        cases.append((size, {"width": w, "height": h}, True, SIZE))
     sq = math.isqrt(px) // m * m
     for side in (sq, sq + m):
         cases.append((f"{side}x{side}", {"width": side, "height": side}, fits(side, side), SIZE))

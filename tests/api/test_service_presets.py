@@ -22,7 +22,7 @@ def _index() -> dict:
 
 
 def _resolved(entry, **cache) -> dict:
-    return resolve_cache(entry, CacheSettings(**cache) if cache else None)
+    return resolve_cache(entry, CacheSettings(**cache) if cache else None).to_dict()
 
 
 def test_builtin_checkpoint_declares_tuned_presets():
