@@ -6,12 +6,8 @@ import argparse
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
 from typing import Any, Sequence
@@ -90,59 +86,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    s = _settings()
-    _check_registry(s)
-    host, port = args.host or s.host, args.port if args.port is not None else s.port
-    redis_server = None
-    env = dict(os.environ)
-    if not s.redis_url:
-        from service.broker.embedded import EmbeddedRedis
+    from service.cli.serve import serve
 
-        redis_server = EmbeddedRedis().start()
-        env["REDIS_URL"] = redis_server.url
-        log.info("started a private Redis at %s", redis_server.url)
-    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
-        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clusca-metrics-")
-    # The API aggregates every local process's metrics, so the worker needs no port of its own here.
-    worker_env = {**env, "CLUSCA_WORKER_METRICS_PORT": "0"}
-    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=worker_env)
-               for _ in range(args.workers)]
-    threading.Thread(target=_watch_workers, args=(workers,), daemon=True).start()
-    os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")})
-    from service.settings import get_settings
-
-    get_settings.cache_clear()
-    log.info("ClusCa Serve: send requests to http://%s:%d/generate (docs: http://%s:%d/docs); "
-             "GET /readyz turns 200 once the worker has loaded its models", host, port, host, port)
-    def _exit(signum: int, _frame: Any) -> None:
-        raise SystemExit(0)
-
-    # uvicorn re-raises the signal that stopped it once it is done; turning it into SystemExit
-    # lets the clean-up below run (workers finish their batch, the private Redis is stopped).
-    signal.signal(signal.SIGTERM, _exit)
-    try:
-        _run_api(host, port)
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(60)
-            except subprocess.TimeoutExpired:
-                w.kill()
-        if redis_server is not None:
-            redis_server.stop()
-
-
-def _watch_workers(workers: list[subprocess.Popen]) -> None:
-    """Stop the whole service when every worker has died: an API without workers only queues."""
-    while any(w.poll() is None for w in workers):
-        time.sleep(0.5)
-    codes = [w.returncode for w in workers]
-    if any(c != 0 for c in codes):
-        log.error("worker process(es) exited with %s; stopping (see the worker's error above)", codes)
-        os.kill(os.getpid(), signal.SIGTERM)
+    serve(args)
 
 
 # ---------------------------------------------------------------------------- client
