@@ -193,3 +193,16 @@ def test_a_stop_right_after_the_start_stops_everything(tmp_path):
         took = time.monotonic() - t0
     assert proc.returncode == 0 and took < STOP_BOUND_S, (took, log.read_text())
     assert "Traceback" not in log.read_text()
+
+
+def test_make_serve_takes_the_port_and_the_readme_says_so():
+    def command(*assignments: str) -> str:
+        out = subprocess.run(["make", "-n", "serve", *assignments], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60, env={k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")})
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if "clusca serve" in line][-1].split()
+
+    assert command("PORT=8001", "WORKERS=2")[-4:] == ["--port", "8001", "--workers", "2"]
+    # Unset, serve itself decides (CLUSCA_PORT, else 8000).
+    assert command()[-1] == "serve"
+    assert "make serve PORT=8001" in (ROOT / "README.md").read_text()
