@@ -291,11 +291,17 @@ def builtin_entry(path: str | Path | None = None) -> ModelEntry:
     from clusca_shapes import read_index
 
     index = read_index(path)
+    # Where the checkpoint's presets came from, as its index records it; an index that does not
+    # say (a checkpoint saved without it) is still named as their source (no path: clients see it).
+    source = index.get("cache_presets_source")
+    if not isinstance(source, dict):
+        source = {"tool": "the checkpoint's model_index.json, which records no more"}
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
                       defaults=ModelDefaults(width=int(index["default_width"]), height=int(index["default_height"]),
                                              steps=int(index["default_steps"]),
                                              guidance=float(index["default_guidance"]),
-                                             cache=index["default_cache"], cache_presets=index["cache_presets"]),
+                                             cache=index["default_cache"], cache_presets=index["cache_presets"],
+                                             cache_presets_source=source),
                       limits=builtin_limits(index))
 
 

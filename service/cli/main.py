@@ -119,6 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         with _request("POST", f"{base}/generate", body, args.api_key, {"Prefer": "respond-async"}) as r:
             job = json.load(r)
         print(f"job {job['id']} (seed {job['seed']})", file=sys.stderr)
+        # The bar redraws itself with carriage returns: only a terminal shows that as one line.
+        show_bar = sys.stderr.isatty()
         with _request("GET", f"{base}/jobs/{job['id']}/events", None, args.api_key) as r:
             kind = ""
             for raw in r:
@@ -127,10 +129,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     kind = line[7:]
                 elif line.startswith("data: "):
                     ev = json.loads(line[6:])
-                    if kind == "progress":
+                    if kind == "progress" and show_bar:
                         print(_bar(ev["step"], ev["steps"]), end="", file=sys.stderr, flush=True)
                     elif kind in ("finished", "failed", "cancelled"):
-                        print(file=sys.stderr)
+                        if show_bar:
+                            print(file=sys.stderr)
                         break
         with _request("GET", f"{base}/jobs/{job['id']}", None, args.api_key) as r:
             job = json.load(r)
@@ -177,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clusca", description="ClusCa Serve: diffusion transformers over HTTP.")
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("serve", help="Redis (private unless REDIS_URL) + worker + API, in one command")
-    sp.add_argument("--host")
-    sp.add_argument("--port", type=int)
+    sp.add_argument("--host", help="address the API listens on (default: CLUSCA_HOST, else 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="port the API listens on (default: CLUSCA_PORT, else 8000)")
     sp.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1)")
     sp.set_defaults(fn=cmd_serve)
     ap = sub.add_parser("api", help="the HTTP API only (needs REDIS_URL)")
-    ap.add_argument("--host")
-    ap.add_argument("--port", type=int)
-    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--host", help="address to listen on (default: CLUSCA_HOST, else 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="port to listen on (default: CLUSCA_PORT, else 8000)")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     ap.set_defaults(fn=cmd_api)
     wp = sub.add_parser("worker", help="a worker process (needs REDIS_URL)")
     wp.add_argument("--models", help="comma-separated registry names (default: all)")
@@ -192,17 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     wp.set_defaults(fn=cmd_worker)
     gp = sub.add_parser("generate", help="generate one image (or video) through a running service",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_cache_help())
-    gp.add_argument("prompt")
-    gp.add_argument("--out", "-o")
-    gp.add_argument("--url", default=os.environ.get("CLUSCA_URL", "http://127.0.0.1:8000"))
-    gp.add_argument("--api-key", default=os.environ.get("CLUSCA_API_KEY"))
-    gp.add_argument("--model")
-    gp.add_argument("--width", type=int)
-    gp.add_argument("--height", type=int)
-    gp.add_argument("--steps", type=int)
-    gp.add_argument("--seed", type=int)
-    gp.add_argument("--guidance", type=float)
-    gp.add_argument("--negative-prompt", dest="negative_prompt")
+    gp.add_argument("prompt", help="what to draw")
+    gp.add_argument("--out", "-o", help="file to write (default: clusca-<job id>.<format>)")
+    gp.add_argument("--url", default=os.environ.get("CLUSCA_URL", "http://127.0.0.1:8000"),
+                    help="the service (default: CLUSCA_URL, else http://127.0.0.1:8000)")
+    gp.add_argument("--api-key", default=os.environ.get("CLUSCA_API_KEY"),
+                    help="sent as a bearer token (default: CLUSCA_API_KEY; only where the service has keys)")
+    gp.add_argument("--model", help="registry name (default: the service's CLUSCA_DEFAULT_MODEL)")
+    gp.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    gp.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    gp.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    gp.add_argument("--seed", type=int, help="random seed; the same seed and settings give the same image "
+                                              "(default: a random one, printed)")
+    gp.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    gp.add_argument("--negative-prompt", dest="negative_prompt",
+                    help="what the image should not show (models that support it)")
     gp.add_argument("--cache", type=_cache_arg, metavar="PRESET|KNOB=VALUE,...",
                     help="ClusCa settings: a preset, knob=value pairs, or both (e.g. fast, "
                          "interval=4,clusters=8 or quality,gamma=0.01); knobs below")

@@ -17,6 +17,8 @@ def test_defaults_match_the_documented_contract():
     assert (s.max_queue, s.sync_timeout_s, s.result_ttl_s, s.max_batch, s.batch_wait_ms) == (1000, 120, 86400, 4, 10)
     assert (s.visibility_timeout_s, s.max_attempts, s.worker_metrics_port) == (30, 3, 9101)
     assert s.api_keys == () and s.webhook_allow_private is False
+    # One torch thread per worker unless set (0: torch's own default, a thread per core).
+    assert s.torch_threads == 1 and Settings.from_env({"CLUSCA_TORCH_THREADS": "0"}).torch_threads == 0
 
 
 def test_every_setting_comes_from_its_variable():

@@ -206,5 +206,9 @@ def test_torch_threads_setting_applies_when_a_worker_loads_models(service):
     try:
         worker.load()
         assert torch.get_num_threads() == wanted
+        # Unset, a worker runs on one thread: what holds up on a CPU shared with other work.
+        torch.set_num_threads(2)
+        Worker(Settings.from_env({"REDIS_URL": service.redis_url}), Registry.load(None), ["shapes"]).load()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
