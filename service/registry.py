@@ -355,9 +355,11 @@ class Registry:
                 if not item.get("defaults"):
                     item = {**builtin_entry(own).model_dump(exclude={"name"}), **item}
                 elif isinstance(item["defaults"], dict) and "cache_presets" not in item["defaults"]:
-                    # The checkpoint's own preset tuning applies unless the operator replaces it.
-                    tuned = builtin_entry(own).defaults.cache_presets
-                    item = {**item, "defaults": {**item["defaults"], "cache_presets": tuned}}
+                    # The checkpoint's own preset tuning applies unless the operator replaces it, and
+                    # so does what it says of their source.
+                    checkpoint = builtin_entry(own).defaults
+                    item = {**item, "defaults": {"cache_presets_source": checkpoint.cache_presets_source,
+                                                 **item["defaults"], "cache_presets": checkpoint.cache_presets}}
                 if "limits" not in item:
                     # So do its pipeline's limits.
                     item = {**item, "limits": builtin_entry(own).limits.model_dump(exclude_none=True)}

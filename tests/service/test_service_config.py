@@ -46,6 +46,18 @@ def test_default_registry_is_the_builtin_model():
     assert (e.defaults.steps, e.defaults.guidance) == (index["default_steps"], index["default_guidance"])
 
 
+def test_a_builtin_entry_in_a_models_file_says_where_its_presets_came_from(tmp_path):
+    shipped = json.loads((WEIGHTS_DIR / "model_index.json").read_text())["cache_presets_source"]
+    for defaults in ("", "    defaults: {width: 32, height: 32, steps: 20}\n"):
+        path = tmp_path / "models.yaml"
+        path.write_text("models:\n  - name: shapes\n    kind: builtin\n" + defaults)
+        d = Registry.load(path).get("shapes").defaults
+        assert d.cache_presets and d.cache_presets_source == shipped, defaults
+    # An operator's own presets carry no claim about where the checkpoint's came from.
+    path.write_text("models:\n  - name: shapes\n    kind: builtin\n    defaults: {width: 32, height: 32, cache_presets: {}}\n")
+    assert Registry.load(path).get("shapes").defaults.cache_presets_source is None
+
+
 def test_registry_file_yaml_and_json(tmp_path):
     y = tmp_path / "m.yaml"
     y.write_text("models:\n  - name: flux\n    kind: diffusers\n    path: /models/flux\n    dtype: bfloat16\n"
