@@ -206,3 +206,50 @@ def test_make_serve_takes_the_port_and_the_readme_says_so():
     # Unset, serve itself decides (CLUSCA_PORT, else 8000).
     assert command()[-1] == "serve"
     assert "make serve PORT=8001" in (ROOT / "README.md").read_text()
+
+
+def test_ctrl_c_in_a_terminal_stops_everything_in_order(tmp_path):
+    # A terminal's Ctrl-C signals its whole foreground process group; the children are in groups
+    # of their own, so only serve hears it and the stop keeps its order (no Redis gone first).
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLUSCA_MODELS": _models(tmp_path), "CLUSCA_DEFAULT_MODEL": "noop",
+           "CLUSCA_LOG_LEVEL": "INFO"}
+    env.pop("REDIS_URL", None)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT,
+                                env=env, stdin=slave, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        try:
+            wait_until(lambda: proc.poll() is not None or _ready(f"http://127.0.0.1:{port}"), timeout=60,
+                       what="clusca serve ready")
+            children = _descendants(proc.pid)
+            t0 = time.monotonic()
+            os.write(master, b"\x03")  # Ctrl-C
+            proc.wait(STOP_BOUND_S + 10)
+            wait_until(lambda: not any(_alive(p) for p in children), timeout=STOP_BOUND_S, what="children to exit")
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(master)
+    text = log.read_text()
+    print(f"Ctrl-C stop took {took:.2f} s")
+    assert proc.returncode == 0 and took < STOP_BOUND_S, (took, text)
+    assert "stopping (SIGINT)" in text and not re.search(r" (WARNING|ERROR) ", text), text
+    at = [text.find(line) for line in ("the API takes no new connections", "stopped after", "private Redis stopped")]
+    assert all(i >= 0 for i in at) and at == sorted(at), (at, text)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        time.sleep(0.1)
+        return False
