@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -53,7 +54,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         hint = " (another process holds it; choose another with --port or CLUSCA_PORT)" \
-            if exc.errno == 98 or "in use" in str(exc) else ""
+            if exc.errno == errno.EADDRINUSE else ""
         raise SystemExit(f"clusca serve: cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
     return sock
 
@@ -65,8 +66,8 @@ def child_preexec() -> Callable[[], None]:
     if sys.platform.startswith("linux"):
         try:
             prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except (OSError, AttributeError):
-            prctl = None
+        except (OSError, AttributeError):  # no C library to ask: the process group still helps
+            pass
     parent = os.getpid()
 
     def preexec() -> None:
@@ -79,45 +80,39 @@ def child_preexec() -> Callable[[], None]:
     return preexec
 
 
-class _Api:
-    """uvicorn's server, telling ``on_closed`` the moment it stops taking connections."""
+class StopClock:
+    """Why and since when the service is stopping (the first signal counts)."""
 
-    def __init__(self, config: Any, on_closed: Callable[[str, float], None]):
-        import uvicorn
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.since = 0.0
 
-        on_closed_once = _once(on_closed)
-
-        class Server(uvicorn.Server):
-            stop_reason, stop_at = "stop", 0.0
-
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                if not self.should_exit:
-                    self.stop_reason, self.stop_at = signal.Signals(sig).name, time.monotonic()
-                super().handle_exit(sig, frame)
-
-            async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-                for server in self.servers:
-                    server.close()
-                on_closed_once(self.stop_reason, self.stop_at or time.monotonic())
-                await super().shutdown(sockets)
-
-        self.server = Server(config)
-
-    def run(self, sock: socket.socket) -> None:
-        self.server.run(sockets=[sock])
+    def asked(self, signum: int) -> None:
+        if self.reason is None:
+            self.reason, self.since = signal.Signals(signum).name, time.monotonic()
 
 
-def _once(fn: Callable[..., None]) -> Callable[..., None]:
-    lock, done = threading.Lock(), []
+def api_server(config: Any, clock: StopClock, on_closed: Callable[[], None]) -> Any:
+    """uvicorn's server, calling ``on_closed`` (once) the moment it stops taking connections."""
+    import uvicorn
 
-    def call(*args: Any) -> None:
-        with lock:
-            if done:
-                return
-            done.append(True)
-        fn(*args)
+    class Server(uvicorn.Server):
+        _closed = False
 
-    return call
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's own signal handler while it runs; ours (``clock.asked``) before and after.
+            clock.asked(sig)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for server in self.servers:
+                server.close()
+            if not self._closed:
+                self._closed = True
+                on_closed()
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 class Children:
@@ -176,17 +171,10 @@ class Children:
 def serve(args: argparse.Namespace) -> None:
     from service.cli.main import _check_registry, _settings, connection_limits
 
-    stop_asked: list[str] = []
-    t_stop: list[float] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        # Outside uvicorn's run (before it started, or after it returned): note it, the code below stops.
-        if not stop_asked:
-            stop_asked.append(signal.Signals(signum).name)
-            t_stop.append(time.monotonic())
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # Before anything starts: a signal from here on is a stop, carried out in order below.
+    clock = StopClock()
+    signal.signal(signal.SIGINT, lambda signum, _frame: clock.asked(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _frame: clock.asked(signum))
     s = _settings()
     host, port = args.host or s.host, args.port if args.port is not None else s.port
     sock = bind_listener(host, port)
@@ -195,40 +183,39 @@ def serve(args: argparse.Namespace) -> None:
     env = dict(os.environ)
     failed: list[int] = []
     try:
-        if not s.redis_url and not stop_asked:
+        if not s.redis_url and clock.reason is None:
             env["REDIS_URL"] = children.start_redis()
             log.info("started a private Redis at %s", env["REDIS_URL"])
         if not env.get("PROMETHEUS_MULTIPROC_DIR"):
             env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clusca-metrics-")
-        # The API aggregates every local process's metrics, so the worker needs no port of its own here.
-        if not stop_asked:
+        if clock.reason is None:
+            # The API aggregates every local process's metrics, so the worker needs no port of its own here.
             children.start_workers(args.workers, {**env, "CLUSCA_WORKER_METRICS_PORT": "0"})
-        threading.Thread(target=_watch_workers, args=(children.workers, failed), daemon=True).start()
-        os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")})
+            threading.Thread(target=_watch_workers, args=(children.workers, failed), daemon=True).start()
+        os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") if k in env})
         from service.settings import get_settings
 
         get_settings.cache_clear()
-        if not stop_asked:
+        if clock.reason is None:
             import uvicorn
 
-            def api_closed(reason: str, at: float) -> None:
-                t_stop.insert(0, at)
-                log.info("stopping (%s): the API takes no new connections", reason)
+            def api_closed() -> None:
+                log.info("stopping (%s): the API takes no new connections", clock.reason or "stop")
                 children.signal_workers()
 
             config = uvicorn.Config("service.api:create_app", factory=True, log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=API_GRACE_S, **connection_limits(s))
             log.info("ClusCa Serve: send requests to http://%s:%d/generate (docs: http://%s:%d/docs); "
                      "GET /readyz turns 200 once the worker has loaded its models", host, port, host, port)
-            _Api(config, api_closed).run(sock)
+            api_server(config, clock, api_closed).run(sockets=[sock])
             log.info("API stopped")
     finally:
         sock.close()
-        if stop_asked and not children.signalled_at:
-            log.info("stopping (%s)", stop_asked[0])
+        if children.signalled_at is None:
+            log.info("stopping (%s)", clock.reason or "error")
         children.stop()
-        if t_stop:
-            log.info("stopped in %.1f s", time.monotonic() - t_stop[0])
+        if clock.reason is not None:
+            log.info("stopped in %.1f s", time.monotonic() - clock.since)
     if failed:
         raise SystemExit(1)
 
