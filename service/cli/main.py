@@ -83,6 +83,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
         run_worker(_settings(), models, args.id)
     except ValueError as exc:
         raise SystemExit(f"clusca worker: {exc}") from None
+    # Stopped cleanly: its jobs are handed back or stored, its threads done. The interpreter's own
+    # teardown of torch and diffusers would take seconds more on a busy CPU (3 s measured), so skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
