@@ -33,7 +33,8 @@ def test_the_shipped_index_records_every_default_the_registry_reads():
 
 def test_another_checkpoint_brings_its_own_defaults_and_presets(tmp_path):
     index = {**_shipped(), "default_width": 64, "default_height": 48, "default_steps": 12, "default_guidance": 2.5,
-             "default_cache": "fast", "cache_presets": {"fast": {"interval": 6}}}
+             "default_cache": "fast", "cache_presets": {"fast": {"interval": 6}},
+             "limits": {**_shipped()["limits"], "sizes": ["64x48"]}}  # the sizes it draws well
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     d = builtin_entry(tmp_path).defaults
     assert (d.width, d.height, d.steps, d.guidance, d.cache) == (64, 48, 12, 2.5, "fast")

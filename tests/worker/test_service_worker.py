@@ -94,7 +94,7 @@ def test_sigterm_hands_the_running_job_back_within_a_step_then_exits(service):
         t0 = time.monotonic()
         w.send_signal(signal.SIGTERM)
         assert w.wait(30) == 0
-        # 40 steps of 0.15 s would take 6 s; the call ends at its next step instead.
+        # 40 steps of 0.15 s would take 6 s; the call is stopped within one instead.
         assert time.monotonic() - t0 < 4
         back = c.get(f"/jobs/{running}").json()
         assert back["status"] == "queued" and back["attempts"] == 0, back
