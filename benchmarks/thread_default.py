@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from clusca import ClusCaConfig
     from service.registry import Registry
     from service.worker.runners import Batch, load_runner
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = load_runner(entry, "cpu")
     d = entry.defaults
     batch = Batch(prompts=["a red circle on the left"], negative_prompts=None, seeds=[7], width=d.width,
-                  height=d.height, steps=a.steps, guidance=d.guidance, cache={"mode": "off"})
+                  height=d.height, steps=a.steps, guidance=d.guidance, cache=ClusCaConfig.preset("off"))
 
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.load)]
     wall: dict[int, list[float]] = {n: [] for n in counts}

@@ -45,7 +45,7 @@ class Settings(BaseModel):
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
     # torch threads per worker; 0 keeps torch's default (a thread per core). One by default: on
     # a CPU shared with other work, several threads per worker spin-wait for each other
-    # (OpenMP) and the built-in model measured 17x slower on two threads than on one
+    # (OpenMP) and the built-in model measured 14-17x slower on two threads than on one
     # (benchmarks/thread_default.py); on an idle 2-core CPU two threads are 1.5x faster, so
     # set it to the cores a worker has to itself. On a GPU it hardly matters.
     torch_threads: int = Field(1, ge=0, le=1024)
