@@ -291,11 +291,17 @@ def builtin_entry(path: str | Path | None = None) -> ModelEntry:
     from clusca_shapes import read_index
 
     index = read_index(path)
+    # Where the checkpoint's presets came from, as its index records it; an index that does not
+    # say (a checkpoint saved without it) is still named as their source (no path: clients see it).
+    source = index.get("cache_presets_source")
+    if not isinstance(source, dict):
+        source = {"tool": "the checkpoint's model_index.json, which records no more"}
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
                       defaults=ModelDefaults(width=int(index["default_width"]), height=int(index["default_height"]),
                                              steps=int(index["default_steps"]),
                                              guidance=float(index["default_guidance"]),
-                                             cache=index["default_cache"], cache_presets=index["cache_presets"]),
+                                             cache=index["default_cache"], cache_presets=index["cache_presets"],
+                                             cache_presets_source=source),
                       limits=builtin_limits(index))
 
 
@@ -349,9 +355,11 @@ class Registry:
                 if not item.get("defaults"):
                     item = {**builtin_entry(own).model_dump(exclude={"name"}), **item}
                 elif isinstance(item["defaults"], dict) and "cache_presets" not in item["defaults"]:
-                    # The checkpoint's own preset tuning applies unless the operator replaces it.
-                    tuned = builtin_entry(own).defaults.cache_presets
-                    item = {**item, "defaults": {**item["defaults"], "cache_presets": tuned}}
+                    # The checkpoint's own preset tuning applies unless the operator replaces it, and
+                    # so does what it says of their source.
+                    checkpoint = builtin_entry(own).defaults
+                    item = {**item, "defaults": {"cache_presets_source": checkpoint.cache_presets_source,
+                                                 **item["defaults"], "cache_presets": checkpoint.cache_presets}}
                 if "limits" not in item:
                     # So do its pipeline's limits.
                     item = {**item, "limits": builtin_entry(own).limits.model_dump(exclude_none=True)}

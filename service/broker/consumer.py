@@ -70,6 +70,7 @@ class WorkerQueue:
         self._start = redis.register_script(SCRIPTS["start"])
         self._finish = redis.register_script(SCRIPTS["finish"])
         self._release = redis.register_script(SCRIPTS["release"])
+        self._requeue = redis.register_script(SCRIPTS["requeue"])
         # Where the next reclaim scan of each stream's pending list starts (see reclaim()).
         self._reclaim_from: dict[str, str] = {}
         self._model_of = {stream_key(m): m for m in self.models}
@@ -302,6 +303,18 @@ class WorkerQueue:
         """Hand unstarted jobs back to the queue (they go to the end of their stream)."""
         for d in deliveries:
             self._release(keys=[stream_key(d.model), job_key(d.job_id)], args=[d.entry_id, d.job_id])
+
+    def requeue(self, jobs: list[StartedJob]) -> int:
+        """Hand started jobs back unrun (the worker is stopping): queued again at the end of their
+        stream, their attempt given back; a job whose client asked to cancel it is cancelled.
+        Returns how many went back to the queue."""
+        back = 0
+        for j in jobs:
+            d = j.delivery
+            keys = [stream_key(d.model), job_key(d.job_id), events_key(d.job_id), done_key(d.job_id)]
+            args = [d.entry_id, d.job_id, self.worker_id, repr(time.time()), self.ttl_s]
+            back += int(self._requeue(keys=keys, args=args)) == 1
+        return back
 
     def heartbeat(self, info: dict[str, Any]) -> None:
         now = time.time()

@@ -18,7 +18,7 @@ NAMES: dict[str, str] = {
     "group": c.GROUP, "events_maxlen": str(c.EVENTS_MAXLEN),
     "queued": c.QUEUED, "running": c.RUNNING, "succeeded": c.SUCCEEDED, "failed": c.FAILED,
     "cancelled": c.CANCELLED,
-    "ev_started": "started", "ev_failed": c.FINAL_EVENT[c.FAILED], "ev_cancelled": c.FINAL_EVENT[c.CANCELLED],
+    "ev_queued": "queued", "ev_started": "started", "ev_failed": c.FINAL_EVENT[c.FAILED], "ev_cancelled": c.FINAL_EVENT[c.CANCELLED],
     "is_terminal": "(" + " or ".join(f"st == '{s}'" for s in c.TERMINAL) + ")",
 }
 
@@ -136,8 +136,34 @@ if st == '$queued' then redis.call('XADD', KEYS[1], '*', 'job', ARGV[2]) return 
 return 0
 """
 
+# Put a job this worker started back at the end of its stream, unrun (the worker is stopping): queued
+# again, and the attempt it used given back, since the job did nothing wrong. A job whose client asked
+# to cancel it is cancelled instead. A job that is no longer this worker's (finished, or taken over
+# after the visibility timeout) is left alone: 0.
+# KEYS: stream, job, events, done ; ARGV: entry_id, job_id, worker, now, ttl
+REQUEUE = """
+local st = redis.call('HGET', KEYS[2], 'status')
+if st ~= '$running' or redis.call('HGET', KEYS[2], 'worker') ~= ARGV[3] then return 0 end
+redis.call('XACK', KEYS[1], '$group', ARGV[1]); redis.call('XDEL', KEYS[1], ARGV[1])
+local now = tonumber(ARGV[4])
+if redis.call('HGET', KEYS[2], 'cancel') == '1' then
+  redis.call('HSET', KEYS[2], 'status', '$cancelled', 'finished', ARGV[4], 'error', 'cancelled by the client')
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', $events_maxlen, '*', 'e', cjson.encode({type='$ev_cancelled', t=now}))
+  redis.call('RPUSH', KEYS[4], '$cancelled')
+  for _, k in ipairs({KEYS[2], KEYS[3], KEYS[4]}) do redis.call('EXPIRE', k, ARGV[5]) end
+  return 2
+end
+redis.call('HINCRBY', KEYS[2], 'attempts', -1)
+redis.call('HSET', KEYS[2], 'status', '$queued', 'step', '0')
+redis.call('HDEL', KEYS[2], 'started', 'worker')
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', $events_maxlen, '*', 'e',
+           cjson.encode({type='$ev_queued', requeued=true, t=now}))
+redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+return 1
+"""
+
 TEMPLATES: dict[str, str] = {"enqueue": ENQUEUE, "start": START, "finish": FINISH, "cancel": CANCEL,
-                             "release": RELEASE}
+                             "release": RELEASE, "requeue": REQUEUE}
 
 
 def render(template: str) -> str:

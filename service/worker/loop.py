@@ -8,9 +8,12 @@ its batch mates), publish per-step progress (:mod:`service.worker.progress`), an
 results (:mod:`service.worker.results`). The worker knows no model kind: loading, calling
 conventions and statistics are the runners'.
 
-SIGTERM (or SIGINT) lets the running batch finish, hands back jobs it had read but not
-started, then exits. Lost Redis connections are retried with backoff; a finished
-batch keeps trying to store its results until Redis answers again.
+SIGTERM (or SIGINT) stops the worker within about a transformer block: the running call
+is stopped (:class:`~service.worker.watch.CallWatcher` sets its stop), and its jobs, with
+those read but not started, go back to the queue unrun (their attempt not counted), for
+this worker after a restart or any other one; then it exits. A signal while the models
+are still loading exits at once. Lost Redis connections are retried with backoff; a
+finished batch keeps trying to store its results until Redis answers again.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import redis
 
 from service import metrics
 from service.broker import connect as redis_conn
-from service.broker.consumer import Delivery, WorkerQueue
+from service.broker.consumer import Delivery, StartedJob, WorkerQueue
 from service.broker.keys import LayoutError
 from service.contract import JobRequest
 from service.registry import Registry
@@ -77,19 +80,26 @@ class Worker:
         self.held = HeldDeliveries()
         self._busy = False
         self.results = ResultWriter(self.q, settings, self._retry, self.held.release)
-        self.watcher = CallWatcher(self.q)
+        self.watcher = CallWatcher(self.q, stopping=self.stop)
         self.executor = BatchExecutor(self.models, ProgressPump(self.q), self.results, self.watcher,
-                                      worker_id=self.worker_id, max_images=settings.max_batch)
+                                      worker_id=self.worker_id, max_images=settings.max_batch,
+                                      stopping=self.stop, hand_back=self._hand_back)
+        self._loaded = False
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
         for e in self.entries:
             self.models[e.name] = load_runner(e, self.settings.device, self.settings.torch_threads)
+        self._loaded = True
 
     def install_signal_handlers(self) -> None:
         def _stop(signum: int, _frame: Any) -> None:
-            log.info("signal %d: finishing the running batch, then exiting", signum)
             self.stop.set()
+            if not self._loaded:
+                # Nothing is held yet: waiting for the models to finish loading would only delay the stop.
+                log.info("%s while loading the models: exiting", signal.Signals(signum).name)
+                raise SystemExit(0)
+            log.info("%s: stopping; running jobs go back to the queue", signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
@@ -191,6 +201,15 @@ class Worker:
         self.held.release([d for d, _ in skipped])
         if started:
             self.executor.run_group(started)
+
+    def _hand_back(self, jobs: list[StartedJob]) -> None:
+        back = self._retry(lambda: self.q.requeue(jobs))
+        self.held.release([j.delivery for j in jobs])
+        if back is None:
+            log.warning("could not hand %d running job(s) back (Redis unreachable); they run again after the "
+                        "visibility timeout", len(jobs))
+        else:
+            log.info("handed %d running job(s) back to the queue", back)
 
     # ------------------------------------------------------------------ helpers
     def _retry(self, fn: Callable[[], T], forever: bool = False) -> T | None:

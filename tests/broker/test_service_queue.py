@@ -109,6 +109,31 @@ def test_release_hands_unstarted_jobs_back(backend):
     assert backend.redis_client().xpending(stream_key(model), "workers")["pending"] == 2
 
 
+def test_requeue_hands_started_jobs_back_unrun_without_counting_the_attempt(backend):
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    a, b = _wq(backend, model, "A", vis=0.05), _wq(backend, model, "B", vis=0.05)
+    ids = [j for j, _ in _enqueue(backend.redis_url, model, n=3)]
+    started, _ = a.start(a.read(3, block_ms=100))
+    r = backend.redis_client()
+    r.hset(job_key(ids[1]), "cancel", "1")  # its client asked to cancel it while it ran
+    time.sleep(0.1)
+    taken, _ = b.start(b.reclaim(1))  # the first job looked dead and B took it over
+    assert [j.delivery.job_id for j in taken] == [ids[0]]
+    assert a.requeue(started) == 1  # only the last one is still A's to hand back
+    back = JobRecord.from_hash(r.hgetall(job_key(ids[2])))
+    assert back.status == "queued" and back.attempts == 0 and back.step == 0, back
+    assert JobRecord.from_hash(r.hgetall(job_key(ids[1]))).status == "cancelled"
+    assert r.lrange(done_key(ids[1]), 0, -1) == [b"cancelled"]
+    assert JobRecord.from_hash(r.hgetall(job_key(ids[0]))).status == "running"  # B's, untouched
+    again = b.read(3, block_ms=100)
+    assert [d.job_id for d in again] == [ids[2]]
+    restarted, _ = b.start(again)
+    assert restarted[0].attempt == 1
+    # Pending: B's takeover and B's new read; nothing of A's is left.
+    pending = r.xpending_range(stream_key(model), "workers", "-", "+", 10)
+    assert sorted(p["consumer"].decode() for p in pending) == ["B", "B"]
+
+
 def test_enqueue_depth_limit_and_idempotency(backend):
     model = f"unit-{uuid.uuid4().hex[:6]}"
     (first, created), (second, created2) = _enqueue(backend.redis_url, model, n=2, idem="same")

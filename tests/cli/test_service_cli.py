@@ -29,8 +29,15 @@ def test_serve_then_generate_client(tmp_path):
                               "--cache", "off,interval=2,kmeans_fit_per_cluster=8"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
-        assert "4/4" in res.stderr and f"saved {out}" in res.stderr
+        assert f"saved {out}" in res.stderr
+        # stderr is a pipe here: no progress frames (carriage-return redraws) in it.
+        assert "\r" not in res.stderr and "4/4" not in res.stderr, res.stderr
         assert Image.open(out).convert("RGB").getpixel((0, 0)) == noop_color("a blue square", 21)
+        # On a terminal the bar is drawn, step by step.
+        shown = _stderr_on_a_terminal([sys.executable, "-m", "service.cli", "generate", "a blue square", "--url",
+                                       url, "--model", "legacy", "--steps", "4", "--out", str(tmp_path / "tty.png")],
+                                      env)
+        assert "\r[" in shown and "4/4" in shown and "saved" in shown, shown
         clip = tmp_path / "clip.gif"
         res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a ramp", "--url", url,
                               "--model", "noopvideo", "--frames", "9", "--format", "gif", "--out", str(clip)],
@@ -54,6 +61,42 @@ def test_serve_then_generate_client(tmp_path):
         socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
     assert "stopped after" in text  # the worker's clean exit
     assert f"send requests to http://127.0.0.1:{served.port}/generate" in text
+
+
+def _stderr_on_a_terminal(cmd: list[str], env: dict) -> str:
+    """What ``cmd`` writes to stderr when stderr is a terminal (a pseudo-terminal)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    data = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(master)
+        proc.wait(60)
+    assert proc.returncode == 0, data
+    return data.decode(errors="replace")
+
+
+def test_every_flag_of_every_command_has_a_help_text():
+    import argparse
+
+    from service.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"serve", "api", "worker", "generate", "tune"} <= set(sub.choices)
+    silent = [f"clusca {name} {'/'.join(a.option_strings) or a.dest}" for name, parser in sub.choices.items()
+              for a in parser._actions if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert not silent, silent
 
 
 def test_generate_cache_takes_a_preset_and_knobs_checked_by_the_knob_table(capsys):

@@ -107,7 +107,9 @@ def stack(tmp_path: Path, *, persistent: bool = False, extra_env: dict[str, str]
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if shapes:
         # Several torch workers share few cores here: one thread each avoids OpenMP oversubscription.
-        env.setdefault("OMP_NUM_THREADS", os.environ.get("REL_TORCH_THREADS", "1"))
+        threads = os.environ.get("REL_TORCH_THREADS", "1")
+        env.setdefault("OMP_NUM_THREADS", threads)
+        env.setdefault("CLUSCA_TORCH_THREADS", threads)  # the worker sets torch's count itself
     svc = Service(redis, models_file, logs, env)
     try:
         yield svc

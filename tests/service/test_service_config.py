@@ -17,6 +17,8 @@ def test_defaults_match_the_documented_contract():
     assert (s.max_queue, s.sync_timeout_s, s.result_ttl_s, s.max_batch, s.batch_wait_ms) == (1000, 120, 86400, 4, 10)
     assert (s.visibility_timeout_s, s.max_attempts, s.worker_metrics_port) == (30, 3, 9101)
     assert s.api_keys == () and s.webhook_allow_private is False
+    # One torch thread per worker unless set (0: torch's own default, a thread per core).
+    assert s.torch_threads == 1 and Settings.from_env({"CLUSCA_TORCH_THREADS": "0"}).torch_threads == 0
 
 
 def test_every_setting_comes_from_its_variable():
@@ -42,6 +44,18 @@ def test_default_registry_is_the_builtin_model():
     # Steps and guidance are the ones the shipped checkpoint records.
     index = json.loads((WEIGHTS_DIR / "model_index.json").read_text())
     assert (e.defaults.steps, e.defaults.guidance) == (index["default_steps"], index["default_guidance"])
+
+
+def test_a_builtin_entry_in_a_models_file_says_where_its_presets_came_from(tmp_path):
+    shipped = json.loads((WEIGHTS_DIR / "model_index.json").read_text())["cache_presets_source"]
+    for defaults in ("", "    defaults: {width: 32, height: 32, steps: 20}\n"):
+        path = tmp_path / "models.yaml"
+        path.write_text("models:\n  - name: shapes\n    kind: builtin\n" + defaults)
+        d = Registry.load(path).get("shapes").defaults
+        assert d.cache_presets and d.cache_presets_source == shipped, defaults
+    # An operator's own presets carry no claim about where the checkpoint's came from.
+    path.write_text("models:\n  - name: shapes\n    kind: builtin\n    defaults: {width: 32, height: 32, cache_presets: {}}\n")
+    assert Registry.load(path).get("shapes").defaults.cache_presets_source is None
 
 
 def test_registry_file_yaml_and_json(tmp_path):

@@ -26,6 +26,9 @@ def test_the_shipped_index_records_every_default_the_registry_reads():
         index["default_width"], index["default_height"], index["default_steps"], index["default_guidance"],
         index["default_cache"])
     assert d.cache_presets == index["cache_presets"]
+    # Where those presets came from, as the checkpoint records it (GET /models shows it).
+    assert d.cache_presets_source == index["cache_presets_source"]
+    assert d.cache_presets_source["measured"] and d.cache_presets_source["tool"]
 
 
 def test_another_checkpoint_brings_its_own_defaults_and_presets(tmp_path):
@@ -50,6 +53,8 @@ def test_another_checkpoint_brings_its_own_defaults_and_presets(tmp_path):
     assert (d.width, d.steps, d.cache, d.cache_presets) == (INDEX_DEFAULTS["default_width"],
                                                           INDEX_DEFAULTS["default_steps"],
                                                           INDEX_DEFAULTS["default_cache"], {})
+    # One that does not say where its presets came from still names the checkpoint, with no path.
+    assert d.cache_presets_source and str(tmp_path) not in json.dumps(d.cache_presets_source)
     assert {k: v for k, v in read_index(tmp_path).items() if k != "_class_name"} == read_index(tmp_path / "missing")
 
 
