@@ -16,6 +16,9 @@ File format (YAML or JSON)::
         device: cuda
         defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: balanced}
         limits: {size_multiple: 16, max_side: 2048, max_pixels: 4194304, max_steps: 100, max_images: 4}
+        # optional cost lanes: jobs above this many pixel-steps (width x height x steps x images)
+        # wait in the model's long lane, e.g. more than two 1024x1024 images of 28 steps:
+        #   limits: {..., long_cost: 58720256}
         # optional per-model preset tuning, e.g.
         #   cache_presets: {balanced: {interval: 4, order: 0, clusters: 4, gamma: 0.0}}
 """
@@ -112,6 +115,10 @@ class ModelLimits(BaseModel):
     max_frames: Optional[int] = Field(None, ge=1)
     frame_step: int = Field(1, ge=1, le=64)
     max_video_pixels: Optional[int] = Field(None, ge=64)
+    # Jobs costing more than this (JobRequest.cost: width x height x steps x images x frames) wait in
+    # the model's long lane, read after its short lane and never by CLUSCA_WORKER_LANES=short workers
+    # (service/broker/lanes.py); None: one lane, every job in arrival order.
+    long_cost: Optional[int] = Field(None, ge=1)
 
     def within(self, *, max_side: int, max_pixels: int, max_steps: int, max_images: int,
                max_frames: int | None = None) -> "ModelLimits":
@@ -129,7 +136,8 @@ class ModelLimits(BaseModel):
                            max_steps=min(x for x in (self.max_steps, max_steps) if x is not None),
                            max_images=min(x for x in (self.max_images, max_images) if x is not None),
                            max_frames=min((x for x in (self.max_frames, max_frames) if x is not None), default=None),
-                           frame_step=self.frame_step, max_video_pixels=self.max_video_pixels)
+                           frame_step=self.frame_step, max_video_pixels=self.max_video_pixels,
+                           long_cost=self.long_cost)
 
     def size_problem(self, width: int, height: int) -> tuple[str, str] | None:
         """``(field, message)`` for the first way ``width`` x ``height`` breaks these limits, else None."""

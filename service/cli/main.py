@@ -105,8 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clusca-metrics-")
     # The API aggregates every local process's metrics, so the worker needs no port of its own here.
     worker_env = {**env, "CLUSCA_WORKER_METRICS_PORT": "0"}
-    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=worker_env)
-               for _ in range(args.workers)]
+    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=_lane_env(worker_env, i, args.workers))
+               for i in range(args.workers)]
     threading.Thread(target=_watch_workers, args=(workers,), daemon=True).start()
     os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")})
     from service.settings import get_settings
@@ -133,6 +133,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 w.kill()
         if redis_server is not None:
             redis_server.stop()
+
+
+def _lane_env(env: dict[str, str], index: int, workers: int) -> dict[str, str]:
+    """The environment of worker ``index`` of ``workers``: with two or more, the last one reads only
+    the short lanes, so long jobs can never occupy every worker (service/broker/lanes.py)."""
+    if workers >= 2 and index == workers - 1:
+        return {**env, "CLUSCA_WORKER_LANES": "short"}
+    return env
 
 
 def _watch_workers(workers: list[subprocess.Popen]) -> None:
@@ -233,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="Redis (private unless REDIS_URL) + worker + API, in one command")
     sp.add_argument("--host")
     sp.add_argument("--port", type=int)
-    sp.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1)")
+    sp.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1; with 2 or more, the last one runs short jobs only)")
     sp.set_defaults(fn=cmd_serve)
     ap = sub.add_parser("api", help="the HTTP API only (needs REDIS_URL)")
     ap.add_argument("--host")
