@@ -227,8 +227,8 @@ class WorkerQueue:
               ) -> tuple[list[StartedJob], list[tuple[Delivery, str]]]:
         """Mark jobs running (counting attempts). Returns started jobs and skipped ones with why.
 
-        ``known``: requests already read (:meth:`peek_requests`) by entry id; a stored request
-        never changes, so these are not parsed a second time."""
+        ``known``: requests already read (:meth:`peek_requests`) by job id (entry ids are unique
+        within one stream only); a stored request never changes, so these are not parsed a second time."""
         now = time.time()
         calls = [dict(keys=[job_key(d.job_id), events_key(d.job_id), done_key(d.job_id), d.stream],
                       args=[self.worker_id, repr(now), self.max_attempts, self.ttl_s, d.entry_id]) for d in deliveries]
@@ -237,7 +237,7 @@ class WorkerQueue:
         for d, res in zip(deliveries, replies):
             tag = as_text(res[0])
             if tag == "ok":
-                req = (known or {}).get(d.entry_id) or JobRequest.parse(res[1])
+                req = (known or {}).get(d.job_id) or JobRequest.parse(res[1])
                 try:
                     created = float(as_text(res[2]))
                 except (TypeError, ValueError):

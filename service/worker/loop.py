@@ -176,7 +176,7 @@ class Worker:
             self._start_and_run(deliveries, {})
             return
         requests = self.q.peek_requests(deliveries)
-        known = {d.entry_id: r for d, r in zip(deliveries, requests) if r is not None}
+        known = {d.job_id: r for d, r in zip(deliveries, requests) if r is not None}
         pending = group_by_batch_key(deliveries, [d.model for d in deliveries], requests)
         while pending:
             group = pending.pop(0)

@@ -224,3 +224,29 @@ def test_a_queued_long_job_can_be_cancelled(backend):
     r = backend.redis_client()
     assert r.xlen(stream_key(model, LONG)) == 0  # the entry left with the skip
     assert JobRecord.from_hash(r.hgetall(job_key(long_id))).status == "cancelled"
+
+
+def test_entries_with_the_same_id_in_both_lanes_stay_apart(backend):
+    # Entry ids are unique within a stream only: two lanes may each give one the same id.
+    from service.worker.heartbeat import HeldDeliveries
+
+    model = _model()
+    short_id, long_id = _enqueue(backend.redis_url, model, SHORT_REQ, LONG_REQ)
+    r = backend.redis_client()
+    for lane, job_id in ((SHORT, short_id), (LONG, long_id)):
+        key = stream_key(model, lane)
+        r.xtrim(key, maxlen=0)
+        r.xadd(key, {"job": job_id}, id="99999999999999-0")
+    w = _wq(backend, model, "W")
+    got = w.read(4, block_ms=100) + w.read(4, block_ms=100)
+    assert [(d.job_id, d.entry_id) for d in got] == [(short_id, "99999999999999-0"), (long_id, "99999999999999-0")]
+    held = HeldDeliveries()
+    held.hold(got)
+    held.release(got[:1])
+    assert held.snapshot() == got[1:]
+    known = dict(zip((d.job_id for d in got), w.peek_requests(got)))
+    started, _ = w.start(got, known)
+    assert [(j.delivery.job_id, j.request) for j in started] == [(short_id, SHORT_REQ), (long_id, LONG_REQ)]
+    for j in started:
+        assert w.finish(j, "succeeded", JobResult(), images=[b"x"])
+    assert r.xlen(stream_key(model, SHORT)) == r.xlen(stream_key(model, LONG)) == 0

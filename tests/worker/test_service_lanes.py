@@ -89,3 +89,54 @@ def test_a_worker_reading_both_lanes_runs_a_waiting_short_job_before_an_older_lo
         assert r.hget(job_key(older_long), "worker") == r.hget(job_key(newer_short), "worker") == b"lanes-one"
     finally:
         Service.stop(worker)
+
+
+def test_a_worker_runs_each_job_with_its_own_request_when_two_lanes_give_the_same_entry_id(service):
+    # Entry ids are unique within one stream only; the worker must not mistake one lane's job for the other's.
+    import asyncio
+    import io
+    import uuid
+
+    from PIL import Image
+
+    from service.broker import connect as redis_conn
+    from service.broker.lanes import lane_of
+    from service.broker.producer import JobQueue
+    from service.contract import JobRequest
+    from service.registry import ModelEntry, Registry
+    from service.worker.loop import Worker
+    from service.worker.runners.noop_pipeline import noop_color
+
+    model = f"lanes-{uuid.uuid4().hex[:6]}"
+    entry = ModelEntry(name=model, kind="noop", defaults={"width": 16, "height": 16, "steps": 2, "guidance": 0,
+                                                          "cache": "off", "size_multiple": 8},
+                       limits={"long_cost": 16 * 16 * 10})
+    short_req = JobRequest(prompt="short one", width=16, height=16, steps=2, guidance=0.0, seed=3, cache={"mode": "off"})
+    long_req = JobRequest(prompt="long one", width=16, height=16, steps=12, guidance=0.0, seed=4, cache={"mode": "off"})
+
+    async def enqueue():
+        r = redis_conn.async_client(service.redis_url)
+        try:
+            q = JobQueue(r, max_queue=10, ttl_s=60)
+            return [(await q.enqueue(model, req, lane=lane_of(entry.limits, req)))[0] for req in (short_req, long_req)]
+        finally:
+            await r.aclose()
+
+    worker = Worker(Settings(redis_url=service.redis_url, worker_metrics_port=0, max_batch=4), Registry([entry]))
+    worker.load()
+    worker.q.ensure_groups()
+    short_id, long_id = asyncio.run(enqueue())
+    r = service.redis_client()
+    for lane, job_id in ((SHORT, short_id), (LONG, long_id)):
+        r.xtrim(stream_key(model, lane), maxlen=0)
+        r.xadd(stream_key(model, lane), {"job": job_id}, id="99999999999999-0")
+    got = worker.q.read(4, block_ms=100) + worker.q.read(4, block_ms=100)
+    assert [d.entry_id for d in got] == ["99999999999999-0"] * 2 and [d.lane for d in got] == [SHORT, LONG]
+    worker._process(got[::-1])  # handed over long first: the short one still runs first
+    worker.results.shutdown()
+    for job_id, req in ((short_id, short_req), (long_id, long_req)):
+        assert r.hget(job_key(job_id), "status") == b"succeeded"
+        image = Image.open(io.BytesIO(r.hget(f"{job_key(job_id)}:images", "0"))).convert("RGB")
+        assert image.getpixel((0, 0)) == noop_color(req.prompt, req.seed), job_id
+    started = {j: float(r.hget(job_key(j), "started")) for j in (short_id, long_id)}
+    assert started[short_id] < started[long_id]
