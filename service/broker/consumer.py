@@ -1,8 +1,9 @@
 """The consumer side of the Redis Streams queue: what a worker does (synchronous client).
 
 Read new entries (per cluster slot where the streams span several; a model's short lane
-before its long lane, :mod:`service.broker.lanes`), reclaim entries a dead worker left pending, start jobs with attempt counting, publish progress, and finish
-each job exactly once with its acknowledgement: start and finish are single Lua scripts
+before its long lane, :mod:`service.broker.lanes`), reclaim entries a dead worker left
+pending, start jobs with attempt counting, publish progress, and finish each job exactly
+once with its acknowledgement: start and finish are single Lua scripts
 (:mod:`service.broker.lua`), so two workers that both ran a job after a takeover cannot
 both store a result.
 """

@@ -99,7 +99,8 @@ class Worker:
         """Run until stopped. Call :meth:`load` first."""
         self._retry(self.q.ensure_groups, forever=True)
         Heartbeat(self.q, self.held, self.stop, worker_id=self.worker_id,
-                  models={n: r.describe() for n, r in self.models.items()}, jobs_done=lambda: self.results.jobs_done,
+                  models={n: {**r.describe(), "lanes": list(self.q.lanes)} for n, r in self.models.items()},
+                  jobs_done=lambda: self.results.jobs_done,
                   visibility_timeout_s=self.settings.visibility_timeout_s).start()
         log.info("worker %s serving %s", self.worker_id, list(self.models))
         backoff = 0.2

@@ -65,6 +65,8 @@ def test_a_short_job_finishes_promptly_while_long_jobs_hold_the_other_worker(ser
             info = _lanes_info(c)
             assert (info["queue_depth"], info["running_jobs"]) == (1, 1)  # both lanes counted
             assert info["limits"]["long_cost"] == 16 * 16 * 10
+            assert {w["id"]: w["lanes"] for w in info["workers"]} == {"lanes-all": ["short", "long"],
+                                                                       "lanes-short": ["short"]}
             finals = [_final(c, j) for j in (first_long, second_long)]
         assert [j["status"] for j in finals] == ["succeeded", "succeeded"]
         assert [r.hget(job_key(j), "worker") for j in (first_long, second_long)] == [b"lanes-all"] * 2
