@@ -40,12 +40,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section, written_by  # noqa: E402
 from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
 from service.broker.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 START, END = "<!-- lanes-latency:start -->", "<!-- lanes-latency:end -->"
+TOPIC = "service"
 SIDE = 16
 # (name, long_cost set, worker lanes): the set-ups compared, in the order they run.
 SETUPS: list[tuple[str, bool, list[str]]] = [
@@ -182,18 +184,13 @@ def ratio(res: dict[str, Any]) -> float:
     return rows[BASELINE]["short_median"] / rows[LANES_SETUP]["short_median"]
 
 
-def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """Summary rows: the short jobs' median latency without and with lanes, and their ratio."""
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's row: the short jobs' median latency without and with lanes, and their ratio."""
     m = res["meta"]
     rows = {r["name"]: r for r in summary(res)}
-    where = {"machine": f"{m['cores']} CPU core(s), {m['machine']}", "date": m["date"]}
-    return [
-        {"figure": f"short-job latency while long jobs run, median ({BASELINE})",
-         "value": f"{rows[BASELINE]['short_median']:.2f} s", **where},
-        {"figure": f"short-job latency while long jobs run, median ({LANES_SETUP})",
-         "value": f"{rows[LANES_SETUP]['short_median']:.2f} s", **where},
-        {"figure": "short-job latency, one lane over cost lanes", "value": f"{ratio(res):.1f}x", **where},
-    ]
+    return [Headline(f"short-job latency while long jobs run, median: {BASELINE} against {LANES_SETUP}",
+                     f"{rows[BASELINE]['short_median']:.2f} s against **{rows[LANES_SETUP]['short_median']:.2f} s**, "
+                     f"x{ratio(res):.0f}", cpu(m["machine"], m["cores"], m.get("load_avg")), day(m["date"]))]
 
 
 def render(res: dict[str, Any]) -> str:
@@ -202,8 +199,8 @@ def render(res: dict[str, Any]) -> str:
     long_s, short_s = m["long_steps"] * m["step_delay_s"], m["short_steps"] * m["step_delay_s"]
     lines = [
         START, "## Service: short jobs next to long ones (cost lanes)", "",
-        f"`{' '.join(['python benchmarks/lanes_latency.py', *([m['argv']] if m['argv'] else [])])}` on {m['cores']} CPU core(s), "
-        f"{m['machine']}, {m['date']}; 1-minute load average {m['load_avg']} at the start. A no-op model whose steps "
+        f"{written_by('lanes_latency.py', m['argv'], m['date'])}, on {m['cores']} CPU core(s), {m['machine']} "
+        f"(1-minute load average {m['load_avg']} at the start). A no-op model whose steps "
         f"sleep {m['step_delay_s']} s (the queue's behaviour, not the CPU's): {m['long_jobs']} long jobs of "
         f"{m['long_steps']} steps (about {long_s:.1f} s each) are queued at once; once the first runs, "
         f"{m['short_jobs']} short jobs of {m['short_steps']} steps (about {short_s:.2f} s) follow, one every "

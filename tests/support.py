@@ -52,6 +52,14 @@ models:
     kind: noop
     options: {step_delay_s: 0.1, legacy_callback: true}
     defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
+  - name: crawl
+    kind: noop
+    options: {step_delay_s: 4.0, blocks: 40}
+    defaults: {width: 16, height: 16, steps: 3, guidance: 0, cache: "off", size_multiple: 8}
+  - name: costly
+    kind: noop
+    defaults: {width: 16, height: 16, steps: 4, guidance: 0, cache: "off", size_multiple: 8}
+    limits: {max_cost: 10000, sizes: ["16x16", "24x16"]}
   - name: noopvideo
     kind: noop
     output: video

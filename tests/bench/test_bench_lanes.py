@@ -25,9 +25,10 @@ def _res() -> dict:
 def test_the_ratio_and_headline_compare_short_job_medians():
     res = _res()
     assert lanes_latency.ratio(res) == 7.0 / 0.2
-    rows = lanes_latency.headline(res)
-    assert [r["value"] for r in rows] == ["7.00 s", "0.20 s", "35.0x"]
-    assert all(r["machine"] == "2 CPU core(s), x86_64" and r["date"] == "2026-01-01 00:00 UTC" for r in rows)
+    (row,) = lanes_latency.headline(res)
+    assert row.figure == "7.00 s against **0.20 s**, x35"
+    assert (row.on, row.date) == ("CPU x86_64, 2 cores, load 1.0", "2026-01-01")
+    assert lanes_latency.TOPIC == "service"
     assert lanes_latency.p90([1.0, 2.0, 3.0]) == 2.8
 
 
@@ -37,7 +38,7 @@ def test_write_docs_replaces_only_its_own_section(tmp_path):
     lanes_latency.write_docs(_res(), path=doc)
     once = doc.read_text()
     assert once.startswith("# Benchmarks\n\nother text\n")
-    assert "`python benchmarks/lanes_latency.py --short-jobs 3`" in once
+    assert "Written by `python benchmarks/lanes_latency.py --short-jobs 3` on 2026-01-01 00:00 UTC" in once
     assert "| lanes, 2 workers (1 short-only) | 0.20 | 0.28 | 6.00 |" in once
     lanes_latency.write_docs(_res(), path=doc)
     assert doc.read_text() == once
