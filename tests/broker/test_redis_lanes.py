@@ -246,7 +246,8 @@ def test_entries_with_the_same_id_in_both_lanes_stay_apart(backend):
     assert held.snapshot() == got[1:]
     known = dict(zip((d.job_id for d in got), w.peek_requests(got)))
     started, _ = w.start(got, known)
-    assert [(j.delivery.job_id, j.request) for j in started] == [(short_id, SHORT_REQ), (long_id, LONG_REQ)]
+    assert [(j.delivery.job_id, j.request.prompt, j.request.steps) for j in started] == [
+        (short_id, SHORT_REQ.prompt, SHORT_REQ.steps), (long_id, LONG_REQ.prompt, LONG_REQ.steps)]
     for j in started:
         assert w.finish(j, "succeeded", JobResult(), images=[b"x"])
     assert r.xlen(stream_key(model, SHORT)) == r.xlen(stream_key(model, LONG)) == 0
