@@ -119,7 +119,7 @@ class ModelLimits(BaseModel):
     # ``JobRequest.cost``): what keeps one admitted request from holding a worker for hours.
     max_cost: Optional[int] = Field(None, ge=1)
     # The sizes ("WxH") the model draws well; when set, only these are admitted (and advertised).
-    sizes: Optional[list[str]] = Field(None, min_length=1)
+    sizes: Optional[list[str]] = Field(None)
     # Jobs costing more than this (JobRequest.cost: width x height x steps x images x frames) wait in
     # the model's long lane, read after its short lane and never by CLUSCA_WORKER_LANES=short workers
     # (service/broker/lanes.py); None: one lane, every job in arrival order.
@@ -151,10 +151,23 @@ class ModelLimits(BaseModel):
                            max_images=min(x for x in (self.max_images, max_images) if x is not None),
                            max_frames=min((x for x in (self.max_frames, max_frames) if x is not None), default=None),
                            frame_step=self.frame_step, max_video_pixels=self.max_video_pixels,
-                           max_cost=self.max_cost, sizes=self.sizes, long_cost=self.long_cost)
+                           max_cost=self.max_cost, sizes=None if self.sizes is None else self._sizes_within(
+                               max_side=max_side, max_pixels=max_pixels),
+                           long_cost=self.long_cost)
+
+    def _sizes_within(self, *, max_side: int, max_pixels: int) -> list[str]:
+        """The listed sizes the service's own caps leave (a listed size it refuses is not offered)."""
+        out = []
+        for size in self.sizes or []:
+            w, h = (int(x) for x in size.split("x"))
+            if max(w, h) <= max_side and w * h <= max_pixels:
+                out.append(size)
+        return out
 
     def size_problem(self, width: int, height: int) -> tuple[str, str] | None:
         """``(field, message)`` for the first way ``width`` x ``height`` breaks these limits, else None."""
+        if self.sizes is not None and f"{width}x{height}" not in self.sizes:
+            return "width", f"{width}x{height} is not a size this model draws well; {self.sizes_text()}"
         for field, v in (("width", width), ("height", height)):
             if v % self.size_multiple:
                 return field, f"must be a multiple of {self.size_multiple}"
@@ -164,9 +177,10 @@ class ModelLimits(BaseModel):
                 return field, f"must be at most {self.max_side}"
         if self.max_pixels is not None and width * height > self.max_pixels:
             return "width", f"width x height = {width * height} pixels exceeds the limit of {self.max_pixels}"
-        if self.sizes is not None and f"{width}x{height}" not in self.sizes:
-            return "width", f"{width}x{height} is not a size this model draws well; it draws {', '.join(self.sizes)}"
         return None
+
+    def sizes_text(self) -> str:
+        return f"the sizes it draws well: {', '.join(self.sizes or [])}"
 
     def cost_problem(self, cost: int, field: str) -> tuple[str, str] | None:
         """``(field, message)`` when a request of ``cost`` pixel-steps asks for more than ``max_cost``."""

@@ -62,8 +62,6 @@ def supported_sizes(entry: ModelEntry, lim: ModelLimits, limit: int = 12) -> lis
 
 
 def size_rule(lim: ModelLimits) -> str:
-    if lim.sizes is not None:
-        return f"one of {', '.join(lim.sizes)}"
     return (f"width and height multiples of {lim.size_multiple} from {lim.min_side} to {lim.max_side}, "
             f"width x height at most {lim.max_pixels}")
 
@@ -81,9 +79,11 @@ def check_openai_size(registry: Registry, settings: Settings, model: str | None,
     if problem is None:
         return w, h
     sizes = supported_sizes(entry, lim)
-    message = (f"{size} is not supported by model {entry.name!r} ({problem[0]} {problem[1]}); "
-               + (f"it draws {size_rule(lim)}" if lim.sizes is not None else
-                  f"supported sizes include {', '.join(sizes)} (any size with {size_rule(lim)})"))
+    if lim.sizes is not None:
+        message = f"{size} is not a size model {entry.name!r} draws well; {lim.sizes_text()}"
+    else:
+        message = (f"{size} is not supported by model {entry.name!r} ({problem[0]} {problem[1]}); "
+                   f"supported sizes include {', '.join(sizes)} (any size with {size_rule(lim)})")
     raise ApiError(422, "validation_error", f"size: {message}", param="size",
                    fields=[{"field": "size", "message": message}], supported_sizes=["auto", *sizes])
 

@@ -17,7 +17,7 @@ from clusca.stats import RunStats
 
 from service import metrics
 from service.broker.consumer import StartedJob
-from service.contract import FAILED, SUCCEEDED, JobResult, Timings
+from service.contract import CANCELLED, FAILED, SUCCEEDED, JobResult, Timings
 from service.outputs.encode import encode_output
 from service.outputs.store import NotKept
 from service.worker.batching import shares, split_into_calls
@@ -140,7 +140,9 @@ class BatchExecutor:
     def _end_job(self, job: StartedJob, status: str, error: str) -> None:
         """Finish a job that left its running call (cancelled, or past its deadline) right away."""
         log.info("job %s %s: %s", job.delivery.job_id, status, error)
+        reason = "cancelled" if status == CANCELLED else "deadline"
         self.results.store([Outcome(job, status, self._result(job, None, job.request.num_images, 1, None), error)])
+        metrics.JOBS_STOPPED.labels(job.delivery.model, reason).inc()
 
 def observe_run(model: str, mode: str, inference_s: float, step_times: list[float], stats: RunStats | None) -> None:
     """A finished call's latency and cache effect, as metrics."""

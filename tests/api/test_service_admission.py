@@ -62,12 +62,12 @@ def test_sizes_outside_a_models_list_are_refused_listing_the_list(service):
     with service.client() as c:
         err = _err(c.post("/generate", json={"model": "costly", "prompt": "x", "width": 16, "height": 24,
                                              "async": True}), "width")
-        assert "16x24" in err["message"] and "16x16, 24x16" in err["message"]
+        assert "16x24" in err["message"] and "the sizes it draws well: 16x16, 24x16" in err["message"]
         err = _err(c.post("/v1/images/generations", json={"model": "costly", "prompt": "x", "size": "32x32"}), "size")
         assert err["supported_sizes"] == ["auto", "16x16", "24x16"]
         shapes = _err(c.post("/generate", json={"model": "shapes", "prompt": "x", "width": 64, "height": 64,
                                                 "async": True}), "width")
-        assert "draws 32x32" in shapes["message"]
+        assert "the sizes it draws well: 32x32" in shapes["message"]
         limits = {m["name"]: m["limits"] for m in c.get("/models").json()["models"]}
     assert limits["shapes"]["sizes"] == ["32x32"] and limits["shapes"]["max_cost"] == builtin_entry().limits.max_cost
     assert limits["costly"]["sizes"] == ["16x16", "24x16"]
