@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Mapping
+from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -73,6 +73,9 @@ class Settings(BaseModel):
     reconcile_settle_s: float = Field(5.0, gt=0, le=3600)
     # Directory where each API process keeps that journal on disk too (service/broker/ack_log.py); unset: memory only.
     reconcile_journal: str | None = None
+    # Which of each model's lanes a worker reads (service/broker/lanes.py): "all" (short first, then
+    # long) or "short" (never a job above the model's long_cost: capacity long jobs cannot take).
+    worker_lanes: Literal["all", "short"] = "all"
 
     @field_validator("device")
     @classmethod
@@ -155,6 +158,7 @@ ENV_NAMES: dict[str, str] = {
     "redis_wait_timeout_ms": "CLUSCA_REDIS_WAIT_TIMEOUT_MS",
     "reconcile_settle_s": "CLUSCA_RECONCILE_SETTLE_S",
     "reconcile_journal": "CLUSCA_RECONCILE_JOURNAL",
+    "worker_lanes": "CLUSCA_WORKER_LANES",
 }
 
 

@@ -65,6 +65,11 @@ models:
     output: video
     defaults: {width: 16, height: 16, steps: 3, guidance: 0, cache: "off", size_multiple: 8, num_frames: 5, fps: 8}
     limits: {max_frames: 17, frame_step: 4, max_video_pixels: 2304}
+  - name: lanes
+    kind: noop
+    options: {step_delay_s: 0.1}
+    defaults: {width: 16, height: 16, steps: 2, guidance: 0, cache: "off", size_multiple: 8}
+    limits: {long_cost: 2560}
   - name: tinyflux
     kind: diffusers
     path: /built/by/test_service_diffusers

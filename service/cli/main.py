@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="Redis (private unless REDIS_URL) + worker + API, in one command")
     sp.add_argument("--host", help="address the API listens on (default: CLUSCA_HOST, else 127.0.0.1)")
     sp.add_argument("--port", type=int, help="port the API listens on (default: CLUSCA_PORT, else 8000)")
-    sp.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1)")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="worker processes to start (default 1; with 2 or more, the last one runs short jobs only)")
     sp.set_defaults(fn=cmd_serve)
     ap = sub.add_parser("api", help="the HTTP API only (needs REDIS_URL)")
     ap.add_argument("--host", help="address to listen on (default: CLUSCA_HOST, else 127.0.0.1)")

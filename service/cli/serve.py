@@ -131,9 +131,9 @@ class Children:
         return self.redis.url
 
     def start_workers(self, n: int, env: dict[str, str]) -> None:
-        for _ in range(n):
-            self.workers.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
-                                                 preexec_fn=child_preexec()))
+        for i in range(n):
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
+                                                 env=lane_env(env, i, n), preexec_fn=child_preexec()))
 
     def signal_workers(self) -> None:
         """Ask every worker to stop (SIGTERM: it hands its running jobs back, then exits)."""
@@ -166,6 +166,14 @@ class Children:
         if self.redis is not None:
             self.redis.stop()
             log.info("private Redis stopped")
+
+
+def lane_env(env: dict[str, str], index: int, workers: int) -> dict[str, str]:
+    """The environment of worker ``index`` of ``workers``: with two or more, the last one reads only
+    the short lanes, so long jobs can never occupy every worker (service/broker/lanes.py)."""
+    if workers >= 2 and index == workers - 1:
+        return {**env, "CLUSCA_WORKER_LANES": "short"}
+    return env
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -121,7 +121,7 @@ def test_models_lists_each_models_limits(service):
     assert models["shapes"]["limits"] == {"size_multiple": 4, "min_side": 8, "max_side": 512, "max_pixels": 512 * 512,
                                           "min_steps": 1, "max_steps": 50, "max_images": 4, "max_frames": None,
                                           "frame_step": 1, "max_video_pixels": None, "max_cost": 983040,
-                                          "sizes": ["32x32"]}
+                                          "sizes": ["32x32"], "long_cost": 204800}
     # A model without limits of its own gets the service's.
     assert models["noop"]["limits"]["max_side"] == 1024 and models["noop"]["limits"]["size_multiple"] == 8
 
