@@ -12,16 +12,19 @@ Registries of test models are written with :func:`noop_model` and :func:`models_
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
+import pytest
 import redis as redis_lib
 import yaml
 
@@ -88,6 +91,17 @@ BASE_ENV = {
     "CLUSCA_WEBHOOK_ALLOW_PRIVATE": "1",
     "CLUSCA_LOG_LEVEL": "WARNING",
 }
+
+
+def registry_error(tmp_path: Path, text: str) -> str:
+    """The message of the :class:`~service.registry.RegistryError` that a registry file of ``text`` fails with."""
+    from service.registry import Registry, RegistryError
+
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    with pytest.raises(RegistryError) as exc:
+        Registry.load(path)
+    return str(exc.value)
 
 
 def service_env(redis_url: str, models_file: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
@@ -192,7 +206,9 @@ class Service:
         return proc
 
     def start_worker(self, models: str, extra_env: dict[str, str] | None = None, metrics_port: int = 0,
-                     wait: bool = True, worker_id: str | None = None) -> subprocess.Popen:
+                     wait: bool = True, worker_id: str | None = None, timeout: float = 60) -> subprocess.Popen:
+        """A worker serving ``models``; with ``wait``, once it has announced itself (within ``timeout``
+        seconds: a worker loading a torch pipeline on a busy CPU wants more than the no-op models)."""
         env = {**self.env, "CLUSCA_WORKER_METRICS_PORT": str(metrics_port), **(extra_env or {})}
         args = ["worker", "--models", models] + (["--id", worker_id] if worker_id else [])
         proc = self._spawn(args, env, "worker")
@@ -202,7 +218,7 @@ class Service:
             key = workers_key(first)
             wait_until(lambda: proc.poll() is not None or any(
                 m.decode().endswith(f"-{proc.pid}-") or f"-{proc.pid}-" in m.decode() or m.decode() == worker_id
-                for m in r.zrangebyscore(key, time.time() - 5, "+inf")), timeout=60, what=f"worker for {models}")
+                for m in r.zrangebyscore(key, time.time() - 5, "+inf")), timeout=timeout, what=f"worker for {models}")
             assert proc.poll() is None, open(proc.log_path).read()  # type: ignore[attr-defined]
         return proc
 
@@ -214,6 +230,15 @@ class Service:
         wait_until(lambda: proc.poll() is not None or _http_ok(url + "/healthz"), timeout=30, what="API start")
         assert proc.poll() is None, open(proc.log_path).read()  # type: ignore[attr-defined]
         return proc, url
+
+    @contextlib.contextmanager
+    def api(self, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+        """Another API process over this service's Redis for the ``with`` block; yields its URL."""
+        proc, url = self.start_api(extra_env)
+        try:
+            yield url
+        finally:
+            self.stop(proc)
 
     @staticmethod
     def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
@@ -246,6 +271,30 @@ def running_service(cls, redis, tmp: Path, workers: str = MAIN_WORKER_MODELS, ex
         yield svc
     finally:
         svc.stop_all()
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[tuple[Any, bytes]]]]:
+    """A loopback HTTP server that answers every POST with 204: yields its base URL and the list
+    each request's ``(headers, body)`` is appended to, and stops on exit."""
+    received: list[tuple[Any, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append((self.headers, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def answer_problem(case: Any, resp: httpx.Response | Any) -> str | None:
