@@ -115,14 +115,18 @@ class WorkerQueue:
         for stream, entries in res or []:
             model = self._model_of[as_text(stream)]
             for entry_id, fields in entries:
-                if not fields:
-                    continue
-                job_id = entry_job_id(fields, model)
-                if job_id is None:
-                    self.discard(model, as_text(entry_id))
-                    continue
-                out.append(Delivery(model, as_text(entry_id), job_id))
+                delivery = self._delivery(model, entry_id, fields) if fields else None
+                if delivery is not None:
+                    out.append(delivery)
         return out[:count] if len(out) > count else out
+
+    def _delivery(self, model: str, entry_id: Any, fields: Any) -> Delivery | None:
+        """The delivery a stream entry of ``model`` stands for; None for one that names no job (discarded)."""
+        job_id = entry_job_id(fields, model)
+        if job_id is None:
+            self.discard(model, as_text(entry_id))
+            return None
+        return Delivery(model, as_text(entry_id), job_id)
 
     def discard(self, model: str, entry_id: str) -> None:
         """Drop a stream entry the API did not write (it names no job): acknowledged and deleted, never run."""
@@ -151,11 +155,9 @@ class WorkerQueue:
                 if not fields:  # deleted entry still in the pending list
                     self.r.xack(stream_key(m), GROUP, entry_id)
                     continue
-                job_id = entry_job_id(fields, m)
-                if job_id is None:
-                    self.discard(m, as_text(entry_id))
-                    continue
-                out.append(Delivery(m, as_text(entry_id), job_id))
+                delivery = self._delivery(m, entry_id, fields)
+                if delivery is not None:
+                    out.append(delivery)
         return out
 
     def touch(self, deliveries: list[Delivery]) -> None:
