@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, Mapping, TypeVar, get_args
 
 # ---------------------------------------------------------------------------- shared constants
 # Consumer group every worker reads the model streams with.
@@ -68,9 +68,31 @@ def _loads(raw: str | bytes | bytearray) -> Any:
     return json.loads(raw)
 
 
+Stored = TypeVar("Stored", bound="_StoredAsJson")
+
+
+class _StoredAsJson:
+    """What a request and a result share: stored as JSON, and a stored value this service could
+    not have written (another program's, or a corrupted one) read back as ``None``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return _json(self.to_dict())
+
+    @classmethod
+    def parse(cls: type[Stored], raw: Any) -> Stored | None:
+        """The value stored as ``raw`` (JSON text or bytes), or None when this service could not have written it."""
+        try:
+            return cls.from_dict(_loads(raw))
+        except (TypeError, ValueError):
+            return None
+
+
 # ---------------------------------------------------------------------------- the request
 @dataclass(frozen=True)
-class JobRequest:
+class JobRequest(_StoredAsJson):
     """One fully resolved request: every default filled in, every limit already checked.
 
     ``seed`` is the first image's seed; image ``k`` uses ``seed + k`` (:attr:`seeds`), so an
@@ -116,12 +138,6 @@ class JobRequest:
         return json.dumps([model, self.width, self.height, self.steps, self.guidance,
                            self.negative_prompt is None, self.cache, self.num_frames], sort_keys=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return _json(self.to_dict())
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobRequest":
         """Check every field's type and range; :class:`ContractError` names the first bad one."""
@@ -150,14 +166,6 @@ class JobRequest:
                    num_images=d["num_images"], output_format=d["output_format"], cache=dict(d["cache"]),
                    webhook_url=d["webhook_url"], num_frames=d.get("num_frames"), fps=d.get("fps"))
 
-    @classmethod
-    def parse(cls, raw: Any) -> "JobRequest | None":
-        """A stored request (JSON text or bytes), or None when the API could not have written it."""
-        try:
-            return cls.from_dict(_loads(raw))
-        except (TypeError, ValueError):
-            return None
-
 
 # ---------------------------------------------------------------------------- the result
 @dataclass(frozen=True)
@@ -170,7 +178,7 @@ class Timings:
 
 
 @dataclass(frozen=True)
-class JobResult:
+class JobResult(_StoredAsJson):
     """What the worker stores when a job ends, whatever the outcome.
 
     A job that failed before it ran (an invalid stored request) has only the defaults.
@@ -188,12 +196,6 @@ class JobResult:
     attempt: int | None = None
     content_type: str | None = None
     timings: Timings = field(default_factory=Timings)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return _json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobResult":
@@ -216,13 +218,6 @@ class JobResult:
         values = {name: d.get(name) for name in optional}
         values["cache_mode"] = values["cache_mode"] or "off"
         return cls(**values, seeds=list(seeds), timings=timings)
-
-    @classmethod
-    def parse(cls, raw: Any) -> "JobResult | None":
-        try:
-            return cls.from_dict(_loads(raw))
-        except (TypeError, ValueError):
-            return None
 
 
 # ---------------------------------------------------------------------------- the record
