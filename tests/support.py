@@ -11,6 +11,7 @@ Registries of test models are written with :func:`noop_model` and :func:`models_
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import os
@@ -28,8 +29,10 @@ import pytest
 import redis as redis_lib
 import yaml
 
+from service.broker import connect as redis_conn
 from service.broker.embedded import EmbeddedRedis, free_port
 from service.broker.keys import workers_key
+from service.broker.producer import JobQueue
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,14 +43,16 @@ NOOP_VIDEO_DEFAULTS = {"num_frames": 5, "fps": 8}
 
 def noop_model(name: str, steps: int, *, delay: float | None = None, video: bool = False, **entry: Any) -> dict:
     """A registry entry for a no-op model: 16x16 images (5-frame videos with ``video``) in ``steps``
-    steps of ``delay`` seconds each; ``entry`` adds keys (``options``, ``limits``, ...)."""
+    steps of ``delay`` seconds each; ``entry`` adds keys (``options``, ``limits``, ...), and its
+    ``defaults`` go on top of these."""
     model: dict[str, Any] = {"name": name, "kind": "noop"}
     if video:
         model["output"] = "video"
     options = {**({"step_delay_s": delay} if delay else {}), **entry.pop("options", {})}
     if options:
         model["options"] = options
-    model["defaults"] = {**NOOP_DEFAULTS, "steps": steps, **(NOOP_VIDEO_DEFAULTS if video else {})}
+    model["defaults"] = {**NOOP_DEFAULTS, "steps": steps, **(NOOP_VIDEO_DEFAULTS if video else {}),
+                         **entry.pop("defaults", {})}
     return {**model, **entry}
 
 
@@ -111,6 +116,22 @@ def service_env(redis_url: str, models_file: Path, extra_env: dict[str, str] | N
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return env
+
+
+def enqueue(redis_url: str, model: str, request: Any, n: int = 1, idempotency: str | None = None,
+            **queue: Any) -> list[tuple[str, bool]]:
+    """``n`` jobs of ``request`` queued for ``model`` as the API queues them, each ``(job id, created)``;
+    ``queue`` sets :class:`~service.broker.producer.JobQueue`'s options (default: a queue of 100, a TTL of 60 s)."""
+    async def go() -> list[tuple[str, bool]]:
+        r = redis_conn.async_client(redis_url)
+        q = JobQueue(r, **{"max_queue": 100, "ttl_s": 60, **queue})
+        try:
+            return [await q.enqueue(model, request, idempotency) for _ in range(n)]
+        finally:
+            await q.close()
+            await r.aclose()
+
+    return asyncio.run(go())
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
