@@ -7,8 +7,10 @@ without measuring again and every number in docs/benchmarks.md has its raw sourc
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +48,16 @@ def measured_or_loaded(from_json: str | Path | None, measure: Callable[[], dict[
     res = measure()
     print(f"wrote {save(res, path)}")
     return res
+
+
+def parsed_and_results(argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace],
+                       measure: Callable[[argparse.Namespace, list[str]], dict[str, Any]]
+                       ) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """A benchmark's command line (``argv``, default ``sys.argv[1:]``) parsed, and its results: those
+    saved in ``--from-json``, or ``measure(args, argv)``'s, saved to ``--json``."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    return args, measured_or_loaded(args.from_json, lambda: measure(args, argv), args.json)
 
 
 def quoted_command(argv: list[str], *, paths: tuple[str, ...] = ("--json", "--from-json"),

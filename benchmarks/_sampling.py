@@ -9,6 +9,7 @@ the same numbers, whichever benchmark asks.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +17,19 @@ import torch
 
 from clusca.testing import EulerLoop
 
-__all__ = ["EulerLoop", "FluxInputs", "sync_for"]
+__all__ = ["EulerLoop", "FluxInputs", "add_flux_shape_args", "sync_for"]
+
+
+def add_flux_shape_args(p: argparse.ArgumentParser, *, width: int, head_dim: int, dual: int, single: int,
+                        text_dim: int, text_tokens: int, steps: int) -> None:
+    """The options that size a random FLUX transformer and its run, with this benchmark's defaults."""
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--head-dim", type=int, default=head_dim)
+    p.add_argument("--dual", type=int, default=dual)
+    p.add_argument("--single", type=int, default=single)
+    p.add_argument("--text-dim", type=int, default=text_dim)
+    p.add_argument("--text-tokens", type=int, default=text_tokens)
+    p.add_argument("--steps", type=int, default=steps)
 
 
 def sync_for(device: torch.device) -> Callable[[], None] | None:

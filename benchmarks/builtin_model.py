@@ -27,11 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._docs import DOCS, write_section, written_by  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
 from clusca.quality import psnr, ssim  # noqa: E402  (the yardstick of every benchmark)
 
 START, END = "<!-- builtin-model:start -->", "<!-- builtin-model:end -->"
+TOPIC = "builtin"
 SEED_STRIDE = 100_000  # seed round r draws image i with generator seed seed + r * SEED_STRIDE + i
 LATENCY_PROMPT = "a red circle on the left"
 TARGETS = {"one_object": 97.0, "relation": 80.0, "count": 80.0}
@@ -277,6 +279,23 @@ def _form_rows(res) -> list[str]:
     return rows
 
 
+def headline(res: dict) -> list[Headline]:
+    """The summary's rows: prompt adherence uncached and with the default cache, and one image's latency."""
+    u, c = res["uncached"], res.get("clusca")
+    on, date = cpu(res["cpu"], res["cores"]), day(res["date"])
+    groups = ", ".join(f"{name.replace('_', ' ')} {u['groups'][key]['adherence']}%"
+                       for key, name in (("one_object", "one object"), ("relation", "relations"), ("count", "counts"))
+                       if key in u["groups"])
+    cached = (f"; `{c['preset']}` {c['adherence_drop']} points lower, PSNR {c['psnr_db']} dB"
+              if isinstance(c, dict) else "")
+    all_cores = (f", {res['latency_all_cores_s']} s on {res['cores']} threads" if "latency_all_cores_s" in res else "")
+    fast = f"; `{c['preset']}` {c['latency_s']} s" if isinstance(c, dict) else ""
+    return [Headline(f"built-in model, prompt adherence ({res['n_prompts']} prompts x {res['seeds']} seeds)",
+                     f"all right **{u['adherence']}%** ({groups}){cached}", on, date),
+            Headline(f"built-in model, one {res['size']} image, {res['steps']} steps, batch 1",
+                     f"**{res['latency_s']} s** uncached on {res['threads']} thread(s){all_cores}{fast}", on, date)]
+
+
 def write_docs(res: dict, path: Path = DOCS) -> None:
     u = res["uncached"]
     notes = []
@@ -302,7 +321,7 @@ def write_docs(res: dict, path: Path = DOCS) -> None:
         START,
         "## Built-in model (shapes)",
         "",
-        f"Written by `{' '.join(['python benchmarks/builtin_model.py', res['argv']]).strip()}` on {res['date']}; "
+        written_by("builtin_model.py", res["argv"], res["date"]) + "; "
         f"CPU `{res['cpu']}`, {res['threads']} torch thread(s), no GPU. Model: {res['params_M']}M parameters, "
         f"{res['steps']} Euler steps, guidance {res['guidance']}; prompts: the fixed set "
         f"`clusca_shapes.tools.data.eval_set({res['n_prompts']})` (six prompt forms), each drawn with "
@@ -328,7 +347,6 @@ def write_docs(res: dict, path: Path = DOCS) -> None:
         END,
     ]
     write_section(START, END, "\n".join(body), path)
-    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

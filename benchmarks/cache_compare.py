@@ -36,17 +36,19 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import write_section, written_by  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
 
 from benchmarks._metrics import dominators, pareto_front, psnr, ssim  # noqa: E402
 
 START, END = "<!-- cache-compare:start -->", "<!-- cache-compare:end -->"
+TOPIC = "library"
 PSNR_CAP = 100.0  # identical images count as 100 dB so that means stay finite
 TIE_DB = 0.1  # PSNR differences below this are reported as ties, not wins
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -607,7 +609,7 @@ def render(res: dict[str, Any]) -> str:
         START,
         "## Cache comparison: ClusCa, our other modes and diffusers' caches",
         "",
-        f"Written by `python benchmarks/cache_compare.py {meta['argv']}`".rstrip() + f" on {meta['date']}; "
+        written_by("cache_compare.py", meta["argv"], meta["date"]) + "; "
         f"CPU `{meta['cpu']}`, {meta['threads']} torch threads, no GPU; torch {meta['torch']}, diffusers {meta['diffusers']}. "
         "The CPU was shared with other work while this ran, so wall-clock numbers are noisy; "
         "runs are interleaved (every method once per round, order rotated) and medians are reported.",
@@ -732,9 +734,28 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's rows: `balanced` on the built-in model, and ClusCa's wall / FLOPs on the large one."""
+    meta, out = res["meta"], []
+    on, date = cpu(meta["cpu"]) + f", {meta['threads']} thread(s)", day(meta["date"])
+    b = res.get("builtin")
+    bal = next((r for r in (b or {}).get("rows", []) if r["name"].startswith("ClusCa balanced")), None)
+    if bal:
+        out.append(Headline(f"ClusCa `balanced` against other caches, built-in model ({b['prompts']} prompts)",
+                            f"PSNR {bal['psnr']:.2f} dB at {bal['flops_speedup']:.2f}x FLOPs, "
+                            f"{bal['wall_speedup']:.2f}x wall clock", on, date))
+    lg = res.get("large")
+    clusca = [r for r in (lg or {}).get("rows", []) if r["name"].startswith("ClusCa")]
+    if clusca:
+        out.append(Headline(f"ClusCa presets, FLUX architecture, {lg['params_M']:.1f}M random weights, wall / FLOPs",
+                            ", ".join(f"{r['name'].split(' (')[0].removeprefix('ClusCa ')} {r['wall_over_flops']:.2f} "
+                                      f"({r['wall_speedup']:.2f}x of {r['flops_speedup']:.2f}x)" for r in clusca),
+                            on, date))
+    return out
+
+
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(START, END, render(res), path)
-    print(f"wrote {path.name}")
 
 
 def plot(res: dict[str, Any], path: Path = PLOT) -> None:
@@ -789,24 +810,36 @@ def plot(res: dict[str, Any], path: Path = PLOT) -> None:
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 
+def _print_table(title: str, columns: list[tuple[str, int, Callable[[dict[str, Any]], str]]],
+                 rows: list[dict[str, Any]]) -> None:
+    """``rows`` under ``title``; each column is (heading, width, its cell of a row), the first left-aligned."""
+    def line(cells: list[str]) -> str:
+        return " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, (_, w, _)) in enumerate(zip(cells, columns)))
+
+    print(f"\n{title}")
+    print(line([h for h, _, _ in columns]))
+    for r in rows:
+        print(line([cell(r) for _, _, cell in columns]))
+
+
 def print_tables(res: dict[str, Any]) -> None:
     analyse(res)
     b = res.get("builtin")
     if b:
-        print(f"\nBuilt-in model ({b['steps']} steps, {b['prompts']} prompts)")
-        print(f"{'method':<40} {'FLOPs x':>8} {'anal. x':>8} {'wall x':>7} {'PSNR':>7} {'SSIM':>7} {'adh %':>6} {'KiB/req':>9}")
-        for r in b["rows"]:
-            print(f"{r['name']:<40} {_fmt(r['flops_speedup']):>8} {_fmt(r.get('analytic_flops_speedup')):>8} "
-                  f"{_fmt(r['wall_speedup']):>7} {_fmt(r.get('psnr')):>7} {_fmt(r.get('ssim'), '.4f'):>7} "
-                  f"{r['adherence']:>6.1f} {_kib(r.get('cache_bytes')):>9}")
+        _print_table(f"Built-in model ({b['steps']} steps, {b['prompts']} prompts)", [
+            ("method", 40, lambda r: r["name"]), ("FLOPs x", 8, lambda r: _fmt(r["flops_speedup"])),
+            ("anal. x", 8, lambda r: _fmt(r.get("analytic_flops_speedup"))),
+            ("wall x", 7, lambda r: _fmt(r["wall_speedup"])), ("PSNR", 7, lambda r: _fmt(r.get("psnr"))),
+            ("SSIM", 7, lambda r: _fmt(r.get("ssim"), ".4f")), ("adh %", 6, lambda r: f"{r['adherence']:.1f}"),
+            ("KiB/req", 9, lambda r: _kib(r.get("cache_bytes")))], b["rows"])
     lg = res.get("large")
     if lg:
-        print(f"\nFLUX architecture, random weights ({lg['image_tokens']} image tokens, {lg['steps']} steps)")
-        print(f"{'method':<34} {'FLOPs x':>8} {'anal. x':>8} {'wall x':>7} {'wall/FLOPs':>10} {'s':>7} {'rel.err':>8} {'MiB/req':>8}")
-        for r in lg["rows"]:
-            print(f"{r['name']:<34} {_fmt(r['flops_speedup']):>8} {_fmt(r.get('analytic_flops_speedup')):>8} "
-                  f"{_fmt(r['wall_speedup']):>7} {_fmt(r['wall_over_flops']):>10} {r['seconds']:>7.2f} "
-                  f"{r['rel_error']:>8.4f} {r['cache_bytes'] / 2**20:>8.1f}")
+        _print_table(f"FLUX architecture, random weights ({lg['image_tokens']} image tokens, {lg['steps']} steps)", [
+            ("method", 34, lambda r: r["name"]), ("FLOPs x", 8, lambda r: _fmt(r["flops_speedup"])),
+            ("anal. x", 8, lambda r: _fmt(r.get("analytic_flops_speedup"))),
+            ("wall x", 7, lambda r: _fmt(r["wall_speedup"])), ("wall/FLOPs", 10, lambda r: _fmt(r["wall_over_flops"])),
+            ("s", 7, lambda r: f"{r['seconds']:.2f}"), ("rel.err", 8, lambda r: f"{r['rel_error']:.4f}"),
+            ("MiB/req", 8, lambda r: f"{r['cache_bytes'] / 2**20:.1f}")], lg["rows"])
 
 
 def _weights_label(path: str) -> str:

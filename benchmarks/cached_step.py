@@ -44,12 +44,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS, write_section  # noqa: E402
-from benchmarks._results import RESULTS, measured_or_loaded, quoted_command  # noqa: E402
+from benchmarks._docs import DOCS, print_targets, targets_line, write_section  # noqa: E402
+from benchmarks._results import RESULTS, parsed_and_results, quoted_command  # noqa: E402
 from benchmarks._sampling import EulerLoop, FluxInputs  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca, run_state  # noqa: E402
 
 START, END = "<!-- cached-step:start -->", "<!-- cached-step:end -->"
+TOPIC = "library"
 TARGETS = {"clusca": 400, "taylorseer": 250, "fora": 250}
 WALL_TARGET = 0.85
 
@@ -195,6 +197,19 @@ def summarise(res: dict[str, Any]) -> tuple[float, list[str], list[tuple[str, bo
     return plain_ms, lines, targets
 
 
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's rows: operators per cached step, and how much of the FLOPs gain the clocks keep."""
+    m = res["meta"]
+    lean = [row for row in res["rows"] if row["lean"]]
+    on = cpu(m["machine"], m["cores"], m.get("load_avg"))
+    keep = ", ".join(f"{row['method']} {statistics.median(row['ratios']) / row['flops_speedup']:.3f} / "
+                     f"{statistics.median(row['cpu_ratios']) / row['flops_speedup']:.3f}" for row in lean)
+    return [Headline("aten operators per cached step at FLUX depth (CPU proxy)",
+                     ", ".join(f"{row['method']} {row['cached']:.0f}" for row in lean), on, day(m["date"])),
+            Headline(f"wall / FLOPs and CPU time / FLOPs at FLUX depth, preset `{m['preset']}`", keep, on,
+                     day(m["date"]))]
+
+
 def render(res: dict[str, Any]) -> str:
     m = res["meta"]
     plain_ms, lines, targets = summarise(res)
@@ -210,24 +225,20 @@ def render(res: dict[str, Any]) -> str:
             f"{' (steps in lockstep)' if m['lockstep'] else ''}; an uncached step: {plain_ms:.2f} ms. "
             "CPU time is the process thread's, read beside the wall clock: on a shared machine it leaves out "
             f"the time other processes take the core, so it is the steadier of the two.{shared}", "", *lines, "",
-            "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), END]
+            targets_line(targets), END]
     return "\n".join(body) + "\n"
 
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(START, END, render(res), path)
-    print(f"wrote {path.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    res = measured_or_loaded(args.from_json, lambda: measure(args, argv), args.json)
+    args, res = parsed_and_results(argv, parse_args, measure)
     plain_ms, lines, targets = summarise(res)
     print(f"\nuncached step: {res['uncached_ops']} aten operators, {plain_ms:.2f} ms (median)")
     print("\n".join(lines))
-    for name, ok in targets:
-        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    print_targets(targets)
     if not args.no_docs:
         write_docs(res, args.docs)
     return 0

@@ -37,9 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
-from benchmarks._sampling import FluxInputs, sync_for  # noqa: E402
+from benchmarks._sampling import FluxInputs, add_flux_shape_args, sync_for  # noqa: E402
+from benchmarks._summary import Headline, day  # noqa: E402
 
 START, END = "<!-- gpu-flux:start -->", "<!-- gpu-flux:end -->"
+TOPIC = "gpu"
 
 
 def methods() -> list:
@@ -124,14 +126,8 @@ def run_once(method, model, inputs, steps, device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dual", type=int, default=19)
-    p.add_argument("--single", type=int, default=38)
-    p.add_argument("--width", type=int, default=3072)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--text-dim", type=int, default=4096)
+    add_flux_shape_args(p, width=3072, head_dim=128, dual=19, single=38, text_dim=4096, text_tokens=512, steps=50)
     p.add_argument("--side", type=int, default=64, help="packed latent side: 64 -> 1024x1024 pixels")
-    p.add_argument("--text-tokens", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batches", default="1,4")
     p.add_argument("--rounds", default="3,1", help="rounds per batch size (methods alternate in a round)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -154,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in model.parameters())
     info = {
         "command": "python benchmarks/gpu_flux.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "dtype": a.dtype, "steps": a.steps, "params": params,
         "tokens": [a.side * a.side, a.text_tokens], "init_seconds": round(time.time() - t_start, 1),
@@ -275,9 +272,27 @@ def render(data: dict) -> str:
     ])
 
 
+def headline(data: dict) -> list[Headline]:
+    """The summary's rows: ClusCa's speedup on the full-size transformer, per batch size."""
+    info, out = data["info"], []
+    rows = summarise(data)
+    for batch in sorted({r["batch"] for r in rows}):
+        ours = [r for r in rows
+                if r["batch"] == batch and r["method"].split(" (")[0] in ("ClusCa balanced", "ClusCa fast")]
+        base = next((r for r in rows if r["batch"] == batch and r["method"] == "uncached"), None)
+        if not ours or base is None:
+            continue
+        out.append(Headline(f"ClusCa on a FLUX.1-dev-size transformer, random weights, {info['tokens'][0]} image "
+                            f"tokens, {info['steps']} steps, {info['dtype']}, batch {batch}",
+                            f"{base['per_image']:.2f} s per image uncached; " + ", ".join(
+                                f"`{r['method'].split(' (')[0].removeprefix('ClusCa ')}` **{r['speedup']:.2f}x** "
+                                f"({r['flops_speedup']:.2f}x FLOPs)" for r in ours),
+                            info["device"], day(info.get("date"))))
+    return out
+
+
 def write_docs(data: dict, path: Path = DOCS) -> None:
     write_section(START, END, render(data), path)
-    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

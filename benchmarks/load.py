@@ -39,12 +39,15 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import write_section  # noqa: E402
+from benchmarks._docs import write_section, written_by  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
+from benchmarks._service import wait_until_ready  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
 from benchmarks._metrics import percentile  # noqa: E402
 
 START, END = "<!-- service-load:start -->", "<!-- service-load:end -->"
+TOPIC = "service"
 DOCS = ROOT / "docs" / "benchmarks.md"
 PROMPTS = [
     "a red circle on the left", "a blue square at the top", "a green triangle on the right",
@@ -136,17 +139,13 @@ class Serve:
                                      env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"clusca serve exited with {self.proc.returncode}; see {self.tmp / 'serve.log'}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"clusca serve was not ready after {timeout_s:.0f} s; see {self.tmp / 'serve.log'}")
+        def exited() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"clusca serve exited with {self.proc.returncode}; see {self.tmp / 'serve.log'}"
+
+        if not wait_until_ready(self.url, timeout_s, poll_s=0.25, request_timeout_s=2, exited=exited):
+            raise RuntimeError(f"clusca serve was not ready after {timeout_s:.0f} s; see {self.tmp / 'serve.log'}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -305,7 +304,7 @@ def render(res: dict[str, Any]) -> str:
         START,
         "## Service under load (built-in model)",
         "",
-        f"Written by `python benchmarks/load.py {m['argv']}`".rstrip() + f" on {m['date']}; CPU `{m['cpu']}` "
+        written_by("load.py", m["argv"], m["date"]) + f"; CPU `{m['cpu']}` "
         f"({m['cores']} cores, shared by the load generator, the API, Redis and the worker"
         + (f"; 1-minute load average {m['load_avg']} at the start" if "load_avg" in m else "")
         + f"), {m.get('device_name') or 'no GPU'}; the worker runs torch with {m['worker_threads']} thread(s) "
@@ -356,9 +355,18 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's rows: what batching gains under load (concurrency 16 against 1), per max batch."""
+    m = res["meta"]
+    machine = m.get("device_name") or cpu(m["cpu"], m["cores"], m.get("load_avg"))
+    on = f"{machine}, {m['worker_threads']} worker thread(s)"
+    return [Headline(f"service under load, built-in model, batching on (max batch {t['batch']}), {m['steps']} steps",
+                     f"{t['c16']:.2f} img/s at concurrency 16 against {t['c1']:.2f} at 1: **{t['ratio']:.2f}x** "
+                     "(target >= 1.5x)", on, day(m["date"])) for t in res.get("targets") or []]
+
+
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(START, END, render(res), path)
-    print(f"wrote {path.name}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,8 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, measured_or_loaded  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from benchmarks.queue_throughput import Stack, environment, run_http, shared  # noqa: E402
 
+TOPIC = "service"
 PARTS = ("api", "worker", "redis_primaries", "redis_replicas")
 LABELS = {"api": "API", "worker": "worker", "redis_primaries": "Redis primaries", "redis_replicas": "Redis replicas"}
 
@@ -152,9 +154,18 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(body)
 
 
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's row: CPU per job on each set-up, and their ratio."""
+    a, b = res["compare"].split(":")
+    m = res["meta"]
+    total = {s: medians(res["rounds"][s])["total"] for s in (a, b)}
+    return [Headline(f"CPU per job, {b} against {a} Redis (no-op model, all processes)",
+                     f"{total[b]:.2f} against {total[a]:.2f} ms, x{total[b] / total[a]:.2f}",
+                     cpu(m["machine"], m["cores"], m.get("load_avg")), day(m["date"]))]
+
+
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(*markers(res["compare"]), render(res), path)
-    print(f"wrote {path.name}")
 
 
 def default_json(compare: str) -> Path:

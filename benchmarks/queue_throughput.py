@@ -45,13 +45,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
+from benchmarks._service import wait_until_ready  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
 from service.broker import connect as redis_conn  # noqa: E402
 from service.contract import JobRequest  # noqa: E402
@@ -60,6 +60,7 @@ from service.broker.producer import JobQueue  # noqa: E402
 from service.broker.keys import job_key, stream_key
 
 START, END = "<!-- service-throughput:start -->", "<!-- service-throughput:end -->"
+TOPIC = "service"
 MODELS = """models:
   - name: noop
     kind: noop
@@ -90,14 +91,8 @@ class Stack:
                       for _ in range(workers)]
         self.procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--port", str(self.port)],
                                            env=self.env, cwd=ROOT))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        if wait_until_ready(self.url, 60, poll_s=0.1, request_timeout_s=1):
+            return
         self.close()
         raise RuntimeError("the service did not become ready")
 
@@ -340,13 +335,27 @@ def render_compare(res: dict[str, Any]) -> str:
     return "\n".join(body)
 
 
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's row: jobs/s per path of a plain run, or a comparison's ratios."""
+    m = res["meta"]
+    on, date = cpu(m["machine"], m["cores"], m.get("load_avg")), day(m["date"])
+    if res["mode"] == "compare":
+        a, b = res["compare"].split(":")
+        ratio, lat_ratio = compare_ratios(res)
+        return [Headline(f"queue throughput, {b} against {a} Redis (no-op model, http-async)",
+                         f"throughput x{ratio:.2f}, time to 202 x{lat_ratio:.2f}", on, date)]
+    paths = [row["path"] for row in res["rows"]]
+    return [Headline(f"queue throughput, no-op model, jobs/s ({' / '.join(paths)})",
+                     " / ".join(f"**{row['jobs'] / row['seconds']:.0f}**" for row in res["rows"]) + " (target >= 200)",
+                     on, date)]
+
+
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     """Rewrite the section this run owns: the plain run's, or its comparison's."""
     if res["mode"] == "compare":
         write_section(*compare_markers(res["compare"]), render_compare(res), path)
     else:
         write_section(START, END, render_throughput(res), path)
-    print(f"wrote {path.name}")
 
 
 def default_json(res: dict[str, Any]) -> Path:

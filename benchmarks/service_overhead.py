@@ -43,11 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
-from benchmarks._results import RESULTS, measured_or_loaded, quoted_command  # noqa: E402
+from benchmarks._results import RESULTS, parsed_and_results, quoted_command  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
 from service.broker.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 START, END = "<!-- service-overhead:start -->", "<!-- service-overhead:end -->"
+TOPIC = "service"
 
 
 NOTES = """\
@@ -74,7 +76,7 @@ History: the progress thread first made one Redis round trip per denoising step 
 per image; +16.2 ms overhead); then all waiting steps went in one round trip at most every
 0.1 s; now at most every 0.25 s, and the steps still waiting when the job ends go with its
 result in the finish script (each step still gets its own progress event, in order; a
-cancel takes effect within 0.25 s plus a step). The ClusCa FLOPs probe (~0.35 ms) runs
+cancel now lands within a transformer block: see the cancel and deadlines section). The ClusCa FLOPs probe (~0.35 ms) runs
 once per call shape, not once per request."""
 
 
@@ -244,17 +246,26 @@ def summary_line(r: dict[str, float]) -> str:
             f"no-op {r['noop_service'] - r['noop_direct']:.2f} ms")
 
 
-def headline(res: dict[str, Any]) -> dict[str, float]:
+def medians(res: dict[str, Any]) -> dict[str, float]:
     """The median over runs of every per-run median."""
     runs = [summarise_run(rows) for rows in res["runs"]]
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def headline(res: dict[str, Any]) -> list[Headline]:
+    """The summary's row: what the service adds to a built-in-model request, median over the runs."""
+    m, h = res["meta"], medians(res)
+    return [Headline(f"service overhead per request, built-in model, {m['steps']} steps",
+                     f"**{h['overhead']:+.1f} ms** difference of medians (target <= +15 ms), paired "
+                     f"{h['paired']:+.1f} ms, {h['around']:.1f} ms around the pipeline call",
+                     cpu(m["machine"], m["cores"], m.get("load_avg")), day(m["date"]))]
 
 
 def render(res: dict[str, Any]) -> str:
     """The service-overhead section of docs/benchmarks.md, from raw timings alone."""
     m = res["meta"]
     runs = [summarise_run(rows) for rows in res["runs"]]
-    h = headline(res)
+    h = medians(res)
     n = len(runs)
     pool = {k: [x for rows in res["runs"] for x in rows[k]] for k in res["runs"][0]}
     met = h["overhead"] <= 15
@@ -311,14 +322,11 @@ def _oversubscribed(meta: dict[str, Any], runs: list[dict[str, float]]) -> str:
 
 def write_docs(res: dict[str, Any], path: Path = DOCS) -> None:
     write_section(START, END, render(res), path)
-    print(f"wrote {path.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    res = measured_or_loaded(args.from_json, lambda: measure(args, argv), args.json)
-    h = headline(res)
+    args, res = parsed_and_results(argv, parse_args, measure)
+    h = medians(res)
     print(f"median over {len(res['runs'])} run(s): " + summary_line(h))
     print(f"  target <= +15 ms: {'met' if h['overhead'] <= 15 else 'MISSED'}")
     if not args.no_write:

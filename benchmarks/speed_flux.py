@@ -37,11 +37,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._docs import DOCS, print_targets, targets_line, write_section  # noqa: E402
 from benchmarks._results import RESULTS, save  # noqa: E402
-from benchmarks._sampling import FluxInputs, sync_for  # noqa: E402
+from benchmarks._sampling import FluxInputs, add_flux_shape_args, sync_for  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 from clusca import ClusCaConfig, apply_clusca, clusca_run  # noqa: E402
 
+TOPIC = "library"
 SECTION = "## ClusCa speed, FLUX architecture"
 NOTES = (
     "Cached run: the hooked model inside `clusca_run`. Uncached run: an unhooked copy with the same "
@@ -88,14 +90,8 @@ def lockstep(cached_model, plain_model, inputs: FluxInputs, steps, device, cfg):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dual", type=int, default=4)
-    p.add_argument("--single", type=int, default=8)
+    add_flux_shape_args(p, width=512, head_dim=64, dual=4, single=8, text_dim=4096, text_tokens=32, steps=50)
     p.add_argument("--latent-side", type=int, default=32, help="image tokens = side^2 (32 -> 1024)")
-    p.add_argument("--text-tokens", type=int, default=32)
-    p.add_argument("--text-dim", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--preset", default="fast")
     p.add_argument("--mode", default=None, help="override the preset's mode (fora|taylorseer|clusca)")
@@ -159,11 +155,28 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict:
     }
 
 
+def run_ratios(res: dict) -> list[float]:
+    """Each run's wall-clock speedup: its uncached time over its cached time."""
+    return [b / a for b, a in zip(res["runs"]["uncached_s"], res["runs"]["cached_s"])]
+
+
+def headline(res: dict) -> list[Headline]:
+    """The summary's row: this label's FLOPs and wall-clock speedup."""
+    m, flops = res["meta"], res["stats"]["flops_speedup"]
+    wall = statistics.median(run_ratios(res))
+    on = cpu(m["device"]) if m["device"].startswith("cpu") else m["device"]
+    model = res["model"]
+    return [Headline(f"ClusCa `{res['config']['preset']}`, FLUX architecture {model['params'] / 1e6:.0f}M random "
+                     f"weights, {model['image_tokens']} image tokens ({m['label']})",
+                     f"**{flops:.2f}x** fewer FLOPs, **{wall:.2f}x** wall clock ({wall / flops:.3f} of FLOPs)",
+                     f"{on}, {m['threads']} thread(s)", day(m.get("date")))]
+
+
 def summarise(res: dict) -> tuple[list[tuple[str, str]], list[tuple[str, bool]]]:
     """The report's table rows and targets, from the raw results."""
     m, c, st, runs = res["model"], res["config"], res["stats"], res["runs"]
     n = len(runs["uncached_s"])
-    ratios = [b / a for b, a in zip(runs["uncached_s"], runs["cached_s"])]
+    ratios = run_ratios(res)
     wall = statistics.median(ratios)
     cached = [t for t in runs["cached_step_s"] if t is not None]
     kmeans = statistics.median(runs["kmeans_share"])
@@ -210,14 +223,13 @@ def render(res: dict) -> str:
     body = [start, f"{SECTION} ({label})", "", f"`python benchmarks/speed_flux.py {res['meta']['argv']}`".replace(" `", "`"),
             "", NOTES, "", "| quantity | value |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
-    body += ["", "Targets: " + "; ".join(f"{n}: {'met' if ok else 'not met'}" for n, ok in targets), end]
+    body += ["", targets_line(targets), end]
     return "\n".join(body) + "\n"
 
 
 def write_docs(res: dict, path: Path | None = None) -> None:
     """Rewrite this label's marked section of docs/benchmarks.md; the text around it stays."""
-    write_section(*markers(res["meta"]["label"]), render(res), **({"path": path} if path else {}))
-    print(f"wrote {(path or DOCS).name}")
+    write_section(*markers(res["meta"]["label"]), render(res), path or DOCS)
 
 
 def default_json(label: str) -> Path:
@@ -237,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
-    for name, ok in targets:
-        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    print_targets(targets)
     if not args.no_docs:
         write_docs(res)
     return 0

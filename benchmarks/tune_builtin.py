@@ -30,9 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
+from benchmarks._summary import Headline, day  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
 
 START, END = "<!-- tune:start -->", "<!-- tune:end -->"
+TOPIC = "builtin"
 CLOCK_WHY = {"cpu": "the process's CPU time: one torch thread on a CPU, whose wall clock on an idle machine it is",
              "wall": "the wall clock"}
 
@@ -163,9 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def headline(s: dict) -> list[Headline]:
+    """The summary's row: the checks of the tuned presets on held-out prompts, and where the presets landed."""
+    tuned = {name.removeprefix("tuned "): r for name, r in s["rows"].items() if name.startswith("tuned ")}
+    met = sum(1 for *_, ok in s["targets"] if ok)
+    psnr = " / ".join(f"{r['psnr']:.2f}" for r in tuned.values())
+    speed = " / ".join(f"{r['speedup']:.2f}x" for r in tuned.values())
+    return [Headline(f"`clusca tune` on the built-in model, {s['minutes']:g} minutes, checked on {s['holdout']} "
+                     "held-out prompts",
+                     f"{met} of {len(s['targets'])} checks met; tuned {' / '.join(tuned)}: {psnr} dB at {speed}",
+                     f"CPU {s['device'].removeprefix('cpu ')}", day(s["date"]))]
+
+
 def write_docs(s: dict, path: Path = DOCS) -> None:
     write_section(START, END, render(s), path)
-    print(f"wrote {path.name}")
 
 
 def render(s: dict) -> str:

@@ -42,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
+from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
+TOPIC = "video"
 PRESETS = ("off", "quality", "balanced", "fast")
 
 
@@ -177,6 +179,17 @@ def default_json(report: dict[str, Any]) -> Path:
     return RESULTS / f"video_caches-{re.sub(r'[^a-z0-9]+', '-', report['model'].lower()).strip('-')}.json"
 
 
+def headline(r: dict[str, Any]) -> list[Headline]:
+    """The summary's row: each preset's FLOPs speedup on the served pipeline (its quality too, for a real model)."""
+    m = r["meta"]
+    tiny = r["model"].startswith("tiny-")
+    presets = ", ".join(f"`{name}` {p['flops_speedup'] or 1:.2f}x" + ("" if tiny else f" ({p['psnr']:.1f} dB)")
+                        for name, p in r["presets"].items() if name != "off")
+    on = cpu(m["machine"], m["cores"], m.get("load_avg")) if m["device"] == "cpu" else f"{m['device']}, {m['machine']}"
+    return [Headline(f"video cache presets on a served pipeline ({r['model']}), FLOPs speedup"
+                     + (" (tiny random model)" if tiny else ""), presets, on, day(m["date"]))]
+
+
 def markers(model: str) -> tuple[str, str]:
     return f"<!-- video-caches {model}:start -->", f"<!-- video-caches {model}:end -->"
 
@@ -210,7 +223,6 @@ def render(r: dict[str, Any]) -> str:
 
 def write_docs(r: dict[str, Any], path: Path = DOCS) -> None:
     write_section(*markers(r["model"]), render(r), path)
-    print(f"wrote {path.name}")
 
 
 if __name__ == "__main__":

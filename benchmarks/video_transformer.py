@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._docs import DOCS, write_section
+from benchmarks._summary import Headline, day, cpu as summary_cpu  # `cpu` names CPU times here
 
 # (row name, ClusCaConfig keywords): the service presets, then plain reuse and Taylor prediction
 # at the interval and warm-up of `fast`, so only the clusters differ from it.
@@ -29,6 +30,7 @@ METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 VAE_TIME, VAE_SPACE, PATCH = 4, 8, 2  # Wan's VAE compression and the transformer's patch (1, 2, 2)
 MARKERS = ("<!-- video-transformer:start -->", "<!-- video-transformer:end -->")
+TOPIC = "video"
 
 
 def config(kw: dict[str, Any]) -> Any:
@@ -171,6 +173,15 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(r: dict[str, Any]) -> list[Headline]:
+    """The summary's row: FLOPs, wall and CPU-time speedup of the service presets on video tokens."""
+    presets = [row for row in r["rows"] if row["name"].startswith("ClusCa ")]
+    return [Headline(f"cache presets on video, Wan-architecture transformer {r['params_M']}M random weights, "
+                     f"{r['tokens']} spatio-temporal tokens: FLOPs / wall / CPU time",
+                     ", ".join(f"`{row['name'].removeprefix('ClusCa ')}` {row['flops_speedup']:.2f}x / "
+                               f"{row['wall_speedup']:.2f}x / {row['cpu_speedup']:.2f}x" for row in presets),
+                     summary_cpu(r["device"], r["cores"], r.get("load_avg")), day(r["date"]))]
+
+
 def write_docs(r: dict[str, Any], path: Path = DOCS) -> None:
     write_section(*MARKERS, render(r), path)
-    print(f"wrote {path.name}")

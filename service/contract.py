@@ -6,8 +6,10 @@ use the statuses and caps below), the worker reads it back and writes a
 every field and status name in this one module means a field added here travels the
 whole way, and a reader can never disagree with the writer about a spelling.
 
-Plain dataclasses and the standard library only: the API process imports this without
-torch, and the worker without pydantic models of the HTTP schema.
+Plain dataclasses, the standard library and ClusCa's torch-free settings and statistics
+(:class:`~clusca.config.ClusCaConfig`, :class:`~clusca.stats.RunStats`) only: the API process
+imports this without torch, and the worker without pydantic models of the HTTP schema. The
+cache settings and statistics are typed objects here and dictionaries only in the JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Mapping, TypeVar, get_args
+
+from clusca.config import ClusCaConfig, ClusCaConfigError
+from clusca.stats import RunStats
 
 # ---------------------------------------------------------------------------- shared constants
 # Consumer group every worker reads the model streams with.
@@ -97,8 +102,8 @@ class JobRequest(_StoredAsJson):
 
     ``seed`` is the first image's seed; image ``k`` uses ``seed + k`` (:attr:`seeds`), so an
     image depends only on its own seed. A video request has ``num_frames`` (and ``fps``, used
-    only to encode it); each of its "images" is then one video of that many frames. ``cache`` is the resolved ClusCa configuration
-    (``ClusCaConfig.to_dict()``), not what the client sent.
+    only to encode it); each of its "images" is then one video of that many frames. ``cache`` is the
+    resolved ClusCa configuration (the model's preset with the request's knobs), not what the client sent.
     """
 
     prompt: str
@@ -109,11 +114,13 @@ class JobRequest(_StoredAsJson):
     seed: int
     num_images: int = 1
     output_format: OutputFormat = "png"
-    cache: dict[str, Any] = field(default_factory=dict)
+    cache: ClusCaConfig = field(default_factory=ClusCaConfig)
     negative_prompt: str | None = None
     webhook_url: str | None = None
     num_frames: int | None = None
     fps: int | None = None
+    # Seconds from submission (the record's ``created``) after which the job fails; None: no deadline.
+    timeout_s: float | None = None
 
     @property
     def is_video(self) -> bool:
@@ -124,19 +131,25 @@ class JobRequest(_StoredAsJson):
         return [self.seed + k for k in range(self.num_images)]
 
     @property
+    def cost(self) -> int:
+        """What the job asks of a worker, in pixel-steps: width x height x steps x images (x frames).
+        Admission (a model's ``max_cost``) and the worker lanes compare jobs by it."""
+        return self.width * self.height * self.steps * self.num_images * (self.num_frames or 1)
+
+    @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.output_format]
 
     @property
     def cache_mode(self) -> str:
-        return str(self.cache.get("mode", "off"))
+        return self.cache.mode
 
     def batch_key(self, model: str) -> str:
         """Requests with equal keys can share one pipeline call: everything the call takes
         once for all its images (size, steps, guidance, cache settings, whether there are
         negative prompts) is equal; prompts, seeds, counts and formats may differ."""
         return json.dumps([model, self.width, self.height, self.steps, self.guidance,
-                           self.negative_prompt is None, self.cache, self.num_frames], sort_keys=True)
+                           self.negative_prompt is None, self.cache.to_dict(), self.num_frames], sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobRequest":
@@ -153,18 +166,26 @@ class JobRequest(_StoredAsJson):
         for name in ("num_frames", "fps"):  # absent in requests stored before video was served
             if d.get(name) is not None and (not _is(d[name], int) or d[name] < 1):
                 raise ContractError(f"request.{name}: expected an integer of at least 1")
+        timeout = d.get("timeout_s")  # absent in requests stored before deadlines
+        if timeout is not None and (not _is(timeout, int, float) or not 0 < timeout < math.inf):
+            raise ContractError("request.timeout_s: expected a positive number of seconds")
         formats = VIDEO_FORMATS if d.get("num_frames") is not None else IMAGE_FORMATS
         if d["output_format"] not in formats:
             raise ContractError(f"request.output_format: not one of {list(formats)}")
         for name in ("width", "height", "steps", "num_images"):
             if d[name] < 1:
                 raise ContractError(f"request.{name}: must be at least 1")
+        try:
+            cache = ClusCaConfig.from_dict(d["cache"])
+        except ClusCaConfigError as exc:
+            raise ContractError(f"request.cache.{exc.field}: {exc.reason}") from None
         if d["seed"] < 0 or not math.isfinite(d["guidance"]):
             raise ContractError("request: seed must be >= 0 and guidance finite")
         return cls(prompt=d["prompt"], negative_prompt=d["negative_prompt"], width=d["width"],
                    height=d["height"], steps=d["steps"], guidance=float(d["guidance"]), seed=d["seed"],
-                   num_images=d["num_images"], output_format=d["output_format"], cache=dict(d["cache"]),
-                   webhook_url=d["webhook_url"], num_frames=d.get("num_frames"), fps=d.get("fps"))
+                   num_images=d["num_images"], output_format=d["output_format"], cache=cache,
+                   webhook_url=d["webhook_url"], num_frames=d.get("num_frames"), fps=d.get("fps"),
+                   timeout_s=None if timeout is None else float(timeout))
 
 
 # ---------------------------------------------------------------------------- the result
@@ -182,14 +203,14 @@ class JobResult(_StoredAsJson):
     """What the worker stores when a job ends, whatever the outcome.
 
     A job that failed before it ran (an invalid stored request) has only the defaults.
-    ``cache_stats`` is ``RunStats.to_dict()`` of the batch's ClusCa run, shared by every
+    ``cache_stats`` are the statistics of the batch's ClusCa run, shared by every
     job of that batch; ``batch_images`` / ``batch_jobs`` say how big that batch was.
     """
 
     seed: int | None = None
     seeds: list[int] = field(default_factory=list)
     cache_mode: str = "off"
-    cache_stats: dict[str, Any] | None = None
+    cache_stats: RunStats | None = None
     batch_images: int | None = None
     batch_jobs: int | None = None
     worker: str | None = None
@@ -217,6 +238,11 @@ class JobResult(_StoredAsJson):
         timings = Timings(**{f.name: None if t.get(f.name) is None else float(t[f.name]) for f in fields(Timings)})
         values = {name: d.get(name) for name in optional}
         values["cache_mode"] = values["cache_mode"] or "off"
+        if values["cache_stats"] is not None:
+            try:
+                values["cache_stats"] = RunStats.from_dict(values["cache_stats"])
+            except (TypeError, ValueError) as exc:
+                raise ContractError(f"result.cache_stats: {exc}") from None
         return cls(**values, seeds=list(seeds), timings=timings)
 
 

@@ -15,7 +15,8 @@ File format (YAML or JSON)::
         dtype: bfloat16
         device: cuda
         defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: balanced}
-        limits: {size_multiple: 16, max_side: 2048, max_pixels: 4194304, max_steps: 100, max_images: 4}
+        limits: {size_multiple: 16, max_side: 2048, max_pixels: 4194304, max_steps: 100, max_images: 4,
+                 max_cost: 1677721600}  # e.g. 1024x1024 x 50 steps x 32 images
         # optional per-model preset tuning, e.g.
         #   cache_presets: {balanced: {interval: 4, order: 0, clusters: 4, gamma: 0.0}}
 """
@@ -112,6 +113,20 @@ class ModelLimits(BaseModel):
     max_frames: Optional[int] = Field(None, ge=1)
     frame_step: int = Field(1, ge=1, le=64)
     max_video_pixels: Optional[int] = Field(None, ge=64)
+    # Most work one request may ask for, in pixel-steps (width x height x steps x images x frames,
+    # ``JobRequest.cost``): what keeps one admitted request from holding a worker for hours.
+    max_cost: Optional[int] = Field(None, ge=1)
+    # The sizes ("WxH") the model draws well; when set, only these are admitted (and advertised).
+    sizes: Optional[list[str]] = Field(None)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[str] | None) -> list[str] | None:
+        for size in v or []:
+            w, x, h = size.partition("x")
+            if not (x and w.isdigit() and h.isdigit()):
+                raise ValueError(f"{size!r} is not a size; write WIDTHxHEIGHT, e.g. 1024x1024")
+        return v
 
     def within(self, *, max_side: int, max_pixels: int, max_steps: int, max_images: int,
                max_frames: int | None = None) -> "ModelLimits":
@@ -129,10 +144,23 @@ class ModelLimits(BaseModel):
                            max_steps=min(x for x in (self.max_steps, max_steps) if x is not None),
                            max_images=min(x for x in (self.max_images, max_images) if x is not None),
                            max_frames=min((x for x in (self.max_frames, max_frames) if x is not None), default=None),
-                           frame_step=self.frame_step, max_video_pixels=self.max_video_pixels)
+                           frame_step=self.frame_step, max_video_pixels=self.max_video_pixels,
+                           max_cost=self.max_cost, sizes=None if self.sizes is None else self._sizes_within(
+                               max_side=max_side, max_pixels=max_pixels))
+
+    def _sizes_within(self, *, max_side: int, max_pixels: int) -> list[str]:
+        """The listed sizes the service's own caps leave (a listed size it refuses is not offered)."""
+        out = []
+        for size in self.sizes or []:
+            w, h = (int(x) for x in size.split("x"))
+            if max(w, h) <= max_side and w * h <= max_pixels:
+                out.append(size)
+        return out
 
     def size_problem(self, width: int, height: int) -> tuple[str, str] | None:
         """``(field, message)`` for the first way ``width`` x ``height`` breaks these limits, else None."""
+        if self.sizes is not None and f"{width}x{height}" not in self.sizes:
+            return "width", f"{width}x{height} is not a size this model draws well; {self.sizes_text()}"
         for field, v in (("width", width), ("height", height)):
             if v % self.size_multiple:
                 return field, f"must be a multiple of {self.size_multiple}"
@@ -142,6 +170,17 @@ class ModelLimits(BaseModel):
                 return field, f"must be at most {self.max_side}"
         if self.max_pixels is not None and width * height > self.max_pixels:
             return "width", f"width x height = {width * height} pixels exceeds the limit of {self.max_pixels}"
+        return None
+
+    def sizes_text(self) -> str:
+        return f"the sizes it draws well: {', '.join(self.sizes or [])}"
+
+    def cost_problem(self, cost: int, field: str) -> tuple[str, str] | None:
+        """``(field, message)`` when a request of ``cost`` pixel-steps asks for more than ``max_cost``."""
+        if self.max_cost is not None and cost > self.max_cost:
+            return field, (f"the request asks for width x height x steps x images{' x frames' if self.max_frames else ''}"
+                           f" = {cost} pixel-steps, more than the limit of {self.max_cost}; ask for fewer steps, "
+                           f"images or pixels")
         return None
 
     def frames_problem(self, width: int, height: int, frames: int, videos: int = 1) -> tuple[str, str] | None:

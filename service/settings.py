@@ -31,6 +31,9 @@ class Settings(BaseModel):
     api_keys: tuple[str, ...] = ()
     max_queue: int = Field(1000, ge=1)
     sync_timeout_s: float = Field(120.0, gt=0)
+    # Longest a job may take from submission to its end (a request's timeout_s may only lower it);
+    # a job past it fails with a named error and its worker is free again.
+    max_job_s: float = Field(1800.0, gt=0, le=7 * 86400)
     result_ttl_s: int = Field(86400, ge=1)
     max_batch: int = Field(4, ge=1, le=256)
     batch_wait_ms: float = Field(10.0, ge=0)
@@ -123,6 +126,7 @@ ENV_NAMES: dict[str, str] = {
     "api_keys": "CLUSCA_API_KEYS",
     "max_queue": "CLUSCA_MAX_QUEUE",
     "sync_timeout_s": "CLUSCA_SYNC_TIMEOUT_S",
+    "max_job_s": "CLUSCA_MAX_JOB_S",
     "result_ttl_s": "CLUSCA_RESULT_TTL_S",
     "max_batch": "CLUSCA_MAX_BATCH",
     "batch_wait_ms": "CLUSCA_BATCH_WAIT_MS",

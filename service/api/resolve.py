@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import anyio
 
-from clusca.config import ClusCaConfigError
+from clusca.config import ClusCaConfig, ClusCaConfigError
 
 from service.contract import IMAGE_FORMATS, VIDEO_FORMATS, JobRequest
 from service.registry import ModelEntry, ModelLimits, Registry
@@ -40,7 +42,10 @@ OPENAI_SIZES = ("256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "17
 
 
 def supported_sizes(entry: ModelEntry, lim: ModelLimits, limit: int = 12) -> list[str]:
-    """Common ``WxH`` sizes the model accepts: its default, square powers of two, OpenAI's sizes."""
+    """Common ``WxH`` sizes the model accepts: the sizes it lists, else its default, square powers
+    of two and OpenAI's sizes."""
+    if lim.sizes is not None:
+        return lim.sizes[:limit]
     d = entry.defaults
     candidates = [(d.width, d.height)]
     side = 8
@@ -74,8 +79,11 @@ def check_openai_size(registry: Registry, settings: Settings, model: str | None,
     if problem is None:
         return w, h
     sizes = supported_sizes(entry, lim)
-    message = (f"{size} is not supported by model {entry.name!r} ({problem[0]} {problem[1]}); "
-               f"supported sizes include {', '.join(sizes)} (any size with {size_rule(lim)})")
+    if lim.sizes is not None:
+        message = f"{size} is not a size model {entry.name!r} draws well; {lim.sizes_text()}"
+    else:
+        message = (f"{size} is not supported by model {entry.name!r} ({problem[0]} {problem[1]}); "
+                   f"supported sizes include {', '.join(sizes)} (any size with {size_rule(lim)})")
     raise ApiError(422, "validation_error", f"size: {message}", param="size",
                    fields=[{"field": "size", "message": message}], supported_sizes=["auto", *sizes])
 
@@ -93,50 +101,79 @@ def _check_text(field: str, text: str | None, limit: int) -> None:
         raise _bad(field, "contains unpaired surrogate characters") from None
 
 
-def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> dict[str, Any]:
+def resolve_cache(entry: ModelEntry, cache: CacheSettings | None) -> ClusCaConfig:
     """The run's settings: the model's version of the preset, then the request's knobs. The schema
     has checked each knob on its own; what is left to the library is how they combine."""
     settings = cache.model_dump(exclude_none=True) if cache is not None else {}
     try:
-        return entry.cache_config(settings).to_dict()
+        return entry.cache_config(settings)
     except ClusCaConfigError as exc:
         raise _bad(f"cache.{exc.field}", exc.reason) from None
 
 
-async def resolve_job(*, registry: Registry, settings: Settings, model: str | None, prompt: str,
-                      negative_prompt: str | None, width: int | None, height: int | None, steps: int | None,
-                      guidance: float | None, seed: int | None, num_images: int, output_format: str | None,
-                      cache: CacheSettings | None, webhook_url: str | None,
-                      images_field: str = "num_images", num_frames: int | None = None, fps: int | None = None,
-                      output: str | None = None) -> tuple[ModelEntry, JobRequest]:
-    """The complete job, or a 422 naming the first field at fault. ``output`` (``image`` or ``video``):
-    the endpoint serves only models that make it."""
-    entry = model_entry(registry, model or settings.default_model)
+@dataclass(frozen=True)
+class JobAsk:
+    """What a caller asked for, before defaults and limits: each router builds one from its body.
+
+    ``images_field`` is how the body names the image count (a 422 names that field);
+    ``output`` (``image`` or ``video``) is what the endpoint makes, when it serves only one.
+    """
+
+    prompt: str
+    model: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    output_format: str | None = None
+    cache: CacheSettings | None = None
+    webhook_url: str | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    timeout_s: float | None = None
+    images_field: str = "num_images"
+    output: str | None = None
+
+    @classmethod
+    def of(cls, body: Any, **overrides: Any) -> "JobAsk":
+        """The ask of a request body: every field the body has under the same name, then ``overrides``."""
+        names = [f.name for f in dataclass_fields(cls) if f.name not in ("images_field", "output")]
+        values = {n: getattr(body, n) for n in names if n not in overrides and hasattr(body, n)}
+        return cls(**values, **overrides)
+
+
+async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tuple[ModelEntry, JobRequest]:
+    """The complete job, or a 422 naming the first field at fault."""
+    entry = model_entry(registry, ask.model or settings.default_model)
     d = entry.defaults
-    if output is not None and entry.output != output:
-        raise _bad("model", f"model {entry.name!r} makes {entry.output}s, not {output}s")
-    _check_text("prompt", prompt, settings.max_prompt_chars)
-    _check_text("negative_prompt", negative_prompt, settings.max_prompt_chars)
+    if ask.output is not None and entry.output != ask.output:
+        raise _bad("model", f"model {entry.name!r} makes {entry.output}s, not {ask.output}s")
+    _check_text("prompt", ask.prompt, settings.max_prompt_chars)
+    _check_text("negative_prompt", ask.negative_prompt, settings.max_prompt_chars)
     lim = entry.limits_within(settings)
-    width = width or d.width
-    height = height or d.height
+    width = ask.width or d.width
+    height = ask.height or d.height
     problem = lim.size_problem(width, height)
     if problem:
         raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
-    steps = steps or d.steps
+    steps = ask.steps or d.steps
     if steps < lim.min_steps:
         raise _bad("steps", f"must be at least {lim.min_steps} for model {entry.name!r}")
     if steps > lim.max_steps:
         raise _bad("steps", f"must be at most {lim.max_steps} for model {entry.name!r}")
-    if num_images > lim.max_images:
-        raise _bad(images_field, f"must be at most {lim.max_images} for model {entry.name!r}")
+    if ask.num_images > lim.max_images:
+        raise _bad(ask.images_field, f"must be at most {lim.max_images} for model {entry.name!r}")
+    num_frames, fps, output_format = ask.num_frames, ask.fps, ask.output_format
     if entry.output == "video":
         num_frames = num_frames or d.num_frames
         fps = fps or d.fps
         output_format = output_format or "mp4"
         if output_format not in VIDEO_FORMATS:
             raise _bad("output_format", f"model {entry.name!r} makes videos: one of {list(VIDEO_FORMATS)}")
-        problem = lim.frames_problem(width, height, num_frames, num_images)
+        problem = lim.frames_problem(width, height, num_frames, ask.num_images)
         if problem:
             raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
     else:
@@ -146,25 +183,33 @@ async def resolve_job(*, registry: Registry, settings: Settings, model: str | No
         output_format = output_format or "png"
         if output_format not in IMAGE_FORMATS:
             raise _bad("output_format", f"model {entry.name!r} makes still images: one of {list(IMAGE_FORMATS)}")
+    cost = width * height * steps * ask.num_images * (num_frames or 1)
+    problem = lim.cost_problem(cost, ask.images_field if ask.num_images > 1 else "steps")
+    if problem:
+        raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
+    if ask.timeout_s is not None and ask.timeout_s > settings.max_job_s:
+        raise _bad("timeout_s", f"must be at most {settings.max_job_s:g} s (CLUSCA_MAX_JOB_S)")
+    webhook_url = ask.webhook_url
     if webhook_url is not None:
         try:
             await anyio.to_thread.run_sync(lambda: check_url(webhook_url, allow_private=settings.webhook_allow_private))
         except WebhookError as exc:
             raise _bad("webhook_url", str(exc)) from None
     job = JobRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
+        prompt=ask.prompt,
+        negative_prompt=ask.negative_prompt,
         width=width,
         height=height,
         steps=steps,
-        guidance=float(d.guidance if guidance is None else guidance),
-        seed=secrets.randbelow(2**32) if seed is None else seed,
-        num_images=num_images,
+        guidance=float(d.guidance if ask.guidance is None else ask.guidance),
+        seed=secrets.randbelow(2**32) if ask.seed is None else ask.seed,
+        num_images=ask.num_images,
         output_format=output_format,  # type: ignore[arg-type] - the schema allows only the contract's formats
-        cache=resolve_cache(entry, cache),
+        cache=resolve_cache(entry, ask.cache),
         webhook_url=webhook_url,
         num_frames=num_frames,
         fps=fps,
+        timeout_s=float(ask.timeout_s or settings.max_job_s),
     )
     return entry, job
 

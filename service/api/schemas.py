@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
-from clusca.config import KNOBS, MAX_SEED, PRESETS, Knob
+from clusca.config import KNOBS, MAX_SEED, PRESETS, ClusCaConfig, Knob
+from clusca.stats import RunStats
 
-from service.contract import JobState, OutputFormat
+from service.contract import JobState, OutputFormat, Timings
 from service.registry import MODEL_NAME_PATTERN, ModelLimits
 
 def _whole_number(v: Any) -> Any:
@@ -50,6 +51,13 @@ CacheSettings = create_model(
 CACHE_FIELDS: list[str] = sorted(CacheSettings.model_fields)
 
 
+TIMEOUT_FIELD: Any = Field(None, gt=0, allow_inf_nan=False, description=(
+    "Seconds from submission after which the job fails (error 'deadline exceeded') and its worker is "
+    "free again; default and maximum CLUSCA_MAX_JOB_S."))
+CANCEL_ON_DISCONNECT_FIELD: Any = Field(True, description=(
+    "A synchronous request whose client disconnects before the answer is cancelled."))
+
+
 class GenerateRequest(BaseModel):
     """One text-to-image request."""
 
@@ -73,13 +81,9 @@ class GenerateRequest(BaseModel):
                                             "(by default the answer links to them).")
     cache: Optional[CacheSettings] = None
     webhook_url: Optional[str] = Field(None, max_length=2048)
+    timeout_s: Optional[float] = TIMEOUT_FIELD
     async_: bool = Field(False, alias="async", description="Answer 202 with a job id instead of waiting.")
-
-
-class Timings(BaseModel):
-    queue_wait_s: Optional[float] = None
-    inference_s: Optional[float] = None
-    total_s: Optional[float] = None
+    cancel_on_disconnect: bool = CANCEL_ON_DISCONNECT_FIELD
 
 
 class JobLinks(BaseModel):
@@ -106,8 +110,9 @@ class JobStatus(BaseModel):
     width: Optional[int] = None
     height: Optional[int] = None
     guidance: Optional[float] = None
-    cache: dict[str, Any] = Field(default_factory=dict, description="The resolved ClusCa settings of the run.")
-    cache_stats: Optional[dict[str, Any]] = Field(None, description="Statistics of the ClusCa run.")
+    cache: Optional[ClusCaConfig] = Field(None, description="The resolved ClusCa settings of the run.")
+    cache_stats: Optional[RunStats] = Field(None, description="Statistics of the ClusCa run.")
+    timeout_s: Optional[float] = Field(None, description="Seconds from creation after which the job fails.")
     timings: Timings = Field(default_factory=Timings)
     attempts: int = 0
     batch_images: Optional[int] = Field(None, description="Images computed in the same pipeline call.")
@@ -198,6 +203,8 @@ class OpenAIImageRequest(BaseModel):
     guidance: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     cache: Optional[CacheSettings] = None
+    timeout_s: Optional[float] = TIMEOUT_FIELD
+    cancel_on_disconnect: bool = CANCEL_ON_DISCONNECT_FIELD
 
 
 class OpenAIImage(BaseModel):
@@ -212,7 +219,7 @@ class OpenAIImageResponse(BaseModel):
     id: str
     seed: Optional[int] = None
     timings: Timings
-    cache_stats: Optional[dict[str, Any]] = None
+    cache_stats: Optional[RunStats] = None
 
 
 class OpenAIVideoRequest(BaseModel):
@@ -244,6 +251,7 @@ class OpenAIVideoRequest(BaseModel):
     output_format: Literal["mp4", "webp", "gif"] = "mp4"
     cache: Optional[CacheSettings] = None
     webhook_url: Optional[str] = Field(None, max_length=2048)
+    timeout_s: Optional[float] = TIMEOUT_FIELD
 
 
 class OpenAIVideoError(BaseModel):
@@ -279,6 +287,6 @@ class OpenAIVideo(BaseModel):
     seed: Optional[int] = None
     output_format: str
     content_url: Optional[str] = Field(None, description="Where the bytes are, once completed.")
-    cache: dict[str, Any] = Field(default_factory=dict)
-    cache_stats: Optional[dict[str, Any]] = None
+    cache: Optional[ClusCaConfig] = None
+    cache_stats: Optional[RunStats] = None
     timings: Timings = Field(default_factory=Timings)

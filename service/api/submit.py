@@ -6,6 +6,7 @@ Routers do not import each other; what more than one of them needs lives here.
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable
 
 from service.contract import SUCCEEDED, JobRecord, JobRequest
 from service.broker.wire import IdempotencyMismatch, QueueFull
@@ -28,10 +29,27 @@ async def submit(services: Services, model: str, job: JobRequest, idem: str | No
                        f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
 
 
-async def wait_for(services: Services, job_id: str, files: bool = True) -> tuple[JobRecord, bool, list[bytes]]:
+# How often a synchronous request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
+
+
+async def wait_for(services: Services, job_id: str, files: bool = True,
+                   gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[JobRecord, bool, list[bytes]]:
     """Wait up to the sync timeout; return ``(job, finished, images)``. Outputs kept in the video
-    store's folder are read only when ``files`` (they are linked anyway)."""
-    finished, job, images = await services.queue.wait_result(job_id, services.settings.sync_timeout_s)
+    store's folder are read only when ``files`` (they are linked anyway).
+
+    ``gone`` (the request's ``is_disconnected``): when it turns true before the job ends, the job is
+    cancelled (its worker is free at once) and the answer, which nobody reads, is a 499."""
+    waiting = asyncio.ensure_future(services.queue.wait_result(job_id, services.settings.sync_timeout_s))
+    while gone is not None:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            break
+        if await gone():
+            waiting.cancel()
+            await services.queue.cancel(job_id)
+            raise ApiError(499, "client_closed_request", f"the client went away; job {job_id} was cancelled")
+    finished, job, images = await waiting
     if job is None:
         raise ApiError(404, "job_not_found", "the job expired before it finished")
     if job.status != SUCCEEDED:

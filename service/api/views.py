@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from service.contract import SUCCEEDED, JobRecord, JobResult
-from service.api.schemas import GenerateResponse, JobLinks, JobStatus, Timings
+from service.contract import SUCCEEDED, JobRecord, JobResult, Timings
+from service.api.schemas import GenerateResponse, JobLinks, JobStatus
 
 
 def links(job_id: str, n_images: int = 0) -> JobLinks:
@@ -15,8 +15,7 @@ def links(job_id: str, n_images: int = 0) -> JobLinks:
 
 
 def timings(result: JobResult | None) -> Timings:
-    t = result.timings if result else None
-    return Timings(queue_wait_s=t.queue_wait_s, inference_s=t.inference_s, total_s=t.total_s) if t else Timings()
+    return result.timings if result else Timings()
 
 
 def job_status(job: JobRecord, cls: type[JobStatus] = JobStatus, **extra: Any) -> Any:
@@ -28,7 +27,8 @@ def job_status(job: JobRecord, cls: type[JobStatus] = JobStatus, **extra: Any) -
         output_format=req.output_format if req else "png",
         num_frames=req.num_frames if req else None, fps=req.fps if req else None,
         width=req.width if req else None, height=req.height if req else None,
-        guidance=req.guidance if req else None, cache=req.cache if req else {},
+        guidance=req.guidance if req else None, cache=req.cache if req else None,
+        timeout_s=req.timeout_s if req else None,
         cache_stats=res.cache_stats if res else None, timings=timings(res), attempts=job.attempts,
         batch_images=res.batch_images if res else None, error=job.error,
         created_at=job.created, started_at=job.started, finished_at=job.finished,

@@ -246,35 +246,44 @@ class WorkerQueue:
                 raise reply
         return replies
 
-    def progress(self, items: list[tuple[list[StartedJob], int, int, list[bool]]]) -> None:
-        """Store ``(jobs, step, steps, cancelled)`` items in one round trip; set the cancel flags read back.
+    def progress(self, items: list[tuple[list[StartedJob], int, int]]) -> set[str]:
+        """Store ``(jobs, step, steps)`` items in one round trip; return the ids of those jobs whose
+        client asked to cancel them.
 
         One progress event per job and step, in order; each job's ``step`` field and cancel
         flag are written and read once, for its latest step.
         """
-        latest: dict[str, tuple[int, list[bool], int]] = {}
-        for jobs, step, _, cancelled in items:
-            for idx, j in enumerate(jobs):
-                latest[j.delivery.job_id] = (step, cancelled, idx)
+        latest: dict[str, int] = {}
+        for jobs, step, _ in items:
+            for j in jobs:
+                latest[j.delivery.job_id] = step
         if not latest:
-            return
+            return set()
 
         def run(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
-            for jobs, step, steps, _ in items:
+            for jobs, step, steps in items:
                 ev = event_json("progress", step=step, steps=steps)
                 for j in jobs:
                     pipe.xadd(events_key(j.delivery.job_id), {"e": ev}, maxlen=EVENTS_MAXLEN, approximate=True)
-            for job_id, (step, _, _) in latest.items():
+            for job_id, step in latest.items():
                 pipe.hset(job_key(job_id), "step", step)
                 pipe.hget(job_key(job_id), "cancel")
             return pipe.execute()
 
         res = self._one_slot(list(latest), run)
         flags = res[len(res) - 2 * len(latest) + 1::2]  # the HGET replies, after every XADD
-        for (_, cancelled, idx), flag in zip(latest.values(), flags):
-            if as_text(flag) == "1":
-                cancelled[idx] = True
+        return {job_id for job_id, flag in zip(latest, flags) if as_text(flag) == "1"}
+
+    def cancel_flags(self, job_ids: list[str]) -> set[str]:
+        """Which of these running jobs their clients asked to cancel (one round trip)."""
+        def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hget(job_key(job_id), "cancel")
+            return pipe.execute()
+
+        return {j for j, flag in zip(job_ids, self._one_slot(job_ids, run) if job_ids else []) if as_text(flag) == "1"}
 
     def finish(self, job: StartedJob, status: str, result: JobResult, error: str = "",
                images: list[bytes] = (), progress: list[str] = (), step: int | None = None) -> bool:

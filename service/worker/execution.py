@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+from clusca.stats import RunStats
+
 from service import metrics
 from service.broker.consumer import StartedJob
 from service.contract import CANCELLED, FAILED, SUCCEEDED, JobResult, Timings
@@ -22,6 +24,7 @@ from service.worker.batching import shares, split_into_calls
 from service.worker.progress import ProgressPump, progress_by_job
 from service.worker.results import Outcome, ResultWriter
 from service.worker.runners import Batch, RequestNotSupported, Runner
+from service.worker.watch import CallWatch, CallWatcher
 
 log = logging.getLogger("clusca.worker")
 
@@ -29,10 +32,11 @@ log = logging.getLogger("clusca.worker")
 class BatchExecutor:
     """Runs groups of started jobs on warm runners and hands their outcomes to the result writer."""
 
-    def __init__(self, models: dict[str, Runner], progress: ProgressPump, results: ResultWriter, *,
-                 worker_id: str, max_images: int):
+    def __init__(self, models: dict[str, Runner], progress: ProgressPump, results: ResultWriter,
+                 watcher: CallWatcher, *, worker_id: str, max_images: int):
         self.models = models
         self.progress = progress
+        self.watcher = watcher
         self.results = results
         self.worker_id = worker_id
         self.max_images = max_images
@@ -47,7 +51,11 @@ class BatchExecutor:
         runner = self.models[model_name]
         batch = Batch.of([j.request for j in jobs])
         mode = jobs[0].request.cache_mode
-        cancelled = [j.cancel_requested for j in jobs]
+        watch = CallWatch(jobs, self._end_job)
+        for j in jobs:
+            if j.cancel_requested:
+                watch.cancel(j.delivery.job_id)
+        watch.expire()  # a job whose deadline passed in the queue is not run
         step_times: list[float] = []
         t_last = time.perf_counter()
 
@@ -56,19 +64,20 @@ class BatchExecutor:
             now = time.perf_counter()
             step_times.append(now - t_last)
             t_last = now
-            self.progress.publish(jobs, step, batch.steps, cancelled)
-            return all(cancelled)
+            self.progress.publish(watch.live(), step, batch.steps, watch)
+            return watch.all_ended()
 
         error = ""
         images: list[Any] = []
-        stats: dict[str, Any] = {}
+        stats: RunStats | None = None
         t0 = time.perf_counter()
-        if not all(cancelled):
+        if not watch.all_ended():
+            self.watcher.watch(watch)
             try:
-                out = runner.run(batch, on_step)
+                out = runner.run(batch, on_step, watch.stop)
                 images, stats = out.images, out.stats
             except RequestNotSupported as exc:
-                self.results.fail(jobs, str(exc))
+                self.results.fail([j for j in jobs if j.delivery.job_id not in watch.close()], str(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - any model failure fails its jobs, not the worker
                 error = f"{type(exc).__name__}: {exc}"[:500]
@@ -78,53 +87,71 @@ class BatchExecutor:
                     # mates: run each job alone, so only the jobs that fail by themselves are failed.
                     log.warning("batch of %d job(s) failed (%s); running each alone", len(jobs), error)
                     self.progress.flush()
+                    left = watch.close()
                     for j in jobs:
-                        self.run_call([j])
+                        if j.delivery.job_id not in left:
+                            self.run_call([j])
                     return
                 log.exception("job %s failed", jobs[0].delivery.job_id)
+            finally:
+                self.watcher.unwatch(watch)
         inference_s = time.perf_counter() - t0
+        left = watch.close()
         # The steps not sent yet go out with each job's result, before its final event.
         progress = progress_by_job(self.progress.take())
-        self.results.store(self.outcomes(jobs, cancelled, images, stats, error, inference_s, batch.images),
-                           progress)
+        staying = [(k, j) for k, j in enumerate(jobs) if j.delivery.job_id not in left]
+        if staying:
+            self.results.store(self.outcomes(jobs, staying, images, stats, error, inference_s, batch.images),
+                               progress)
         # Observed once the results are stored, so that clients do not wait for it.
-        if not error and not all(cancelled):
+        if not error and staying:
             observe_run(model_name, mode, inference_s, step_times, stats)
 
-    def outcomes(self, jobs: list[StartedJob], cancelled: list[bool], images: list[Any], stats: dict[str, Any],
-                 error: str, inference_s: float, batch_images: int) -> list[Outcome]:
-        """Each job's outcome of one call: its share of the images (encoded) and the call's statistics."""
+    def outcomes(self, jobs: list[StartedJob], staying: list[tuple[int, StartedJob]], images: list[Any],
+                 stats: RunStats | None, error: str, inference_s: float, batch_images: int) -> list[Outcome]:
+        """The outcome of each job still in the call (``(place in the call, job)``): its share of
+        the images (encoded) and the call's statistics."""
+        mine_by_place = shares([j.request for j in jobs], images)
         out = []
-        for j, was_cancelled, mine in zip(jobs, cancelled, shares([j.request for j in jobs], images)):
+        for k, j in staying:
             r = j.request
-            result = JobResult(seed=r.seed, seeds=r.seeds, cache_stats=stats, cache_mode=r.cache_mode,
-                               batch_images=batch_images, batch_jobs=len(jobs), worker=self.worker_id,
-                               attempt=j.attempt, content_type=r.content_type,
-                               timings=Timings(queue_wait_s=round(j.started - j.created, 6),
-                                               inference_s=round(inference_s, 6)))
-            if was_cancelled:
-                out.append(Outcome(j, CANCELLED, result, "cancelled by the client"))
-            elif error:
+            result = self._result(j, stats, batch_images, len(jobs), inference_s)
+            if error:
                 out.append(Outcome(j, FAILED, result, error))
+                continue
+            encoded = [encode_output(im, r.output_format, r.fps if r.is_video else None) for im in mine_by_place[k]]
+            try:
+                stored = self.results.keep(j.delivery.job_id, r, encoded)
+            except NotKept as exc:
+                out.append(Outcome(j, FAILED, result, str(exc)))
             else:
-                encoded = [encode_output(im, r.output_format, r.fps if r.is_video else None) for im in mine]
-                try:
-                    stored = self.results.keep(j.delivery.job_id, r, encoded)
-                except NotKept as exc:
-                    out.append(Outcome(j, FAILED, result, str(exc)))
-                else:
-                    out.append(Outcome(j, SUCCEEDED, result, "", stored))
+                out.append(Outcome(j, SUCCEEDED, result, "", stored))
         return out
 
+    def _result(self, j: StartedJob, stats: RunStats | None, batch_images: int, batch_jobs: int,
+                inference_s: float | None) -> JobResult:
+        r = j.request
+        return JobResult(seed=r.seed, seeds=r.seeds, cache_stats=stats, cache_mode=r.cache_mode,
+                         batch_images=batch_images, batch_jobs=batch_jobs, worker=self.worker_id,
+                         attempt=j.attempt, content_type=r.content_type,
+                         timings=Timings(queue_wait_s=round(j.started - j.created, 6),
+                                         inference_s=None if inference_s is None else round(inference_s, 6)))
 
-def observe_run(model: str, mode: str, inference_s: float, step_times: list[float], stats: dict[str, Any]) -> None:
+    def _end_job(self, job: StartedJob, status: str, error: str) -> None:
+        """Finish a job that left its running call (cancelled, or past its deadline) right away."""
+        log.info("job %s %s: %s", job.delivery.job_id, status, error)
+        reason = "cancelled" if status == CANCELLED else "deadline"
+        self.results.store([Outcome(job, status, self._result(job, None, job.request.num_images, 1, None), error)])
+        metrics.JOBS_STOPPED.labels(job.delivery.model, reason).inc()
+
+def observe_run(model: str, mode: str, inference_s: float, step_times: list[float], stats: RunStats | None) -> None:
     """A finished call's latency and cache effect, as metrics."""
     metrics.INFERENCE.labels(model, mode).observe(inference_s)
     step_metric = metrics.STEP.labels(model, mode)
     for s in step_times:
         step_metric.observe(s)
-    if "token_fraction" in stats:
-        metrics.TOKEN_FRACTION.labels(model, mode).observe(float(stats["token_fraction"]))
-    if "flops_speedup" in stats:
-        metrics.FLOPS_SPEEDUP.labels(model, mode).observe(float(stats["flops_speedup"]))
-    metrics.GRAPH_REPLAYS.labels(model, mode).inc(int(stats.get("graph_replays", 0)))
+    if stats is None:
+        return
+    metrics.TOKEN_FRACTION.labels(model, mode).observe(stats.token_fraction)
+    metrics.FLOPS_SPEEDUP.labels(model, mode).observe(stats.flops_speedup)
+    metrics.GRAPH_REPLAYS.labels(model, mode).inc(stats.graph_replays)

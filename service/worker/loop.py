@@ -38,6 +38,7 @@ from service.worker.execution import BatchExecutor
 from service.worker.heartbeat import Heartbeat, HeldDeliveries
 from service.worker.progress import ProgressPump
 from service.worker.results import ResultWriter
+from service.worker.watch import CallWatcher
 from service.worker.runners import Runner, load_runner
 
 __all__ = ["Worker", "run_worker"]
@@ -76,8 +77,9 @@ class Worker:
         self.held = HeldDeliveries()
         self._busy = False
         self.results = ResultWriter(self.q, settings, self._retry, self.held.release)
-        self.executor = BatchExecutor(self.models, ProgressPump(self.q), self.results, worker_id=self.worker_id,
-                                      max_images=settings.max_batch)
+        self.watcher = CallWatcher(self.q)
+        self.executor = BatchExecutor(self.models, ProgressPump(self.q), self.results, self.watcher,
+                                      worker_id=self.worker_id, max_images=settings.max_batch)
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -98,6 +100,7 @@ class Worker:
         Heartbeat(self.q, self.held, self.stop, worker_id=self.worker_id,
                   models={n: r.describe() for n, r in self.models.items()}, jobs_done=lambda: self.results.jobs_done,
                   visibility_timeout_s=self.settings.visibility_timeout_s).start()
+        self.watcher.start()
         log.info("worker %s serving %s", self.worker_id, list(self.models))
         backoff = 0.2
         last_reclaim = 0.0

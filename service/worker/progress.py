@@ -2,7 +2,7 @@
 
 The step callback only appends to a list; a background thread turns the steps into
 progress events in as few round trips as it can, and reads the jobs' cancel flags on
-the way back. The worker takes whatever is still waiting when a batch ends and stores it
+the way back (handing them to the call's :class:`~service.worker.watch.CallWatch`). The worker takes whatever is still waiting when a batch ends and stores it
 with the results (:func:`progress_by_job`).
 """
 
@@ -13,13 +13,14 @@ import time
 
 from service.broker.consumer import StartedJob, WorkerQueue
 from service.broker.wire import event_json
+from service.worker.watch import CallWatch
 
 # Least time between two progress round trips of a worker (see ProgressPump). A job of up
 # to this length makes no progress round trip of its own: its steps go out with its result.
 PROGRESS_INTERVAL_S = 0.25
 
-# One published step: (the batch's jobs, steps done, steps in all, the batch's cancel flags).
-ProgressItem = tuple[list[StartedJob], int, int, list[bool]]
+# One published step: (the call's jobs still in it, steps done, steps in all, the call's watch).
+ProgressItem = tuple[list[StartedJob], int, int, CallWatch]
 
 
 class ProgressPump:
@@ -33,9 +34,9 @@ class ProgressPump:
     Redis server competing for the cores that run the model); a job shorter than the
     interval costs no round trip during its run at all.
 
-    Each round trip also reads the jobs' cancel flags, which come back through the shared
-    ``cancelled`` lists that the step callback checks: a cancel takes effect at most
-    ``interval_s`` plus a step after it was asked for.
+    Each round trip also reads the jobs' cancel flags and hands those set to the call's
+    watch, which ends the jobs at once (a call with long steps is also polled by the
+    watcher, so a cancel never waits for a step to end).
     """
 
     def __init__(self, q: WorkerQueue, interval_s: float = PROGRESS_INTERVAL_S):
@@ -49,11 +50,11 @@ class ProgressPump:
         self._skip_until = float("-inf")
         threading.Thread(target=self._run, name="progress", daemon=True).start()
 
-    def publish(self, jobs: list[StartedJob], step: int, steps: int, cancelled: list[bool]) -> None:
+    def publish(self, jobs: list[StartedJob], step: int, steps: int, watch: CallWatch) -> None:
         with self._cond:
             if not self._pending:
                 self._first_at = time.monotonic()
-            self._pending.append((jobs, step, steps, cancelled))
+            self._pending.append((jobs, step, steps, watch))
             if self._idle:
                 self._cond.notify()
 
@@ -107,9 +108,13 @@ class ProgressPump:
         if not items or time.monotonic() < self._skip_until:
             return
         try:
-            self.q.progress(items)
+            cancelled = self.q.progress([(jobs, step, steps) for jobs, step, steps, _ in items])
         except Exception:  # noqa: BLE001 - progress is best effort; the result is what must not be lost
             self._skip_until = time.monotonic() + 2.0  # Redis just failed: drop progress, do not fall behind
+            return
+        for job_id in cancelled:
+            for watch in {id(w): w for *_, w in items}.values():
+                watch.cancel(job_id)
 
     def _run(self) -> None:
         while True:

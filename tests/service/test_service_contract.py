@@ -12,6 +12,9 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clusca.config import KNOBS, ClusCaConfig, ClusCaConfigError
+from clusca.stats import RunStats
+
 from service import contract
 from service.broker import lua
 from service.api.schemas import JobStatus
@@ -21,18 +24,44 @@ from service.broker.producer import JobQueue
 from service.broker.consumer import WorkerQueue
 
 MAX_SEED = 2**53 - 1
-json_scalars = st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False) \
-    | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
 finite = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+def _knob_values(knob):
+    if knob.choices is not None:
+        return st.sampled_from(knob.choices)
+    if knob.type is bool:
+        return st.booleans()
+    lo = 0 if knob.lo is None else knob.lo
+    hi = 10_000 if knob.hi is None else knob.hi
+    if knob.type is int:
+        return st.integers(int(lo) + (1 if knob.lo_open else 0), int(hi))
+    return st.floats(lo, hi, exclude_min=knob.lo_open, allow_nan=False)
+
+
+def _config(knobs):
+    try:
+        return ClusCaConfig.from_dict(knobs)
+    except ClusCaConfigError:  # a combination the library refuses (e.g. propagate_text without refresh_text)
+        return ClusCaConfig()
+
+
+# Any setting the library accepts, every knob drawn from its own range.
+configs = st.fixed_dictionaries({}, optional={k.name: _knob_values(k) for k in KNOBS}).map(_config)
+ints = st.integers(0, 2**40)
+run_stats = st.builds(RunStats, mode=st.sampled_from(["off", "fora", "taylorseer", "clusca"]), calls=ints,
+                      full_steps=ints, cached_steps=ints, tokens_computed=ints, tokens_uncached=ints,
+                      token_fraction=finite, flops=ints, flops_uncached=ints, flops_speedup=finite, cache_bytes=ints,
+                      kmeans_ms=finite, kmeans_calls=ints, kmeans_rounds=ints, graph_captures=ints,
+                      graph_replays=ints, capture=st.text(max_size=30))
 
 _request_fields = dict(
     prompt=st.text(max_size=200), negative_prompt=st.none() | st.text(max_size=50),
     width=st.integers(1, 16384), height=st.integers(1, 16384), steps=st.integers(1, 10_000),
     guidance=finite, seed=st.integers(0, MAX_SEED), num_images=st.integers(1, 1000),
-    cache=st.dictionaries(st.text(min_size=1, max_size=16), json_values, max_size=6),
-    webhook_url=st.none() | st.text(max_size=60))
+    cache=configs,
+    webhook_url=st.none() | st.text(max_size=60),
+    timeout_s=st.none() | st.floats(min_value=0.001, max_value=1e6, allow_nan=False))
 # Still images (no frame count, an image format) and videos (frames, a frame rate, a video format).
 requests = st.builds(JobRequest, **_request_fields, output_format=st.sampled_from(contract.IMAGE_FORMATS)) \
     | st.builds(JobRequest, **_request_fields, output_format=st.sampled_from(contract.VIDEO_FORMATS),
@@ -42,7 +71,7 @@ timings = st.builds(Timings, queue_wait_s=st.none() | finite, inference_s=st.non
 _result_fields = dict(
     seed=st.none() | st.integers(0, MAX_SEED), seeds=st.lists(st.integers(0, MAX_SEED), max_size=8),
     cache_mode=st.sampled_from(["off", "fora", "taylorseer", "clusca"]),
-    cache_stats=st.none() | st.dictionaries(st.text(max_size=12), json_values, max_size=6),
+    cache_stats=st.none() | run_stats,
     batch_images=st.none() | st.integers(1, 64), batch_jobs=st.none() | st.integers(1, 64),
     worker=st.none() | st.text(max_size=30), attempt=st.none() | st.integers(1, 10),
     content_type=st.none() | st.sampled_from(sorted(contract.CONTENT_TYPES.values())), timings=timings)
@@ -98,7 +127,9 @@ def test_every_field_round_trips_api_redis_worker_views(service, req, result, st
     assert (view.width, view.height, view.guidance, view.cache) == (req.width, req.height, req.guidance, req.cache)
     assert (view.num_frames, view.fps) == (req.num_frames, req.fps)
     assert view.cache_stats == result.cache_stats and view.batch_images == result.batch_images
-    assert view.timings.model_dump() == dataclasses.asdict(result.timings)
+    wire = view.model_dump(mode="json")  # what the client reads
+    assert wire["timings"] == dataclasses.asdict(result.timings) and wire["cache"] == req.cache.to_dict()
+    assert wire["cache_stats"] == (result.cache_stats.to_dict() if result.cache_stats else None)
     assert len(view.links.images) == (req.num_images if status == "succeeded" else 0)
 
 
@@ -135,21 +166,24 @@ def test_batch_key_ignores_per_image_fields(a, prompt, seed, n, fmt, hook):
 
 
 @pytest.mark.parametrize("change", [{"width": 8}, {"height": 8}, {"steps": 7}, {"guidance": 9.5},
-                                    {"cache": {"mode": "fora"}}, {"negative_prompt": "x"}])
+                                    {"cache": ClusCaConfig(mode="fora")}, {"negative_prompt": "x"}])
 def test_batch_key_separates_call_wide_fields(change):
-    a = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1, cache={"mode": "off"})
+    a = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1, cache=ClusCaConfig(mode="off"))
     assert a.batch_key("m") != dataclasses.replace(a, **change).batch_key("m")
 
 
 @pytest.mark.parametrize("field,bad", [("prompt", 1), ("negative_prompt", 2), ("width", "16"), ("width", True),
                                        ("width", 0), ("height", 1.5), ("steps", None), ("guidance", "1"),
                                        ("seed", -1), ("num_images", 0), ("output_format", "gif"),
-                                       ("cache", []), ("webhook_url", 3)])
+                                       ("cache", []), ("cache", {"interval": 0}), ("cache", {"knob": 1}),
+                                       ("timeout_s", 0), ("timeout_s", "5"),
+                                       ("webhook_url", 3)])
 def test_a_request_the_api_could_not_have_written_is_refused(field, bad):
     d = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1).to_dict()
     assert JobRequest.parse(contract._json({**d, field: bad})) is None
     missing = {k: v for k, v in d.items() if k != field}
-    assert JobRequest.parse(contract._json(missing)) is None
+    # A request stored before deadlines existed has none; every other field is required.
+    assert (JobRequest.parse(contract._json(missing)) is None) == (field != "timeout_s")
     assert JobRequest.parse(b"\x80\x04pickle") is None and JobRequest.parse("[1]") is None
 
 

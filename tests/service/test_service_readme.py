@@ -7,10 +7,11 @@ import re
 import shlex
 import subprocess
 
+import httpx
 import pytest
 from PIL import Image
 
-from tests.support import ROOT
+from tests.support import ROOT, Service
 
 README = (ROOT / "README.md").read_text()
 QUICK_START = README[README.index("## Quick start"):README.index("\n## ", README.index("## Quick start") + 5)]
@@ -76,3 +77,18 @@ def test_quick_start_client_commands_work_as_typed(service, typed_dir):
     assert res.returncode == 0, res.stderr
     assert Image.open(typed_dir / "out.png").format == "PNG" and "inference_s" in res.stdout
     assert os.path.exists(typed_dir / "square.png")
+
+
+def test_quick_start_curl_handles_the_202_of_a_slow_request(service, typed_dir):
+    # An API whose synchronous wait (0.2 s) is shorter than the job (10 steps of 0.1 s): it answers 202.
+    api, url = service.start_api({"CLUSCA_SYNC_TIMEOUT_S": "0.2", "CLUSCA_DEFAULT_MODEL": "slow"})
+    try:
+        assert httpx.post(url + "/generate", json={"prompt": "p"}, timeout=30).status_code == 202
+        curl = re.findall(r"```bash\n(curl .*?)```", QUICK_START, re.S)[0].replace("127.0.0.1:8000",
+                                                                                 url.removeprefix("http://"))
+        res = subprocess.run(["bash", "-o", "pipefail", "-c", curl], cwd=typed_dir, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert Image.open(typed_dir / "out.png").format == "PNG" and "inference_s" in res.stdout
+    finally:
+        Service.stop(api)

@@ -44,7 +44,7 @@ def test_run_reports_each_step_and_returns_an_image_per_prompt(legacy):
     out = runner.run(_batch(steps=4), lambda i: steps.append(i) or False)
     assert steps == [1, 2, 3, 4] and not out.stopped
     assert [im.getpixel((0, 0)) for im in out.images] == [noop_color("a", 10), noop_color("a", 11), noop_color("b", 20)]
-    assert out.stats["full_steps"] == 4 and out.stats["cached_steps"] == 0
+    assert out.stats.full_steps == 4 and out.stats.cached_steps == 0
 
 
 @pytest.mark.parametrize("legacy", [False, True])

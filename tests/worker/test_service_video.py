@@ -260,7 +260,7 @@ def test_video_runner_warms_up_and_batched_videos_equal_lone_ones(wan, caplog, o
     with caplog.at_level(logging.INFO, logger="clusca.worker"):
         runner = load_runner(entry, "cpu")
     assert any("warmed up" in r.message for r in caplog.records), caplog.text
-    cache = entry.cache_config({"preset": "off"}).to_dict()
+    cache = entry.cache_config({"preset": "off"})
     common = dict(width=32, height=32, steps=3, guidance=5.0, cache=cache, num_frames=5, negative_prompts=None)
     pair = runner.run(Batch(prompts=["a", "b"], seeds=[1, 2], **common), lambda step: False).images
     alone = [runner.run(Batch(prompts=[p], seeds=[s], **common), lambda step: False).images[0]
@@ -288,7 +288,7 @@ def test_clusters_are_per_video_over_its_frames_and_patches(wan, monkeypatch, on
     monkeypatch.setattr(clusca.hooks, "kmeans", recording)
     entry = Registry.load(wan.models_file).get("tinywan")
     runner = load_runner(entry, "cpu")
-    cache = entry.cache_config({"preset": "fast"}).to_dict()
+    cache = entry.cache_config({"preset": "fast"})
     # 9 frames of 64 x 32: 3 latent frames (the VAE keeps 1 + 8/4) of 8 x 4 latents, 2 x 2 patches: 3 x 4 x 2 tokens.
     common = dict(width=64, height=32, steps=6, guidance=5.0, cache=cache, num_frames=9, negative_prompts=None)
     pair = runner.run(Batch(prompts=["a kite", "a train"], seeds=[1, 2], **common), lambda step: False)
@@ -298,6 +298,6 @@ def test_clusters_are_per_video_over_its_frames_and_patches(wan, monkeypatch, on
     assert pair_shapes and {s[:2] for s in pair_shapes} == {(2, 3 * 4 * 2)}, pair_shapes
     assert {s[:2] for s in seen} == {(1, 3 * 4 * 2)}, seen
     stats = pair.stats
-    assert stats["cached_steps"] > 0 and stats["kmeans_calls"] == len(pair_shapes) and stats["flops_speedup"] > 1
+    assert stats.cached_steps > 0 and stats.kmeans_calls == len(pair_shapes) and stats.flops_speedup > 1
     for k in range(2):
         assert np.abs(pair.images[k] - alone[k]).max() < 1e-4

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from clusca.config import ClusCaConfig
 from service.contract import JobRequest
 from service.worker.batching import group_by_batch_key, shares, split_into_calls, video_pixels
 from service.worker.runners import Batch
 
 
 def _req(prompt="a", *, n=1, steps=4, size=32, cache=None, frames=None, seed=0, negative=None):
-    return JobRequest(prompt, size, size, steps, 3.5, seed, num_images=n, cache=cache or {}, num_frames=frames,
+    return JobRequest(prompt, size, size, steps, 3.5, seed, num_images=n, cache=ClusCaConfig.from_dict(cache), num_frames=frames,
                       negative_prompt=negative)
 
 

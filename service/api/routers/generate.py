@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from service.contract import FAILED, JobRecord
 from service.api.deps import AuthDep, ServicesDep
 from service.api.errors import ApiError
-from service.api.resolve import idempotency_scope, request_fingerprint, resolve_job
+from service.api.resolve import JobAsk, idempotency_scope, request_fingerprint, resolve_job
 from service.api.schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
 from service.api.submit import submit, wait_for
 from service.api.views import generate_response, job_status
@@ -29,7 +29,7 @@ def wants_async(prefer: str | None, flag: bool) -> bool:
 @router.post("/generate", response_model=GenerateResponse, summary="Generate images or videos",
              responses={202: {"model": JobStatus, "description": "Accepted; poll or stream the job"},
                         500: {"model": GenerateResponse, "description": "The job failed"}, **ERRORS})
-async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthDep,
+async def generate(body: GenerateRequest, request: Request, services: ServicesDep, identity: AuthDep,
                    prefer: Annotated[str | None, Header(max_length=200)] = None,
                    idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Queue one generation. Synchronous by default (up to ``CLUSCA_SYNC_TIMEOUT_S``, then 202);
@@ -37,11 +37,7 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
     The same ``Idempotency-Key`` with the same request returns the same job (also while it
     runs) and never runs it twice; with a different request it is a 422."""
     idem = idempotency_scope(identity, idempotency_key)
-    entry, job = await resolve_job(
-        registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
-        negative_prompt=body.negative_prompt, width=body.width, height=body.height, steps=body.steps,
-        guidance=body.guidance, seed=body.seed, num_images=body.num_images, output_format=body.output_format,
-        cache=body.cache, webhook_url=body.webhook_url, num_frames=body.num_frames, fps=body.fps)
+    entry, job = await resolve_job(services.registry, services.settings, JobAsk.of(body))
     fingerprint = request_fingerprint("/generate", entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     if wants_async(prefer, body.async_):
@@ -52,7 +48,8 @@ async def generate(body: GenerateRequest, services: ServicesDep, identity: AuthD
             raise ApiError(404, "job_not_found", "the job of this Idempotency-Key has expired")
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}", "Preference-Applied": "respond-async"})
-    record, finished, images = await wait_for(services, job_id, files=body.inline)
+    gone = request.is_disconnected if body.cancel_on_disconnect and created else None
+    record, finished, images = await wait_for(services, job_id, files=body.inline, gone=gone)
     if not finished:
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}"})

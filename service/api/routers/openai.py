@@ -13,7 +13,7 @@ from service.api.deps import AuthDep, ServicesDep
 from service.api.errors import ApiError
 from service.api.schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
 from service.api.views import timings
-from service.api.resolve import check_openai_size, idempotency_scope, request_fingerprint, resolve_job
+from service.api.resolve import JobAsk, check_openai_size, idempotency_scope, request_fingerprint, resolve_job
 from service.api.submit import submit, wait_for
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
@@ -29,14 +29,12 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
     ``guidance``, ``negative_prompt`` and ``cache`` expose this service's options."""
     idem = idempotency_scope(identity, idempotency_key)
     width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
-    entry, job = await resolve_job(
-        registry=services.registry, settings=services.settings, model=body.model, prompt=body.prompt,
-        negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
-        guidance=body.guidance, seed=body.seed, num_images=body.n, output_format=body.output_format,
-        cache=body.cache, webhook_url=None, images_field="n", output="image")
+    ask = JobAsk.of(body, width=width, height=height, num_images=body.n, images_field="n", output="image")
+    entry, job = await resolve_job(services.registry, services.settings, ask)
     fingerprint = request_fingerprint("/v1/images/generations", entry.name, job, body.seed) if idem else ""
-    job_id, _ = await submit(services, entry.name, job, idem, fingerprint)
-    record, finished, images = await wait_for(services, job_id)
+    job_id, created = await submit(services, entry.name, job, idem, fingerprint)
+    gone = request.is_disconnected if body.cancel_on_disconnect and created else None
+    record, finished, images = await wait_for(services, job_id, gone=gone)
     if not finished:
         raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
                        f"it continues: GET /jobs/{job_id}")

@@ -19,7 +19,7 @@ from service.outputs.store import delete_job, open_output
 from service.api.content import content_response
 from service.api.deps import AuthDep, ServicesDep
 from service.api.errors import ApiError
-from service.api.resolve import check_openai_size, idempotency_scope, model_entry, request_fingerprint, resolve_job
+from service.api.resolve import JobAsk, check_openai_size, idempotency_scope, model_entry, request_fingerprint, resolve_job
 from service.api.schemas import ErrorBody, OpenAIVideo, OpenAIVideoDeleted, OpenAIVideoError, OpenAIVideoRequest
 from service.api.submit import submit
 from service.api.views import timings
@@ -83,11 +83,8 @@ async def create_video(body: OpenAIVideoRequest, services: ServicesDep, identity
     num_frames = body.num_frames
     if num_frames is None and entry.output == "video":
         num_frames = frames_for(body.seconds, body.fps or entry.defaults.fps, entry.limits.frame_step)
-    entry, job = await resolve_job(
-        registry=services.registry, settings=services.settings, model=entry.name, prompt=body.prompt,
-        negative_prompt=body.negative_prompt, width=width, height=height, steps=body.steps,
-        guidance=body.guidance, seed=body.seed, num_images=1, output_format=body.output_format,
-        cache=body.cache, webhook_url=body.webhook_url, num_frames=num_frames, fps=body.fps, output="video")
+    ask = JobAsk.of(body, model=entry.name, width=width, height=height, num_frames=num_frames, output="video")
+    entry, job = await resolve_job(services.registry, services.settings, ask)
     fingerprint = request_fingerprint("/v1/videos", entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     record = JobRecord.queued(job_id, entry.name, job, time.time()) if created else await services.queue.get(job_id)

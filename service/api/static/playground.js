@@ -86,7 +86,9 @@ function onModelChange() {
   setBounds($("width"), d.width, lim.min_side, lim.max_side);
   setBounds($("height"), d.height, lim.min_side, lim.max_side);
   setBounds($("guidance"), d.guidance, 0, 100);
-  const size = lim.size_multiple ? `, sides multiples of ${lim.size_multiple}` : "";
+  // A model that lists the sizes it draws well admits only those; otherwise any multiple of its step.
+  const size = lim.sizes ? `, sizes ${lim.sizes.join(", ")}` :
+    lim.size_multiple ? `, sides multiples of ${lim.size_multiple}` : "";
   const what = m.pipeline_class && m.pipeline_class !== "auto" ? m.pipeline_class : `${m.kind} model`;
   $("model-info").textContent = `${what}: ${d.width}×${d.height}, ${d.steps} steps, guidance ${d.guidance}` +
     `${size}; ${m.workers_alive} worker(s), ${m.queue_depth} queued.`;

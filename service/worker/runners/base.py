@@ -8,9 +8,13 @@ stopped are the runner's business; the worker knows none of it, and names no mod
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
+
+from clusca.config import ClusCaConfig
+from clusca.stats import RunStats
 
 from service.contract import JobRequest
 from service.registry import ModelEntry
@@ -18,6 +22,10 @@ from service.registry import ModelEntry
 # Called after every denoising step with the number of steps done; returning True asks the
 # runner to stop the batch (every job in it was cancelled).
 StepCallback = Callable[[int], bool]
+
+
+class CallStopped(Exception):
+    """Raised inside a running call to stop it: every job in it was cancelled or is past its deadline."""
 
 
 class RequestNotSupported(Exception):
@@ -35,7 +43,7 @@ class Batch:
     height: int
     steps: int
     guidance: float
-    cache: dict[str, Any] = field(default_factory=dict)
+    cache: ClusCaConfig = field(default_factory=ClusCaConfig)
     # Frames per video (video models; None: still images).
     num_frames: int | None = None
 
@@ -57,17 +65,12 @@ class Batch:
 
 @dataclass
 class BatchOutput:
-    """One image (or video) per prompt, in order, and the run's statistics; ``stopped``: ended by the callback."""
+    """One image (or video) per prompt, in order, and the run's statistics (None when ``stopped``:
+    ended by the callback)."""
 
     images: list[Any]
-    stats: dict[str, Any]
+    stats: RunStats | None
     stopped: bool = False
-
-
-def uncached_stats(cache: dict[str, Any], steps: int) -> dict[str, Any]:
-    """Statistics shaped like ClusCa's for a run without a transformer: every step full, nothing cached."""
-    return {"mode": cache.get("mode", "off"), "full_steps": steps, "cached_steps": 0, "token_fraction": 1.0,
-            "flops": 0, "flops_uncached": 0, "flops_speedup": 1.0, "cache_bytes": 0, "kmeans_ms": 0.0}
 
 
 class Runner(ABC):
@@ -84,9 +87,11 @@ class Runner(ABC):
         torch's thread count for runners that use torch."""
 
     @abstractmethod
-    def run(self, batch: Batch, on_step: StepCallback) -> BatchOutput:
+    def run(self, batch: Batch, on_step: StepCallback, stop: threading.Event | None = None) -> BatchOutput:
         """Run ``batch`` as one call. Raises :class:`RequestNotSupported` before running, or
-        whatever the model raised (the runner has already freed what it could)."""
+        whatever the model raised (the runner has already freed what it could). Once ``stop``
+        is set the call ends as soon as it can, within a transformer block where the model
+        has blocks, and returns with ``stopped``."""
 
     def warm_up(self) -> None:
         """Pay one-off first-call costs now rather than in the first client's latency."""

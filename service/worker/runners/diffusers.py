@@ -13,8 +13,10 @@ import logging
 import time
 from typing import Any
 
+from clusca.stats import RunStats
+
 from service.registry import ModelEntry
-from service.worker.runners.base import Batch, uncached_stats
+from service.worker.runners.base import Batch
 from service.worker.runners.pipeline import PipelineRunner
 
 log = logging.getLogger("clusca.worker")
@@ -95,20 +97,19 @@ class DiffusersRunner(PipelineRunner):
         # model, which is what clients expect from "same seed"; drawing it costs next to nothing.
         return torch.Generator(device="cpu").manual_seed(seed)
 
-    def execute(self, kwargs: dict[str, Any], batch: Batch) -> tuple[list[Any], dict[str, Any]]:
+    def execute(self, kwargs: dict[str, Any], batch: Batch) -> tuple[list[Any], RunStats]:
         import torch
-        from clusca import ClusCaConfig, clusca_run
+        from clusca import clusca_run
 
         pipe = self.pipe
         if getattr(pipe, "transformer", None) is None:
             # No transformer (e.g. a UNet pipeline): nothing for ClusCa to cache.
             with torch.inference_mode():
-                return self.outputs(pipe(**kwargs)), uncached_stats(batch.cache, batch.steps)
-        config = ClusCaConfig.from_dict(batch.cache)
+                return self.outputs(pipe(**kwargs)), RunStats.uncached(batch.cache.mode, batch.steps)
         with torch.inference_mode():
-            with clusca_run(pipe.transformer, config, num_inference_steps=batch.steps) as run:
+            with clusca_run(pipe.transformer, batch.cache, num_inference_steps=batch.steps) as run:
                 images = self.outputs(pipe(**announce_steps(kwargs, run)))
-        return images, run.stats.to_dict()
+        return images, run.stats
 
     def outputs(self, result: Any) -> list[Any]:
         """The pipeline call's outputs, one per prompt."""

@@ -46,8 +46,12 @@ class NoopPipeline:
 
     transformer = None
 
-    def __init__(self, step_delay_s: float = 0.0, fail_on: str | None = None):
+    def __init__(self, step_delay_s: float = 0.0, fail_on: str | None = None, blocks: int = 10):
         self.step_delay_s = float(step_delay_s)
+        # A step's delay is spent in ``blocks`` slices, each preceded by ``before_block()``, as a
+        # transformer's blocks are (the runner stops a call there).
+        self.blocks = max(1, int(blocks))
+        self.before_block: Callable[[], None] = lambda: None
         # A prompt that makes the call raise, to exercise the failure path like a real OOM would.
         self.fail_on = fail_on
         self._interrupt = False
@@ -73,8 +77,10 @@ class NoopPipeline:
         for i in range(num_inference_steps):
             if self._interrupt:
                 break
-            if self.step_delay_s:
-                time.sleep(self.step_delay_s)
+            for _ in range(self.blocks):
+                self.before_block()
+                if self.step_delay_s:
+                    time.sleep(self.step_delay_s / self.blocks)
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, num_inference_steps - i, {})
         colors = [noop_color(p, g.initial_seed() if g is not None else 0) for p, g in zip(prompts, gens)]
@@ -97,6 +103,7 @@ class LegacyCallbackNoopPipeline:
 
     def __init__(self, step_delay_s: float = 0.0):
         self._inner = NoopPipeline(step_delay_s)
+        self.before_block: Callable[[], None] = lambda: None
 
     def to(self, device: Any) -> "LegacyCallbackNoopPipeline":
         return self
@@ -112,6 +119,7 @@ class LegacyCallbackNoopPipeline:
 
         inner = self._inner
         inner._interrupt = False
+        inner.before_block = self.before_block
         result = inner(prompt, negative_prompt, num_inference_steps, guidance_scale, generator, height, width,
                        num_images_per_prompt, callback_on_step_end=adapter)
         return result

@@ -14,11 +14,16 @@ in two ways that are handled here, once:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from abc import abstractmethod
 from typing import Any
 
-from service.worker.runners.base import Batch, BatchOutput, RequestNotSupported, Runner, StepCallback
+from clusca.stats import RunStats
+
+from service.worker.runners.base import Batch, BatchOutput, CallStopped, RequestNotSupported, Runner, StepCallback
+from service.worker.runners.interrupt import stop_between_blocks
 
 
 def call_parameters(pipe: Any) -> set[str]:
@@ -49,7 +54,7 @@ class PipelineRunner(Runner):
         """The random generator of one image with ``seed``."""
 
     @abstractmethod
-    def execute(self, kwargs: dict[str, Any], batch: Batch) -> tuple[list[Any], dict[str, Any]]:
+    def execute(self, kwargs: dict[str, Any], batch: Batch) -> tuple[list[Any], RunStats]:
         """Call the pipeline with ``kwargs``; return its images and the run's statistics."""
 
     def free_memory(self) -> None:
@@ -96,14 +101,20 @@ class PipelineRunner(Runner):
             kwargs.pop(k)
         return kwargs
 
-    def run(self, batch: Batch, on_step: StepCallback) -> BatchOutput:
-        stop: list[bool] = [False]
-        kwargs = self.call_kwargs(batch, on_step, stop)
+    def stoppable(self, stop: threading.Event | None) -> contextlib.AbstractContextManager[None]:
+        """Where the call checks ``stop`` besides its step callback: between the transformer's blocks."""
+        return stop_between_blocks(getattr(self.pipe, "transformer", None), stop)
+
+    def run(self, batch: Batch, on_step: StepCallback, stop: threading.Event | None = None) -> BatchOutput:
+        stopped: list[bool] = [False]
+        kwargs = self.call_kwargs(batch, on_step, stopped)
         try:
-            images, stats = self.execute(kwargs, batch)
-        except _Stopped:
-            return BatchOutput([], {}, stopped=True)
+            with self.stoppable(stop):
+                images, stats = self.execute(kwargs, batch)
+        except (_Stopped, CallStopped):
+            self.free_memory()
+            return BatchOutput([], None, stopped=True)
         except Exception:
             self.free_memory()
             raise
-        return BatchOutput(images, stats, stopped=stop[0])
+        return BatchOutput(images, stats, stopped=stopped[0])
