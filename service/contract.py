@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, Mapping, TypeVar, get_args
 
 from clusca.config import ClusCaConfig, ClusCaConfigError
 from clusca.stats import RunStats
@@ -73,9 +73,31 @@ def _loads(raw: str | bytes | bytearray) -> Any:
     return json.loads(raw)
 
 
+Stored = TypeVar("Stored", bound="_StoredAsJson")
+
+
+class _StoredAsJson:
+    """What a request and a result share: stored as JSON, and a stored value this service could
+    not have written (another program's, or a corrupted one) read back as ``None``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return _json(self.to_dict())
+
+    @classmethod
+    def parse(cls: type[Stored], raw: Any) -> Stored | None:
+        """The value stored as ``raw`` (JSON text or bytes), or None when this service could not have written it."""
+        try:
+            return cls.from_dict(_loads(raw))
+        except (TypeError, ValueError):
+            return None
+
+
 # ---------------------------------------------------------------------------- the request
 @dataclass(frozen=True)
-class JobRequest:
+class JobRequest(_StoredAsJson):
     """One fully resolved request: every default filled in, every limit already checked.
 
     ``seed`` is the first image's seed; image ``k`` uses ``seed + k`` (:attr:`seeds`), so an
@@ -129,12 +151,6 @@ class JobRequest:
         return json.dumps([model, self.width, self.height, self.steps, self.guidance,
                            self.negative_prompt is None, self.cache.to_dict(), self.num_frames], sort_keys=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return _json(self.to_dict())
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobRequest":
         """Check every field's type and range; :class:`ContractError` names the first bad one."""
@@ -171,14 +187,6 @@ class JobRequest:
                    webhook_url=d["webhook_url"], num_frames=d.get("num_frames"), fps=d.get("fps"),
                    timeout_s=None if timeout is None else float(timeout))
 
-    @classmethod
-    def parse(cls, raw: Any) -> "JobRequest | None":
-        """A stored request (JSON text or bytes), or None when the API could not have written it."""
-        try:
-            return cls.from_dict(_loads(raw))
-        except (TypeError, ValueError):
-            return None
-
 
 # ---------------------------------------------------------------------------- the result
 @dataclass(frozen=True)
@@ -191,7 +199,7 @@ class Timings:
 
 
 @dataclass(frozen=True)
-class JobResult:
+class JobResult(_StoredAsJson):
     """What the worker stores when a job ends, whatever the outcome.
 
     A job that failed before it ran (an invalid stored request) has only the defaults.
@@ -209,12 +217,6 @@ class JobResult:
     attempt: int | None = None
     content_type: str | None = None
     timings: Timings = field(default_factory=Timings)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return _json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobResult":
@@ -242,13 +244,6 @@ class JobResult:
             except (TypeError, ValueError) as exc:
                 raise ContractError(f"result.cache_stats: {exc}") from None
         return cls(**values, seeds=list(seeds), timings=timings)
-
-    @classmethod
-    def parse(cls, raw: Any) -> "JobResult | None":
-        try:
-            return cls.from_dict(_loads(raw))
-        except (TypeError, ValueError):
-            return None
 
 
 # ---------------------------------------------------------------------------- the record

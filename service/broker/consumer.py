@@ -158,14 +158,19 @@ class WorkerQueue:
         for stream, entries in res or []:
             model, lane = self._source[as_text(stream)]
             for entry_id, fields in entries:
-                if not fields:
-                    continue
-                job_id = entry_job_id(fields, model)
-                if job_id is None:
-                    self.discard(Delivery(model, as_text(entry_id), "", lane))
-                    continue
-                out.append(Delivery(model, as_text(entry_id), job_id, lane))
+                delivery = self._delivery(model, lane, entry_id, fields) if fields else None
+                if delivery is not None:
+                    out.append(delivery)
         return out
+
+    def _delivery(self, model: str, lane: str, entry_id: Any, fields: Any) -> Delivery | None:
+        """The delivery a stream entry of ``model``'s ``lane`` stands for; None for one that names no job
+        (discarded)."""
+        job_id = entry_job_id(fields, model)
+        if job_id is None:
+            self.discard(Delivery(model, as_text(entry_id), "", lane))
+            return None
+        return Delivery(model, as_text(entry_id), job_id, lane)
 
     def discard(self, d: Delivery) -> None:
         """Drop a stream entry the API did not write (it names no job): acknowledged and deleted, never run."""
@@ -194,11 +199,9 @@ class WorkerQueue:
                 if not fields:  # deleted entry still in the pending list
                     self.r.xack(key, GROUP, entry_id)
                     continue
-                job_id = entry_job_id(fields, m)
-                if job_id is None:
-                    self.discard(Delivery(m, as_text(entry_id), "", lane))
-                    continue
-                out.append(Delivery(m, as_text(entry_id), job_id, lane))
+                delivery = self._delivery(m, lane, entry_id, fields)
+                if delivery is not None:
+                    out.append(delivery)
         return out
 
     def touch(self, deliveries: list[Delivery]) -> None:

@@ -135,9 +135,8 @@ def test_the_json_body_still_works(service):
 
 @pytest.fixture(scope="module")
 def keyed_api(service):
-    proc, url = service.start_api({"CLUSCA_API_KEYS": "key-one,key-two"})
-    yield url
-    service.stop(proc)
+    with service.api({"CLUSCA_API_KEYS": "key-one,key-two"}) as url:
+        yield url
 
 
 def test_videos_list_pages_each_keys_own_videos_newest_first(keyed_api):

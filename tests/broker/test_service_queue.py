@@ -19,6 +19,7 @@ from service.broker.producer import JobQueue
 from service.broker.wire import QueueFull
 from service.broker.consumer import WorkerQueue
 from service.broker.keys import job_key
+from tests.support import enqueue
 
 REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
 
@@ -39,15 +40,7 @@ def backend(request, service) -> Backend:
 
 
 def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str | None = None) -> list[tuple[str, bool]]:
-    async def go():
-        r = redis_conn.async_client(url)
-        q = JobQueue(r, max_queue=max_queue, ttl_s=60)
-        try:
-            return [await q.enqueue(model, REQ, idem) for _ in range(n)]
-        finally:
-            await r.aclose()
-
-    return asyncio.run(go())
+    return enqueue(url, model, REQ, n, idem, max_queue=max_queue)
 
 
 def _wq(backend: Backend, model: str, wid: str, vis: float = 30, attempts: int = 3) -> WorkerQueue:

@@ -6,20 +6,19 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.support import ROOT, TEST_MODELS, clusca_serve, wait_until
+from tests.support import ROOT, TEST_MODEL_LIST, clusca_serve, is_ready, models_yaml, wait_until
 from service.broker.embedded import free_port
 from service.worker.runners.noop_pipeline import noop_color
 
 
 def test_serve_then_generate_client(tmp_path):
     models = tmp_path / "models.yaml"
-    models.write_text(TEST_MODELS.split("  - name: tinyflux")[0])
+    models.write_text(models_yaml(*(m for m in TEST_MODEL_LIST if m["kind"] == "noop")))
     with clusca_serve(tmp_path, {"CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop",
                                  "CLUSCA_LOG_LEVEL": "INFO"}) as served:
         url, env = served.url, served.env
@@ -123,14 +122,6 @@ def test_generate_cache_takes_a_preset_and_knobs_checked_by_the_knob_table(capsy
     assert "1..1000" in help_text and "(0..1]" in help_text and "auto|off" in help_text
 
 
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        time.sleep(0.1)
-        return False
-
-
 def test_worker_and_api_need_redis_url():
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["PYTHONPATH"] = str(ROOT)
@@ -161,7 +152,7 @@ def test_api_with_several_processes_reports_every_request(service):
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is not None or _ready(url), timeout=60, what="API with 2 processes")
+        wait_until(lambda: proc.poll() is not None or is_ready(url), timeout=60, what="API with 2 processes")
         # A new connection per request, so both processes get some of them.
         for _ in range(12):
             assert httpx.post(url + "/generate", json={"prompt": "count me"}, timeout=30).status_code == 200

@@ -9,6 +9,7 @@ import pytest
 from clusca_shapes import WEIGHTS_DIR
 from service.registry import BUILTIN_MODEL, Registry, RegistryError
 from service.settings import ENV_NAMES, Settings, SettingsError
+from tests.support import registry_error
 
 
 def test_defaults_match_the_documented_contract():
@@ -82,11 +83,7 @@ def test_registry_file_yaml_and_json(tmp_path):
     ("models:\n  - name: a\n    kind: onnx\n", "models[0].kind"),
 ])
 def test_bad_registry_files(tmp_path, text, fragment):
-    p = tmp_path / "m.yaml"
-    p.write_text(text)
-    with pytest.raises(RegistryError) as exc:
-        Registry.load(p)
-    assert fragment in str(exc.value)
+    assert fragment in registry_error(tmp_path, text)
 
 
 def test_missing_registry_file(tmp_path):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import signal
-import threading
 import time
 
-from tests.support import Service, wait_until
+from tests.support import Service, wait_until, webhook_receiver
 from service.broker.keys import stream_key, workers_key
 
-from service.broker.embedded import free_port
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 
@@ -114,28 +111,10 @@ def test_sigterm_hands_the_running_job_back_within_a_step_then_exits(service):
 
 
 def test_signed_webhook_on_completion(service):
-    received: list[tuple[dict, bytes]] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.headers, body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    port = free_port()
-    server = http.server.HTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with webhook_receiver() as (hook, received):
         with service.client() as c:
-            job = c.post("/generate", json={"prompt": "hook", "seed": 4,
-                                            "webhook_url": f"http://127.0.0.1:{port}/done"}).json()
+            job = c.post("/generate", json={"prompt": "hook", "seed": 4, "webhook_url": f"{hook}/done"}).json()
         wait_until(lambda: received, timeout=10, what="webhook")
-    finally:
-        server.shutdown()
     headers, body = received[0]
     payload = json.loads(body)
     assert payload["id"] == job["id"] and payload["status"] == "succeeded" and payload["seed"] == 4
