@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section, written_by  # noqa: E402
+from benchmarks._service import stop_all  # noqa: E402
 from benchmarks._results import RESULTS, load, quoted_command, save  # noqa: E402
 from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
@@ -95,11 +96,7 @@ class Stack:
         raise RuntimeError("the service did not become ready")
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.wait(30)
-        self.redis.stop()
+        stop_all(self.procs, self.redis)
 
 
 def _submit(c: httpx.Client, steps: int, seed: int) -> str:

@@ -12,7 +12,10 @@ import uuid
 
 import pytest
 
+from clusca.config import ClusCaConfig
+
 from service.broker import connect as redis_conn
+from tests.broker.conftest import Backend
 from service.broker.consumer import WorkerQueue
 from service.broker.keys import STREAM_PATTERN, job_key, model_tag, stream_key, stream_keys
 from service.broker.lanes import LANES, LONG, SHORT, lane_of
@@ -21,24 +24,11 @@ from service.broker.wire import QueueFull
 from service.contract import JobRecord, JobRequest, JobResult
 from service.registry import ModelLimits
 
-SHORT_REQ = JobRequest(prompt="s", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
-LONG_REQ = JobRequest(prompt="l", width=16, height=16, steps=40, guidance=0.0, seed=1, cache={"mode": "off"})
+SHORT_REQ = JobRequest(prompt="s", width=16, height=16, steps=2, guidance=0.0, seed=1, cache=ClusCaConfig(mode="off"))
+LONG_REQ = JobRequest(prompt="l", width=16, height=16, steps=40, guidance=0.0, seed=1, cache=ClusCaConfig(mode="off"))
 LIMITS = ModelLimits(long_cost=16 * 16 * 10)
 
 
-class Backend:
-    def __init__(self, url: str):
-        self.redis_url = url
-
-    def redis_client(self):
-        return redis_conn.sync_client(self.redis_url)
-
-
-@pytest.fixture(params=["single", "cluster"])
-def backend(request, service) -> Backend:
-    if request.param == "single":
-        return Backend(service.redis_url)
-    return Backend(request.getfixturevalue("redis_cluster").url)
 
 
 def _model() -> str:

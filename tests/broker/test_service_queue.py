@@ -12,7 +12,10 @@ import uuid
 
 import pytest
 
+from clusca.config import ClusCaConfig
+
 from service.broker import connect as redis_conn
+from tests.broker.conftest import Backend
 from service.contract import JobRecord, JobRequest, JobResult
 from service.broker.keys import done_key, images_key, stream_key
 from service.broker.producer import JobQueue
@@ -21,22 +24,9 @@ from service.broker.consumer import WorkerQueue
 from service.broker.keys import job_key
 from tests.support import enqueue
 
-REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
+REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache=ClusCaConfig(mode="off"))
 
 
-class Backend:
-    def __init__(self, url: str):
-        self.redis_url = url
-
-    def redis_client(self):
-        return redis_conn.sync_client(self.redis_url)
-
-
-@pytest.fixture(params=["single", "cluster"])
-def backend(request, service) -> Backend:
-    if request.param == "single":
-        return Backend(service.redis_url)
-    return Backend(request.getfixturevalue("redis_cluster").url)
 
 
 def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str | None = None) -> list[tuple[str, bool]]:

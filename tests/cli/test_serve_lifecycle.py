@@ -20,7 +20,7 @@ import redis as redis_lib
 from service.broker.embedded import EmbeddedRedis, free_port
 from service.broker.keys import job_key, stream_key
 from service.cli.serve import STOP_BUDGET_S
-from tests.support import ROOT, TEST_MODELS, clusca_serve, wait_until
+from tests.support import ROOT, TEST_MODELS, clusca_serve, is_ready, wait_until
 
 # Measured on the 2-core development machine with other work on it: a stop takes 1-3 s (budget
 # STOP_BUDGET_S), a refused start under 1 s; the bounds leave room for a loaded machine.
@@ -117,19 +117,27 @@ def test_an_idle_stop_is_quick_ordered_and_quiet(tmp_path, sig):
         socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
 
 
+def _external_redis_env(tmp_path, redis_server) -> dict[str, str]:
+    return {"CLUSCA_MODELS": _models(tmp_path), "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_LOG_LEVEL": "INFO",
+            "REDIS_URL": redis_server.url}
+
+
+def _running_long_job(served, r) -> dict:
+    """A job of 60 steps of 0.1 s, once it runs: a stop 6 s long would come well inside it."""
+    job = httpx.post(served.url + "/generate", headers={"Prefer": "respond-async"},
+                     json={"prompt": "long", "model": "slow", "steps": 60}, timeout=30).json()
+    wait_until(lambda: int(r.hget(job_key(job["id"]), "step") or 0) >= 2, timeout=30, what="the job to be running")
+    return job
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_mid_job_hands_the_job_back_and_a_restart_runs_it(tmp_path, sig):
     # An external Redis outlives the service, so the job handed back can be seen and run again.
     with EmbeddedRedis() as redis_server:
-        env = {"CLUSCA_MODELS": _models(tmp_path), "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_LOG_LEVEL": "INFO",
-               "REDIS_URL": redis_server.url}
+        env = _external_redis_env(tmp_path, redis_server)
         r = redis_lib.Redis.from_url(redis_server.url)
         with clusca_serve(tmp_path, env) as served:
-            # 60 steps of 0.1 s: the job runs for 6 s, and the stop comes in its first second.
-            job = httpx.post(served.url + "/generate", headers={"Prefer": "respond-async"},
-                             json={"prompt": "long", "model": "slow", "steps": 60}, timeout=30).json()
-            wait_until(lambda: int(r.hget(job_key(job["id"]), "step") or 0) >= 2, timeout=30,
-                       what="the job to be running")
+            job = _running_long_job(served, r)
             took, _ = _stop_and_time(served, sig)
         print(f"stop with a job running on {sig.name} took {took:.2f} s")
         assert served.proc.returncode == 0
@@ -158,14 +166,10 @@ def test_a_stop_mid_job_hands_the_job_back_and_a_restart_runs_it(tmp_path, sig):
 
 def test_a_job_cancelled_before_the_stop_is_cancelled_not_handed_back(tmp_path):
     with EmbeddedRedis() as redis_server:
-        env = {"CLUSCA_MODELS": _models(tmp_path), "CLUSCA_DEFAULT_MODEL": "noop", "CLUSCA_LOG_LEVEL": "INFO",
-               "REDIS_URL": redis_server.url}
+        env = _external_redis_env(tmp_path, redis_server)
         r = redis_lib.Redis.from_url(redis_server.url)
         with clusca_serve(tmp_path, env) as served:
-            job = httpx.post(served.url + "/generate", headers={"Prefer": "respond-async"},
-                             json={"prompt": "long", "model": "slow", "steps": 60}, timeout=30).json()
-            wait_until(lambda: int(r.hget(job_key(job["id"]), "step") or 0) >= 2, timeout=30,
-                       what="the job to be running")
+            job = _running_long_job(served, r)
             # The flag is set as the API sets it; the worker reads it back at most a progress interval later.
             r.hset(job_key(job["id"]), "cancel", "1")
             _stop_and_time(served, signal.SIGTERM)
@@ -227,7 +231,7 @@ def test_ctrl_c_in_a_terminal_stops_everything_in_order(tmp_path):
                                 preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(slave)
         try:
-            wait_until(lambda: proc.poll() is not None or _ready(f"http://127.0.0.1:{port}"), timeout=60,
+            wait_until(lambda: proc.poll() is not None or is_ready(f"http://127.0.0.1:{port}"), timeout=60,
                        what="clusca serve ready")
             children = _descendants(proc.pid)
             t0 = time.monotonic()
@@ -246,10 +250,3 @@ def test_ctrl_c_in_a_terminal_stops_everything_in_order(tmp_path):
     at = [text.find(line) for line in ("the API takes no new connections", "stopped after", "private Redis stopped")]
     assert all(i >= 0 for i in at) and at == sorted(at), (at, text)
 
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        time.sleep(0.1)
-        return False
