@@ -54,6 +54,10 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
                                  "mp4": "video/mp4", "gif": "image/gif"}
 
 
+# How the error of a job that ran past its deadline begins (the API answers it with a 408, not a 500).
+DEADLINE_EXCEEDED = "deadline exceeded"
+
+
 class ContractError(ValueError):
     """A stored value is not one this service could have written."""
 
@@ -292,6 +296,11 @@ class JobRecord:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def deadline_exceeded(self) -> bool:
+        """The job failed because it ran past its ``timeout_s`` (the client's limit, not a fault)."""
+        return self.status == FAILED and (self.error or "").startswith(DEADLINE_EXCEEDED)
 
     @classmethod
     def queued(cls, job_id: str, model: str, request: JobRequest, created: float) -> "JobRecord":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from service.contract import SUCCEEDED, JobRecord, JobResult, Timings
+from service.contract import CANCELLED, SUCCEEDED, JobRecord, JobResult, Timings
 from service.api.schemas import GenerateResponse, JobLinks, JobStatus
 
 
@@ -40,3 +40,11 @@ def generate_response(job: JobRecord, images: list[bytes], inline: bool = True) 
     if job.request is not None and job.request.is_video and not inline:
         images = []
     return job_status(job, GenerateResponse, images=[base64.b64encode(b).decode() for b in images])
+
+
+def unfinished_status(job: JobRecord) -> int:
+    """The HTTP status of a synchronous answer whose job did not succeed: 408 when it ran past the
+    deadline its client set, 409 when it was cancelled, 500 when it failed (a fault of the server)."""
+    if job.deadline_exceeded:
+        return 408
+    return 409 if job.status == CANCELLED else 500

@@ -16,13 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
-from redis.exceptions import AskError, NoScriptError, TryAgainError
-
 from service.contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, JobRequest, JobResult, as_text
 from service.broker.keys import (check_layout, done_key, events_key, images_key, job_key, job_tag, stream_key, stream_keys, worker_key, workers_key)
 from service.broker.lanes import LANES, LONG, SHORT
-from service.broker.connect import UNAVAILABLE, is_cluster
-from service.broker.slot_route import SlotRoute
+from service.broker.connect import is_cluster
+from service.broker.slot_route import SlotRoute, run_scripts
 from service.broker.lua import SCRIPTS
 from service.broker.wire import ALIVE_WINDOW_S, entry_job_id, event_json
 
@@ -33,8 +31,6 @@ log = logging.getLogger("clusca.queue")
 # How often a worker whose streams span several cluster slots polls them (one blocking read
 # cannot wait on keys of different slots).
 SPREAD_POLL_S = 0.005
-# A script call whose node could not be reached: it runs again through the cluster client.
-_AGAIN = object()
 
 
 @dataclass
@@ -237,7 +233,7 @@ class WorkerQueue:
         now = time.time()
         calls = [dict(keys=[job_key(d.job_id), events_key(d.job_id), done_key(d.job_id), d.stream],
                       args=[self.worker_id, repr(now), self.max_attempts, self.ttl_s, d.entry_id]) for d in deliveries]
-        replies = self._scripts(self._start, calls)
+        replies = run_scripts(self.r, self._cluster, self._start, calls)
         started, skipped = [], []
         for d, res in zip(deliveries, replies):
             tag = as_text(res[0])
@@ -257,38 +253,6 @@ class WorkerQueue:
             else:
                 skipped.append((d, tag if len(res) < 2 else f"{tag}: {as_text(res[1])}"))
         return started, skipped
-
-    def _scripts(self, script: Any, calls: list[dict]) -> list[Any]:
-        """Run ``script`` once per call (``keys``, ``args``) in as few round trips as the mode allows."""
-        if not self._cluster:
-            pipe = self.r.pipeline(transaction=False)
-            for call in calls:
-                script(**call, client=pipe)
-            return pipe.execute()
-        # A cluster pipeline refuses scripts: one plain pipeline per primary instead, straight to
-        # the node. A slot that moved (MOVED) ran nothing there and runs again through the cluster
-        # client, which follows it; so does everything when a node is unreachable, which is
-        # how the cluster client learns of a failover.
-        replies: list[Any] = [None] * len(calls)
-        by_node: dict[str, tuple[Any, list[int]]] = {}
-        for i, call in enumerate(calls):
-            node = self.r.get_node_from_key(call["keys"][0])
-            by_node.setdefault(node.name, (node, []))[1].append(i)
-        try:
-            for node, idxs in by_node.values():
-                pipe = node.redis_connection.pipeline(transaction=False)
-                for i in idxs:
-                    script(**calls[i], client=pipe)
-                for i, reply in zip(idxs, pipe.execute(raise_on_error=False)):
-                    replies[i] = reply
-        except UNAVAILABLE:
-            replies = [_AGAIN if r is None else r for r in replies]
-        for i, reply in enumerate(replies):
-            if reply is _AGAIN or isinstance(reply, (AskError, NoScriptError, TryAgainError)):
-                replies[i] = script(**calls[i])
-            elif isinstance(reply, Exception):
-                raise reply
-        return replies
 
     def progress(self, items: list[tuple[list[StartedJob], int, int]]) -> set[str]:
         """Store ``(jobs, step, steps)`` items in one round trip; return the ids of those jobs whose

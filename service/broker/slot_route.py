@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any, Callable, TypeVar
 
 from redis import exceptions as rex
+from redis.exceptions import AskError, NoScriptError, TryAgainError
 
-from service.broker.connect import is_cluster
+from service.broker.connect import UNAVAILABLE, is_cluster
 
 T = TypeVar("T")
 
@@ -50,3 +51,41 @@ class SlotRoute:
             # Nothing ran (MOVED, ASK, TRYAGAIN), or the node is gone: scripts and stream reads are
             # safe to send again, and the scripts keep every state change exactly-once.
             return fn(self.r)
+
+
+# A script call whose node could not be reached: it runs again through the cluster client.
+_AGAIN = object()
+
+
+def run_scripts(r: Any, cluster: bool, script: Any, calls: list[dict]) -> list[Any]:
+    """Run ``script`` once per call (``keys``, ``args``) in as few round trips as the Redis (a single
+    server, or a ``cluster``) allows."""
+    if not cluster:
+        pipe = r.pipeline(transaction=False)
+        for call in calls:
+            script(**call, client=pipe)
+        return pipe.execute()
+    # A cluster pipeline refuses scripts: one plain pipeline per primary instead, straight to
+    # the node. A slot that moved (MOVED) ran nothing there and runs again through the cluster
+    # client, which follows it; so does everything when a node is unreachable, which is
+    # how the cluster client learns of a failover.
+    replies: list[Any] = [None] * len(calls)
+    by_node: dict[str, tuple[Any, list[int]]] = {}
+    for i, call in enumerate(calls):
+        node = r.get_node_from_key(call["keys"][0])
+        by_node.setdefault(node.name, (node, []))[1].append(i)
+    try:
+        for node, idxs in by_node.values():
+            pipe = node.redis_connection.pipeline(transaction=False)
+            for i in idxs:
+                script(**calls[i], client=pipe)
+            for i, reply in zip(idxs, pipe.execute(raise_on_error=False)):
+                replies[i] = reply
+    except UNAVAILABLE:
+        replies = [_AGAIN if x is None else x for x in replies]
+    for i, reply in enumerate(replies):
+        if reply is _AGAIN or isinstance(reply, (AskError, NoScriptError, TryAgainError)):
+            replies[i] = script(**calls[i])
+        elif isinstance(reply, Exception):
+            raise reply
+    return replies

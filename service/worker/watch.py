@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 from service.broker.consumer import StartedJob, WorkerQueue
-from service.contract import CANCELLED, FAILED
+from service.contract import CANCELLED, DEADLINE_EXCEEDED, FAILED
 
 log = logging.getLogger("clusca.worker")
 
@@ -33,7 +33,7 @@ EndJob = Callable[[StartedJob, str, str], None]
 
 
 def deadline_error(job: StartedJob) -> str:
-    return (f"deadline exceeded: the job did not finish within its timeout_s of {job.request.timeout_s:g} s "
+    return (f"{DEADLINE_EXCEEDED}: the job did not finish within its timeout_s of {job.request.timeout_s:g} s "
             f"from submission")
 
 

@@ -20,13 +20,13 @@ import redis as redis_lib
 from service.broker.embedded import EmbeddedRedis, free_port
 from service.broker.keys import job_key, stream_key
 from service.cli.serve import STOP_BUDGET_S
-from tests.support import ROOT, TEST_MODELS, clusca_serve, is_ready, wait_until
+from tests.support import ROOT, TEST_MODEL_LIST, clusca_serve, is_ready, models_yaml, wait_until
 
 # Measured on the 2-core development machine with other work on it: a stop takes 1-3 s (budget
 # STOP_BUDGET_S), a refused start under 1 s; the bounds leave room for a loaded machine.
 STOP_BOUND_S = STOP_BUDGET_S + 5
 FAIL_FAST_BOUND_S = 5.0
-NOOP_MODELS = TEST_MODELS.split("  - name: tinyflux")[0]
+NOOP_MODELS = models_yaml(*(m for m in TEST_MODEL_LIST if m["kind"] == "noop"))
 
 
 def _models(tmp_path: Path) -> str:

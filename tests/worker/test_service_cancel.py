@@ -131,3 +131,15 @@ def test_a_closed_synchronous_client_cancels_its_job(service):
             assert _ended(c, kept, timeout=STEP_S * 4)["status"] == "succeeded"
     finally:
         Service.stop(worker)
+
+
+def test_a_synchronous_request_past_its_deadline_is_a_408_not_a_5xx(service):
+    worker = service.start_worker("crawl")
+    try:
+        with service.client() as c:
+            r = c.post("/generate", json={"model": "crawl", "prompt": "p", "timeout_s": 1})
+            assert r.status_code == 408 and r.json()["error"].startswith("deadline exceeded"), r.text
+            r = c.post("/v1/images/generations", json={"model": "crawl", "prompt": "p", "timeout_s": 1})
+            assert r.status_code == 408 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    finally:
+        Service.stop(worker)

@@ -12,7 +12,7 @@ from service.contract import SUCCEEDED
 from service.api.deps import AuthDep, ServicesDep
 from service.api.errors import ApiError
 from service.api.schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
-from service.api.views import timings
+from service.api.views import timings, unfinished_status
 from service.api.resolve import JobAsk, check_openai_size, idempotency_scope, request_fingerprint, resolve_job
 from service.api.submit import submit, wait_for
 
@@ -39,7 +39,8 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
         raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
                        f"it continues: GET /jobs/{job_id}")
     if record.status != SUCCEEDED:
-        raise ApiError(500, "job_" + record.status, record.error or record.status)
+        code = "deadline_exceeded" if record.deadline_exceeded else "job_" + record.status
+        raise ApiError(unfinished_status(record), code, record.error or record.status)
     if body.response_format == "url":
         base = str(request.base_url).rstrip("/")
         data = [OpenAIImage(url=f"{base}/jobs/{job_id}/images/{k}") for k in range(len(images))]
