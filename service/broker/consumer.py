@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, TypeVar
 from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from service.contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, JobRequest, JobResult, as_text
-from service.broker.keys import (check_layout, done_key, events_key, images_key, job_key, job_tag, stream_key, worker_key, workers_key)
+from service.broker.keys import (check_layout, done_key, events_key, images_key, input_key, job_key, job_tag, stream_key, worker_key, workers_key)
 from service.broker.connect import UNAVAILABLE, is_cluster
 from service.broker.slot_route import SlotRoute
 from service.broker.lua import SCRIPTS
@@ -165,6 +165,10 @@ class WorkerQueue:
             by_model.setdefault(d.model, []).append(d.entry_id)
         for m, ids in by_model.items():
             self.r.xclaim(stream_key(m), GROUP, self.worker_id, 0, ids, justid=True)
+
+    def input(self, model: str, digest: str) -> bytes | None:
+        """An edit's input as the API stored it (None once it expired)."""
+        return self.r.get(input_key(model, digest))
 
     def peek_requests(self, deliveries: list[Delivery]) -> list[JobRequest | None]:
         def run(client: Any) -> list[Any]:

@@ -1,0 +1,50 @@
+"""An edit's inputs, read back for the call that runs it: the PNGs the API stored, as PIL images.
+
+The API checked and re-encoded them (service/api/edit_inputs.py) and the request names them by
+digest; they are read from where the API kept them (service/outputs/inputs.py). An input that
+has expired, or whose bytes are not the ones named, fails its job with a reason.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+from PIL import Image
+
+from service.broker.consumer import StartedJob, WorkerQueue
+from service.outputs.inputs import read_input
+from service.outputs.store import Store
+
+MISSING = "the input image of this edit is no longer stored (it expired with CLUSCA_RESULT_TTL_S); send it again"
+
+
+def _decode(data: bytes, mode: str) -> Image.Image:
+    im = Image.open(io.BytesIO(data), formats=("PNG",))
+    im.load()
+    return im.convert(mode)
+
+
+def load_inputs(q: WorkerQueue, store: Store, jobs: Sequence[StartedJob]) -> tuple[list[Any], list[StartedJob]]:
+    """Each edit job's ``(image, mask or None)`` in order, and the jobs whose inputs are gone
+    (left out of the first list). Jobs that are not edits get ``(None, None)``."""
+    found: list[Any] = []
+    gone: list[StartedJob] = []
+    for j in jobs:
+        r = j.request
+        if not r.is_edit:
+            found.append((None, None))
+            continue
+        model = j.delivery.model
+        pair = []
+        for digest, mode in ((r.image, "RGB"), (r.mask, "L")):
+            if digest is None:
+                pair.append(None)
+                continue
+            data = read_input(store, digest, lambda d=digest: q.input(model, d))
+            pair.append(_decode(data, mode) if data is not None else False)
+        if False in pair:
+            gone.append(j)
+        else:
+            found.append(tuple(pair))
+    return found, gone
