@@ -100,7 +100,10 @@ def _open(field: str, data: bytes, max_pixels: int) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data), formats=FORMATS)
-        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise _bad(field, f"declares a size too large to decode; the service decodes at most {max_pixels} "
+                              "pixels (CLUSCA_MAX_PIXELS)") from None
+        except UnidentifiedImageError:
             raise _bad(field, "is not a PNG, JPEG or WebP image (or its header is damaged)") from None
         except (OSError, ValueError, SyntaxError):
             raise _bad(field, "is not a readable PNG, JPEG or WebP image") from None
