@@ -220,6 +220,13 @@ class OpenAIImageRequest(BaseModel):
     cancel_on_disconnect: bool = CANCEL_ON_DISCONNECT_FIELD
 
 
+class OpenAIImageEditRequest(OpenAIImageRequest):
+    """The text fields of OpenAI's ``images.edit`` form (its ``image`` and ``mask`` are files);
+    ``strength`` is this service's. The output has the image's size (``size``, if given, must be it)."""
+
+    strength: Optional[float] = STRENGTH_FIELD
+
+
 class OpenAIImage(BaseModel):
     b64_json: Optional[str] = None
     url: Optional[str] = None

@@ -107,7 +107,10 @@ def test_an_image_over_the_byte_cap_is_413_before_it_is_decoded(service):
         with httpx.Client(base_url=url, timeout=30) as c:
             resp = c.post("/generate", json={"model": "shapes", "prompt": "x", "image": b64(big)})
             small = c.post("/generate", json={"model": "shapes", "prompt": "x", "image": IMAGE, "width": 16})
-        assert resp.status_code == 413, resp.text
+            upload = c.post("/v1/images/edits", data={"prompt": "x", "model": "shapes"},
+                            files=[("image", ("big.png", big, "image/png"))])
+        assert resp.status_code == upload.status_code == 413, (resp.text, upload.text)
+        assert upload.json()["error"]["param"] == "image"
         assert resp.json()["error"]["param"] == "image" and "CLUSCA_MAX_INPUT_BYTES" in resp.json()["error"]["message"]
         assert small.status_code == 422 and small.json()["error"]["param"] == "width"  # a small one is read
     finally:
@@ -167,3 +170,65 @@ def test_an_input_is_named_by_the_digest_of_the_png_the_worker_reads():
     a, b = decode_image("image", png(), 4096), decode_image("image", png(), 4096)
     assert a == b and len(a.digest) == 64 and a.png.startswith(b"\x89PNG")
     assert EditInput(a.png, 32, 32).digest == a.digest != decode_image("image", png(color=(0, 0, 0)), 4096).digest
+
+
+# ---------------------------------------------------------------------------- /v1/images/edits
+def _rgba_mask(alpha: int = 0, size=(32, 32)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGBA", size, (0, 0, 0, alpha)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _files(image=None, mask=None, image_name="image", image_type="image/png"):
+    files = [(image_name, ("in.png", png() if image is None else image, image_type))]
+    return files + ([("mask", ("mask.png", mask, "image/png"))] if mask is not None else [])
+
+
+FORM = {"prompt": "a blue square", "model": "shapes", "n": "1", "response_format": "b64_json"}
+BAD_FORMS = [
+    (dict(data=FORM, files=[("image", (None, "not a file"))]), 422, "image", "must be a file part"),
+    (dict(data=FORM, files=_files(image_type="text/plain")), 422, "image", "sent as text/plain"),
+    (dict(data=FORM, files=[("mask", ("m.png", _rgba_mask(), "image/png"))]), 422, "image", "is required"),
+    (dict(data=FORM, files=_files(image_name="image[]") + _files(image_name="image[]")), 422, "image[]",
+     "one image per request"),
+    (dict(data=FORM, files=_files(mask=png())), 422, "mask", "no alpha channel"),
+    (dict(data=FORM, files=_files(mask=_rgba_mask(size=(16, 16)))), 422, "mask", "the image's size, 32x32"),
+    (dict(data={**FORM, "size": "64x64"}, files=_files()), 422, "size", "32x32"),
+    (dict(data={**FORM, "size": "32x32"}, files=_files(image=png((64, 64)))), 422, "size", "the image is 64x64"),
+    (dict(data={**FORM, "n": "zero"}, files=_files()), 422, "n", ""),
+    (dict(data={**FORM, "strength": "2"}, files=_files()), 422, "strength", ""),
+    (dict(data={k: v for k, v in FORM.items() if k != "prompt"}, files=_files()), 422, "prompt", "is required"),
+    (dict(data={**FORM, "model": "noop"}, files=_files(image=png((16, 16)))), 422, "image", "does not edit"),
+    (dict(data=FORM, files=_files(image=b"GIF89a....")), 422, "image", "not a PNG, JPEG or WebP"),
+]
+
+
+@pytest.mark.parametrize("send,status,param,words", BAD_FORMS, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD_FORMS)])
+def test_a_bad_openai_edit_form_is_refused_naming_its_field(service, send, status, param, words):
+    r = service.redis_client()
+    before = _queued(r)
+    with service.client() as c:
+        resp = c.post("/v1/images/edits", **send)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+    assert _queued(r) == before
+
+
+@pytest.mark.parametrize("kind", ["json", "form"])
+def test_an_openai_edit_that_is_not_multipart_is_415_naming_its_content_type(service, kind):
+    with service.client() as c:
+        resp = c.post("/v1/images/edits", json={"prompt": "x", "image": IMAGE}) if kind == "json" \
+            else c.post("/v1/images/edits", data={"prompt": "x"})
+    assert resp.status_code == 415, resp.text
+    err = resp.json()["error"]
+    sent = "application/json" if kind == "json" else "application/x-www-form-urlencoded"
+    assert err["param"] == "body" and sent in err["message"] and "multipart/form-data" in err["message"]
+
+
+def test_the_openai_edit_form_is_in_the_schema(service):
+    with service.client() as c:
+        op = c.get("/openapi.json").json()["paths"]["/v1/images/edits"]["post"]
+    form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "mask", "prompt", "n", "size", "strength"} <= set(form["properties"])
+    assert {"413", "415", "422"} <= set(op["responses"])

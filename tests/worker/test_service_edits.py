@@ -171,3 +171,29 @@ def test_an_input_that_expired_fails_its_job_with_the_reason(shapes, pipe):
         _finished(c, ahead)
         wait_until(lambda: c.get(f"/jobs/{job_id}").json()["status"] == "failed", timeout=60, what="failed edit")
         assert "no longer stored" in c.get(f"/jobs/{job_id}").json()["error"]
+
+
+@pytest.mark.parametrize("image_name", ["image", "image[]"])
+def test_openai_images_edit_as_the_sdk_sends_it(shapes, pipe, image_name):
+    """The multipart form of the OpenAI SDK's ``client.images.edit(image=..., mask=..., prompt=..., n=...,
+    size=...)``: files ``image`` (``image[]`` for a list) and ``mask``, text fields for the rest; its
+    mask is transparent where the image is to be edited."""
+    src = _source(pipe, "a yellow circle", 11)
+    alpha = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    alpha.paste((0, 0, 0, 0), (0, 0, 32, 16))  # the top half is transparent: redraw it
+    files = []
+    for name, im in ((image_name, src), ("mask", alpha)):
+        out = io.BytesIO()
+        im.save(out, "PNG")
+        files.append((name, (f"{name.strip('[]')}.png", out.getvalue(), "image/png")))
+    form = {"prompt": "a blue square at the top", "model": "shapes", "n": "2", "size": "32x32",
+            "response_format": "b64_json", "seed": "12", "steps": "12"}
+    with shapes.client() as c:
+        resp = c.post("/v1/images/edits", data=form, files=files, timeout=180)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert len(body["data"]) == 2 and body["seed"] == 12
+    before = np.asarray(src, dtype=np.int16)
+    for item in body["data"]:
+        out = _pixels(item["b64_json"])
+        assert np.array_equal(out[16:], before[16:]) and not np.array_equal(out[:16], before[:16])
