@@ -192,4 +192,10 @@ async def keep_edit(services: Services, model: str, edit: EditInputs | None) -> 
                 raise ApiError(503, "unavailable", "the input image could not be stored (see CLUSCA_VIDEO_STORE); "
                                "retry later", headers={"Retry-After": "2"}) from None
         else:
+            try:
+                store.put(item.digest[:32], 0, item.png, "png")  # the Redis store's own cap on what it keeps
+            except NotKept as exc:
+                field = "image" if item is edit.image else "mask"
+                raise _bad(field, f"decodes to {len(item.png)} bytes of PNG, more than Redis keeps: {exc}", 413) \
+                    from None
             await queue.put_input(model, item.digest, item.png)

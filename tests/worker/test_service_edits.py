@@ -197,3 +197,15 @@ def test_openai_images_edit_as_the_sdk_sends_it(shapes, pipe, image_name):
     for item in body["data"]:
         out = _pixels(item["b64_json"])
         assert np.array_equal(out[16:], before[16:]) and not np.array_equal(out[:16], before[:16])
+
+
+def test_an_edit_repeated_with_its_idempotency_key_is_the_same_job(shapes, pipe):
+    src, other = _source(pipe, "a red circle", 12), _source(pipe, "a red circle", 13)
+    body = {"model": "shapes", "prompt": "a blue square", "image": _png(src), "steps": 8, "async": True}
+    headers = {"Idempotency-Key": "edit-once"}
+    with shapes.client() as c:
+        first = c.post("/generate", json=body, headers=headers)
+        again = c.post("/generate", json=body, headers=headers)
+        changed = c.post("/generate", json={**body, "image": _png(other)}, headers=headers)
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    assert changed.status_code == 422 and changed.json()["error"]["code"] == "idempotency_key_reused"
