@@ -303,8 +303,9 @@ class ShapesFluxPipeline(DiffusionPipeline):
         start = 0
         known = repaint = None
         if image is not None:
-            start, known, repaint = self._edit_inputs(image, mask_image, strength, steps, len(prompts) // num_images_per_prompt,
-                                                      num_images_per_prompt, height, width, device)
+            start, known, repaint = self._edit_inputs(image, mask_image, strength, steps,
+                                                      len(prompts) // num_images_per_prompt, num_images_per_prompt,
+                                                      height, width, device)
             timesteps = timesteps[start:]
             self.scheduler.set_begin_index(start)
             sigma = float(self.scheduler.sigmas[start])

@@ -19,7 +19,10 @@ from service.outputs.store import Store
 MISSING = "the input image of this edit is no longer stored (it expired with CLUSCA_RESULT_TTL_S); send it again"
 
 
-def _decode(data: bytes, mode: str) -> Image.Image:
+def _image(q: WorkerQueue, store: Store, model: str, digest: str, mode: str) -> Image.Image | None:
+    data = read_input(store, digest, lambda: q.input(model, digest))
+    if data is None:
+        return None
     im = Image.open(io.BytesIO(data), formats=("PNG",))
     im.load()
     return im.convert(mode)
@@ -27,24 +30,15 @@ def _decode(data: bytes, mode: str) -> Image.Image:
 
 def load_inputs(q: WorkerQueue, store: Store, jobs: Sequence[StartedJob]) -> tuple[list[Any], list[StartedJob]]:
     """Each edit job's ``(image, mask or None)`` in order, and the jobs whose inputs are gone
-    (left out of the first list). Jobs that are not edits get ``(None, None)``."""
+    (left out of the first list)."""
     found: list[Any] = []
     gone: list[StartedJob] = []
     for j in jobs:
-        r = j.request
-        if not r.is_edit:
-            found.append((None, None))
-            continue
-        model = j.delivery.model
-        pair = []
-        for digest, mode in ((r.image, "RGB"), (r.mask, "L")):
-            if digest is None:
-                pair.append(None)
-                continue
-            data = read_input(store, digest, lambda d=digest: q.input(model, d))
-            pair.append(_decode(data, mode) if data is not None else False)
-        if False in pair:
+        r, model = j.request, j.delivery.model
+        image = _image(q, store, model, r.image, "RGB") if r.image is not None else None
+        mask = _image(q, store, model, r.mask, "L") if r.mask is not None else None
+        if image is None or (r.mask is not None and mask is None):
             gone.append(j)
         else:
-            found.append(tuple(pair))
+            found.append((image, mask))
     return found, gone
