@@ -232,6 +232,7 @@ def test_with_api_keys_the_page_asks_for_one_and_sends_it_and_cancel_stops_a_job
             assert answer.value.status == status and answer.value.request.headers["authorization"] == f"Bearer {key}"
         pg.wait_for_selector("#model option[value=noop]", state="attached")
         assert pg.is_hidden("#error")
+        assert pg.is_hidden("#edit")  # the no-op model edits nothing: the page offers no upload
 
         pg.fill("#prompt", "anything")
         pg.click("#generate")

@@ -7,6 +7,8 @@
 const $ = (id) => document.getElementById(id);
 let imageURL = null;
 let painted = false;
+// What the chosen model edits (GET /models): none, image (no mask) or inpaint.
+let edits = "none";
 
 function canvases() {
   return { image: $("edit-image"), mask: $("edit-mask") };
@@ -41,12 +43,14 @@ async function load(file) {
 
 function describe() {
   const { image } = canvases();
+  const how = edits === "inpaint" ? "paint over it to inpaint, or leave it to redraw the whole image"
+    : "this model redraws the whole image (it does not inpaint)";
   $("edit-info").textContent = imageURL === null ? "No image: the prompt alone is drawn."
-    : `${image.width}×${image.height}; ${painted ? "the painted pixels are redrawn, every other pixel is kept"
-      : "paint over it to inpaint, or leave it to redraw the whole image"}.`;
+    : `${image.width}×${image.height}; ${painted ? "the painted pixels are redrawn, every other pixel is kept" : how}.`;
 }
 
 function paintAt(event) {
+  if (edits !== "inpaint") return;
   const { mask } = canvases();
   const box = mask.getBoundingClientRect();
   const x = ((event.clientX - box.left) / box.width) * mask.width;
@@ -95,9 +99,18 @@ function maskURL() {
   return out.toDataURL("image/png");
 }
 
-// The request fields of the edit on show: {} without an image.
+// Show the section only for a model that edits; painting only for one that inpaints.
+export function configure(modelEdits) {
+  edits = modelEdits || "none";
+  $("edit").hidden = edits === "none";
+  $("edit-mask").classList.toggle("off", edits !== "inpaint");
+  if (edits !== "inpaint") clearMask();
+  describe();
+}
+
+// The request fields of the edit on show: {} without an image, or for a model that does not edit.
 export function fields() {
-  if (imageURL === null) return {};
+  if (imageURL === null || edits === "none") return {};
   const out = { image: imageURL };
   if ($("strength").value !== "") out.strength = Number($("strength").value);
   if (painted) out.mask = maskURL();

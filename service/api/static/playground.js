@@ -93,6 +93,7 @@ function onModelChange() {
   const what = m.pipeline_class && m.pipeline_class !== "auto" ? m.pipeline_class : `${m.kind} model`;
   $("model-info").textContent = `${what}: ${d.width}×${d.height}, ${d.steps} steps, guidance ${d.guidance}` +
     `${size}; ${m.workers_alive} worker(s), ${m.queue_depth} queued.`;
+  edit.configure(m.edits);
   const video = m.output === "video";
   $("compare").disabled = video;
   if (video) $("compare").checked = false;
