@@ -62,7 +62,7 @@ STRENGTH_FIELD: Any = Field(None, gt=0, le=1, allow_inf_nan=False, description=(
 
 
 class GenerateRequest(BaseModel):
-    """One text-to-image request."""
+    """One text-to-image request, or an edit of an image (``image``, ``strength``, ``mask``)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
         "examples": [{"prompt": "a red circle on the left", "seed": 7, "cache": {"preset": "balanced"}}]})
