@@ -1,4 +1,6 @@
 # Two commands on a fresh machine: `make serve` and `make test`.
+# `make serve PORT=8001 HOST=0.0.0.0 WORKERS=2`: where the API listens and how many workers run
+# (unset: CLUSCA_PORT / CLUSCA_HOST, else 127.0.0.1:8000, and one worker).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +17,7 @@ $(BIN)/clusca: pyproject.toml
 install: $(BIN)/clusca
 
 serve: install
-	$(BIN)/clusca serve
+	$(BIN)/clusca serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(WORKERS),--workers $(WORKERS))
 
 test: install
 	$(BIN)/pytest -q

@@ -1,4 +1,4 @@
-"""What the benchmarks that start the service share: waiting for it to be ready."""
+"""What the benchmarks that start the service share: waiting for it to be ready, stopping it."""
 
 from __future__ import annotations
 
@@ -27,3 +27,12 @@ def wait_until_ready(url: str, timeout_s: float, *, poll_s: float, request_timeo
             pass
         time.sleep(poll_s)
     return False
+
+
+def stop_all(procs: list, redis) -> None:
+    """Stop the service's processes (all asked at once, then waited for), then its Redis."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+    redis.stop()

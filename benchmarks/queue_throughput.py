@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
-from benchmarks._service import wait_until_ready  # noqa: E402
+from benchmarks._service import stop_all, wait_until_ready  # noqa: E402
 from benchmarks._summary import Headline, cpu, day  # noqa: E402
 
 from service.broker import connect as redis_conn  # noqa: E402
@@ -109,11 +109,7 @@ class Stack:
         return out
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.wait(30)
-        self.redis.stop()
+        stop_all(self.procs, self.redis)
 
 
 def wait_done(redis_url: str, ids: list[str], timeout: float = 300) -> None:

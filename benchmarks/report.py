@@ -49,7 +49,7 @@ from benchmarks._results import RESULTS, load  # noqa: E402
 TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "library": ("Library", ("speed_flux", "cache_compare", "cached_step")),
     "builtin": ("Built-in model", ("builtin_model", "tune_builtin")),
-    "service": ("Service", ("service_overhead", "queue_throughput", "load", "queue_cpu")),
+    "service": ("Service", ("service_overhead", "queue_throughput", "load", "queue_cpu", "cancel_latency", "lanes_latency")),
     "video": ("Video", ("video_transformer", "video_caches")),
     "gpu": ("GPU", ("gpu_flux",)),
     "reliability": ("Reliability", ()),

@@ -76,7 +76,7 @@ History: the progress thread first made one Redis round trip per denoising step 
 per image; +16.2 ms overhead); then all waiting steps went in one round trip at most every
 0.1 s; now at most every 0.25 s, and the steps still waiting when the job ends go with its
 result in the finish script (each step still gets its own progress event, in order; a
-cancel takes effect within 0.25 s plus a step). The ClusCa FLOPs probe (~0.35 ms) runs
+cancel now lands within a transformer block: see the cancel and deadlines section). The ClusCa FLOPs probe (~0.35 ms) runs
 once per call shape, not once per request."""
 
 

@@ -89,6 +89,15 @@ class _SlotHook(compat.ModelHook):
         # The FLOPs probe counts with module hooks, which compiled code does not run.
         return self.fn_ref.original_forward
 
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.controller.caching:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.run_forward(args, kwargs)
+
+    def run_forward(self, args: tuple, kwargs: dict) -> Any:
+        """The module's call during a caching run, on a full step or a cached one."""
+        raise NotImplementedError
+
     def _state(self, args: tuple, kwargs: dict) -> tuple[BranchState, SlotState, torch.Tensor | None]:
         """This call's branch, this module's cache in it, and the module's first input tensor."""
         branch = self.controller.branch
@@ -114,10 +123,8 @@ def _no_raw(layout) -> bool:
 class TaylorHook(_SlotHook):
     """Predict the whole output of a module (attention) on cached steps."""
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def run_forward(self, args: tuple, kwargs: dict) -> Any:
         ctrl = self.controller
-        if not ctrl.caching:
-            return self.fn_ref.original_forward(*args, **kwargs)
         branch, st, x = self._state(args, kwargs)
         text = kwargs.get("encoder_hidden_states")  # stands in for the text output while it is dead
         if branch.full or st.n == 0 or (x is not None and x.shape != st.in_shape):
@@ -135,10 +142,8 @@ class TextStreamHook(_SlotHook):
     kept; the other outputs (per-sample gates and shifts) are kept as they are.
     """
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def run_forward(self, args: tuple, kwargs: dict) -> Any:
         ctrl = self.controller
-        if not ctrl.caching:
-            return self.fn_ref.original_forward(*args, **kwargs)
         branch, st, x = self._state(args, kwargs)
         stale = st.n == 0 or (x is not None and x.shape != st.in_shape)
         if branch.full or stale or ctrl.config.refresh_text:
@@ -170,10 +175,8 @@ class BlockHook(_SlotHook):
     def _inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         return [get_arg(args, kwargs, name, pos) for name, pos in self.slot.residuals]
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def run_forward(self, args: tuple, kwargs: dict) -> Any:
         ctrl = self.controller
-        if not ctrl.caching:
-            return self.fn_ref.original_forward(*args, **kwargs)
         slot = self.slot
         branch = ctrl.branch
         st = branch.slots[self.index]
@@ -249,10 +252,8 @@ class _ChainSum:
 class FeedForwardHook(_SlotHook):
     """Fresh tokens (one per cluster) plus propagation on cached steps."""
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def run_forward(self, args: tuple, kwargs: dict) -> Any:
         ctrl = self.controller
-        if not ctrl.caching:
-            return self.fn_ref.original_forward(*args, **kwargs)
         branch, st, x = self._state(args, kwargs)
         if branch.full or st.n == 0 or x is None or x.shape != st.in_shape:
             # Fresh tokens edit F_0 between full steps; keep the true output for the next difference.

@@ -89,35 +89,45 @@ _DUAL_STREAM_TEXT = (rf"transformer_blocks\.{_N}\.norm1_context", rf"transformer
 # tokens as ``encoder_hidden_states``.
 _DUAL_STREAM_TEXT_OUTPUTS = {"attention": 1, "block": "encoder_hidden_states"}
 
+
+def _dual_then_single_stream(name: str, model_class: str, *, text_first: bool) -> ArchitecturePatterns:
+    """Dual-stream blocks followed by chained single-stream ones (FLUX, HunyuanVideo); ``text_first``:
+    both kinds of block return the text tokens before the image tokens."""
+    residuals = ("encoder_hidden_states", "hidden_states")
+    image, text = (1, 0) if text_first else (0, 1)
+    return ArchitecturePatterns(
+        name=name,
+        model_classes=(model_class,),
+        attention=(rf"transformer_blocks\.{_N}\.attn",),
+        blocks=(rf"single_transformer_blocks\.{_N}",),
+        block_residuals=residuals if text_first else residuals[::-1],
+        chain_blocks=True,
+        feedforward=_DUAL_STREAM_FF,
+        text_stream=_DUAL_STREAM_TEXT,
+        text_outputs=_DUAL_STREAM_TEXT_OUTPUTS,
+        cluster_module=rf"transformer_blocks\.{_N}",
+        cluster_sources={"image": ("output", image), "text": ("output", text)},
+    )
+
+
+def _one_stream(name: str, model_class: str, blocks: str = "transformer_blocks",
+                ff: str = "ff") -> ArchitecturePatterns:
+    """One token stream (PixArt, DiT, Wan): each block's attention modules and its feed-forward."""
+    return ArchitecturePatterns(
+        name=name,
+        model_classes=(model_class,),
+        attention=(rf"{blocks}\.{_N}\.attn[12]",),
+        feedforward={rf"{blocks}\.{_N}\.{ff}": "image"},
+        cluster_module=rf"{blocks}\.{_N}",
+        cluster_sources={"image": ("output", None)},
+    )
+
+
 ARCHITECTURES: dict[str, ArchitecturePatterns] = {
-    "flux": ArchitecturePatterns(
-        name="flux",
-        model_classes=("FluxTransformer2DModel",),
-        attention=(rf"transformer_blocks\.{_N}\.attn",),
-        blocks=(rf"single_transformer_blocks\.{_N}",),
-        # FluxSingleTransformerBlock returns (encoder_hidden_states, hidden_states).
-        block_residuals=("encoder_hidden_states", "hidden_states"),
-        chain_blocks=True,
-        feedforward=_DUAL_STREAM_FF,
-        text_stream=_DUAL_STREAM_TEXT,
-        text_outputs=_DUAL_STREAM_TEXT_OUTPUTS,
-        cluster_module=rf"transformer_blocks\.{_N}",
-        cluster_sources={"image": ("output", 1), "text": ("output", 0)},
-    ),
-    "hunyuan_video": ArchitecturePatterns(
-        name="hunyuan_video",
-        model_classes=("HunyuanVideoTransformer3DModel",),
-        attention=(rf"transformer_blocks\.{_N}\.attn",),
-        blocks=(rf"single_transformer_blocks\.{_N}",),
-        # HunyuanVideoSingleTransformerBlock returns (hidden_states, encoder_hidden_states).
-        block_residuals=("hidden_states", "encoder_hidden_states"),
-        chain_blocks=True,
-        feedforward=_DUAL_STREAM_FF,
-        text_stream=_DUAL_STREAM_TEXT,
-        text_outputs=_DUAL_STREAM_TEXT_OUTPUTS,
-        cluster_module=rf"transformer_blocks\.{_N}",
-        cluster_sources={"image": ("output", 0), "text": ("output", 1)},
-    ),
+    # FluxTransformerBlock and FluxSingleTransformerBlock return (encoder_hidden_states, hidden_states).
+    "flux": _dual_then_single_stream("flux", "FluxTransformer2DModel", text_first=True),
+    # HunyuanVideo's blocks return (hidden_states, encoder_hidden_states).
+    "hunyuan_video": _dual_then_single_stream("hunyuan_video", "HunyuanVideoTransformer3DModel", text_first=False),
     "sd3": ArchitecturePatterns(
         name="sd3",
         model_classes=("SD3Transformer2DModel",),
@@ -130,30 +140,9 @@ ARCHITECTURES: dict[str, ArchitecturePatterns] = {
         # clustered on that block's text input, i.e. the previous block's text output.
         cluster_sources={"image": ("output", 1), "text": ("input", "encoder_hidden_states")},
     ),
-    "pixart": ArchitecturePatterns(
-        name="pixart",
-        model_classes=("PixArtTransformer2DModel",),
-        attention=(rf"transformer_blocks\.{_N}\.attn[12]",),
-        feedforward={rf"transformer_blocks\.{_N}\.ff": "image"},
-        cluster_module=rf"transformer_blocks\.{_N}",
-        cluster_sources={"image": ("output", None)},
-    ),
-    "dit": ArchitecturePatterns(
-        name="dit",
-        model_classes=("DiTTransformer2DModel",),
-        attention=(rf"transformer_blocks\.{_N}\.attn[12]",),
-        feedforward={rf"transformer_blocks\.{_N}\.ff": "image"},
-        cluster_module=rf"transformer_blocks\.{_N}",
-        cluster_sources={"image": ("output", None)},
-    ),
-    "wan": ArchitecturePatterns(
-        name="wan",
-        model_classes=("WanTransformer3DModel",),
-        attention=(rf"blocks\.{_N}\.attn[12]",),
-        feedforward={rf"blocks\.{_N}\.ffn": "image"},
-        cluster_module=rf"blocks\.{_N}",
-        cluster_sources={"image": ("output", None)},
-    ),
+    "pixart": _one_stream("pixart", "PixArtTransformer2DModel"),
+    "dit": _one_stream("dit", "DiTTransformer2DModel"),
+    "wan": _one_stream("wan", "WanTransformer3DModel", blocks="blocks", ff="ffn"),
 }
 
 

@@ -11,15 +11,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 
-def build_transformer(
-    patch: int = 4,
-    width_heads: int = 6,
-    head_dim: int = 32,
-    num_layers: int = 2,
-    num_single_layers: int = 2,
-    text_dim: int = 128,
-    pooled_dim: int = 128,
-) -> FluxTransformer2DModel:
+def build_transformer(patch: int = 4, width_heads: int = 6, head_dim: int = 32, num_layers: int = 2,
+                      num_single_layers: int = 2, text_dim: int = 128, pooled_dim: int = 128) -> FluxTransformer2DModel:
     channels = 3 * patch * patch
     # RoPE splits each head over (unused, row, col) axes; sizes must be even and sum to head_dim.
     side = (head_dim // 8) * 4 if head_dim >= 16 else head_dim // 2

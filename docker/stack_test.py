@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,12 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python docker/stack_test.py`: the checkout's packages
+    sys.path.insert(0, str(ROOT))
+
+from service.broker.embedded import free_port  # noqa: E402
+from tests.support import models_yaml, noop_model  # noqa: E402
+
 COMPOSE = ROOT / "docker-compose.yml"
 HOSTNET = ROOT / "docker" / "compose.hostnet.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -64,19 +69,8 @@ MAX_IMAGE_BYTES = 1.5e9
 
 # Models the stack serves: the built-in model, plus no-op models (part of the service)
 # slow enough to be caught mid-job and fast enough for a load.
-MODELS_YAML = """\
-models:
-  - name: shapes
-    kind: builtin
-  - name: slowjob
-    kind: noop
-    options: {step_delay_s: 0.25}
-    defaults: {width: 16, height: 16, steps: 40, guidance: 0, cache: "off", size_multiple: 8}
-  - name: quick
-    kind: noop
-    options: {step_delay_s: 0.02}
-    defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
-"""
+MODELS_YAML = models_yaml({"name": "shapes", "kind": "builtin"}, noop_model("slowjob", 40, delay=0.25),
+                          noop_model("quick", 10, delay=0.02))
 
 
 class Skip(Exception):
@@ -89,12 +83,6 @@ class Failed(Exception):
 
 def say(msg: str) -> None:
     print(f"[docker-test {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, n: int = 40) -> str:

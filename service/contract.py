@@ -18,7 +18,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, Mapping, TypeVar, get_args
 
 from clusca.config import ClusCaConfig, ClusCaConfigError
 from clusca.stats import RunStats
@@ -85,9 +85,31 @@ def _loads(raw: str | bytes | bytearray) -> Any:
     return json.loads(raw)
 
 
+Stored = TypeVar("Stored", bound="_StoredAsJson")
+
+
+class _StoredAsJson:
+    """What a request and a result share: stored as JSON, and a stored value this service could
+    not have written (another program's, or a corrupted one) read back as ``None``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return _json(self.to_dict())
+
+    @classmethod
+    def parse(cls: type[Stored], raw: Any) -> Stored | None:
+        """The value stored as ``raw`` (JSON text or bytes), or None when this service could not have written it."""
+        try:
+            return cls.from_dict(_loads(raw))
+        except (TypeError, ValueError):
+            return None
+
+
 # ---------------------------------------------------------------------------- the request
 @dataclass(frozen=True)
-class JobRequest:
+class JobRequest(_StoredAsJson):
     """One fully resolved request: every default filled in, every limit already checked.
 
     ``seed`` is the first image's seed; image ``k`` uses ``seed + k`` (:attr:`seeds`), so an
@@ -158,12 +180,6 @@ class JobRequest:
                            self.negative_prompt is None, self.cache.to_dict(), self.num_frames,
                            self.is_edit, self.strength, self.mask is not None], sort_keys=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return _json(self.to_dict())
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobRequest":
         """Check every field's type and range; :class:`ContractError` names the first bad one."""
@@ -209,14 +225,6 @@ class JobRequest:
                    timeout_s=None if timeout is None else float(timeout), image=image, mask=mask,
                    strength=None if strength is None else float(strength))
 
-    @classmethod
-    def parse(cls, raw: Any) -> "JobRequest | None":
-        """A stored request (JSON text or bytes), or None when the API could not have written it."""
-        try:
-            return cls.from_dict(_loads(raw))
-        except (TypeError, ValueError):
-            return None
-
 
 # ---------------------------------------------------------------------------- the result
 @dataclass(frozen=True)
@@ -229,7 +237,7 @@ class Timings:
 
 
 @dataclass(frozen=True)
-class JobResult:
+class JobResult(_StoredAsJson):
     """What the worker stores when a job ends, whatever the outcome.
 
     A job that failed before it ran (an invalid stored request) has only the defaults.
@@ -247,12 +255,6 @@ class JobResult:
     attempt: int | None = None
     content_type: str | None = None
     timings: Timings = field(default_factory=Timings)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return _json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobResult":
@@ -280,13 +282,6 @@ class JobResult:
             except (TypeError, ValueError) as exc:
                 raise ContractError(f"result.cache_stats: {exc}") from None
         return cls(**values, seeds=list(seeds), timings=timings)
-
-    @classmethod
-    def parse(cls, raw: Any) -> "JobResult | None":
-        try:
-            return cls.from_dict(_loads(raw))
-        except (TypeError, ValueError):
-            return None
 
 
 # ---------------------------------------------------------------------------- the record

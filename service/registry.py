@@ -17,6 +17,8 @@ File format (YAML or JSON)::
         defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: balanced}
         limits: {size_multiple: 16, max_side: 2048, max_pixels: 4194304, max_steps: 100, max_images: 4,
                  max_cost: 1677721600}  # e.g. 1024x1024 x 50 steps x 32 images
+        # optional cost lanes: jobs above this many pixel-steps wait in the model's long lane,
+        # e.g. more than two 1024x1024 images of 28 steps:  limits: {..., long_cost: 58720256}
         # optional per-model preset tuning, e.g.
         #   cache_presets: {balanced: {interval: 4, order: 0, clusters: 4, gamma: 0.0}}
 """
@@ -118,6 +120,10 @@ class ModelLimits(BaseModel):
     max_cost: Optional[int] = Field(None, ge=1)
     # The sizes ("WxH") the model draws well; when set, only these are admitted (and advertised).
     sizes: Optional[list[str]] = Field(None)
+    # Jobs costing more than this (JobRequest.cost: width x height x steps x images x frames) wait in
+    # the model's long lane, read after its short lane and never by CLUSCA_WORKER_LANES=short workers
+    # (service/broker/lanes.py); None: one lane, every job in arrival order.
+    long_cost: Optional[int] = Field(None, ge=1)
 
     @field_validator("sizes")
     @classmethod
@@ -146,7 +152,8 @@ class ModelLimits(BaseModel):
                            max_frames=min((x for x in (self.max_frames, max_frames) if x is not None), default=None),
                            frame_step=self.frame_step, max_video_pixels=self.max_video_pixels,
                            max_cost=self.max_cost, sizes=None if self.sizes is None else self._sizes_within(
-                               max_side=max_side, max_pixels=max_pixels))
+                               max_side=max_side, max_pixels=max_pixels),
+                           long_cost=self.long_cost)
 
     def _sizes_within(self, *, max_side: int, max_pixels: int) -> list[str]:
         """The listed sizes the service's own caps leave (a listed size it refuses is not offered)."""
@@ -310,11 +317,17 @@ def builtin_entry(path: str | Path | None = None) -> ModelEntry:
     from clusca_shapes import read_index
 
     index = read_index(path)
+    # Where the checkpoint's presets came from, as its index records it; an index that does not
+    # say (a checkpoint saved without it) is still named as their source (no path: clients see it).
+    source = index.get("cache_presets_source")
+    if not isinstance(source, dict):
+        source = {"tool": "the checkpoint's model_index.json, which records no more"}
     return ModelEntry(name=BUILTIN_MODEL, kind="builtin", dtype="float32",
                       defaults=ModelDefaults(width=int(index["default_width"]), height=int(index["default_height"]),
                                              steps=int(index["default_steps"]),
                                              guidance=float(index["default_guidance"]),
-                                             cache=index["default_cache"], cache_presets=index["cache_presets"]),
+                                             cache=index["default_cache"], cache_presets=index["cache_presets"],
+                                             cache_presets_source=source),
                       limits=builtin_limits(index))
 
 
@@ -368,9 +381,11 @@ class Registry:
                 if not item.get("defaults"):
                     item = {**builtin_entry(own).model_dump(exclude={"name"}), **item}
                 elif isinstance(item["defaults"], dict) and "cache_presets" not in item["defaults"]:
-                    # The checkpoint's own preset tuning applies unless the operator replaces it.
-                    tuned = builtin_entry(own).defaults.cache_presets
-                    item = {**item, "defaults": {**item["defaults"], "cache_presets": tuned}}
+                    # The checkpoint's own preset tuning applies unless the operator replaces it, and
+                    # so does what it says of their source.
+                    checkpoint = builtin_entry(own).defaults
+                    item = {**item, "defaults": {"cache_presets_source": checkpoint.cache_presets_source,
+                                                 **item["defaults"], "cache_presets": checkpoint.cache_presets}}
                 if "limits" not in item:
                     # So do its pipeline's limits.
                     item = {**item, "limits": builtin_entry(own).limits.model_dump(exclude_none=True)}

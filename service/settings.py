@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Mapping
+from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -43,9 +43,12 @@ class Settings(BaseModel):
     webhook_allow_private: bool = False
     prometheus_multiproc_dir: str | None = None
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
-    # 0 keeps torch's default (all cores). On CPU hosts shared with other processes one
-    # thread per worker avoids OpenMP spin-waiting, which measured 10x+ slower here.
-    torch_threads: int = Field(0, ge=0, le=1024)
+    # torch threads per worker; 0 keeps torch's default (a thread per core). One by default: on
+    # a CPU shared with other work, several threads per worker spin-wait for each other
+    # (OpenMP) and the built-in model measured 14-17x slower on two threads than on one
+    # (benchmarks/thread_default.py); on an idle 2-core CPU two threads are 1.5x faster, so
+    # set it to the cores a worker has to itself. On a GPU it hardly matters.
+    torch_threads: int = Field(1, ge=0, le=1024)
     # Request limits: generous defaults for GPU hosts; operators tighten them per deployment.
     max_prompt_chars: int = Field(2000, ge=1)
     max_pixels: int = Field(2048 * 2048, ge=1)
@@ -72,6 +75,9 @@ class Settings(BaseModel):
     reconcile_settle_s: float = Field(5.0, gt=0, le=3600)
     # Directory where each API process keeps that journal on disk too (service/broker/ack_log.py); unset: memory only.
     reconcile_journal: str | None = None
+    # Which of each model's lanes a worker reads (service/broker/lanes.py): "all" (short first, then
+    # long) or "short" (never a job above the model's long_cost: capacity long jobs cannot take).
+    worker_lanes: Literal["all", "short"] = "all"
 
     @field_validator("device")
     @classmethod
@@ -155,6 +161,7 @@ ENV_NAMES: dict[str, str] = {
     "redis_wait_timeout_ms": "CLUSCA_REDIS_WAIT_TIMEOUT_MS",
     "reconcile_settle_s": "CLUSCA_RECONCILE_SETTLE_S",
     "reconcile_journal": "CLUSCA_RECONCILE_JOURNAL",
+    "worker_lanes": "CLUSCA_WORKER_LANES",
 }
 
 

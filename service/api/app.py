@@ -18,7 +18,7 @@ from service.broker.keys import check_layout_async
 from service.broker.producer import JobQueue
 from service.registry import Registry
 from service.settings import Settings, get_settings
-from service.api import errors
+from service.api import errors, overload
 from service.api.deps import Services
 from service.api.middleware import BodyLimitAndMetrics
 from service.api.openapi_links import add_links
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     install_redoc(app, DOCS_ASSETS)  # fastapi-offline's ReDoc bundle still shows a logo from a CDN
     app.dependency_overrides[get_settings] = lambda: settings
     errors.install(app)
+    overload.install()
     routers = (admin.router, generate.router, jobs.router, openai.router, videos.router, system.router, playground.router,
                openai_models.router)
     for r in routers:

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 
 from .. import metrics
 from .errors import error_response
+from .middleware import replay
 
 Scope = dict[str, Any]
 _CLASH = "clashes with another field of that name (a value, an object and a list at once)"
@@ -145,16 +146,7 @@ class FormAsJson:
             return
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            return await receive()
-
-        await self.app({**scope, "headers": headers}, replay, send)
+        await self.app({**scope, "headers": headers}, replay(data, receive), send)
 
 
 def _header(scope: Scope, name: bytes) -> str:

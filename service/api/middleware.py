@@ -13,6 +13,21 @@ from service import metrics
 Scope = dict[str, Any]
 
 
+def replay(body: bytes, receive: Callable) -> Callable:
+    """A ``receive`` for the app that hands it ``body``, read whole here, as one message, and then
+    passes on whatever the server sends next (a disconnect)."""
+    sent = False
+
+    async def replayed() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
 class BodyLimitAndMetrics:
     """Refuse bodies over ``max_body_bytes`` with 413, and bodies not all sent within
     ``body_timeout_s`` with 408; count requests by route and status.
@@ -64,16 +79,7 @@ class BodyLimitAndMetrics:
                 if body is None:
                     await self._too_large(send_wrapper)
                     return
-                sent = False
-
-                async def replay() -> dict:
-                    nonlocal sent
-                    if not sent:
-                        sent = True
-                        return {"type": "http.request", "body": body, "more_body": False}
-                    return await receive()
-
-                await self.app(scope, replay, send_wrapper)
+                await self.app(scope, replay(body, receive), send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:

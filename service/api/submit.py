@@ -9,6 +9,7 @@ import asyncio
 from typing import Awaitable, Callable
 
 from service.contract import SUCCEEDED, JobRecord, JobRequest
+from service.broker.lanes import lane_of
 from service.broker.wire import IdempotencyMismatch, QueueFull
 from service.outputs.store import open_output, stored_is_ref
 from service.api.deps import Services
@@ -17,10 +18,12 @@ from service.api.errors import ApiError
 
 async def submit(services: Services, model: str, job: JobRequest, idem: str | None,
                  fingerprint: str = "") -> tuple[str, bool]:
-    """Queue ``job``; return ``(job_id, created)``, or raise the API error for a full queue or a reused key."""
+    """Queue ``job`` in the lane its cost picks; return ``(job_id, created)``, or raise the API error
+    for a full queue or a reused key."""
     depth_limit = services.settings.max_queue
+    lane = lane_of(services.registry.get(model).limits, job)
     try:
-        return await services.queue.enqueue(model, job, idem, fingerprint)
+        return await services.queue.enqueue(model, job, idem, fingerprint, lane=lane)
     except IdempotencyMismatch:
         raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: this key was already used for a different "
                        "request; use a new key for a new request", param="Idempotency-Key") from None

@@ -1,8 +1,9 @@
 """The consumer side of the Redis Streams queue: what a worker does (synchronous client).
 
-Read new entries (per cluster slot where the streams span several), reclaim entries a
-dead worker left pending, start jobs with attempt counting, publish progress, and finish
-each job exactly once with its acknowledgement: start and finish are single Lua scripts
+Read new entries (per cluster slot where the streams span several; a model's short lane
+before its long lane, :mod:`service.broker.lanes`), reclaim entries a dead worker left
+pending, start jobs with attempt counting, publish progress, and finish each job exactly
+once with its acknowledgement: start and finish are single Lua scripts
 (:mod:`service.broker.lua`), so two workers that both ran a job after a takeover cannot
 both store a result.
 """
@@ -18,7 +19,8 @@ from typing import Any, Callable, Mapping, TypeVar
 from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from service.contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, JobRequest, JobResult, as_text
-from service.broker.keys import (check_layout, done_key, events_key, images_key, input_key, job_key, job_tag, stream_key, worker_key, workers_key)
+from service.broker.keys import (check_layout, done_key, events_key, images_key, input_key, job_key, job_tag, stream_key, stream_keys, worker_key, workers_key)
+from service.broker.lanes import LANES, LONG, SHORT
 from service.broker.connect import UNAVAILABLE, is_cluster
 from service.broker.slot_route import SlotRoute
 from service.broker.lua import SCRIPTS
@@ -37,11 +39,19 @@ _AGAIN = object()
 
 @dataclass
 class Delivery:
-    """One stream entry handed to this worker."""
+    """One stream entry handed to this worker, from the stream of ``model``'s ``lane``.
+
+    Everything done with the entry (start, finish, release, touch) goes to :attr:`stream`,
+    the stream it came from."""
 
     model: str
     entry_id: str
     job_id: str
+    lane: str = SHORT
+
+    @property
+    def stream(self) -> str:
+        return stream_key(self.model, self.lane)
 
 
 @dataclass
@@ -60,75 +70,113 @@ class WorkerQueue:
     """What a worker does with the queue (synchronous ``redis`` client)."""
 
     def __init__(self, redis: Any, *, worker_id: str, models: list[str], ttl_s: int,
-                 visibility_timeout_s: float, max_attempts: int):
+                 visibility_timeout_s: float, max_attempts: int, lanes: tuple[str, ...] = LANES):
         self.r = redis
         self.worker_id = worker_id
         self.models = list(models)
+        unknown = [x for x in lanes if x not in LANES]
+        if unknown or SHORT not in lanes:
+            raise ValueError(f"lanes must include {SHORT!r} and be among {list(LANES)}, got {list(lanes)}")
+        self.lanes = tuple(x for x in LANES if x in lanes)  # short first, whatever order was given
         self.ttl_s = ttl_s
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.max_attempts = max_attempts
         self._start = redis.register_script(SCRIPTS["start"])
         self._finish = redis.register_script(SCRIPTS["finish"])
         self._release = redis.register_script(SCRIPTS["release"])
+        self._requeue = redis.register_script(SCRIPTS["requeue"])
         # Where the next reclaim scan of each stream's pending list starts (see reclaim()).
         self._reclaim_from: dict[str, str] = {}
-        self._model_of = {stream_key(m): m for m in self.models}
+        # Stream key -> (model, lane), for every stream this worker reads, short lanes first.
+        self._source = {stream_key(m, lane): (m, lane) for lane in self.lanes for m in self.models}
         self._cluster = is_cluster(redis)
-        self._read_groups = _by_slot([stream_key(m) for m in self.models], self._cluster)
+        self._short_groups = _by_slot([stream_key(m, SHORT) for m in self.models], self._cluster)
+        self._long_groups = (_by_slot([stream_key(m, LONG) for m in self.models], self._cluster)
+                             if LONG in self.lanes else [])
+        self._all_groups = _by_slot(list(self._source), self._cluster)
         self._route = SlotRoute(redis)
 
     def ensure_groups(self) -> None:
         """Check the key layout (:func:`~service.broker.keys.check_layout`), then create missing consumer groups."""
         check_layout(self.r, self.models)
-        for m in self.models:
+        # Every lane's group, read here or not: a model's streams are there for every worker.
+        for key in [k for m in self.models for k in stream_keys(m)]:
             try:
-                self.r.xgroup_create(stream_key(m), GROUP, id="0", mkstream=True)
+                self.r.xgroup_create(key, GROUP, id="0", mkstream=True)
             except Exception as exc:  # noqa: BLE001
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def read(self, count: int, block_ms: int) -> list[Delivery]:
-        """New entries for this worker's models (at most ``count``)."""
-        groups = self._read_groups
-        if len(groups) == 1:
-            res = self._read(groups[0], count, block_ms if block_ms > 0 else None)
-            return self._deliveries(res, count)
-        # Streams in several cluster slots: poll each slot's streams until one has work.
+    def read(self, count: int, block_ms: int, short_only: bool = False) -> list[Delivery]:
+        """New entries for this worker's models: short-lane ones (at most ``count``) when any wait,
+        else one long-lane entry per model at most, waiting up to ``block_ms`` for either.
+        ``short_only`` reads no long lane (without blocking: a batch waiting for short mates).
+
+        Long jobs come one at a time: each is a call's worth of work by itself, and reading
+        several would hold them here, behind each other, while other workers could run them.
+        """
+        out = self._poll(self._short_groups, count)
+        if short_only:
+            return out
+        if not out and self._long_groups:
+            out = self._poll(self._long_groups, 1)
+        if out or block_ms <= 0:
+            return out
+        if len(self._all_groups) == 1:
+            # One slot: one blocking read wakes on either lane (COUNT 1 per stream: no batch of long jobs).
+            out = self._deliveries(self._read(self._all_groups[0], 1, block_ms))
+            shorts = sum(d.lane == SHORT for d in out)
+            if shorts and count > shorts:
+                out += self._poll(self._short_groups, count - shorts)
+            return sorted(out, key=lambda d: LANES.index(d.lane))
+        # Streams in several cluster slots: poll them until one has work.
         deadline = time.monotonic() + block_ms / 1000
-        while True:
-            out: list[Delivery] = []
-            for streams in groups:
-                out += self._deliveries(self._read(streams, count - len(out), None), count - len(out))
-                if len(out) >= count:
-                    return out
-            if out or time.monotonic() >= deadline:
-                return out
+        while not out and time.monotonic() < deadline:
             time.sleep(SPREAD_POLL_S)
+            out = self._poll(self._short_groups, count)
+            if not out and self._long_groups:
+                out = self._poll(self._long_groups, 1)
+        return out
+
+    def _poll(self, groups: list[dict[str, str]], count: int) -> list[Delivery]:
+        """Entries waiting in ``groups``' streams, without blocking, up to ``count`` per stream and
+        read until ``count`` in all (each read entry is this worker's now: none is dropped)."""
+        out: list[Delivery] = []
+        for streams in groups:
+            out += self._deliveries(self._read(streams, count - len(out), None))
+            if len(out) >= count:
+                break
+        return out
 
     def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> Any:
         # Straight to the slot's primary: the cluster client would ask the server for XREADGROUP's keys first.
         return self._route.call(next(iter(streams)), lambda c: c.xreadgroup(GROUP, self.worker_id, streams,
                                                                             count=count, block=block_ms))
 
-    def _deliveries(self, res: Any, count: int) -> list[Delivery]:
+    def _deliveries(self, res: Any) -> list[Delivery]:
         out = []
         for stream, entries in res or []:
-            model = self._model_of[as_text(stream)]
+            model, lane = self._source[as_text(stream)]
             for entry_id, fields in entries:
-                if not fields:
-                    continue
-                job_id = entry_job_id(fields, model)
-                if job_id is None:
-                    self.discard(model, as_text(entry_id))
-                    continue
-                out.append(Delivery(model, as_text(entry_id), job_id))
-        return out[:count] if len(out) > count else out
+                delivery = self._delivery(model, lane, entry_id, fields) if fields else None
+                if delivery is not None:
+                    out.append(delivery)
+        return out
 
-    def discard(self, model: str, entry_id: str) -> None:
+    def _delivery(self, model: str, lane: str, entry_id: Any, fields: Any) -> Delivery | None:
+        """The delivery a stream entry of ``model``'s ``lane`` stands for; None for one that names no job
+        (discarded)."""
+        job_id = entry_job_id(fields, model)
+        if job_id is None:
+            self.discard(Delivery(model, as_text(entry_id), "", lane))
+            return None
+        return Delivery(model, as_text(entry_id), job_id, lane)
+
+    def discard(self, d: Delivery) -> None:
         """Drop a stream entry the API did not write (it names no job): acknowledged and deleted, never run."""
-        log.warning("discarding malformed entry %s in the %s stream", entry_id, model)
-        self.r.xack(stream_key(model), GROUP, entry_id)
-        self.r.xdel(stream_key(model), entry_id)
+        log.warning("discarding malformed entry %s in the %s stream", d.entry_id, d.stream)
+        self.r.xack(d.stream, GROUP, d.entry_id)
+        self.r.xdel(d.stream, d.entry_id)
 
     def reclaim(self, count: int) -> list[Delivery]:
         """Entries another worker held longer than the visibility timeout without finishing.
@@ -138,37 +186,31 @@ class WorkerQueue:
         live entries precede them.
         """
         out: list[Delivery] = []
-        for m in self.models:
+        for key, (m, lane) in self._source.items():
             if len(out) >= count:
                 break
-            res = self.r.xautoclaim(stream_key(m), GROUP, self.worker_id, self.visibility_ms,
-                                    start_id=self._reclaim_from.get(m, "0-0"), count=count - len(out))
-            self._reclaim_from[m] = as_text(res[0]) if res else "0-0"
+            res = self.r.xautoclaim(key, GROUP, self.worker_id, self.visibility_ms,
+                                    start_id=self._reclaim_from.get(key, "0-0"), count=count - len(out))
+            self._reclaim_from[key] = as_text(res[0]) if res else "0-0"
             for item in res[1] if res else []:
                 if not item:
                     continue
                 entry_id, fields = item
                 if not fields:  # deleted entry still in the pending list
-                    self.r.xack(stream_key(m), GROUP, entry_id)
+                    self.r.xack(key, GROUP, entry_id)
                     continue
-                job_id = entry_job_id(fields, m)
-                if job_id is None:
-                    self.discard(m, as_text(entry_id))
-                    continue
-                out.append(Delivery(m, as_text(entry_id), job_id))
+                delivery = self._delivery(m, lane, entry_id, fields)
+                if delivery is not None:
+                    out.append(delivery)
         return out
 
     def touch(self, deliveries: list[Delivery]) -> None:
         """Reset the idle time of entries this worker still works on (it is alive, not stuck)."""
-        by_model: dict[str, list[str]] = {}
+        by_stream: dict[str, list[str]] = {}
         for d in deliveries:
-            by_model.setdefault(d.model, []).append(d.entry_id)
-        for m, ids in by_model.items():
-            self.r.xclaim(stream_key(m), GROUP, self.worker_id, 0, ids, justid=True)
-
-    def input(self, model: str, digest: str) -> bytes | None:
-        """An edit's input as the API stored it (None once it expired)."""
-        return self.r.get(input_key(model, digest))
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+        for key, ids in by_stream.items():
+            self.r.xclaim(key, GROUP, self.worker_id, 0, ids, justid=True)
 
     def peek_requests(self, deliveries: list[Delivery]) -> list[JobRequest | None]:
         def run(client: Any) -> list[Any]:
@@ -190,17 +232,17 @@ class WorkerQueue:
               ) -> tuple[list[StartedJob], list[tuple[Delivery, str]]]:
         """Mark jobs running (counting attempts). Returns started jobs and skipped ones with why.
 
-        ``known``: requests already read (:meth:`peek_requests`) by entry id; a stored request
-        never changes, so these are not parsed a second time."""
+        ``known``: requests already read (:meth:`peek_requests`) by job id (entry ids are unique
+        within one stream only); a stored request never changes, so these are not parsed a second time."""
         now = time.time()
-        calls = [dict(keys=[job_key(d.job_id), events_key(d.job_id), done_key(d.job_id), stream_key(d.model)],
+        calls = [dict(keys=[job_key(d.job_id), events_key(d.job_id), done_key(d.job_id), d.stream],
                       args=[self.worker_id, repr(now), self.max_attempts, self.ttl_s, d.entry_id]) for d in deliveries]
         replies = self._scripts(self._start, calls)
         started, skipped = [], []
         for d, res in zip(deliveries, replies):
             tag = as_text(res[0])
             if tag == "ok":
-                req = (known or {}).get(d.entry_id) or JobRequest.parse(res[1])
+                req = (known or {}).get(d.job_id) or JobRequest.parse(res[1])
                 try:
                     created = float(as_text(res[2]))
                 except (TypeError, ValueError):
@@ -297,15 +339,27 @@ class WorkerQueue:
         """
         d = job.delivery
         ev = event_json(FINAL_EVENT[status], status=status, error=error or None, images=len(images))
-        keys = [job_key(d.job_id), events_key(d.job_id), images_key(d.job_id), done_key(d.job_id), stream_key(d.model)]
+        keys = [job_key(d.job_id), events_key(d.job_id), images_key(d.job_id), done_key(d.job_id), d.stream]
         args = [status, repr(time.time()), result.to_json(), error, self.ttl_s, d.entry_id, ev,
                 "" if step is None else int(step), len(progress), *progress, *images]
         return bool(self._route.call(keys[0], lambda c: self._finish(keys=keys, args=args, client=c)))
 
     def release(self, deliveries: list[Delivery]) -> None:
-        """Hand unstarted jobs back to the queue (they go to the end of their stream)."""
+        """Hand unstarted jobs back to the queue (each goes to the end of the stream it came from)."""
         for d in deliveries:
-            self._release(keys=[stream_key(d.model), job_key(d.job_id)], args=[d.entry_id, d.job_id])
+            self._release(keys=[d.stream, job_key(d.job_id)], args=[d.entry_id, d.job_id])
+
+    def requeue(self, jobs: list[StartedJob]) -> int:
+        """Hand started jobs back unrun (the worker is stopping): queued again at the end of their
+        stream, their attempt given back; a job whose client asked to cancel it is cancelled.
+        Returns how many went back to the queue."""
+        back = 0
+        for j in jobs:
+            d = j.delivery
+            keys = [d.stream, job_key(d.job_id), events_key(d.job_id), done_key(d.job_id)]
+            args = [d.entry_id, d.job_id, self.worker_id, repr(time.time()), self.ttl_s]
+            back += int(self._requeue(keys=keys, args=args)) == 1
+        return back
 
     def heartbeat(self, info: dict[str, Any]) -> None:
         now = time.time()
@@ -322,6 +376,11 @@ class WorkerQueue:
             pipe.zrem(workers_key(m), self.worker_id)
         pipe.delete(worker_key(self.worker_id))
         pipe.execute()
+
+
+def stored_input(q: WorkerQueue, model: str, digest: str) -> bytes | None:
+    """An edit's input as the API stored it in Redis (None once it expired)."""
+    return q.r.get(input_key(model, digest))
 
 
 def _by_slot(keys: list[str], cluster: bool) -> list[dict[str, str]]:

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def redis_server_binary() -> str:
@@ -47,13 +48,14 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout_s: float = 10.0, preexec_fn: Callable[[], None] | None = None) -> "EmbeddedRedis":
+        """Start the server and wait until it answers; ``preexec_fn`` runs in the child before it."""
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
                 "--appendonly", "yes" if self.persistent else "no"]
         if self.persistent:
             args += ["--appendfsync", "everysec"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
         atexit.register(self.stop)
         _await_pong(self, timeout_s)
         return self

@@ -9,7 +9,9 @@ models spread over the cluster. The same layout runs unchanged on a single serve
 Layout (version :data:`LAYOUT_VERSION`; ``T`` is :func:`model_tag` of the model)::
 
     clusca:layout                    the layout version this Redis holds ("2")
-    clusca:{T}:stream:<model>        the model's job stream; entries carry only the job id
+    clusca:{T}:stream:<model>        the model's job stream (its short lane); entries carry only the job id
+    clusca:{T}:stream:<model>:long   the model's long lane: jobs costing more than its limits'
+                                     ``long_cost`` (service/broker/lanes.py); same entries, same slot
     clusca:{T}:job:<id>              hash: status, request (JSON), timestamps, step/steps,
                                      attempts, result (JSON), error, cancel flag
     clusca:{T}:job:<id>:events       stream of JSON events (queued, started, progress...)
@@ -24,6 +26,9 @@ Layout (version :data:`LAYOUT_VERSION`; ``T`` is :func:`model_tag` of the model)
     clusca:videos:<caller>           sorted set: video job id -> creation time, the videos a caller
                                      made through POST /v1/videos (GET /v1/videos lists them)
 
+Model names cannot contain ``:``, so no model's stream is another's long lane; both of a
+model's streams carry its tag, so one blocking read (or script) may name both on a cluster.
+
 A job id is 32 lowercase hex digits whose first four are its model's tag, so the id
 alone finds every key of the job: no lookup, no pointer key. The tag is a hash of the
 model name (16 bits, so two models may share a shard; that costs nothing but spread).
@@ -34,6 +39,8 @@ are only ever read or written one at a time, never inside a script.
 Version 1 (before the tags) used ``clusca:stream:<model>`` and ``clusca:job:<id>``.
 :func:`check_layout` refuses to run against a Redis that still holds version-1 queue
 data rather than silently ignore those jobs; see docs/deployment.md for draining it.
+The long lane came within version 2: a Redis written before it holds short lanes only,
+which read as they always did, so it needs no new version (version 1 had no lanes at all).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import re
 import secrets
 from typing import Any, Iterable
 
+from service.broker.lanes import LANES, LONG, SHORT
 from service.contract import as_text
 
 PREFIX = "clusca:"
@@ -50,7 +58,7 @@ LAYOUT_VERSION = "2"
 LAYOUT_KEY = f"{PREFIX}layout"
 TAG_HEX = 4
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-# SCAN patterns (Redis globs treat braces literally).
+# SCAN patterns (Redis globs treat braces literally). STREAM_PATTERN matches both lanes' streams.
 JOB_PATTERN = PREFIX + "{*}:job:*"
 STREAM_PATTERN = PREFIX + "{*}:stream:*"
 IDEM_PATTERN = PREFIX + "{*}:idem:*"
@@ -81,8 +89,17 @@ def _in(tag: str) -> str:
     return f"{PREFIX}{{{tag}}}:"
 
 
-def stream_key(model: str) -> str:
-    return f"{_in(model_tag(model))}stream:{model}"
+def stream_key(model: str, lane: str = SHORT) -> str:
+    """The stream of ``model``'s ``lane``; the short lane's is the model's stream of before lanes."""
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}; lanes are {list(LANES)}")
+    base = f"{_in(model_tag(model))}stream:{model}"
+    return base if lane == SHORT else f"{base}:{LONG}"
+
+
+def stream_keys(model: str, lanes: Iterable[str] = LANES) -> list[str]:
+    """The streams of ``model``'s ``lanes``, short first."""
+    return [stream_key(model, lane) for lane in lanes]
 
 
 def workers_key(model: str) -> str:

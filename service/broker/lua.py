@@ -18,21 +18,23 @@ NAMES: dict[str, str] = {
     "group": c.GROUP, "events_maxlen": str(c.EVENTS_MAXLEN),
     "queued": c.QUEUED, "running": c.RUNNING, "succeeded": c.SUCCEEDED, "failed": c.FAILED,
     "cancelled": c.CANCELLED,
-    "ev_started": "started", "ev_failed": c.FINAL_EVENT[c.FAILED], "ev_cancelled": c.FINAL_EVENT[c.CANCELLED],
+    "ev_queued": "queued", "ev_started": "started", "ev_failed": c.FINAL_EVENT[c.FAILED], "ev_cancelled": c.FINAL_EVENT[c.CANCELLED],
     "is_terminal": "(" + " or ".join(f"st == '{s}'" for s in c.TERMINAL) + ")",
 }
 
-# KEYS: stream, job, events[, idem] (every key in the model's slot: see service.broker.keys)
+# KEYS: stream (the job's lane), the model's other lane's stream, job, events[, idem] (every key
+#       in the model's slot: see service.broker.keys)
 # ARGV: job_id, now, request_json, model, max_queue, ttl, steps, queued_event_json, fingerprint
+# The depth limit counts both lanes: it bounds what the model holds, whichever lane it waits in.
 # A key already used for another request (another fingerprint) is refused: 'mismatch'.
 # The job id is drawn once per call, so finding its record means this very script ran
 # already: a client that lost the reply and sent the script again (redis-py's cluster
 # client does so on a dropped connection). Answering as the first run did keeps that
 # resend from queueing the job twice.
 ENQUEUE = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'ok', ARGV[1]} end
-if KEYS[4] then
-  local existing = redis.call('GET', KEYS[4])
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'ok', ARGV[1]} end
+if KEYS[5] then
+  local existing = redis.call('GET', KEYS[5])
   if existing then
     local id, fp = string.match(existing, '^(%S+) ?(%S*)$$')
     if id == nil then id, fp = existing, '' end
@@ -40,15 +42,15 @@ if KEYS[4] then
     return {'dup', id}
   end
 end
-local depth = redis.call('XLEN', KEYS[1])
+local depth = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2])
 if depth >= tonumber(ARGV[5]) then return {'full', tostring(depth)} end
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'model', ARGV[4], 'status', '$queued', 'request', ARGV[3],
+redis.call('HSET', KEYS[3], 'id', ARGV[1], 'model', ARGV[4], 'status', '$queued', 'request', ARGV[3],
            'created', ARGV[2], 'step', '0', 'steps', ARGV[7], 'attempts', '0')
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('XADD', KEYS[3], '*', 'e', ARGV[8])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
+redis.call('XADD', KEYS[4], '*', 'e', ARGV[8])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
 redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
-if KEYS[4] then redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[9], 'EX', ARGV[6]) end
+if KEYS[5] then redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[9], 'EX', ARGV[6]) end
 return {'ok', ARGV[1]}
 """
 
@@ -127,7 +129,8 @@ end
 return st
 """
 
-# Put a delivered but never started job back at the end of its stream (graceful shutdown).
+# Put a delivered but never started job back at the end of its stream (graceful shutdown):
+# the stream it was delivered from, so a long job goes back to the long lane.
 # KEYS: stream, job ; ARGV: entry_id, job_id
 RELEASE = """
 redis.call('XACK', KEYS[1], '$group', ARGV[1]); redis.call('XDEL', KEYS[1], ARGV[1])
@@ -136,8 +139,34 @@ if st == '$queued' then redis.call('XADD', KEYS[1], '*', 'job', ARGV[2]) return 
 return 0
 """
 
+# Put a job this worker started back at the end of its stream, unrun (the worker is stopping): queued
+# again, and the attempt it used given back, since the job did nothing wrong. A job whose client asked
+# to cancel it is cancelled instead. A job that is no longer this worker's (finished, or taken over
+# after the visibility timeout) is left alone: 0.
+# KEYS: stream, job, events, done ; ARGV: entry_id, job_id, worker, now, ttl
+REQUEUE = """
+local st = redis.call('HGET', KEYS[2], 'status')
+if st ~= '$running' or redis.call('HGET', KEYS[2], 'worker') ~= ARGV[3] then return 0 end
+redis.call('XACK', KEYS[1], '$group', ARGV[1]); redis.call('XDEL', KEYS[1], ARGV[1])
+local now = tonumber(ARGV[4])
+if redis.call('HGET', KEYS[2], 'cancel') == '1' then
+  redis.call('HSET', KEYS[2], 'status', '$cancelled', 'finished', ARGV[4], 'error', 'cancelled by the client')
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', $events_maxlen, '*', 'e', cjson.encode({type='$ev_cancelled', t=now}))
+  redis.call('RPUSH', KEYS[4], '$cancelled')
+  for _, k in ipairs({KEYS[2], KEYS[3], KEYS[4]}) do redis.call('EXPIRE', k, ARGV[5]) end
+  return 2
+end
+redis.call('HINCRBY', KEYS[2], 'attempts', -1)
+redis.call('HSET', KEYS[2], 'status', '$queued', 'step', '0')
+redis.call('HDEL', KEYS[2], 'started', 'worker')
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', $events_maxlen, '*', 'e',
+           cjson.encode({type='$ev_queued', requeued=true, t=now}))
+redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+return 1
+"""
+
 TEMPLATES: dict[str, str] = {"enqueue": ENQUEUE, "start": START, "finish": FINISH, "cancel": CANCEL,
-                             "release": RELEASE}
+                             "release": RELEASE, "requeue": REQUEUE}
 
 
 def render(template: str) -> str:

@@ -18,7 +18,8 @@ from typing import Any, AsyncIterator, TypeVar
 from redis.exceptions import AskError
 
 from service.contract import GROUP, QUEUED, TERMINAL_EVENTS, JobRecord, JobRequest, as_text
-from service.broker.keys import (done_key, events_key, idem_key, idem_owner_key, images_key, input_key, job_key, new_job_id, stream_key, worker_key, workers_key)
+from service.broker.keys import (done_key, events_key, idem_key, idem_owner_key, images_key, input_key, job_key, new_job_id, stream_key, stream_keys, worker_key, workers_key)
+from service.broker.lanes import LANES, SHORT
 from service.broker.connect import UNAVAILABLE, is_cluster
 from service.broker.lua import SCRIPTS
 from service.broker.wire import (ALIVE_WINDOW_S, IdempotencyMismatch, LiveWorker, NotReplicated, QueueFull, event_json, ordered_images)
@@ -52,18 +53,23 @@ class JobQueue:
         self._cancel = redis.register_script(SCRIPTS["cancel"])
 
     async def enqueue(self, model: str, request: JobRequest, idempotency: str | None = None,
-                      fingerprint: str = "") -> tuple[str, bool]:
-        """Queue a job; return ``(job_id, created)``. ``created`` is False for an idempotent repeat.
+                      fingerprint: str = "", lane: str = SHORT) -> tuple[str, bool]:
+        """Queue a job in ``model``'s ``lane`` (:func:`~service.broker.lanes.lane_of` picks it);
+        return ``(job_id, created)``. ``created`` is False for an idempotent repeat.
 
         ``fingerprint`` (no spaces) identifies the request behind an idempotency key: a repeat
-        with another fingerprint raises :class:`IdempotencyMismatch` and queues nothing.
+        with another fingerprint raises :class:`IdempotencyMismatch` and queues nothing. The
+        depth limit counts the jobs of both lanes.
         """
         if " " in fingerprint:
             raise ValueError("fingerprint must not contain spaces")
+        other = [stream_key(model, x) for x in LANES if x != lane]
+        target = stream_key(model, lane)  # an unknown lane is a ValueError before anything is written
         job_id = new_job_id(model)
         if idempotency:
             await self._claim_key(model, idempotency)
-        keys = [stream_key(model), job_key(job_id), events_key(job_id)] + ([idem_key(model, idempotency)] if idempotency else [])
+        keys = ([target, *other, job_key(job_id), events_key(job_id)]
+                + ([idem_key(model, idempotency)] if idempotency else []))
         args = [job_id, repr(time.time()), request.to_json(), model, self.max_queue, self.ttl_s, request.steps,
                 event_json(QUEUED, model=model), fingerprint]
         if self.wait_replicas:
@@ -208,16 +214,23 @@ class JobQueue:
                     return
 
     async def depth(self, model: str) -> int:
-        """Jobs waiting (not yet delivered to a worker) for ``model``."""
-        length = await self.r.xlen(stream_key(model))
+        """Jobs waiting (not yet delivered to a worker) for ``model``, in both lanes."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in stream_keys(model):
+            pipe.xlen(key)
+        length = sum(int(n) for n in await pipe.execute())
         return max(0, length - await self.running(model))
 
     async def running(self, model: str) -> int:
-        try:
-            info = await self.r.xpending(stream_key(model), GROUP)
-        except Exception:  # noqa: BLE001 - no group yet means nothing is running
-            return 0
-        return int(info.get("pending", 0) if isinstance(info, dict) else 0)
+        """Jobs of ``model`` delivered to a worker and not yet finished, in both lanes."""
+        total = 0
+        for key in stream_keys(model):
+            try:
+                info = await self.r.xpending(key, GROUP)
+            except Exception:  # noqa: BLE001 - no group yet means nothing is running
+                continue
+            total += int(info.get("pending", 0) if isinstance(info, dict) else 0)
+        return total
 
     async def workers_alive(self, model: str) -> int:
         return int(await self.r.zcount(workers_key(model), time.time() - ALIVE_WINDOW_S, "+inf"))

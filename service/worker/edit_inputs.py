@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from service.broker.consumer import StartedJob, WorkerQueue
+from service.broker.consumer import StartedJob, WorkerQueue, stored_input
 from service.outputs.inputs import read_input
 from service.outputs.store import Store
 
@@ -20,7 +20,7 @@ MISSING = "the input image of this edit is no longer stored (it expired with CLU
 
 
 def _image(q: WorkerQueue, store: Store, model: str, digest: str, mode: str) -> Image.Image | None:
-    data = read_input(store, digest, lambda: q.input(model, digest))
+    data = read_input(store, digest, lambda: stored_input(q, model, digest))
     if data is None:
         return None
     im = Image.open(io.BytesIO(data), formats=("PNG",))

@@ -10,14 +10,13 @@ share of the images is encoded and stored with its statistics (:mod:`.results`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
-
-from clusca.stats import RunStats
+from typing import Any, Callable
 
 from service import metrics
 from service.broker.consumer import StartedJob
-from service.contract import FAILED, SUCCEEDED, JobResult, Timings
+from service.contract import CANCELLED, FAILED, SUCCEEDED, JobResult, RunStats, Timings
 from service.outputs.encode import encode_output
 from service.outputs.store import NotKept
 from service.worker.batching import shares, split_into_calls
@@ -34,8 +33,14 @@ class BatchExecutor:
     """Runs groups of started jobs on warm runners and hands their outcomes to the result writer."""
 
     def __init__(self, models: dict[str, Runner], progress: ProgressPump, results: ResultWriter,
-                 watcher: CallWatcher, *, worker_id: str, max_images: int):
+                 watcher: CallWatcher, *, worker_id: str, max_images: int, stopping: threading.Event | None = None,
+                 hand_back: Callable[[list[StartedJob]], None] | None = None):
         self.models = models
+        # Set when the worker stops (the watcher then stops the running call within a block): the
+        # call's jobs still in it are handed back (``hand_back``) to run again, after a restart or
+        # on another worker, instead of being finished.
+        self.stopping = stopping or threading.Event()
+        self.hand_back = hand_back
         self.progress = progress
         self.watcher = watcher
         self.results = results
@@ -48,6 +53,8 @@ class BatchExecutor:
             self.run_call(call)
 
     def run_call(self, jobs: list[StartedJob]) -> None:
+        if self.handed_back(jobs):
+            return
         model_name = jobs[0].delivery.model
         runner = self.models[model_name]
         inputs: list[Any] | None = None
@@ -79,12 +86,13 @@ class BatchExecutor:
         error = ""
         images: list[Any] = []
         stats: RunStats | None = None
+        stopped = False
         t0 = time.perf_counter()
         if not watch.all_ended():
             self.watcher.watch(watch)
             try:
                 out = runner.run(batch, on_step, watch.stop)
-                images, stats = out.images, out.stats
+                images, stats, stopped = out.images, out.stats, out.stopped
             except RequestNotSupported as exc:
                 self.results.fail([j for j in jobs if j.delivery.job_id not in watch.close()], str(exc))
                 return
@@ -106,6 +114,8 @@ class BatchExecutor:
                 self.watcher.unwatch(watch)
         inference_s = time.perf_counter() - t0
         left = watch.close()
+        if stopped and self.handed_back([j for j in jobs if j.delivery.job_id not in left]):
+            return
         # The steps not sent yet go out with each job's result, before its final event.
         progress = progress_by_job(self.progress.take())
         staying = [(k, j) for k, j in enumerate(jobs) if j.delivery.job_id not in left]
@@ -115,6 +125,14 @@ class BatchExecutor:
         # Observed once the results are stored, so that clients do not wait for it.
         if not error and staying:
             observe_run(model_name, mode, inference_s, step_times, stats)
+
+    def handed_back(self, jobs: list[StartedJob]) -> bool:
+        """When the worker is stopping: hand ``jobs`` back unrun (their progress so far dropped); True if so."""
+        if not jobs or self.hand_back is None or not self.stopping.is_set():
+            return False
+        self.progress.take()
+        self.hand_back(jobs)
+        return True
 
     def outcomes(self, jobs: list[StartedJob], staying: list[tuple[int, StartedJob]], images: list[Any],
                  stats: RunStats | None, error: str, inference_s: float, batch_images: int) -> list[Outcome]:
@@ -149,7 +167,9 @@ class BatchExecutor:
     def _end_job(self, job: StartedJob, status: str, error: str) -> None:
         """Finish a job that left its running call (cancelled, or past its deadline) right away."""
         log.info("job %s %s: %s", job.delivery.job_id, status, error)
+        reason = "cancelled" if status == CANCELLED else "deadline"
         self.results.store([Outcome(job, status, self._result(job, None, job.request.num_images, 1, None), error)])
+        metrics.JOBS_STOPPED.labels(job.delivery.model, reason).inc()
 
 def observe_run(model: str, mode: str, inference_s: float, step_times: list[float], stats: RunStats | None) -> None:
     """A finished call's latency and cache effect, as metrics."""

@@ -26,18 +26,20 @@ class HeldDeliveries:
     """The deliveries this worker is working on, shared by its loop and its heartbeat thread."""
 
     def __init__(self) -> None:
-        self._held: dict[str, Delivery] = {}
+        # By stream and entry id: entry ids are unique within a stream only (two lanes, or two
+        # models, may each give an entry the same id).
+        self._held: dict[tuple[str, str], Delivery] = {}
         self._lock = threading.Lock()
 
     def hold(self, ds: list[Delivery]) -> None:
         with self._lock:
             for d in ds:
-                self._held[d.entry_id] = d
+                self._held[(d.stream, d.entry_id)] = d
 
     def release(self, ds: list[Delivery]) -> None:
         with self._lock:
             for d in ds:
-                self._held.pop(d.entry_id, None)
+                self._held.pop((d.stream, d.entry_id), None)
 
     def snapshot(self) -> list[Delivery]:
         with self._lock:

@@ -1,16 +1,21 @@
 """The worker process: warm models, batched runs, progress, results.
 
 A worker loads each of its models once (a :class:`~service.worker.runners.Runner` per model),
-then loops: read new jobs (and jobs a dead worker left behind), group the compatible
+then loops: read new jobs (and jobs a dead worker left behind; a model's short lane before
+its long lane, :mod:`service.broker.lanes`, and only the short one with
+``CLUSCA_WORKER_LANES=short``), group the compatible
 ones (equal :meth:`~service.contract.JobRequest.batch_key`), run each group as ONE
 runner call with one seed per image (so an image depends only on its own seed, not on
 its batch mates), publish per-step progress (:mod:`service.worker.progress`), and store the
 results (:mod:`service.worker.results`). The worker knows no model kind: loading, calling
 conventions and statistics are the runners'.
 
-SIGTERM (or SIGINT) lets the running batch finish, hands back jobs it had read but not
-started, then exits. Lost Redis connections are retried with backoff; a finished
-batch keeps trying to store its results until Redis answers again.
+SIGTERM (or SIGINT) stops the worker within about a transformer block: the running call
+is stopped (:class:`~service.worker.watch.CallWatcher` sets its stop), and its jobs, with
+those read but not started, go back to the queue unrun (their attempt not counted), for
+this worker after a restart or any other one; then it exits. A signal while the models
+are still loading exits at once. Lost Redis connections are retried with backoff; a
+finished batch keeps trying to store its results until Redis answers again.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import redis
 
 from service import metrics
 from service.broker import connect as redis_conn
-from service.broker.consumer import Delivery, WorkerQueue
+from service.broker.consumer import Delivery, StartedJob, WorkerQueue
 from service.broker.keys import LayoutError
+from service.broker.lanes import SHORT, WORKER_LANES
 from service.contract import JobRequest
 from service.registry import Registry
 from service.settings import Settings
@@ -71,25 +77,32 @@ class Worker:
                                             health_check_interval=10)
         self.q = WorkerQueue(self.redis, worker_id=self.worker_id, models=names, ttl_s=settings.result_ttl_s,
                              visibility_timeout_s=settings.visibility_timeout_s,
-                             max_attempts=settings.max_attempts)
+                             max_attempts=settings.max_attempts, lanes=WORKER_LANES[settings.worker_lanes])
         self.models: dict[str, Runner] = {}
         self.stop = threading.Event()
         self.held = HeldDeliveries()
         self._busy = False
         self.results = ResultWriter(self.q, settings, self._retry, self.held.release)
-        self.watcher = CallWatcher(self.q)
+        self.watcher = CallWatcher(self.q, stopping=self.stop)
         self.executor = BatchExecutor(self.models, ProgressPump(self.q), self.results, self.watcher,
-                                      worker_id=self.worker_id, max_images=settings.max_batch)
+                                      worker_id=self.worker_id, max_images=settings.max_batch,
+                                      stopping=self.stop, hand_back=self._hand_back)
+        self._loaded = False
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
         for e in self.entries:
             self.models[e.name] = load_runner(e, self.settings.device, self.settings.torch_threads)
+        self._loaded = True
 
     def install_signal_handlers(self) -> None:
         def _stop(signum: int, _frame: Any) -> None:
-            log.info("signal %d: finishing the running batch, then exiting", signum)
             self.stop.set()
+            if not self._loaded:
+                # Nothing is held yet: waiting for the models to finish loading would only delay the stop.
+                log.info("%s while loading the models: exiting", signal.Signals(signum).name)
+                raise SystemExit(0)
+            log.info("%s: stopping; running jobs go back to the queue", signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
@@ -98,7 +111,8 @@ class Worker:
         """Run until stopped. Call :meth:`load` first."""
         self._retry(self.q.ensure_groups, forever=True)
         Heartbeat(self.q, self.held, self.stop, worker_id=self.worker_id,
-                  models={n: r.describe() for n, r in self.models.items()}, jobs_done=lambda: self.results.jobs_done,
+                  models={n: {**r.describe(), "lanes": list(self.q.lanes)} for n, r in self.models.items()},
+                  jobs_done=lambda: self.results.jobs_done,
                   visibility_timeout_s=self.settings.visibility_timeout_s).start()
         self.watcher.start()
         log.info("worker %s serving %s", self.worker_id, list(self.models))
@@ -153,10 +167,12 @@ class Worker:
         # Wait for batch mates only while the queue is busy (the last read found several jobs):
         # for a lone request the wait would be pure latency. The wait polls without BLOCK,
         # because Redis times out blocked reads only at its `hz` tick (100 ms by default).
-        if got and self._busy and len(got) < want and self.settings.batch_wait_ms > 0:
+        if (got and self._busy and len(got) < want and self.settings.batch_wait_ms > 0
+                and all(d.lane == SHORT for d in got)):
             deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
             while len(got) < want and time.monotonic() < deadline:
-                more = self.q.read(want - len(got), block_ms=0)
+                # Mates of short jobs only: a long job would hold the batch's results until it ended.
+                more = self.q.read(want - len(got), block_ms=0, short_only=True)
                 if more:
                     got.extend(more)
                 else:
@@ -166,13 +182,15 @@ class Worker:
 
     # ------------------------------------------------------------------ grouping and starting
     def _process(self, deliveries: list[Delivery]) -> None:
+        # Short-lane jobs run first: that is what the lanes are for (the sort is stable: FIFO within a lane).
+        deliveries = sorted(deliveries, key=lambda d: d.lane != SHORT)
         self.held.hold(deliveries)
         if len(deliveries) == 1 and not self.stop.is_set():
             # Nothing to group: start it at once (saves a round trip on every lone request).
             self._start_and_run(deliveries, {})
             return
         requests = self.q.peek_requests(deliveries)
-        known = {d.entry_id: r for d, r in zip(deliveries, requests) if r is not None}
+        known = {d.job_id: r for d, r in zip(deliveries, requests) if r is not None}
         pending = group_by_batch_key(deliveries, [d.model for d in deliveries], requests)
         while pending:
             group = pending.pop(0)
@@ -191,6 +209,15 @@ class Worker:
         self.held.release([d for d, _ in skipped])
         if started:
             self.executor.run_group(started)
+
+    def _hand_back(self, jobs: list[StartedJob]) -> None:
+        back = self._retry(lambda: self.q.requeue(jobs))
+        self.held.release([j.delivery for j in jobs])
+        if back is None:
+            log.warning("could not hand %d running job(s) back (Redis unreachable); they run again after the "
+                        "visibility timeout", len(jobs))
+        else:
+            log.info("handed %d running job(s) back to the queue", back)
 
     # ------------------------------------------------------------------ helpers
     def _retry(self, fn: Callable[[], T], forever: bool = False) -> T | None:

@@ -103,10 +103,12 @@ class CallWatcher(threading.Thread):
     with their progress (or not at all), as before.
     """
 
-    def __init__(self, q: WorkerQueue, poll_s: float = POLL_S):
+    def __init__(self, q: WorkerQueue, poll_s: float = POLL_S, stopping: threading.Event | None = None):
         super().__init__(name="call-watcher", daemon=True)
         self.q = q
         self.poll_s = poll_s
+        # The worker's stop: once set, every running call is stopped too (the worker hands its jobs back).
+        self.stopping = stopping
         self._calls: list[CallWatch] = []
         self._cond = threading.Condition()
 
@@ -128,7 +130,9 @@ class CallWatcher(threading.Thread):
                 calls = list(self._calls)
             time.sleep(self.poll_s)
             for call in calls:
-                if time.monotonic() - call.began >= self.poll_s:
+                if self.stopping is not None and self.stopping.is_set():
+                    call.stop.set()
+                elif time.monotonic() - call.began >= self.poll_s:
                     self.check(call)
 
     def check(self, call: CallWatch) -> None:

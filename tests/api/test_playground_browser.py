@@ -21,7 +21,7 @@ from PIL import Image
 
 from clusca import quality
 
-from tests.support import clusca_serve
+from tests.support import clusca_serve, models_yaml, noop_model
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = "/tmp/clusca-playground.png"
@@ -202,16 +202,7 @@ def test_an_uploaded_image_inpainted_where_the_mask_is_painted(page, served, tmp
     assert not page.console_errors, page.console_errors
 
 
-NOOP_MODELS = """
-models:
-  - name: noop
-    kind: noop
-    defaults: {width: 16, height: 16, steps: 6, guidance: 0, cache: "off", size_multiple: 8}
-  - name: slow
-    kind: noop
-    options: {step_delay_s: 0.2}
-    defaults: {width: 16, height: 16, steps: 50, guidance: 0, cache: "off", size_multiple: 8}
-"""
+NOOP_MODELS = models_yaml(noop_model("noop", 6), noop_model("slow", 50, delay=0.2))
 
 
 def test_with_api_keys_the_page_asks_for_one_and_sends_it_and_cancel_stops_a_job(tmp_path):

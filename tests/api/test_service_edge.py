@@ -108,7 +108,13 @@ def test_connections_beyond_the_cap_are_refused_until_the_slow_ones_are_cut_off(
             sock.sendall(HEAD + PART)
         time.sleep(0.2)
         with httpx.Client(base_url=slow_api, timeout=10) as c:
-            assert c.get("/healthz").status_code == 503
+            refused = c.get("/healthz")
+            # The service's error shape, not uvicorn's plain text.
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"] == "application/json", refused.headers
+            assert refused.json()["error"]["code"] == "over_capacity", refused.text
+            assert "CLUSCA_MAX_CONNECTIONS" in refused.json()["error"]["message"]
+            assert int(refused.headers["retry-after"]) > 0 and refused.headers["connection"] == "close"
         statuses = [_status_and_body(_read_answer(sock))[0] for sock in held]
         assert statuses == [408, 408]
     finally:

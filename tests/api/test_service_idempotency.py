@@ -12,7 +12,6 @@ import uuid
 import httpx
 import pytest
 
-from tests.support import Service
 from service.broker.keys import JOB_PATTERN
 
 
@@ -82,9 +81,8 @@ def test_openai_endpoint_honours_the_key(service):
 
 @pytest.fixture(scope="module")
 def keyed(service):
-    proc, url = service.start_api({"CLUSCA_API_KEYS": "alice-key,bob-key"})
-    yield url
-    Service.stop(proc)
+    with service.api({"CLUSCA_API_KEYS": "alice-key,bob-key"}) as url:
+        yield url
 
 
 def test_keys_are_scoped_per_api_key(keyed):

@@ -133,11 +133,18 @@ def test_the_json_body_still_works(service):
     assert r.status_code == 200 and r.json()["status"] == "queued", r.text
 
 
+def test_openapi_documents_the_form_the_sdk_sends(service):
+    with service.client() as c:
+        body = c.get("/openapi.json").json()["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+    ref = {"$ref": "#/components/schemas/OpenAIVideoRequest"}
+    assert body == {"application/json": {"schema": ref}, "multipart/form-data": {"schema": ref},
+                    "application/x-www-form-urlencoded": {"schema": ref}}
+
+
 @pytest.fixture(scope="module")
 def keyed_api(service):
-    proc, url = service.start_api({"CLUSCA_API_KEYS": "key-one,key-two"})
-    yield url
-    service.stop(proc)
+    with service.api({"CLUSCA_API_KEYS": "key-one,key-two"}) as url:
+        yield url
 
 
 def test_videos_list_pages_each_keys_own_videos_newest_first(keyed_api):

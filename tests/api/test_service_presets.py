@@ -12,6 +12,7 @@ from service.api.resolve import resolve_cache
 from service.api.schemas import CacheSettings
 from clusca_shapes import WEIGHTS_DIR
 from service.registry import BUILTIN_MODEL, Registry, RegistryError, builtin_entry
+from tests.support import registry_error
 
 FLUX_YAML = ("models:\n  - name: flux\n    kind: diffusers\n    path: /models/flux\n"
              "    defaults: {width: 1024, height: 1024, steps: 28, guidance: 3.5, cache: balanced}\n")
@@ -22,7 +23,7 @@ def _index() -> dict:
 
 
 def _resolved(entry, **cache) -> dict:
-    return resolve_cache(entry, CacheSettings(**cache) if cache else None)
+    return resolve_cache(entry, CacheSettings(**cache) if cache else None).to_dict()
 
 
 def test_builtin_checkpoint_declares_tuned_presets():
@@ -114,11 +115,9 @@ def test_builtin_entry_reads_the_index_of_its_own_checkpoint(tmp_path):
     ("{balanced: 3}", "cache_presets.balanced"),
 ])
 def test_bad_preset_overrides_name_the_problem(tmp_path, presets, fragment):
-    p = tmp_path / "m.yaml"
-    p.write_text(FLUX_YAML.replace("cache: balanced}", f"cache: balanced, cache_presets: {presets}}}"))
-    with pytest.raises(RegistryError) as exc:
-        Registry.load(p)
-    assert "models[0].defaults" in str(exc.value) and fragment in str(exc.value)
+    overridden = FLUX_YAML.replace("cache: balanced}", f"cache: balanced, cache_presets: {presets}}}")
+    message = registry_error(tmp_path, overridden)
+    assert "models[0].defaults" in message and fragment in message
 
 
 def test_unknown_default_preset_is_a_registry_error(tmp_path):

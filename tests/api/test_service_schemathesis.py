@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.support import clusca_serve
+from tests.support import answer_problem, clusca_serve, models_yaml, noop_model
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, reject, settings  # noqa: E402
@@ -30,18 +30,10 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 
 # Small bounds keep each no-op job cheap (PNG encoding is most of its cost), so the budget
 # goes into many cases rather than big images; the schema publishes these bounds.
-MODELS = """
-models:
-  - name: noop
-    kind: noop
-    defaults: {width: 16, height: 16, steps: 4, guidance: 0, cache: "off", size_multiple: 8}
-    limits: {max_side: 96, max_steps: 50, max_images: 4}
-  - name: noopvideo
-    kind: noop
-    output: video
-    defaults: {width: 16, height: 16, steps: 3, guidance: 0, cache: "off", size_multiple: 8, num_frames: 5, fps: 8}
-    limits: {max_side: 64, max_frames: 17, frame_step: 4, max_video_pixels: 16384, max_images: 2}
-"""
+MODELS = models_yaml(
+    noop_model("noop", 4, limits={"max_side": 96, "max_steps": 50, "max_images": 4}),
+    noop_model("noopvideo", 3, video=True,
+               limits={"max_side": 64, "max_frames": 17, "frame_step": 4, "max_video_pixels": 16384, "max_images": 2}))
 BODY_OPERATIONS = ("/generate", "/v1/images/generations", "/v1/videos")
 
 
@@ -69,21 +61,7 @@ class Tally:
         self.by_phase[phase] += 1
         self.statuses[resp.status_code] += 1
         self.operations[label] += 1
-        problem = None
-        if resp.status_code >= 500:
-            problem = "server error"
-        elif 400 <= resp.status_code < 500:
-            try:
-                err = resp.json()["error"]
-                if not (isinstance(err.get("message"), str) and err["message"].strip()):
-                    problem = "4xx without a message"
-            except (ValueError, KeyError, TypeError, AttributeError):
-                problem = "4xx body is not the error shape"
-        if b"Traceback" in resp.content:
-            problem = "stack trace in the answer"
-        documented = set(case.operation.responses.status_codes)
-        if problem is None and str(resp.status_code) not in documented and "default" not in documented:
-            problem = f"status {resp.status_code} not documented (documented: {sorted(documented)})"
+        problem = answer_problem(case, resp)
         if problem:
             self.failures.append(f"[{phase}] {problem}: {label} -> {resp.status_code} {resp.content[:300]!r}\n"
                                  f"{case.as_curl_command(base_url=url)}")

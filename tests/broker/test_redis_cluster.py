@@ -19,7 +19,7 @@ from tests.api.test_service_idempotency import *  # noqa: F401,F403
 from tests.worker.test_service_progress import *  # noqa: F401,F403
 from tests.worker.test_service_worker import (test_batch_respects_max_batch_images, test_batching_groups_only_compatible_jobs,  # noqa: F401
                                  test_sigkilled_worker_job_finishes_on_another, test_signed_webhook_on_completion,
-                                 test_sigterm_finishes_the_running_job_then_exits)
+                                 test_sigterm_hands_the_running_job_back_within_a_step_then_exits)
 
 
 @pytest.fixture(scope="module")

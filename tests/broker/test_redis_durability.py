@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.support import wait_until
+from tests.support import enqueue, wait_until
 from service.broker import connect as redis_conn
 from service.contract import JobRequest
 from service.broker.embedded import EmbeddedCluster, system_redis_server
@@ -22,16 +22,7 @@ needs_redis7 = pytest.mark.skipif(system_redis_server() is None, reason="redis-s
 
 
 def _enqueue(url: str, model: str, **kw):
-    async def go():
-        r = redis_conn.async_client(url)
-        q = JobQueue(r, max_queue=100, ttl_s=60, **kw)
-        try:
-            return await q.enqueue(model, REQ)
-        finally:
-            await q.close()
-            await r.aclose()
-
-    return asyncio.run(go())
+    return enqueue(url, model, REQ, **kw)[0]
 
 
 @pytest.fixture

@@ -85,15 +85,17 @@ def test_redis_pods_have_probes_resources_and_their_services_select_them():
 def test_autoscaler_patch_points_keda_at_the_sentinels():
     (scaled,) = [d for d in _load(BASE / "worker-autoscaler.yaml") if d["kind"] == "ScaledObject"]
     ops = yaml.safe_load((OVERLAY / "autoscaler-sentinel.yaml").read_text())
-    trigger = scaled["spec"]["triggers"][0]
+    triggers = scaled["spec"]["triggers"]
     for op in ops:
-        *parent, leaf = op["path"].strip("/").split("/")[3:]
-        assert op["path"].startswith("/spec/triggers/0/")
+        index, *parent, leaf = op["path"].strip("/").split("/")[2:]
+        assert op["path"].startswith("/spec/triggers/") and int(index) < len(triggers), op
+        trigger = triggers[int(index)]
         assert op["op"] == "add" or leaf in (trigger if not parent else trigger[parent[0]]), op
     values = {op["path"]: op["value"] for op in ops}
-    assert values["/spec/triggers/0/type"] == "redis-sentinel-streams"
-    assert values["/spec/triggers/0/metadata/sentinelMaster"] == redis_conn.parse(
-        _load(OVERLAY / "redis-url.yaml")[0]["data"]["REDIS_URL"]).master
+    master = redis_conn.parse(_load(OVERLAY / "redis-url.yaml")[0]["data"]["REDIS_URL"]).master
+    for i in range(len(triggers)):  # every trigger (each lane's stream) asks the Sentinels
+        assert values[f"/spec/triggers/{i}/type"] == "redis-sentinel-streams"
+        assert values[f"/spec/triggers/{i}/metadata/sentinelMaster"] == master
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -110,4 +112,4 @@ def test_kustomize_builds_the_variant():
     assert redis_conn.parse(config["data"]["REDIS_URL"]).mode == "sentinel"
     assert config["data"]["CLUSCA_DEFAULT_MODEL"]  # the base's settings are kept
     (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
-    assert scaled["spec"]["triggers"][0]["type"] == "redis-sentinel-streams"
+    assert {t["type"] for t in scaled["spec"]["triggers"]} == {"redis-sentinel-streams"}

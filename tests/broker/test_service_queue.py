@@ -12,42 +12,25 @@ import uuid
 
 import pytest
 
+from clusca.config import ClusCaConfig
+
 from service.broker import connect as redis_conn
+from tests.broker.conftest import Backend
 from service.contract import JobRecord, JobRequest, JobResult
 from service.broker.keys import done_key, images_key, stream_key
 from service.broker.producer import JobQueue
 from service.broker.wire import QueueFull
 from service.broker.consumer import WorkerQueue
 from service.broker.keys import job_key
+from tests.support import enqueue
 
-REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache={"mode": "off"})
-
-
-class Backend:
-    def __init__(self, url: str):
-        self.redis_url = url
-
-    def redis_client(self):
-        return redis_conn.sync_client(self.redis_url)
+REQ = JobRequest(prompt="p", width=16, height=16, steps=2, guidance=0.0, seed=1, cache=ClusCaConfig(mode="off"))
 
 
-@pytest.fixture(params=["single", "cluster"])
-def backend(request, service) -> Backend:
-    if request.param == "single":
-        return Backend(service.redis_url)
-    return Backend(request.getfixturevalue("redis_cluster").url)
 
 
 def _enqueue(url: str, model: str, n: int = 1, max_queue: int = 100, idem: str | None = None) -> list[tuple[str, bool]]:
-    async def go():
-        r = redis_conn.async_client(url)
-        q = JobQueue(r, max_queue=max_queue, ttl_s=60)
-        try:
-            return [await q.enqueue(model, REQ, idem) for _ in range(n)]
-        finally:
-            await r.aclose()
-
-    return asyncio.run(go())
+    return enqueue(url, model, REQ, n, idem, max_queue=max_queue)
 
 
 def _wq(backend: Backend, model: str, wid: str, vis: float = 30, attempts: int = 3) -> WorkerQueue:
@@ -107,6 +90,31 @@ def test_release_hands_unstarted_jobs_back(backend):
     again = b.read(2, block_ms=100)
     assert [d.job_id for d in again] == ids
     assert backend.redis_client().xpending(stream_key(model), "workers")["pending"] == 2
+
+
+def test_requeue_hands_started_jobs_back_unrun_without_counting_the_attempt(backend):
+    model = f"unit-{uuid.uuid4().hex[:6]}"
+    a, b = _wq(backend, model, "A", vis=0.05), _wq(backend, model, "B", vis=0.05)
+    ids = [j for j, _ in _enqueue(backend.redis_url, model, n=3)]
+    started, _ = a.start(a.read(3, block_ms=100))
+    r = backend.redis_client()
+    r.hset(job_key(ids[1]), "cancel", "1")  # its client asked to cancel it while it ran
+    time.sleep(0.1)
+    taken, _ = b.start(b.reclaim(1))  # the first job looked dead and B took it over
+    assert [j.delivery.job_id for j in taken] == [ids[0]]
+    assert a.requeue(started) == 1  # only the last one is still A's to hand back
+    back = JobRecord.from_hash(r.hgetall(job_key(ids[2])))
+    assert back.status == "queued" and back.attempts == 0 and back.step == 0, back
+    assert JobRecord.from_hash(r.hgetall(job_key(ids[1]))).status == "cancelled"
+    assert r.lrange(done_key(ids[1]), 0, -1) == [b"cancelled"]
+    assert JobRecord.from_hash(r.hgetall(job_key(ids[0]))).status == "running"  # B's, untouched
+    again = b.read(3, block_ms=100)
+    assert [d.job_id for d in again] == [ids[2]]
+    restarted, _ = b.start(again)
+    assert restarted[0].attempt == 1
+    # Pending: B's takeover and B's new read; nothing of A's is left.
+    pending = r.xpending_range(stream_key(model), "workers", "-", "+", 10)
+    assert sorted(p["consumer"].decode() for p in pending) == ["B", "B"]
 
 
 def test_enqueue_depth_limit_and_idempotency(backend):

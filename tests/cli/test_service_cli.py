@@ -6,20 +6,19 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.support import ROOT, TEST_MODELS, clusca_serve, wait_until
+from tests.support import ROOT, TEST_MODEL_LIST, clusca_serve, is_ready, models_yaml, wait_until
 from service.broker.embedded import free_port
 from service.worker.runners.noop_pipeline import noop_color
 
 
 def test_serve_then_generate_client(tmp_path):
     models = tmp_path / "models.yaml"
-    models.write_text(TEST_MODELS.split("  - name: tinyflux")[0])
+    models.write_text(models_yaml(*(m for m in TEST_MODEL_LIST if m["kind"] == "noop")))
     with clusca_serve(tmp_path, {"CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "noop",
                                  "CLUSCA_LOG_LEVEL": "INFO"}) as served:
         url, env = served.url, served.env
@@ -29,8 +28,15 @@ def test_serve_then_generate_client(tmp_path):
                               "--cache", "off,interval=2,kmeans_fit_per_cluster=8"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
-        assert "4/4" in res.stderr and f"saved {out}" in res.stderr
+        assert f"saved {out}" in res.stderr
+        # stderr is a pipe here: no progress frames (carriage-return redraws) in it.
+        assert "\r" not in res.stderr and "4/4" not in res.stderr, res.stderr
         assert Image.open(out).convert("RGB").getpixel((0, 0)) == noop_color("a blue square", 21)
+        # On a terminal the bar is drawn, step by step.
+        shown = _stderr_on_a_terminal([sys.executable, "-m", "service.cli", "generate", "a blue square", "--url",
+                                       url, "--model", "legacy", "--steps", "4", "--out", str(tmp_path / "tty.png")],
+                                      env)
+        assert "\r[" in shown and "4/4" in shown and "saved" in shown, shown
         clip = tmp_path / "clip.gif"
         res = subprocess.run([sys.executable, "-m", "service.cli", "generate", "a ramp", "--url", url,
                               "--model", "noopvideo", "--frames", "9", "--format", "gif", "--out", str(clip)],
@@ -56,6 +62,42 @@ def test_serve_then_generate_client(tmp_path):
     assert f"send requests to http://127.0.0.1:{served.port}/generate" in text
 
 
+def _stderr_on_a_terminal(cmd: list[str], env: dict) -> str:
+    """What ``cmd`` writes to stderr when stderr is a terminal (a pseudo-terminal)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    data = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(master)
+        proc.wait(60)
+    assert proc.returncode == 0, data
+    return data.decode(errors="replace")
+
+
+def test_every_flag_of_every_command_has_a_help_text():
+    import argparse
+
+    from service.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"serve", "api", "worker", "generate", "tune"} <= set(sub.choices)
+    silent = [f"clusca {name} {'/'.join(a.option_strings) or a.dest}" for name, parser in sub.choices.items()
+              for a in parser._actions if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert not silent, silent
+
+
 def test_generate_cache_takes_a_preset_and_knobs_checked_by_the_knob_table(capsys):
     from clusca.config import KNOBS
     from service.cli.main import build_parser
@@ -78,14 +120,6 @@ def test_generate_cache_takes_a_preset_and_knobs_checked_by_the_knob_table(capsy
     for knob in KNOBS:
         assert re.search(rf"^  {knob.name} ", help_text, re.M), knob.name
     assert "1..1000" in help_text and "(0..1]" in help_text and "auto|off" in help_text
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        time.sleep(0.1)
-        return False
 
 
 def test_worker_and_api_need_redis_url():
@@ -118,7 +152,7 @@ def test_api_with_several_processes_reports_every_request(service):
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is not None or _ready(url), timeout=60, what="API with 2 processes")
+        wait_until(lambda: proc.poll() is not None or is_ready(url), timeout=60, what="API with 2 processes")
         # A new connection per request, so both processes get some of them.
         for _ in range(12):
             assert httpx.post(url + "/generate", json={"prompt": "count me"}, timeout=30).status_code == 200

@@ -466,7 +466,10 @@ def test_dockerfile_shape():
     text = DOCKERFILE.read_text()
     # Weights are mounted, never copied in (the built-in model comes in as package data).
     assert not re.search(r"^(COPY|ADD)\s.*(models|\.safetensors)", text, re.M | re.I)
-    assert "PIP_NO_CACHE_DIR=1" in text
+    # The builders' virtualenv (docker/build_venv.sh): no pip cache either.
+    assert "PIP_NO_CACHE_DIR=1" in (ROOT / "docker" / "build_venv.sh").read_text()
+    for builder in ("gpu-build", "cpu-build"):
+        assert ("COPY", "docker/build_venv.sh /usr/local/bin/clusca-build-venv") in stages[builder], builder
     assert "rm -rf /var/lib/apt/lists/*" in text
 
 
@@ -483,8 +486,9 @@ def _context_copies(stage: str) -> list[tuple[list[str], str]]:
 @pytest.fixture(scope="module")
 def image_wheel(tmp_path_factory) -> Path:
     """The wheel `pip install /src` builds from exactly what the builder stages copy in."""
-    copies = _context_copies("gpu-build")
-    assert copies == _context_copies("cpu-build")
+    copies = _context_copies("sources")
+    for builder in ("gpu-build", "cpu-build"):
+        assert ("COPY", "--from=sources /src /src") in _dockerfile_stages()[builder], builder
     tmp = tmp_path_factory.mktemp("image-context")
     ignored = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for sources, dest in copies:

@@ -18,12 +18,12 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import httpx
 from PIL import Image
 
-from tests.support import BASE_ENV, ROOT, Service, wait_until
+from tests.support import Service, models_yaml, noop_model, service_env, wait_until
 from service.broker.keys import done_key, events_key, images_key, job_key
 from service.broker.embedded import EmbeddedRedis
 from service.worker.runners.noop_pipeline import noop_color
@@ -32,27 +32,13 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 # Noop models shaped for fault injection: `kill` runs long enough to be killed mid-run,
 # `idle` never gets a worker (requests pile up in its queue).
-CAMPAIGN_MODELS = """
-models:
-  - name: noop
-    kind: noop
-    defaults: {width: 16, height: 16, steps: 4, guidance: 0, cache: "off", size_multiple: 8}
-  - name: slow
-    kind: noop
-    options: {step_delay_s: 0.05}
-    defaults: {width: 16, height: 16, steps: 10, guidance: 0, cache: "off", size_multiple: 8}
-  - name: kill
-    kind: noop
-    options: {step_delay_s: 0.05}
-    defaults: {width: 16, height: 16, steps: 20, guidance: 0, cache: "off", size_multiple: 8}
-  - name: failing
-    kind: noop
-    options: {fail_on: explode}
-    defaults: {width: 16, height: 16, steps: 3, guidance: 0, cache: "off", size_multiple: 8}
-  - name: idle
-    kind: noop
-    defaults: {width: 16, height: 16, steps: 2, guidance: 0, cache: "off", size_multiple: 8}
-"""
+CAMPAIGN_MODELS = [
+    noop_model("noop", 4),
+    noop_model("slow", 10, delay=0.05),
+    noop_model("kill", 20, delay=0.05),
+    noop_model("failing", 3, options={"fail_on": "explode"}),
+    noop_model("idle", 2),
+]
 
 
 def env_int(name: str, default: int) -> int:
@@ -86,35 +72,33 @@ def report(name: str, data: dict[str, Any]) -> None:
 
 @contextmanager
 def stack(tmp_path: Path, *, persistent: bool = False, extra_env: dict[str, str] | None = None,
-          shapes: bool = False, models: str = CAMPAIGN_MODELS) -> Iterator[Service]:
+          shapes: bool = False, models: Sequence[dict] = CAMPAIGN_MODELS) -> Iterator[Service]:
     """A private Redis plus a registry (default: the campaign's); start processes with the Service methods."""
+    models = list(models)
     if shapes:
         weights = shapes_weights()
         assert weights is not None
-        models += f"  - name: shapes\n    kind: builtin\n    path: {json.dumps(str(weights))}\n"
+        models.append({"name": "shapes", "kind": "builtin", "path": str(weights)})
     tmp_path.mkdir(parents=True, exist_ok=True)
     models_file = tmp_path / "models.yaml"
-    models_file.write_text(models)
+    models_file.write_text(models_yaml(*models))
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
     redis = EmbeddedRedis(persistent=persistent, data_dir=str(tmp_path / "redis") if persistent else None)
     if persistent:
         Path(redis.dir).mkdir(exist_ok=True)
     redis.start()
-    env = {**os.environ, **BASE_ENV, "REDIS_URL": redis.url, "CLUSCA_MODELS": str(models_file),
-           "CLUSCA_MAX_QUEUE": "100000",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env = service_env(redis.url, models_file, {"CLUSCA_MAX_QUEUE": "100000", **(extra_env or {})})
     if shapes:
         # Several torch workers share few cores here: one thread each avoids OpenMP oversubscription.
-        env.setdefault("OMP_NUM_THREADS", os.environ.get("REL_TORCH_THREADS", "1"))
+        threads = os.environ.get("REL_TORCH_THREADS", "1")
+        env.setdefault("OMP_NUM_THREADS", threads)
+        env.setdefault("CLUSCA_TORCH_THREADS", threads)  # the worker sets torch's count itself
     svc = Service(redis, models_file, logs, env)
     try:
         yield svc
     finally:
-        for p in reversed(svc.procs):
-            if p.poll() is None:
-                Service.stop(p, timeout=10)
+        svc.stop_all()
         redis.stop()
 
 

@@ -15,17 +15,13 @@ import json
 import pytest
 
 from tests.reliability.reliability_support import env_int, report, stack
+from tests.support import answer_problem, noop_model
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
-FUZZ_MODELS = """
-models:
-  - name: noop
-    kind: noop
-    defaults: {width: 16, height: 16, steps: 4, guidance: 0, cache: "off", size_multiple: 8}
-"""
+FUZZ_MODELS = [noop_model("noop", 4)]
 
 
 def _fuzz(tmp_path, cases: int, name: str) -> None:
@@ -51,21 +47,7 @@ def _fuzz(tmp_path, cases: int, name: str) -> None:
                 unsendable[type(exc).__name__] += 1
                 return
             seen[f"{label} -> {resp.status_code}"] += 1
-            problem = None
-            if resp.status_code >= 500:
-                problem = "server error"
-            elif 400 <= resp.status_code < 500:
-                try:
-                    err = resp.json()["error"]
-                    if not (isinstance(err.get("message"), str) and err["message"].strip()):
-                        problem = "4xx without a message"
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    problem = "4xx body is not the error shape"
-            if "Traceback" in resp.text:
-                problem = "stack trace in the answer"
-            documented = set(case.operation.responses.status_codes)
-            if str(resp.status_code) not in documented and "default" not in documented:
-                problem = f"status {resp.status_code} not documented (documented: {sorted(documented)})"
+            problem = answer_problem(case, resp)
             if problem:
                 failures.append(f"{problem}: {resp.status_code} {resp.text[:300]}\n{case.as_curl_command(base_url=url)}")
 

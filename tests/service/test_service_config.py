@@ -9,6 +9,7 @@ import pytest
 from clusca_shapes import WEIGHTS_DIR
 from service.registry import BUILTIN_MODEL, Registry, RegistryError
 from service.settings import ENV_NAMES, Settings, SettingsError
+from tests.support import registry_error
 
 
 def test_defaults_match_the_documented_contract():
@@ -17,6 +18,8 @@ def test_defaults_match_the_documented_contract():
     assert (s.max_queue, s.sync_timeout_s, s.result_ttl_s, s.max_batch, s.batch_wait_ms) == (1000, 120, 86400, 4, 10)
     assert (s.visibility_timeout_s, s.max_attempts, s.worker_metrics_port) == (30, 3, 9101)
     assert s.api_keys == () and s.webhook_allow_private is False
+    # One torch thread per worker unless set (0: torch's own default, a thread per core).
+    assert s.torch_threads == 1 and Settings.from_env({"CLUSCA_TORCH_THREADS": "0"}).torch_threads == 0
 
 
 def test_every_setting_comes_from_its_variable():
@@ -44,6 +47,18 @@ def test_default_registry_is_the_builtin_model():
     assert (e.defaults.steps, e.defaults.guidance) == (index["default_steps"], index["default_guidance"])
 
 
+def test_a_builtin_entry_in_a_models_file_says_where_its_presets_came_from(tmp_path):
+    shipped = json.loads((WEIGHTS_DIR / "model_index.json").read_text())["cache_presets_source"]
+    for defaults in ("", "    defaults: {width: 32, height: 32, steps: 20}\n"):
+        path = tmp_path / "models.yaml"
+        path.write_text("models:\n  - name: shapes\n    kind: builtin\n" + defaults)
+        d = Registry.load(path).get("shapes").defaults
+        assert d.cache_presets and d.cache_presets_source == shipped, defaults
+    # An operator's own presets carry no claim about where the checkpoint's came from.
+    path.write_text("models:\n  - name: shapes\n    kind: builtin\n    defaults: {width: 32, height: 32, cache_presets: {}}\n")
+    assert Registry.load(path).get("shapes").defaults.cache_presets_source is None
+
+
 def test_registry_file_yaml_and_json(tmp_path):
     y = tmp_path / "m.yaml"
     y.write_text("models:\n  - name: flux\n    kind: diffusers\n    path: /models/flux\n    dtype: bfloat16\n"
@@ -68,11 +83,7 @@ def test_registry_file_yaml_and_json(tmp_path):
     ("models:\n  - name: a\n    kind: onnx\n", "models[0].kind"),
 ])
 def test_bad_registry_files(tmp_path, text, fragment):
-    p = tmp_path / "m.yaml"
-    p.write_text(text)
-    with pytest.raises(RegistryError) as exc:
-        Registry.load(p)
-    assert fragment in str(exc.value)
+    assert fragment in registry_error(tmp_path, text)
 
 
 def test_missing_registry_file(tmp_path):

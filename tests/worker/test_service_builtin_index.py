@@ -26,14 +26,26 @@ def test_the_shipped_index_records_every_default_the_registry_reads():
         index["default_width"], index["default_height"], index["default_steps"], index["default_guidance"],
         index["default_cache"])
     assert d.cache_presets == index["cache_presets"]
+    # Where those presets came from, as the checkpoint records it (GET /models shows it).
+    assert d.cache_presets_source == index["cache_presets_source"]
+    assert d.cache_presets_source["measured"] and d.cache_presets_source["tool"]
 
 
 def test_another_checkpoint_brings_its_own_defaults_and_presets(tmp_path):
-    index = {**_shipped(), "default_width": 64, "default_height": 48, "default_steps": 12, "default_guidance": 2.5,
-             "default_cache": "fast", "cache_presets": {"fast": {"interval": 6}}}
+    shipped = _shipped()
+    index = {**shipped, "default_width": 64, "default_height": 48, "default_steps": 12, "default_guidance": 2.5,
+             "default_cache": "fast", "cache_presets": {"fast": {"interval": 6}},
+             "limits": {**shipped["limits"], "sizes": ["64x48", "32x32"]}}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    d = builtin_entry(tmp_path).defaults
+    entry = builtin_entry(tmp_path)
+    d = entry.defaults
     assert (d.width, d.height, d.steps, d.guidance, d.cache) == (64, 48, 12, 2.5, "fast")
+    assert entry.limits.sizes == ["64x48", "32x32"]
+    # A checkpoint trained at one size and defaulting to another is refused by name.
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "limits": shipped["limits"]}))
+    with pytest.raises(ValueError, match="64x48 is not a size this model draws well"):
+        builtin_entry(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     assert d.cache_presets == {"fast": {"interval": 6}}
     # An index that leaves keys out means the package's defaults, not the registry's.
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "ShapesFluxPipeline"}))
@@ -41,6 +53,8 @@ def test_another_checkpoint_brings_its_own_defaults_and_presets(tmp_path):
     assert (d.width, d.steps, d.cache, d.cache_presets) == (INDEX_DEFAULTS["default_width"],
                                                           INDEX_DEFAULTS["default_steps"],
                                                           INDEX_DEFAULTS["default_cache"], {})
+    # One that does not say where its presets came from still names the checkpoint, with no path.
+    assert d.cache_presets_source and str(tmp_path) not in json.dumps(d.cache_presets_source)
     assert {k: v for k, v in read_index(tmp_path).items() if k != "_class_name"} == read_index(tmp_path / "missing")
 
 

@@ -7,6 +7,7 @@ import time
 
 import httpx
 
+from service.broker.embedded import free_port
 from tests.support import Service, wait_until
 
 # The "crawl" model's steps take 4 s each, spent in 40 blocks of 0.1 s (tests/support.py).
@@ -32,8 +33,16 @@ def _ended(c, job_id: str, timeout: float = 30) -> dict:
                       timeout=timeout, what=f"job {job_id} ended")
 
 
+def _stopped(metrics_url: str, reason: str) -> float:
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("clusca_jobs_stopped_total{") and 'model="crawl"' in line and f'reason="{reason}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_cancel_lands_within_a_step_and_frees_the_worker(service):
-    worker = service.start_worker("crawl")
+    port = free_port()
+    worker = service.start_worker("crawl", metrics_port=port)
     try:
         with service.client() as c:
             job = _submit(c)
@@ -51,6 +60,7 @@ def test_cancel_lands_within_a_step_and_frees_the_worker(service):
             t1 = time.monotonic()
             nxt = _ended(c, _submit(c, steps=1), timeout=60)
             assert nxt["status"] == "succeeded" and time.monotonic() - t1 < 3 * STEP_S, nxt
+        assert _stopped(f"http://127.0.0.1:{port}/metrics", "cancelled") == 1
     finally:
         Service.stop(worker)
 

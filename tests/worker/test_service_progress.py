@@ -11,6 +11,7 @@ from service.contract import JobRequest, JobResult
 from service.worker.progress import PROGRESS_INTERVAL_S, ProgressPump, progress_by_job
 from service.broker.consumer import Delivery, StartedJob, WorkerQueue
 from service.broker.keys import events_key, images_key, job_key, new_job_id
+from service.worker.watch import CallWatch
 
 REQ = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=0.0, seed=1)
 
@@ -19,6 +20,12 @@ def _job(r, steps: int) -> StartedJob:
     job_id = new_job_id("noop")
     r.hset(job_key(job_id), mapping={"status": "running", "step": 0, "steps": steps})
     return StartedJob(Delivery("noop", "0-1", job_id), REQ, time.time(), time.time(), 1, False)
+
+
+def _watch(*jobs: StartedJob) -> tuple[CallWatch, list[str]]:
+    """The running call's watch over ``jobs``, and the ids of those it ended, in order."""
+    ended: list[str] = []
+    return CallWatch(list(jobs), lambda j, status, error: ended.append(j.delivery.job_id)), ended
 
 
 def _pump(r, interval_s: float) -> ProgressPump:
@@ -40,28 +47,28 @@ def test_fast_steps_all_arrive_in_order_in_a_few_round_trips(service):
     r = service.redis_client()
     pump = _pump(r, interval_s=0.1)
     a, b = _job(r, 40), _job(r, 40)
-    cancelled = [False, False]
+    watch, ended = _watch(a, b)
     before = _round_trips(r)
     for step in range(1, 41):  # 40 steps of 5 ms: about 200 ms, two intervals
-        pump.publish([a, b], step, 40, cancelled)
+        pump.publish([a, b], step, 40, watch)
         time.sleep(0.005)
     pump.flush()
     trips = (_round_trips(r) - before) // 2
     assert _steps(r, a) == _steps(r, b) == list(range(1, 41))
     assert r.hget(job_key(a.delivery.job_id), "step") == b"40"
     assert 1 <= trips <= 10, f"{trips} round trips for 40 steps"  # one per step would be 40
-    assert cancelled == [False, False]
+    assert ended == []
 
 
 def test_a_slow_step_is_published_while_the_job_runs(service):
     r = service.redis_client()
     pump = _pump(r, interval_s=0.05)
     job = _job(r, 3)
-    pump.publish([job], 1, 3, [False])
+    pump.publish([job], 1, 3, _watch(job)[0])
     # No flush: the step must go out on its own, within about one interval.
     wait_until(lambda: _steps(r, job) == [1], timeout=2.0, interval=0.01, what="step 1 in Redis")
     time.sleep(0.06)
-    pump.publish([job], 2, 3, [False])
+    pump.publish([job], 2, 3, _watch(job)[0])
     wait_until(lambda: _steps(r, job) == [1, 2], timeout=2.0, interval=0.01, what="step 2 in Redis")
     assert r.hget(job_key(job.delivery.job_id), "step") == b"2"
 
@@ -70,15 +77,15 @@ def test_cancel_flag_reaches_the_running_batch_within_an_interval(service):
     r = service.redis_client()
     pump = _pump(r, interval_s=0.05)
     keep, stop = _job(r, 100), _job(r, 100)
-    cancelled = [False, False]
+    watch, ended = _watch(keep, stop)
     r.hset(job_key(stop.delivery.job_id), "cancel", "1")
     t0 = time.monotonic()
     step = 0
-    while not cancelled[1] and time.monotonic() - t0 < 2.0:
+    while not ended and time.monotonic() - t0 < 2.0:
         step += 1
-        pump.publish([keep, stop], step, 100, cancelled)
+        pump.publish(watch.live(), step, 100, watch)
         time.sleep(0.005)
-    assert cancelled == [False, True]
+    assert ended == [stop.delivery.job_id] and watch.live() == [keep]
     assert time.monotonic() - t0 < 0.5
     pump.flush()
 
@@ -89,7 +96,7 @@ def test_a_job_shorter_than_the_interval_costs_one_round_trip_at_flush(service):
     job = _job(r, 5)
     before = _round_trips(r)
     for step in range(1, 6):
-        pump.publish([job], step, 5, [False])
+        pump.publish([job], step, 5, _watch(job)[0])
     time.sleep(0.1)
     assert _steps(r, job) == []
     t0 = time.monotonic()
@@ -117,17 +124,17 @@ def test_cancel_at_the_default_interval_takes_effect_within_it(service):
     r = service.redis_client()
     pump = _pump(r, interval_s=PROGRESS_INTERVAL_S)
     job = _job(r, 1000)
-    cancelled = [False]
+    watch, ended = _watch(job)
     step = 0
-    pump.publish([job], 1, 1000, cancelled)  # the interval starts with this step
+    pump.publish([job], 1, 1000, watch)  # the interval starts with this step
     t0 = time.monotonic()
     r.hset(job_key(job.delivery.job_id), "cancel", "1")
-    while not cancelled[0] and time.monotonic() - t0 < 3.0:
+    while not ended and time.monotonic() - t0 < 3.0:
         step += 1
-        pump.publish([job], step + 1, 1000, cancelled)
+        pump.publish(watch.live(), step + 1, 1000, watch)
         time.sleep(0.01)  # 10 ms steps, like the built-in model's
     took = time.monotonic() - t0
-    assert cancelled == [True]
+    assert ended == [job.delivery.job_id] and watch.all_ended()
     assert took < PROGRESS_INTERVAL_S + 0.2, f"cancel seen after {took:.3f} s"
     pump.flush()
 
@@ -139,7 +146,7 @@ def test_taken_steps_travel_with_the_result_before_the_final_event(service):
     a, b = _job(r, 3), _job(r, 3)
     before = _round_trips(r)
     for step in (1, 2, 3):
-        pump.publish([a, b], step, 3, [False, False])
+        pump.publish([a, b], step, 3, _watch(a, b)[0])
     progress = progress_by_job(pump.take())
     assert pump.take() == []  # taken once: the pump will not send them as well
     pump.flush()

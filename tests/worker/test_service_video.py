@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.support import Service, wait_until
-from service.broker.keys import stream_key, workers_key
+from service.broker.keys import stream_key
 from service.broker.embedded import free_port
 
 torch = pytest.importorskip("torch")
@@ -63,11 +63,7 @@ def wan(service, tmp_path_factory):
     env = {"CLUSCA_MODELS": str(models), "CLUSCA_VISIBILITY_TIMEOUT_S": "60", "CLUSCA_TORCH_THREADS": "1",
            "CLUSCA_VIDEO_STORE": f"dir://{root / 'videos'}"}
     metrics_port = free_port()
-    worker = service.start_worker("tinywan,tinyhunyuan", env, metrics_port=metrics_port, wait=False)
-    r = service.redis_client()
-    wait_until(lambda: worker.poll() is not None or r.zcard(workers_key("tinywan")) > 0, timeout=180,
-               what="tinywan worker")
-    assert worker.poll() is None, open(worker.log_path).read()
+    worker = service.start_worker("tinywan,tinyhunyuan", env, metrics_port=metrics_port, timeout=180)
     api, url = service.start_api(env)
     yield Served(url, f"http://127.0.0.1:{metrics_port}/metrics", models, root / "videos")
     Service.stop(api)

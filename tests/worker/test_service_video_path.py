@@ -4,16 +4,13 @@ the session's API and main worker: outputs, idempotency, webhooks and the per-ca
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
-import threading
 
 import numpy as np
 import pytest
 
-from tests.support import wait_until
-from service.broker.embedded import free_port
+from tests.support import wait_until, webhook_receiver
 
 av = pytest.importorskip("av")
 
@@ -60,28 +57,12 @@ def test_v1_videos_seconds_as_string_or_number(service):
 
 
 def test_video_webhook_links_the_video(service):
-    received: list[bytes] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    port = free_port()
-    server = http.server.HTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with webhook_receiver() as (hook, received):
         with service.client() as c:
             video = c.post("/v1/videos", json={"model": "noopvideo", "prompt": "hook",
-                                               "webhook_url": f"http://127.0.0.1:{port}/done"}).json()
+                                               "webhook_url": f"{hook}/done"}).json()
         wait_until(lambda: received, timeout=10, what="webhook")
-    finally:
-        server.shutdown()
-    payload = json.loads(received[0])
+    payload = json.loads(received[0][1])
     job_id = video["id"].removeprefix("video_")
     assert payload["id"] == job_id and payload["status"] == "succeeded"
     assert payload["image_urls"] == [f"/jobs/{job_id}/images/0"] and payload["content_type"] == "video/mp4"

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import signal
-import threading
 import time
 
-from tests.support import Service, wait_until
+from tests.support import Service, wait_until, webhook_receiver
 from service.broker.keys import stream_key, workers_key
 
-from service.broker.embedded import free_port
 from service.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 
 
@@ -85,46 +82,39 @@ def test_sigkilled_worker_job_finishes_on_another(service):
     assert r.xpending(stream_key("kill"), "workers")["pending"] == 0
 
 
-def test_sigterm_finishes_the_running_job_then_exits(service):
+def test_sigterm_hands_the_running_job_back_within_a_step_then_exits(service):
     with service.client() as c:
         w = service.start_worker("kill")
-        running = _submit(c, model="kill", prompt="finish me", steps=12)
+        running = _submit(c, model="kill", prompt="hand me back", steps=40)
         wait_until(lambda: c.get(f"/jobs/{running}").json()["step"] >= 1, what="job running")
         waiting = _submit(c, model="kill", prompt="later", steps=5)
+        t0 = time.monotonic()
         w.send_signal(signal.SIGTERM)
         assert w.wait(30) == 0
-        assert c.get(f"/jobs/{running}").json()["status"] == "succeeded"
+        # 40 steps of 0.15 s would take 6 s; the call is stopped within one instead.
+        assert time.monotonic() - t0 < 4
+        back = c.get(f"/jobs/{running}").json()
+        assert back["status"] == "queued" and back["attempts"] == 0, back
         assert c.get(f"/jobs/{waiting}").json()["status"] == "queued"
         w2 = service.start_worker("kill")
         try:
+            final = _final(c, running, timeout=40)
             assert _final(c, waiting)["status"] == "succeeded"
         finally:
             Service.stop(w2)
+        # Handing back cost the job no attempt: it ran once to the end.
+        assert final["status"] == "succeeded" and final["attempts"] == 1, final
+        with c.stream("GET", f"/jobs/{running}/events") as r:
+            text = "".join(r.iter_text())
+        assert text.count("event: started") == 2 and text.count("event: queued") == 2, text
+        assert text.count("event: finished") == 1
 
 
 def test_signed_webhook_on_completion(service):
-    received: list[tuple[dict, bytes]] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.headers, body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    port = free_port()
-    server = http.server.HTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with webhook_receiver() as (hook, received):
         with service.client() as c:
-            job = c.post("/generate", json={"prompt": "hook", "seed": 4,
-                                            "webhook_url": f"http://127.0.0.1:{port}/done"}).json()
+            job = c.post("/generate", json={"prompt": "hook", "seed": 4, "webhook_url": f"{hook}/done"}).json()
         wait_until(lambda: received, timeout=10, what="webhook")
-    finally:
-        server.shutdown()
     headers, body = received[0]
     payload = json.loads(body)
     assert payload["id"] == job["id"] and payload["status"] == "succeeded" and payload["seed"] == 4
@@ -195,5 +185,9 @@ def test_torch_threads_setting_applies_when_a_worker_loads_models(service):
     try:
         worker.load()
         assert torch.get_num_threads() == wanted
+        # Unset, a worker runs on one thread: what holds up on a CPU shared with other work.
+        torch.set_num_threads(2)
+        Worker(Settings.from_env({"REDIS_URL": service.redis_url}), Registry.load(None), ["shapes"]).load()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

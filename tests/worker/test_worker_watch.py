@@ -131,3 +131,23 @@ def test_the_builtin_runner_stops_inside_its_first_step(one_torch_thread):
     # The same runner then runs a whole call: nothing of the stopped one is left behind.
     whole = runner.run(replace(batch, steps=2), lambda i: False)
     assert not whole.stopped and len(whole.images) == 1 and whole.stats.full_steps + whole.stats.cached_steps == 2
+
+
+def test_the_worker_stopping_stops_every_running_call_without_ending_its_jobs():
+    from service.worker.watch import CallWatcher
+
+    stopping = threading.Event()
+    ended: list[str] = []
+    # No queue: a call this young is not polled for cancels, only stopped.
+    watcher = CallWatcher(q=None, poll_s=0.05, stopping=stopping)
+    watcher.start()
+    watch = CallWatch([_job("a")], lambda j, status, error: ended.append(status))
+    watcher.watch(watch)
+    watch.began = time.monotonic() + 60
+    time.sleep(0.2)
+    assert not watch.stop.is_set()
+    stopping.set()
+    assert watch.stop.wait(2), "the running call was not stopped"
+    # The jobs stay the call's: the worker hands them back rather than finishing them.
+    assert ended == [] and watch.close() == set()
+    watcher.unwatch(watch)

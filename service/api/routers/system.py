@@ -42,7 +42,7 @@ async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
     for w in await q.live_workers(services.registry.names):
         for name, where in w.models.items():
             workers.setdefault(name, []).append({"id": w.id, "host": w.host, "device": where.get("device"),
-                                                 "running": w.running})
+                                                 "running": w.running, "lanes": where.get("lanes")})
     out = []
     for e in services.registry.entries():
         out.append(ModelInfo(**e.public(), limits=e.limits_within(services.settings), workers_alive=await q.workers_alive(e.name),

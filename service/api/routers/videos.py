@@ -72,7 +72,13 @@ def frames_for(seconds: str | None, fps: int, step: int) -> int | None:
     return 1 + max(0, round((n - 1) / step)) * step
 
 
-@router.post("", response_model=OpenAIVideo, summary="Create a video (OpenAI-compatible)", responses=ERRORS)
+# The same body as a form, as the OpenAI SDK's videos.create sends it (service/api/form_body.py).
+_AS_FORM = {"$ref": "#/components/schemas/OpenAIVideoRequest"}
+
+
+@router.post("", response_model=OpenAIVideo, summary="Create a video (OpenAI-compatible)", responses=ERRORS,
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": _AS_FORM},
+                                                        "application/x-www-form-urlencoded": {"schema": _AS_FORM}}}})
 async def create_video(body: OpenAIVideoRequest, services: ServicesDep, identity: AuthDep,
                        idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Queue a video and answer at once with its ``queued`` video object; poll ``GET /v1/videos/{id}``
