@@ -3,7 +3,11 @@
 It follows the diffusers FLUX pipeline's calling convention (prompt, negative prompt,
 steps, guidance, per-image generators, ``callback_on_step_end``, ``_interrupt``), so the
 service drives it, and the ClusCa hooks attach to ``pipe.transformer``, exactly as for a
-full-size FLUX pipeline. Differences from FLUX: pixel space instead of a VAE latent
+full-size FLUX pipeline. It edits too, without retraining: with ``image`` and ``strength`` it
+starts from the image noised to the flow-matching level of its first denoised step and runs only
+the last ``strength`` share of the steps (image-to-image); with ``mask_image`` as well, after every
+step the region outside the mask is set back to the image noised to that step's level, and to the
+image itself at the end (inpainting). Differences from FLUX: pixel space instead of a VAE latent
 (patches of ``patch_size`` pixels are packed into tokens), a small word-level text
 encoder trained with the model, and true classifier-free guidance with the conditional
 and unconditional halves run as ONE transformer call per step, so a step cache sees one
@@ -38,6 +42,32 @@ MAX_PIXELS = PIPELINE_LIMITS["max_pixels"]
 MAX_STEPS = PIPELINE_LIMITS["max_steps"]
 MAX_IMAGES = PIPELINE_LIMITS["max_images"]
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def edit_start(steps: int, strength: float) -> int:
+    """The first step an edit of ``strength`` denoises: diffusers' image-to-image rule (the last
+    ``steps * strength`` steps run, rounded the way its pipelines round them)."""
+    return int(max(steps - steps * strength, 0))
+
+
+def _as_batch(value, name: str, prompts: int, per_prompt: int, mode: str) -> torch.Tensor:
+    """One image (or a list, one per prompt) as a float tensor (B, C, H, W) in [0, 1]."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(items) == 1:
+        items = items * prompts
+    if len(items) != prompts:
+        raise ValueError(f"{name} has {len(items)} entries but prompt has {prompts}")
+    arrays = []
+    for im in items:
+        if not isinstance(im, PIL.Image.Image):
+            raise ValueError(f"{name} must be a PIL image or a list of them")
+        arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) != 1:
+        raise ValueError(f"the images of {name} differ in size")
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch.repeat_interleave(per_prompt, dim=0)
 
 
 @dataclass
@@ -192,6 +222,23 @@ class ShapesFluxPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
+    def _edit_inputs(self, image, mask_image, strength: float, steps: int, prompts: int, per_prompt: int, height: int,
+                     width: int, device) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """The first denoised step, the image packed as tokens in [-1, 1], and the packed mask
+        (1 = repaint, 0 = keep; None without a mask)."""
+        x0 = _as_batch(image, "image", prompts, per_prompt, "RGB")
+        if x0.shape[-2:] != (height, width):
+            raise ValueError(f"image is {x0.shape[-1]}x{x0.shape[-2]} but the call asks for {width}x{height}")
+        known = pack((x0 * 2.0 - 1.0).to(device), self.patch_size)
+        repaint = None
+        if mask_image is not None:
+            m = _as_batch(mask_image, "mask_image", prompts, per_prompt, "L")
+            if m.shape[-2:] != (height, width):
+                raise ValueError(f"mask_image is {m.shape[-1]}x{m.shape[-2]} but image is {width}x{height}")
+            # A hard mask: a pixel is repainted or kept, so kept pixels come back exactly.
+            repaint = pack((m >= 0.5).float().expand(-1, 3, -1, -1).to(device), self.patch_size)
+        return edit_start(steps, strength), known, repaint
+
     # ------------------------------------------------------------------ sampling
     @torch.inference_mode()
     def __call__(
@@ -208,12 +255,22 @@ class ShapesFluxPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         output_type: str = "pil",
         return_dict: bool = True,
+        image: PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        strength: float = 0.8,
+        mask_image: PIL.Image.Image | list[PIL.Image.Image] | None = None,
     ) -> ShapesPipelineOutput | tuple:
         steps = self.default_steps if num_inference_steps is None else num_inference_steps
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
-        height = self.default_size[0] if height is None else height
-        width = self.default_size[1] if width is None else width
+        first = image[0] if isinstance(image, (list, tuple)) and image else image
+        size = first.size if isinstance(first, PIL.Image.Image) else (self.default_size[1], self.default_size[0])
+        height = size[1] if height is None else height
+        width = size[0] if width is None else width
         self.check_inputs(height, width, steps, guidance, num_images_per_prompt, output_type)
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs an image to inpaint")
+        if image is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                  or not 0 < strength <= 1):
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
         prompts = self._as_prompt_list(prompt, "prompt")
         negatives = self._as_prompt_list(negative_prompt, "negative_prompt", len(prompts))
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -243,6 +300,17 @@ class ShapesFluxPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
+        start = 0
+        known = repaint = None
+        if image is not None:
+            start, known, repaint = self._edit_inputs(image, mask_image, strength, steps,
+                                                      len(prompts) // num_images_per_prompt, num_images_per_prompt,
+                                                      height, width, device)
+            timesteps = timesteps[start:]
+            self.scheduler.set_begin_index(start)
+            sigma = float(self.scheduler.sigmas[start])
+            noise_packed = latents
+            latents = (1.0 - sigma) * known + sigma * noise_packed
         self._num_timesteps = len(timesteps)
         for i, t in enumerate(timesteps):
             if self._interrupt:
@@ -257,6 +325,10 @@ class ShapesFluxPipeline(DiffusionPipeline):
                 v_uncond, v_cond = v.chunk(2)
                 v = v_uncond + guidance * (v_cond - v_uncond)
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+            if repaint is not None:
+                # Outside the mask the sample is the image itself, noised to the level just reached.
+                sigma = float(self.scheduler.sigmas[start + i + 1])
+                latents = repaint * latents + (1.0 - repaint) * ((1.0 - sigma) * known + sigma * noise_packed)
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
                 latents = out.get("latents", latents)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Mapping, TypeVar, get_args
 
@@ -56,6 +57,16 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 
 # How the error of a job that ran past its deadline begins (the API answers it with a 408, not a 500).
 DEADLINE_EXCEEDED = "deadline exceeded"
+
+# How an edit's input is named in a request: the SHA-256 of its stored PNG, in hex.
+INPUT_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def denoised_steps(steps: int, strength: float) -> int:
+    """Steps an edit of ``strength`` denoises out of a schedule of ``steps``: diffusers' image-to-image
+    rule (the first ``int(steps - steps * strength)`` steps are skipped), which the built-in pipeline
+    follows too, so the worker, the cache and the pipeline agree on the count. At least one."""
+    return steps - int(max(steps - steps * strength, 0))
 
 
 class ContractError(ValueError):
@@ -125,10 +136,25 @@ class JobRequest(_StoredAsJson):
     fps: int | None = None
     # Seconds from submission (the record's ``created``) after which the job fails; None: no deadline.
     timeout_s: float | None = None
+    # Edits: the input image and mask (white = repaint) as the SHA-256 of the PNG the API stored
+    # (service/outputs/inputs.py), never the bytes themselves; ``strength`` (0, 1] is set exactly when
+    # ``image`` is: the share of the steps that are denoised, from the image noised to that level.
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
 
     @property
     def is_video(self) -> bool:
         return self.num_frames is not None
+
+    @property
+    def is_edit(self) -> bool:
+        return self.image is not None
+
+    @property
+    def denoised_steps(self) -> int:
+        """The steps the pipeline runs: all of them, or the last ``strength`` share of an edit's."""
+        return self.steps if self.strength is None else denoised_steps(self.steps, self.strength)
 
     @property
     def seeds(self) -> list[int]:
@@ -151,9 +177,11 @@ class JobRequest(_StoredAsJson):
     def batch_key(self, model: str) -> str:
         """Requests with equal keys can share one pipeline call: everything the call takes
         once for all its images (size, steps, guidance, cache settings, whether there are
-        negative prompts) is equal; prompts, seeds, counts and formats may differ."""
+        negative prompts, an edit's strength and whether it has a mask) is equal; prompts, seeds,
+        counts, formats and input images may differ."""
         return json.dumps([model, self.width, self.height, self.steps, self.guidance,
-                           self.negative_prompt is None, self.cache.to_dict(), self.num_frames], sort_keys=True)
+                           self.negative_prompt is None, self.cache.to_dict(), self.num_frames,
+                           self.is_edit, self.strength, self.mask is not None], sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobRequest":
@@ -173,6 +201,14 @@ class JobRequest(_StoredAsJson):
         timeout = d.get("timeout_s")  # absent in requests stored before deadlines
         if timeout is not None and (not _is(timeout, int, float) or not 0 < timeout < math.inf):
             raise ContractError("request.timeout_s: expected a positive number of seconds")
+        image, mask, strength = d.get("image"), d.get("mask"), d.get("strength")  # absent before edits
+        for name, value in (("image", image), ("mask", mask)):
+            if value is not None and not (_is(value, str) and INPUT_DIGEST.match(value)):
+                raise ContractError(f"request.{name}: expected the SHA-256 (hex) of a stored input")
+        if (image is None) != (strength is None) or (mask is not None and image is None):
+            raise ContractError("request.strength: set exactly when image is, and a mask only with an image")
+        if strength is not None and (not _is(strength, int, float) or not 0 < strength <= 1):
+            raise ContractError("request.strength: expected a number in (0, 1]")
         formats = VIDEO_FORMATS if d.get("num_frames") is not None else IMAGE_FORMATS
         if d["output_format"] not in formats:
             raise ContractError(f"request.output_format: not one of {list(formats)}")
@@ -189,7 +225,8 @@ class JobRequest(_StoredAsJson):
                    height=d["height"], steps=d["steps"], guidance=float(d["guidance"]), seed=d["seed"],
                    num_images=d["num_images"], output_format=d["output_format"], cache=cache,
                    webhook_url=d["webhook_url"], num_frames=d.get("num_frames"), fps=d.get("fps"),
-                   timeout_s=None if timeout is None else float(timeout))
+                   timeout_s=None if timeout is None else float(timeout), image=image, mask=mask,
+                   strength=None if strength is None else float(strength))
 
 
 # ---------------------------------------------------------------------------- the result

@@ -212,6 +212,16 @@ VIDEO_PIPELINES = frozenset({"WanPipeline", "HunyuanVideoPipeline", "CogVideoXPi
                              "MochiPipeline", "AllegroPipeline", "LattePipeline", "SkyReelsV2Pipeline"})
 
 
+def default_edits(kind: str, pipeline_class: str) -> str:
+    """What a model edits when its entry does not say: the built-in pipeline inpaints; a diffusers
+    class is known by its name (FluxInpaintPipeline, FluxImg2ImgPipeline, ...)."""
+    if kind == "builtin":
+        return "inpaint"
+    if kind != "diffusers":
+        return "none"
+    return "inpaint" if "Inpaint" in pipeline_class else "image" if "Img2Img" in pipeline_class else "none"
+
+
 class ModelEntry(BaseModel):
     """One servable model."""
 
@@ -227,6 +237,10 @@ class ModelEntry(BaseModel):
     limits: ModelLimits = Field(default_factory=ModelLimits)
     # What the pipeline makes: still images or videos (default: video for the known video pipeline classes).
     output: Optional[Literal["image", "video"]] = None
+    # What a request may give the pipeline to edit: nothing (text only), an ``image`` (image-to-image:
+    # ``image`` and ``strength``), or ``inpaint`` (a ``mask_image`` too). Default: ``inpaint`` for the
+    # built-in model, by class name for diffusers pipelines (``...Inpaint...``, ``...Img2Img...``).
+    edits: Optional[Literal["none", "image", "inpaint"]] = None
     # Free-form loader options (e.g. the no-op model's per-step delay).
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -243,6 +257,10 @@ class ModelEntry(BaseModel):
         d.size_multiple = lim.size_multiple
         if self.output is None:
             self.output = "video" if self.pipeline_class in VIDEO_PIPELINES else "image"
+        if self.edits is None:
+            self.edits = default_edits(self.kind, self.pipeline_class) if self.output == "image" else "none"
+        if self.output == "video" and self.edits != "none":
+            raise ValueError(f"model {self.name!r}: edits are for still images; a video model takes none")
         if self.output == "video":
             if self.kind not in ("diffusers", "noop"):
                 raise ValueError(f"model {self.name!r}: kind {self.kind!r} makes no video")
@@ -278,7 +296,8 @@ class ModelEntry(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """What clients may see (no filesystem paths)."""
-        return {"name": self.name, "kind": self.kind, "output": self.output, "pipeline_class": self.pipeline_class,
+        return {"name": self.name, "kind": self.kind, "output": self.output, "edits": self.edits,
+                "pipeline_class": self.pipeline_class,
                 "dtype": self.dtype, "defaults": self.defaults.model_dump()}
 
     def limits_within(self, settings: Any) -> ModelLimits:

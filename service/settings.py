@@ -62,6 +62,8 @@ class Settings(BaseModel):
     # "dir:///path", a folder every worker and API process shares (service/outputs/store.py).
     video_store: str = "redis"
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Largest input image (or mask) of an edit, in bytes as sent (after base64 decoding); 413 above.
+    max_input_bytes: int = Field(4 << 20, ge=1024)
     # Seconds a client has to send a request's whole body; a slower one is answered 408 and cut off.
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
     # Connections (and requests in progress) one API process holds at most; more are answered 503.
@@ -152,6 +154,7 @@ ENV_NAMES: dict[str, str] = {
     "max_output_bytes": "CLUSCA_MAX_OUTPUT_BYTES",
     "video_store": "CLUSCA_VIDEO_STORE",
     "max_body_bytes": "CLUSCA_MAX_BODY_BYTES",
+    "max_input_bytes": "CLUSCA_MAX_INPUT_BYTES",
     "body_timeout_s": "CLUSCA_BODY_TIMEOUT_S",
     "max_connections": "CLUSCA_MAX_CONNECTIONS",
     "redis_wait_replicas": "CLUSCA_REDIS_WAIT_REPLICAS",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from email import policy
 from email.parser import BytesParser
 from typing import Any, Callable, Iterable
@@ -33,31 +34,50 @@ class FormError(ValueError):
         self.field = field
 
 
-def form_fields(content_type: str, body: bytes) -> list[tuple[str, str, bool]]:
-    """``(name, value, is_file)`` of each field of a ``multipart/form-data`` or
-    ``application/x-www-form-urlencoded`` body, in order."""
+@dataclass(frozen=True)
+class FormPart:
+    """One field of a form: text (``value``), or a file (``data``, with the type its part declares)."""
+
+    name: str
+    value: str = ""
+    is_file: bool = False
+    data: bytes = b""
+    content_type: str = ""
+
+
+def form_parts(content_type: str, body: bytes) -> list[FormPart]:
+    """Each field of a ``multipart/form-data`` or ``application/x-www-form-urlencoded`` body, in order."""
     if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
         try:
-            return [(k, v, False) for k, v in parse_qsl(body.decode(), keep_blank_values=True)]
+            return [FormPart(k, v) for k, v in parse_qsl(body.decode(), keep_blank_values=True)]
         except UnicodeDecodeError:
             raise FormError("body", "the form is not UTF-8") from None
     head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\nMIME-Version: 1.0\r\n\r\n"
     message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
     if not message.is_multipart() or not message.get_boundary():
         raise FormError("body", "the multipart body has no boundary (Content-Type: multipart/form-data; boundary=...)")
-    fields = []
+    parts = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if not name:
             raise FormError("body", "a form part has no name (Content-Disposition: form-data; name=...)")
         payload = part.get_payload(decode=True) or b""
-        is_file = part.get_filename() is not None
+        if part.get_filename() is not None:
+            declared = part.get("content-type")
+            parts.append(FormPart(str(name), is_file=True, data=payload,
+                                  content_type=part.get_content_type() if declared else ""))
+            continue
         try:
-            value = "" if is_file else payload.decode(part.get_content_charset() or "utf-8")
+            value = payload.decode(part.get_content_charset() or "utf-8")
         except (LookupError, UnicodeDecodeError):
             raise FormError(str(name), "is not UTF-8 text") from None
-        fields.append((str(name), value, is_file))
-    return fields
+        parts.append(FormPart(str(name), value))
+    return parts
+
+
+def form_fields(content_type: str, body: bytes) -> list[tuple[str, str, bool]]:
+    """``(name, value, is_file)`` of each field of a form body, in order (a file's value is empty)."""
+    return [(p.name, p.value, p.is_file) for p in form_parts(content_type, body)]
 
 
 def as_object(fields: Iterable[tuple[str, str]]) -> dict[str, Any]:

@@ -19,6 +19,12 @@ from service.settings import Settings
 from service.webhooks import WebhookError, check_url
 from service.api.errors import ApiError
 from service.api.schemas import CacheSettings
+from service.api.edit_inputs import EditInputs
+
+# An edit's strength when a request gives none: most of the image redrawn, its layout kept; with a
+# mask the masked region is redrawn from noise (what is outside it is kept whatever the strength).
+DEFAULT_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
 
 # C0 controls other than tab / newline / carriage return, and DEL: never meaningful in a prompt.
 _CONTROL = {c for c in range(32) if c not in (9, 10, 13)} | {127}
@@ -134,13 +140,16 @@ class JobAsk:
     num_frames: int | None = None
     fps: int | None = None
     timeout_s: float | None = None
+    strength: float | None = None
+    # The checked input image (and mask) of an edit (service/api/edit_inputs.py).
+    edit: EditInputs | None = None
     images_field: str = "num_images"
     output: str | None = None
 
     @classmethod
     def of(cls, body: Any, **overrides: Any) -> "JobAsk":
         """The ask of a request body: every field the body has under the same name, then ``overrides``."""
-        names = [f.name for f in dataclass_fields(cls) if f.name not in ("images_field", "output")]
+        names = [f.name for f in dataclass_fields(cls) if f.name not in ("images_field", "output", "edit")]
         values = {n: getattr(body, n) for n in names if n not in overrides and hasattr(body, n)}
         return cls(**values, **overrides)
 
@@ -154,8 +163,7 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
     _check_text("prompt", ask.prompt, settings.max_prompt_chars)
     _check_text("negative_prompt", ask.negative_prompt, settings.max_prompt_chars)
     lim = entry.limits_within(settings)
-    width = ask.width or d.width
-    height = ask.height or d.height
+    width, height = edit_size(entry, lim, ask)
     problem = lim.size_problem(width, height)
     if problem:
         raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
@@ -210,8 +218,47 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
         num_frames=num_frames,
         fps=fps,
         timeout_s=float(ask.timeout_s or settings.max_job_s),
+        image=ask.edit.image.digest if ask.edit else None,
+        mask=ask.edit.mask.digest if ask.edit and ask.edit.mask else None,
+        strength=edit_strength(ask),
     )
     return entry, job
+
+
+def edit_size(entry: ModelEntry, lim: ModelLimits, ask: JobAsk) -> tuple[int, int]:
+    """The output size: the image's for an edit (a 422 when the model cannot edit it, or when the
+    request asks for another size), else the request's or the model's default."""
+    edit = ask.edit
+    if edit is None:
+        if ask.strength is not None:
+            raise _bad("strength", "needs an image to edit (image)")
+        return ask.width or entry.defaults.width, ask.height or entry.defaults.height
+    if entry.edits == "none":
+        raise _bad("image", f"model {entry.name!r} does not edit images (it draws from text only); "
+                            "models that do say so in `edits` (GET /models)")
+    if edit.mask is not None and entry.edits != "inpaint":
+        raise _bad("mask", f"model {entry.name!r} does not inpaint: send the image without a mask")
+    width, height = edit.size
+    problem = lim.size_problem(width, height)
+    if problem is not None:
+        sizes = supported_sizes(entry, lim)
+        message = (f"is {width}x{height}, a size model {entry.name!r} does not take ({problem[1]}); "
+                   f"supported sizes: {', '.join(sizes)}")
+        raise ApiError(422, "validation_error", f"image: {message}", param="image",
+                       fields=[{"field": "image", "message": message}], supported_sizes=sizes)
+    for field, asked, have in (("width", ask.width, width), ("height", ask.height, height)):
+        if asked is not None and asked != have:
+            raise _bad(field, f"is {asked} but the image's is {have}: an edit keeps the image's size "
+                              f"(leave {field} out, or resize the image)")
+    return width, height
+
+
+def edit_strength(ask: JobAsk) -> float | None:
+    if ask.edit is None:
+        return None
+    if ask.strength is not None:
+        return float(ask.strength)
+    return DEFAULT_INPAINT_STRENGTH if ask.edit.mask is not None else DEFAULT_STRENGTH
 
 
 def idempotency_scope(identity: str, key: str | None) -> str | None:

@@ -56,10 +56,13 @@ TIMEOUT_FIELD: Any = Field(None, gt=0, allow_inf_nan=False, description=(
     "free again; default and maximum CLUSCA_MAX_JOB_S."))
 CANCEL_ON_DISCONNECT_FIELD: Any = Field(True, description=(
     "A synchronous request whose client disconnects before the answer is cancelled."))
+STRENGTH_FIELD: Any = Field(None, gt=0, le=1, allow_inf_nan=False, description=(
+    "Edits: how much of the image is redrawn, the share of the steps denoised from the image noised "
+    "to that level (1: from pure noise). Default 0.8, or 1 with a mask; only with an image."))
 
 
 class GenerateRequest(BaseModel):
-    """One text-to-image request."""
+    """One text-to-image request, or an edit of an image (``image``, ``strength``, ``mask``)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
         "examples": [{"prompt": "a red circle on the left", "seed": 7, "cache": {"preset": "balanced"}}]})
@@ -80,6 +83,13 @@ class GenerateRequest(BaseModel):
     inline: bool = Field(False, description="Video models: also return the videos base64-encoded in `images` "
                                             "(by default the answer links to them).")
     cache: Optional[CacheSettings] = None
+    image: Optional[str] = Field(None, description=(
+        "Edits: the image to start from, a base64 PNG, JPEG or WebP (or a data: URL). The output has "
+        "its size, which must be one the model takes; models with `edits` in GET /models."))
+    strength: Optional[float] = STRENGTH_FIELD
+    mask: Optional[str] = Field(None, description=(
+        "Inpainting: what to repaint, white (repaint) and black (keep), the image's size, encoded as "
+        "`image`; the pixels outside it are kept exactly. Models with `edits: inpaint`."))
     webhook_url: Optional[str] = Field(None, max_length=2048)
     timeout_s: Optional[float] = TIMEOUT_FIELD
     async_: bool = Field(False, alias="async", description="Answer 202 with a job id instead of waiting.")
@@ -110,6 +120,8 @@ class JobStatus(BaseModel):
     width: Optional[int] = None
     height: Optional[int] = None
     guidance: Optional[float] = None
+    strength: Optional[float] = Field(None, description="Edits: the strength they ran with.")
+    masked: bool = Field(False, description="Edits: whether a mask said what to repaint.")
     cache: Optional[ClusCaConfig] = Field(None, description="The resolved ClusCa settings of the run.")
     cache_stats: Optional[RunStats] = Field(None, description="Statistics of the ClusCa run.")
     timeout_s: Optional[float] = Field(None, description="Seconds from creation after which the job fails.")
@@ -156,6 +168,7 @@ class ModelInfo(BaseModel):
     name: str
     kind: str
     output: str = Field("image", description="What the model makes: image or video.")
+    edits: str = Field("none", description="What it edits: none, image (image-to-image) or inpaint (with a mask too).")
     pipeline_class: str
     dtype: str
     defaults: dict[str, Any]
@@ -205,6 +218,13 @@ class OpenAIImageRequest(BaseModel):
     cache: Optional[CacheSettings] = None
     timeout_s: Optional[float] = TIMEOUT_FIELD
     cancel_on_disconnect: bool = CANCEL_ON_DISCONNECT_FIELD
+
+
+class OpenAIImageEditRequest(OpenAIImageRequest):
+    """The text fields of OpenAI's ``images.edit`` form (its ``image`` and ``mask`` are files);
+    ``strength`` is this service's. The output has the image's size (``size``, if given, must be it)."""
+
+    strength: Optional[float] = STRENGTH_FIELD
 
 
 class OpenAIImage(BaseModel):

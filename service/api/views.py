@@ -28,6 +28,7 @@ def job_status(job: JobRecord, cls: type[JobStatus] = JobStatus, **extra: Any) -
         num_frames=req.num_frames if req else None, fps=req.fps if req else None,
         width=req.width if req else None, height=req.height if req else None,
         guidance=req.guidance if req else None, cache=req.cache if req else None,
+        strength=req.strength if req else None, masked=req is not None and req.mask is not None,
         timeout_s=req.timeout_s if req else None,
         cache_stats=res.cache_stats if res else None, timings=timings(res), attempts=job.attempts,
         batch_images=res.batch_images if res else None, error=job.error,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
 from service.contract import EVENTS_MAXLEN, FINAL_EVENT, GROUP, JobRequest, JobResult, as_text
-from service.broker.keys import (check_layout, done_key, events_key, images_key, job_key, job_tag, stream_key, stream_keys, worker_key, workers_key)
+from service.broker.keys import (check_layout, done_key, events_key, images_key, input_key, job_key, job_tag, stream_key, stream_keys, worker_key, workers_key)
 from service.broker.lanes import LANES, LONG, SHORT
 from service.broker.connect import is_cluster
 from service.broker.slot_route import SlotRoute, run_scripts
@@ -340,6 +340,11 @@ class WorkerQueue:
             pipe.zrem(workers_key(m), self.worker_id)
         pipe.delete(worker_key(self.worker_id))
         pipe.execute()
+
+
+def stored_input(q: WorkerQueue, model: str, digest: str) -> bytes | None:
+    """An edit's input as the API stored it in Redis (None once it expired)."""
+    return q.r.get(input_key(model, digest))
 
 
 def _by_slot(keys: list[str], cluster: bool) -> list[dict[str, str]]:

@@ -19,6 +19,7 @@ Layout (version :data:`LAYOUT_VERSION`; ``T`` is :func:`model_tag` of the model)
     clusca:{T}:job:<id>:done         list that gets one element when the job ends
     clusca:{T}:job:<id>:<part>       anything else stored per job (job_part_key)
     clusca:{T}:idem:<hash>           idempotency key -> "<job id> <request fingerprint>"
+    clusca:{T}:input:<sha256>        an edit's input image or mask (PNG bytes), with the result TTL
     clusca:idem-owner:<hash>         the model an idempotency key was first used with
     clusca:{T}:workers:<model>       sorted set: worker id -> last heartbeat (unix seconds)
     clusca:worker:<worker id>        what a worker holds, with a short TTL
@@ -128,6 +129,11 @@ def done_key(job_id: str) -> str:
 
 def idem_key(model: str, scoped_key: str) -> str:
     return f"{_in(model_tag(model))}idem:{scoped_key}"
+
+
+def input_key(model: str, digest: str) -> str:
+    """An edit's stored input (named by its content's SHA-256), in its model's slot."""
+    return f"{_in(model_tag(model))}input:{digest}"
 
 
 def idem_owner_key(scoped_key: str) -> str:

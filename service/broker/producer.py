@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, TypeVar
 from redis.exceptions import AskError
 
 from service.contract import GROUP, QUEUED, TERMINAL_EVENTS, JobRecord, JobRequest, as_text
-from service.broker.keys import (done_key, events_key, idem_key, idem_owner_key, images_key, job_key, new_job_id, stream_key, stream_keys, worker_key, workers_key)
+from service.broker.keys import (done_key, events_key, idem_key, idem_owner_key, images_key, input_key, job_key, new_job_id, stream_key, stream_keys, worker_key, workers_key)
 from service.broker.lanes import LANES, SHORT
 from service.broker.connect import UNAVAILABLE, is_cluster
 from service.broker.lua import SCRIPTS
@@ -149,6 +149,10 @@ class JobQueue:
             await client.aclose()
         self._primaries.clear()
         self._retired.clear()
+
+    async def put_input(self, model: str, digest: str, data: bytes) -> None:
+        """Keep an edit's input for the result TTL (a repeat of the same bytes renews it)."""
+        await self.r.set(input_key(model, digest), data, ex=self.ttl_s)
 
     async def get(self, job_id: str) -> JobRecord | None:
         return JobRecord.from_hash(await self.r.hgetall(job_key(job_id)))

@@ -30,7 +30,8 @@ from typing import Any, Protocol
 log = logging.getLogger("clusca.video_store")
 
 REF_PREFIX = b"clusca-file:"
-_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,5}-[0-9a-f]{12}\.(mp4|webp|gif)$")
+# Videos, and the PNG inputs of edits (service/outputs/inputs.py).
+_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,5}-[0-9a-f]{12}\.(mp4|webp|gif|png)$")
 _TMP_PREFIX = ".tmp-"
 # A file outlives its job's records by this much, so a reader that just found its reference can still open it.
 GRACE_S = 60.0
@@ -140,10 +141,14 @@ class DirStore:
         self._last_sweep = float("-inf")
 
     def put(self, job_id: str, index: int, data: bytes, fmt: str) -> bytes:
-        name = f"{job_id}-{index}-{uuid.uuid4().hex[:12]}.{fmt}"
+        return self.write(f"{job_id}-{index}-{uuid.uuid4().hex[:12]}.{fmt}", data)
+
+    def write(self, name: str, data: bytes) -> bytes:
+        """Write ``data`` as the file ``name`` (whole or not at all); its reference."""
         if not _NAME.match(name):
-            raise ValueError(f"not a storable output: job {job_id!r}, format {fmt!r}")
-        tmp = self.root / f"{_TMP_PREFIX}{name}"
+            raise ValueError(f"not a storable output: {name!r}")
+        # A name of its own, so two processes writing one input's bytes at once never share a file.
+        tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}-0-{uuid.uuid4().hex[:12]}{Path(name).suffix}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:

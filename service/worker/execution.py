@@ -20,6 +20,7 @@ from service.contract import CANCELLED, FAILED, SUCCEEDED, JobResult, RunStats, 
 from service.outputs.encode import encode_output
 from service.outputs.store import NotKept
 from service.worker.batching import shares, split_into_calls
+from service.worker.edit_inputs import MISSING, load_inputs
 from service.worker.progress import ProgressPump, progress_by_job
 from service.worker.results import Outcome, ResultWriter
 from service.worker.runners import Batch, RequestNotSupported, Runner
@@ -56,7 +57,15 @@ class BatchExecutor:
             return
         model_name = jobs[0].delivery.model
         runner = self.models[model_name]
-        batch = Batch.of([j.request for j in jobs])
+        inputs: list[Any] | None = None
+        if jobs[0].request.is_edit:
+            inputs, gone = load_inputs(self.results.q, self.results.videos, jobs)
+            if gone:
+                self.results.fail(gone, MISSING)
+                jobs = [j for j in jobs if j not in gone]
+                if not jobs:
+                    return
+        batch = Batch.of([j.request for j in jobs], inputs)
         mode = jobs[0].request.cache_mode
         watch = CallWatch(jobs, self._end_job)
         for j in jobs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 from urllib.parse import urlsplit
@@ -164,6 +165,43 @@ def test_compare_mode_runs_uncached_and_cached_side_by_side(page, served):
     assert not page.console_errors, page.console_errors
 
 
+def test_an_uploaded_image_inpainted_where_the_mask_is_painted(page, served, tmp_path):
+    src = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    upload = tmp_path / "in.png"
+    Image.fromarray(src).save(upload)
+    page.goto(served.url + "/")
+    page.wait_for_selector("#model option[value=shapes]", state="attached")
+    page.click("#edit summary")
+    page.set_input_files("#edit-file", str(upload))
+    page.wait_for_function("() => document.querySelector('#edit-image').width === 32")
+    assert "32×32" in page.inner_text("#edit-info")
+    # Paint a stroke down the left quarter of the image.
+    box = page.locator("#edit-mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.12, box["y"] + box["height"] * 0.1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.12, box["y"] + box["height"] * 0.9, steps=12)
+    page.mouse.up()
+    assert "painted pixels are redrawn" in page.inner_text("#edit-info")
+    page.fill("#prompt", "a blue square on the left")
+    page.fill("#seed", "5")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('.panel img')?.naturalWidth === 32")
+    assert page.inner_text("[data-stat=edit]") == "strength 1, masked"
+    sent = page.text_content(".panel .request pre")
+    assert "<image: " in sent and "<mask: " in sent and "base64" not in sent
+    shown = [u for u in page.requests if re.search(r"/jobs/[0-9a-f]{32}/images/0$", u)]
+    out = np.asarray(Image.open(io.BytesIO(httpx.get(shown[-1]).content)).convert("RGB"))
+    assert np.array_equal(out[:, 16:], src[:, 16:])  # the right half was never painted: kept exactly
+    assert not np.array_equal(out[:, :8], src[:, :8])  # the stroke was redrawn
+    # The history keeps the settings, not the image and mask.
+    page.reload()
+    page.wait_for_selector("#history li")
+    request = json.loads(page.evaluate("() => sessionStorage.getItem('clusca-playground-history')"))[0]["request"]
+    assert request["prompt"] == "a blue square on the left" and not {"image", "mask"} & set(request)
+    _only_the_service(page, served)
+    assert not page.console_errors, page.console_errors
+
+
 NOOP_MODELS = models_yaml(noop_model("noop", 6), noop_model("slow", 50, delay=0.2))
 
 
@@ -185,6 +223,7 @@ def test_with_api_keys_the_page_asks_for_one_and_sends_it_and_cancel_stops_a_job
             assert answer.value.status == status and answer.value.request.headers["authorization"] == f"Bearer {key}"
         pg.wait_for_selector("#model option[value=noop]", state="attached")
         assert pg.is_hidden("#error")
+        assert pg.is_hidden("#edit")  # the no-op model edits nothing: the page offers no upload
 
         pg.fill("#prompt", "anything")
         pg.click("#generate")

@@ -62,10 +62,15 @@ _request_fields = dict(
     cache=configs,
     webhook_url=st.none() | st.text(max_size=60),
     timeout_s=st.none() | st.floats(min_value=0.001, max_value=1e6, allow_nan=False))
-# Still images (no frame count, an image format) and videos (frames, a frame rate, a video format).
+digests = st.text("0123456789abcdef", min_size=64, max_size=64)
+# Still images (no frame count, an image format), videos (frames, a frame rate, a video format), and
+# edits (an input image, perhaps a mask, a strength).
 requests = st.builds(JobRequest, **_request_fields, output_format=st.sampled_from(contract.IMAGE_FORMATS)) \
     | st.builds(JobRequest, **_request_fields, output_format=st.sampled_from(contract.VIDEO_FORMATS),
-                num_frames=st.integers(1, 1000), fps=st.integers(1, 240))
+                num_frames=st.integers(1, 1000), fps=st.integers(1, 240)) \
+    | st.builds(JobRequest, **_request_fields, output_format=st.sampled_from(contract.IMAGE_FORMATS),
+                image=digests, mask=st.none() | digests,
+                strength=st.floats(0, 1, exclude_min=True, allow_nan=False))
 timings = st.builds(Timings, queue_wait_s=st.none() | finite, inference_s=st.none() | finite,
                     total_s=st.none() | finite)
 _result_fields = dict(
@@ -80,8 +85,8 @@ results = st.builds(JobResult, **_result_fields)
 
 def test_the_round_trip_draws_every_contract_field():
     """A field added to the contract is drawn by the round trip below, or that test proves nothing about it."""
-    assert {f.name for f in dataclasses.fields(JobRequest)} == set(_request_fields) | {"output_format", "num_frames",
-                                                                                       "fps"}
+    assert {f.name for f in dataclasses.fields(JobRequest)} == set(_request_fields) | {
+        "output_format", "num_frames", "fps", "image", "mask", "strength"}
     assert {f.name for f in dataclasses.fields(JobResult)} == set(_result_fields)
     assert {f.name for f in dataclasses.fields(Timings)} == {"queue_wait_s", "inference_s", "total_s"}
 
@@ -126,6 +131,7 @@ def test_every_field_round_trips_api_redis_worker_views(service, req, result, st
                                                                           req.output_format)
     assert (view.width, view.height, view.guidance, view.cache) == (req.width, req.height, req.guidance, req.cache)
     assert (view.num_frames, view.fps) == (req.num_frames, req.fps)
+    assert (view.strength, view.masked) == (req.strength, req.mask is not None)
     assert view.cache_stats == result.cache_stats and view.batch_images == result.batch_images
     wire = view.model_dump(mode="json")  # what the client reads
     assert wire["timings"] == dataclasses.asdict(result.timings) and wire["cache"] == req.cache.to_dict()
@@ -136,7 +142,8 @@ def test_every_field_round_trips_api_redis_worker_views(service, req, result, st
 def test_views_decide_on_every_contract_field():
     """A field added to the contract must be shown by the views or named here as not shown."""
     shown = set(JobStatus.model_fields)
-    private_request = {"prompt", "negative_prompt", "webhook_url"}  # not echoed back
+    # Not echoed back (an edit's inputs are named by digest; the view says only whether a mask was given).
+    private_request = {"prompt", "negative_prompt", "webhook_url", "image", "mask"}
     for f in dataclasses.fields(JobRequest):
         assert f.name in shown or f.name in private_request, f"JobRequest.{f.name} is neither shown nor private"
     private_result = {"seed", "seeds", "cache_mode", "batch_jobs", "worker", "attempt", "content_type"}
@@ -160,16 +167,36 @@ def test_result_json_round_trips(result):
        fmt=st.sampled_from(contract.OUTPUT_FORMATS), hook=st.none() | st.text(max_size=10))
 def test_batch_key_ignores_per_image_fields(a, prompt, seed, n, fmt, hook):
     b = dataclasses.replace(a, prompt=prompt, seed=seed, num_images=n, output_format=fmt, webhook_url=hook,
-                            negative_prompt=None if a.negative_prompt is None else "other")
+                            negative_prompt=None if a.negative_prompt is None else "other",
+                            image=None if a.image is None else "f" * 64, mask=None if a.mask is None else "e" * 64)
     assert a.batch_key("m") == b.batch_key("m")
     assert a.batch_key("m") != a.batch_key("other-model")
 
 
 @pytest.mark.parametrize("change", [{"width": 8}, {"height": 8}, {"steps": 7}, {"guidance": 9.5},
-                                    {"cache": ClusCaConfig(mode="fora")}, {"negative_prompt": "x"}])
+                                    {"cache": ClusCaConfig(mode="fora")}, {"negative_prompt": "x"},
+                                    {"image": "a" * 64, "strength": 0.8}])
 def test_batch_key_separates_call_wide_fields(change):
     a = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1, cache=ClusCaConfig(mode="off"))
     assert a.batch_key("m") != dataclasses.replace(a, **change).batch_key("m")
+
+
+@pytest.mark.parametrize("change", [{"strength": 0.5}, {"mask": "b" * 64}])
+def test_edits_batch_only_with_the_same_strength_and_masking(change):
+    a = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1, image="a" * 64, strength=0.8)
+    assert a.batch_key("m") != dataclasses.replace(a, **change).batch_key("m")
+    assert a.batch_key("m") == dataclasses.replace(a, image="c" * 64).batch_key("m")
+
+
+@pytest.mark.parametrize("steps,strength", [(40, 0.8), (40, 0.7), (10, 0.05), (28, 1.0), (1, 0.3), (50, 0.33)])
+def test_the_steps_an_edit_denoises_are_the_pipelines(steps, strength):
+    from clusca_shapes.pipeline import edit_start
+
+    n = contract.denoised_steps(steps, strength)
+    assert 1 <= n <= steps and n == steps - edit_start(steps, strength)
+    req = JobRequest(prompt="p", width=16, height=16, steps=steps, guidance=1.0, seed=1, image="a" * 64,
+                     strength=strength)
+    assert req.denoised_steps == n and dataclasses.replace(req, image=None, strength=None).denoised_steps == steps
 
 
 @pytest.mark.parametrize("field,bad", [("prompt", 1), ("negative_prompt", 2), ("width", "16"), ("width", True),
@@ -177,13 +204,15 @@ def test_batch_key_separates_call_wide_fields(change):
                                        ("seed", -1), ("num_images", 0), ("output_format", "gif"),
                                        ("cache", []), ("cache", {"interval": 0}), ("cache", {"knob": 1}),
                                        ("timeout_s", 0), ("timeout_s", "5"),
-                                       ("webhook_url", 3)])
+                                       ("webhook_url", 3), ("image", "../etc/passwd"), ("strength", 0.5),
+                                       ("mask", "a" * 64)])
 def test_a_request_the_api_could_not_have_written_is_refused(field, bad):
     d = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1).to_dict()
     assert JobRequest.parse(contract._json({**d, field: bad})) is None
     missing = {k: v for k, v in d.items() if k != field}
-    # A request stored before deadlines existed has none; every other field is required.
-    assert (JobRequest.parse(contract._json(missing)) is None) == (field != "timeout_s")
+    # A request stored before deadlines (or edits) existed has none; every other field is required.
+    assert (JobRequest.parse(contract._json(missing)) is None) == (field not in ("timeout_s", "image", "strength",
+                                                                                 "mask"))
     assert JobRequest.parse(b"\x80\x04pickle") is None and JobRequest.parse("[1]") is None
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from service.contract import FAILED, JobRecord
 from service.api.deps import AuthDep, ServicesDep
+from service.api.edit_inputs import keep_edit, read_edit
 from service.api.errors import ApiError
 from service.api.resolve import JobAsk, idempotency_scope, request_fingerprint, resolve_job
 from service.api.schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
@@ -38,7 +39,9 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
     The same ``Idempotency-Key`` with the same request returns the same job (also while it
     runs) and never runs it twice; with a different request it is a 422."""
     idem = idempotency_scope(identity, idempotency_key)
-    entry, job = await resolve_job(services.registry, services.settings, JobAsk.of(body))
+    edit = await read_edit(services.settings, body.image, body.mask)
+    entry, job = await resolve_job(services.registry, services.settings, JobAsk.of(body, edit=edit))
+    await keep_edit(services, entry.name, edit)
     fingerprint = request_fingerprint("/generate", entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     if wants_async(prefer, body.async_):

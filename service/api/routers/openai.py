@@ -1,17 +1,25 @@
-"""POST /v1/images/generations, shaped like the OpenAI images API so its SDKs work unchanged."""
+"""POST /v1/images/generations and /v1/images/edits, shaped like the OpenAI images API so its SDKs
+work unchanged."""
 
 from __future__ import annotations
 
 import base64
+import json
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
-from service.contract import SUCCEEDED
-from service.api.deps import AuthDep, ServicesDep
+from service.contract import SUCCEEDED, JobRequest
+from service.registry import ModelEntry
+from service.api.deps import AuthDep, Services, ServicesDep
+from service.api.edit_inputs import EditInputs, keep_edit, read_edit_files
 from service.api.errors import ApiError
-from service.api.schemas import ErrorBody, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
+from service.api.form_body import FormError, FormPart, as_object, form_parts
+from service.api.schemas import (ErrorBody, OpenAIImage, OpenAIImageEditRequest, OpenAIImageRequest,
+                                 OpenAIImageResponse)
 from service.api.views import timings, unfinished_status
 from service.api.resolve import JobAsk, check_openai_size, idempotency_scope, request_fingerprint, resolve_job
 from service.api.submit import submit, wait_for
@@ -31,7 +39,13 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
     width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
     ask = JobAsk.of(body, width=width, height=height, num_images=body.n, images_field="n", output="image")
     entry, job = await resolve_job(services.registry, services.settings, ask)
-    fingerprint = request_fingerprint("/v1/images/generations", entry.name, job, body.seed) if idem else ""
+    return await _run(services, request, "/v1/images/generations", entry, job, body, idem)
+
+
+async def _run(services: Services, request: Request, endpoint: str, entry: ModelEntry, job: JobRequest,
+               body: OpenAIImageRequest, idem: str | None) -> OpenAIImageResponse:
+    """Queue the job, wait for it, and answer with its images the OpenAI way."""
+    fingerprint = request_fingerprint(endpoint, entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     gone = request.is_disconnected if body.cancel_on_disconnect and created else None
     record, finished, images = await wait_for(services, job_id, gone=gone)
@@ -49,3 +63,81 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
     res = record.result
     return OpenAIImageResponse(created=int(record.finished or time.time()), data=data, id=job_id,
                                seed=job.seed, timings=timings(res), cache_stats=res.cache_stats if res else None)
+
+
+# What the SDK's images.edit sends: these files, beside the text fields of OpenAIImageEditRequest.
+_FILE_FIELDS = ("image", "image[]", "mask")
+# File parts may say what they are; one that says it is something other than an image is refused.
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream", "")
+_EDIT_FORM = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The image to edit (PNG, JPEG or WebP); "
+                  "the output has its size. The SDK may name the part image[]; one image per request."},
+        "mask": {"type": "string", "format": "binary", "description": "Where to edit: a PNG whose transparent "
+                 "pixels (alpha below one half) are redrawn, the image's size (models with edits: inpaint)."},
+        # The plain text fields (cache settings go as cache[knob] fields, which a form schema cannot spell).
+        **{k: v for k, v in OpenAIImageEditRequest.model_json_schema()["properties"].items()
+           if "$ref" not in json.dumps(v)}}}}}
+
+
+def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, bytes, bytes | None, str]:
+    """The form's text fields as the request model, its image and mask bytes, and the image part's name."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "body: /v1/images/edits takes multipart/form-data, as the "
+                       f"OpenAI SDK's images.edit sends it (this request has {content_type or 'no Content-Type'})",
+                       param="body", fields=[{"field": "body", "message": "must be multipart/form-data"}])
+    try:
+        parts = form_parts(content_type, raw)
+        files: dict[str, list[FormPart]] = {}
+        for part in parts:
+            if part.name in _FILE_FIELDS:
+                if not part.is_file:
+                    raise FormError(part.name, "must be a file part (an image), not a text field")
+                if part.content_type not in _IMAGE_TYPES:
+                    raise FormError(part.name, f"is sent as {part.content_type}; expected image/png, image/jpeg "
+                                    "or image/webp")
+                files.setdefault(part.name.rstrip("[]"), []).append(part)
+            elif part.is_file:
+                raise FormError(part.name, "must be a text field, not a file")
+        text = as_object((p.name, p.value) for p in parts if not p.is_file)
+    except FormError as exc:
+        raise ApiError(422, "validation_error", f"{exc.field}: {exc}", param=exc.field,
+                       fields=[{"field": exc.field, "message": str(exc)}]) from None
+    try:
+        body = OpenAIImageEditRequest.model_validate(text)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    images, masks = files.get("image", []), files.get("mask", [])
+    for name, got in (("image", images), ("mask", masks)):
+        if len(got) > 1:
+            raise ApiError(422, "validation_error", f"{got[0].name}: one {name} per request; this request has "
+                           f"{len(got)}", param=got[0].name, fields=[{"field": got[0].name, "message": "one only"}])
+    if not images:
+        raise ApiError(422, "validation_error", "image: is required (a file part)", param="image",
+                       fields=[{"field": "image", "message": "is required"}])
+    return body, images[0].data, masks[0].data if masks else None, images[0].name
+
+
+@router.post("/images/edits", response_model=OpenAIImageResponse, summary="OpenAI-compatible edit",
+             openapi_extra={"requestBody": {"required": True, "content": _EDIT_FORM}},
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 415, 422, 429, 500, 503, 504)})
+async def images_edits(request: Request, services: ServicesDep, identity: AuthDep,
+                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
+    """Always synchronous, multipart as the OpenAI SDK's ``images.edit`` sends it: the ``image`` file
+    and optional ``mask`` file (OpenAI's convention: its transparent pixels are redrawn, the rest is
+    kept exactly), ``prompt``, ``n``, ``size`` (``auto`` or the image's size), ``model`` and
+    ``response_format``, plus this service's ``strength``, ``steps``, ``seed``, ``guidance``,
+    ``negative_prompt`` and ``cache``."""
+    idem = idempotency_scope(identity, idempotency_key)
+    body, image, mask, image_field = _edit_form(request.headers.get("content-type", ""), await request.body())
+    edit: EditInputs = await read_edit_files(services.settings, image, mask, image_field)
+    width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
+    if width is not None and (width, height) != edit.size:
+        message = f"is {body.size} but the image is {edit.size[0]}x{edit.size[1]}: an edit keeps the image's size"
+        raise ApiError(422, "validation_error", f"size: {message}", param="size",
+                       fields=[{"field": "size", "message": message}])
+    ask = JobAsk.of(body, num_images=body.n, images_field="n", output="image", edit=edit)
+    entry, job = await resolve_job(services.registry, services.settings, ask)
+    await keep_edit(services, entry.name, edit)
+    return await _run(services, request, "/v1/images/edits", entry, job, body, idem)

@@ -25,6 +25,7 @@ ASSETS = {
     "client.js": "text/javascript; charset=utf-8",
     "compare.js": "text/javascript; charset=utf-8",
     "history.js": "text/javascript; charset=utf-8",
+    "edit.js": "text/javascript; charset=utf-8",
 }
 # 'self' only: job images arrive as blob: URLs, the history keeps them as data: URLs.
 POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "

@@ -2,6 +2,7 @@
 
 import * as api from "./client.js";
 import { difference, formatPsnr, psnr } from "./compare.js";
+import * as edit from "./edit.js";
 import * as history from "./history.js";
 
 const $ = (id) => document.getElementById(id);
@@ -92,6 +93,7 @@ function onModelChange() {
   const what = m.pipeline_class && m.pipeline_class !== "auto" ? m.pipeline_class : `${m.kind} model`;
   $("model-info").textContent = `${what}: ${d.width}×${d.height}, ${d.steps} steps, guidance ${d.guidance}` +
     `${size}; ${m.workers_alive} worker(s), ${m.queue_depth} queued.`;
+  edit.configure(m.edits);
   const video = m.output === "video";
   $("compare").disabled = video;
   if (video) $("compare").checked = false;
@@ -123,7 +125,13 @@ function baseRequest() {
   for (const id of ["seed", "steps", "width", "height", "guidance"]) {
     if ($(id).value !== "") body[id] = Number($(id).value);
   }
-  return body;
+  return { ...body, ...edit.fields() };
+}
+
+// A request as the panel shows it: an edit's image and mask by their length, not their bytes.
+function shown(body) {
+  return JSON.stringify(body, (k, v) => ((k === "image" || k === "mask") && typeof v === "string"
+    ? `<${k}: ${v.length} characters>` : v), 2);
 }
 
 // ---- one job in one panel ---------------------------------------------------------------------
@@ -145,7 +153,7 @@ function panel(title) {
   const line = (text) => { status.textContent = events ? `${text} · ${events} progress event(s)` : text; };
   return {
     root,
-    request(body) { req.querySelector("pre").textContent = JSON.stringify(body, null, 2); },
+    request(body) { req.querySelector("pre").textContent = shown(body); },
     event(ev) {
       if (ev.type === "progress") {
         events += 1;
@@ -167,6 +175,7 @@ function panel(title) {
         ["inference", t.inference_s != null ? `${t.inference_s.toFixed(3)} s` : "–"],
         ["total", t.total_s != null ? `${t.total_s.toFixed(3)} s` : "–"],
         ["cache", record.cache ? describeCache(record.cache) : "–"],
+        ["edit", record.strength != null ? `strength ${record.strength}${record.masked ? ", masked" : ""}` : "–"],
         ["steps full / cached", s.full_steps != null ? `${s.full_steps} / ${s.cached_steps}` : "–"],
         ["FLOPs speedup", s.flops_speedup != null ? `${s.flops_speedup.toFixed(2)}×` : "–"],
       ];
@@ -296,8 +305,10 @@ function chosenTitle(cache) {
   return Object.entries(cache).map(([k, v]) => (k === "preset" ? v : `${k} ${v}`)).join(", ");
 }
 
-async function remember(request, run, extra) {
+async function remember(full, run, extra) {
   const s = run.record.cache_stats || {};
+  // The tab's storage keeps settings, not an edit's input image and mask.
+  const { image: _image, mask: _mask, ...request } = full;
   let image = null;
   try {
     if (run.blob.type.startsWith("image/")) image = await history.dataURL(run.blob);
@@ -371,5 +382,6 @@ $("new-seed").addEventListener("click", () => { $("seed").value = String(Math.fl
 $("api-key").addEventListener("input", () => api.setKey($("api-key").value));
 $("api-key").addEventListener("change", loadModels);
 $("clear-history").addEventListener("click", () => { history.clear(); renderHistory(); });
+edit.setup();
 renderHistory();
 loadModels();

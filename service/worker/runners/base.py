@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from clusca.config import ClusCaConfig
 from clusca.stats import RunStats
 
-from service.contract import JobRequest
+from service.contract import JobRequest, denoised_steps
 from service.registry import ModelEntry
 
 # Called after every denoising step with the number of steps done; returning True asks the
@@ -46,17 +46,40 @@ class Batch:
     cache: ClusCaConfig = field(default_factory=ClusCaConfig)
     # Frames per video (video models; None: still images).
     num_frames: int | None = None
+    # Edits: one input image (PIL, RGB) per image of the call and the call-wide strength; for
+    # inpainting one mask (PIL, L; white = repaint) per image too.
+    images_in: list[Any] | None = None
+    strength: float | None = None
+    masks: list[Any] | None = None
 
     @classmethod
-    def of(cls, requests: Sequence[JobRequest]) -> "Batch":
-        """The call for ``requests`` (equal batch keys): the call-wide settings from the first."""
+    def of(cls, requests: Sequence[JobRequest], inputs: Sequence[tuple[Any, Any]] | None = None) -> "Batch":
+        """The call for ``requests`` (equal batch keys): the call-wide settings from the first.
+        ``inputs``: each edit request's ``(image, mask or None)``, in request order."""
         first = requests[0]
         prompts = [r.prompt for r in requests for _ in range(r.num_images)]
         negatives = None if first.negative_prompt is None else \
             [r.negative_prompt or "" for r in requests for _ in range(r.num_images)]
+        images = masks = None
+        if first.is_edit:
+            if inputs is None or len(inputs) != len(requests):
+                raise ValueError("an edit batch needs the input image of every request")
+            images = [im for r, (im, _) in zip(requests, inputs) for _ in range(r.num_images)]
+            if first.mask is not None:
+                masks = [m for r, (_, m) in zip(requests, inputs) for _ in range(r.num_images)]
         return cls(prompts=prompts, negative_prompts=negatives, seeds=[s for r in requests for s in r.seeds],
                    width=first.width, height=first.height, steps=first.steps, guidance=first.guidance,
-                   cache=first.cache, num_frames=first.num_frames)
+                   cache=first.cache, num_frames=first.num_frames, images_in=images, strength=first.strength,
+                   masks=masks)
+
+    @property
+    def denoised_steps(self) -> int:
+        """Steps the pipeline runs (an edit runs the last ``strength`` share of the schedule)."""
+        return self.steps if self.strength is None else denoised_steps(self.steps, self.strength)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.steps - self.denoised_steps
 
     @property
     def images(self) -> int:

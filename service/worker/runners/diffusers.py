@@ -105,9 +105,11 @@ class DiffusersRunner(PipelineRunner):
         if getattr(pipe, "transformer", None) is None:
             # No transformer (e.g. a UNet pipeline): nothing for ClusCa to cache.
             with torch.inference_mode():
-                return self.outputs(pipe(**kwargs)), RunStats.uncached(batch.cache.mode, batch.steps)
+                return self.outputs(pipe(**kwargs)), RunStats.uncached(batch.cache.mode, batch.denoised_steps)
+        # The cache's schedule (warm-up, full-step interval) counts the steps the call denoises,
+        # from the first of them: an edit's are the last `strength` share of the schedule.
         with torch.inference_mode():
-            with clusca_run(pipe.transformer, batch.cache, num_inference_steps=batch.steps) as run:
+            with clusca_run(pipe.transformer, batch.cache, num_inference_steps=batch.denoised_steps) as run:
                 images = self.outputs(pipe(**announce_steps(kwargs, run)))
         return images, run.stats
 

@@ -9,7 +9,8 @@ in two ways that are handled here, once:
   ``callback(i, t, latents)`` with ``callback_steps`` and have no interrupt flag, so they
   are stopped by raising out of the callback.
 * Keyword arguments. A pipeline without ``**kwargs`` gets only the arguments it names;
-  a dropped ``negative_prompt`` would silently change the result, so it is refused.
+  a dropped ``negative_prompt`` (or an edit's ``image`` or ``mask_image``) would silently change
+  the result, so it is refused.
 """
 
 from __future__ import annotations
@@ -67,10 +68,13 @@ class PipelineRunner(Runner):
     def call_kwargs(self, batch: Batch, on_step: StepCallback, stop: list[bool]) -> dict[str, Any]:
         """The pipeline's keyword arguments for ``batch``, in the convention it follows.
 
-        ``stop`` gets ``[True]`` once the callback asked to stop.
+        ``stop`` gets ``[True]`` once the callback asked to stop. An edit's pipeline counts only the
+        steps it denoises; progress counts them on the whole schedule, so it still ends at ``steps``.
         """
+        skipped = batch.skipped_steps
+
         def on_step_end(pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
-            if on_step(i + 1):
+            if on_step(i + 1 + skipped):
                 stop[:] = [True]
                 pipe._interrupt = True
             return kwargs
@@ -82,21 +86,26 @@ class PipelineRunner(Runner):
                                       callback_on_step_end=on_step_end, output_type="pil")
         if batch.negative_prompts is not None:
             kwargs["negative_prompt"] = batch.negative_prompts
+        if batch.images_in is not None:
+            kwargs.update(image=batch.images_in, strength=float(batch.strength or 1.0))
+        if batch.masks is not None:
+            kwargs["mask_image"] = batch.masks
         kwargs.update(self.extra_kwargs())
         params = self.params
         if not params or "*" in params:
             return kwargs
         if "callback_on_step_end" not in params and "callback" in params:
             def legacy(i: int, _t: Any, _latents: Any) -> None:
-                if on_step(i + 1):
+                if on_step(i + 1 + skipped):
                     stop[:] = [True]
                     raise _Stopped()
 
             kwargs.pop("callback_on_step_end")
             kwargs.update(callback=legacy, callback_steps=1)
         dropped = [k for k in kwargs if k not in params]
-        if "negative_prompt" in dropped:
-            raise RequestNotSupported(f"model {self.entry.name!r} does not support negative_prompt")
+        for name in ("negative_prompt", "image", "mask_image"):
+            if name in dropped:
+                raise RequestNotSupported(f"model {self.entry.name!r} does not support {name}")
         for k in dropped:
             kwargs.pop(k)
         return kwargs
