@@ -128,3 +128,4 @@ def observe_run(model: str, mode: str, inference_s: float, step_times: list[floa
     if "flops_speedup" in stats:
         metrics.FLOPS_SPEEDUP.labels(model, mode).observe(float(stats["flops_speedup"]))
     metrics.GRAPH_REPLAYS.labels(model, mode).inc(int(stats.get("graph_replays", 0)))
+    metrics.GUARD_TRIPS.labels(model, mode).inc(int(stats.get("guard_trips", 0)))
