@@ -104,8 +104,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("seed", int, 0, "Seed of the fresh-token draws and the first k-means initialisation.", 0, MAX_SEED),
     Knob("guard", bool, True, "Divergence guard: a cached step expected to depart from the last fresh output "
          "by more than guard_bound is computed in full instead."),
-    Knob("guard_bound", float, 0.5, "The guard's bound: the output's relative change per step at the last full "
-         "step, times the steps since it.", 0.0, 100.0, lo_open=True),
+    Knob("guard_bound", float, 0.5, "The guard's bound on a cached step's expected relative departure from the last "
+         "fresh output (its rate of change at the last full steps, over the steps since).", 0.0, 100.0, lo_open=True),
     Knob("capture", str, "auto", "auto (replay cached steps as a CUDA graph where possible) or off (eager).",
          choices=CAPTURES),
 )
@@ -191,11 +191,13 @@ class ClusCaConfig:
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
         seed: seed of the fresh-token draws and the first k-means initialisation.
-        guard: the divergence guard (see ``clusca.guard`` and docs/library.md): on every full
-            step measure how fast the transformer's output moves (its relative change per step
-            since the previous full step, the largest over the batch's samples); a step due to
-            be cached ``d`` steps after the last full one is computed in full instead when that
-            rate times ``d`` exceeds ``guard_bound``. Trips are counted (``guard_trips``).
+        guard: the divergence guard (see ``clusca.guard`` and docs/library.md): the transformer's
+            output gets Taylor factors of its own over the full steps; a step due to be cached
+            ``d`` steps after the last full one is computed in full instead when its expected
+            relative departure from the last fresh output (the larger of ``d`` times the
+            output's relative change per step and the run's predictor's extrapolation, the
+            largest over the batch's samples) exceeds ``guard_bound``. Trips are counted
+            (``guard_trips``) and are full steps.
         guard_bound: the guard's bound on that expected relative departure, above 0.
         capture: ``auto`` records the lean cached step of a run as a CUDA graph and replays it
             (on a CUDA device, for the architectures with a lean cached step; elsewhere it
