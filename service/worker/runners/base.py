@@ -67,7 +67,8 @@ class BatchOutput:
 def uncached_stats(cache: dict[str, Any], steps: int) -> dict[str, Any]:
     """Statistics shaped like ClusCa's for a run without a transformer: every step full, nothing cached."""
     return {"mode": cache.get("mode", "off"), "full_steps": steps, "cached_steps": 0, "token_fraction": 1.0,
-            "flops": 0, "flops_uncached": 0, "flops_speedup": 1.0, "cache_bytes": 0, "kmeans_ms": 0.0}
+            "flops": 0, "flops_uncached": 0, "flops_speedup": 1.0, "cache_bytes": 0, "kmeans_ms": 0.0,
+            "guard_trips": 0}
 
 
 class Runner(ABC):
