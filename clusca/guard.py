@@ -18,8 +18,8 @@ as in the first steps after warm-up, turns a small prediction error into another
 the bound catches that before it is made. Costs: per full call, one update of the output's factors and one norm per factor
 (output-sized tensors, a fraction of one module's work); per cached call a few
 multiplications on the host, decided before anything of the step runs, so a trip wastes
-nothing. On an accelerator the norms are read on the host once per full step, at the next
-cached call.
+nothing. The norms are read on the host at the end of each full step; cached steps read
+nothing from the device.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def observe(branch: BranchState, out: Any, order: int) -> int:
     else:
         held.update(y, d, order)
     branch.guard_step = branch.step
-    # (factors, samples); a tensor until the next cached call reads it, so the full step
-    # itself never waits for the device.
-    branch.guard_norms = held.buffer[: held.n].flatten(2).norm(dim=2) if held.n > 1 else None
+    # (factors, samples), read on the host here, once per full step: cached steps must stay
+    # free of host reads (with announced steps they read nothing from the device).
+    branch.guard_norms = held.buffer[: held.n].flatten(2).norm(dim=2).tolist() if held.n > 1 else None
     return held.nbytes() - before
 
 
@@ -78,8 +78,6 @@ def departure(branch: BranchState, steps_since_full: int, predictor: str = "tayl
     norms = branch.guard_norms
     if norms is None:
         return None
-    if isinstance(norms, torch.Tensor):
-        norms = branch.guard_norms = norms.tolist()
     d = steps_since_full
     c = coefficients(d, len(norms) - 1, predictor, scale)
     base = norms[0]

@@ -138,7 +138,7 @@ class BranchState(BaseState):
         # the full calls, the step of the last one, and the factors' norms per sample.
         self.guard_factors: Factors | None = None
         self.guard_step = -1
-        self.guard_norms: torch.Tensor | list | None = None
+        self.guard_norms: list[list[float]] | None = None
 
     def drop_tensors(self) -> int:
         """Forget every cached tensor of this branch; returns the bytes freed."""
