@@ -3,6 +3,7 @@
     python benchmarks/guard_sweep.py                       # the sweep and the speed comparison
     python benchmarks/guard_sweep.py --prompts 2 --repeats 2 --no-docs   # a quick look
     python benchmarks/guard_sweep.py --from-json benchmarks/results/guard_sweep.json   # docs only
+    python benchmarks/guard_sweep.py --sweep-from benchmarks/results/guard_sweep.json  # speed again
 
 Quality: every preset (the model's own tuning, as the service resolves it, and the library's
 paper presets) and a grid of admitted knob settings (each mode, Taylor orders 0-4, intervals
@@ -12,9 +13,10 @@ that once collapsed to an all-black image, and two seeds (11 among them). PSNR o
 image against the uncached image of the same prompt and seed; the worst over the sweep is
 the figure that matters, since the guard exists for the runs that fall apart.
 
-Speed: on the presets, guard off, guard on, and guard on with a bound it never reaches (the
-check's own cost, no trips), interleaved run by run and in a rotating order, median of
-``--repeats`` rounds; ratios of median times per image. One torch thread.
+Speed: on the presets, guard off, on, on at a strict bound, and on with a bound it never
+reaches (the check's own cost, no trips), each image in every variant back to back in a
+rotating order, median of ``--repeats`` rounds; ratios of median CPU time per image (one
+torch thread), wall clock beside them.
 
 Saves the raw results (``--json``, default benchmarks/results/guard_sweep.json) and renders
 its marked section of docs/benchmarks.md from them alone.
@@ -47,6 +49,7 @@ PSNR_TARGET = 15.0
 COST_TARGET = 0.02
 NEVER = 100.0  # a guard bound no run reaches: the guard's bookkeeping alone
 STRICT = 0.1  # a tighter bound than the default, to show what quality costs
+QUOTED_PATHS = ("--json", "--from-json", "--sweep-from", "--docs")  # where results went: not part of the command
 
 
 def settings(weights: str | Path | None = None) -> list[dict[str, Any]]:
@@ -88,6 +91,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speed-prompts", type=int, default=2, help="prompts per speed run (each with both seeds)")
     p.add_argument("--json", default=str(RESULTS / "guard_sweep.json"))
     p.add_argument("--from-json", default=None, help="render saved results; measure nothing")
+    p.add_argument("--sweep-from", default=None, help="take the quality sweep from these saved results and "
+                   "measure the speed comparison only")
     p.add_argument("--docs", type=Path, default=DOCS)
     p.add_argument("--no-docs", action="store_true")
     return p.parse_args(argv)
@@ -113,6 +118,15 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             image = pipe(prompt, generator=g, output_type="np").images[0]
         return image, run.stats
 
+    if args.sweep_from:
+        from benchmarks._results import load
+
+        res = load(args.sweep_from)
+        res["speed"] = measure_speed(args, generate, res["prompts"][: args.speed_prompts])
+        res["command"] += "; speed measured again with " + " ".join(
+            ["python", "benchmarks/guard_sweep.py", *quoted_command(argv, paths=QUOTED_PATHS), "--sweep-from ..."])
+        res["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        return res
     t0 = time.perf_counter()
     refs = {k: generate(ClusCaConfig(mode="off"), *k)[0] for k in samples}
     rows = []
@@ -139,7 +153,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
               f"(strict {row['strict']['worst_psnr']:5.1f}), trips {row['on']['mean_trips']:.2f}/run "
               f"(strict {row['strict']['mean_trips']:.2f})", flush=True)
     sweep_s = time.perf_counter() - t0
-    return {"command": " ".join(["python", "benchmarks/guard_sweep.py", *quoted_command(argv)]),
+    return {"command": " ".join(["python", "benchmarks/guard_sweep.py", *quoted_command(argv, paths=QUOTED_PATHS)]),
             "machine": f"{platform.machine()} CPU, {platform.system()}, 1 torch thread",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "torch": torch.__version__, "steps": pipe.default_steps, "seeds": list(SEEDS), "prompts": prompts,
@@ -148,38 +162,54 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 
 def measure_speed(args: argparse.Namespace, generate, prompts: list[str]) -> list[dict[str, Any]]:
-    """Seconds per image of each preset with the guard off, on, and on but never tripping."""
+    """Per preset, the time per image with the guard off, on, strict, and on but never tripping.
+
+    Every image is run in all variants back to back, in an order that rotates from image to
+    image and round to round, so a change of load hits them alike. Both the process's CPU
+    time (one torch thread: what the run itself cost, whatever else the machine runs) and
+    the wall clock are kept; ratios are of medians over the rounds.
+    """
     from clusca import ClusCaConfig
 
     variants = {"off": {"guard": False}, "on": {"guard": True}, "strict": {"guard": True, "guard_bound": STRICT},
                 "check only": {"guard": True, "guard_bound": NEVER}}
+    names = list(variants)
     presets = [s for s in settings() if s["group"] == "presets"]
-    times = {(s["name"], v): [] for s in presets for v in variants}
-    trips = {(s["name"], v): 0 for s in presets for v in variants}
     samples = [(p, seed) for p in prompts for seed in SEEDS]
+    cpu = {(s["name"], v): [0.0] * args.repeats for s in presets for v in variants}
+    wall = {(s["name"], v): [0.0] * args.repeats for s in presets for v in variants}
+    trips = {(s["name"], v): 0 for s in presets for v in variants}
+    configs = {(s["name"], v): ClusCaConfig.from_dict({**s["config"], **variants[v]}) for s in presets for v in variants}
     for s in presets:  # one untimed pass: first-call costs are not the guard's
-        generate(ClusCaConfig.from_dict(s["config"]), *samples[0])
+        generate(configs[s["name"], "off"], *samples[0])
+    turn = 0
     for r in range(args.repeats):
         for s in presets:
-            order = list(variants)
-            order = order[r % len(order):] + order[: r % len(order)]  # who goes first rotates
-            for v in order:
-                cfg = ClusCaConfig.from_dict({**s["config"], **variants[v]})
-                t = time.perf_counter()
-                for prompt, seed in samples:
-                    _, st = generate(cfg, prompt, seed)
+            for prompt, seed in samples:
+                turn += 1
+                for v in names[turn % len(names):] + names[: turn % len(names)]:
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    _, st = generate(configs[s["name"], v], prompt, seed)
+                    cpu[s["name"], v][r] += (time.process_time() - c0) / len(samples)
+                    wall[s["name"], v][r] += (time.perf_counter() - w0) / len(samples)
                     if r == 0:
                         trips[s["name"], v] += st.guard_trips
-                times[s["name"], v].append((time.perf_counter() - t) / len(samples))
     out = []
     for s in presets:
-        med = {v: statistics.median(times[s["name"], v]) for v in variants}
-        out.append({"name": s["name"], "seconds_per_image": med, "times": {v: times[s["name"], v] for v in variants},
-                    "trips_per_image": {v: trips[s["name"], v] / len(samples) for v in variants},
-                    "speed_on": med["off"] / med["on"], "speed_strict": med["off"] / med["strict"],
-                    "speed_check_only": med["off"] / med["check only"]})
-        print(f"speed {s['name']:16s} on/off {out[-1]['speed_on']:.3f}, strict/off {out[-1]['speed_strict']:.3f}, "
-              f"check only/off {out[-1]['speed_check_only']:.3f}, trips/image {out[-1]['trips_per_image']}", flush=True)
+        n = s["name"]
+        med = {v: statistics.median(cpu[n, v]) for v in variants}
+        med_wall = {v: statistics.median(wall[n, v]) for v in variants}
+        row = {"name": n, "cpu_seconds_per_image": med, "wall_seconds_per_image": med_wall,
+               "cpu_times": {v: cpu[n, v] for v in variants}, "wall_times": {v: wall[n, v] for v in variants},
+               "trips_per_image": {v: trips[n, v] / len(samples) for v in variants}}
+        for v, key in (("on", "speed_on"), ("strict", "speed_strict"), ("check only", "speed_check_only")):
+            row[key] = med["off"] / med[v]
+            row[f"wall_{key}"] = med_wall["off"] / med_wall[v]
+        out.append(row)
+        print(f"speed {n:16s} (CPU time) on/off {row['speed_on']:.3f}, strict/off {row['speed_strict']:.3f}, "
+              f"check only/off {row['speed_check_only']:.3f}; wall on/off {row['wall_speed_on']:.3f}; "
+              f"trips/image on {row['trips_per_image']['on']:.2f}, strict {row['trips_per_image']['strict']:.2f}",
+              flush=True)
     return out
 
 
@@ -227,7 +257,7 @@ def render(res: dict[str, Any]) -> str:
         "## Divergence guard (built-in model)",
         "",
         f"`{res['command']}` on {res['machine']}, {res['date']}, torch {res['torch']}; {res['steps']} steps, "
-        f"{len(res['prompts'])} prompts (the evaluation set's first ones and \"{COLLAPSE_PROMPT}\") x seeds "
+        f"{len(res['prompts'])} prompts (\"{res['prompts'][0]}\" and the evaluation set's first ones) x seeds "
         f"{', '.join(map(str, res['seeds']))}; guard off, on at its default bound {res['guard_bound']:g}, and on at "
         f"a strict bound {res['strict_bound']:g}. PSNR against the uncached image "
         "of the same prompt and seed; the worst over the prompts and seeds is what the guard is for. Trips: steps "
@@ -256,18 +286,22 @@ def render(res: dict[str, Any]) -> str:
         f"{'met' if s['worst_on']['on']['worst_psnr'] >= PSNR_TARGET else 'not met'} at the default bound, "
         f"{'met' if s['worst_strict']['strict']['worst_psnr'] >= PSNR_TARGET else 'not met'} at the strict one.",
         "",
-        "Speed on the presets: seconds per image, median of rounds in which the variants run in turn "
-        "(rotating which goes first). *check only*: the guard on with a bound no run reaches, i.e. its bookkeeping "
-        "without trips; *on* and *strict*: trips included (each trip is one more full step). "
-        f"Cost target: at most {COST_TARGET:.0%} of a preset's speed.",
+        "Speed on the presets: time per image, median over rounds; in each round every image runs in all "
+        "variants back to back, in a rotating order. Speed ratios are of the process's CPU time (one torch "
+        "thread, so what the run itself cost on a shared machine), wall-clock ratios in brackets. *check only*: "
+        "the guard on with a bound no run reaches, i.e. its bookkeeping without trips; *on* and *strict*: trips "
+        f"included (each trip is one more full step). Cost target: at most {COST_TARGET:.0%} of a preset's speed.",
         "",
-        "| preset | off s/image | speed on / off | speed strict / off | speed check only / off | trips per image on / strict |",
+        "| preset | off CPU s/image | speed on / off | speed strict / off | speed check only / off | "
+        "trips per image on / strict |",
         "|---|---|---|---|---|---|",
     ]
     for sp in res["speed"]:
-        t, n = sp["seconds_per_image"], sp["trips_per_image"]
-        lines.append(f"| {sp['name']} | {t['off']:.3f} | {sp['speed_on']:.3f} | {sp['speed_strict']:.3f} | "
-                     f"{sp['speed_check_only']:.3f} | {n['on']:.2f} / {n['strict']:.2f} |")
+        t, n = sp["cpu_seconds_per_image"], sp["trips_per_image"]
+        lines.append(f"| {sp['name']} | {t['off']:.3f} | {sp['speed_on']:.3f} ({sp['wall_speed_on']:.3f}) | "
+                     f"{sp['speed_strict']:.3f} ({sp['wall_speed_strict']:.3f}) | "
+                     f"{sp['speed_check_only']:.3f} ({sp['wall_speed_check_only']:.3f}) | "
+                     f"{n['on']:.2f} / {n['strict']:.2f} |")
     lines += ["", END]
     return "\n".join(lines)
 
