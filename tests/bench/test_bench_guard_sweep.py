@@ -22,7 +22,9 @@ def _speed(name: str, on: float) -> dict:
     return {"name": name, "cpu_seconds_per_image": t, "wall_seconds_per_image": t, "cpu_times": {}, "wall_times": {},
             "trips_per_image": {"off": 0, "on": 0.25, "strict": 3.75, "check only": 0}, "speed_on": on,
             "speed_strict": 0.714, "speed_check_only": 0.98, "wall_speed_on": on, "wall_speed_strict": 0.7,
-            "wall_speed_check_only": 0.97}
+            "wall_speed_check_only": 0.97,
+            "guard_seconds_per_image": {"off": 0.0, "on": 0.001, "strict": 0.002, "check only": 0.001},
+            "guard_share": 0.0123}
 
 
 RES = {"command": "python benchmarks/guard_sweep.py --prompts 3", "machine": "testarch CPU, 7 cores", "date": "2031-01-02",
@@ -38,7 +40,7 @@ RES = {"command": "python benchmarks/guard_sweep.py --prompts 3", "machine": "te
 def test_section_and_headline_are_rendered_from_the_results(tmp_path):
     text = render_via_report(RES, tmp_path, "guard_sweep.json")
     for s in ("2031-01-02", "testarch CPU, 7 cores", "a teal dodecagon", "17 steps", "bound 0.77", "0.03",
-              "| preset zed | 3.2 / 19.8 / 27.5 |", "| grid one | 1.5 / 12.5 / 25.0 |", "0.875", "0.25 / 3.75"):
+              "| preset zed | 3.2 / 19.8 / 27.5 |", "| grid one | 1.5 / 12.5 / 25.0 |", "0.875", "0.25 / 3.75", "1.23%"):
         assert s in text, s
     rows = guard_sweep.headline(RES)
     assert all({"figure", "value", "machine", "date"} <= set(r) for r in rows)
@@ -46,4 +48,5 @@ def test_section_and_headline_are_rendered_from_the_results(tmp_path):
     assert any(v.startswith("1.5 dB (grid one)") for v in values.values())
     assert any(v.startswith("12.5 dB (grid one)") for v in values.values())
     assert any(v == "0.875 (preset zed)" for v in values.values())
+    assert any(v == "1.23% (preset zed)" for v in values.values())
     assert {r["date"] for r in rows} == {"2031-01-02"}
