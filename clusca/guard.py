@@ -15,7 +15,9 @@ predictor, with its weights ``c_k``, extrapolates it (for Taylor order 1 the two
 same: ``d`` times the output's relative change per step between the last two full calls).
 Above ``guard_bound`` the call runs in full. Caching while the output still moves fast,
 as in the first steps after warm-up, turns a small prediction error into another image;
-the bound catches that before it is made. Costs: per full call, one update of the output's factors and one norm per factor
+the bound catches that before it is made.
+
+Costs: per full call, one update of the output's factors and one norm per factor
 (output-sized tensors, a fraction of one module's work); per cached call a few
 multiplications on the host, decided before anything of the step runs, so a trip wastes
 nothing. The norms are read on the host at the end of each full step; cached steps read
