@@ -102,6 +102,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("refresh_text", bool, False, "Also compute the text stream of dual-stream models on cached steps."),
     Knob("guidance_pairs", bool, True, "Cluster the two halves of a guidance batch jointly (same fresh tokens)."),
     Knob("seed", int, 0, "Seed of the fresh-token draws and the first k-means initialisation.", 0, MAX_SEED),
+    Knob("guard", bool, False, "Divergence guard: a cached step expected to depart from the last fresh output "
+         "by more than guard_bound is computed in full instead (for the whole batch: off by default)."),
+    Knob("guard_bound", float, 0.5, "The guard's bound on a cached step's expected relative departure from the last "
+         "fresh output (its rate of change at the last full steps, over the steps since).", 0.0, 100.0, lo_open=True),
     Knob("capture", str, "auto", "auto (replay cached steps as a CUDA graph where possible) or off (eager).",
          choices=CAPTURES),
 )
@@ -187,6 +191,14 @@ class ClusCaConfig:
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
         seed: seed of the fresh-token draws and the first k-means initialisation.
+        guard: the divergence guard (see ``clusca.guard`` and docs/library.md): the transformer's
+            output gets Taylor factors of its own over the full steps; a step due to be cached
+            ``d`` steps after the last full one is computed in full instead when its expected
+            relative departure from the last fresh output (the larger of ``d`` times the
+            output's relative change per step and the run's predictor's extrapolation, the
+            largest over the batch's samples) exceeds ``guard_bound``. Trips are counted
+            (``guard_trips``) and are full steps.
+        guard_bound: the guard's bound on that expected relative departure, above 0.
         capture: ``auto`` records the lean cached step of a run as a CUDA graph and replays it
             (on a CUDA device, for the architectures with a lean cached step; elsewhere it
             does nothing); ``off`` always runs cached steps eagerly. See ``clusca.capture``.
@@ -213,6 +225,8 @@ class ClusCaConfig:
     refresh_text: bool = _default("refresh_text")
     guidance_pairs: bool = _default("guidance_pairs")
     seed: int = _default("seed")
+    guard: bool = _default("guard")
+    guard_bound: float = _default("guard_bound")
     capture: str = _default("capture")
     modules: dict[str, list[str]] | None = None
 

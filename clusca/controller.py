@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import capture
+from . import capture, guard
 from .calls import first_tensor
 from .config import ClusCaConfig
 from .diffusers_compat import StateManager, current_context, forward_under
@@ -184,6 +184,10 @@ class ClusCaController:
         branch.step = step
         cfg = self.config
         full = (not self.caching) or branch.last_full < 0 or cfg.is_full_step(step)
+        if not full and cfg.guard and guard.trips(branch, step - branch.last_full, cfg.guard_bound,
+                                                  cfg.predictor if self.order else "taylor", cfg.hermite_scale):
+            full = True
+            self.counters.guard_trips += 1
         branch.full = full
         # Classifier-free guidance in one call feeds the same latents twice: detect it once per
         # full step so that k-means can give both halves of an image the same clusters.
@@ -197,7 +201,8 @@ class ClusCaController:
         if not branch.probed:
             self.probe.begin(branch, args, kwargs)
 
-    def end_call(self) -> None:
+    def end_call(self, out: Any = None) -> None:
+        """The call returned ``out`` (its output feeds the divergence guard on full steps)."""
         branch = self.branch
         c = self.counters
         if branch.probed is None:
@@ -212,6 +217,8 @@ class ClusCaController:
             c.tokens_computed += tokens
             c.flops += branch.flops_call
             branch.last_full = branch.step
+            if self.caching and self.config.guard:
+                c.add_cache_bytes(guard.observe(branch, out, self.order))
         else:
             c.cached_steps.add(key)
             c.flops += branch.flops_unhooked

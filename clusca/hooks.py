@@ -64,7 +64,7 @@ class ClusCaRootHook(compat.ModelHook):
         except BaseException:
             ctrl.abort_call()
             raise
-        ctrl.end_call()
+        ctrl.end_call(out)
         return out
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -134,10 +134,17 @@ class BranchState(BaseState):
         self.flops_call = 0  # analytic FLOPs of one uncached call
         self.flops_unhooked = 0  # part of it spent outside the hooked modules
         self.lean_plan = None  # the architecture adapter's per-sequence plan (see clusca.adapters)
+        # The divergence guard (clusca.guard): Taylor factors of the transformer's output over
+        # the full calls, the step of the last one, and the factors' norms per sample.
+        self.guard_factors: Factors | None = None
+        self.guard_step = -1
+        self.guard_norms: list[list[float]] | None = None
 
     def drop_tensors(self) -> int:
         """Forget every cached tensor of this branch; returns the bytes freed."""
         freed = sum(st.nbytes() for st in self.slots) + sum(g.nbytes() for g in self.clusters.values())
+        if self.guard_factors is not None:
+            freed += self.guard_factors.nbytes()
         self.slots = [SlotState(i) for i in range(self.num_slots)]
         self.clusters = {}
         self.fresh = {}
@@ -145,6 +152,9 @@ class BranchState(BaseState):
         self.chain_acc = {}
         self.probed = False
         self.lean_plan = None
+        self.guard_factors = None
+        self.guard_step = -1
+        self.guard_norms = None
         return freed
 
 
@@ -157,6 +167,7 @@ class Counters:
     full_steps: set = field(default_factory=set)
     cached_steps: set = field(default_factory=set)
     lean_steps: int = 0  # cached calls served by the architecture's lean cached step
+    guard_trips: int = 0  # calls due to be cached that the divergence guard ran in full (clusca.guard)
     tokens_computed: int = 0
     tokens_uncached: int = 0
     flops: int = 0

@@ -33,6 +33,8 @@ class RunStats:
             kmeans_rounds: update rounds they ran in total.
         graph_captures / graph_replays: cached steps recorded as a CUDA graph / replayed
             from one (``capture="auto"``, see ``clusca.capture``).
+        guard_trips: calls due to be cached that the divergence guard computed in full instead
+            (``guard``, see ``clusca.guard``); they count among ``full_steps``.
         capture: what became of capture: ``off`` (the setting), ``replayed``, ``unused`` (no
             lean cached step ran), ``unavailable: <why>`` (e.g. not a CUDA device), or
             ``eager: <why>`` (recording failed or disagreed with the eager step; with
@@ -56,6 +58,7 @@ class RunStats:
     graph_captures: int = 0
     graph_replays: int = 0
     capture: str = "unused"
+    guard_trips: int = 0
 
     @classmethod
     def from_counters(cls, mode: str, c: Counters, capture: str = "auto") -> "RunStats":
@@ -78,6 +81,7 @@ class RunStats:
             graph_captures=c.graph_captures,
             graph_replays=c.graph_replays,
             capture=_capture_summary(capture, c),
+            guard_trips=c.guard_trips,
         )
 
     def to_dict(self) -> dict:

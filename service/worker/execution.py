@@ -182,3 +182,4 @@ def observe_run(model: str, mode: str, inference_s: float, step_times: list[floa
     metrics.TOKEN_FRACTION.labels(model, mode).observe(stats.token_fraction)
     metrics.FLOPS_SPEEDUP.labels(model, mode).observe(stats.flops_speedup)
     metrics.GRAPH_REPLAYS.labels(model, mode).inc(stats.graph_replays)
+    metrics.GUARD_TRIPS.labels(model, mode).inc(stats.guard_trips)

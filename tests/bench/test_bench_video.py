@@ -41,7 +41,8 @@ def test_transformer_benchmark_compares_every_method_side_by_side(tmp_path, one_
     assert list(rows) == [name for name, _ in METHODS]
     off, fast = rows["uncached"], rows["ClusCa fast"]
     assert off["flops_speedup"] == 1.0 and off["rel_error"] == 0.0 and off["cached_steps"] == 0
-    assert fast["flops_speedup"] > 1.5 and fast["cached_steps"] > 0 and 0 < fast["rel_error"] < 1
+    # Random weights move the output fast: the divergence guard runs some of fast's cached steps in full.
+    assert fast["flops_speedup"] > 1.3 and fast["cached_steps"] > 0 and 0 < fast["rel_error"] < 1
     assert rows["FORA N6"]["config"].startswith("fora, interval 6") and "K 16" in fast["config"]
     assert all(len(r["times"]) == 2 and r["wall_speedup"] > 0 for r in rows.values())
     # The per-round times are saved whole: the speedups are the medians of their ratios.

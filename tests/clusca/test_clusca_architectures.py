@@ -62,7 +62,10 @@ def test_default_preset_saves_flops_and_stays_close(case):
     finally:
         remove_clusca(case.model)
     s = run.stats
-    assert s.full_steps == 4 and s.cached_steps == 8 and s.calls == STEPS
+    # Steps 0, 1, 2, 7 by the schedule, and any the divergence guard ran in full (random weights
+    # can move the output fast between steps).
+    assert s.full_steps == 4 + s.guard_trips and s.cached_steps == 8 - s.guard_trips and s.calls == STEPS
+    assert s.guard_trips <= 1
     assert s.flops < s.flops_uncached and s.flops_speedup > 1.8
     assert 0.0 < s.token_fraction < 0.5
     assert s.kmeans_calls >= 4 and s.cache_bytes > 0

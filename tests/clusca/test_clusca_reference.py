@@ -3,6 +3,9 @@
 For every supported architecture, in modes fora, taylorseer and clusca at orders 0, 1 and
 2, a 20-step run of the library agrees with the reference hooks (tests/clusca/reference_clusca)
 within 1e-5 relative L2 in float32, and both report the same tokens and FLOPs.
+
+The reference is the cached steps' math on the fixed schedule; the divergence guard only
+chooses which steps run in full (tests/clusca/test_clusca_guard.py), so it is off here.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def case_pair(request):
 @pytest.mark.parametrize("mode,order", CONFIGS, ids=[f"{m}-o{o}" for m, o in CONFIGS])
 def test_lean_path_matches_reference(case_pair, mode, order):
     case, ref = case_pair
-    cfg = ClusCaConfig(mode=mode, interval=3, warmup=2, order=order, clusters=4, gamma=0.05, seed=3)
+    cfg = ClusCaConfig(mode=mode, interval=3, warmup=2, order=order, clusters=4, gamma=0.05, seed=3, guard=False)
     x = case.latents(2, seed=5)
     with torch.inference_mode():
         with clusca_run(case.model, cfg, num_inference_steps=STEPS) as run:
@@ -64,7 +67,7 @@ def test_lean_path_matches_reference(case_pair, mode, order):
 def test_clusca_variants_match_reference(case_pair, propagation, fresh):
     case, ref = case_pair
     cfg = ClusCaConfig(mode="clusca", interval=4, warmup=2, order=1, clusters=3, fresh_tokens=fresh, gamma=0.2,
-                       propagation=propagation, seed=1)
+                       propagation=propagation, seed=1, guard=False)
     x = case.latents(1, seed=2)
     with torch.inference_mode():
         with clusca_run(case.model, cfg, num_inference_steps=STEPS):
@@ -86,7 +89,7 @@ def test_control_net_residuals_between_blocks_match_reference():
     dim = case.model.inner_dim
     extra = {"controlnet_block_samples": [0.1 * torch.randn(1, n_tokens, dim, generator=g)],
              "controlnet_single_block_samples": [0.1 * torch.randn(1, n_tokens, dim, generator=g) for _ in range(2)]}
-    cfg = ClusCaConfig(mode="clusca", interval=3, warmup=2, order=1, clusters=4, gamma=0.1)
+    cfg = ClusCaConfig(mode="clusca", interval=3, warmup=2, order=1, clusters=4, gamma=0.1, guard=False)
 
     def run(c, runner):
         x = c.latents(1, seed=1)

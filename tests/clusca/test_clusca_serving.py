@@ -248,11 +248,14 @@ def test_inside_a_diffusers_pipeline_with_batched_guidance():
     apply_clusca(pipe.transformer)
     with clusca_run(pipe.transformer, ClusCaConfig(interval=1), num_inference_steps=12):
         exact = gen()
-    with clusca_run(pipe.transformer, "balanced", num_inference_steps=12) as run:
+    # The bookkeeping checked here is the schedule's: DDIM on a random tiny DiT moves the output
+    # fast enough for the divergence guard to add full steps, so it is off.
+    balanced = ClusCaConfig.preset("balanced", guard=False)
+    with clusca_run(pipe.transformer, balanced, num_inference_steps=12) as run:
         cached = gen()
     # Two pipeline calls in one run: the pipeline resets stateful hooks when it ends, which
     # must clear the cache but keep the run's statistics.
-    with clusca_run(pipe.transformer, "balanced", num_inference_steps=12) as twice:
+    with clusca_run(pipe.transformer, balanced, num_inference_steps=12) as twice:
         gen()
         second = gen()
     remove_clusca(pipe.transformer)

@@ -137,14 +137,15 @@ def test_v1_videos_life_cycle(wan):
     url = wan.url
     with _client(url) as c:
         r = c.post("/v1/videos", json={"model": "tinywan", "prompt": "a fox", "size": "32x32", "seconds": "1",
-                                       "fps": 8, "seed": 5, "steps": 8, "cache": {"preset": "fast"}})
+                                       "fps": 8, "seed": 5, "steps": 8, "cache": {"preset": "fast", "guard": False}})
         assert r.status_code == 200, r.text
         created = r.json()
         assert created["object"] == "video" and created["status"] == "queued" and created["id"].startswith("video_")
         assert created["size"] == "32x32" and created["num_frames"] == 9  # 1 s at 8 fps, 1 + 4k frames
         done = _wait_video(c, created["id"])
         assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"]
-        # The run's statistics come with the video: fast computes steps 0-2 in full and predicts the other 5.
+        # The run's statistics come with the video: fast computes steps 0-2 in full and predicts the other 5
+        # (the divergence guard is off: on random weights it would add full steps to the schedule).
         stats = done["cache_stats"]
         assert (stats["mode"], stats["full_steps"], stats["cached_steps"]) == ("clusca", 3, 5), stats
         assert stats["kmeans_calls"] > 0 and stats["flops_speedup"] > 1
@@ -236,7 +237,7 @@ def test_cache_on_the_video_transformer_interval_1_exact_fast_fewer_flops(wan, m
     with _client(url) as c:
         runs = {name: c.post("/generate", json={**body, "cache": cache}).json() for name, cache in
                 (("off", {"preset": "off"}), ("every", {"preset": "balanced", "interval": 1}),
-                 ("fast", {"preset": "fast"}))}
+                 ("fast", {"preset": "fast", "guard": False}))}  # the schedule's savings, no guard trips
         import httpx
 
         text = httpx.get(metrics_url, timeout=10).text
