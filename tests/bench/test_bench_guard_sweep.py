@@ -43,10 +43,8 @@ def test_section_and_headline_are_rendered_from_the_results(tmp_path):
               "| preset zed | 3.2 / 19.8 / 27.5 |", "| grid one | 1.5 / 12.5 / 25.0 |", "0.875", "0.25 / 3.75", "1.23%"):
         assert s in text, s
     rows = guard_sweep.headline(RES)
-    assert all({"figure", "value", "machine", "date"} <= set(r) for r in rows)
-    values = {r["figure"]: r["value"] for r in rows}
-    assert any(v.startswith("1.5 dB (grid one)") for v in values.values())
-    assert any(v.startswith("12.5 dB (grid one)") for v in values.values())
-    assert any(v == "0.875 (preset zed)" for v in values.values())
-    assert any(v == "1.23% (preset zed)" for v in values.values())
-    assert {r["date"] for r in rows} == {"2031-01-02"}
+    assert {r.date for r in rows} == {"2031-01-02"} and {r.on for r in rows} == {"testarch CPU, 7 cores"}
+    worst, speed = rows
+    # The sweep's worst sample off, at the default bound and at the strict one.
+    assert "1.5 dB" in worst.figure and "12.5 dB at bound 0.77" in worst.figure and "25.0 dB at bound 0.03" in worst.figure
+    assert "0.875" in speed.figure and "0.714 at 0.03" in speed.figure
