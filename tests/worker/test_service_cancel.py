@@ -138,7 +138,9 @@ def test_a_synchronous_request_past_its_deadline_is_a_408_not_a_5xx(service):
     try:
         with service.client() as c:
             r = c.post("/generate", json={"model": "crawl", "prompt": "p", "timeout_s": 1})
-            assert r.status_code == 408 and r.json()["error"].startswith("deadline exceeded"), r.text
+            err = r.json()["error"]
+            assert r.status_code == 408 and err["code"] == "deadline_exceeded" and err["param"] == "timeout_s", r.text
+            assert err["message"].startswith("deadline exceeded") and "GET /jobs/" in err["message"]
             r = c.post("/v1/images/generations", json={"model": "crawl", "prompt": "p", "timeout_s": 1})
             assert r.status_code == 408 and r.json()["error"]["code"] == "deadline_exceeded", r.text
     finally:

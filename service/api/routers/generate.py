@@ -15,7 +15,7 @@ from service.api.errors import ApiError
 from service.api.resolve import JobAsk, idempotency_scope, request_fingerprint, resolve_job
 from service.api.schemas import ErrorBody, GenerateRequest, GenerateResponse, JobStatus
 from service.api.submit import submit, wait_for
-from service.api.views import generate_response, job_status, unfinished_status
+from service.api.views import generate_response, job_status
 
 router = APIRouter(tags=["generate"])
 
@@ -29,7 +29,7 @@ def wants_async(prefer: str | None, flag: bool) -> bool:
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate images or videos",
              responses={202: {"model": JobStatus, "description": "Accepted; poll or stream the job"},
-                        408: {"model": GenerateResponse, "description": "The job ran past its timeout_s"},
+                        408: {"model": ErrorBody, "description": "The job ran past its timeout_s"},
                         500: {"model": GenerateResponse, "description": "The job failed"}, **ERRORS})
 async def generate(body: GenerateRequest, request: Request, services: ServicesDep, identity: AuthDep,
                    prefer: Annotated[str | None, Header(max_length=200)] = None,
@@ -57,6 +57,7 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
     if not finished:
         return JSONResponse(job_status(record).model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/jobs/{job_id}"})
+    if record.deadline_exceeded:
+        raise ApiError(408, "deadline_exceeded", f"{record.error}; the job: GET /jobs/{job_id}", param="timeout_s")
     resp = generate_response(record, images, inline=body.inline)
-    return JSONResponse(resp.model_dump(mode="json"),
-                        status_code=unfinished_status(record) if record.status == FAILED else 200)
+    return JSONResponse(resp.model_dump(mode="json"), status_code=500 if record.status == FAILED else 200)
