@@ -14,7 +14,7 @@ number that moves in a results file moves in its section and in the summary alik
   ``benchmarks._summary.Headline`` (what, figure, machine, day), read from ``results`` alone.
 * Its ``TOPIC`` names the group its sections go under: a key of ``TOPICS``.
 
-Adding a benchmark, say ``benchmarks/guard_sweep.py`` with ``benchmarks/results/guard_sweep.json``,
+Adding a benchmark, say ``benchmarks/probe_sweep.py`` with ``benchmarks/results/probe_sweep.json``,
 is writing those three (``write_docs``, ``headline``, ``TOPIC``): this script then puts its
 section under its topic, its rows into the summary and its heading into the contents. Name
 it in its topic's entry of ``TOPICS`` to place it among the others there (unnamed, it comes

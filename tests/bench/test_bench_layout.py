@@ -113,31 +113,31 @@ def test_anchors_are_githubs():
 
 
 def _new_benchmark(monkeypatch, topic: str = "service", **drop: bool) -> None:
-    """A benchmark module ``benchmarks.guard_sweep`` as a new one would be written."""
-    start, end = "<!-- guard-sweep:start -->", "<!-- guard-sweep:end -->"
-    module = types.ModuleType("benchmarks.guard_sweep")
+    """A benchmark module ``benchmarks.probe_sweep`` as a new one would be written."""
+    start, end = "<!-- probe-sweep:start -->", "<!-- probe-sweep:end -->"
+    module = types.ModuleType("benchmarks.probe_sweep")
     module.TOPIC = topic
     module.write_docs = lambda res, path: write_section(
-        start, end, f"{start}\n## Service: guard sweep\n\n{res['guards']} guards, {res['rate']} jobs/s\n{end}", path)
-    module.headline = lambda res: [Headline("guard sweep", f"{res['rate']} jobs/s", "CPU testarch", "2030-01-02")]
+        start, end, f"{start}\n## Service: probe sweep\n\n{res['guards']} guards, {res['rate']} jobs/s\n{end}", path)
+    module.headline = lambda res: [Headline("probe sweep", f"{res['rate']} jobs/s", "CPU testarch", "2030-01-02")]
     for name in drop:
         delattr(module, name)
-    monkeypatch.setitem(sys.modules, "benchmarks.guard_sweep", module)
+    monkeypatch.setitem(sys.modules, "benchmarks.probe_sweep", module)
 
 
 def test_a_new_benchmark_gets_its_section_rows_and_contents_entry(tmp_path, monkeypatch):
     _new_benchmark(monkeypatch)
     docs = tmp_path / "benchmarks.md"
     shutil.copy(DOCS, docs)
-    path = save({"guards": 3, "rate": 4321}, tmp_path / "guard_sweep.json")
+    path = save({"guards": 3, "rate": 4321}, tmp_path / "probe_sweep.json")
     report.main([str(path), "--docs", str(docs)])
     text = docs.read_text()
     head, blocks = _layout.parse(text)
     keys = [b.key for b in blocks]
     # Under its topic, after the topic's listed benchmarks and before the next topic.
-    assert keys.index("lanes-latency") + 1 == keys.index("guard-sweep") < keys.index("video")
-    assert "| [guard sweep](#service-guard-sweep) | 4321 jobs/s | CPU testarch | 2030-01-02 |" in text
-    assert "  - [Service: guard sweep](#service-guard-sweep)" in block(text, _layout.CONTENTS)
+    assert keys.index("lanes-latency") + 1 == keys.index("probe-sweep") < keys.index("video")
+    assert "| [probe sweep](#service-probe-sweep) | 4321 jobs/s | CPU testarch | 2030-01-02 |" in text
+    assert "  - [Service: probe sweep](#service-probe-sweep)" in block(text, _layout.CONTENTS)
     # The notes that followed the section before it still follow that section.
     assert "Where the cluster's time goes" in blocks[keys.index("queue-cpu-single-vs-cluster")].after
     # Rendering it again, or with every stored file, changes nothing more.
@@ -149,24 +149,24 @@ def test_a_section_appended_by_its_benchmark_moves_under_its_topic(tmp_path, mon
     _new_benchmark(monkeypatch, topic="library")
     docs = tmp_path / "benchmarks.md"
     shutil.copy(DOCS, docs)
-    path = save({"guards": 1, "rate": 5}, tmp_path / "guard_sweep.json")
-    sys.modules["benchmarks.guard_sweep"].write_docs({"guards": 1, "rate": 5}, docs)  # appended at the end
-    assert docs.read_text().rstrip().endswith("<!-- guard-sweep:end -->")
+    path = save({"guards": 1, "rate": 5}, tmp_path / "probe_sweep.json")
+    sys.modules["benchmarks.probe_sweep"].write_docs({"guards": 1, "rate": 5}, docs)  # appended at the end
+    assert docs.read_text().rstrip().endswith("<!-- probe-sweep:end -->")
     report.main([str(path), "--docs", str(docs)])
     keys = [b.key for b in _layout.parse(docs.read_text())[1]]
-    assert keys.index("cached-step") < keys.index("guard-sweep") < keys.index("builtin")
+    assert keys.index("cached-step") < keys.index("probe-sweep") < keys.index("builtin")
 
 
 @pytest.mark.parametrize("missing", ["headline", "TOPIC"])
 def test_report_refuses_a_benchmark_without_headline_or_topic(tmp_path, monkeypatch, missing):
     _new_benchmark(monkeypatch, **{missing: True})
-    path = save({"guards": 1, "rate": 5}, tmp_path / "guard_sweep.json")
+    path = save({"guards": 1, "rate": 5}, tmp_path / "probe_sweep.json")
     with pytest.raises(SystemExit, match=f"no {missing}"):
         report.main([str(path), "--docs", str(tmp_path / "b.md")])
 
 
 def test_report_refuses_an_unknown_topic(tmp_path, monkeypatch):
     _new_benchmark(monkeypatch, topic="nosuch")
-    path = save({"guards": 1, "rate": 5}, tmp_path / "guard_sweep.json")
+    path = save({"guards": 1, "rate": 5}, tmp_path / "probe_sweep.json")
     with pytest.raises(SystemExit, match="names topic 'nosuch'"):
         report.main([str(path), "--docs", str(tmp_path / "b.md")])
