@@ -92,3 +92,24 @@ def test_quick_start_curl_handles_the_202_of_a_slow_request(service, typed_dir):
         assert Image.open(typed_dir / "out.png").format == "PNG" and "inference_s" in res.stdout
     finally:
         Service.stop(api)
+
+
+def test_the_edit_example_works_as_typed(service, typed_dir):
+    # The example edits the Quick start's out.png with the built-in model, the README's default one.
+    block = README[README.index("To edit an image"):]
+    edit = re.findall(r"```bash\n(curl .*?)```", block, re.S)[0]
+    worker = service.start_worker("shapes", timeout=180)
+    try:
+        with service.api({"CLUSCA_DEFAULT_MODEL": "shapes", "CLUSCA_SYNC_TIMEOUT_S": "0.2"}) as url:
+            first = httpx.post(url + "/generate", json={"prompt": "a red circle on the left", "seed": 7}, timeout=60)
+            job = first.json()
+            while job["status"] in ("queued", "running"):
+                job = httpx.get(url + job["links"]["self"], timeout=10).json()
+            (typed_dir / "out.png").write_bytes(httpx.get(url + job["links"]["images"][0], timeout=10).content)
+            # A 0.2 s synchronous wait: the edit is answered 202 and the example follows it.
+            res = subprocess.run(["bash", "-o", "pipefail", "-c", edit.replace("127.0.0.1:8000", url.removeprefix("http://"))],
+                                 cwd=typed_dir, capture_output=True, text=True, timeout=180)
+    finally:
+        Service.stop(worker, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(typed_dir / "edit.png").size == (32, 32)

@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
 
 @router.post("/images/generations", response_model=OpenAIImageResponse, summary="OpenAI-compatible generation",
-             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)})
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503, 504)})
 async def images_generations(body: OpenAIImageRequest, request: Request, services: ServicesDep,
                              identity: AuthDep,
                              idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
@@ -121,7 +121,8 @@ def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, b
 
 @router.post("/images/edits", response_model=OpenAIImageResponse, summary="OpenAI-compatible edit",
              openapi_extra={"requestBody": {"required": True, "content": _EDIT_FORM}},
-             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 413, 415, 422, 429, 500, 503, 504)})
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 415, 422, 429, 500, 503,
+                                                          504)})
 async def images_edits(request: Request, services: ServicesDep, identity: AuthDep,
                        idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Always synchronous, multipart as the OpenAI SDK's ``images.edit`` sends it: the ``image`` file
