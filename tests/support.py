@@ -265,6 +265,19 @@ class Service:
         finally:
             self.stop(proc)
 
+    @contextlib.contextmanager
+    def builtin_worker(self, weights: Path, folder: Path) -> Iterator["Service"]:
+        """A worker serving the built-in model from ``weights`` (its registry written in ``folder``),
+        batching up to 4 jobs, for the ``with`` block; yields this service."""
+        models = folder / "models.yaml"
+        models.write_text(f"models:\n  - name: shapes\n    kind: builtin\n    path: {weights}\n")
+        worker = self.start_worker("shapes", {"CLUSCA_MODELS": str(models), "CLUSCA_MAX_BATCH": "4",
+                                              "CLUSCA_VISIBILITY_TIMEOUT_S": "60"}, timeout=180)
+        try:
+            yield self
+        finally:
+            self.stop(worker, timeout=60)
+
     @staticmethod
     def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if proc.poll() is None:

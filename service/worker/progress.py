@@ -112,8 +112,9 @@ class ProgressPump:
         except Exception:  # noqa: BLE001 - progress is best effort; the result is what must not be lost
             self._skip_until = time.monotonic() + 2.0  # Redis just failed: drop progress, do not fall behind
             return
+        watches = {id(w): w for *_, w in items}.values()  # a call's steps share its watch
         for job_id in cancelled:
-            for watch in {id(w): w for *_, w in items}.values():
+            for watch in watches:
                 watch.cancel(job_id)
 
     def _run(self) -> None:

@@ -58,9 +58,6 @@ class CallWatch:
         with self._lock:
             return [j for j in self.jobs if j.delivery.job_id not in self._ended]
 
-    def ended(self, job: StartedJob) -> str | None:
-        return self._ended.get(job.delivery.job_id)
-
     def end(self, job: StartedJob, status: str, error: str) -> None:
         """``job`` leaves the call with ``status``; the call stops once no job is left in it."""
         with self._lock:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import Service
 from clusca_shapes import WEIGHTS_DIR
 
 WEIGHTS = Path(os.environ.get("CLUSCA_TEST_SHAPES_WEIGHTS", WEIGHTS_DIR))
@@ -22,12 +21,8 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(),
 
 @pytest.fixture(scope="module")
 def shapes(service, tmp_path_factory):
-    models = tmp_path_factory.mktemp("shapes") / "models.yaml"
-    models.write_text(f"models:\n  - name: shapes\n    kind: builtin\n    path: {WEIGHTS}\n")
-    worker = service.start_worker("shapes", {"CLUSCA_MODELS": str(models), "CLUSCA_MAX_BATCH": "4",
-                                             "CLUSCA_VISIBILITY_TIMEOUT_S": "60"}, timeout=180)
-    yield service
-    Service.stop(worker, timeout=60)
+    with service.builtin_worker(WEIGHTS, tmp_path_factory.mktemp("shapes")):
+        yield service
 
 
 def _tuned() -> dict:

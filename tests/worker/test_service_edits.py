@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import Service, wait_until
-from service.broker.keys import workers_key
+from tests.support import wait_until
 from clusca_shapes import WEIGHTS_DIR
 
 WEIGHTS = Path(os.environ.get("CLUSCA_TEST_SHAPES_WEIGHTS", WEIGHTS_DIR))
@@ -28,17 +27,8 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(),
 
 @pytest.fixture(scope="module")
 def shapes(service, tmp_path_factory):
-    models = tmp_path_factory.mktemp("shapes-edits") / "models.yaml"
-    models.write_text(f"models:\n  - name: shapes\n    kind: builtin\n    path: {WEIGHTS}\n")
-    worker = service.start_worker("shapes", {"CLUSCA_MODELS": str(models), "CLUSCA_MAX_BATCH": "4",
-                                             "CLUSCA_VISIBILITY_TIMEOUT_S": "60", "CLUSCA_TORCH_THREADS": "1"},
-                                  wait=False)
-    r = service.redis_client()
-    wait_until(lambda: worker.poll() is not None or r.zcard(workers_key("shapes")) > 0, timeout=180,
-               what="shapes worker")
-    assert worker.poll() is None, open(worker.log_path).read()
-    yield service
-    Service.stop(worker, timeout=60)
+    with service.builtin_worker(WEIGHTS, tmp_path_factory.mktemp("shapes-edits")):
+        yield service
 
 
 @pytest.fixture(scope="module")
