@@ -395,7 +395,10 @@ class Registry:
                 err = exc.errors()[0]
                 loc = "".join(f".{x}" for x in err["loc"])
                 raise RegistryError(f"CLUSCA_MODELS: models[{i}]{loc}: {err['msg']}") from None
-        return cls(entries)
+        try:
+            return cls(entries)
+        except RegistryError as exc:
+            raise RegistryError(f"CLUSCA_MODELS: {p}: {exc}") from None
 
     def get(self, name: str) -> ModelEntry | None:
         return self._entries.get(name)

@@ -194,6 +194,8 @@ class Readiness(BaseModel):
     redis: bool
     workers_alive: dict[str, int] = {}
     reason: Optional[str] = None
+    # Ready, but something an operator should fix: a model whose long lane no live worker reads.
+    warnings: list[str] = []
 
 
 class OpenAIImageRequest(BaseModel):

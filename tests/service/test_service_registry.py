@@ -101,7 +101,8 @@ def test_a_builtin_entry_takes_its_limits_from_its_checkpoint_unless_the_operato
 
 @pytest.mark.parametrize("text,fragments", [
     ("models:\n  - name: a\n   kind: noop\n", ["CLUSCA_MODELS: ", "models.yaml is not valid YAML", "line 3"]),
-    ("models: []\n", ["the model registry is empty"]),
+    ("models: []\n", ["CLUSCA_MODELS: ", "models.yaml: the model registry is empty"]),
+    (models_yaml(noop_model("a", 2), noop_model("a", 3)), ["CLUSCA_MODELS: ", "model 'a' is listed twice"]),
     ("models:\n  - just-a-name\n", ["CLUSCA_MODELS: models[0]:", "dictionary"]),
     (models_yaml(noop_model("ok", 2), noop_model("bad", 2, limits={"max_sid": 64})),
      ["CLUSCA_MODELS: models[1].limits.max_sid:", "not permitted"]),

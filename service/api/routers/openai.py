@@ -26,9 +26,12 @@ from service.api.submit import submit, wait_for
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
+# Seconds past a job's deadline that a synchronous OpenAI call still waits for the worker's answer.
+DEADLINE_GRACE_S = 5.0
+
 
 @router.post("/images/generations", response_model=OpenAIImageResponse, summary="OpenAI-compatible generation",
-             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503, 504)})
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503)})
 async def images_generations(body: OpenAIImageRequest, request: Request, services: ServicesDep,
                              identity: AuthDep,
                              idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
@@ -48,10 +51,16 @@ async def _run(services: Services, request: Request, endpoint: str, entry: Model
     fingerprint = request_fingerprint(endpoint, entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     gone = request.is_disconnected if body.cancel_on_disconnect and created else None
-    record, finished, images = await wait_for(services, job_id, gone=gone)
+    # The OpenAI API has no "accepted, look later": the answer waits for the job's own deadline
+    # (its timeout_s, at most CLUSCA_MAX_JOB_S), which the worker enforces within a block. The grace
+    # lets the worker's deadline failure arrive first; past it (no worker took the job), the job is
+    # cancelled here so that it cannot run for nobody, and the answer is the same 408.
+    limit_s = job.timeout_s or services.settings.max_job_s
+    record, finished, images = await wait_for(services, job_id, gone=gone, timeout_s=limit_s + DEADLINE_GRACE_S)
     if not finished:
-        raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
-                       f"it continues: GET /jobs/{job_id}")
+        await services.queue.cancel(job_id)
+        raise ApiError(408, "deadline_exceeded", f"timeout_s: job {job_id} did not finish within its {limit_s:g} s "
+                       "deadline; it was cancelled", param="timeout_s")
     if record.status != SUCCEEDED:
         code = "deadline_exceeded" if record.deadline_exceeded else "job_" + record.status
         raise ApiError(unfinished_status(record), code, record.error or record.status)
@@ -121,8 +130,7 @@ def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, b
 
 @router.post("/images/edits", response_model=OpenAIImageResponse, summary="OpenAI-compatible edit",
              openapi_extra={"requestBody": {"required": True, "content": _EDIT_FORM}},
-             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 415, 422, 429, 500, 503,
-                                                          504)})
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 415, 422, 429, 500, 503)})
 async def images_edits(request: Request, services: ServicesDep, identity: AuthDep,
                        idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Always synchronous, multipart as the OpenAI SDK's ``images.edit`` sends it: the ``image`` file
