@@ -24,24 +24,28 @@ RES = {"command": "python benchmarks/edit_set.py --edits 3", "machine": "testarc
                   "position": "left"}],
        "default_cache": {"mode": "clusca", "interval": 4, "mask_share": 0.75},
        "variants": {"uncached": _variant(91.5, 100.0, 100.0), "default": _variant(89.5, 99.0, 36.25),
-                    "plain": _variant(88.0, 98.5, 36.0)},
+                    "plain": _variant(88.0, 98.5, 36.0), "strong aware": _variant(90.0, 99.0, 33.5),
+                    "strong plain": _variant(89.0, 99.0, 33.0)},
        "latency": {"steps": 40, "strength": 0.5, "denoised": 20, "repeats": 3, "times": {},
-                   "median_s": {"edit uncached": 0.5, "t2i uncached": 0.4, "edit default": 0.25, "t2i default": 0.2},
-                   "edit_over_t2i_uncached": 1.25, "edit_over_t2i_cached": 1.125}}
+                   "median_s": {"edit uncached": 0.6, "t2i uncached": 0.5, "edit default": 0.3, "t2i default": 0.25},
+                   "median_cpu_s": {"edit uncached": 0.5, "t2i uncached": 0.4, "edit default": 0.25, "t2i default": 0.2},
+                   "edit_over_t2i_uncached": 1.25, "edit_over_t2i_cached": 1.125,
+                   "wall_edit_over_t2i_uncached": 1.2, "wall_edit_over_t2i_cached": 1.2}}
 
 
 def test_section_and_headline_are_rendered_from_the_results(tmp_path):
     text = render_via_report(RES, tmp_path, "edit_set.json")
     for s in ("2031-01-02", "testarch CPU, 7 cores", "a teal dodecagon on the left", "17 steps",
               "| default | 89.5 | 99.0 | 36.25 |", "| plain | 88.0 | 98.5 | 36.00 |", "mask_share 0.75",
-              "| uncached | 500 | 400 | 1.250 |", "| default | 250 | 200 | 1.125 |", "+0.25 dB", "(met: 91.5%)",
-              "(met: +2.0)"):
+              "| uncached | 500 (600) | 400 (500) | 1.250 (1.200) |", "| default | 250 (300) | 200 (250) | 1.125 (1.200) |",
+              "+0.25 dB", "(met: 91.5%)", "(met: +2.0)", "| strong plain | 89.0 | 99.0 | 33.00 |",
+              "+0.50 dB at the strong setting"):
         assert s in text, s
     rows = edit_set.headline(RES)
     assert {r.date for r in rows} == {"2031-01-02"} and {r.on for r in rows} == {"testarch CPU, 7 cores"}
     quality, latency = rows
     assert "91.5%" in quality.figure and "+2.0 points" in quality.figure and "98.5 dB" in quality.figure
-    assert "+0.25 dB" in quality.figure
+    assert "+0.25 dB" in quality.figure and "+0.50 dB at K16 g0.2" in quality.figure
     assert "1.25x" in latency.figure and "1.12x cached" in latency.figure
 
 
