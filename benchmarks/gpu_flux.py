@@ -307,9 +307,10 @@ def render(data: dict) -> str:
         "over rounds; speedup is against the uncached run of the same batch size. Extra GPU memory is "
         "the peak above the weights during the run (activations plus cache). The capture column is "
         "`run.stats.capture` (`replayed`: cached steps ran as CUDA graphs); `-` marks runs that "
-        "predate graph capture, whose cached steps ran eagerly. `img2img strength s` rows denoise the last "
-        "s share of the steps from a noised random image latent (no VAE), their speedup against the "
-        "uncached img2img run.",
+        "predate graph capture, whose cached steps ran eagerly." + (
+            " `img2img strength s` rows denoise the last s share of the steps from a noised random image "
+            "latent (no VAE), their speedup against the uncached img2img run."
+            if any(r.get("edit") is not None for r in data["results"]) else ""),
         "",
         table(data),
         "",
