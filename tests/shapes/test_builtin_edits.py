@@ -108,17 +108,17 @@ def test_a_mask_aware_cache_inpaints_at_least_as_close_to_uncached_as_plain_clus
     from clusca import ClusCaConfig, apply_clusca, clusca_run, remove_clusca
     from clusca_shapes.evaluation import edit_set
 
-    edits, _ = edit_set(4)
+    edits, _ = edit_set(4)  # +0.25 dB on these at 20 to 40 steps
     prompts = [e["base"] for e in edits]
-    bases = pipe(prompt=prompts, generator=gen(*range(4)), num_inference_steps=40).images
+    bases = pipe(prompt=prompts, generator=gen(*range(4)), num_inference_steps=20).images
     masks = [_mask(e["box"]) for e in edits]
     inside = [np.asarray(m) >= 128 for m in masks]
     apply_clusca(pipe.transformer)
 
     def edit(cfg):
-        with clusca_run(pipe.transformer, cfg, num_inference_steps=40) as run:
+        with clusca_run(pipe.transformer, cfg, num_inference_steps=20) as run:
             run.set_token_mask([torch.from_numpy(m) for m in inside])
-            return pipe(prompt=[e["prompt"] for e in edits], generator=gen(*range(4)), num_inference_steps=40,
+            return pipe(prompt=[e["prompt"] for e in edits], generator=gen(*range(4)), num_inference_steps=20,
                         image=bases, mask_image=masks, strength=1.0).images
 
     def psnr_inside(images, ref):
