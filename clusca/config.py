@@ -101,6 +101,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("propagate_text", bool, False, "Also propagate inside text-token clusters (needs refresh_text)."),
     Knob("refresh_text", bool, False, "Also compute the text stream of dual-stream models on cached steps."),
     Knob("guidance_pairs", bool, True, "Cluster the two halves of a guidance batch jointly (same fresh tokens)."),
+    Knob("mask_share", float, 0.75, "Inpainting: least share of the clusters (so of the fresh tokens) given to the "
+         "mask's tokens, clustered apart from the rest so that nothing propagates into the mask from outside "
+         "(0: the mask is ignored).", 0.0, 1.0),
     Knob("seed", int, 0, "Seed of the fresh-token draws and the first k-means initialisation.", 0, MAX_SEED),
     Knob("guard", bool, False, "Divergence guard: a cached step expected to depart from the last fresh output "
          "by more than guard_bound is computed in full instead (for the whole batch: off by default)."),
@@ -190,6 +193,11 @@ class ClusCaConfig:
         guidance_pairs: when a full step's batch is two identical halves (classifier-free guidance
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
+        mask_share: inpainting (a run given a per-sample mask, see ``ClusCaRun.set_token_mask``):
+            each masked sample's image tokens are clustered in two parts, the mask's tokens into
+            at least this share of the clusters (more if the mask covers more of the image) and
+            the others into the rest, so that the fresh tokens prefer the mask and no token
+            outside it propagates into it. ``0`` ignores the mask (plain ClusCa).
         seed: seed of the fresh-token draws and the first k-means initialisation.
         guard: the divergence guard (see ``clusca.guard`` and docs/library.md): the transformer's
             output gets Taylor factors of its own over the full steps; a step due to be cached
@@ -224,6 +232,7 @@ class ClusCaConfig:
     propagate_text: bool = _default("propagate_text")
     refresh_text: bool = _default("refresh_text")
     guidance_pairs: bool = _default("guidance_pairs")
+    mask_share: float = _default("mask_share")
     seed: int = _default("seed")
     guard: bool = _default("guard")
     guard_bound: float = _default("guard_bound")

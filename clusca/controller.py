@@ -74,6 +74,7 @@ class ClusCaController:
         self.steps = StepTracker(model)
         self.probe = FlopsProbe(model, slots, slot_modules)
         self.fresh = FreshTokens(self.group_sizes)
+        self.token_masks = None  # this run's inpainting masks per sample (clusca.masking.TokenMasks)
         self.adapter = None  # the architecture's lean cached step, if it has one (clusca.adapters)
         # Cache buffers and recorded cached steps kept between runs while capture is on.
         self.kept = capture.KeptSteps()
@@ -86,6 +87,7 @@ class ClusCaController:
     # ---------------------------------------------------------------- run lifecycle
     def start(self, config: ClusCaConfig, num_inference_steps: int | None) -> None:
         self.reset()
+        self.token_masks = None
         self.config = config
         self.num_inference_steps = num_inference_steps
         self.order = config.effective_order
@@ -118,6 +120,7 @@ class ClusCaController:
         self._restore_module_hooks()
         self.active = False
         self.caching = False
+        self.token_masks = None
         self.reset()
 
     def reset(self) -> None:

@@ -33,6 +33,7 @@ from .calls import first_tensor, flatten, get_arg, unflatten
 from .controller import ClusCaController, Slot
 from .fresh import mix, write_fresh
 from .kmeans import kmeans
+from .masking import cluster_with_masks
 from .state import BranchState, GroupClusters, SlotState
 
 class ClusCaRootHook(compat.ModelHook):
@@ -343,16 +344,26 @@ class ClusterHook(compat.ModelHook):
                 # uncond + s * (cond - uncond), so a token refreshed in one half but not in the
                 # other turns into an error s times as large. Same clusters, same fresh tokens.
                 src = torch.cat(src.chunk(2), dim=-1)
-            assign, centroids, rounds = kmeans(
-                src,
-                cfg.clusters,
-                iters=cfg.kmeans_iters,
-                distance=cfg.kmeans_distance,
-                init=prev.centroids if prev is not None else None,
-                seed=mix(cfg.seed, len(group), ord(group[0])),
-                fit_tokens=cfg.kmeans_fit_per_cluster * cfg.clusters,
-                return_rounds=True,
-            )
+            init = prev.centroids if prev is not None else None
+            seed = mix(cfg.seed, len(group), ord(group[0]))
+            masks = ctrl.token_masks
+            if group == "image" and masks is not None and cfg.mask_share > 0.0:
+                # Inpainting: the masks of this call's rows (one per image: a guidance pair's halves share it).
+                assign, centroids, rounds = cluster_with_masks(
+                    src, cfg.clusters, masks.for_batch(src.shape[0], src.shape[1]), cfg.mask_share,
+                    iters=cfg.kmeans_iters, distance=cfg.kmeans_distance, init=init, seed=seed,
+                    fit_per_cluster=cfg.kmeans_fit_per_cluster)
+            else:
+                assign, centroids, rounds = kmeans(
+                    src,
+                    cfg.clusters,
+                    iters=cfg.kmeans_iters,
+                    distance=cfg.kmeans_distance,
+                    init=init,
+                    seed=seed,
+                    fit_tokens=cfg.kmeans_fit_per_cluster * cfg.clusters,
+                    return_rounds=True,
+                )
             k = centroids.shape[1]
             if pair:
                 # Both halves share the assignment; one image needs no copy for that.

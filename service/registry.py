@@ -279,6 +279,12 @@ class ModelEntry(BaseModel):
             raise ValueError(f"model {self.name!r}: default steps {d.steps} outside the model's limits")
         return self
 
+    @property
+    def input_images(self) -> int:
+        """How many input images one edit of this model takes: one for image-to-image and inpainting
+        (every edit pipeline the service runs takes a single image), none for a text-only model."""
+        return 0 if self.edits == "none" else 1
+
     def cache_settings(self, requested: dict[str, Any] | None = None) -> dict[str, Any]:
         """A request's ClusCa settings on top of this model's version of the preset they name.
 

@@ -82,7 +82,8 @@ _EDIT_FORM = {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image", "prompt"],
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "The image to edit (PNG, JPEG or WebP); "
-                  "the output has its size. The SDK may name the part image[]; one image per request."},
+                  "the output has its size. The SDK names the part image[] when it sends a list; a model takes as many "
+                  "images as its input_images (one for every edit pipeline here), more is a 422 naming the limit."},
         "mask": {"type": "string", "format": "binary", "description": "Where to edit: a PNG whose transparent "
                  "pixels (alpha below one half) are redrawn, the image's size (models with edits: inpaint)."},
         # The plain text fields (cache settings go as cache[knob] fields, which a form schema cannot spell).
@@ -90,8 +91,8 @@ _EDIT_FORM = {"multipart/form-data": {"schema": {
            if "$ref" not in json.dumps(v)}}}}}
 
 
-def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, bytes, bytes | None, str]:
-    """The form's text fields as the request model, its image and mask bytes, and the image part's name."""
+def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, list[FormPart], bytes | None]:
+    """The form's text fields as the request model, its image parts and its mask bytes."""
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "body: /v1/images/edits takes multipart/form-data, as the "
                        f"OpenAI SDK's images.edit sends it (this request has {content_type or 'no Content-Type'})",
@@ -118,14 +119,24 @@ def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, b
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     images, masks = files.get("image", []), files.get("mask", [])
-    for name, got in (("image", images), ("mask", masks)):
-        if len(got) > 1:
-            raise ApiError(422, "validation_error", f"{got[0].name}: one {name} per request; this request has "
-                           f"{len(got)}", param=got[0].name, fields=[{"field": got[0].name, "message": "one only"}])
+    if len(masks) > 1:
+        raise ApiError(422, "validation_error", f"{masks[0].name}: one mask per request; this request has "
+                       f"{len(masks)}", param=masks[0].name, fields=[{"field": masks[0].name, "message": "one only"}])
     if not images:
         raise ApiError(422, "validation_error", "image: is required (a file part)", param="image",
                        fields=[{"field": "image", "message": "is required"}])
-    return body, images[0].data, masks[0].data if masks else None, images[0].name
+    return body, images, masks[0].data if masks else None
+
+
+def _check_image_count(entry: ModelEntry, images: list[FormPart]) -> None:
+    """Several images (the SDK's ``image=[...]``, sent as repeated ``image[]`` parts) only where the
+    model takes that many."""
+    if len(images) > max(entry.input_images, 1):
+        field = images[0].name
+        message = (f"model {entry.name!r} takes {entry.input_images} input image per edit; this request has "
+                   f"{len(images)}")
+        raise ApiError(422, "validation_error", f"{field}: {message}", param=field,
+                       fields=[{"field": field, "message": message}])
 
 
 @router.post("/images/edits", response_model=OpenAIImageResponse, summary="OpenAI-compatible edit",
@@ -139,8 +150,8 @@ async def images_edits(request: Request, services: ServicesDep, identity: AuthDe
     ``response_format``, plus this service's ``strength``, ``steps``, ``seed``, ``guidance``,
     ``negative_prompt`` and ``cache``."""
     idem = idempotency_scope(identity, idempotency_key)
-    body, image, mask, image_field = _edit_form(request.headers.get("content-type", ""), await request.body())
-    edit: EditInputs = await read_edit_files(services.settings, image, mask, image_field)
+    body, images, mask = _edit_form(request.headers.get("content-type", ""), await request.body())
+    edit: EditInputs = await read_edit_files(services.settings, images[0].data, mask, images[0].name)
     width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
     if width is not None and (width, height) != edit.size:
         message = f"is {body.size} but the image is {edit.size[0]}x{edit.size[1]}: an edit keeps the image's size"
@@ -148,5 +159,6 @@ async def images_edits(request: Request, services: ServicesDep, identity: AuthDe
                        fields=[{"field": "size", "message": message}])
     ask = JobAsk.of(body, num_images=body.n, images_field="n", output="image", edit=edit)
     entry, job = await resolve_job(services.registry, services.settings, ask)
+    _check_image_count(entry, images)
     await keep_edit(services, entry.name, edit)
     return await _run(services, request, "/v1/images/edits", entry, job, body, idem)
