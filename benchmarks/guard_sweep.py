@@ -50,7 +50,7 @@ PSNR_CAP = 100.0
 PSNR_TARGET = 15.0
 COST_TARGET = 0.02
 NEVER = 100.0  # a guard bound no run reaches: the guard's bookkeeping alone
-STRICT = 0.1  # a tighter bound than the default, to show what quality costs
+STRICT = 0.25  # a tighter bound than the default, to show what quality costs
 QUOTED_PATHS = ("--json", "--from-json", "--sweep-from", "--docs")  # where results went: not part of the command
 
 

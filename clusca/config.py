@@ -102,10 +102,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("refresh_text", bool, False, "Also compute the text stream of dual-stream models on cached steps."),
     Knob("guidance_pairs", bool, True, "Cluster the two halves of a guidance batch jointly (same fresh tokens)."),
     Knob("seed", int, 0, "Seed of the fresh-token draws and the first k-means initialisation.", 0, MAX_SEED),
-    Knob("guard", bool, False, "Divergence guard: a cached step expected to depart from the last fresh output "
-         "by more than guard_bound is computed in full instead (for the whole batch: off by default)."),
-    Knob("guard_bound", float, 0.5, "The guard's bound on a cached step's expected relative departure from the last "
-         "fresh output (its rate of change at the last full steps, over the steps since).", 0.0, 100.0, lo_open=True),
+    Knob("guard", bool, False, "Divergence guard: a sample whose cached step errs by more than guard_bound is "
+         "computed in full for that step, alone (its batch mates keep their cached step)."),
+    Knob("guard_bound", float, 0.35, "The guard's bound on a cached step's relative error: measured at its fresh "
+         "tokens (clusca), else expected from the output's rate of change at the last full steps (fora, "
+         "taylorseer).", 0.0, 100.0, lo_open=True),
     Knob("capture", str, "auto", "auto (replay cached steps as a CUDA graph where possible) or off (eager).",
          choices=CAPTURES),
 )

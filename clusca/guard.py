@@ -49,14 +49,17 @@ def guard_order(order: int) -> int:
     return max(1, order)
 
 
-def observe(branch: BranchState, out: Any, order: int) -> int:
-    """A full call of ``branch`` returned ``out``: fold it into the output's factors and measure
-    their norms. Returns the change in bytes held."""
+def observe(branch: BranchState, out: Any, order: int, paired: bool = False) -> int:
+    """A full call of ``branch`` returned ``out``: fold it into the output's factors, measure
+    their norms, and make this step every sample's last fresh one. ``paired``: the call's batch
+    is two identical halves (guidance), whose samples are decided together. Returns the change
+    in bytes held."""
     y = output_tensor(out)
     held = branch.guard_factors
     before = held.nbytes() if held is not None else 0
     if y is None or y.ndim < 2 or not y.is_floating_point():
         branch.guard_factors = branch.guard_norms = None
+        branch.guard_fresh = []
         return -before
     y = y.detach().float()
     order = guard_order(order)
@@ -66,33 +69,76 @@ def observe(branch: BranchState, out: Any, order: int) -> int:
     else:
         held.update(y, d, order)
     branch.guard_step = branch.step
+    branch.guard_fresh = [branch.step] * y.shape[0]
+    branch.guard_pairs = paired and y.shape[0] % 2 == 0
     # (factors, samples), read on the host here, once per full step: cached steps must stay
     # free of host reads (with announced steps they read nothing from the device).
     branch.guard_norms = held.buffer[: held.n].flatten(2).norm(dim=2).tolist() if held.n > 1 else None
     return held.nbytes() - before
 
 
-def departure(branch: BranchState, steps_since_full: int, predictor: str = "taylor",
-              scale: float = 0.5) -> float | None:
-    """The relative departure from the last fresh output expected ``steps_since_full`` steps
-    after it (``None`` before two full calls measured it): the larger of how far the output
-    moves at its last rate of change and how far the run's predictor extrapolates it."""
+def observe_samples(branch: BranchState, y: torch.Tensor | None, samples: list[int]) -> None:
+    """The guard computed ``samples`` of this cached step in full, with outputs ``y`` (one row
+    per sample, in that order): fold each into its own row of the output's factors, over the
+    steps since that sample's last fresh output, and make this step its last fresh one."""
+    held, norms = branch.guard_factors, branch.guard_norms
+    if held is None or y is None or y.shape[0] != len(samples) or y.shape[1:] != held.shape[1:]:
+        return
+    y = y.detach().float()
+    step = branch.step
+    for i, j in enumerate(samples):
+        d = step - branch.guard_fresh[j]
+        if d <= 0:
+            continue
+        cur = y[i]
+        for k in range(held.n - 1):
+            nxt = torch.sub(cur, held.views[k][j]).div_(d)
+            held.views[k][j].copy_(cur)
+            cur = nxt
+        held.views[held.n - 1][j].copy_(cur)
+        branch.guard_fresh[j] = step
+        if norms is not None:
+            for k in range(held.n):
+                norms[k][j] = float(held.views[k][j].norm())
+
+
+def departures(branch: BranchState, step: int, predictor: str = "taylor", scale: float = 0.5) -> list[float] | None:
+    """Per sample, the relative departure from its last fresh output expected at ``step``
+    (``None`` before two full calls measured it): the larger of how far the output moves at its
+    last rate of change and how far the run's predictor extrapolates it."""
     norms = branch.guard_norms
     if norms is None:
         return None
-    d = steps_since_full
-    c = coefficients(d, len(norms) - 1, predictor, scale)
     base = norms[0]
-    worst = 0.0
+    out = []
     for j in range(len(base)):
+        d = step - branch.guard_fresh[j]
+        c = coefficients(d, len(norms) - 1, predictor, scale)
         moved = d * norms[1][j]
         extrapolated = sum(abs(c[k]) * norms[k][j] for k in range(1, len(norms)))
-        worst = max(worst, max(moved, extrapolated) / max(base[j], 1e-12))
-    return worst
+        out.append(max(moved, extrapolated) / max(base[j], 1e-12))
+    return out
 
 
-def trips(branch: BranchState, steps_since_full: int, bound: float, predictor: str = "taylor",
-          scale: float = 0.5) -> bool:
-    """Whether a call due to be cached must run in full: its expected departure exceeds ``bound``."""
-    dep = departure(branch, steps_since_full, predictor, scale)
-    return dep is not None and dep > bound
+def over(branch: BranchState, values: list[float] | None, bound: float) -> list[int]:
+    """The samples whose value is above ``bound``; the two halves of a guidance pair go together
+    (one image: the guidance scale multiplies a gap between them)."""
+    if not values:
+        return []
+    if branch.guard_pairs and len(values) % 2 == 0:
+        h = len(values) // 2
+        values = [max(values[j % h], values[j % h + h]) for j in range(len(values))]
+    return [j for j, v in enumerate(values) if v > bound]
+
+
+def trips(branch: BranchState, step: int, bound: float, predictor: str = "taylor", scale: float = 0.5) -> list[int]:
+    """The samples of a call due to be cached at ``step`` whose expected departure exceeds ``bound``."""
+    return over(branch, departures(branch, step, predictor, scale), bound)
+
+
+def measured(errors: list[torch.Tensor]) -> list[float] | None:
+    """Per sample, the largest relative error a cached step's fresh tokens measured (one
+    ``(batch,)`` tensor per feed-forward module; read on the host here)."""
+    if not errors:
+        return None
+    return torch.stack(errors).amax(0).tolist()
