@@ -192,14 +192,13 @@ class ClusCaConfig:
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
         seed: seed of the fresh-token draws and the first k-means initialisation.
-        guard: the divergence guard (see ``clusca.guard`` and docs/library.md): the transformer's
-            output gets Taylor factors of its own over the full steps; a step due to be cached
-            ``d`` steps after the last full one is computed in full instead when its expected
-            relative departure from the last fresh output (the larger of ``d`` times the
-            output's relative change per step and the run's predictor's extrapolation, the
-            largest over the batch's samples) exceeds ``guard_bound``. Trips are counted
-            (``guard_trips``) and are full steps.
-        guard_bound: the guard's bound on that expected relative departure, above 0.
+        guard: the divergence guard (see ``clusca.guard`` and docs/library.md): per sample, a
+            cached step's relative error (ClusCa: measured at its fresh tokens; FORA,
+            TaylorSeer: expected from the output's rate of change at the last full steps)
+            above ``guard_bound`` has that sample computed in full for the step, alone, and its
+            factors re-anchored on its true output; batch mates keep their cached step. Steps
+            with a trip are counted (``guard_trips``) and count among the full steps.
+        guard_bound: the guard's bound on that relative error, above 0.
         capture: ``auto`` records the lean cached step of a run as a CUDA graph and replays it
             (on a CUDA device, for the architectures with a lean cached step; elsewhere it
             does nothing); ``off`` always runs cached steps eagerly. See ``clusca.capture``.

@@ -1,27 +1,58 @@
-"""The divergence guard: a cached step expected to depart too far from the last fresh output
-is computed in full instead.
+"""The divergence guard: a sample whose cached step errs too far from its true output is
+computed in full for that step, on its own; its batch mates keep their cached step.
 
-The transformer's output gets Taylor factors of its own, from its full calls only: ``G_0``
-the last fresh output, ``G_k`` its finite differences over the previous full calls (order
-``max(1, order)``, so an order-0 run still measures how fast the output moves). A call due
-to be cached ``d`` steps after the last full one is expected to depart from the last fresh
-output by
+What is judged, per sample (the two halves of a guidance pair as one image, since the
+guidance scale multiplies any gap between them):
 
-    departure(d) = max over samples of  max(d ||G_1||, sum_{k >= 1} |c_k(d)| ||G_k||) / ||G_0||
+* ClusCa (fresh tokens): the step's *measured* error. A cached step recomputes one token per
+  cluster in every image feed-forward module anyway; before those outputs are written back,
+  the gap between them and what the prediction said for the same tokens is
 
-``d ||G_1||`` is how far the output moves in ``d`` steps at its last rate of change (what
-an order-0 prediction leaves out, and a damped predictor partly), the sum how far the run's
-predictor, with its weights ``c_k``, extrapolates it (for Taylor order 1 the two are the
-same: ``d`` times the output's relative change per step between the last two full calls).
-Above ``guard_bound`` the call runs in full. Caching while the output still moves fast,
-as in the first steps after warm-up, turns a small prediction error into another image;
-the bound catches that before it is made.
+      e = max over the feed-forward modules of ||y_fresh - y_pred|| / ||y_fresh||
 
-Costs: per full call, one update of the output's factors and one norm per factor
-(output-sized tensors, a fraction of one module's work); per cached call a few
-multiplications on the host, decided before anything of the step runs, so a trip wastes
-nothing. The norms are read on the host at the end of each full step; cached steps read
-nothing from the device.
+  over the sample's fresh rows: the module's relative prediction error on a random sample of
+  its tokens (one drawn per cluster), so an estimate of its error over all of them, of this
+  very step, at the cost of one gather and two norms per module (read on the host once per
+  cached step, after it ran). Compiled or recorded cached steps measure nothing and fall back
+  to the estimate below.
+* FORA and TaylorSeer (no fresh tokens): an *expected* departure, decided before the step.
+  The transformer's output gets Taylor factors of its own over the full steps (``G_0`` the
+  last fresh output, ``G_k`` its finite differences, order ``max(1, order)``); ``d`` steps
+  after a sample's last fresh output it is expected to depart from it by
+
+      departure(d) = max(d ||G_1||, sum_{k >= 1} |c_k(d)| ||G_k||) / ||G_0||
+
+  how far the output moves in ``d`` steps at its last rate of change (what an order-0
+  prediction leaves out) and how far the run's predictor, with its weights ``c_k``,
+  extrapolates it.
+
+A sample over ``guard_bound`` is recomputed: the samples that tripped are run through the
+transformer alone (their rows of the call's tensors), their outputs replace theirs in the
+call's output, and every module re-anchors those rows of its factors on its true output
+(``ClusCaController.reanchor``: order 0 reuses it; higher orders take the secant from the
+last full step's output through it, the line a full step here would start for Taylor order
+1). The schedule's last full step stays the same for the whole batch, so a sample's images
+and state never depend on its batch mates: each one gets what its solo run gets.
+
+The bound. Both quantities are relative errors of one step, so one bound serves both. On
+the built-in model (40 steps, guidance 5; ``benchmarks/guard_sweep.py``) the measured error
+of the first cached step after warm-up (``d = 1``) is 0.09 to 0.18 on runs that end within
+a few dB of the uncached image, and it grows about linearly with ``d`` for order 0 (up to
+0.33 at ``d = 2`` on the model's presets); on the runs that collapse (the paper's ``fast``
+settings, the Taylor extrapolation of a slope measured while the output moved 80% a step)
+it is 0.29 to 0.30 at ``d = 1`` and 0.56 to 0.57 at ``d = 2``. The default 0.35 sits above
+what the model's own presets reach, so they rarely trip, and below what a collapse reaches
+within two steps; ``benchmarks/guard_sweep.py`` measures it against a stricter 0.25.
+
+What no bound catches: a sample on a knife's edge whose step error is ordinary but whose
+trajectory turns on it ("a yellow circle to the left", seed 11: its error at step 3 is the
+median of its peers', yet caching that step alone sends it to another image). Only a full
+step there saves it.
+
+Costs: per full step, one update of output-sized factors and one norm per factor (read on
+the host at its end); per cached ClusCa step the measured error (above); per cached step of
+the other modes a few multiplications on the host, before it runs. A trip costs a full step
+of the tripped samples.
 """
 
 from __future__ import annotations
