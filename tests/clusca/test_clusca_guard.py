@@ -124,3 +124,16 @@ def test_guard_knobs_are_validated_and_parsed():
         with pytest.raises(ClusCaConfigError) as exc:
             ClusCaConfig.from_dict(bad)
         assert exc.value.field == next(iter(bad))
+
+
+def test_the_halves_of_a_guidance_pair_trip_together_and_other_samples_alone():
+    from clusca import guard
+    from clusca.state import BranchState
+
+    branch = BranchState(0)
+    errors = [0.1, 0.5, 0.2, 0.1]  # (uncond a, uncond b, cond a, cond b)
+    assert guard.over(branch, errors, 0.3) == [1]  # four samples of their own
+    branch.guard_pairs = True
+    assert guard.over(branch, errors, 0.3) == [1, 3]  # image b, both halves
+    assert guard.over(branch, errors, 0.15) == [0, 1, 2, 3]
+    assert guard.over(branch, None, 0.3) == []
