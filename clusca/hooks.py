@@ -55,13 +55,21 @@ class ClusCaRootHook(compat.ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         ctrl.begin_call(args, kwargs)
         try:
-            out = None
-            if not ctrl.branch.full and ctrl.adapter is not None:
-                out = ctrl.adapter.cached_step(ctrl, args, kwargs)
-            if out is None:
-                out = self.fn_ref.original_forward(*args, **kwargs)
+            branch = ctrl.branch
+            forward = self.fn_ref.original_forward
+            if not branch.full and branch.batch and len(branch.tripped) == branch.batch:
+                # The guard recomputes every sample: no cached step to run first.
+                out = ctrl.recompute(forward, args, kwargs, branch.tripped)
             else:
-                ctrl.counters.lean_steps += 1
+                out = None
+                if not branch.full and ctrl.adapter is not None:
+                    out = ctrl.adapter.cached_step(ctrl, args, kwargs)
+                if out is None:
+                    out = forward(*args, **kwargs)
+                else:
+                    ctrl.counters.lean_steps += 1
+                if not branch.full and ctrl.config.guard:
+                    out = ctrl.guard_after(forward, args, kwargs, out)
         except BaseException:
             ctrl.abort_call()
             raise
@@ -108,8 +116,9 @@ class _SlotHook(compat.ModelHook):
                             substitute: torch.Tensor | None) -> Any:
         out = self.inner(*args, **kwargs)
         layout, tensors = flatten(out)
-        st.structure = layout
-        st.in_shape = x.shape if x is not None else None
+        if self.controller.branch.refresh is None:  # recompute mode runs some samples only
+            st.structure = layout
+            st.in_shape = x.shape if x is not None else None
         self.controller.record(st, tensors, keep_raw(layout), self.slot.text_pos, substitute)
         return out
 
@@ -147,6 +156,10 @@ class TextStreamHook(_SlotHook):
         ctrl = self.controller
         branch, st, x = self._state(args, kwargs)
         stale = st.n == 0 or (x is not None and x.shape != st.in_shape)
+        if branch.refresh is not None:
+            out = self.inner(*args, **kwargs)
+            self._reanchor(st, out, branch.refresh)
+            return out
         if branch.full or stale or ctrl.config.refresh_text:
             out = self.inner(*args, **kwargs)
             if branch.full or stale:
@@ -161,6 +174,18 @@ class TextStreamHook(_SlotHook):
                 ctrl.count_fresh(st, st.tokens)
             return out
         return unflatten(st.structure, [x if t is None else t for t in st.kept])
+
+    @staticmethod
+    def _reanchor(st: SlotState, out: Any, rows: torch.Tensor) -> None:
+        """The guard's recompute mode: the recomputed samples' rows of the kept outputs."""
+        if not st.kept:
+            return
+        _, tensors = flatten(out)
+        if len(tensors) != len(st.kept):
+            return
+        for j, (kept, t) in enumerate(zip(st.kept, tensors)):
+            if kept is not None and t.shape[0] == rows.numel() and t.shape[1:] == kept.shape[1:]:
+                st.kept[j] = kept.index_copy(0, rows, t.to(kept.dtype))
 
 
 class BlockHook(_SlotHook):
@@ -199,8 +224,10 @@ class BlockHook(_SlotHook):
         layout, outs = flatten(out)
         if len(outs) != len(inputs) or any(i is None for i in inputs):
             raise TypeError(f"{slot.name}: block outputs do not match the residual inputs {slot.residuals}")
-        st.structure = layout
-        st.in_shape = x.shape if x is not None else None
+        recomputing = branch.refresh is not None  # the guard runs some samples only
+        if not recomputing:
+            st.structure = layout
+            st.in_shape = x.shape if x is not None else None
         dead = slot.text_pos if self.controller.text_dead else None
         live = [j for j in range(len(outs)) if j != dead]
         chain = branch.chain_acc.get(slot.chain_head)
@@ -208,7 +235,8 @@ class BlockHook(_SlotHook):
             chain = branch.chain_acc[slot.chain_head] = _ChainSum()
         chain.add([inputs[j] for j in live], [outs[j] for j in live])
         if slot.chain_pos == slot.chain_len - 1:
-            head.structure = layout
+            if not recomputing:
+                head.structure = layout
             total = chain.total()
             if dead is not None:
                 total.insert(dead, inputs[dead])  # the stand-in of a dead residual: its input
@@ -299,7 +327,7 @@ class FeedForwardHook(_SlotHook):
         cfg = ctrl.config
         gamma = self.gamma
         write_fresh(st.factors[0], fresh, rows, clusters.flat_index if gamma is not None else None, gamma,
-                    cfg.fresh_tokens, cfg.propagation == "anchored", coeffs)
+                    cfg.fresh_tokens, cfg.propagation == "anchored", coeffs, ctrl.branch.measure)
         ctrl.count_fresh(st, rows.numel())
 
 
@@ -315,7 +343,8 @@ class ClusterHook(compat.ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         out = self.fn_ref.original_forward(*args, **kwargs)
         ctrl = self.controller
-        if ctrl.caching and ctrl.uses_clusters and ctrl.branch.full and ctrl.config.interval > 1:
+        if ctrl.caching and ctrl.uses_clusters and ctrl.branch.full and ctrl.branch.refresh is None \
+                and ctrl.config.interval > 1:
             self._cluster(args, kwargs, out)
         return out
 
