@@ -80,6 +80,8 @@ class ClusCaController:
         self.keeping = False
         self._settings_key: str = ""
         self.state_manager: StateManager | None = None  # set by the root hook
+        # The context-parallel group the model's calls are split over (clusca.parallel), or None.
+        self.parallel = None
         # (module, its hooked forward, the forward under our hooks) while a run bypasses them.
         self._bypassed: list[tuple[torch.nn.Module, Any, Any]] = []
 
@@ -88,6 +90,9 @@ class ClusCaController:
         self.reset()
         self.config = config
         self.num_inference_steps = num_inference_steps
+        from .parallel import parallel_group
+
+        self.parallel = parallel_group(self.model)
         self.order = config.effective_order
         self.uses_clusters = config.uses_clusters
         self.text_dead = bool(self.arch.text_stream and self.arch.text_outputs) and not config.refresh_text
@@ -96,6 +101,9 @@ class ClusCaController:
         self.keeping = False
         if self.caching and config.capture == "auto" and self.adapter is not None:
             missing = capture.backend().unavailable(_device_of(self.model))
+            if missing is None and self.parallel is not None:
+                # A recorded step would replay the gather's collective outside the group's order.
+                missing = 'not under context parallelism'
             self.counters.capture_unavailable = missing
             self.keeping = missing is None
         if self.keeping:
@@ -184,17 +192,26 @@ class ClusCaController:
         branch.step = step
         cfg = self.config
         full = (not self.caching) or branch.last_full < 0 or cfg.is_full_step(step)
-        if not full and cfg.guard and guard.trips(branch, step - branch.last_full, cfg.guard_bound,
-                                                  cfg.predictor if self.order else "taylor", cfg.hermite_scale):
-            full = True
-            self.counters.guard_trips += 1
+        group = self.parallel
+        if not full and cfg.guard:
+            tripped = guard.trips(branch, step - branch.last_full, cfg.guard_bound,
+                                  cfg.predictor if self.order else "taylor", cfg.hermite_scale)
+            if group is not None:
+                # Every rank must run the step the same way: its collectives pair up only then.
+                tripped = group.any(tripped, _device_of(self.model))
+            if tripped:
+                full = True
+                self.counters.guard_trips += 1
         branch.full = full
         # Classifier-free guidance in one call feeds the same latents twice: detect it once per
         # full step so that k-means can give both halves of an image the same clusters.
-        branch.guidance_pair = bool(
+        pair = bool(
             full and self.uses_clusters and cfg.guidance_pairs and x is not None and x.ndim >= 2
             and x.shape[0] % 2 == 0 and torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:])
         )
+        if group is not None and full and self.uses_clusters and cfg.guidance_pairs:
+            pair = group.all(pair, _device_of(self.model))  # each rank sees its own shard
+        branch.guidance_pair = pair
         if not full:
             branch.coeffs = self.coefficients(step - branch.last_full)
         self.branch = branch
