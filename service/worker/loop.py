@@ -247,6 +247,20 @@ def run_worker(settings: Settings, models: list[str] | None = None, worker_id: s
         registry = Registry.load(settings.models_file)
     except ValueError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
+    names = models or registry.names
+    grouped = [n for n in names if n in registry and registry.get(n).parallel.world > 1]
+    if grouped:
+        if len(names) > 1:
+            raise SystemExit(f"configuration error: model {grouped[0]!r} runs as a parallel group and needs a "
+                             f"worker of its own (clusca worker --models {grouped[0]})")
+        from service.worker.group import supervise
+
+        try:
+            supervise(registry.get(grouped[0]),
+                      worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
+        except ValueError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+        return
     try:
         worker = Worker(settings, registry, models, worker_id)
     except redis_conn.RedisUrlError as exc:
