@@ -307,6 +307,9 @@ class ModelEntry(BaseModel):
         par = self.parallel
         if self.kind == "noop":
             raise ValueError(f"model {self.name!r}: parallel needs a torch model (kind builtin or diffusers)")
+        problem = self.split_problem(self.defaults.width, self.defaults.height)
+        if problem:
+            raise ValueError(f"model {self.name!r}: default size: {problem[1]}")
         if self.kind == "builtin":
             from clusca_shapes import WEIGHTS_DIR
 
@@ -318,6 +321,17 @@ class ModelEntry(BaseModel):
             if heads % par.ulysses:
                 raise ValueError(f"model {self.name!r}: parallel.ulysses {par.ulysses} does not divide the "
                                  f"model's {heads} attention heads")
+
+    def split_problem(self, width: int, height: int) -> tuple[str, str] | None:
+        """``(field, message)`` when a ``width`` x ``height`` image's tokens do not split evenly over
+        the model's parallel ranks (its tokens: one per ``size_multiple`` square), else None."""
+        world = self.parallel.world
+        m = self.limits.size_multiple
+        tokens = (width // m) * (height // m)
+        if world == 1 or tokens % world == 0:
+            return None
+        return "width", (f"{width}x{height} makes {tokens} image tokens, which the model's {world} parallel ranks "
+                         f"cannot split evenly; choose a size whose (width/{m}) x (height/{m}) is a multiple of {world}")
 
     def cache_settings(self, requested: dict[str, Any] | None = None) -> dict[str, Any]:
         """A request's ClusCa settings on top of this model's version of the preset they name.

@@ -1,0 +1,149 @@
+"""A context-parallel worker group (service/worker/group.py): the registry's ``parallel`` field and its
+checks, and the built-in model served by two gloo ranks through ``clusca serve``, as a user runs it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import signal
+import os
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.registry import ModelEntry, Registry
+from tests.support import clusca_serve, registry_error, wait_until
+
+GROUP_MODELS = """models:
+  - name: shapes
+    kind: builtin
+    device: cpu
+    parallel: {ulysses: 2, timeout_s: 30}
+"""
+
+
+def test_a_parallel_entry_is_read_and_shown():
+    entry = ModelEntry.model_validate({"name": "shapes", "kind": "builtin", "parallel": {"ulysses": 2}})
+    assert entry.parallel.world == 2 and entry.public()["parallel"] == {"ulysses": 2, "ring": 1, "world": 2}
+    assert ModelEntry(name="plain", kind="noop").public()["parallel"]["world"] == 1
+
+
+def test_a_degree_that_does_not_divide_the_heads_is_refused_at_start(tmp_path):
+    message = registry_error(tmp_path, GROUP_MODELS.replace("ulysses: 2", "ulysses: 4"))
+    assert "parallel.ulysses 4 does not divide the model's 6 attention heads" in message
+
+
+def test_a_parallel_noop_model_is_refused(tmp_path):
+    message = registry_error(tmp_path, "models:\n  - name: n\n    kind: noop\n    parallel: {ulysses: 2}\n")
+    assert "parallel needs a torch model" in message
+
+
+def test_a_size_whose_tokens_do_not_split_is_a_problem_naming_the_field():
+    entry = ModelEntry.model_validate({"name": "f", "path": "org/f", "parallel": {"ulysses": 2},
+                                       "defaults": {"width": 1024, "height": 1024}})
+    assert entry.split_problem(1024, 1024) is None
+    field, message = entry.split_problem(16 * 3, 16 * 3)
+    assert field == "width" and "9 image tokens" in message and "2 parallel ranks" in message
+
+
+def test_more_ranks_than_gpus_is_refused_before_anything_starts():
+    from service.worker.group import check_devices
+
+    import torch
+
+    entry = ModelEntry.model_validate({"name": "f", "path": "org/f", "device": "cuda",
+                                       "parallel": {"ulysses": torch.cuda.device_count() + 2}})
+    with pytest.raises(ValueError, match=r"parallel asks for \d+ ranks but \d+ GPU\(s\) are present"):
+        check_devices(entry)
+
+
+def test_a_group_model_needs_a_worker_of_its_own(tmp_path):
+    from service.settings import Settings
+    from service.worker.loop import run_worker
+
+    path = tmp_path / "models.yaml"
+    path.write_text(GROUP_MODELS + "  - name: other\n    kind: noop\n")
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", models_file=str(path))
+    with pytest.raises(SystemExit, match="runs as a parallel group and needs a worker of its own"):
+        run_worker(settings, ["shapes", "other"])
+    assert Registry.load(path).get("other").parallel.world == 1
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def group_service(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("group")
+    (tmp / "models.yaml").write_text(GROUP_MODELS)
+    env = {"CLUSCA_MODELS": str(tmp / "models.yaml"), "CLUSCA_TORCH_THREADS": "1", "CLUSCA_VISIBILITY_TIMEOUT_S": "10"}
+    with clusca_serve(tmp, env, timeout=240) as served:
+        yield served
+
+
+def test_two_ranks_serve_the_builtin_model_as_one_process_would(group_service):
+    import torch
+
+    from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
+
+    with httpx.Client(base_url=group_service.url, timeout=180) as c:
+        off = c.post("/generate", json={"model": "shapes", "prompt": "a red circle on the left", "seed": 3,
+                                        "steps": 8, "cache": {"mode": "off"}})
+        assert off.status_code == 200, off.text
+        cached = c.post("/generate", json={"model": "shapes", "prompt": "a blue square", "seed": 4, "steps": 12,
+                                           "cache": {"preset": "fast"}})
+        assert cached.status_code == 200, cached.text
+        models = c.get("/models").json()["models"][0]
+    body = off.json()
+    pipe = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR)
+    direct = pipe(prompt=["a red circle on the left"], generator=[torch.Generator().manual_seed(3)],
+                  num_inference_steps=8, guidance_scale=body["guidance"], height=32, width=32).images[0]
+    # Float rounding of the split attention may move a pixel by one level, never more.
+    assert np.abs(_pixels(body["images"][0]) - np.asarray(direct.convert("RGB"), dtype=np.int16)).max() <= 1
+    assert cached.json()["cache_stats"]["cached_steps"] > 0
+    assert models["parallel"] == {"ulysses": 2, "ring": 1, "world": 2}
+    # One worker to the queue, however many ranks; its description carries the group's degree.
+    assert models["workers_alive"] == 1 and len(models["workers"]) == 1
+    assert models["workers"][0]["parallel"]["world"] == 2
+
+
+def test_group_metrics_show_the_degree_and_collective_time(group_service):
+    def scraped() -> str:
+        return httpx.get(group_service.url + "/metrics", timeout=10).text
+
+    wait_until(lambda: "clusca_parallel_collective_seconds_per_step_count" in scraped(), timeout=30,
+               what="collective metric")
+    text = scraped()
+    assert re.search(r'clusca_parallel_degree\{model="shapes"\} 2\.0', text)
+    count = re.search(r'clusca_parallel_collective_seconds_per_step_count\{model="shapes"\} (\S+)', text)
+    assert count and float(count.group(1)) >= 1
+
+
+def _rank_pids(log_path) -> list[int]:
+    found = re.findall(r"parallel group (\d+) of shapes: 2 ranks .*pids \[(\d+), (\d+)\]", log_path.read_text())
+    return [int(found[-1][1]), int(found[-1][2])] if found else []
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_job_restarts_the_group_and_the_job_finishes_once(group_service):
+    with httpx.Client(base_url=group_service.url, timeout=30) as c:
+        job = c.post("/generate", json={"model": "shapes", "prompt": "a green triangle", "seed": 9, "steps": 200,
+                                        "num_images": 4, "async": True, "cache": {"mode": "off"}}).json()
+        wait_until(lambda: c.get(f"/jobs/{job['id']}").json()["step"] >= 5, timeout=120, what="job running")
+        follower = _rank_pids(group_service.log_path)[1]
+        os.kill(follower, signal.SIGKILL)
+        wait_until(lambda: c.get(f"/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"), timeout=400,
+                   interval=1.0, what="job finished by the restarted group")
+        done = c.get(f"/jobs/{job['id']}").json()
+        metrics = c.get("/metrics").text
+    assert done["status"] == "succeeded" and len(done["links"]["images"]) == 4
+    # Handed back unrun, not failed and retried: the attempt is not counted, one result.
+    assert done["attempts"] == 1
+    log = group_service.log_path.read_text()
+    assert "restarting the group" in log and "handed 1 running job(s) back" in log
+    assert re.search(r'clusca_parallel_group_restarts_total\{model="shapes"\} 1\.0', metrics)
