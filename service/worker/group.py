@@ -215,11 +215,12 @@ def rank_main(rank: int, world: int, init_method: str, model: str, worker_id: st
     import torch.distributed as dist
 
     from clusca import parallel as cp
-    from service.cli.main import _logging
     from service.registry import Registry
     from service.settings import get_settings
 
-    _logging()
+    # Spawned, so nothing of the parent's logging set-up carries over.
+    logging.basicConfig(level=os.environ.get("CLUSCA_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops the group in order
     settings = get_settings()
     entry = Registry.load(settings.models_file).get(model)
