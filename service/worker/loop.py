@@ -249,6 +249,12 @@ def run_worker(settings: Settings, models: list[str] | None = None, worker_id: s
         raise SystemExit(f"configuration error: {exc}") from None
     names = models or registry.names
     grouped = [n for n in names if n in registry and registry.get(n).parallel.world > 1]
+    if grouped and not models and len(grouped) < len(names):
+        # A worker for "every model" serves those of one process; each group has a worker of its own.
+        log.info("not serving %s here: a parallel group has a worker of its own (clusca worker --models NAME)",
+                 ", ".join(grouped))
+        models = [n for n in names if n not in grouped]
+        grouped = []
     if grouped:
         if len(names) > 1:
             raise SystemExit(f"configuration error: model {grouped[0]!r} runs as a parallel group and needs a "

@@ -147,3 +147,22 @@ def test_a_rank_killed_mid_job_restarts_the_group_and_the_job_finishes_once(grou
     log = group_service.log_path.read_text()
     assert "restarting the group" in log and "handed 1 running job(s) back" in log
     assert re.search(r'clusca_parallel_group_restarts_total\{model="shapes"\} 1\.0', metrics)
+
+
+def test_a_worker_for_every_model_leaves_the_group_models_to_their_own_worker(tmp_path, monkeypatch):
+    from service.settings import Settings
+    from service.worker import loop
+
+    path = tmp_path / "models.yaml"
+    path.write_text(GROUP_MODELS + "  - name: other\n    kind: noop\n")
+    served = []
+
+    class Recorder:
+        def __init__(self, settings, registry, models, worker_id):
+            served.append(models)
+            raise SystemExit(0)
+
+    monkeypatch.setattr(loop, "Worker", Recorder)
+    with pytest.raises(SystemExit):
+        loop.run_worker(Settings(redis_url="redis://127.0.0.1:1/0", models_file=str(path)), None)
+    assert served == [["other"]]
