@@ -210,9 +210,11 @@ def load_group_runner(entry: ModelEntry, device: str, torch_threads: int) -> Run
     return runner
 
 
-def rank_main(rank: int, world: int, init_method: str, model: str, worker_id: str) -> None:
-    """One rank of a group (a spawned process)."""
+def rank_main(rank: int, world: int, init_method: str, model: str, worker_id: str, local_rank: int = 0) -> None:
+    """One rank of a group (a spawned process); ``local_rank`` picks its GPU on its host."""
     import torch.distributed as dist
+
+    os.environ["LOCAL_RANK"] = str(local_rank)
 
     from clusca import parallel as cp
     from service.registry import Registry
@@ -285,18 +287,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def supervise(entry: ModelEntry, worker_id: str) -> None:
-    """``clusca worker`` for a parallel model: start the group's ranks, restart them all when one
-    fails, stop them in order on SIGTERM (rank 0 hands its jobs back, then tells the others)."""
+def node_layout(world: int, settings: Any) -> tuple[list[int], str | None]:
+    """The global ranks this host starts, and the rendezvous (None: a free loopback port per start).
+
+    With ``CLUSCA_PARALLEL_NODES`` hosts, host ``k`` holds ranks ``k * world / nodes`` onwards, and
+    every start meets at ``CLUSCA_PARALLEL_MASTER`` (host 0, where rank 0 listens).
+    """
+    nodes, node = settings.parallel_nodes, settings.parallel_node_rank
+    if world % nodes:
+        raise ValueError(f"parallel: {world} ranks do not split over CLUSCA_PARALLEL_NODES={nodes} hosts")
+    if node >= nodes:
+        raise ValueError(f"CLUSCA_PARALLEL_NODE_RANK={node} but CLUSCA_PARALLEL_NODES={nodes}")
+    if nodes > 1 and not settings.parallel_master:
+        raise ValueError("CLUSCA_PARALLEL_MASTER (host:port of node 0) is needed with more than one host")
+    local = world // nodes
+    master = f"tcp://{settings.parallel_master}" if nodes > 1 else None
+    return list(range(node * local, (node + 1) * local)), master
+
+
+def supervise(entry: ModelEntry, worker_id: str, settings: Any = None) -> None:
+    """``clusca worker`` for a parallel model: start the group's ranks (this host's share of them),
+    restart them all when one fails, stop them in order on SIGTERM (rank 0 hands its jobs back,
+    then tells the others)."""
+    from service.settings import get_settings
+
     world = entry.parallel.world
-    check_devices(entry)
+    ranks, master = node_layout(world, settings or get_settings())
+    check_devices(entry, len(ranks))
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     procs: list[Any] = []
 
     def _stop(signum: int, _frame: Any) -> None:
         stopping.set()
-        if procs and procs[0].is_alive():
+        if ranks[0] == 0 and procs and procs[0].is_alive():
             os.kill(procs[0].pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, _stop)
@@ -305,17 +329,21 @@ def supervise(entry: ModelEntry, worker_id: str) -> None:
     generation = 0
     while not stopping.is_set():
         generation += 1
-        init = f"tcp://127.0.0.1:{_free_port()}"
-        procs[:] = [ctx.Process(target=rank_main, args=(r, world, init, entry.name, worker_id), daemon=False)
-                    for r in range(world)]
+        init = master or f"tcp://127.0.0.1:{_free_port()}"
+        procs[:] = [ctx.Process(target=rank_main, args=(r, world, init, entry.name, worker_id, i), daemon=False)
+                    for i, r in enumerate(ranks)]
         for p in procs:
             p.start()
-        log.info("parallel group %d of %s: %d ranks (ulysses %d x ring %d), pids %s", generation, entry.name, world,
-                 entry.parallel.ulysses, entry.parallel.ring, [p.pid for p in procs])
+        log.info("parallel group %d of %s: %d ranks (ulysses %d x ring %d), ranks %s here, pids %s", generation,
+                 entry.name, world, entry.parallel.ulysses, entry.parallel.ring, ranks, [p.pid for p in procs])
         started = time.monotonic()
         while all(p.is_alive() for p in procs) and not stopping.is_set():
             time.sleep(0.2)
         if stopping.is_set():
+            if ranks[0] != 0:
+                for p in procs:  # followers hold no jobs: nothing to hand back
+                    if p.is_alive():
+                        p.terminate()
             _end(procs, grace_s=8.0)
             break
         codes = {r: p.exitcode for r, p in enumerate(procs) if not p.is_alive()}
@@ -340,9 +368,10 @@ def _end(procs: list[Any], grace_s: float) -> None:
             p.join()
 
 
-def check_devices(entry: ModelEntry) -> None:
-    """Refuse a group larger than the GPUs present (on a GPU device), with a clear message."""
+def check_devices(entry: ModelEntry, local_ranks: int | None = None) -> None:
+    """Refuse more ranks on this host than the GPUs present (on a GPU device), with a clear message."""
     device = entry.device
+    wanted = entry.parallel.world if local_ranks is None else local_ranks
     if device.startswith("cuda") or device == "auto":
         try:
             import torch
@@ -350,9 +379,9 @@ def check_devices(entry: ModelEntry) -> None:
             count = torch.cuda.device_count()
         except ImportError:
             count = 0
-        if device.startswith("cuda") and entry.parallel.world > count:
-            raise ValueError(f"model {entry.name!r}: parallel asks for {entry.parallel.world} ranks but "
+        if device.startswith("cuda") and wanted > count:
+            raise ValueError(f"model {entry.name!r}: parallel asks for {wanted} ranks on this host but "
                              f"{count} GPU(s) are present")
-        if device == "auto" and 0 < count < entry.parallel.world:
-            raise ValueError(f"model {entry.name!r}: parallel asks for {entry.parallel.world} ranks but "
+        if device == "auto" and 0 < count < wanted:
+            raise ValueError(f"model {entry.name!r}: parallel asks for {wanted} ranks on this host but "
                              f"{count} GPU(s) are present (set device: cpu to run the group on gloo)")

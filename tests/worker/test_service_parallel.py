@@ -57,7 +57,7 @@ def test_more_ranks_than_gpus_is_refused_before_anything_starts():
 
     entry = ModelEntry.model_validate({"name": "f", "path": "org/f", "device": "cuda",
                                        "parallel": {"ulysses": torch.cuda.device_count() + 2}})
-    with pytest.raises(ValueError, match=r"parallel asks for \d+ ranks but \d+ GPU\(s\) are present"):
+    with pytest.raises(ValueError, match=r"parallel asks for \d+ ranks on this host but \d+ GPU\(s\) are present"):
         check_devices(entry)
 
 
@@ -166,3 +166,44 @@ def test_a_worker_for_every_model_leaves_the_group_models_to_their_own_worker(tm
     with pytest.raises(SystemExit):
         loop.run_worker(Settings(redis_url="redis://127.0.0.1:1/0", models_file=str(path)), None)
     assert served == [["other"]]
+
+
+def test_node_layout_gives_each_host_its_share_of_the_ranks():
+    from service.settings import Settings
+    from service.worker.group import node_layout
+
+    assert node_layout(4, Settings()) == ([0, 1, 2, 3], None)
+    two = Settings(parallel_nodes=2, parallel_node_rank=1, parallel_master="10.0.0.5:29500")
+    assert node_layout(4, two) == ([2, 3], "tcp://10.0.0.5:29500")
+    with pytest.raises(ValueError, match="CLUSCA_PARALLEL_MASTER"):
+        node_layout(4, Settings(parallel_nodes=2))
+    with pytest.raises(ValueError, match="do not split over CLUSCA_PARALLEL_NODES=3"):
+        node_layout(4, Settings(parallel_nodes=3, parallel_master="h:1"))
+
+
+@pytest.mark.slow
+def test_a_group_spans_two_node_workers_met_at_one_rendezvous(tmp_path):
+    """Two ``clusca worker`` processes, each one "host" of a two-host group, over loopback."""
+    from service.broker.embedded import EmbeddedRedis
+    from service.broker.embedded import free_port
+    from tests.support import Service, service_env
+
+    models = tmp_path / "models.yaml"
+    models.write_text(GROUP_MODELS)
+    redis = EmbeddedRedis().start()
+    svc = Service(redis, models, tmp_path, service_env(redis.url, models, {"CLUSCA_TORCH_THREADS": "1"}))
+    try:
+        master = {"CLUSCA_PARALLEL_NODES": "2", "CLUSCA_PARALLEL_MASTER": f"127.0.0.1:{free_port()}"}
+        svc.start_worker("shapes", {**master, "CLUSCA_PARALLEL_NODE_RANK": "1"}, wait=False)
+        svc.start_worker("shapes", {**master, "CLUSCA_PARALLEL_NODE_RANK": "0"}, timeout=240)
+        _, svc.base_url = svc.start_api()
+        with svc.client(timeout=180) as c:
+            r = c.post("/generate", json={"model": "shapes", "prompt": "a red circle", "seed": 5, "steps": 6,
+                                          "cache": {"mode": "off"}})
+            workers = c.get("/models").json()["models"][0]["workers"]
+        assert r.status_code == 200, r.text
+        # One consumer for the group, though its ranks live in two worker processes.
+        assert len(workers) == 1 and workers[0]["parallel"]["world"] == 2
+    finally:
+        svc.stop_all()
+        redis.stop()
