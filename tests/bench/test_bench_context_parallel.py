@@ -15,7 +15,7 @@ def test_two_ranks_agree_with_one_and_their_collectives_are_timed(tmp_path):
     out = tmp_path / "cp.json"
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n")
-    assert context_parallel.main(["--workloads", "builtin", "--steps", "3", "--modes", "off,taylorseer",
+    assert context_parallel.main(["--workloads", "builtin", "--steps", "5", "--modes", "off,taylorseer",
                                   "--json", str(out), "--no-docs"]) == 0
     res = json.loads(out.read_text())
     rows = {(r["world"], r["mode"]): r for r in res["rows"]}
@@ -23,7 +23,7 @@ def test_two_ranks_agree_with_one_and_their_collectives_are_timed(tmp_path):
     for mode in ("off", "taylorseer"):
         assert rows[(2, mode)]["max_abs_diff"] < 1e-4
         assert rows[(1, mode)]["collectives_per_step"] == 0 < rows[(2, mode)]["collectives_per_step"]
-        assert rows[(2, mode)]["collective_s_per_step"] > 0 and len(rows[(2, mode)]["step_s"]) == 3
+        assert rows[(2, mode)]["collective_s_per_step"] > 0 and len(rows[(2, mode)]["step_s"]) == 5
     assert 0 < rows[(2, "taylorseer")]["psnr_vs_uncached"] < 100
     context_parallel.write_docs(res, docs)
     text = docs.read_text()

@@ -196,7 +196,7 @@ def test_a_group_spans_two_node_workers_met_at_one_rendezvous(tmp_path):
         master = {"CLUSCA_PARALLEL_NODES": "2", "CLUSCA_PARALLEL_MASTER": f"127.0.0.1:{free_port()}"}
         svc.start_worker("shapes", {**master, "CLUSCA_PARALLEL_NODE_RANK": "1"}, wait=False)
         svc.start_worker("shapes", {**master, "CLUSCA_PARALLEL_NODE_RANK": "0"}, timeout=240)
-        _, svc.base_url = svc.start_api()
+        _, svc.base_url = svc.start_api({"CLUSCA_DEFAULT_MODEL": "shapes"})
         with svc.client(timeout=180) as c:
             r = c.post("/generate", json={"model": "shapes", "prompt": "a red circle", "seed": 5, "steps": 6,
                                           "cache": {"mode": "off"}})
