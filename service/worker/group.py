@@ -133,8 +133,9 @@ class GroupRunner(Runner):
                 try:
                     self.channel.send(("ping",))
                     self.channel.any(False)
-                except GroupFault as fault:
-                    return self._fault(fault)
+                except GroupFault:
+                    return self._fault(GroupFault(f"the call failed ({type(exc).__name__}: {exc}) and the group "
+                                                  f"did not answer after it"))
                 raise exc
         self._observe_collectives(out.stats, batch.denoised_steps)
         return out

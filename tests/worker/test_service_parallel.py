@@ -4,6 +4,7 @@ checks, and the built-in model served by two gloo ranks through ``clusca serve``
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import signal
@@ -207,3 +208,27 @@ def test_a_group_spans_two_node_workers_met_at_one_rendezvous(tmp_path):
     finally:
         svc.stop_all()
         redis.stop()
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_is_caught_by_the_collective_timeout(tmp_path):
+    (tmp_path / "models.yaml").write_text(GROUP_MODELS.replace("timeout_s: 30", "timeout_s: 8"))
+    env = {"CLUSCA_MODELS": str(tmp_path / "models.yaml"), "CLUSCA_TORCH_THREADS": "1",
+           "CLUSCA_VISIBILITY_TIMEOUT_S": "10"}
+    with clusca_serve(tmp_path, env, timeout=240) as served, httpx.Client(base_url=served.url, timeout=30) as c:
+        job = c.post("/generate", json={"model": "shapes", "prompt": "a red square", "seed": 2, "steps": 200,
+                                        "num_images": 4, "async": True, "cache": {"mode": "off"}}).json()
+        wait_until(lambda: c.get(f"/jobs/{job['id']}").json()["step"] >= 5, timeout=120, what="job running")
+        follower = _rank_pids(served.log_path)[1]
+        os.kill(follower, signal.SIGSTOP)  # alive but answering nothing: only the timeout can tell
+        try:
+            wait_until(lambda: c.get(f"/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"),
+                       timeout=400, interval=1.0, what="job finished by the restarted group")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(follower, signal.SIGKILL)
+        done = c.get(f"/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    log = served.log_path.read_text()
+    assert "did not answer" in log or "Timed out" in log, log[-2000:]
+    assert "restarting the group" in log
