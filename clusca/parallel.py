@@ -177,6 +177,30 @@ def parallel_group(model: torch.nn.Module) -> ParallelGroup | None:
     return model.__dict__.get(_GROUP_ATTR)
 
 
+def attention_backend(model: torch.nn.Module) -> str:
+    """The attention backend ``model``'s processors dispatch to (diffusers' name for it)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_attention_backend"):
+            if processor._attention_backend is not None:
+                return str(getattr(processor._attention_backend, "value", processor._attention_backend))
+            break
+    backend, _ = _AttentionBackendRegistry.get_active_backend()
+    return str(getattr(backend, "value", backend))
+
+
+def check_ring_backend(model: torch.nn.Module) -> None:
+    """Ring attention merges partial results by their log-sum-exp, which diffusers' ``native``
+    backend (torch's SDPA) does not return: refuse before the first call fails."""
+    backend = attention_backend(model)
+    if backend == "native":
+        raise ValueError("parallel.ring: ring attention needs an attention backend that returns the log-sum-exp "
+                         "(e.g. flash, _native_cudnn, _native_flash, sage; model.set_attention_backend(...), or "
+                         "options.attention_backend in the registry); this model uses 'native'")
+
+
 def enable_context_parallel(model: torch.nn.Module, degree: ParallelDegree) -> ParallelGroup:
     """Split ``model``'s calls over the ranks of the default process group.
 
@@ -187,12 +211,14 @@ def enable_context_parallel(model: torch.nn.Module, degree: ParallelDegree) -> P
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
+    check_degree(degree, attention_heads(model))
+    if degree.ring > 1:
+        check_ring_backend(model)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("parallel: torch.distributed is not initialised")
     world = dist.get_world_size()
     if world != degree.world:
         raise ValueError(f"parallel: the group has {world} ranks but ulysses x ring is {degree.world}")
-    check_degree(degree, attention_heads(model))
     config = ContextParallelConfig(ulysses_degree=degree.ulysses, ring_degree=degree.ring)
     collective_clock()
     with _device_count_at_least_one():

@@ -307,6 +307,10 @@ class ModelEntry(BaseModel):
         par = self.parallel
         if self.kind == "noop":
             raise ValueError(f"model {self.name!r}: parallel needs a torch model (kind builtin or diffusers)")
+        if par.ring > 1 and not self.options.get("attention_backend"):
+            raise ValueError(f"model {self.name!r}: parallel.ring needs options.attention_backend naming a backend "
+                             f"that returns the log-sum-exp (e.g. flash, _native_cudnn, _native_flash, sage); "
+                             f"the default 'native' does not")
         problem = self.split_problem(self.defaults.width, self.defaults.height)
         if problem:
             raise ValueError(f"model {self.name!r}: default size: {problem[1]}")

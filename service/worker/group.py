@@ -40,6 +40,8 @@ log = logging.getLogger("clusca.worker")
 GROUP_FAILED = 3
 # Seconds between restarts of a group that keeps failing.
 RESTART_BACKOFF_S = (1.0, 30.0)
+# Starts in a row that end before rank 0 serves: then the model cannot load, and the worker exits.
+MAX_FAILED_STARTS = 3
 
 
 class GroupFault(RuntimeError):
@@ -205,13 +207,17 @@ def load_group_runner(entry: ModelEntry, device: str, torch_threads: int) -> Run
     transformer = getattr(getattr(runner, "pipe", None), "transformer", None)
     if transformer is None:
         raise ValueError(f"model {entry.name!r}: parallel needs a pipeline with a transformer")
+    backend = entry.options.get("attention_backend")
+    if backend:
+        transformer.set_attention_backend(backend)  # ring attention needs one that returns the log-sum-exp
     cp.enable_context_parallel(transformer, cp.ParallelDegree(entry.parallel.ulysses, entry.parallel.ring))
     runner.warm_up()  # on every rank at once: its collectives pair up
     cp.collective_clock().read()
     return runner
 
 
-def rank_main(rank: int, world: int, init_method: str, model: str, worker_id: str, local_rank: int = 0) -> None:
+def rank_main(rank: int, world: int, init_method: str, model: str, worker_id: str, local_rank: int = 0,
+              serving: Any = None) -> None:
     """One rank of a group (a spawned process); ``local_rank`` picks its GPU on its host."""
     import torch.distributed as dist
 
@@ -244,11 +250,11 @@ def rank_main(rank: int, world: int, init_method: str, model: str, worker_id: st
             os._exit(GROUP_FAILED)
         dist.destroy_process_group()
         return
-    _serve_rank0(settings, entry, runner, channel, worker_id, timeout)
+    _serve_rank0(settings, entry, runner, channel, worker_id, timeout, serving)
 
 
 def _serve_rank0(settings: Any, entry: ModelEntry, runner: Runner, channel: Channel, worker_id: str,
-                 timeout: float) -> None:
+                 timeout: float, serving: Any = None) -> None:
     from service.registry import Registry
     from service.worker.loop import Worker
 
@@ -268,6 +274,8 @@ def _serve_rank0(settings: Any, entry: ModelEntry, runner: Runner, channel: Chan
     ticking = threading.Event()
     ticker = threading.Thread(target=_ticker, args=(channel, max(1.0, timeout / 4), ticking, on_fault), daemon=True)
     ticker.start()
+    if serving is not None:
+        serving.set()
     try:
         worker.serve()
     finally:
@@ -328,11 +336,14 @@ def supervise(entry: ModelEntry, worker_id: str, settings: Any = None) -> None:
     signal.signal(signal.SIGINT, _stop)
     backoff = RESTART_BACKOFF_S[0]
     generation = 0
+    failed_starts = 0
+    serving = ctx.Event()
     while not stopping.is_set():
         generation += 1
         init = master or f"tcp://127.0.0.1:{_free_port()}"
-        procs[:] = [ctx.Process(target=rank_main, args=(r, world, init, entry.name, worker_id, i), daemon=False)
-                    for i, r in enumerate(ranks)]
+        serving.clear()
+        procs[:] = [ctx.Process(target=rank_main, args=(r, world, init, entry.name, worker_id, i, serving),
+                                daemon=False) for i, r in enumerate(ranks)]
         for p in procs:
             p.start()
         log.info("parallel group %d of %s: %d ranks (ulysses %d x ring %d), ranks %s here, pids %s", generation,
@@ -352,6 +363,11 @@ def supervise(entry: ModelEntry, worker_id: str, settings: Any = None) -> None:
         metrics.GROUP_RESTARTS.labels(entry.name).inc()
         log.error("parallel group %d of %s failed (rank exit codes %s); its jobs go back to the queue; "
                   "restarting the group", generation, entry.name, codes)
+        # Only this host's rank 0 knows whether the group got to serve; other hosts keep trying.
+        failed_starts = 0 if serving.is_set() or ranks[0] != 0 else failed_starts + 1
+        if failed_starts >= MAX_FAILED_STARTS:
+            raise SystemExit(f"clusca worker: the parallel group of {entry.name!r} failed to start "
+                             f"{failed_starts} times in a row; see the ranks' errors above")
         if time.monotonic() - started > 60:
             backoff = RESTART_BACKOFF_S[0]
         stopping.wait(backoff)

@@ -77,3 +77,12 @@ def test_enable_without_a_process_group_is_refused():
 
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         cp.enable_context_parallel(build_transformer(), cp.ParallelDegree(ulysses=2))
+
+
+def test_ring_on_the_native_attention_backend_is_refused_before_any_call():
+    from clusca_shapes.model import build_transformer
+
+    model = build_transformer()
+    assert cp.attention_backend(model) == "native"
+    with pytest.raises(ValueError, match="ring attention needs an attention backend that returns the log-sum-exp"):
+        cp.enable_context_parallel(model, cp.ParallelDegree(ulysses=1, ring=2))

@@ -38,6 +38,11 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused_at_start(tmp_path):
     assert "parallel.ulysses 4 does not divide the model's 6 attention heads" in message
 
 
+def test_ring_without_a_backend_that_returns_the_lse_is_refused(tmp_path):
+    message = registry_error(tmp_path, GROUP_MODELS.replace("ulysses: 2", "ring: 2"))
+    assert "parallel.ring needs options.attention_backend" in message
+
+
 def test_a_parallel_noop_model_is_refused(tmp_path):
     message = registry_error(tmp_path, "models:\n  - name: n\n    kind: noop\n    parallel: {ulysses: 2}\n")
     assert "parallel needs a torch model" in message
@@ -232,3 +237,20 @@ def test_a_rank_that_hangs_is_caught_by_the_collective_timeout(tmp_path):
     log = served.log_path.read_text()
     assert "did not answer" in log or "Timed out" in log, log[-2000:]
     assert "restarting the group" in log
+
+
+@pytest.mark.slow
+def test_a_group_whose_model_cannot_load_exits_with_the_reason_instead_of_restarting_for_ever(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    models = tmp_path / "models.yaml"
+    models.write_text(GROUP_MODELS + f"    path: {tmp_path / 'missing'}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLUSCA_MODELS": str(models), "REDIS_URL": "redis://127.0.0.1:1/0",
+           "CLUSCA_TORCH_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "service.cli", "worker", "--models", "shapes"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "failed to start 3 times in a row" in done.stderr and "is not a shapes model folder" in done.stderr
