@@ -130,6 +130,20 @@ def test_group_metrics_show_the_degree_and_collective_time(group_service):
     assert count and float(count.group(1)) >= 1
 
 
+def test_a_cancelled_job_stops_every_rank_at_the_same_step(group_service):
+    with httpx.Client(base_url=group_service.url, timeout=120) as c:
+        job = c.post("/generate", json={"model": "shapes", "prompt": "a green circle", "seed": 1, "steps": 200,
+                                        "num_images": 4, "async": True, "cache": {"mode": "off"}}).json()
+        wait_until(lambda: c.get(f"/jobs/{job['id']}").json()["step"] >= 3, timeout=120, what="job running")
+        assert c.post(f"/jobs/{job['id']}/cancel").status_code in (200, 202)
+        wait_until(lambda: c.get(f"/jobs/{job['id']}").json()["status"] == "cancelled", timeout=60,
+                   what="job cancelled")
+        # The ranks left the call together: the group serves the next job with no restart.
+        after = c.post("/generate", json={"model": "shapes", "prompt": "a red circle", "seed": 2, "steps": 6})
+    assert after.status_code == 200, after.text
+    assert "restarting the group" not in group_service.log_path.read_text()
+
+
 def _rank_pids(log_path) -> list[int]:
     found = re.findall(r"parallel group (\d+) of shapes: 2 ranks .*pids \[(\d+), (\d+)\]", log_path.read_text())
     return [int(found[-1][1]), int(found[-1][2])] if found else []
