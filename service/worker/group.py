@@ -211,6 +211,9 @@ def load_group_runner(entry: ModelEntry, device: str, torch_threads: int) -> Run
     if backend:
         transformer.set_attention_backend(backend)  # ring attention needs one that returns the log-sum-exp
     cp.enable_context_parallel(transformer, cp.ParallelDegree(entry.parallel.ulysses, entry.parallel.ring))
+    log.info("model %s split over %d ranks (ulysses %d x ring %d); CUDA-graph capture is off in a group, and a "
+             "stop takes effect at the next step", entry.name, entry.parallel.world, entry.parallel.ulysses,
+             entry.parallel.ring)
     runner.warm_up()  # on every rank at once: its collectives pair up
     cp.collective_clock().read()
     return runner

@@ -144,6 +144,18 @@ def test_a_cancelled_job_stops_every_rank_at_the_same_step(group_service):
     assert "restarting the group" not in group_service.log_path.read_text()
 
 
+def test_jobs_queued_behind_a_running_one_run_as_one_batch_in_the_group(group_service):
+    body = {"model": "shapes", "prompt": "a blue circle", "steps": 6, "async": True, "cache": {"mode": "off"}}
+    with httpx.Client(base_url=group_service.url, timeout=60) as c:
+        first = c.post("/generate", json={**body, "steps": 60, "seed": 1}).json()
+        wait_until(lambda: c.get(f"/jobs/{first['id']}").json()["status"] == "running", timeout=60, what="running")
+        queued = [c.post("/generate", json={**body, "seed": 10 + i}).json()["id"] for i in range(3)]
+        wait_until(lambda: all(c.get(f"/jobs/{j}").json()["status"] == "succeeded" for j in queued), timeout=120,
+                   interval=0.5, what="batch done")
+        done = [c.get(f"/jobs/{j}").json() for j in queued]
+    assert max(d["batch_images"] for d in done) >= 2, [d["batch_images"] for d in done]
+
+
 def _rank_pids(log_path) -> list[int]:
     found = re.findall(r"parallel group (\d+) of shapes: 2 ranks .*pids \[(\d+), (\d+)\]", log_path.read_text())
     return [int(found[-1][1]), int(found[-1][2])] if found else []
