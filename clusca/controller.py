@@ -81,6 +81,8 @@ class ClusCaController:
         self.keeping = False
         self._settings_key: str = ""
         self.state_manager: StateManager | None = None  # set by the root hook
+        # The context-parallel group the model's calls are split over (clusca.parallel), or None.
+        self.parallel = None
         # (module, its hooked forward, the forward under our hooks) while a run bypasses them.
         self._bypassed: list[tuple[torch.nn.Module, Any, Any]] = []
 
@@ -90,6 +92,9 @@ class ClusCaController:
         self.token_masks = None
         self.config = config
         self.num_inference_steps = num_inference_steps
+        from .parallel import parallel_group
+
+        self.parallel = parallel_group(self.model)
         self.order = config.effective_order
         self.uses_clusters = config.uses_clusters
         self.text_dead = bool(self.arch.text_stream and self.arch.text_outputs) and not config.refresh_text
@@ -98,6 +103,9 @@ class ClusCaController:
         self.keeping = False
         if self.caching and config.capture == "auto" and self.adapter is not None:
             missing = capture.backend().unavailable(_device_of(self.model))
+            if missing is None and self.parallel is not None:
+                # A recorded step would replay the gather's collective outside the group's order.
+                missing = 'not under context parallelism'
             self.counters.capture_unavailable = missing
             self.keeping = missing is None
         if self.keeping:
@@ -187,14 +195,18 @@ class ClusCaController:
         branch.step = step
         cfg = self.config
         full = (not self.caching) or branch.last_full < 0 or cfg.is_full_step(step)
+        group = self.parallel
         branch.full = full
         # The divergence guard (clusca.guard): ClusCa measures its cached steps at their fresh
         # tokens while they run; the other modes are judged before the step, per sample.
         guarding = not full and cfg.guard
         branch.measure = [] if guarding and self.uses_clusters else None
+        branch.batch = x.shape[0] if x is not None and x.ndim >= 1 else 0
         branch.tripped = (guard.trips(branch, step, cfg.guard_bound, cfg.predictor if self.order else "taylor",
                                       cfg.hermite_scale) if guarding and not self.uses_clusters else [])
-        branch.batch = x.shape[0] if x is not None and x.ndim >= 1 else 0
+        if guarding and not self.uses_clusters and group is not None:
+            # Every rank must recompute the same samples: its collectives pair up only then.
+            branch.tripped = group.union(branch.tripped, branch.batch, _device_of(self.model))
         branch.recomputed = []
         # Classifier-free guidance in one call feeds the same latents twice: detect it once per
         # full step so that k-means can give both halves of an image the same clusters, and the
@@ -203,6 +215,8 @@ class ClusCaController:
             full and (self.uses_clusters and cfg.guidance_pairs or self.caching and cfg.guard) and x is not None
             and x.ndim >= 2 and x.shape[0] % 2 == 0 and torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:])
         )
+        if group is not None and full and (self.uses_clusters and cfg.guidance_pairs or self.caching and cfg.guard):
+            halves = group.all(halves, _device_of(self.model))  # each rank sees its own shard
         branch.guidance_pair = halves and self.uses_clusters and cfg.guidance_pairs
         branch.halves_equal = halves
         if not full:
@@ -294,6 +308,8 @@ class ClusCaController:
             else:
                 samples = guard.over(branch, errors, cfg.guard_bound)
             branch.measure = None
+            if self.parallel is not None:  # each rank measured its own shard's fresh tokens
+                samples = self.parallel.union(samples, branch.batch, _device_of(self.model))
         if not samples:
             return out
         return self.recompute(forward, args, kwargs, samples, out)

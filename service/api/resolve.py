@@ -164,7 +164,7 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
     _check_text("negative_prompt", ask.negative_prompt, settings.max_prompt_chars)
     lim = entry.limits_within(settings)
     width, height = edit_size(entry, lim, ask)
-    problem = lim.size_problem(width, height)
+    problem = lim.size_problem(width, height) or entry.split_problem(width, height)
     if problem:
         raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
     steps = ask.steps or d.steps

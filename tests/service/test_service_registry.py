@@ -39,7 +39,8 @@ def test_an_entry_that_sets_nothing_gets_the_documented_defaults(tmp_path):
     assert (lim.size_multiple, lim.min_side, lim.max_side, lim.max_pixels, lim.max_steps) == (16, 8, None, None, None)
     assert d.size_multiple == lim.size_multiple and d.cache_presets == {}
     assert entry.public() == {"name": "bare", "kind": "noop", "output": "image", "edits": "none",
-                              "pipeline_class": "auto", "dtype": "float32", "defaults": d.model_dump()}
+                              "pipeline_class": "auto", "dtype": "float32", "defaults": d.model_dump(),
+                              "parallel": {"ulysses": 1, "ring": 1, "world": 1}}
 
 
 def test_a_video_pipeline_makes_a_video_model_whose_default_frames_fit_its_limits(tmp_path):

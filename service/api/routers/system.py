@@ -55,8 +55,12 @@ async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
     workers: dict[str, list[dict[str, Any]]] = {}
     for w in await q.live_workers(services.registry.names):
         for name, where in w.models.items():
-            workers.setdefault(name, []).append({"id": w.id, "host": w.host, "device": where.get("device"),
-                                                 "running": w.running, "lanes": where.get("lanes")})
+            info = {"id": w.id, "host": w.host, "device": where.get("device"), "running": w.running,
+                    "lanes": where.get("lanes")}
+            if where.get("parallel"):
+                # A group's degree and its last call's time in collectives per denoising step.
+                info["parallel"] = where["parallel"]
+            workers.setdefault(name, []).append(info)
     out = []
     for e in services.registry.entries():
         out.append(ModelInfo(**e.public(), limits=e.limits_within(services.settings), workers_alive=await q.workers_alive(e.name),
