@@ -68,3 +68,9 @@ def unflatten(layout: tuple | None, tensors: list[torch.Tensor]) -> Any:
         return tensors[0]
     it = iter(tensors)
     return tuple(next(it) if present else None for present in layout)
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from . import diffusers_compat as compat
+from . import recompute
 from .calls import first_tensor, flatten, get_arg, unflatten
 from .controller import ClusCaController, Slot
 from .fresh import mix, write_fresh
@@ -59,7 +60,7 @@ class ClusCaRootHook(compat.ModelHook):
             forward = self.fn_ref.original_forward
             if not branch.full and branch.batch and len(branch.tripped) == branch.batch:
                 # The guard recomputes every sample: no cached step to run first.
-                out = ctrl.recompute(forward, args, kwargs, branch.tripped)
+                out = recompute.recompute(ctrl, forward, args, kwargs, branch.tripped)
             else:
                 out = None
                 if not branch.full and ctrl.adapter is not None:
@@ -69,7 +70,7 @@ class ClusCaRootHook(compat.ModelHook):
                 else:
                     ctrl.counters.lean_steps += 1
                 if not branch.full and ctrl.config.guard:
-                    out = ctrl.guard_after(forward, args, kwargs, out)
+                    out = recompute.guard_after(ctrl, forward, args, kwargs, out)
         except BaseException:
             ctrl.abort_call()
             raise
