@@ -13,6 +13,14 @@ from pixel statistics only:
 * position: the centre of the blob's bounding box must be nearest to the requested anchor
   (one object), or the two centres must stand in the requested relation (two objects).
 
+A blob is judged by the region it encloses (its holes filled), so a shape drawn as an
+outline, as the ``outline`` adapter draws it, is the shape it outlines.
+
+Apart from adherence it tells the adapters' drawing styles (:mod:`clusca_shapes.tools.styles`)
+in an image: :func:`shows_outline` (most shapes hollow: their inside is background) and
+:func:`shows_pastel` (the objects' colours at a fraction of their strength over the
+background, about :data:`styles.PASTEL_OPACITY`); :func:`style_report` gives the measures.
+
 Apart from adherence it measures how cleanly the shapes are drawn (:class:`EdgeReport`):
 the outline (IoU of each blob with its best template: misshapen blobs score low), the
 roughness (its perimeter over the template's: spikes, notches and holes score high),
@@ -36,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data
+from . import data, styles
 
 # Pixels further than this from every palette entry (blurred edges, noise) get no label.
 MAX_COLOUR_DISTANCE = 90.0
@@ -143,6 +151,20 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
         m[list(ys), list(xs)] = True
         out.append(m)
     return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every region it encloses filled: what is not reachable from the frame
+    through pixels outside ``mask`` (4-connected) is inside."""
+    free = ~mask
+    outside = np.zeros_like(mask, dtype=bool)
+    outside[0], outside[-1], outside[:, 0], outside[:, -1] = free[0], free[-1], free[:, 0], free[:, -1]
+    while True:
+        p = np.pad(outside, 1)
+        grown = (outside | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]) & free
+        if (grown == outside).all():
+            return ~outside
+        outside = grown
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -285,8 +307,9 @@ def check(image, scene: data.Scene) -> CheckResult:
     min_area = MIN_AREA[min(len(scene.objects), max(MIN_AREA))] * (h * w) / data.IMAGE_SIZE**2
     # The blobs of each requested colour, largest first; objects of one colour take them in
     # turn. An object of the background's own colour cannot be seen (a white square on white).
+    # Each blob as the region it encloses: an outline counts as the shape it outlines.
     blobs = {c: [] if c == background else
-             [b for b in components(objects == _COLOUR_INDEX[c]) if b.sum() >= min_area]
+             [f for f in (fill_holes(b) for b in components(objects == _COLOUR_INDEX[c])) if f.sum() >= min_area]
              for c in dict.fromkeys(o.colour for o in scene.objects)}
     taken = {c: 0 for c in blobs}
     reports, used = [], []
@@ -319,6 +342,78 @@ def check(image, scene: data.Scene) -> CheckResult:
         position_ok = scene.position is None or position == scene.position
     edge = edge_report(img, labels, background, used, reports)
     return CheckResult(colour_ok, shape_ok, position_ok, reports, position, count_ok, counts, edge, background)
+
+
+# A blob is an outline when at least this share of the region it encloses is background.
+OUTLINE_HOLLOW = 0.12
+# Object colour strength (0: background, 1: the full colour) that reads as pastel: a pastel
+# drawing is about styles.PASTEL_OPACITY, a plain one about 1.
+PASTEL_STRENGTH = (0.4, 0.85)
+STYLE_MIN_AREA = MIN_AREA[max(MIN_AREA)]
+
+
+@dataclass
+class StyleReport:
+    """How an image's objects are drawn: what tells the adapters' styles apart."""
+
+    background: str
+    objects: int  # blobs of an object colour with at least STYLE_MIN_AREA pixels enclosed
+    hollow: int  # of them, outlines (at least OUTLINE_HOLLOW of the enclosed region is background)
+    strength: float  # median colour strength of the objects' inner pixels (1 = full colour), 0 without objects
+
+    @property
+    def outline(self) -> bool:
+        return self.objects > 0 and 2 * self.hollow >= self.objects
+
+    @property
+    def pastel(self) -> bool:
+        return self.objects > 0 and PASTEL_STRENGTH[0] <= self.strength <= PASTEL_STRENGTH[1]
+
+
+def style_report(image) -> StyleReport:
+    """The blobs of object colours in ``image``, how many are hollow, and how strong their colour is."""
+    img = to_uint8(image)
+    background = drawn_background(label_pixels(img), "white")
+    objects = object_labels(img, background)
+    blobs, hollow = [], 0
+    # Blobs of any object colour: a thin line's blended pixels may read as a neighbouring colour.
+    for comp in components(objects >= 0):
+        filled = fill_holes(comp)
+        if filled.sum() >= STYLE_MIN_AREA:
+            blobs.append(comp)
+            hollow += int((filled & ~comp).sum() >= OUTLINE_HOLLOW * filled.sum())
+    if not blobs:
+        return StyleReport(background, 0, 0, 0.0)
+    # Strength: a pixel's share of its object colour on the line from the background to it. A
+    # blob's is that of its strongest pixels (its 90th percentile), where no edge blends it in.
+    b = _PALETTE[_NAMES.index(background)]
+    cols = np.array(list(data.COLOURS.values()), dtype=np.float32) - b
+    p = img.astype(np.float32) - b
+    values = []
+    for comp in blobs:
+        c = cols[np.bincount(objects[comp]).argmax()]
+        values.append(float(np.percentile((p[comp] @ c) / max(float(c @ c), 1.0), 90)))
+    return StyleReport(background, len(blobs), hollow, round(float(np.median(values)), 3))
+
+
+def shows_outline(image) -> bool:
+    """Are the shapes of ``image`` drawn as outlines (at least half of its objects hollow)?"""
+    return style_report(image).outline
+
+
+def shows_pastel(image) -> bool:
+    """Are the objects of ``image`` drawn in softened colours (strength in :data:`PASTEL_STRENGTH`)?"""
+    return style_report(image).pastel
+
+
+STYLE_CHECKS = {"outline": shows_outline, "pastel": shows_pastel}
+
+
+def shows_style(image, style: str) -> bool:
+    """Does ``image`` show the adapter style ``style`` (one of :data:`styles.STYLES`)?"""
+    if style not in STYLE_CHECKS:
+        raise ValueError(f"unknown style {style!r}; the styles are {', '.join(STYLE_CHECKS)}")
+    return STYLE_CHECKS[style](image)
 
 
 def _pct(xs) -> float:
