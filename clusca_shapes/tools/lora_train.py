@@ -60,6 +60,21 @@ class LoraTrainer:
 
         return add_delta
 
+    @torch.no_grad()
+    def load(self, folder: str) -> None:
+        """Start from the adapter in ``folder`` (a PEFT folder of the same rank and layers)."""
+        from clusca.lora import load_lora
+
+        weights = load_lora(folder)
+        if weights.rank != self.rank or set(weights.layers) != set(self.layers):
+            raise ValueError(f"{folder}: rank {weights.rank} on {len(weights.layers)} linears, not rank {self.rank} "
+                             f"on these {len(self.layers)}")
+        for name, (a, b) in self.layers.items():
+            wa, wb = weights.layers[name]
+            a.copy_(wa)
+            # load_lora keeps the file's matrices; their scale is this adapter's, alpha / rank.
+            b.copy_(wb * weights.scaling / self.scaling)
+
     def parameters(self) -> list[nn.Parameter]:
         return [p for ab in self.layers.values() for p in ab]
 

@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0,
                    help="train a LoRA adapter of this rank on the frozen --init checkpoint (0: train the model)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
+    p.add_argument("--lora-init", default=None, help="adapter folder (PEFT) the LoRA matrices start from")
     p.add_argument("--lora-targets", nargs="+", default=list(FLUX_TARGETS),
                    help="regular expressions naming the linears the adapter trains (full match)")
     a = p.parse_args(argv)
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in (transformer, text_encoder):
             m.requires_grad_(False).eval()
         lora = LoraTrainer(transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
+        if a.lora_init:
+            lora.load(a.lora_init)
         params = lora.parameters()
         ema_lora = [p.detach().clone() for p in params]
         print(f"LoRA rank {a.lora_rank} on {len(lora.layers)} linears ({', '.join(lora.targets)}), "
