@@ -30,7 +30,9 @@ that: the training scenes keep a margin).
 
 ``python -m clusca_shapes.tools.checker`` generates the fixed benchmark prompts with a
 checkpoint and prints the accuracy per prompt form; ``--ground-truth`` checks the rendered
-scenes instead, which must score 100% and all clean.
+scenes instead, which must score 100% and all clean. ``--adapter outline`` (a shipped
+adapter's name, or a PEFT folder) draws them with a style adapter, ``--style`` renders the
+ground truth in a style; either way the share of images showing each style is printed too.
 """
 
 from __future__ import annotations
@@ -498,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--device", default="cpu", help="where the model runs (images are judged on the CPU)")
+    p.add_argument("--adapter", default=None, help="a shipped style adapter's name or a PEFT folder to draw with")
+    p.add_argument("--style", default=None, choices=styles.STYLES, help="with --ground-truth: render in this style")
     a = p.parse_args(argv)
     try:
         items = data.eval_set(a.n, forms=tuple(f.strip() for f in a.forms.split(",") if f.strip()))
@@ -506,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts, scenes = [t for t, _ in items], [s for _, s in items]
     t0 = time.time()
     if a.ground_truth:
-        images = [data.render(s) for s in scenes]
+        images = [styles.render(s, a.style) for s in scenes]
     else:
         import torch
 
@@ -515,15 +519,30 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(a.threads)
         pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR).to(a.device)
+        if a.adapter:
+            from pathlib import Path
+
+            from clusca.lora import LoraBank, load_lora
+
+            from ..evaluation import ADAPTERS_DIR
+            from .lora_train import FLUX_TARGETS
+
+            folder = Path(a.adapter) if Path(a.adapter).is_dir() else ADAPTERS_DIR / a.adapter
+            weights = load_lora(folder)
+            bank = LoraBank(pipe.transformer, FLUX_TARGETS, slots=1, max_rank=max(16, weights.rank))
+            bank.load(1, weights)
+            bank.select([[(1, 1.0)]])  # one entry: every image of every call takes it
         images = generate_eval_images(pipe, prompts, seed=a.seed, num_inference_steps=a.steps,
                                       guidance_scale=a.guidance)
     results = [check(img, s) for img, s in zip(images, scenes)]
     summary = summarise(results, scenes)
+    summary["styles"] = {st: _pct(shows_style(img, st) for img in images) for st in styles.STYLES}
     summary["seconds"] = round(time.time() - t0, 1)
     if a.json:
         print(json.dumps(summary))
     else:
         print_table(summary)
+        print("showing each style: " + ", ".join(f"{st} {v}%" for st, v in summary["styles"].items()))
         print(f"seconds: {summary['seconds']}")
     return 0
 
