@@ -61,6 +61,7 @@ CLEAN_OUTLINE = 0.7
 CLEAN_ROUGHNESS = 1.2
 CLEAN_STRAY = 6
 STRAY_DISTANCE = 48.0  # RGB distance from the background that makes a pixel off-colour
+SPECK = 4  # pixels: a region of an object colour smaller than this is a speck, not an object
 
 _NAMES = list(data.COLOURS) + [b for b in data.BACKGROUNDS if b not in data.COLOURS]
 _PALETTE = np.array([(data.COLOURS | data.BACKGROUNDS)[n] for n in _NAMES], dtype=np.float32)
@@ -155,18 +156,31 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every region it encloses filled: what is not reachable from the frame
-    through pixels outside ``mask`` (4-connected) is inside."""
+def fill_holes(mask: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` with every region it encloses filled: what is not reachable through pixels
+    outside ``mask`` (4-connected) from the frame, or from ``others`` (pixels of other objects),
+    is inside. So a ring around another object (colour bled into a halo) stays a ring."""
     free = ~mask
     outside = np.zeros_like(mask, dtype=bool)
     outside[0], outside[-1], outside[:, 0], outside[:, -1] = free[0], free[-1], free[:, 0], free[:, -1]
+    if others is not None:
+        outside |= others & free
     while True:
         p = np.pad(outside, 1)
         grown = (outside | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]) & free
         if (grown == outside).all():
             return ~outside
         outside = grown
+
+
+def _drawn(objects: np.ndarray) -> np.ndarray:
+    """Pixels of an object colour, without specks (regions under SPECK pixels): what can hold a
+    ring open (see :func:`fill_holes`), where a speck inside an outline does not."""
+    out = np.zeros(objects.shape, dtype=bool)
+    for comp in components(objects >= 0):
+        if comp.sum() >= SPECK:
+            out |= comp
+    return out
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -310,8 +324,9 @@ def check(image, scene: data.Scene) -> CheckResult:
     # The blobs of each requested colour, largest first; objects of one colour take them in
     # turn. An object of the background's own colour cannot be seen (a white square on white).
     # Each blob as the region it encloses: an outline counts as the shape it outlines.
+    drawn = _drawn(objects)
     blobs = {c: [] if c == background else
-             [f for f in (fill_holes(b) for b in components(objects == _COLOUR_INDEX[c])) if f.sum() >= min_area]
+             [f for f in (fill_holes(b, drawn) for b in components(objects == _COLOUR_INDEX[c])) if f.sum() >= min_area]
              for c in dict.fromkeys(o.colour for o in scene.objects)}
     taken = {c: 0 for c in blobs}
     reports, used = [], []
@@ -379,8 +394,9 @@ def style_report(image) -> StyleReport:
     objects = object_labels(img, background)
     blobs, hollow = [], 0
     # Blobs of any object colour: a thin line's blended pixels may read as a neighbouring colour.
+    drawn = _drawn(objects)
     for comp in components(objects >= 0):
-        filled = fill_holes(comp)
+        filled = fill_holes(comp, drawn)
         if filled.sum() >= STYLE_MIN_AREA:
             blobs.append(comp)
             hollow += int((filled & ~comp).sum() >= OUTLINE_HOLLOW * filled.sum())
