@@ -61,7 +61,7 @@ CLEAN_OUTLINE = 0.7
 CLEAN_ROUGHNESS = 1.2
 CLEAN_STRAY = 6
 STRAY_DISTANCE = 48.0  # RGB distance from the background that makes a pixel off-colour
-SPECK = 4  # pixels: a region of an object colour smaller than this is a speck, not an object
+SPECK = 8  # pixels: a region of an object colour smaller than this is a speck (or an edge), not an object
 
 _NAMES = list(data.COLOURS) + [b for b in data.BACKGROUNDS if b not in data.COLOURS]
 _PALETTE = np.array([(data.COLOURS | data.BACKGROUNDS)[n] for n in _NAMES], dtype=np.float32)
@@ -362,7 +362,7 @@ def check(image, scene: data.Scene) -> CheckResult:
 
 
 # A blob is an outline when at least this share of the region it encloses is background.
-OUTLINE_HOLLOW = 0.12
+OUTLINE_HOLLOW = 0.1
 # Object colour strength (0: background, 1: the full colour) that reads as pastel: a pastel
 # drawing is about styles.PASTEL_OPACITY, a plain one about 1.
 PASTEL_STRENGTH = (0.4, 0.85)
@@ -393,13 +393,16 @@ def style_report(image) -> StyleReport:
     background = drawn_background(label_pixels(img), "white")
     objects = object_labels(img, background)
     blobs, hollow = [], 0
-    # Blobs of any object colour: a thin line's blended pixels may read as a neighbouring colour.
-    drawn = _drawn(objects)
-    for comp in components(objects >= 0):
-        filled = fill_holes(comp, drawn)
-        if filled.sum() >= STYLE_MIN_AREA:
-            blobs.append(comp)
-            hollow += int((filled & ~comp).sum() >= OUTLINE_HOLLOW * filled.sum())
+    # Blobs of any object colour (a thin line's blended pixels may read as a neighbouring
+    # colour), each grown by a pixel first: a line with a gap of a pixel or two still encloses.
+    drawn = objects >= 0
+    for grown in components(_dilate(drawn)):
+        filled = fill_holes(grown)
+        if (filled & drawn).sum() >= STYLE_MIN_AREA:
+            blobs.append(grown & drawn)
+            # Inside: enclosed, not drawn, and not the grown pixel's rim on the outside.
+            inside = filled & ~drawn & ~_dilate(~filled)
+            hollow += int(inside.sum() >= OUTLINE_HOLLOW * filled.sum())
     if not blobs:
         return StyleReport(background, 0, 0, 0.0)
     # Strength: a pixel's share of its object colour on the line from the background to it. A
