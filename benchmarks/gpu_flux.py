@@ -304,9 +304,11 @@ def render(data: dict) -> str:
         "over rounds; speedup is against the uncached run of the same batch size. Extra GPU memory is "
         "the peak above the weights during the run (activations plus cache). The capture column is "
         "`run.stats.capture` (`replayed`: cached steps ran as CUDA graphs); `-` marks runs that "
-        "predate graph capture, whose cached steps ran eagerly. The `LoRA r<rank>` rows run an adapter of that rank with "
-        "random weights on every image (`clusca.lora.LoraBank` on the attention and MLP linears, as the service "
-        "installs it), uncached and with `fast`; their rel. L2 is against the uncached run without the adapter.",
+        "predate graph capture, whose cached steps ran eagerly." + (
+            " The `LoRA r<rank>` rows run an adapter of that rank with random weights on every image "
+            "(`clusca.lora.LoraBank` on the attention and MLP linears, as the service installs it), uncached and "
+            "with `fast`; their rel. L2 is against the uncached run without the adapter."
+            if any(r["method"].startswith("LoRA") for r in data["results"]) else ""),
         "",
         table(data),
         "",

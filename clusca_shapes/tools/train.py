@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import json
 import math
 import os
 import shutil
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     transformer.to(device)
     text_encoder.to(device)
-    lora = None
+    lora, steps_before = None, 0
     if a.lora_rank:
         # The base stays frozen; only the adapter's matrices (and their EMA) train.
         for m in (transformer, text_encoder):
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         lora = LoraTrainer(transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
         if a.lora_init:
             lora.load(a.lora_init)
+            with open(os.path.join(a.lora_init, "adapter_config.json")) as f:
+                steps_before = int(json.load(f).get("steps", 0))
         params = lora.parameters()
         ema_lora = [p.detach().clone() for p in params]
         print(f"LoRA rank {a.lora_rank} on {len(lora.layers)} linears ({', '.join(lora.targets)}), "
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         if lora is not None:
             lora.save(a.out, dict(zip(lora.state(), (t.float().cpu() for t in ema_lora))),
-                      extra={"style": a.style, "steps": step, "batch": a.batch})
+                      extra={"style": a.style, "steps": steps_before + step, "batch": a.batch})
         else:
             _save(a.out, ema_tr, ema_te, tokenizer, a.patch, presets)
 
