@@ -83,6 +83,16 @@ def test_the_lora_mode_trains_only_the_adapter_and_writes_a_peft_folder(tmp_path
     pipe = ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR)
     assert all(torch.equal(base[k], v) for k, v in pipe.transformer.state_dict().items())
     LoraBank(pipe.transformer, FLUX_TARGETS, slots=1, max_rank=16).load(1, weights)
+    # --lora-init goes on from that adapter and counts its steps.
+    more = tmp_path / "more"
+    assert train.main(["--out", str(more), "--lora-rank", "4", "--style", "outline", "--lora-init", str(out),
+                       "--steps", "1", "--batch", "4", "--threads", "1", "--warmup", "1", "--lr", "1e-9"]) == 0
+    assert json.loads((more / "adapter_config.json").read_text())["steps"] == 3
+    again = load_lora(more)
+    assert all(torch.allclose(again.layers[m][0], a, atol=1e-6) for m, (a, _) in weights.layers.items())
+    with pytest.raises(ValueError, match="not rank 8"):
+        train.main(["--out", str(tmp_path / "bad"), "--lora-rank", "8", "--lora-init", str(out), "--steps", "1",
+                    "--batch", "4", "--threads", "1"])
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +114,12 @@ def test_every_shipped_adapter_is_a_small_peft_folder_the_bank_takes(adapted):
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["r"] <= 16 and config["style"] == name
         assert (folder / "adapter_model.safetensors").stat().st_size < 2 * 2**20
+
+
+def test_the_checker_command_draws_with_a_shipped_adapter_and_reports_the_styles(capsys):
+    assert checker.main(["--adapter", "pastel", "-n", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 2 and summary["styles"] == {"outline": 0.0, "pastel": 100.0}
 
 
 PROMPTS = ["a red circle on the left", "a blue square above a yellow triangle"]
