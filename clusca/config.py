@@ -101,11 +101,15 @@ KNOBS: tuple[Knob, ...] = (
     Knob("propagate_text", bool, False, "Also propagate inside text-token clusters (needs refresh_text)."),
     Knob("refresh_text", bool, False, "Also compute the text stream of dual-stream models on cached steps."),
     Knob("guidance_pairs", bool, True, "Cluster the two halves of a guidance batch jointly (same fresh tokens)."),
+    Knob("mask_share", float, 0.75, "Inpainting: least share of the clusters (so of the fresh tokens) given to the "
+         "mask's tokens, clustered apart from the rest so that nothing propagates into the mask from outside "
+         "(0: the mask is ignored).", 0.0, 1.0),
     Knob("seed", int, 0, "Seed of the fresh-token draws and the first k-means initialisation.", 0, MAX_SEED),
-    Knob("guard", bool, False, "Divergence guard: a cached step expected to depart from the last fresh output "
-         "by more than guard_bound is computed in full instead (for the whole batch: off by default)."),
-    Knob("guard_bound", float, 0.5, "The guard's bound on a cached step's expected relative departure from the last "
-         "fresh output (its rate of change at the last full steps, over the steps since).", 0.0, 100.0, lo_open=True),
+    Knob("guard", bool, False, "Divergence guard: a sample whose cached step errs by more than guard_bound is "
+         "computed in full for that step, alone (its batch mates keep their cached step)."),
+    Knob("guard_bound", float, 0.35, "The guard's bound on a cached step's relative error: measured at its fresh "
+         "tokens (clusca), else expected from the output's rate of change at the last full steps (fora, "
+         "taylorseer).", 0.0, 100.0, lo_open=True),
     Knob("capture", str, "auto", "auto (replay cached steps as a CUDA graph where possible) or off (eager).",
          choices=CAPTURES),
 )
@@ -190,15 +194,19 @@ class ClusCaConfig:
         guidance_pairs: when a full step's batch is two identical halves (classifier-free guidance
             in one call), cluster each image's two halves jointly, so that both refresh the same
             token positions; guidance amplifies any difference between the halves.
+        mask_share: inpainting (a run given a per-sample mask, see ``ClusCaRun.set_token_mask``):
+            each masked sample's image tokens are clustered in two parts, the mask's tokens into
+            at least this share of the clusters (more if the mask covers more of the image) and
+            the others into the rest, so that the fresh tokens prefer the mask and no token
+            outside it propagates into it. ``0`` ignores the mask (plain ClusCa).
         seed: seed of the fresh-token draws and the first k-means initialisation.
-        guard: the divergence guard (see ``clusca.guard`` and docs/library.md): the transformer's
-            output gets Taylor factors of its own over the full steps; a step due to be cached
-            ``d`` steps after the last full one is computed in full instead when its expected
-            relative departure from the last fresh output (the larger of ``d`` times the
-            output's relative change per step and the run's predictor's extrapolation, the
-            largest over the batch's samples) exceeds ``guard_bound``. Trips are counted
-            (``guard_trips``) and are full steps.
-        guard_bound: the guard's bound on that expected relative departure, above 0.
+        guard: the divergence guard (see ``clusca.guard`` and docs/library.md): per sample, a
+            cached step's relative error (ClusCa: measured at its fresh tokens; FORA,
+            TaylorSeer: expected from the output's rate of change at the last full steps)
+            above ``guard_bound`` has that sample computed in full for the step, alone, and its
+            factors re-anchored on its true output; batch mates keep their cached step. Steps
+            with a trip are counted (``guard_trips``) and count among the full steps.
+        guard_bound: the guard's bound on that relative error, above 0.
         capture: ``auto`` records the lean cached step of a run as a CUDA graph and replays it
             (on a CUDA device, for the architectures with a lean cached step; elsewhere it
             does nothing); ``off`` always runs cached steps eagerly. See ``clusca.capture``.
@@ -224,6 +232,7 @@ class ClusCaConfig:
     propagate_text: bool = _default("propagate_text")
     refresh_text: bool = _default("refresh_text")
     guidance_pairs: bool = _default("guidance_pairs")
+    mask_share: float = _default("mask_share")
     seed: int = _default("seed")
     guard: bool = _default("guard")
     guard_bound: float = _default("guard_bound")

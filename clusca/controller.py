@@ -74,20 +74,27 @@ class ClusCaController:
         self.steps = StepTracker(model)
         self.probe = FlopsProbe(model, slots, slot_modules)
         self.fresh = FreshTokens(self.group_sizes)
+        self.token_masks = None  # this run's inpainting masks per sample (clusca.masking.TokenMasks)
         self.adapter = None  # the architecture's lean cached step, if it has one (clusca.adapters)
         # Cache buffers and recorded cached steps kept between runs while capture is on.
         self.kept = capture.KeptSteps()
         self.keeping = False
         self._settings_key: str = ""
         self.state_manager: StateManager | None = None  # set by the root hook
+        # The context-parallel group the model's calls are split over (clusca.parallel), or None.
+        self.parallel = None
         # (module, its hooked forward, the forward under our hooks) while a run bypasses them.
         self._bypassed: list[tuple[torch.nn.Module, Any, Any]] = []
 
     # ---------------------------------------------------------------- run lifecycle
     def start(self, config: ClusCaConfig, num_inference_steps: int | None) -> None:
         self.reset()
+        self.token_masks = None
         self.config = config
         self.num_inference_steps = num_inference_steps
+        from .parallel import parallel_group
+
+        self.parallel = parallel_group(self.model)
         self.order = config.effective_order
         self.uses_clusters = config.uses_clusters
         self.text_dead = bool(self.arch.text_stream and self.arch.text_outputs) and not config.refresh_text
@@ -96,6 +103,9 @@ class ClusCaController:
         self.keeping = False
         if self.caching and config.capture == "auto" and self.adapter is not None:
             missing = capture.backend().unavailable(_device_of(self.model))
+            if missing is None and self.parallel is not None:
+                # A recorded step would replay the gather's collective outside the group's order.
+                missing = 'not under context parallelism'
             self.counters.capture_unavailable = missing
             self.keeping = missing is None
         if self.keeping:
@@ -118,6 +128,7 @@ class ClusCaController:
         self._restore_module_hooks()
         self.active = False
         self.caching = False
+        self.token_masks = None
         self.reset()
 
     def reset(self) -> None:
@@ -184,17 +195,30 @@ class ClusCaController:
         branch.step = step
         cfg = self.config
         full = (not self.caching) or branch.last_full < 0 or cfg.is_full_step(step)
-        if not full and cfg.guard and guard.trips(branch, step - branch.last_full, cfg.guard_bound,
-                                                  cfg.predictor if self.order else "taylor", cfg.hermite_scale):
-            full = True
-            self.counters.guard_trips += 1
+        group = self.parallel
         branch.full = full
+        # The divergence guard (clusca.guard): ClusCa measures its cached steps at their fresh
+        # tokens while they run; the other modes are judged before the step, per sample.
+        guarding = not full and cfg.guard
+        branch.measure = [] if guarding and self.uses_clusters else None
+        branch.batch = x.shape[0] if x is not None and x.ndim >= 1 else 0
+        branch.tripped = (guard.trips(branch, step, cfg.guard_bound, cfg.predictor if self.order else "taylor",
+                                      cfg.hermite_scale) if guarding and not self.uses_clusters else [])
+        if guarding and not self.uses_clusters and group is not None:
+            # Every rank must recompute the same samples: its collectives pair up only then.
+            branch.tripped = group.union(branch.tripped, branch.batch, _device_of(self.model))
+        branch.recomputed = []
         # Classifier-free guidance in one call feeds the same latents twice: detect it once per
-        # full step so that k-means can give both halves of an image the same clusters.
-        branch.guidance_pair = bool(
-            full and self.uses_clusters and cfg.guidance_pairs and x is not None and x.ndim >= 2
-            and x.shape[0] % 2 == 0 and torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:])
+        # full step so that k-means can give both halves of an image the same clusters, and the
+        # guard can decide for both halves of an image together.
+        halves = bool(
+            full and (self.uses_clusters and cfg.guidance_pairs or self.caching and cfg.guard) and x is not None
+            and x.ndim >= 2 and x.shape[0] % 2 == 0 and torch.equal(x[: x.shape[0] // 2], x[x.shape[0] // 2:])
         )
+        if group is not None and full and (self.uses_clusters and cfg.guidance_pairs or self.caching and cfg.guard):
+            halves = group.all(halves, _device_of(self.model))  # each rank sees its own shard
+        branch.guidance_pair = halves and self.uses_clusters and cfg.guidance_pairs
+        branch.halves_equal = halves
         if not full:
             branch.coeffs = self.coefficients(step - branch.last_full)
         self.branch = branch
@@ -218,7 +242,15 @@ class ClusCaController:
             c.flops += branch.flops_call
             branch.last_full = branch.step
             if self.caching and self.config.guard:
-                c.add_cache_bytes(guard.observe(branch, out, self.order))
+                c.add_cache_bytes(guard.observe(branch, out, self.order, branch.halves_equal))
+        elif branch.recomputed:
+            # The guard computed some samples of this step in full: it counts as a full step,
+            # with the work of those samples (all of them when no cached step ran first).
+            c.full_steps.add(key)
+            c.guard_trips += 1
+            n, b = len(branch.recomputed), max(branch.batch, 1)
+            c.tokens_computed += tokens * n // b
+            c.flops += branch.flops_call * n // b + (branch.flops_unhooked if n < b else 0)
         else:
             c.cached_steps.add(key)
             c.flops += branch.flops_unhooked
@@ -228,6 +260,89 @@ class ClusCaController:
         if self.branch.probed is None:
             self.probe.end(self.branch, completed=False)
 
+    # ---------------------------------------------------------------- the guard's recomputation
+    def recompute(self, forward, args: tuple, kwargs: dict, samples: list[int], out: Any = None) -> Any:
+        """Compute ``samples`` of this cached call in full and re-anchor their cache state.
+
+        ``out`` is the cached step's output for the whole batch (``None``: no cached step ran,
+        and ``samples`` is the whole batch). The samples are run on their own, through the
+        hooks in recompute mode (``branch.refresh``): each module computes its true output, and
+        the rows of these samples in its factors are re-anchored on it (``reanchor``); the
+        other samples keep exactly the state and output of their cached step. Returns the
+        call's output, the recomputed samples' rows replaced.
+        """
+        branch = self.branch
+        b = branch.batch
+        whole = out is None or len(samples) == b
+        x = first_tensor(args, kwargs)
+        idx = torch.tensor(samples, dtype=torch.long, device=x.device if x is not None else None)
+        if not whole:
+            args, kwargs = _batch_rows(args, kwargs, b, idx)
+        branch.refresh, branch.full = idx, True
+        try:
+            sub = forward(*args, **kwargs)
+        finally:
+            branch.refresh, branch.full = None, False
+        y = guard.output_tensor(sub)
+        guard.observe_samples(branch, y, samples)
+        branch.recomputed = samples
+        if out is None:
+            return sub
+        target = guard.output_tensor(out)
+        if y is None or target is None or y.shape[1:] != target.shape[1:]:
+            return sub if whole else out
+        target.index_copy_(0, idx, y.to(target.dtype))
+        return out
+
+    def guard_after(self, forward, args: tuple, kwargs: dict, out: Any) -> Any:
+        """A cached call ran: the samples the guard trips (decided before the step, or measured
+        at its fresh tokens) are computed in full; see :meth:`recompute`."""
+        branch = self.branch
+        samples = branch.tripped
+        if branch.measure is not None:
+            cfg = self.config
+            errors = guard.measured(branch.measure)
+            if errors is None:  # no fresh tokens this step (a compiled or recorded one): estimate
+                samples = guard.trips(branch, branch.step, cfg.guard_bound, cfg.predictor if self.order else "taylor",
+                                      cfg.hermite_scale)
+            else:
+                samples = guard.over(branch, errors, cfg.guard_bound)
+            branch.measure = None
+            if self.parallel is not None:  # each rank measured its own shard's fresh tokens
+                samples = self.parallel.union(samples, branch.batch, _device_of(self.model))
+        if not samples:
+            return out
+        return self.recompute(forward, args, kwargs, samples, out)
+
+    def reanchor(self, st: SlotState, tensors: list[torch.Tensor]) -> None:
+        """Recompute mode: re-anchor the rows ``branch.refresh`` of ``st``'s factors on the module's
+        true outputs ``y`` (``tensors``), those rows only. Order 0: ``F_0 <- y``. Higher orders:
+        the prediction becomes the secant from the last full step's output ``F_0`` (its true
+        value, where fresh tokens edited ``F_0`` since) through ``y``: ``F_1 <- (y - F_0) / c_1``,
+        ``F_k <- 0`` beyond, so it gives ``y`` at this step and goes on at the rate just measured
+        (for Taylor order 1 the line a full step here would have started). The last full step
+        stays the schedule's, so a sample's state never depends on its batch mates'."""
+        rows = self.branch.refresh
+        dead = st.dead_pos
+        if dead is not None and dead < len(tensors):
+            tensors = tensors[:dead] + tensors[dead + 1:]
+        fs = st.factors
+        if not fs or len(fs) != len(tensors):
+            return
+        coeffs = self.coeffs_for(st)
+        for f, t in zip(fs, tensors):
+            if t.shape[0] != rows.numel() or t.shape[1:] != f.shape[1:]:
+                continue
+            y = t.detach().to(f.buffer.dtype)
+            if f.n == 1 or not coeffs[1]:
+                f.views[0].index_copy_(0, rows, y)
+                continue
+            base = (f.raw if f.raw is not None else f.views[0]).index_select(0, rows)
+            f.views[0].index_copy_(0, rows, base)
+            f.views[1].index_copy_(0, rows, y.sub(base).div_(coeffs[1]))
+            for k in range(2, f.n):
+                f.views[k].index_fill_(0, rows, 0)
+
     # ---------------------------------------------------------------- cache bookkeeping
     def record(self, st: SlotState, tensors: list[torch.Tensor], keep_raw: bool, text_pos: int | None = None,
                substitute: torch.Tensor | None = None) -> None:
@@ -235,8 +350,12 @@ class ClusCaController:
 
         While the text stream is dead, the output at ``text_pos`` gets none: a cached step
         answers it with ``substitute`` (a same-shaped input of the call), or with a copy of
-        this output when the shapes differ.
+        this output when the shapes differ. In the guard's recompute mode the outputs
+        re-anchor the recomputed samples' rows instead (:meth:`reanchor`).
         """
+        if self.branch.refresh is not None:
+            self.reanchor(st, tensors)
+            return
         before = st.nbytes()
         st.dead_pos = st.dead_kept = None
         if self.text_dead and text_pos is not None and text_pos < len(tensors):
@@ -287,6 +406,18 @@ class ClusCaController:
         c.tokens_computed += n_fresh
         if st.tokens:
             c.flops += st.flops * n_fresh // st.tokens
+
+
+def _batch_rows(args: tuple, kwargs: dict, batch: int, idx: torch.Tensor) -> tuple[tuple, dict]:
+    """The call's arguments for the samples ``idx`` only: every tensor argument with the batch
+    as its first dimension, but position ids (``*_ids``, one row per token, the same for every
+    sample)."""
+    def rows(name: str | None, v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == batch and not (name or "").endswith("_ids"):
+            return v.index_select(0, idx.to(v.device))
+        return v
+
+    return tuple(rows(None, a) for a in args), {k: rows(k, v) for k, v in kwargs.items()}
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -1,27 +1,58 @@
-"""The divergence guard: a cached step expected to depart too far from the last fresh output
-is computed in full instead.
+"""The divergence guard: a sample whose cached step errs too far from its true output is
+computed in full for that step, on its own; its batch mates keep their cached step.
 
-The transformer's output gets Taylor factors of its own, from its full calls only: ``G_0``
-the last fresh output, ``G_k`` its finite differences over the previous full calls (order
-``max(1, order)``, so an order-0 run still measures how fast the output moves). A call due
-to be cached ``d`` steps after the last full one is expected to depart from the last fresh
-output by
+What is judged, per sample (the two halves of a guidance pair as one image, since the
+guidance scale multiplies any gap between them):
 
-    departure(d) = max over samples of  max(d ||G_1||, sum_{k >= 1} |c_k(d)| ||G_k||) / ||G_0||
+* ClusCa (fresh tokens): the step's *measured* error. A cached step recomputes one token per
+  cluster in every image feed-forward module anyway; before those outputs are written back,
+  the gap between them and what the prediction said for the same tokens is
 
-``d ||G_1||`` is how far the output moves in ``d`` steps at its last rate of change (what
-an order-0 prediction leaves out, and a damped predictor partly), the sum how far the run's
-predictor, with its weights ``c_k``, extrapolates it (for Taylor order 1 the two are the
-same: ``d`` times the output's relative change per step between the last two full calls).
-Above ``guard_bound`` the call runs in full. Caching while the output still moves fast,
-as in the first steps after warm-up, turns a small prediction error into another image;
-the bound catches that before it is made.
+      e = max over the feed-forward modules of ||y_fresh - y_pred|| / ||y_fresh||
 
-Costs: per full call, one update of the output's factors and one norm per factor
-(output-sized tensors, a fraction of one module's work); per cached call a few
-multiplications on the host, decided before anything of the step runs, so a trip wastes
-nothing. The norms are read on the host at the end of each full step; cached steps read
-nothing from the device.
+  over the sample's fresh rows: the module's relative prediction error on a random sample of
+  its tokens (one drawn per cluster), so an estimate of its error over all of them, of this
+  very step, at the cost of one gather and two norms per module (read on the host once per
+  cached step, after it ran). Compiled or recorded cached steps measure nothing and fall back
+  to the estimate below.
+* FORA and TaylorSeer (no fresh tokens): an *expected* departure, decided before the step.
+  The transformer's output gets Taylor factors of its own over the full steps (``G_0`` the
+  last fresh output, ``G_k`` its finite differences, order ``max(1, order)``); ``d`` steps
+  after a sample's last fresh output it is expected to depart from it by
+
+      departure(d) = max(d ||G_1||, sum_{k >= 1} |c_k(d)| ||G_k||) / ||G_0||
+
+  how far the output moves in ``d`` steps at its last rate of change (what an order-0
+  prediction leaves out) and how far the run's predictor, with its weights ``c_k``,
+  extrapolates it.
+
+A sample over ``guard_bound`` is recomputed: the samples that tripped are run through the
+transformer alone (their rows of the call's tensors), their outputs replace theirs in the
+call's output, and every module re-anchors those rows of its factors on its true output
+(``ClusCaController.reanchor``: order 0 reuses it; higher orders take the secant from the
+last full step's output through it, the line a full step here would start for Taylor order
+1). The schedule's last full step stays the same for the whole batch, so a sample's images
+and state never depend on its batch mates: each one gets what its solo run gets.
+
+The bound. Both quantities are relative errors of one step, so one bound serves both. On
+the built-in model (40 steps, guidance 5; ``benchmarks/guard_sweep.py``) the measured error
+of the first cached step after warm-up (``d = 1``) is 0.09 to 0.18 on runs that end within
+a few dB of the uncached image, and it grows about linearly with ``d`` for order 0 (up to
+0.33 at ``d = 2`` on the model's presets); on the runs that collapse (the paper's ``fast``
+settings, the Taylor extrapolation of a slope measured while the output moved 80% a step)
+it is 0.29 to 0.30 at ``d = 1`` and 0.56 to 0.57 at ``d = 2``. The default 0.35 sits above
+what the model's own presets reach, so they rarely trip, and below what a collapse reaches
+within two steps; ``benchmarks/guard_sweep.py`` measures it against a stricter 0.25.
+
+What no bound catches: a sample on a knife's edge whose step error is ordinary but whose
+trajectory turns on it ("a yellow circle to the left", seed 11: its error at step 3 is the
+median of its peers', yet caching that step alone sends it to another image). Only a full
+step there saves it.
+
+Costs: per full step, one update of output-sized factors and one norm per factor (read on
+the host at its end); per cached ClusCa step the measured error (above); per cached step of
+the other modes a few multiplications on the host, before it runs. A trip costs a full step
+of the tripped samples.
 """
 
 from __future__ import annotations
@@ -49,14 +80,17 @@ def guard_order(order: int) -> int:
     return max(1, order)
 
 
-def observe(branch: BranchState, out: Any, order: int) -> int:
-    """A full call of ``branch`` returned ``out``: fold it into the output's factors and measure
-    their norms. Returns the change in bytes held."""
+def observe(branch: BranchState, out: Any, order: int, paired: bool = False) -> int:
+    """A full call of ``branch`` returned ``out``: fold it into the output's factors, measure
+    their norms, and make this step every sample's last fresh one. ``paired``: the call's batch
+    is two identical halves (guidance), whose samples are decided together. Returns the change
+    in bytes held."""
     y = output_tensor(out)
     held = branch.guard_factors
     before = held.nbytes() if held is not None else 0
     if y is None or y.ndim < 2 or not y.is_floating_point():
         branch.guard_factors = branch.guard_norms = None
+        branch.guard_fresh = []
         return -before
     y = y.detach().float()
     order = guard_order(order)
@@ -66,33 +100,76 @@ def observe(branch: BranchState, out: Any, order: int) -> int:
     else:
         held.update(y, d, order)
     branch.guard_step = branch.step
+    branch.guard_fresh = [branch.step] * y.shape[0]
+    branch.guard_pairs = paired and y.shape[0] % 2 == 0
     # (factors, samples), read on the host here, once per full step: cached steps must stay
     # free of host reads (with announced steps they read nothing from the device).
     branch.guard_norms = held.buffer[: held.n].flatten(2).norm(dim=2).tolist() if held.n > 1 else None
     return held.nbytes() - before
 
 
-def departure(branch: BranchState, steps_since_full: int, predictor: str = "taylor",
-              scale: float = 0.5) -> float | None:
-    """The relative departure from the last fresh output expected ``steps_since_full`` steps
-    after it (``None`` before two full calls measured it): the larger of how far the output
-    moves at its last rate of change and how far the run's predictor extrapolates it."""
+def observe_samples(branch: BranchState, y: torch.Tensor | None, samples: list[int]) -> None:
+    """The guard computed ``samples`` of this cached step in full, with outputs ``y`` (one row
+    per sample, in that order): fold each into its own row of the output's factors, over the
+    steps since that sample's last fresh output, and make this step its last fresh one."""
+    held, norms = branch.guard_factors, branch.guard_norms
+    if held is None or y is None or y.shape[0] != len(samples) or y.shape[1:] != held.shape[1:]:
+        return
+    y = y.detach().float()
+    step = branch.step
+    for i, j in enumerate(samples):
+        d = step - branch.guard_fresh[j]
+        if d <= 0:
+            continue
+        cur = y[i]
+        for k in range(held.n - 1):
+            nxt = torch.sub(cur, held.views[k][j]).div_(d)
+            held.views[k][j].copy_(cur)
+            cur = nxt
+        held.views[held.n - 1][j].copy_(cur)
+        branch.guard_fresh[j] = step
+        if norms is not None:
+            for k in range(held.n):
+                norms[k][j] = float(held.views[k][j].norm())
+
+
+def departures(branch: BranchState, step: int, predictor: str = "taylor", scale: float = 0.5) -> list[float] | None:
+    """Per sample, the relative departure from its last fresh output expected at ``step``
+    (``None`` before two full calls measured it): the larger of how far the output moves at its
+    last rate of change and how far the run's predictor extrapolates it."""
     norms = branch.guard_norms
     if norms is None:
         return None
-    d = steps_since_full
-    c = coefficients(d, len(norms) - 1, predictor, scale)
     base = norms[0]
-    worst = 0.0
+    out = []
     for j in range(len(base)):
+        d = step - branch.guard_fresh[j]
+        c = coefficients(d, len(norms) - 1, predictor, scale)
         moved = d * norms[1][j]
         extrapolated = sum(abs(c[k]) * norms[k][j] for k in range(1, len(norms)))
-        worst = max(worst, max(moved, extrapolated) / max(base[j], 1e-12))
-    return worst
+        out.append(max(moved, extrapolated) / max(base[j], 1e-12))
+    return out
 
 
-def trips(branch: BranchState, steps_since_full: int, bound: float, predictor: str = "taylor",
-          scale: float = 0.5) -> bool:
-    """Whether a call due to be cached must run in full: its expected departure exceeds ``bound``."""
-    dep = departure(branch, steps_since_full, predictor, scale)
-    return dep is not None and dep > bound
+def over(branch: BranchState, values: list[float] | None, bound: float) -> list[int]:
+    """The samples whose value is above ``bound``; the two halves of a guidance pair go together
+    (one image: the guidance scale multiplies a gap between them)."""
+    if not values:
+        return []
+    if branch.guard_pairs and len(values) % 2 == 0:
+        h = len(values) // 2
+        values = [max(values[j % h], values[j % h + h]) for j in range(len(values))]
+    return [j for j, v in enumerate(values) if v > bound]
+
+
+def trips(branch: BranchState, step: int, bound: float, predictor: str = "taylor", scale: float = 0.5) -> list[int]:
+    """The samples of a call due to be cached at ``step`` whose expected departure exceeds ``bound``."""
+    return over(branch, departures(branch, step, predictor, scale), bound)
+
+
+def measured(errors: list[torch.Tensor]) -> list[float] | None:
+    """Per sample, the largest relative error a cached step's fresh tokens measured (one
+    ``(batch,)`` tensor per feed-forward module; read on the host here)."""
+    if not errors:
+        return None
+    return torch.stack(errors).amax(0).tolist()

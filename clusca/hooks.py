@@ -33,6 +33,7 @@ from .calls import first_tensor, flatten, get_arg, unflatten
 from .controller import ClusCaController, Slot
 from .fresh import mix, write_fresh
 from .kmeans import kmeans
+from .masking import cluster_with_masks
 from .state import BranchState, GroupClusters, SlotState
 
 class ClusCaRootHook(compat.ModelHook):
@@ -54,13 +55,21 @@ class ClusCaRootHook(compat.ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         ctrl.begin_call(args, kwargs)
         try:
-            out = None
-            if not ctrl.branch.full and ctrl.adapter is not None:
-                out = ctrl.adapter.cached_step(ctrl, args, kwargs)
-            if out is None:
-                out = self.fn_ref.original_forward(*args, **kwargs)
+            branch = ctrl.branch
+            forward = self.fn_ref.original_forward
+            if not branch.full and branch.batch and len(branch.tripped) == branch.batch:
+                # The guard recomputes every sample: no cached step to run first.
+                out = ctrl.recompute(forward, args, kwargs, branch.tripped)
             else:
-                ctrl.counters.lean_steps += 1
+                out = None
+                if not branch.full and ctrl.adapter is not None:
+                    out = ctrl.adapter.cached_step(ctrl, args, kwargs)
+                if out is None:
+                    out = forward(*args, **kwargs)
+                else:
+                    ctrl.counters.lean_steps += 1
+                if not branch.full and ctrl.config.guard:
+                    out = ctrl.guard_after(forward, args, kwargs, out)
         except BaseException:
             ctrl.abort_call()
             raise
@@ -107,8 +116,9 @@ class _SlotHook(compat.ModelHook):
                             substitute: torch.Tensor | None) -> Any:
         out = self.inner(*args, **kwargs)
         layout, tensors = flatten(out)
-        st.structure = layout
-        st.in_shape = x.shape if x is not None else None
+        if self.controller.branch.refresh is None:  # recompute mode runs some samples only
+            st.structure = layout
+            st.in_shape = x.shape if x is not None else None
         self.controller.record(st, tensors, keep_raw(layout), self.slot.text_pos, substitute)
         return out
 
@@ -146,6 +156,10 @@ class TextStreamHook(_SlotHook):
         ctrl = self.controller
         branch, st, x = self._state(args, kwargs)
         stale = st.n == 0 or (x is not None and x.shape != st.in_shape)
+        if branch.refresh is not None:
+            out = self.inner(*args, **kwargs)
+            self._reanchor(st, out, branch.refresh)
+            return out
         if branch.full or stale or ctrl.config.refresh_text:
             out = self.inner(*args, **kwargs)
             if branch.full or stale:
@@ -160,6 +174,18 @@ class TextStreamHook(_SlotHook):
                 ctrl.count_fresh(st, st.tokens)
             return out
         return unflatten(st.structure, [x if t is None else t for t in st.kept])
+
+    @staticmethod
+    def _reanchor(st: SlotState, out: Any, rows: torch.Tensor) -> None:
+        """The guard's recompute mode: the recomputed samples' rows of the kept outputs."""
+        if not st.kept:
+            return
+        _, tensors = flatten(out)
+        if len(tensors) != len(st.kept):
+            return
+        for j, (kept, t) in enumerate(zip(st.kept, tensors)):
+            if kept is not None and t.shape[0] == rows.numel() and t.shape[1:] == kept.shape[1:]:
+                st.kept[j] = kept.index_copy(0, rows, t.to(kept.dtype))
 
 
 class BlockHook(_SlotHook):
@@ -198,8 +224,10 @@ class BlockHook(_SlotHook):
         layout, outs = flatten(out)
         if len(outs) != len(inputs) or any(i is None for i in inputs):
             raise TypeError(f"{slot.name}: block outputs do not match the residual inputs {slot.residuals}")
-        st.structure = layout
-        st.in_shape = x.shape if x is not None else None
+        recomputing = branch.refresh is not None  # the guard runs some samples only
+        if not recomputing:
+            st.structure = layout
+            st.in_shape = x.shape if x is not None else None
         dead = slot.text_pos if self.controller.text_dead else None
         live = [j for j in range(len(outs)) if j != dead]
         chain = branch.chain_acc.get(slot.chain_head)
@@ -207,7 +235,8 @@ class BlockHook(_SlotHook):
             chain = branch.chain_acc[slot.chain_head] = _ChainSum()
         chain.add([inputs[j] for j in live], [outs[j] for j in live])
         if slot.chain_pos == slot.chain_len - 1:
-            head.structure = layout
+            if not recomputing:
+                head.structure = layout
             total = chain.total()
             if dead is not None:
                 total.insert(dead, inputs[dead])  # the stand-in of a dead residual: its input
@@ -298,7 +327,7 @@ class FeedForwardHook(_SlotHook):
         cfg = ctrl.config
         gamma = self.gamma
         write_fresh(st.factors[0], fresh, rows, clusters.flat_index if gamma is not None else None, gamma,
-                    cfg.fresh_tokens, cfg.propagation == "anchored", coeffs)
+                    cfg.fresh_tokens, cfg.propagation == "anchored", coeffs, ctrl.branch.measure)
         ctrl.count_fresh(st, rows.numel())
 
 
@@ -314,7 +343,8 @@ class ClusterHook(compat.ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         out = self.fn_ref.original_forward(*args, **kwargs)
         ctrl = self.controller
-        if ctrl.caching and ctrl.uses_clusters and ctrl.branch.full and ctrl.config.interval > 1:
+        if ctrl.caching and ctrl.uses_clusters and ctrl.branch.full and ctrl.branch.refresh is None \
+                and ctrl.config.interval > 1:
             self._cluster(args, kwargs, out)
         return out
 
@@ -343,16 +373,26 @@ class ClusterHook(compat.ModelHook):
                 # uncond + s * (cond - uncond), so a token refreshed in one half but not in the
                 # other turns into an error s times as large. Same clusters, same fresh tokens.
                 src = torch.cat(src.chunk(2), dim=-1)
-            assign, centroids, rounds = kmeans(
-                src,
-                cfg.clusters,
-                iters=cfg.kmeans_iters,
-                distance=cfg.kmeans_distance,
-                init=prev.centroids if prev is not None else None,
-                seed=mix(cfg.seed, len(group), ord(group[0])),
-                fit_tokens=cfg.kmeans_fit_per_cluster * cfg.clusters,
-                return_rounds=True,
-            )
+            init = prev.centroids if prev is not None else None
+            seed = mix(cfg.seed, len(group), ord(group[0]))
+            masks = ctrl.token_masks
+            if group == "image" and masks is not None and cfg.mask_share > 0.0:
+                # Inpainting: the masks of this call's rows (one per image: a guidance pair's halves share it).
+                assign, centroids, rounds = cluster_with_masks(
+                    src, cfg.clusters, masks.for_batch(src.shape[0], src.shape[1]), cfg.mask_share,
+                    iters=cfg.kmeans_iters, distance=cfg.kmeans_distance, init=init, seed=seed,
+                    fit_per_cluster=cfg.kmeans_fit_per_cluster)
+            else:
+                assign, centroids, rounds = kmeans(
+                    src,
+                    cfg.clusters,
+                    iters=cfg.kmeans_iters,
+                    distance=cfg.kmeans_distance,
+                    init=init,
+                    seed=seed,
+                    fit_tokens=cfg.kmeans_fit_per_cluster * cfg.clusters,
+                    return_rounds=True,
+                )
             k = centroids.shape[1]
             if pair:
                 # Both halves share the assignment; one image needs no copy for that.

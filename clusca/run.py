@@ -9,6 +9,7 @@ import torch
 
 from .config import ClusCaConfig
 from .install import apply_clusca, get_controller
+from .masking import TokenMasks, check_masks
 from .state import Counters
 from .stats import RunStats
 
@@ -42,6 +43,22 @@ class ClusCaRun:
         ctrl = get_controller(self.model)
         if self._final is None and ctrl is not None and ctrl.active:
             ctrl.announce_step(step)
+
+    def set_token_mask(self, mask) -> None:
+        """Give this run an inpainting mask per sample (see ``ClusCaConfig.mask_share``).
+
+        ``mask``: a ``(batch, tokens)`` tensor of the image tokens the call repaints (non-zero,
+        or ``True``), a ``(batch, height, width)`` one at any resolution of the image (the
+        latent or the pixel mask: it is pooled onto the token grid, a token repainted if any of
+        its cell is), or a list with one such tensor, or ``None`` for no mask, per sample; a
+        batch of ``batch`` images run with its guidance halves in one call uses each mask for
+        both halves. A mask that does not fit the call's tokens is ignored. Call it before the
+        first denoising step; it holds until the run ends.
+        """
+        masks = TokenMasks(check_masks(mask))
+        ctrl = get_controller(self.model)
+        if self._final is None and ctrl is not None and ctrl.active:
+            ctrl.token_masks = masks
 
     def _finish(self, counters: Counters) -> None:
         self._final = RunStats.from_counters(self.config.mode, counters, self.config.capture)

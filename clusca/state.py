@@ -139,6 +139,14 @@ class BranchState(BaseState):
         self.guard_factors: Factors | None = None
         self.guard_step = -1
         self.guard_norms: list[list[float]] | None = None
+        self.guard_fresh: list[int] = []  # per sample, the step of its last fresh output
+        self.guard_pairs = False  # the batch is two identical halves: each image decided as one
+        self.halves_equal = False  # this full call's batch is two identical halves
+        self.batch = 0  # samples in this call
+        self.tripped: list[int] = []  # samples the guard recomputes, decided before the step
+        self.measure: list | None = None  # this cached step's measured errors (one tensor per module)
+        self.recomputed: list[int] = []  # samples the guard computed in full this call
+        self.refresh = None  # while recomputing: the samples' rows (index tensor) to re-anchor
 
     def drop_tensors(self) -> int:
         """Forget every cached tensor of this branch; returns the bytes freed."""
@@ -155,6 +163,7 @@ class BranchState(BaseState):
         self.guard_factors = None
         self.guard_step = -1
         self.guard_norms = None
+        self.guard_fresh = []
         return freed
 
 

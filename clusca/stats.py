@@ -33,8 +33,8 @@ class RunStats:
             kmeans_rounds: update rounds they ran in total.
         graph_captures / graph_replays: cached steps recorded as a CUDA graph / replayed
             from one (``capture="auto"``, see ``clusca.capture``).
-        guard_trips: calls due to be cached that the divergence guard computed in full instead
-            (``guard``, see ``clusca.guard``); they count among ``full_steps``.
+        guard_trips: calls due to be cached at which the divergence guard computed one or more
+            samples in full (``guard``, see ``clusca.guard``); they count among ``full_steps``.
         capture: what became of capture: ``off`` (the setting), ``replayed``, ``unused`` (no
             lean cached step ran), ``unavailable: <why>`` (e.g. not a CUDA device), or
             ``eager: <why>`` (recording failed or disagreed with the eager step; with

@@ -162,9 +162,10 @@ class JobRequest(_StoredAsJson):
 
     @property
     def cost(self) -> int:
-        """What the job asks of a worker, in pixel-steps: width x height x steps x images (x frames).
-        Admission (a model's ``max_cost``) and the worker lanes compare jobs by it."""
-        return self.width * self.height * self.steps * self.num_images * (self.num_frames or 1)
+        """What the job asks of a worker, in pixel-steps: width x height x steps x images (x frames),
+        an edit's steps being those it denoises. Admission (a model's ``max_cost``) and the worker
+        lanes compare jobs by it."""
+        return self.width * self.height * self.denoised_steps * self.num_images * (self.num_frames or 1)
 
     @property
     def content_type(self) -> str:

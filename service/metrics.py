@@ -47,8 +47,15 @@ FLOPS_SPEEDUP = Histogram("clusca_flops_speedup", "Analytic FLOPs speedup of a r
                           ["model", "cache_mode"], buckets=SPEEDUP_BUCKETS)
 GRAPH_REPLAYS = Counter("clusca_graph_replays_total", "Cached transformer calls replayed from a recorded CUDA graph "
                         "(ClusCa capture=auto)", ["model", "cache_mode"])
-GUARD_TRIPS = Counter("clusca_cache_guard_trips_total", "Steps due to be cached that ClusCa's divergence guard "
-                      "computed in full instead", ["model", "cache_mode"])
+GUARD_TRIPS = Counter("clusca_cache_guard_trips_total", "Steps due to be cached at which ClusCa's divergence guard "
+                      "computed one or more samples in full", ["model", "cache_mode"])
+COLLECTIVE_STEP = Histogram("clusca_parallel_collective_seconds_per_step", "Time a context-parallel group's "
+                            "rank 0 spent in collectives (all-to-all, gather) per denoising step of a call",
+                            ["model"], buckets=STEP_BUCKETS)
+PARALLEL_DEGREE = Gauge("clusca_parallel_degree", "Ranks that split each call of a model (ulysses x ring)",
+                        ["model"], multiprocess_mode="max")
+GROUP_RESTARTS = Counter("clusca_parallel_group_restarts_total", "Context-parallel worker groups restarted "
+                         "because a rank died or a collective timed out", ["model"])
 HEARTBEAT = Gauge("clusca_worker_heartbeat_timestamp_seconds", "Last heartbeat of a worker (unix time)",
                   ["worker"], multiprocess_mode="max")
 

@@ -21,6 +21,9 @@ File format (YAML or JSON)::
         # e.g. more than two 1024x1024 images of 28 steps:  limits: {..., long_cost: 58720256}
         # optional per-model preset tuning, e.g.
         #   cache_presets: {balanced: {interval: 4, order: 0, clusters: 4, gamma: 0.0}}
+        # optional context parallelism: the model's worker is a group of ulysses x ring ranks,
+        # one device each, serving every request together (docs/deployment.md)
+        #   parallel: {ulysses: 4}
 """
 
 from __future__ import annotations
@@ -212,6 +215,23 @@ VIDEO_PIPELINES = frozenset({"WanPipeline", "HunyuanVideoPipeline", "CogVideoXPi
                              "MochiPipeline", "AllegroPipeline", "LattePipeline", "SkyReelsV2Pipeline"})
 
 
+class ParallelSettings(BaseModel):
+    """How many ranks split each call of the model (``clusca.parallel``): Ulysses over the
+    attention heads times ring over the key/value chunks. 1 x 1 is one process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ulysses: int = Field(1, ge=1, le=64)
+    ring: int = Field(1, ge=1, le=64)
+    # Seconds any collective of the group may take before the group counts as failed (a rank that
+    # hangs), and the group is restarted with its jobs back in the queue.
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+
+    @property
+    def world(self) -> int:
+        return self.ulysses * self.ring
+
+
 def default_edits(kind: str, pipeline_class: str) -> str:
     """What a model edits when its entry does not say: the built-in pipeline inpaints; a diffusers
     class is known by its name (FluxInpaintPipeline, FluxImg2ImgPipeline, ...)."""
@@ -243,6 +263,7 @@ class ModelEntry(BaseModel):
     edits: Optional[Literal["none", "image", "inpaint"]] = None
     # Free-form loader options (e.g. the no-op model's per-step delay).
     options: dict[str, Any] = Field(default_factory=dict)
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
 
     @model_validator(mode="after")
     def _needs_path(self) -> "ModelEntry":
@@ -259,6 +280,8 @@ class ModelEntry(BaseModel):
             self.output = "video" if self.pipeline_class in VIDEO_PIPELINES else "image"
         if self.edits is None:
             self.edits = default_edits(self.kind, self.pipeline_class) if self.output == "image" else "none"
+        if self.parallel.world > 1:
+            self._check_parallel()
         if self.output == "video" and self.edits != "none":
             raise ValueError(f"model {self.name!r}: edits are for still images; a video model takes none")
         if self.output == "video":
@@ -279,6 +302,47 @@ class ModelEntry(BaseModel):
             raise ValueError(f"model {self.name!r}: default steps {d.steps} outside the model's limits")
         return self
 
+    @property
+    def input_images(self) -> int:
+        """How many input images one edit of this model takes: one for image-to-image and inpainting
+        (every edit pipeline the service runs takes a single image), none for a text-only model."""
+        return 0 if self.edits == "none" else 1
+
+    def _check_parallel(self) -> None:
+        """What a group cannot do, refused when the registry is read rather than at the first request."""
+        par = self.parallel
+        if self.kind == "noop":
+            raise ValueError(f"model {self.name!r}: parallel needs a torch model (kind builtin or diffusers)")
+        if par.ring > 1 and not self.options.get("attention_backend"):
+            raise ValueError(f"model {self.name!r}: parallel.ring needs options.attention_backend naming a backend "
+                             f"that returns the log-sum-exp (e.g. flash, _native_cudnn, _native_flash, sage); "
+                             f"the default 'native' does not")
+        problem = self.split_problem(self.defaults.width, self.defaults.height)
+        if problem:
+            raise ValueError(f"model {self.name!r}: default size: {problem[1]}")
+        if self.kind == "builtin":
+            from clusca_shapes import WEIGHTS_DIR
+
+            try:
+                config = json.loads((Path(self.path or WEIGHTS_DIR) / "transformer" / "config.json").read_text())
+                heads = int(config["num_attention_heads"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return  # an unreadable checkpoint is refused by its loader, with its own message
+            if heads % par.ulysses:
+                raise ValueError(f"model {self.name!r}: parallel.ulysses {par.ulysses} does not divide the "
+                                 f"model's {heads} attention heads")
+
+    def split_problem(self, width: int, height: int) -> tuple[str, str] | None:
+        """``(field, message)`` when a ``width`` x ``height`` image's tokens do not split evenly over
+        the model's parallel ranks (its tokens: one per ``size_multiple`` square), else None."""
+        world = self.parallel.world
+        m = self.limits.size_multiple
+        tokens = (width // m) * (height // m)
+        if world == 1 or tokens % world == 0:
+            return None
+        return "width", (f"{width}x{height} makes {tokens} image tokens, which the model's {world} parallel ranks "
+                         f"cannot split evenly; choose a size whose (width/{m}) x (height/{m}) is a multiple of {world}")
+
     def cache_settings(self, requested: dict[str, Any] | None = None) -> dict[str, Any]:
         """A request's ClusCa settings on top of this model's version of the preset they name.
 
@@ -298,7 +362,9 @@ class ModelEntry(BaseModel):
         """What clients may see (no filesystem paths)."""
         return {"name": self.name, "kind": self.kind, "output": self.output, "edits": self.edits,
                 "pipeline_class": self.pipeline_class,
-                "dtype": self.dtype, "defaults": self.defaults.model_dump()}
+                "dtype": self.dtype, "defaults": self.defaults.model_dump(),
+                "parallel": {"ulysses": self.parallel.ulysses, "ring": self.parallel.ring,
+                             "world": self.parallel.world}}
 
     def limits_within(self, settings: Any) -> ModelLimits:
         """What the API accepts for this model: its own limits tightened by the service's ``CLUSCA_MAX_*``."""
@@ -395,7 +461,10 @@ class Registry:
                 err = exc.errors()[0]
                 loc = "".join(f".{x}" for x in err["loc"])
                 raise RegistryError(f"CLUSCA_MODELS: models[{i}]{loc}: {err['msg']}") from None
-        return cls(entries)
+        try:
+            return cls(entries)
+        except RegistryError as exc:
+            raise RegistryError(f"CLUSCA_MODELS: {p}: {exc}") from None
 
     def get(self, name: str) -> ModelEntry | None:
         return self._entries.get(name)

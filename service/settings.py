@@ -78,6 +78,12 @@ class Settings(BaseModel):
     # Which of each model's lanes a worker reads (service/broker/lanes.py): "all" (short first, then
     # long) or "short" (never a job above the model's long_cost: capacity long jobs cannot take).
     worker_lanes: Literal["all", "short"] = "all"
+    # A parallel group over several hosts (service/worker/group.py): how many hosts hold its ranks,
+    # which of them this worker is (0 holds rank 0, the group's queue consumer), and the
+    # host:port of node 0's rendezvous. One host (the default) needs none of them.
+    parallel_nodes: int = Field(1, ge=1, le=1024)
+    parallel_node_rank: int = Field(0, ge=0)
+    parallel_master: str | None = None
 
     @field_validator("device")
     @classmethod
@@ -162,6 +168,9 @@ ENV_NAMES: dict[str, str] = {
     "reconcile_settle_s": "CLUSCA_RECONCILE_SETTLE_S",
     "reconcile_journal": "CLUSCA_RECONCILE_JOURNAL",
     "worker_lanes": "CLUSCA_WORKER_LANES",
+    "parallel_nodes": "CLUSCA_PARALLEL_NODES",
+    "parallel_node_rank": "CLUSCA_PARALLEL_NODE_RANK",
+    "parallel_master": "CLUSCA_PARALLEL_MASTER",
 }
 
 

@@ -69,7 +69,7 @@ TEST_MODEL_LIST = [
     noop_model("kill", 20, delay=0.15),
     noop_model("legacy", 10, delay=0.1, options={"legacy_callback": True}),
     noop_model("crawl", 3, delay=4.0, options={"blocks": 40}),
-    noop_model("costly", 4, limits={"max_cost": 10000, "sizes": ["16x16", "24x16"]}),
+    noop_model("costly", 4, limits={"max_cost": 10000, "sizes": ["16x16", "24x16"]}, edits="image"),
     noop_model("noopvideo", 3, video=True, limits={"max_frames": 17, "frame_step": 4, "max_video_pixels": 2304}),
     noop_model("lanes", 2, delay=0.1, limits={"long_cost": 2560}),
     {"name": "tinyflux", "kind": "diffusers", "path": "/built/by/test_service_diffusers",

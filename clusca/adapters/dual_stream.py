@@ -197,6 +197,9 @@ class DualStreamLeanStep:
             if any(slots[i].last_full != ctrl.branch.last_full for i in used):
                 return None
             coeff = None
+        # The divergence guard's measured errors (eager steps only: a compiled or recorded step
+        # stays free of Python-side effects).
+        errors = ctrl.branch.measure if not (self.compiled or ctrl.keeping) else None
         work = []
         for i in range(n_blocks):
             hook = self.ff_hooks[i]
@@ -206,7 +209,7 @@ class DualStreamLeanStep:
                 continue
             gamma = self._scalar(hook.gamma, x)
             work.append((hook.slot.group_pos, _norm_fn(self.blocks[i].norm2), _ff_fn(self.blocks[i].ff, hook),
-                         gamma, cfg.fresh_tokens, cfg.propagation == "anchored"))
+                         gamma, cfg.fresh_tokens, cfg.propagation == "anchored", errors))
         if not shared_coeffs:
             coeff = {i: self._scalar(ctrl.coeffs_for(slots[i]), x) for i in used}
         head = slots[self.chain_head].factors_of(self.image_out) if self.chain_head is not None else None
@@ -250,9 +253,9 @@ class DualStreamLeanStep:
             w = plan.work[i]
             work = None
             if w is not None:
-                pos, norm, ff_fn, gamma, per_cluster, anchored = w
+                pos, norm, ff_fn, gamma, per_cluster, anchored, errors = w
                 work = (x_rows, rows[pos], shift_mlp[i], scale_mlp[i], norm, ff_fn,
-                        flat_index if gamma is not None else None, gamma, per_cluster, anchored)
+                        flat_index if gamma is not None else None, gamma, per_cluster, anchored, errors)
             block(x, gate_msa[i], gate_mlp[i], plan.attn[i], coeff(self.attn[i]), plan.ff[i], coeff(self.ff[i]),
                   work, second)
         if plan.head is not None:
@@ -334,12 +337,12 @@ def dual_block_step(x: torch.Tensor, gate_msa: torch.Tensor, gate_mlp: torch.Ten
         gate2, attn2, coeffs2 = second
         x.addcmul_(gate2, attn2.predict(coeffs2, copy=False))
     if fresh is not None:
-        x_rows, rows, shift, scale1, norm, ff_fn, flat_index, gamma, per_cluster, anchored = fresh
+        x_rows, rows, shift, scale1, norm, ff_fn, flat_index, gamma, per_cluster, anchored, errors = fresh
         xs = x_rows.index_select(0, rows)
         if x.shape[0] > 1:
             xs = xs.view(x.shape[0], -1, x.shape[-1])
         y = ff_fn(torch.addcmul(shift, norm(xs), scale1))
-        write_fresh(ff, y, rows, flat_index, gamma, per_cluster, anchored, ff_coeffs)
+        write_fresh(ff, y, rows, flat_index, gamma, per_cluster, anchored, ff_coeffs, errors)
     x.addcmul_(gate_mlp, ff.predict(ff_coeffs, copy=False))
     if x.dtype == torch.float16:
         x.clamp_(-65504, 65504)

@@ -13,7 +13,7 @@ import anyio
 
 from clusca.config import ClusCaConfig, ClusCaConfigError
 
-from service.contract import IMAGE_FORMATS, VIDEO_FORMATS, JobRequest
+from service.contract import IMAGE_FORMATS, VIDEO_FORMATS, JobRequest, denoised_steps
 from service.registry import ModelEntry, ModelLimits, Registry
 from service.settings import Settings
 from service.webhooks import WebhookError, check_url
@@ -164,7 +164,7 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
     _check_text("negative_prompt", ask.negative_prompt, settings.max_prompt_chars)
     lim = entry.limits_within(settings)
     width, height = edit_size(entry, lim, ask)
-    problem = lim.size_problem(width, height)
+    problem = lim.size_problem(width, height) or entry.split_problem(width, height)
     if problem:
         raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
     steps = ask.steps or d.steps
@@ -191,7 +191,9 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
         output_format = output_format or "png"
         if output_format not in IMAGE_FORMATS:
             raise _bad("output_format", f"model {entry.name!r} makes still images: one of {list(IMAGE_FORMATS)}")
-    cost = width * height * steps * ask.num_images * (num_frames or 1)
+    strength = edit_strength(ask)
+    run_steps = steps if strength is None else denoised_steps(steps, strength)  # JobRequest.cost's count
+    cost = width * height * run_steps * ask.num_images * (num_frames or 1)
     problem = lim.cost_problem(cost, ask.images_field if ask.num_images > 1 else "steps")
     if problem:
         raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
@@ -220,7 +222,7 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
         timeout_s=float(ask.timeout_s or settings.max_job_s),
         image=ask.edit.image.digest if ask.edit else None,
         mask=ask.edit.mask.digest if ask.edit and ask.edit.mask else None,
-        strength=edit_strength(ask),
+        strength=strength,
     )
     return entry, job
 

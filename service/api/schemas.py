@@ -178,6 +178,9 @@ class ModelInfo(BaseModel):
     queue_depth: int
     running_jobs: int
     workers: list[dict[str, Any]] = []
+    parallel: dict[str, Any] = Field(default_factory=lambda: {"ulysses": 1, "ring": 1, "world": 1},
+                                     description="How many ranks split each call (context parallelism): "
+                                                 "ulysses x ring = world; 1 is one process.")
 
 
 class ModelsResponse(BaseModel):
@@ -194,6 +197,8 @@ class Readiness(BaseModel):
     redis: bool
     workers_alive: dict[str, int] = {}
     reason: Optional[str] = None
+    # Ready, but something an operator should fix: a model whose long lane no live worker reads.
+    warnings: list[str] = []
 
 
 class OpenAIImageRequest(BaseModel):

@@ -37,13 +37,15 @@ DISCONNECT_POLL_S = 0.5
 
 
 async def wait_for(services: Services, job_id: str, files: bool = True,
-                   gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[JobRecord, bool, list[bytes]]:
-    """Wait up to the sync timeout; return ``(job, finished, images)``. Outputs kept in the video
-    store's folder are read only when ``files`` (they are linked anyway).
+                   gone: Callable[[], Awaitable[bool]] | None = None,
+                   timeout_s: float | None = None) -> tuple[JobRecord, bool, list[bytes]]:
+    """Wait up to ``timeout_s`` (default: the sync timeout); return ``(job, finished, images)``.
+    Outputs kept in the video store's folder are read only when ``files`` (they are linked anyway).
 
     ``gone`` (the request's ``is_disconnected``): when it turns true before the job ends, the job is
     cancelled (its worker is free at once) and the answer, which nobody reads, is a 499."""
-    waiting = asyncio.ensure_future(services.queue.wait_result(job_id, services.settings.sync_timeout_s))
+    wait_s = services.settings.sync_timeout_s if timeout_s is None else timeout_s
+    waiting = asyncio.ensure_future(services.queue.wait_result(job_id, wait_s))
     while gone is not None:
         done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
         if done:

@@ -130,9 +130,19 @@ class Children:
         self.redis = EmbeddedRedis().start(preexec_fn=child_preexec())
         return self.redis.url
 
-    def start_workers(self, n: int, env: dict[str, str]) -> None:
+    def start_workers(self, n: int, env: dict[str, str], groups: list[str] | None = None,
+                      others: list[str] | None = None) -> None:
+        """``n`` workers for the models not in ``groups`` (all of them without groups), and one worker
+        per model of ``groups``: a model that runs as a parallel group has a worker of its own."""
+        groups = groups or []
+        for name in groups:
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--models", name],
+                                                 env=env, preexec_fn=child_preexec()))
+        if groups and not others:
+            return
+        only = ["--models", ",".join(others)] if groups else []
         for i in range(n):
-            self.workers.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker", *only],
                                                  env=lane_env(env, i, n), preexec_fn=child_preexec()))
 
     def signal_workers(self) -> None:
@@ -176,6 +186,15 @@ def lane_env(env: dict[str, str], index: int, workers: int) -> dict[str, str]:
     return env
 
 
+def parallel_split(settings: Any) -> tuple[list[str], list[str]]:
+    """The registry's models that run as parallel groups, and the others."""
+    from service.registry import Registry
+
+    reg = Registry.load(settings.models_file)
+    groups = [e.name for e in reg.entries() if e.parallel.world > 1]
+    return groups, [n for n in reg.names if n not in groups]
+
+
 def serve(args: argparse.Namespace) -> None:
     from service.cli.main import _check_registry, _settings, connection_limits
 
@@ -198,7 +217,10 @@ def serve(args: argparse.Namespace) -> None:
             env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clusca-metrics-")
         if clock.reason is None:
             # The API aggregates every local process's metrics, so the worker needs no port of its own here.
-            children.start_workers(args.workers, {**env, "CLUSCA_WORKER_METRICS_PORT": "0"})
+            groups, others = parallel_split(s)
+            if groups:
+                log.info("model(s) %s run as parallel groups, one worker each", ", ".join(groups))
+            children.start_workers(args.workers, {**env, "CLUSCA_WORKER_METRICS_PORT": "0"}, groups, others)
             threading.Thread(target=_watch_workers, args=(children.workers, failed), daemon=True).start()
         os.environ.update({k: env[k] for k in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") if k in env})
         from service.settings import get_settings

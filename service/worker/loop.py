@@ -247,6 +247,26 @@ def run_worker(settings: Settings, models: list[str] | None = None, worker_id: s
         registry = Registry.load(settings.models_file)
     except ValueError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
+    names = models or registry.names
+    grouped = [n for n in names if n in registry and registry.get(n).parallel.world > 1]
+    if grouped and not models and len(grouped) < len(names):
+        # A worker for "every model" serves those of one process; each group has a worker of its own.
+        log.info("not serving %s here: a parallel group has a worker of its own (clusca worker --models NAME)",
+                 ", ".join(grouped))
+        models = [n for n in names if n not in grouped]
+        grouped = []
+    if grouped:
+        if len(names) > 1:
+            raise SystemExit(f"configuration error: model {grouped[0]!r} runs as a parallel group and needs a "
+                             f"worker of its own (clusca worker --models {grouped[0]})")
+        from service.worker.group import supervise
+
+        try:
+            supervise(registry.get(grouped[0]),
+                      worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
+        except ValueError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+        return
     try:
         worker = Worker(settings, registry, models, worker_id)
     except redis_conn.RedisUrlError as exc:

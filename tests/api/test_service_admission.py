@@ -81,3 +81,24 @@ def test_timeout_beyond_the_server_maximum_is_refused(service):
             assert c.post("/generate", json={"prompt": "x", "timeout_s": bad}).status_code == 422
         ok = c.post("/generate", json={"prompt": "x", "timeout_s": 60, "async": True}).json()
     assert ok["timeout_s"] == 60
+
+
+def test_an_edit_costs_only_the_steps_it_denoises(service):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    # 16 x 16 x 10 steps x 4 images = 10240 pixel-steps, over the model's 10000.
+    body = {"model": "costly", "prompt": "x", "steps": 10, "num_images": 4, "async": True}
+    with service.client() as c:
+        _err(c.post("/generate", json=body), "num_images")
+        # Strength 0.5 denoises 5 of the 10 steps: 5120 pixel-steps, admitted.
+        ok = c.post("/generate", json={**body, "image": image, "strength": 0.5})
+        assert ok.status_code == 202, ok.text
+        c.post(f"/jobs/{ok.json()['id']}/cancel")
+        err = _err(c.post("/generate", json={**body, "image": image, "strength": 1.0}), "num_images")
+        assert "10240 pixel-steps" in err["message"]

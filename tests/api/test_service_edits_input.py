@@ -190,8 +190,12 @@ BAD_FORMS = [
     (dict(data=FORM, files=[("image", (None, "not a file"))]), 422, "image", "must be a file part"),
     (dict(data=FORM, files=_files(image_type="text/plain")), 422, "image", "sent as text/plain"),
     (dict(data=FORM, files=[("mask", ("m.png", _rgba_mask(), "image/png"))]), 422, "image", "is required"),
+    # The SDK's image=[a, b] is repeated image[] parts; no model here takes more than one image.
     (dict(data=FORM, files=_files(image_name="image[]") + _files(image_name="image[]")), 422, "image[]",
-     "one image per request"),
+     "model 'shapes' takes 1 input image per edit; this request has 2"),
+    (dict(data=FORM, files=_files() * 3), 422, "image", "takes 1 input image per edit; this request has 3"),
+    (dict(data=FORM, files=_files(mask=_rgba_mask()) + [("mask", ("m.png", _rgba_mask(), "image/png"))]), 422,
+     "mask", "one mask per request"),
     (dict(data=FORM, files=_files(mask=png())), 422, "mask", "no alpha channel"),
     (dict(data=FORM, files=_files(mask=_rgba_mask(size=(16, 16)))), 422, "mask", "the image's size, 32x32"),
     (dict(data={**FORM, "size": "64x64"}, files=_files()), 422, "size", "32x32"),

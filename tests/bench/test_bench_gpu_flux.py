@@ -18,11 +18,21 @@ def test_tiny_run_measures_every_method_and_renders(tmp_path):
                     "--json", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     data = json.loads(out.read_text())
     sys.path.insert(0, str(ROOT))
-    from benchmarks.gpu_flux import methods, summarise
+    from benchmarks.gpu_flux import img2img_methods, methods, render, summarise
 
     names = [m.name for m in methods()]
+    edits = [m.name for m in img2img_methods()]
     rows = summarise(data)
-    assert [(r["batch"], r["method"]) for r in rows] == [(b, n) for b in (1, 2) for n in names]
+    # Text-to-image rows, then the image-to-image rows (strength 0.6 by default), per batch size.
+    assert [(r["batch"], r["method"], r["edit"]) for r in rows] == \
+        [(b, n, None) for b in (1, 2) for n in names] + [(b, n, 0.6) for b in (1, 2) for n in edits]
+    img2img = [r for r in rows if r["edit"] is not None]
+    assert all(r["finite"] for r in img2img) and [r["runs"] for r in img2img if r["batch"] == 1] == [2, 2]
+    cached = next(r for r in img2img if r["method"] != "uncached" and r["batch"] == 1)
+    assert cached["flops_speedup"] > 1.0 and 0 < cached["rel_l2"] < 1
+    assert next(r for r in img2img if r["method"] == "uncached")["rel_l2"] == 0.0
+    assert "img2img strength 0.6: ClusCa balanced" in render(data)
+    rows = [r for r in rows if r["edit"] is None]
     assert all(r["finite"] for r in rows)
     assert [r["runs"] for r in rows if r["batch"] == 1] == [2] * len(names)
     uncached = next(r for r in rows if r["method"] == "uncached" and r["batch"] == 1)

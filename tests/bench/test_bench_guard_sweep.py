@@ -48,3 +48,10 @@ def test_section_and_headline_are_rendered_from_the_results(tmp_path):
     # The sweep's worst sample off, at the default bound and at the strict one.
     assert "1.5 dB" in worst.figure and "12.5 dB at bound 0.77" in worst.figure and "25.0 dB at bound 0.03" in worst.figure
     assert "0.875" in speed.figure and "0.714 at 0.03" in speed.figure
+
+
+def test_the_worst_but_the_knife_edge_sample_leaves_that_one_sample_out():
+    res = {**RES, "prompts": ["p", guard_sweep.KNIFE_EDGE[0]], "seeds": [11, 12]}
+    row = {"on": {"psnr": [30.0, 20.0, 8.0, 25.0]}}  # (p, 11), (p, 12), (knife edge), (knife prompt, 12)
+    assert guard_sweep.worst_but(res, row, "on") == 20.0
+    assert guard_sweep.KNIFE_EDGE[1] == 11

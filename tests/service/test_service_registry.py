@@ -39,7 +39,8 @@ def test_an_entry_that_sets_nothing_gets_the_documented_defaults(tmp_path):
     assert (lim.size_multiple, lim.min_side, lim.max_side, lim.max_pixels, lim.max_steps) == (16, 8, None, None, None)
     assert d.size_multiple == lim.size_multiple and d.cache_presets == {}
     assert entry.public() == {"name": "bare", "kind": "noop", "output": "image", "edits": "none",
-                              "pipeline_class": "auto", "dtype": "float32", "defaults": d.model_dump()}
+                              "pipeline_class": "auto", "dtype": "float32", "defaults": d.model_dump(),
+                              "parallel": {"ulysses": 1, "ring": 1, "world": 1}}
 
 
 def test_a_video_pipeline_makes_a_video_model_whose_default_frames_fit_its_limits(tmp_path):
@@ -101,7 +102,8 @@ def test_a_builtin_entry_takes_its_limits_from_its_checkpoint_unless_the_operato
 
 @pytest.mark.parametrize("text,fragments", [
     ("models:\n  - name: a\n   kind: noop\n", ["CLUSCA_MODELS: ", "models.yaml is not valid YAML", "line 3"]),
-    ("models: []\n", ["the model registry is empty"]),
+    ("models: []\n", ["CLUSCA_MODELS: ", "models.yaml: the model registry is empty"]),
+    (models_yaml(noop_model("a", 2), noop_model("a", 3)), ["CLUSCA_MODELS: ", "model 'a' is listed twice"]),
     ("models:\n  - just-a-name\n", ["CLUSCA_MODELS: models[0]:", "dictionary"]),
     (models_yaml(noop_model("ok", 2), noop_model("bad", 2, limits={"max_sid": 64})),
      ["CLUSCA_MODELS: models[1].limits.max_sid:", "not permitted"]),

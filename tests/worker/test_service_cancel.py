@@ -145,3 +145,17 @@ def test_a_synchronous_request_past_its_deadline_is_a_408_not_a_5xx(service):
             assert r.status_code == 408 and r.json()["error"]["code"] == "deadline_exceeded", r.text
     finally:
         Service.stop(worker)
+
+
+def test_an_openai_call_no_worker_takes_ends_at_its_deadline_with_a_408_and_its_job_cancelled(service):
+    # No worker serves "crawl" here: the synchronous OpenAI call waits for the job's own deadline
+    # (not the sync timeout) and then cancels it, so that it can never run for nobody.
+    with service.client() as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/images/generations", json={"model": "crawl", "prompt": "p", "timeout_s": 1})
+        waited = time.monotonic() - t0
+        err = r.json()["error"]
+        assert r.status_code == 408 and err["code"] == "deadline_exceeded" and err["param"] == "timeout_s", r.text
+        assert "it was cancelled" in err["message"] and waited < 20, (waited, r.text)
+        job_id = err["message"].split("job ", 1)[1].split(" ", 1)[0]
+        assert _status(c, job_id)["status"] == "cancelled"

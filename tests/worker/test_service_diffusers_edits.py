@@ -5,6 +5,7 @@ denoises, and progress still counts the whole schedule. Tiny random FLUX weights
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from clusca.config import ClusCaConfig
@@ -61,3 +62,29 @@ def test_a_pipeline_that_takes_no_image_refuses_an_edit_before_running(folder, o
     runner = _runner(folder, "FluxPipeline")
     with pytest.raises(RequestNotSupported, match="image"):
         runner.run(_batch(0.5, False, ClusCaConfig.from_dict({"mode": "off"})), lambda step: False)
+
+
+def test_an_inpainting_call_clusters_the_mask_apart_on_the_transformer_token_grid(folder, one_torch_thread):
+    from clusca import run_state
+
+    runner = _runner(folder, "FluxInpaintPipeline")
+    transformer = runner.pipe.transformer
+    seen = []
+
+    def after(mod, args, out):
+        c = run_state(transformer).clusters("image")
+        if c is not None:
+            seen.append(c.assign[0].clone())
+
+    handle = transformer.register_forward_hook(after)
+    try:
+        runner.run(_batch(1.0, True, ClusCaConfig.from_dict({"mode": "clusca", "interval": 2, "warmup": 1})),
+                   lambda step: False)
+    finally:
+        handle.remove()
+    # 32 x 32 pixels -> 8 x 8 tokens; the mask is the image's left half, so the grid's left 4 columns.
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[:, :4] = True
+    inside = inside.reshape(-1)
+    assert seen and all(not set(a[inside].tolist()) & set(a[~inside].tolist()) for a in seen)
+    assert len(set(seen[-1][inside].tolist())) >= 12  # mask_share 0.75 of 16 clusters

@@ -142,3 +142,23 @@ def test_a_worker_runs_each_job_with_its_own_request_when_two_lanes_give_the_sam
         assert image.getpixel((0, 0)) == noop_color(req.prompt, req.seed), job_id
     started = {j: float(r.hget(job_key(j), "started")) for j in (short_id, long_id)}
     assert started[short_id] < started[long_id]
+
+
+def test_readiness_warns_when_no_live_worker_reads_a_long_lane(service):
+    short_only = service.start_worker("lanes", {"CLUSCA_WORKER_LANES": "short"}, worker_id="lanes-only-short")
+    try:
+        with service.client() as c:
+            def warned() -> list[str]:
+                ready = c.get("/readyz")
+                assert ready.status_code == 200, ready.text
+                return [w for w in ready.json()["warnings"] if "'lanes'" in w]
+            # Waited for, in case a worker of an earlier test still counts as live.
+            got = wait_until(warned, timeout=30, what="the long-lane warning")
+            assert len(got) == 1 and "long lane" in got[0] and "2560" in got[0], got
+            both = service.start_worker("lanes", worker_id="lanes-reads-all")
+            try:
+                assert not warned()
+            finally:
+                Service.stop(both)
+    finally:
+        Service.stop(short_only)

@@ -26,9 +26,12 @@ from service.api.submit import submit, wait_for
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
+# Seconds past a job's deadline that a synchronous OpenAI call still waits for the worker's answer.
+DEADLINE_GRACE_S = 5.0
+
 
 @router.post("/images/generations", response_model=OpenAIImageResponse, summary="OpenAI-compatible generation",
-             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503, 504)})
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503)})
 async def images_generations(body: OpenAIImageRequest, request: Request, services: ServicesDep,
                              identity: AuthDep,
                              idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
@@ -48,10 +51,16 @@ async def _run(services: Services, request: Request, endpoint: str, entry: Model
     fingerprint = request_fingerprint(endpoint, entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     gone = request.is_disconnected if body.cancel_on_disconnect and created else None
-    record, finished, images = await wait_for(services, job_id, gone=gone)
+    # The OpenAI API has no "accepted, look later": the answer waits for the job's own deadline
+    # (its timeout_s, at most CLUSCA_MAX_JOB_S), which the worker enforces within a block. The grace
+    # lets the worker's deadline failure arrive first; past it (no worker took the job), the job is
+    # cancelled here so that it cannot run for nobody, and the answer is the same 408.
+    limit_s = job.timeout_s or services.settings.max_job_s
+    record, finished, images = await wait_for(services, job_id, gone=gone, timeout_s=limit_s + DEADLINE_GRACE_S)
     if not finished:
-        raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
-                       f"it continues: GET /jobs/{job_id}")
+        await services.queue.cancel(job_id)
+        raise ApiError(408, "deadline_exceeded", f"timeout_s: job {job_id} did not finish within its {limit_s:g} s "
+                       "deadline; it was cancelled", param="timeout_s")
     if record.status != SUCCEEDED:
         code = "deadline_exceeded" if record.deadline_exceeded else "job_" + record.status
         raise ApiError(unfinished_status(record), code, record.error or record.status)
@@ -73,7 +82,8 @@ _EDIT_FORM = {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image", "prompt"],
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "The image to edit (PNG, JPEG or WebP); "
-                  "the output has its size. The SDK may name the part image[]; one image per request."},
+                  "the output has its size. The SDK names the part image[] when it sends a list; a model takes as many "
+                  "images as its input_images (one for every edit pipeline here), more is a 422 naming the limit."},
         "mask": {"type": "string", "format": "binary", "description": "Where to edit: a PNG whose transparent "
                  "pixels (alpha below one half) are redrawn, the image's size (models with edits: inpaint)."},
         # The plain text fields (cache settings go as cache[knob] fields, which a form schema cannot spell).
@@ -81,8 +91,8 @@ _EDIT_FORM = {"multipart/form-data": {"schema": {
            if "$ref" not in json.dumps(v)}}}}}
 
 
-def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, bytes, bytes | None, str]:
-    """The form's text fields as the request model, its image and mask bytes, and the image part's name."""
+def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, list[FormPart], bytes | None]:
+    """The form's text fields as the request model, its image parts and its mask bytes."""
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "body: /v1/images/edits takes multipart/form-data, as the "
                        f"OpenAI SDK's images.edit sends it (this request has {content_type or 'no Content-Type'})",
@@ -109,20 +119,29 @@ def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, b
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     images, masks = files.get("image", []), files.get("mask", [])
-    for name, got in (("image", images), ("mask", masks)):
-        if len(got) > 1:
-            raise ApiError(422, "validation_error", f"{got[0].name}: one {name} per request; this request has "
-                           f"{len(got)}", param=got[0].name, fields=[{"field": got[0].name, "message": "one only"}])
+    if len(masks) > 1:
+        raise ApiError(422, "validation_error", f"{masks[0].name}: one mask per request; this request has "
+                       f"{len(masks)}", param=masks[0].name, fields=[{"field": masks[0].name, "message": "one only"}])
     if not images:
         raise ApiError(422, "validation_error", "image: is required (a file part)", param="image",
                        fields=[{"field": "image", "message": "is required"}])
-    return body, images[0].data, masks[0].data if masks else None, images[0].name
+    return body, images, masks[0].data if masks else None
+
+
+def _check_image_count(entry: ModelEntry, images: list[FormPart]) -> None:
+    """Several images (the SDK's ``image=[...]``, sent as repeated ``image[]`` parts) only where the
+    model takes that many."""
+    if len(images) > max(entry.input_images, 1):
+        field = images[0].name
+        message = (f"model {entry.name!r} takes {entry.input_images} input image per edit; this request has "
+                   f"{len(images)}")
+        raise ApiError(422, "validation_error", f"{field}: {message}", param=field,
+                       fields=[{"field": field, "message": message}])
 
 
 @router.post("/images/edits", response_model=OpenAIImageResponse, summary="OpenAI-compatible edit",
              openapi_extra={"requestBody": {"required": True, "content": _EDIT_FORM}},
-             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 415, 422, 429, 500, 503,
-                                                          504)})
+             responses={s: {"model": ErrorBody} for s in (400, 401, 404, 408, 409, 413, 415, 422, 429, 500, 503)})
 async def images_edits(request: Request, services: ServicesDep, identity: AuthDep,
                        idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Always synchronous, multipart as the OpenAI SDK's ``images.edit`` sends it: the ``image`` file
@@ -131,8 +150,8 @@ async def images_edits(request: Request, services: ServicesDep, identity: AuthDe
     ``response_format``, plus this service's ``strength``, ``steps``, ``seed``, ``guidance``,
     ``negative_prompt`` and ``cache``."""
     idem = idempotency_scope(identity, idempotency_key)
-    body, image, mask, image_field = _edit_form(request.headers.get("content-type", ""), await request.body())
-    edit: EditInputs = await read_edit_files(services.settings, image, mask, image_field)
+    body, images, mask = _edit_form(request.headers.get("content-type", ""), await request.body())
+    edit: EditInputs = await read_edit_files(services.settings, images[0].data, mask, images[0].name)
     width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
     if width is not None and (width, height) != edit.size:
         message = f"is {body.size} but the image is {edit.size[0]}x{edit.size[1]}: an edit keeps the image's size"
@@ -140,5 +159,6 @@ async def images_edits(request: Request, services: ServicesDep, identity: AuthDe
                        fields=[{"field": "size", "message": message}])
     ask = JobAsk.of(body, num_images=body.n, images_field="n", output="image", edit=edit)
     entry, job = await resolve_job(services.registry, services.settings, ask)
+    _check_image_count(entry, images)
     await keep_edit(services, entry.name, edit)
     return await _run(services, request, "/v1/images/edits", entry, job, body, idem)

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
+from service.broker.lanes import LONG
 from service.api.deps import AuthDep, ServicesDep
 from service.api.schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
 
@@ -31,7 +32,20 @@ async def readyz(services: ServicesDep) -> Any:
     if not any(alive.values()):
         body = Readiness(status="not_ready", redis=True, workers_alive=alive, reason="no live worker")
         return JSONResponse(body.model_dump(), status_code=503)
-    return Readiness(status="ready", redis=True, workers_alive=alive)
+    return Readiness(status="ready", redis=True, workers_alive=alive, warnings=await _lane_warnings(services))
+
+
+async def _lane_warnings(services: Any) -> list[str]:
+    """Models with a long lane whose live workers all keep to the short one: their long jobs wait
+    until such a worker starts, which readiness alone would not show."""
+    lanes: dict[str, set[str]] = {}
+    for w in await services.queue.live_workers(services.registry.names):
+        for name, where in w.models.items():
+            lanes.setdefault(name, set()).update(where.get("lanes") or ())
+    return [f"model {e.name!r}: no live worker reads its long lane (every one has CLUSCA_WORKER_LANES=short), "
+            f"so jobs costing more than its long_cost ({e.limits.long_cost}) wait until one does"
+            for e in services.registry.entries()
+            if e.limits.long_cost is not None and e.name in lanes and LONG not in lanes[e.name]]
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Models, their defaults and where they run",
@@ -41,8 +55,12 @@ async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
     workers: dict[str, list[dict[str, Any]]] = {}
     for w in await q.live_workers(services.registry.names):
         for name, where in w.models.items():
-            workers.setdefault(name, []).append({"id": w.id, "host": w.host, "device": where.get("device"),
-                                                 "running": w.running, "lanes": where.get("lanes")})
+            info = {"id": w.id, "host": w.host, "device": where.get("device"), "running": w.running,
+                    "lanes": where.get("lanes")}
+            if where.get("parallel"):
+                # A group's degree and its last call's time in collectives per denoising step.
+                info["parallel"] = where["parallel"]
+            workers.setdefault(name, []).append(info)
     out = []
     for e in services.registry.entries():
         out.append(ModelInfo(**e.public(), limits=e.limits_within(services.settings), workers_alive=await q.workers_alive(e.name),

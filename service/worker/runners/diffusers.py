@@ -57,6 +57,15 @@ def announce_steps(kwargs: dict[str, Any], run: Any) -> dict[str, Any]:
     return out
 
 
+def token_masks(masks: list[Any]) -> list[Any]:
+    """Each image's inpainting mask (PIL, white = repaint) as the cache takes it: (height, width)
+    bools at the image's resolution, which the cache pools onto the transformer's token grid."""
+    import numpy as np
+    import torch
+
+    return [torch.from_numpy(np.asarray(m.convert("L")) >= 128) for m in masks]
+
+
 class DiffusersRunner(PipelineRunner):
     """A diffusers pipeline class (``pipeline_class``, default ``DiffusionPipeline``) from ``path``."""
 
@@ -110,6 +119,9 @@ class DiffusersRunner(PipelineRunner):
         # from the first of them: an edit's are the last `strength` share of the schedule.
         with torch.inference_mode():
             with clusca_run(pipe.transformer, batch.cache, num_inference_steps=batch.denoised_steps) as run:
+                if batch.masks is not None:
+                    # Inpainting: the cache clusters each image's repainted tokens apart (mask_share).
+                    run.set_token_mask(token_masks(batch.masks))
                 images = self.outputs(pipe(**announce_steps(kwargs, run)))
         return images, run.stats
 
