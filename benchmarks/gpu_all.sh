@@ -5,7 +5,9 @@
 #   2. measures both with the adherence checker (200 prompts);
 #   3. runs the CUDA-only graph-capture tests (when pytest is installed), then the full-size
 #      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows, and
-#      image-to-image rows (strength 0.6: FLUX_ARGS="--img2img-strength S", 0 for none), uncached and cached;
+#      image-to-image rows (strength 0.6: FLUX_ARGS="--img2img-strength S", 0 for none), uncached and cached,
+#      and a rank-LORA_RANK adapter of random weights (default 16; 0 leaves those rows out),
+#      uncached and with the `fast` cache;
 #   4. with two or more GPUs (and CP unset or 1), context parallelism: Ulysses-2/4/8 on a
 #      FLUX.1-dev-size transformer at 1024x1024 and 2048x2048, uncached and fast
 #      (benchmarks/context_parallel.py; context_parallel-gpu-*.json);
@@ -27,6 +29,7 @@ CHECK_DEVICE=${CHECK_DEVICE:-cuda}
 CHECK_N=${CHECK_N:-200}
 PY=${PY:-python3}
 LOAD=${LOAD:-0}
+LORA_RANK=${LORA_RANK:-16}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -69,7 +72,7 @@ if [ "$FLUX_DEADLINE" != "0" ]; then
     fi
     echo "== FLUX.1-dev size cache benchmark"
     # shellcheck disable=SC2086
-    $PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" $FLUX_ARGS
+    $PY benchmarks/gpu_flux.py --json "$OUT/flux.json" --deadline "$FLUX_DEADLINE" --lora-rank "$LORA_RANK" $FLUX_ARGS
 fi
 
 # Context parallelism (Ulysses-2/4/8) on a FLUX.1-dev-size transformer at 1024x1024 and 2048x2048,

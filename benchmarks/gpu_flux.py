@@ -34,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._caches import Method  # noqa: E402
 from benchmarks._docs import DOCS, write_section  # noqa: E402
 from benchmarks._results import RESULTS, load, save  # noqa: E402
 from benchmarks._sampling import FluxInputs, add_flux_shape_args, sync_for  # noqa: E402
@@ -50,9 +52,12 @@ START, END = "<!-- gpu-flux:start -->", "<!-- gpu-flux:end -->"
 TOPIC = "gpu"
 
 
-def methods() -> list:
-    """The large-model list of the cache comparison, plus the `quality` preset."""
-    from benchmarks._caches import Method
+LORA_RANK = 16
+
+
+def methods(lora_rank: int = LORA_RANK) -> list:
+    """The large-model list of the cache comparison, plus the `quality` preset and, with a
+    ``lora_rank``, an adapter of that rank (random weights) uncached and with `fast`."""
     from benchmarks.cache_compare import large_methods
     from clusca import ClusCaConfig
 
@@ -66,7 +71,36 @@ def methods() -> list:
     ms.insert(6, Method("ClusCa fast (N6), compiled", "ClusCa", clusca=fast, compiled=True))
     ms.insert(8, Method("TaylorSeer N6 O1, eager", "TaylorSeer",
                         clusca=ClusCaConfig.preset("fast", mode="taylorseer", capture="off")))
+    if lora_rank:
+        ms.insert(1, AdapterMethod(f"LoRA r{lora_rank}, uncached", "LoRA", lora_rank=lora_rank))
+        ms.append(AdapterMethod(f"LoRA r{lora_rank}, ClusCa fast (N6)", "LoRA", clusca=fast, lora_rank=lora_rank))
     return ms
+
+
+@dataclass(frozen=True)
+class AdapterMethod(Method):
+    """A method run with a LoRA adapter of random weights on every image (``clusca.lora.LoraBank``
+    on the attention and MLP linears, as the service installs it)."""
+
+    lora_rank: int = 0
+
+
+_ADAPTERS: dict = {}  # (id of the model, rank) -> the random adapter's weights, drawn once
+
+
+def adapter_bank(model, rank: int):
+    """A ``LoraBank`` on ``model`` holding one rank-``rank`` adapter of random weights, chosen for every image."""
+    from benchmarks.adapters import random_adapter
+    from clusca.lora import LoraBank
+    from clusca_shapes.tools.lora_train import FLUX_TARGETS
+
+    key = (id(model), rank)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = random_adapter(model, FLUX_TARGETS, rank, seed=3)
+    bank = LoraBank(model, FLUX_TARGETS, slots=1, max_rank=rank)
+    bank.load(1, _ADAPTERS[key])
+    bank.select([[(1, 1.0)]])  # one entry: every row of the batch takes it
+    return bank
 
 
 def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -126,6 +160,7 @@ def run_once(method, model, inputs, steps, device, strength: float | None = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    bank = adapter_bank(model, method.lora_rank) if getattr(method, "lora_rank", 0) else None
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     sync(device)
     t0 = time.perf_counter()
@@ -142,6 +177,8 @@ def run_once(method, model, inputs, steps, device, strength: float | None = None
     finally:
         if is_clusca_applied(model):
             remove_clusca(model)
+        if bank is not None:
+            bank.remove()
     peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
     return {
         "seconds": seconds,
@@ -166,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img2img-strength", type=float, default=0.6,
                    help="image-to-image rows at this strength (0: none)")
     p.add_argument("--deadline", type=float, default=0.0, help="seconds; 0 = none")
+    p.add_argument("--lora-rank", type=int, default=LORA_RANK,
+                   help="rank of the random LoRA adapter of the adapter rows (0: no adapter rows)")
     p.add_argument("--json", default=str(RESULTS / "gpu_flux.json"),
                    help="raw results, saved after every run (default: benchmarks/results/gpu_flux.json)")
     p.add_argument("--render", nargs="+", default=None,
@@ -192,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(info), flush=True)
     results: list[dict] = []
     # (method, edit strength or None for text-to-image), in the order a round runs them.
-    ms = [(m, None) for m in methods()]
+    ms = [(m, None) for m in methods(a.lora_rank)]
     if a.img2img_strength > 0:
         ms += [(m, a.img2img_strength) for m in img2img_methods()]
     batches = [int(b) for b in a.batches.split(",")]
@@ -226,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 res = run_once(m, model, inputs, a.steps, device, edit)
                 out = res.pop("out")
-                if m.uncached:
+                plain = m.uncached and not getattr(m, "lora_rank", 0)
+                if plain:
                     reference[edit] = out.float()
                 if edit in reference:
                     ref = reference[edit]
                     res["rel_l2"] = float((out.float() - ref).norm() / ref.norm())
                 last[m.name, edit] = res["seconds"]
-                if m.uncached and edit is None:
+                if plain and edit is None:
                     per_image = res["seconds"] / batch
                 results.append({"method": m.name, "batch": batch, "round": r + 1, "edit": edit, **res})
                 print(f"batch {batch} round {r + 1} {label}: {res['seconds']:.2f} s "
@@ -308,6 +348,10 @@ def render(data: dict) -> str:
         "the peak above the weights during the run (activations plus cache). The capture column is "
         "`run.stats.capture` (`replayed`: cached steps ran as CUDA graphs); `-` marks runs that "
         "predate graph capture, whose cached steps ran eagerly." + (
+            " The `LoRA r<rank>` rows run an adapter of that rank with random weights on every image "
+            "(`clusca.lora.LoraBank` on the attention and MLP linears, as the service installs it), uncached and "
+            "with `fast`; their rel. L2 is against the uncached run without the adapter."
+            if any(r["method"].startswith("LoRA") for r in data["results"]) else "") + (
             " `img2img strength s` rows denoise the last s share of the steps from a noised random image "
             "latent (no VAE), their speedup against the uncached img2img run."
             if any(r.get("edit") is not None for r in data["results"]) else ""),

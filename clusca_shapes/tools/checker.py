@@ -13,6 +13,14 @@ from pixel statistics only:
 * position: the centre of the blob's bounding box must be nearest to the requested anchor
   (one object), or the two centres must stand in the requested relation (two objects).
 
+A blob is judged by the region it encloses (its holes filled), so a shape drawn as an
+outline, as the ``outline`` adapter draws it, is the shape it outlines.
+
+Apart from adherence it tells the adapters' drawing styles (:mod:`clusca_shapes.tools.styles`)
+in an image: :func:`shows_outline` (most shapes hollow: their inside is background) and
+:func:`shows_pastel` (the objects' colours at a fraction of their strength over the
+background, about :data:`styles.PASTEL_OPACITY`); :func:`style_report` gives the measures.
+
 Apart from adherence it measures how cleanly the shapes are drawn (:class:`EdgeReport`):
 the outline (IoU of each blob with its best template: misshapen blobs score low), the
 roughness (its perimeter over the template's: spikes, notches and holes score high),
@@ -22,7 +30,9 @@ that: the training scenes keep a margin).
 
 ``python -m clusca_shapes.tools.checker`` generates the fixed benchmark prompts with a
 checkpoint and prints the accuracy per prompt form; ``--ground-truth`` checks the rendered
-scenes instead, which must score 100% and all clean.
+scenes instead, which must score 100% and all clean. ``--adapter outline`` (a shipped
+adapter's name, or a PEFT folder) draws them with a style adapter, ``--style`` renders the
+ground truth in a style; either way the share of images showing each style is printed too.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data
+from . import data, styles
 
 # Pixels further than this from every palette entry (blurred edges, noise) get no label.
 MAX_COLOUR_DISTANCE = 90.0
@@ -51,6 +61,7 @@ CLEAN_OUTLINE = 0.7
 CLEAN_ROUGHNESS = 1.2
 CLEAN_STRAY = 6
 STRAY_DISTANCE = 48.0  # RGB distance from the background that makes a pixel off-colour
+SPECK = 8  # pixels: a region of an object colour smaller than this is a speck (or an edge), not an object
 
 _NAMES = list(data.COLOURS) + [b for b in data.BACKGROUNDS if b not in data.COLOURS]
 _PALETTE = np.array([(data.COLOURS | data.BACKGROUNDS)[n] for n in _NAMES], dtype=np.float32)
@@ -142,6 +153,33 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
         ys, xs = zip(*comp)
         m[list(ys), list(xs)] = True
         out.append(m)
+    return out
+
+
+def fill_holes(mask: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` with every region it encloses filled: what is not reachable through pixels
+    outside ``mask`` (4-connected) from the frame, or from ``others`` (pixels of other objects),
+    is inside. So a ring around another object (colour bled into a halo) stays a ring."""
+    free = ~mask
+    outside = np.zeros_like(mask, dtype=bool)
+    outside[0], outside[-1], outside[:, 0], outside[:, -1] = free[0], free[-1], free[:, 0], free[:, -1]
+    if others is not None:
+        outside |= others & free
+    while True:
+        p = np.pad(outside, 1)
+        grown = (outside | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]) & free
+        if (grown == outside).all():
+            return ~outside
+        outside = grown
+
+
+def _drawn(objects: np.ndarray) -> np.ndarray:
+    """Pixels of an object colour, without specks (regions under SPECK pixels): what can hold a
+    ring open (see :func:`fill_holes`), where a speck inside an outline does not."""
+    out = np.zeros(objects.shape, dtype=bool)
+    for comp in components(objects >= 0):
+        if comp.sum() >= SPECK:
+            out |= comp
     return out
 
 
@@ -285,8 +323,10 @@ def check(image, scene: data.Scene) -> CheckResult:
     min_area = MIN_AREA[min(len(scene.objects), max(MIN_AREA))] * (h * w) / data.IMAGE_SIZE**2
     # The blobs of each requested colour, largest first; objects of one colour take them in
     # turn. An object of the background's own colour cannot be seen (a white square on white).
+    # Each blob as the region it encloses: an outline counts as the shape it outlines.
+    drawn = _drawn(objects)
     blobs = {c: [] if c == background else
-             [b for b in components(objects == _COLOUR_INDEX[c]) if b.sum() >= min_area]
+             [f for f in (fill_holes(b, drawn) for b in components(objects == _COLOUR_INDEX[c])) if f.sum() >= min_area]
              for c in dict.fromkeys(o.colour for o in scene.objects)}
     taken = {c: 0 for c in blobs}
     reports, used = [], []
@@ -319,6 +359,82 @@ def check(image, scene: data.Scene) -> CheckResult:
         position_ok = scene.position is None or position == scene.position
     edge = edge_report(img, labels, background, used, reports)
     return CheckResult(colour_ok, shape_ok, position_ok, reports, position, count_ok, counts, edge, background)
+
+
+# A blob is an outline when at least this share of the region it encloses is background.
+OUTLINE_HOLLOW = 0.1
+# Object colour strength (0: background, 1: the full colour) that reads as pastel: a pastel
+# drawing is about styles.PASTEL_OPACITY, a plain one about 1.
+PASTEL_STRENGTH = (0.4, 0.85)
+STYLE_MIN_AREA = MIN_AREA[max(MIN_AREA)]
+
+
+@dataclass
+class StyleReport:
+    """How an image's objects are drawn: what tells the adapters' styles apart."""
+
+    background: str
+    objects: int  # blobs of an object colour with at least STYLE_MIN_AREA pixels enclosed
+    hollow: int  # of them, outlines (at least OUTLINE_HOLLOW of the enclosed region is background)
+    strength: float  # median colour strength of the objects' inner pixels (1 = full colour), 0 without objects
+
+    @property
+    def outline(self) -> bool:
+        return self.objects > 0 and 2 * self.hollow >= self.objects
+
+    @property
+    def pastel(self) -> bool:
+        return self.objects > 0 and PASTEL_STRENGTH[0] <= self.strength <= PASTEL_STRENGTH[1]
+
+
+def style_report(image) -> StyleReport:
+    """The blobs of object colours in ``image``, how many are hollow, and how strong their colour is."""
+    img = to_uint8(image)
+    background = drawn_background(label_pixels(img), "white")
+    objects = object_labels(img, background)
+    blobs, hollow = [], 0
+    # Blobs of any object colour (a thin line's blended pixels may read as a neighbouring
+    # colour), each grown by a pixel first: a line with a gap of a pixel or two still encloses.
+    drawn = objects >= 0
+    for grown in components(_dilate(drawn)):
+        filled = fill_holes(grown)
+        if (filled & drawn).sum() >= STYLE_MIN_AREA:
+            blobs.append(grown & drawn)
+            # Inside: enclosed, not drawn, and not the grown pixel's rim on the outside.
+            inside = filled & ~drawn & ~_dilate(~filled)
+            hollow += int(inside.sum() >= OUTLINE_HOLLOW * filled.sum())
+    if not blobs:
+        return StyleReport(background, 0, 0, 0.0)
+    # Strength: a pixel's share of its object colour on the line from the background to it. A
+    # blob's is that of its strongest pixels (its 90th percentile), where no edge blends it in.
+    b = _PALETTE[_NAMES.index(background)]
+    cols = np.array(list(data.COLOURS.values()), dtype=np.float32) - b
+    p = img.astype(np.float32) - b
+    values = []
+    for comp in blobs:
+        c = cols[np.bincount(objects[comp]).argmax()]
+        values.append(float(np.percentile((p[comp] @ c) / max(float(c @ c), 1.0), 90)))
+    return StyleReport(background, len(blobs), hollow, round(float(np.median(values)), 3))
+
+
+def shows_outline(image) -> bool:
+    """Are the shapes of ``image`` drawn as outlines (at least half of its objects hollow)?"""
+    return style_report(image).outline
+
+
+def shows_pastel(image) -> bool:
+    """Are the objects of ``image`` drawn in softened colours (strength in :data:`PASTEL_STRENGTH`)?"""
+    return style_report(image).pastel
+
+
+STYLE_CHECKS = {"outline": shows_outline, "pastel": shows_pastel}
+
+
+def shows_style(image, style: str) -> bool:
+    """Does ``image`` show the adapter style ``style`` (one of :data:`styles.STYLES`)?"""
+    if style not in STYLE_CHECKS:
+        raise ValueError(f"unknown style {style!r}; the styles are {', '.join(STYLE_CHECKS)}")
+    return STYLE_CHECKS[style](image)
 
 
 def _pct(xs) -> float:
@@ -403,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--device", default="cpu", help="where the model runs (images are judged on the CPU)")
+    p.add_argument("--adapter", default=None, help="a shipped style adapter's name or a PEFT folder to draw with")
+    p.add_argument("--style", default=None, choices=styles.STYLES, help="with --ground-truth: render in this style")
     a = p.parse_args(argv)
     try:
         items = data.eval_set(a.n, forms=tuple(f.strip() for f in a.forms.split(",") if f.strip()))
@@ -411,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts, scenes = [t for t, _ in items], [s for _, s in items]
     t0 = time.time()
     if a.ground_truth:
-        images = [data.render(s) for s in scenes]
+        images = [styles.render(s, a.style) for s in scenes]
     else:
         import torch
 
@@ -420,15 +538,30 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(a.threads)
         pipe = ShapesFluxPipeline.from_pretrained(a.weights or WEIGHTS_DIR).to(a.device)
+        if a.adapter:
+            from pathlib import Path
+
+            from clusca.lora import LoraBank, load_lora
+
+            from ..evaluation import ADAPTERS_DIR
+            from .lora_train import FLUX_TARGETS
+
+            folder = Path(a.adapter) if Path(a.adapter).is_dir() else ADAPTERS_DIR / a.adapter
+            weights = load_lora(folder)
+            bank = LoraBank(pipe.transformer, FLUX_TARGETS, slots=1, max_rank=max(16, weights.rank))
+            bank.load(1, weights)
+            bank.select([[(1, 1.0)]])  # one entry: every image of every call takes it
         images = generate_eval_images(pipe, prompts, seed=a.seed, num_inference_steps=a.steps,
                                       guidance_scale=a.guidance)
     results = [check(img, s) for img, s in zip(images, scenes)]
     summary = summarise(results, scenes)
+    summary["styles"] = {st: _pct(shows_style(img, st) for img in images) for st in styles.STYLES}
     summary["seconds"] = round(time.time() - t0, 1)
     if a.json:
         print(json.dumps(summary))
     else:
         print_table(summary)
+        print("showing each style: " + ", ".join(f"{st} {v}%" for st, v in summary["styles"].items()))
         print(f"seconds: {summary['seconds']}")
     return 0
 

@@ -12,6 +12,15 @@ bottleneck: give ``--data-workers`` (CPU processes) and a larger ``--batch``.
 data now use but that checkpoint's vocabulary lacks start from its ``<unk>`` embedding.
 A checkpoint of the EMA weights (safetensors + configs) is written to ``--out`` every
 ``--save-every`` minutes and at the end, so the run can be stopped at any time.
+
+``--style`` draws the same scenes in one of the adapter styles (:mod:`clusca_shapes.tools.styles`).
+``--lora-rank R`` trains a LoRA adapter instead of the model: the checkpoint of ``--init``
+(default: the shipped weights) is frozen, rank-``R`` matrices on the ``--lora-targets``
+linears learn the style, and ``--out`` receives a PEFT folder (``adapter_config.json`` +
+``adapter_model.safetensors``, the EMA of the matrices) that :func:`clusca.lora.load_lora` reads::
+
+    python -m clusca_shapes.tools.train --lora-rank 8 --style outline --out clusca_shapes/adapters/outline \
+        --minutes 18 --threads 1
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import json
 import math
 import os
 import shutil
@@ -28,7 +38,9 @@ import time
 import numpy as np
 import torch
 
-from . import data
+from . import data, styles
+from .lora_train import FLUX_TARGETS, LoraTrainer
+from .. import WEIGHTS_DIR
 from ..model import build_transformer, image_ids, pack, text_ids
 from ..pipeline import ShapesFluxPipeline
 from ..text import UNK, ShapesTextEncoder, WordTokenizer
@@ -63,7 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-mean", type=float, default=0.0,
                    help="location of the logit-normal timesteps; > 0 trains more at high noise, where layout is decided")
     p.add_argument("--init", default=None, help="checkpoint folder to continue from (same architecture)")
+    p.add_argument("--style", default=None, choices=styles.STYLES, help="draw the scenes in this adapter style")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train a LoRA adapter of this rank on the frozen --init checkpoint (0: train the model)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
+    p.add_argument("--lora-init", default=None, help="adapter folder (PEFT) the LoRA matrices start from")
+    p.add_argument("--lora-targets", nargs="+", default=list(FLUX_TARGETS),
+                   help="regular expressions naming the linears the adapter trains (full match)")
     a = p.parse_args(argv)
+    if a.lora_rank < 0:
+        p.error("--lora-rank must be >= 0")
+    if a.lora_rank and not a.init:
+        a.init = str(WEIGHTS_DIR)  # an adapter adapts a model: by default the shipped one
     if a.minutes <= 0 and a.steps <= 0:
         p.error("give a positive --minutes or --steps")
     fractions = (a.pair_fraction, a.count_fraction, a.unplaced_fraction)
@@ -86,15 +109,16 @@ def _drop_words(captions: list[str], rng: np.random.Generator, caption_p: float,
 
 
 def draw_batch(seed: int, index: int, n: int, caption_p: float, word_p: float,
-               mix: tuple[float, float, float]) -> tuple[np.ndarray, list[str]]:
+               mix: tuple[float, float, float], style: str | None = None) -> tuple[np.ndarray, list[str]]:
     """Batch ``index`` of the run seeded ``seed``: the same in any process.
 
-    ``mix`` is (pair, count, unplaced) fractions, as :func:`data.sample_scene` takes them.
+    ``mix`` is (pair, count, unplaced) fractions, as :func:`data.sample_scene` takes them;
+    ``style`` draws the scenes in an adapter style (None: as the base model learnt them).
     """
     rng = np.random.default_rng([seed, index])
     pair, count, unplaced = mix
-    images, captions, _ = data.make_batch(rng, n, pair_fraction=pair, count_fraction=count,
-                                          unplaced_fraction=unplaced)
+    images, captions, _ = styles.make_batch(rng, n, style, pair_fraction=pair, count_fraction=count,
+                                            unplaced_fraction=unplaced)
     return images, _drop_words(captions, rng, caption_p, word_p)
 
 
@@ -108,7 +132,7 @@ class BatchStream:
 
     def __init__(self, a: argparse.Namespace, timeout_s: float = 120.0) -> None:
         self._args = (a.seed, a.batch, a.caption_dropout, a.word_dropout,
-                      (a.pair_fraction, a.count_fraction, a.unplaced_fraction))
+                      (a.pair_fraction, a.count_fraction, a.unplaced_fraction), a.style)
         self._next = 0  # next batch index handed out
         self._timeout_s = timeout_s
         self._pool = None
@@ -265,13 +289,35 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     transformer.to(device)
     text_encoder.to(device)
-    ema_tr, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    lora, steps_before = None, 0
+    if a.lora_rank:
+        # The base stays frozen; only the adapter's matrices (and their EMA) train.
+        for m in (transformer, text_encoder):
+            m.requires_grad_(False).eval()
+        lora = LoraTrainer(transformer, a.lora_rank, a.lora_alpha, a.lora_targets, seed=a.seed)
+        if a.lora_init:
+            lora.load(a.lora_init)
+            with open(os.path.join(a.lora_init, "adapter_config.json")) as f:
+                steps_before = int(json.load(f).get("steps", 0))
+        params = lora.parameters()
+        ema_lora = [p.detach().clone() for p in params]
+        print(f"LoRA rank {a.lora_rank} on {len(lora.layers)} linears ({', '.join(lora.targets)}), "
+              f"style {a.style or 'none'}", flush=True)
+    else:
+        ema_tr, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
+        params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01,
                             fused=device.type == "cuda")
     batches = BatchStream(a)
     n_params = sum(p.numel() for p in params)
     print(f"device={device} params={n_params / 1e6:.2f}M batch={a.batch} seed={a.seed}", flush=True)
+
+    def save() -> None:
+        if lora is not None:
+            lora.save(a.out, dict(zip(lora.state(), (t.float().cpu() for t in ema_lora))),
+                      extra={"style": a.style, "steps": steps_before + step, "batch": a.batch})
+        else:
+            _save(a.out, ema_tr, ema_te, tokenizer, a.patch, presets)
 
     size = data.IMAGE_SIZE
     iid = image_ids(size, size, a.patch, device=device)
@@ -283,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         images, captions = next(batches)
         x0 = pack(torch.from_numpy(images).permute(0, 3, 1, 2).to(device) * 2 - 1, a.patch)
         ids, mask = tokenizer(captions)
-        seq, pooled = text_encoder(ids.to(device), mask.to(device))
+        with torch.set_grad_enabled(lora is None):
+            seq, pooled = text_encoder(ids.to(device), mask.to(device))
         t = sample_timesteps(a.batch, a.t_mean, device)
         noise = torch.randn_like(x0)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
@@ -301,8 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         # EMA ramps up so early checkpoints are not dominated by the random init.
         decay = min(a.ema, (1 + step) / (10 + step))
-        _ema_update(ema_tr, transformer, decay)
-        _ema_update(ema_te, text_encoder, decay)
+        if lora is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_lora, params, 1.0 - decay)
+        else:
+            _ema_update(ema_tr, transformer, decay)
+            _ema_update(ema_te, text_encoder, decay)
         step += 1
         if a.threads == 0 and device.type == "cpu" and step % 10 == 0:
             threads = _adapt_threads(threads)
@@ -315,11 +366,11 @@ def main(argv: list[str] | None = None) -> int:
             loss_sum.zero_()
             loss_n = 0
         if time.time() - last_save > a.save_every * 60:
-            _save(a.out, ema_tr, ema_te, tokenizer, a.patch, presets)
+            save()
             last_save = time.time()
             print(f"saved {a.out} at step {step}", flush=True)
     batches.close()
-    _save(a.out, ema_tr, ema_te, tokenizer, a.patch, presets)
+    save()
     print(f"done: {step} steps in {(time.time() - start) / 60:.1f} min, saved {a.out}", flush=True)
     return 0
 
