@@ -78,6 +78,14 @@ class Settings(BaseModel):
     # Which of each model's lanes a worker reads (service/broker/lanes.py): "all" (short first, then
     # long) or "short" (never a job above the model's long_cost: capacity long jobs cannot take).
     worker_lanes: Literal["all", "short"] = "all"
+    # LoRA adapters (service/adapters/): a folder per model under this one, shared by the API
+    # (which lists and checks them, and adds or removes them on the admin routes) and the workers
+    # (which load them); unset: only the adapters the built-in model ships.
+    adapters_dir: str | None = None
+    # Largest adapter file accepted (listing, upload and loading alike), in bytes.
+    adapter_max_bytes: int = Field(256 << 20, ge=1024)
+    # Device memory a model's adapter slots may take, in MiB, unless its registry entry says otherwise.
+    adapter_budget_mb: float = Field(1024.0, gt=0, allow_inf_nan=False)
 
     @field_validator("device")
     @classmethod
@@ -162,6 +170,9 @@ ENV_NAMES: dict[str, str] = {
     "reconcile_settle_s": "CLUSCA_RECONCILE_SETTLE_S",
     "reconcile_journal": "CLUSCA_RECONCILE_JOURNAL",
     "worker_lanes": "CLUSCA_WORKER_LANES",
+    "adapters_dir": "CLUSCA_ADAPTERS_DIR",
+    "adapter_max_bytes": "CLUSCA_ADAPTER_MAX_BYTES",
+    "adapter_budget_mb": "CLUSCA_ADAPTER_BUDGET_MB",
 }
 
 

@@ -88,7 +88,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.add_middleware(FormAsJson, paths=["/v1/videos"])
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes,
                        routes=own + [route for r in routers for route in r.routes],
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s,
+                       streamed=lambda path: admin.ADAPTER_UPLOAD.match(path) is not None)
     install_openapi(app, settings, registry)
     return app
 

@@ -38,7 +38,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
     idem = idempotency_scope(identity, idempotency_key)
     width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
     ask = JobAsk.of(body, width=width, height=height, num_images=body.n, images_field="n", output="image")
-    entry, job = await resolve_job(services.registry, services.settings, ask)
+    entry, job = await resolve_job(services.registry, services.settings, ask, services.adapters)
     return await _run(services, request, "/v1/images/generations", entry, job, body, idem)
 
 
@@ -53,8 +53,10 @@ async def _run(services: Services, request: Request, endpoint: str, entry: Model
         raise ApiError(504, "timeout", f"job {job_id} did not finish within {services.settings.sync_timeout_s} s; "
                        f"it continues: GET /jobs/{job_id}")
     if record.status != SUCCEEDED:
-        code = "deadline_exceeded" if record.deadline_exceeded else "job_" + record.status
-        raise ApiError(unfinished_status(record), code, record.error or record.status)
+        code = "deadline_exceeded" if record.deadline_exceeded else \
+            "adapter_unavailable" if record.adapter_unavailable else "job_" + record.status
+        raise ApiError(unfinished_status(record), code, record.error or record.status,
+                       param="adapters" if record.adapter_unavailable else None)
     if body.response_format == "url":
         base = str(request.base_url).rstrip("/")
         data = [OpenAIImage(url=f"{base}/jobs/{job_id}/images/{k}") for k in range(len(images))]
@@ -139,6 +141,6 @@ async def images_edits(request: Request, services: ServicesDep, identity: AuthDe
         raise ApiError(422, "validation_error", f"size: {message}", param="size",
                        fields=[{"field": "size", "message": message}])
     ask = JobAsk.of(body, num_images=body.n, images_field="n", output="image", edit=edit)
-    entry, job = await resolve_job(services.registry, services.settings, ask)
+    entry, job = await resolve_job(services.registry, services.settings, ask, services.adapters)
     await keep_edit(services, entry.name, edit)
     return await _run(services, request, "/v1/images/edits", entry, job, body, idem)

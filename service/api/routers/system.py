@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from service import metrics
 from service.api.deps import AuthDep, ServicesDep
+from service.api.views import adapter_out
 from service.api.schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
 
 router = APIRouter(tags=["system"])
@@ -42,12 +43,15 @@ async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
     for w in await q.live_workers(services.registry.names):
         for name, where in w.models.items():
             workers.setdefault(name, []).append({"id": w.id, "host": w.host, "device": where.get("device"),
-                                                 "running": w.running, "lanes": where.get("lanes")})
+                                                 "running": w.running, "lanes": where.get("lanes"),
+                                                 "adapters_loaded": where.get("adapters_loaded")})
     out = []
     for e in services.registry.entries():
+        adapters = [adapter_out(a, problem) for a, problem in await services.adapters.listing(e)]
         out.append(ModelInfo(**e.public(), limits=e.limits_within(services.settings), workers_alive=await q.workers_alive(e.name),
                              queue_depth=await q.depth(e.name), running_jobs=await q.running(e.name),
-                             workers=workers.get(e.name, [])))
+                             workers=workers.get(e.name, []), adapters=adapters,
+                             max_adapters=e.adapters.max_per_request if e.serves_adapters else 0))
     return ModelsResponse(default_model=services.settings.default_model, models=out)
 
 
