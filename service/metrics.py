@@ -54,8 +54,8 @@ ADAPTER_LOAD = Histogram("clusca_adapter_load_seconds", "Time to load one LoRA a
                          buckets=LATENCY_BUCKETS)
 ADAPTERS_LOADED = Gauge("clusca_adapters_loaded", "LoRA adapters loaded in a worker's adapter slots",
                         ["model", "worker"], multiprocess_mode="max")
-ADAPTER_REQUESTS = Counter("clusca_adapter_requests_total", "Jobs queued per LoRA adapter (the first "
-                           "ADAPTER_LABELS names of a model get a label each; later ones count as 'other')",
+ADAPTER_REQUESTS = Counter("clusca_adapter_requests_total", "Jobs queued per LoRA adapter (a model's first "
+                           "20 adapter names get a label each; later ones count as 'other')",
                            ["model", "adapter"])
 HEARTBEAT = Gauge("clusca_worker_heartbeat_timestamp_seconds", "Last heartbeat of a worker (unix time)",
                   ["worker"], multiprocess_mode="max")

@@ -72,6 +72,10 @@ TEST_MODEL_LIST = [
     noop_model("costly", 4, limits={"max_cost": 10000, "sizes": ["16x16", "24x16"]}),
     noop_model("noopvideo", 3, video=True, limits={"max_frames": 17, "frame_step": 4, "max_video_pixels": 2304}),
     noop_model("lanes", 2, delay=0.1, limits={"long_cost": 2560}),
+    # LoRA adapters (tests/api/test_service_adapters.py runs their API and worker, with an adapters folder).
+    noop_model("adapted", 4, delay=0.05, adapters={"max_per_request": 2, "slots": 2}),
+    noop_model("adaptedvideo", 3, video=True, limits={"max_frames": 17, "frame_step": 4, "max_video_pixels": 2304}),
+    noop_model("noadapters", 2, adapters={"enabled": False}),
     {"name": "tinyflux", "kind": "diffusers", "path": "/built/by/test_service_diffusers",
      "defaults": {"width": 32, "height": 32, "steps": 4, "guidance": 3.5, "cache": "off", "size_multiple": 16}},
     {"name": "shapes", "kind": "builtin"},

@@ -54,6 +54,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         journal = reconcile.AckJournal(settings.reconcile_settle_s, disk=disk, max_age_s=settings.result_ttl_s)
         for name in registry.names:  # a zero per model, so alerts and dashboards see the series before any loss
             metrics.JOBS_LOST.labels(name)
+            if registry.get(name).serves_adapters:
+                metrics.ADAPTER_REQUESTS.labels(name, "other")
         queue = JobQueue(r, max_queue=settings.max_queue, ttl_s=settings.result_ttl_s,
                          wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms,
                          journal=journal)

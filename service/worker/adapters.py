@@ -16,8 +16,10 @@ reported (``adapters_unusable`` in the worker's heartbeat) so that ``GET /models
 the API refuses it. Load times are timed (``clusca_adapter_load_seconds``, and the job result's
 ``adapter_load_s``); ``pins`` are loaded at start and never evicted.
 
-Without a bank (a model whose runner has no transformer to hook, e.g. the no-op model) the
-slots are bookkeeping only: the same checks and errors, no weights.
+The bank is the runner's (``service/worker/runners/lora_slots.py`` wraps the library's): this
+module only decides which adapter goes in which slot. Without a bank (a model whose runner has
+no layers to adapt, e.g. the no-op model) the slots are bookkeeping only: the same checks and
+errors, no weights.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class _Resident:
 
 
 class AdapterSlots:
-    """The adapters loaded for one model, over ``slots`` slots of ``bank`` (None: bookkeeping only).
+    """The adapters loaded for one model, over ``slots`` slots of ``bank`` (None: bookkeeping only):
+    an object with ``load(slot, path, name, max_bytes)`` (a ``ValueError`` says why it does not fit),
+    ``clear(slot)``, ``select(per_image (slot, scale) pairs)`` and ``release()``.
 
     ``shapes`` are the targetable layers' ``(in, out)`` by module name (None with no bank: any
     layers fit). Calls come from the worker's loop; the heartbeat thread reads :meth:`describe`.
@@ -81,6 +85,9 @@ class AdapterSlots:
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
         self._unusable: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
+        # The model's series from the start (zero), so that dashboards see them before the first load.
+        metrics.ADAPTER_LOAD.labels(entry.name)
+        metrics.ADAPTERS_LOADED.labels(entry.name, self.worker_id).set(0)
 
     # ------------------------------------------------------------------ what a call needs
     def problems(self, uses: Sequence[AdapterUse]) -> str | None:
@@ -133,7 +140,7 @@ class AdapterSlots:
     def release(self) -> None:
         """After a call: the bank adds nothing until the next :meth:`select`."""
         if self.bank is not None:
-            self.bank.active = False
+            self.bank.release()
 
     def _ensure(self, name: str, keep: Sequence[str]) -> bool:
         """``name`` in a slot (its current file version); True when it had to be loaded."""
@@ -160,18 +167,12 @@ class AdapterSlots:
         return True
 
     def _load_into(self, slot: int, stored: Any, name: str) -> None:
-        if self.bank is None:
-            try:
-                inspect_adapter(stored.path, name, self.store.max_bytes)
-            except AdapterFileError as exc:
-                raise AdapterUnavailable(name, str(exc)) from None
-            return
-        from clusca.lora import LoraError, load_lora
-
         try:
-            weights = load_lora(stored.path, name=name, max_bytes=self.store.max_bytes)
-            self.bank.load(slot, weights)
-        except LoraError as exc:
+            if self.bank is None:
+                inspect_adapter(stored.path, name, self.store.max_bytes)
+            else:
+                self.bank.load(slot, stored.path, name, self.store.max_bytes)
+        except (AdapterFileError, ValueError) as exc:
             fingerprint = stored.info.fingerprint if stored.info else ""
             self._refuse(name, fingerprint, str(exc))
             raise AdapterUnavailable(name, str(exc)) from None

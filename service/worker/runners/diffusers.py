@@ -96,32 +96,19 @@ class DiffusersRunner(PipelineRunner):
         transformer = getattr(self.pipe, "transformer", None)
         if not self.entry.serves_adapters or transformer is None:
             return
-        import re
-
-        import torch
-        from clusca.lora import LoraBank, LoraError
-
-        from service.worker.adapters import AdapterSlots, slots_within
+        from service.worker.adapters import AdapterSlots
+        from service.worker.runners.lora_slots import LoraBankSlots
 
         cfg = self.entry.adapters
-        patterns = [re.compile(t) for t in cfg.targets]
-        shapes: dict[str, tuple[int, int]] = {}
-        slot_bytes = 0
-        for name, mod in transformer.named_modules():
-            if isinstance(mod, torch.nn.Linear) and any(p.fullmatch(name) for p in patterns):
-                shapes[name] = (mod.in_features, mod.out_features)
-                slot_bytes += cfg.max_rank * (mod.in_features + mod.out_features) * mod.weight.element_size()
-        budget = cfg.budget_mb if cfg.budget_mb is not None else source.budget_mb
-        slots = slots_within(cfg.slots, slot_bytes, budget)
         try:
-            bank = LoraBank(transformer, cfg.targets, slots=slots, max_rank=cfg.max_rank,
-                            per_sample=cfg.max_per_request)
-        except LoraError as exc:
+            bank = LoraBankSlots(transformer, self.entry, cfg.budget_mb if cfg.budget_mb is not None
+                                 else source.budget_mb)
+        except ValueError as exc:
             log.warning("model %s serves no adapters: %s", self.entry.name, exc)
             return
-        self.adapters = AdapterSlots(self.entry, source, bank=bank, shapes=shapes, slots=slots)
-        log.info("model %s: %d adapter slot(s) of rank %d over %d layers (%.1f MiB)", self.entry.name, slots,
-                 cfg.max_rank, len(shapes), slots * slot_bytes / (1 << 20))
+        self.adapters = AdapterSlots(self.entry, source, bank=bank, shapes=bank.shapes, slots=bank.slots)
+        log.info("model %s: %d adapter slot(s) of rank %d over %d layers (%.1f MiB)", self.entry.name, bank.slots,
+                 cfg.max_rank, len(bank.shapes), bank.slots * bank.slot_bytes / (1 << 20))
 
     def generator(self, seed: int) -> Any:
         import torch
