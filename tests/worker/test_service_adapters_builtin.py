@@ -45,7 +45,7 @@ def shapes(service: Service, tmp_path_factory):
     models = folder / "models.yaml"
     models.write_text(f"models:\n  - name: shapes\n    kind: builtin\n    path: {WEIGHTS}\n"
                       "    adapters: {slots: 2, max_per_request: 2, pins: [ink]}\n")
-    env = {"CLUSCA_ADAPTERS_DIR": str(root), "CLUSCA_MODELS": str(models)}
+    env = {"CLUSCA_ADAPTERS_DIR": str(root), "CLUSCA_MODELS": str(models), "CLUSCA_DEFAULT_MODEL": "shapes"}
     worker = service.start_worker("shapes", {**env, "CLUSCA_MAX_BATCH": "4", "CLUSCA_VISIBILITY_TIMEOUT_S": "60"},
                                   timeout=180)
     try:
@@ -90,7 +90,7 @@ def test_a_mixed_adapter_batch_gives_each_job_its_solo_image(shapes, cache):
             dict(prompt="a red circle on the left", seed=40)]
     common = dict(steps=10, cache={"preset": cache})
     with httpx.Client(base_url=url, timeout=60) as c:
-        ahead = _submit(c, prompt="a green triangle", steps=60, seed=1)
+        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1)
         time.sleep(0.3)
         ids = [_submit(c, **a, **common) for a in asks]
         together = [_finished(c, j) for j in ids]
@@ -111,7 +111,7 @@ def test_a_batch_whose_adapters_overflow_the_slots_is_split(shapes):
     _, url = shapes
     asks = [dict(prompt=f"a red circle {k}", seed=50 + k, adapters=[{"name": name}]) for k, name in enumerate(ADAPTERS)]
     with httpx.Client(base_url=url, timeout=60) as c:
-        ahead = _submit(c, prompt="a green triangle", steps=60, seed=1)
+        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1)
         time.sleep(0.3)
         ids = [_submit(c, **a, steps=8) for a in asks]
         together = [_finished(c, j) for j in ids]
