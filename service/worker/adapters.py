@@ -147,7 +147,8 @@ class AdapterSlots:
         stored, info = self._checked(name)
         here = self._resident.get(name)
         if here is not None and here.fingerprint == info.fingerprint:
-            self._resident.move_to_end(name)
+            with self._lock:
+                self._resident.move_to_end(name)
             return False
         slot = here.slot if here is not None else self._free_slot(keep)
         t0 = time.perf_counter()

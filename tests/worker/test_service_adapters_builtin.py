@@ -154,3 +154,18 @@ def test_the_readme_adapter_example_works_as_typed(shapes, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr
     assert "outline" in res.stdout and Image.open(tmp_path / "outline.png").size == (32, 32)
+
+
+def test_an_openai_edit_takes_adapters_as_a_form_field(shapes):
+    _, url = shapes
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(png, "PNG")
+    with httpx.Client(base_url=url, timeout=240) as c:
+        r = c.post("/v1/images/edits", data={"prompt": "a blue square", "adapters": "ink:0.5,chalk", "seed": "3"},
+                   files={"image": ("in.png", png.getvalue(), "image/png")})
+        assert r.status_code == 200, r.text
+        job = c.get(f"/jobs/{r.json()['id']}").json()
+        assert job["adapters"] == [{"name": "ink", "scale": 0.5}, {"name": "chalk", "scale": 1.0}]
+        bad = c.post("/v1/images/edits", data={"prompt": "a blue square", "adapters": "nope"},
+                     files={"image": ("in.png", png.getvalue(), "image/png")})
+    assert bad.status_code == 422 and "has no adapter 'nope'" in bad.json()["error"]["message"], bad.text

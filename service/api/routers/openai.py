@@ -80,7 +80,9 @@ _EDIT_FORM = {"multipart/form-data": {"schema": {
                  "pixels (alpha below one half) are redrawn, the image's size (models with edits: inpaint)."},
         # The plain text fields (cache settings go as cache[knob] fields, which a form schema cannot spell).
         **{k: v for k, v in OpenAIImageEditRequest.model_json_schema()["properties"].items()
-           if "$ref" not in json.dumps(v)}}}}}
+           if "$ref" not in json.dumps(v)},
+        "adapters": {"type": "string", "maxLength": 2000, "description": "LoRA adapters of the model: JSON "
+                     "([{\"name\": \"outline\", \"scale\": 0.8}]) or name[:scale],... (e.g. outline:0.8,pastel)"}}}}}
 
 
 def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, bytes, bytes | None, str]:
