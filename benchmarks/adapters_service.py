@@ -178,7 +178,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="clusca-adapters-store-"))
     write_adapters(root / "shapes", names, args.rank)
     load_avg = round(os.getloadavg()[0], 2)
-    switch = switch_cost(root / "shapes", names, args.steps, args.repeats)
+    switch = switch_cost(root, names, args.steps, args.repeats)
     print(f"switch: cold {statistics.median(switch['cold_load_s']) * 1000:.1f} ms load, "
           f"warm {statistics.median(switch['warm_load_s']) * 1000:.2f} ms", flush=True)
     stack = Stack(root, args.batch, max(args.adapters, 2))
@@ -233,6 +233,8 @@ def render(res: dict[str, Any]) -> str:
         f"| no adapter | – | {base:.3f} |",
         f"| cold: load into a slot | {cold:.1f} | {statistics.median(s['cold_s']):.3f} |",
         f"| warm: already in a slot | {warm:.2f} | {statistics.median(s['warm_s']):.3f} |", "",
+        "The load column is what a switch adds to its call (timed inside it); the call column is single calls' "
+        "wall time, as noisy as the machine's load.", "",
         f"Throughput through the service: {m['jobs']} synchronous jobs from {m['concurrency']} clients, one worker "
         f"batching up to {m['batch']} jobs, every adapter already loaded once.", "",
         "| load | jobs/s | mean batch (images) |", "|---|---|---|",
