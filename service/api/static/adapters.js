@@ -29,10 +29,9 @@ export function configure(m) {
   list.replaceChildren();
   const adapters = m.adapters || [];
   limit = m.max_adapters || 0;
-  $("adapters").hidden = limit === 0;
-  $("adapter-info").textContent = adapters.length
-    ? `Up to ${limit} per request; each scale 1 applies it as trained.`
-    : "This model has no adapters.";
+  // Nothing to pick: no picker (a model without adapters, or one that serves none).
+  $("adapters").hidden = limit === 0 || adapters.length === 0;
+  $("adapter-info").textContent = `Up to ${limit} per request; scale 1 applies an adapter as trained.`;
   for (const a of adapters) {
     const box = el("input", { type: "checkbox", "data-name": a.name, "data-loads": String(a.loads) });
     box.checked = a.loads && keep.has(a.name);
