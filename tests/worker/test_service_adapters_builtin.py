@@ -90,7 +90,7 @@ def test_a_mixed_adapter_batch_gives_each_job_its_solo_image(shapes, cache):
             dict(prompt="a red circle on the left", seed=40)]
     common = dict(steps=10, cache={"preset": cache})
     with httpx.Client(base_url=url, timeout=60) as c:
-        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1)
+        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1, num_images=4, cache={"preset": "off"})
         time.sleep(0.3)
         ids = [_submit(c, **a, **common) for a in asks]
         together = [_finished(c, j) for j in ids]
@@ -111,7 +111,7 @@ def test_a_batch_whose_adapters_overflow_the_slots_is_split(shapes):
     _, url = shapes
     asks = [dict(prompt=f"a red circle {k}", seed=50 + k, adapters=[{"name": name}]) for k, name in enumerate(ADAPTERS)]
     with httpx.Client(base_url=url, timeout=60) as c:
-        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1)
+        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1, num_images=4, cache={"preset": "off"})
         time.sleep(0.3)
         ids = [_submit(c, **a, steps=8) for a in asks]
         together = [_finished(c, j) for j in ids]
@@ -169,3 +169,21 @@ def test_an_openai_edit_takes_adapters_as_a_form_field(shapes):
         bad = c.post("/v1/images/edits", data={"prompt": "a blue square", "adapters": "nope"},
                      files={"image": ("in.png", png.getvalue(), "image/png")})
     assert bad.status_code == 422 and "has no adapter 'nope'" in bad.json()["error"]["message"], bad.text
+
+
+def test_calls_with_adapters_never_record_or_replay_a_cuda_graph():
+    # A kept graph would replay the adapter selection of the call that recorded it.
+    from clusca.config import ClusCaConfig
+
+    from service.contract import AdapterUse, JobRequest
+    from service.worker.runners.base import Batch
+    from service.worker.runners.diffusers import DiffusersRunner
+
+    cache = ClusCaConfig.from_dict({"preset": "fast"})
+    plain = JobRequest(prompt="p", width=32, height=32, steps=8, guidance=5.0, seed=1, cache=cache)
+    adapted = JobRequest(prompt="p", width=32, height=32, steps=8, guidance=5.0, seed=2, cache=cache,
+                         adapters=(AdapterUse("ink"),))
+    assert cache.capture == "auto" and DiffusersRunner.cache_of(Batch.of([plain])) is cache
+    for batch in (Batch.of([adapted]), Batch.of([plain, adapted])):
+        run = DiffusersRunner.cache_of(batch)
+        assert run.capture == "off" and run.interval == cache.interval and cache.capture == "auto"

@@ -129,9 +129,21 @@ class DiffusersRunner(PipelineRunner):
         # The cache's schedule (warm-up, full-step interval) counts the steps the call denoises,
         # from the first of them: an edit's are the last `strength` share of the schedule.
         with torch.inference_mode():
-            with clusca_run(pipe.transformer, batch.cache, num_inference_steps=batch.denoised_steps) as run:
+            with clusca_run(pipe.transformer, self.cache_of(batch), num_inference_steps=batch.denoised_steps) as run:
                 images = self.outputs(pipe(**announce_steps(kwargs, run)))
         return images, run.stats
+
+    @staticmethod
+    def cache_of(batch: Batch) -> Any:
+        """The call's ClusCa settings. A call with adapters runs its cached steps eagerly: a recorded CUDA
+        graph is kept for later runs of the same settings and shape, and would replay the adapter
+        selection (which rows read which slots, and whether the bank adds anything at all) of the
+        call that recorded it. Calls without adapters record and replay as before."""
+        if batch.adapters is None or batch.cache.capture == "off":
+            return batch.cache
+        import dataclasses
+
+        return dataclasses.replace(batch.cache, capture="off")
 
     def outputs(self, result: Any) -> list[Any]:
         """The pipeline call's outputs, one per prompt."""
