@@ -49,7 +49,8 @@ from benchmarks._results import RESULTS, load  # noqa: E402
 TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "library": ("Library", ("speed_flux", "cache_compare", "cached_step", "guard_sweep", "context_parallel")),
     "builtin": ("Built-in model", ("builtin_model", "tune_builtin", "thread_default", "edit_set", "adapters")),
-    "service": ("Service", ("service_overhead", "queue_throughput", "load", "queue_cpu", "cancel_latency", "lanes_latency")),
+    "service": ("Service", ("service_overhead", "queue_throughput", "load", "queue_cpu", "cancel_latency", "lanes_latency",
+                         "adapters_service")),
     "video": ("Video", ("video_transformer", "video_caches")),
     "gpu": ("GPU", ("gpu_flux",)),
     "reliability": ("Reliability", ()),

@@ -61,6 +61,32 @@ DEADLINE_EXCEEDED = "deadline exceeded"
 # How an edit's input is named in a request: the SHA-256 of its stored PNG, in hex.
 INPUT_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
+# How an adapter is named (the model-name rule: never a path) and the scales a request may give one.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_SCALE_RANGE = (-4.0, 4.0)
+# Adapters one request may name at most, whatever its model allows (a model's own limit is lower).
+MAX_ADAPTERS = 8
+# How the error of a job whose adapter could not be used begins (the API answers it with a 422).
+ADAPTER_UNAVAILABLE = "adapter unavailable"
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One LoRA adapter a job runs with, by its name in the model's adapter store, and its scale."""
+
+    name: str
+    scale: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "AdapterUse":
+        if not isinstance(d, Mapping) or not _is(d.get("name"), str) or not ADAPTER_NAME.match(d["name"]):
+            raise ContractError(f"{where}.name: expected an adapter name")
+        scale = d.get("scale", 1.0)
+        lo, hi = ADAPTER_SCALE_RANGE
+        if not _is(scale, int, float) or not (math.isfinite(scale) and lo <= scale <= hi):
+            raise ContractError(f"{where}.scale: expected a finite number in [{lo:g}, {hi:g}]")
+        return cls(d["name"], float(scale))
+
 
 def denoised_steps(steps: int, strength: float) -> int:
     """Steps an edit of ``strength`` denoises out of a schedule of ``steps``: diffusers' image-to-image
@@ -142,6 +168,8 @@ class JobRequest(_StoredAsJson):
     image: str | None = None
     mask: str | None = None
     strength: float | None = None
+    # LoRA adapters by name, each with its scale, in the order the request gave them (none: the base model).
+    adapters: tuple[AdapterUse, ...] = ()
 
     @property
     def is_video(self) -> bool:
@@ -179,7 +207,8 @@ class JobRequest(_StoredAsJson):
         """Requests with equal keys can share one pipeline call: everything the call takes
         once for all its images (size, steps, guidance, cache settings, whether there are
         negative prompts, an edit's strength and whether it has a mask) is equal; prompts, seeds,
-        counts, formats and input images may differ."""
+        counts, formats, input images and adapters may differ (the adapter bank gathers each
+        sample's own adapters; the worker splits a batch whose adapters do not fit its slots)."""
         return json.dumps([model, self.width, self.height, self.steps, self.guidance,
                            self.negative_prompt is None, self.cache.to_dict(), self.num_frames,
                            self.is_edit, self.strength, self.mask is not None], sort_keys=True)
@@ -210,6 +239,12 @@ class JobRequest(_StoredAsJson):
             raise ContractError("request.strength: set exactly when image is, and a mask only with an image")
         if strength is not None and (not _is(strength, int, float) or not 0 < strength <= 1):
             raise ContractError("request.strength: expected a number in (0, 1]")
+        raw_adapters = d.get("adapters") or []  # absent in requests stored before adapters
+        if not isinstance(raw_adapters, list) or len(raw_adapters) > MAX_ADAPTERS:
+            raise ContractError(f"request.adapters: expected a list of at most {MAX_ADAPTERS}")
+        adapters = tuple(AdapterUse.from_dict(a, f"request.adapters[{i}]") for i, a in enumerate(raw_adapters))
+        if len({a.name for a in adapters}) != len(adapters):
+            raise ContractError("request.adapters: an adapter is named twice")
         formats = VIDEO_FORMATS if d.get("num_frames") is not None else IMAGE_FORMATS
         if d["output_format"] not in formats:
             raise ContractError(f"request.output_format: not one of {list(formats)}")
@@ -227,7 +262,7 @@ class JobRequest(_StoredAsJson):
                    num_images=d["num_images"], output_format=d["output_format"], cache=cache,
                    webhook_url=d["webhook_url"], num_frames=d.get("num_frames"), fps=d.get("fps"),
                    timeout_s=None if timeout is None else float(timeout), image=image, mask=mask,
-                   strength=None if strength is None else float(strength))
+                   strength=None if strength is None else float(strength), adapters=adapters)
 
 
 # ---------------------------------------------------------------------------- the result
@@ -259,6 +294,8 @@ class JobResult(_StoredAsJson):
     attempt: int | None = None
     content_type: str | None = None
     timings: Timings = field(default_factory=Timings)
+    # Seconds the call spent loading adapters into the worker's slots before it ran (0: all were loaded).
+    adapter_load_s: float | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobResult":
@@ -266,7 +303,8 @@ class JobResult(_StoredAsJson):
             raise ContractError("result: expected an object")
         optional: dict[str, tuple[type, ...]] = {
             "seed": (int,), "cache_mode": (str,), "cache_stats": (dict,), "batch_images": (int,),
-            "batch_jobs": (int,), "worker": (str,), "attempt": (int,), "content_type": (str,)}
+            "batch_jobs": (int,), "worker": (str,), "attempt": (int,), "content_type": (str,),
+            "adapter_load_s": (int, float)}
         for name, types in optional.items():
             if d.get(name) is not None and not _is(d[name], *types):
                 raise ContractError(f"result.{name}: of the wrong type")
@@ -339,6 +377,11 @@ class JobRecord:
     def deadline_exceeded(self) -> bool:
         """The job failed because it ran past its ``timeout_s`` (the client's limit, not a fault)."""
         return self.status == FAILED and (self.error or "").startswith(DEADLINE_EXCEEDED)
+
+    @property
+    def adapter_unavailable(self) -> bool:
+        """The job failed because an adapter it names was removed or does not fit its model (the request's fault)."""
+        return self.status == FAILED and (self.error or "").startswith(ADAPTER_UNAVAILABLE)
 
     @classmethod
     def queued(cls, job_id: str, model: str, request: JobRequest, created: float) -> "JobRecord":

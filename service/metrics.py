@@ -56,8 +56,31 @@ PARALLEL_DEGREE = Gauge("clusca_parallel_degree", "Ranks that split each call of
                         ["model"], multiprocess_mode="max")
 GROUP_RESTARTS = Counter("clusca_parallel_group_restarts_total", "Context-parallel worker groups restarted "
                          "because a rank died or a collective timed out", ["model"])
+ADAPTER_LOAD = Histogram("clusca_adapter_load_seconds", "Time to load one LoRA adapter into a slot of the "
+                         "model's adapter bank (read and copy; a loaded adapter costs nothing)", ["model"],
+                         buckets=LATENCY_BUCKETS)
+ADAPTERS_LOADED = Gauge("clusca_adapters_loaded", "LoRA adapters loaded in a worker's adapter slots",
+                        ["model", "worker"], multiprocess_mode="max")
+ADAPTER_REQUESTS = Counter("clusca_adapter_requests_total", "Jobs queued per LoRA adapter (a model's first "
+                           "20 adapter names get a label each; later ones count as 'other')",
+                           ["model", "adapter"])
 HEARTBEAT = Gauge("clusca_worker_heartbeat_timestamp_seconds", "Last heartbeat of a worker (unix time)",
                   ["worker"], multiprocess_mode="max")
+
+
+# Distinct adapter labels per model and process: adapters are added at run time, and a label per name
+# would grow the series without bound.
+ADAPTER_LABELS = 20
+_adapter_labels: dict[str, set[str]] = {}
+
+
+def adapter_requests(model: str, adapter: str) -> Counter:
+    """The request counter of ``adapter``: its own series among the model's first
+    :data:`ADAPTER_LABELS` names, else the model's ``other``."""
+    seen = _adapter_labels.setdefault(model, set())
+    if adapter not in seen and len(seen) < ADAPTER_LABELS:
+        seen.add(adapter)
+    return ADAPTER_REQUESTS.labels(model, adapter if adapter in seen else "other")
 
 
 def multiprocess_dir() -> str | None:

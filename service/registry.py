@@ -95,6 +95,58 @@ class ModelDefaults(BaseModel):
         return v
 
 
+# The linear layers of a FLUX-architecture transformer that LoRA adapters usually train (diffusers'
+# names): every attention projection and the feed-forward layers of both kinds of block.
+FLUX_LORA_TARGETS = [r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|proj_mlp|proj_out)",
+                     r".*\.ff(_context)?\.net\.(0\.proj|2)"]
+
+
+class AdapterSettings(BaseModel):
+    """How a model serves LoRA adapters (docs/deployment.md): its worker's adapter bank and what a
+    request may ask of it.
+
+    The bank (``clusca.lora.LoraBank``) holds ``slots`` adapters at once on the targeted layers,
+    each padded to ``max_rank``; its buffers are allocated once when the model loads, so their
+    memory is ``slots`` x the cost of one slot, bounded by ``budget_mb`` (fewer slots when one
+    slot of ``max_rank`` costs more). ``pins`` are loaded at start and never evicted.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # Adapters one request (one image) may combine.
+    max_per_request: int = Field(2, ge=1, le=8)
+    slots: int = Field(8, ge=1, le=64)
+    max_rank: int = Field(16, ge=1, le=256)
+    # Regular expressions over the transformer's module names (full match); default: FLUX's layers.
+    targets: list[str] = Field(default_factory=lambda: list(FLUX_LORA_TARGETS), min_length=1)
+    # Memory the bank's slots may take on the model's device, in MiB; None: CLUSCA_ADAPTER_BUDGET_MB.
+    budget_mb: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    pins: list[str] = Field(default_factory=list)
+
+    @field_validator("pins")
+    @classmethod
+    def _pin_names(cls, v: list[str]) -> list[str]:
+        import re
+
+        for name in v:
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not an adapter name (letters, digits, '.', '_', '-')")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        import re
+
+        for t in v:
+            try:
+                re.compile(t)
+            except re.error as exc:
+                raise ValueError(f"target {t!r} is not a regular expression: {exc}") from None
+        return v
+
+
 class ModelLimits(BaseModel):
     """What a model's pipeline accepts; the API refuses anything outside it with a 422.
 
@@ -264,6 +316,8 @@ class ModelEntry(BaseModel):
     # Free-form loader options (e.g. the no-op model's per-step delay).
     options: dict[str, Any] = Field(default_factory=dict)
     parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+    # LoRA adapters per request (service/adapters/, service/worker/adapters.py).
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
 
     @model_validator(mode="after")
     def _needs_path(self) -> "ModelEntry":
@@ -357,6 +411,11 @@ class ModelEntry(BaseModel):
     def cache_config(self, requested: dict[str, Any] | None = None) -> ClusCaConfig:
         """The run's validated ClusCa settings for ``requested`` (see ``cache_settings``)."""
         return ClusCaConfig.from_dict(self.cache_settings(requested))
+
+    @property
+    def serves_adapters(self) -> bool:
+        """Whether requests for this model may name adapters (its entry's ``adapters.enabled``)."""
+        return self.adapters.enabled
 
     def public(self) -> dict[str, Any]:
         """What clients may see (no filesystem paths)."""

@@ -84,6 +84,14 @@ class Settings(BaseModel):
     parallel_nodes: int = Field(1, ge=1, le=1024)
     parallel_node_rank: int = Field(0, ge=0)
     parallel_master: str | None = None
+    # LoRA adapters (service/adapters/): a folder per model under this one, shared by the API
+    # (which lists and checks them, and adds or removes them on the admin routes) and the workers
+    # (which load them); unset: only the adapters the built-in model ships.
+    adapters_dir: str | None = None
+    # Largest adapter file accepted (listing, upload and loading alike), in bytes.
+    adapter_max_bytes: int = Field(256 << 20, ge=1024)
+    # Device memory a model's adapter slots may take, in MiB, unless its registry entry says otherwise.
+    adapter_budget_mb: float = Field(1024.0, gt=0, allow_inf_nan=False)
 
     @field_validator("device")
     @classmethod
@@ -171,6 +179,9 @@ ENV_NAMES: dict[str, str] = {
     "parallel_nodes": "CLUSCA_PARALLEL_NODES",
     "parallel_node_rank": "CLUSCA_PARALLEL_NODE_RANK",
     "parallel_master": "CLUSCA_PARALLEL_MASTER",
+    "adapters_dir": "CLUSCA_ADAPTERS_DIR",
+    "adapter_max_bytes": "CLUSCA_ADAPTER_MAX_BYTES",
+    "adapter_budget_mb": "CLUSCA_ADAPTER_BUDGET_MB",
 }
 
 

@@ -72,6 +72,10 @@ TEST_MODEL_LIST = [
     noop_model("costly", 4, limits={"max_cost": 10000, "sizes": ["16x16", "24x16"]}, edits="image"),
     noop_model("noopvideo", 3, video=True, limits={"max_frames": 17, "frame_step": 4, "max_video_pixels": 2304}),
     noop_model("lanes", 2, delay=0.1, limits={"long_cost": 2560}),
+    # LoRA adapters (tests/api/test_service_adapters.py runs their API and worker, with an adapters folder).
+    noop_model("adapted", 4, delay=0.05, adapters={"max_per_request": 2, "slots": 2}),
+    noop_model("adaptedvideo", 3, video=True, limits={"max_frames": 17, "frame_step": 4, "max_video_pixels": 2304}),
+    noop_model("noadapters", 2, adapters={"enabled": False}),
     {"name": "tinyflux", "kind": "diffusers", "path": "/built/by/test_service_diffusers",
      "defaults": {"width": 32, "height": 32, "steps": 4, "guidance": 3.5, "cache": "off", "size_multiple": 16}},
     {"name": "shapes", "kind": "builtin"},
@@ -355,3 +359,37 @@ def answer_problem(case: Any, resp: httpx.Response | Any) -> str | None:
     if problem is None and str(resp.status_code) not in documented and "default" not in documented:
         problem = f"status {resp.status_code} not documented (documented: {sorted(documented)})"
     return problem
+
+
+def write_lora(path: Path, layers: dict[str, tuple[int, int]], *, rank: int = 4, seed: int = 0, scale: float = 0.5,
+               peft: bool = False, alpha: float | None = None) -> Path:
+    """A random LoRA adapter of ``rank`` for ``layers`` (``{module: (in, out)}``) at ``path``: a PEFT
+    folder (``peft``) or one ``.safetensors`` file (``path`` then ends in it); returns ``path``."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (fan_in, fan_out) in sorted(layers.items()):
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * scale / fan_in ** 0.5
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * scale / rank ** 0.5
+    if peft:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps({
+            "r": rank, "lora_alpha": alpha if alpha is not None else rank,
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in layers})}))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path))
+    return path
+
+
+def linear_shapes(model: Any, names: tuple[str, ...] = ("to_q", "to_v", "proj_mlp")) -> dict[str, tuple[int, int]]:
+    """``{module: (in, out)}`` of the ``nn.Linear`` layers of ``model`` whose last name is one of ``names``."""
+    import torch
+
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in names}

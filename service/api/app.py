@@ -54,6 +54,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         journal = reconcile.AckJournal(settings.reconcile_settle_s, disk=disk, max_age_s=settings.result_ttl_s)
         for name in registry.names:  # a zero per model, so alerts and dashboards see the series before any loss
             metrics.JOBS_LOST.labels(name)
+            if registry.get(name).serves_adapters:
+                metrics.ADAPTER_REQUESTS.labels(name, "other")
         queue = JobQueue(r, max_queue=settings.max_queue, ttl_s=settings.result_ttl_s,
                          wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms,
                          journal=journal)
@@ -88,7 +90,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.add_middleware(FormAsJson, paths=["/v1/videos"])
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes,
                        routes=own + [route for r in routers for route in r.routes],
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s,
+                       streamed=lambda path: admin.ADAPTER_UPLOAD.match(path) is not None)
     install_openapi(app, settings, registry)
     return app
 

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.adapters.store import AdapterStore
+from service.api.adapter_catalog import AdapterCatalog
 from service.outputs import store as video_store
 from service.broker.producer import JobQueue
 from service.broker.reconcile import AckJournal
@@ -30,10 +32,14 @@ class Services:
     queue: JobQueue
     journal: AckJournal = field(default_factory=AckJournal)
     videos: Store | None = None  # default: the one the settings name
+    adapters: AdapterCatalog | None = None  # default: CLUSCA_ADAPTERS_DIR and the shipped adapters
 
     def __post_init__(self) -> None:
         if self.videos is None:
             self.videos = video_store.from_settings(self.settings)
+        if self.adapters is None:
+            store = AdapterStore(self.settings.adapters_dir, self.settings.adapter_max_bytes)
+            self.adapters = AdapterCatalog(store, self.queue, self.registry.names)
 
     @property
     def video_index(self) -> VideoIndex:

@@ -39,8 +39,11 @@ class BodyLimitAndMetrics:
     """
 
     def __init__(self, app: Callable, max_body_bytes: int, routes: Sequence[Any] = (),
-                 body_timeout_s: float | None = None):
+                 body_timeout_s: float | None = None, streamed: Callable[[str], bool] | None = None):
         self.app = app
+        # Paths whose route reads the body itself, after checking the caller (adapter uploads: larger
+        # than any request body, capped by the route); their requests are counted here all the same.
+        self.streamed = streamed or (lambda _path: False)
         self.limit = max_body_bytes
         self.body_timeout_s = body_timeout_s
         # The app's routes, to name the endpoint of requests answered here, before routing.
@@ -70,7 +73,7 @@ class BodyLimitAndMetrics:
             await send(message)
 
         try:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
+            if scope["method"] in ("POST", "PUT", "PATCH") and not self.streamed(scope.get("path", "")):
                 try:
                     body = await _within(self.body_timeout_s, self._read(scope, receive))
                 except asyncio.TimeoutError:

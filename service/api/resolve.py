@@ -7,7 +7,7 @@ import json
 import secrets
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -20,6 +20,9 @@ from service.webhooks import WebhookError, check_url
 from service.api.errors import ApiError
 from service.api.schemas import CacheSettings
 from service.api.edit_inputs import EditInputs
+
+if TYPE_CHECKING:
+    from service.api.adapter_catalog import AdapterCatalog
 
 # An edit's strength when a request gives none: most of the image redrawn, its layout kept; with a
 # mask the masked region is redrawn from noise (what is outside it is kept whatever the strength).
@@ -141,6 +144,8 @@ class JobAsk:
     fps: int | None = None
     timeout_s: float | None = None
     strength: float | None = None
+    # The request's adapters as its body gives them (objects with ``name`` and ``scale``), unchecked.
+    adapters: Any = None
     # The checked input image (and mask) of an edit (service/api/edit_inputs.py).
     edit: EditInputs | None = None
     images_field: str = "num_images"
@@ -154,8 +159,10 @@ class JobAsk:
         return cls(**values, **overrides)
 
 
-async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tuple[ModelEntry, JobRequest]:
-    """The complete job, or a 422 naming the first field at fault."""
+async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk,
+                      adapters: "AdapterCatalog | None" = None) -> tuple[ModelEntry, JobRequest]:
+    """The complete job, or a 422 naming the first field at fault (``adapters``: what checks the
+    request's adapters; without it a request naming any is refused)."""
     entry = model_entry(registry, ask.model or settings.default_model)
     d = entry.defaults
     if ask.output is not None and entry.output != ask.output:
@@ -199,6 +206,9 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
         raise _bad(problem[0], f"{problem[1]} for model {entry.name!r}")
     if ask.timeout_s is not None and ask.timeout_s > settings.max_job_s:
         raise _bad("timeout_s", f"must be at most {settings.max_job_s:g} s (CLUSCA_MAX_JOB_S)")
+    if ask.adapters and adapters is None:
+        raise _bad("adapters", f"model {entry.name!r} serves no adapters here")
+    uses = await adapters.check(entry, ask.adapters) if adapters is not None else ()
     webhook_url = ask.webhook_url
     if webhook_url is not None:
         try:
@@ -223,6 +233,7 @@ async def resolve_job(registry: Registry, settings: Settings, ask: JobAsk) -> tu
         image=ask.edit.image.digest if ask.edit else None,
         mask=ask.edit.mask.digest if ask.edit and ask.edit.mask else None,
         strength=strength,
+        adapters=uses,
     )
     return entry, job
 

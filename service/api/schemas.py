@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from clusca.config import KNOBS, MAX_SEED, PRESETS, ClusCaConfig, Knob
 from clusca.stats import RunStats
 
-from service.contract import JobState, OutputFormat, Timings
+from service.contract import ADAPTER_SCALE_RANGE, MAX_ADAPTERS, JobState, OutputFormat, Timings
 from service.registry import MODEL_NAME_PATTERN, ModelLimits
 
 def _whole_number(v: Any) -> Any:
@@ -61,6 +61,40 @@ STRENGTH_FIELD: Any = Field(None, gt=0, le=1, allow_inf_nan=False, description=(
     "to that level (1: from pure noise). Default 0.8, or 1 with a mask; only with an image."))
 
 
+class AdapterChoice(BaseModel):
+    """One LoRA adapter of the model (``GET /models`` lists them) and how strongly it applies."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "outline", "scale": 0.8}]})
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, max_length=64, description="An adapter of the model, by name.")
+    scale: float = Field(1.0, ge=ADAPTER_SCALE_RANGE[0], le=ADAPTER_SCALE_RANGE[1], allow_inf_nan=False,
+                         description="How strongly it applies (1: as trained; 0: not at all; negative: against it).")
+
+
+ADAPTERS_FIELD: Any = Field(None, max_length=MAX_ADAPTERS, description=(
+    "LoRA adapters to run with, each once, up to the model's adapters.max_per_request (GET /models lists "
+    "the model's adapters and its limit); none: the base model."))
+
+
+def _adapters_text(v: Any) -> Any:
+    """A form's ``adapters`` field: JSON (``[{"name": "outline", "scale": 0.8}]``) or ``name[:scale],...``."""
+    if not isinstance(v, str):
+        return v
+    text = v.strip()
+    if text.startswith("["):
+        import json
+
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError("is not a JSON list of {name, scale} objects") from None
+    out: list[Any] = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, scale = item.partition(":")
+        out.append({"name": name, **({"scale": scale} if scale else {})})
+    return out
+
+
 class GenerateRequest(BaseModel):
     """One text-to-image request, or an edit of an image (``image``, ``strength``, ``mask``)."""
 
@@ -92,6 +126,7 @@ class GenerateRequest(BaseModel):
         "`image`; the pixels outside it are kept exactly. Models with `edits: inpaint`."))
     webhook_url: Optional[str] = Field(None, max_length=2048)
     timeout_s: Optional[float] = TIMEOUT_FIELD
+    adapters: Optional[list[AdapterChoice]] = ADAPTERS_FIELD
     async_: bool = Field(False, alias="async", description="Answer 202 with a job id instead of waiting.")
     cancel_on_disconnect: bool = CANCEL_ON_DISCONNECT_FIELD
 
@@ -123,6 +158,9 @@ class JobStatus(BaseModel):
     strength: Optional[float] = Field(None, description="Edits: the strength they ran with.")
     masked: bool = Field(False, description="Edits: whether a mask said what to repaint.")
     cache: Optional[ClusCaConfig] = Field(None, description="The resolved ClusCa settings of the run.")
+    adapters: list[AdapterChoice] = Field(default_factory=list, description="The LoRA adapters it runs with.")
+    adapter_load_s: Optional[float] = Field(None, description="Seconds its call spent loading adapters into "
+                                                              "the worker's slots (0: all were loaded).")
     cache_stats: Optional[RunStats] = Field(None, description="Statistics of the ClusCa run.")
     timeout_s: Optional[float] = Field(None, description="Seconds from creation after which the job fails.")
     timings: Timings = Field(default_factory=Timings)
@@ -157,11 +195,26 @@ class ErrorDetail(BaseModel):
     param: Optional[str] = Field(None, description="The request field at fault, when there is one.")
     fields: Optional[list[FieldError]] = None
     known_models: Optional[list[str]] = None
+    known_adapters: Optional[list[str]] = Field(None, description="The model's usable adapters, when a request "
+                                                                  "names one it lacks.")
     supported_sizes: Optional[list[str]] = Field(None, description="OpenAI endpoint: sizes the model accepts.")
 
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class AdapterInfoOut(BaseModel):
+    """One adapter of a model as GET /models lists it; ``loads`` false says why in ``problem``."""
+
+    name: str
+    source: Literal["operator", "shipped"]
+    loads: bool
+    problem: Optional[str] = None
+    rank: Optional[int] = None
+    target_modules: list[str] = []
+    layers: Optional[int] = None
+    size_bytes: Optional[int] = None
 
 
 class ModelInfo(BaseModel):
@@ -181,6 +234,8 @@ class ModelInfo(BaseModel):
     parallel: dict[str, Any] = Field(default_factory=lambda: {"ulysses": 1, "ring": 1, "world": 1},
                                      description="How many ranks split each call (context parallelism): "
                                                  "ulysses x ring = world; 1 is one process.")
+    adapters: list[AdapterInfoOut] = Field(default_factory=list, description="The model's LoRA adapters.")
+    max_adapters: int = Field(0, description="Adapters one request may name (0: the model serves none).")
 
 
 class ModelsResponse(BaseModel):
@@ -222,14 +277,17 @@ class OpenAIImageRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     cache: Optional[CacheSettings] = None
     timeout_s: Optional[float] = TIMEOUT_FIELD
+    adapters: Optional[list[AdapterChoice]] = ADAPTERS_FIELD
     cancel_on_disconnect: bool = CANCEL_ON_DISCONNECT_FIELD
 
 
 class OpenAIImageEditRequest(OpenAIImageRequest):
     """The text fields of OpenAI's ``images.edit`` form (its ``image`` and ``mask`` are files);
-    ``strength`` is this service's. The output has the image's size (``size``, if given, must be it)."""
+    ``strength`` is this service's. The output has the image's size (``size``, if given, must be it).
+    A form spells ``adapters`` as one field: JSON, or ``name[:scale],...``."""
 
     strength: Optional[float] = STRENGTH_FIELD
+    adapters: Annotated[Optional[list[AdapterChoice]], BeforeValidator(_adapters_text)] = ADAPTERS_FIELD
 
 
 class OpenAIImage(BaseModel):
@@ -277,6 +335,7 @@ class OpenAIVideoRequest(BaseModel):
     cache: Optional[CacheSettings] = None
     webhook_url: Optional[str] = Field(None, max_length=2048)
     timeout_s: Optional[float] = TIMEOUT_FIELD
+    adapters: Annotated[Optional[list[AdapterChoice]], BeforeValidator(_adapters_text)] = ADAPTERS_FIELD
 
 
 class OpenAIVideoError(BaseModel):

@@ -14,6 +14,7 @@ from service.broker.wire import IdempotencyMismatch, QueueFull
 from service.outputs.store import open_output, stored_is_ref
 from service.api.deps import Services
 from service.api.errors import ApiError
+from service.api.adapter_catalog import count_requests
 
 
 async def submit(services: Services, model: str, job: JobRequest, idem: str | None,
@@ -23,13 +24,16 @@ async def submit(services: Services, model: str, job: JobRequest, idem: str | No
     depth_limit = services.settings.max_queue
     lane = lane_of(services.registry.get(model).limits, job)
     try:
-        return await services.queue.enqueue(model, job, idem, fingerprint, lane=lane)
+        job_id, created = await services.queue.enqueue(model, job, idem, fingerprint, lane=lane)
     except IdempotencyMismatch:
         raise ApiError(422, "idempotency_key_reused", "Idempotency-Key: this key was already used for a different "
                        "request; use a new key for a new request", param="Idempotency-Key") from None
     except QueueFull as exc:
         raise ApiError(429, "queue_full", f"the queue for model {model!r} is full ({exc.depth} jobs, "
                        f"limit {depth_limit}); retry later", headers={"Retry-After": "2"}) from None
+    if created:
+        count_requests(model, job.adapters)
+    return job_id, created
 
 
 # How often a synchronous request checks that its client is still there.

@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 from service.contract import CANCELLED, SUCCEEDED, JobRecord, JobResult, Timings
-from service.api.schemas import GenerateResponse, JobLinks, JobStatus
+from service.api.schemas import AdapterInfoOut, GenerateResponse, JobLinks, JobStatus
 
 
 def links(job_id: str, n_images: int = 0) -> JobLinks:
@@ -30,6 +30,8 @@ def job_status(job: JobRecord, cls: type[JobStatus] = JobStatus, **extra: Any) -
         guidance=req.guidance if req else None, cache=req.cache if req else None,
         strength=req.strength if req else None, masked=req is not None and req.mask is not None,
         timeout_s=req.timeout_s if req else None,
+        adapters=[{"name": a.name, "scale": a.scale} for a in req.adapters] if req else [],
+        adapter_load_s=res.adapter_load_s if res else None,
         cache_stats=res.cache_stats if res else None, timings=timings(res), attempts=job.attempts,
         batch_images=res.batch_images if res else None, error=job.error,
         created_at=job.created, started_at=job.started, finished_at=job.finished,
@@ -45,7 +47,18 @@ def generate_response(job: JobRecord, images: list[bytes], inline: bool = True) 
 
 def unfinished_status(job: JobRecord) -> int:
     """The HTTP status of a synchronous answer whose job did not succeed: 408 when it ran past the
-    deadline its client set, 409 when it was cancelled, 500 when it failed (a fault of the server)."""
+    deadline its client set, 409 when it was cancelled, 422 when an adapter it names could not be
+    used (removed, or refused by the worker), 500 when it failed (a fault of the server)."""
     if job.deadline_exceeded:
         return 408
+    if job.adapter_unavailable:
+        return 422
     return 409 if job.status == CANCELLED else 500
+
+
+def adapter_out(a: Any, problem: str | None) -> AdapterInfoOut:
+    """A stored adapter (``service.adapters.store.StoredAdapter``) as GET /models lists it."""
+    info = a.info
+    return AdapterInfoOut(name=a.name, source=a.source, loads=problem is None, problem=problem,
+                          rank=info.rank if info else None, target_modules=info.target_modules if info else [],
+                          layers=len(info.layers) if info else None, size_bytes=info.size_bytes if info else None)

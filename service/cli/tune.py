@@ -107,13 +107,69 @@ def _load_pipeline(entry: Any, device: str | None) -> tuple[Any, str]:
     return pipe, dev
 
 
+def parse_adapters(specs: Sequence[str]) -> list[tuple[str, float]]:
+    """``--adapter NAME[:SCALE]`` values as ``(name, scale)``; :class:`TuneInputError` names a bad one."""
+    from service.contract import ADAPTER_NAME, ADAPTER_SCALE_RANGE
+
+    out: list[tuple[str, float]] = []
+    for spec in specs:
+        name, _, scale_text = spec.partition(":")
+        try:
+            scale = float(scale_text) if scale_text else 1.0
+        except ValueError:
+            scale = math.nan
+        lo, hi = ADAPTER_SCALE_RANGE
+        if not ADAPTER_NAME.match(name) or not (math.isfinite(scale) and lo <= scale <= hi):
+            raise TuneInputError(f"--adapter: {spec!r} is not NAME[:SCALE] (an adapter name, a scale in [{lo:g}, {hi:g}])")
+        if name in {n for n, _ in out}:
+            raise TuneInputError(f"--adapter: {name!r} is named twice")
+        out.append((name, scale))
+    return out
+
+
+def _apply_adapters(pipe: Any, entry: Any, adapters: list[tuple[str, float]]) -> None:
+    """Every image of every call the tuner makes runs with ``adapters`` (from the model's adapter store)."""
+    from service.adapters.store import AdapterStore
+    from service.adapters.files import fit_problem
+    from service.settings import Settings
+    from service.worker.runners.lora_slots import LoraBankSlots
+
+    if len(adapters) > entry.adapters.max_per_request or not entry.serves_adapters:
+        raise TuneInputError(f"--adapter: model {entry.name!r} takes at most "
+                             f"{entry.adapters.max_per_request if entry.serves_adapters else 0} adapters")
+    settings = Settings.from_env()
+    store = AdapterStore(settings.adapters_dir, settings.adapter_max_bytes)
+    try:
+        bank = LoraBankSlots(pipe.transformer, entry, budget_mb=1e9)  # a tuning run: no serving budget
+    except ValueError as exc:
+        raise TuneInputError(f"--adapter: model {entry.name!r} serves no adapters ({exc})") from None
+    known = [a.name for a in store.list(entry) if a.usable]
+    for slot, (name, _) in enumerate(adapters, start=1):
+        stored = store.get(entry, name)
+        if stored is None:
+            raise TuneInputError(f"--adapter: model {entry.name!r} has no adapter {name!r}; its adapters: "
+                                 f"{', '.join(known) or 'none'} (CLUSCA_ADAPTERS_DIR)")
+        problem = stored.problem or fit_problem(stored.info, bank.shapes, entry.adapters.max_rank)
+        if problem is None:
+            try:
+                bank.load(slot, stored.path, name, store.max_bytes)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            raise TuneInputError(f"--adapter: adapter {name!r} cannot be used: {problem}")
+    # One image's adapters select them for every row of every call (rows map to images modulo 1).
+    bank.select([[(slot, scale) for slot, (_, scale) in enumerate(adapters, start=1)]])
+
+
 def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike, prompts: str | os.PathLike | None = None,
                seeds: int = 1, device: str | None = None, resume: bool = False, models_file: str | None = None,
-               max_cache_mb: float | None = None, batch: int | None = None,
+               max_cache_mb: float | None = None, batch: int | None = None, adapters: Sequence[str] = (),
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Tune ``model`` (a registry name) for ``minutes`` and write ``out`` and its side files.
 
     ``models_file`` is the registry (default: ``CLUSCA_MODELS``, else only the built-in model).
+    ``adapters`` (``NAME[:SCALE]``, from the model's adapter store) run on every image: the presets
+    are then tuned for the model with them, and the models file says so.
     Returns the paths written, the tuned presets and their measured numbers.
     """
     from clusca.tune import TuneError
@@ -129,6 +185,7 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
         raise TuneInputError(f"--batch: must be at least 1, got {batch!r}")
     out = Path(out)
     _check_out(out)
+    adapter_list = parse_adapters(adapters)
     measurements, plot = side_files(out)
     prompt_list = read_prompts(prompts) if prompts is not None else None
     if models_file is None:
@@ -168,6 +225,8 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
         source = f"{Path(prompts).name} ({len(prompt_list)} prompts)"
     digest = hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()
     pipe, dev = _load_pipeline(entry, device)
+    if adapter_list:
+        _apply_adapters(pipe, entry, adapter_list)
 
     import clusca.tune as ct
     import diffusers
@@ -178,7 +237,8 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
     meta = {"model": entry.name, "prompts_source": source, "prompts_sha256": digest, "seeds": seeds,
             "steps": d.steps, "width": d.width, "height": d.height, "guidance": d.guidance,
             "device": ct.describe_device(dev), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "minutes": minutes}
+            "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "minutes": minutes,
+            **({"adapters": [{"name": n, "scale": sc} for n, sc in adapter_list]} if adapter_list else {})}
     try:
         res = ct.tune(pipe, prompt_list, minutes=minutes, seeds=seeds, steps=d.steps, guidance=d.guidance,
                       height=d.height, width=d.width, call_kwargs=entry.options.get("call_kwargs") or {},
@@ -206,6 +266,8 @@ def tune_model(model: str = "shapes", *, minutes: float, out: str | os.PathLike,
     }
     if max_cache_mb:
         source_info["max_cache_mb"] = max_cache_mb
+    if adapter_list:
+        source_info["adapters"] = meta["adapters"]
     item = entry.model_dump(mode="json", exclude_none=True)
     item["defaults"]["cache_presets"] = res.presets
     item["defaults"]["cache_presets_source"] = source_info
@@ -237,7 +299,7 @@ def cmd_tune(args: Any) -> None:
     try:
         result = tune_model(args.model, minutes=args.minutes, out=args.out or f"{args.model}-tuned.yaml",
                             prompts=args.prompts, seeds=args.seeds, device=args.device, resume=args.resume,
-                            max_cache_mb=args.max_cache_mb, batch=args.batch)
+                            max_cache_mb=args.max_cache_mb, batch=args.batch, adapters=args.adapter or ())
     except TuneInputError as exc:
         raise SystemExit(f"clusca tune: {exc}") from None
     except KeyboardInterrupt:
@@ -267,4 +329,6 @@ def add_parser(sub: Any) -> None:
     tp.add_argument("--resume", action="store_true", help="continue from the measurements file of an earlier run")
     tp.add_argument("--max-cache-mb", type=float, dest="max_cache_mb", help="only settings whose cache fits")
     tp.add_argument("--batch", type=int, help="images per call in the quality runs (default: 16 built-in, else 1)")
+    tp.add_argument("--adapter", action="append", metavar="NAME[:SCALE]",
+                    help="tune with this LoRA adapter of the model on every image (repeatable; CLUSCA_ADAPTERS_DIR)")
     tp.set_defaults(fn=cmd_tune)

@@ -36,8 +36,10 @@ def video_pixels(req: JobRequest) -> int:
 
 
 def split_into_calls(items: Sequence[T], requests: Sequence[JobRequest], max_images: int,
-                     max_video_pixels: int | None) -> list[list[T]]:
-    """Consecutive calls of at most ``max_images`` images and ``max_video_pixels`` video pixels.
+                     max_video_pixels: int | None, max_adapters: int | None = None) -> list[list[T]]:
+    """Consecutive calls of at most ``max_images`` images, ``max_video_pixels`` video pixels and
+    ``max_adapters`` distinct adapters (the model's adapter slots: jobs with different adapters
+    share a call, as long as the call's adapters all fit in the slots at once).
 
     One job always makes a call of its own, whatever its size: its limits were checked
     against the model's when it was admitted.
@@ -45,15 +47,19 @@ def split_into_calls(items: Sequence[T], requests: Sequence[JobRequest], max_ima
     calls: list[list[T]] = []
     chunk: list[T] = []
     images = pixels = 0
+    adapters: set[str] = set()
     for item, req in zip(items, requests):
         n, p = req.num_images, video_pixels(req)
+        mine = {a.name for a in req.adapters}
         over_pixels = max_video_pixels is not None and pixels + p > max_video_pixels
-        if chunk and (images + n > max_images or over_pixels):
+        over_slots = max_adapters is not None and len(adapters | mine) > max_adapters
+        if chunk and (images + n > max_images or over_pixels or over_slots):
             calls.append(chunk)
-            chunk, images, pixels = [], 0, 0
+            chunk, images, pixels, adapters = [], 0, 0, set()
         chunk.append(item)
         images += n
         pixels += p
+        adapters |= mine
     if chunk:
         calls.append(chunk)
     return calls

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from service import metrics
@@ -23,6 +24,7 @@ from service.worker.batching import shares, split_into_calls
 from service.worker.edit_inputs import MISSING, load_inputs
 from service.worker.progress import ProgressPump, progress_by_job
 from service.worker.results import Outcome, ResultWriter
+from service.worker.adapters import AdapterUnavailable
 from service.worker.runners import Batch, RequestNotSupported, Runner
 from service.worker.watch import CallWatch, CallWatcher
 
@@ -48,8 +50,10 @@ class BatchExecutor:
         self.max_images = max_images
 
     def run_group(self, jobs: list[StartedJob]) -> None:
-        cap = self.models[jobs[0].delivery.model].entry.limits.max_video_pixels
-        for call in split_into_calls(jobs, [j.request for j in jobs], self.max_images, cap):
+        runner = self.models[jobs[0].delivery.model]
+        cap = runner.entry.limits.max_video_pixels
+        slots = runner.adapters.slots if runner.adapters is not None else None
+        for call in split_into_calls(jobs, [j.request for j in jobs], self.max_images, cap, slots):
             self.run_call(call)
 
     def run_call(self, jobs: list[StartedJob]) -> None:
@@ -57,6 +61,9 @@ class BatchExecutor:
             return
         model_name = jobs[0].delivery.model
         runner = self.models[model_name]
+        jobs = self.without_unavailable_adapters(runner, jobs)
+        if not jobs:
+            return
         inputs: list[Any] | None = None
         if jobs[0].request.is_edit:
             inputs, gone = load_inputs(self.results.q, self.results.videos, jobs)
@@ -87,14 +94,27 @@ class BatchExecutor:
         images: list[Any] = []
         stats: RunStats | None = None
         stopped = False
+        adapter_load_s: float | None = None
         t0 = time.perf_counter()
         if not watch.all_ended():
             self.watcher.watch(watch)
             try:
                 out = runner.run(batch, on_step, watch.stop)
                 images, stats, stopped = out.images, out.stats, out.stopped
+                adapter_load_s = out.adapter_load_s
             except RequestNotSupported as exc:
                 self.results.fail([j for j in jobs if j.delivery.job_id not in watch.close()], str(exc))
+                return
+            except AdapterUnavailable as exc:
+                # Its load failed (the file changed or turned out not to fit): the jobs naming it fail
+                # with the reason, the others run without them.
+                left = watch.close()
+                mine = [j for j in jobs if j.delivery.job_id not in left and exc.name in {a.name for a in j.request.adapters}]
+                self.results.fail(mine, str(exc))
+                rest = [j for j in jobs if j.delivery.job_id not in left and j not in mine]
+                if rest:
+                    self.progress.flush()
+                    self.run_call(rest)
                 return
             except Exception as exc:  # noqa: BLE001 - any model failure fails its jobs, not the worker
                 error = f"{type(exc).__name__}: {exc}"[:500]
@@ -120,8 +140,8 @@ class BatchExecutor:
         progress = progress_by_job(self.progress.take())
         staying = [(k, j) for k, j in enumerate(jobs) if j.delivery.job_id not in left]
         if staying:
-            self.results.store(self.outcomes(jobs, staying, images, stats, error, inference_s, batch.images),
-                               progress)
+            self.results.store(self.outcomes(jobs, staying, images, stats, error, inference_s, batch.images,
+                                             adapter_load_s), progress)
         # Observed once the results are stored, so that clients do not wait for it.
         if not error and staying:
             observe_run(model_name, mode, inference_s, step_times, stats)
@@ -134,8 +154,24 @@ class BatchExecutor:
         self.hand_back(jobs)
         return True
 
+    def without_unavailable_adapters(self, runner: Runner, jobs: list[StartedJob]) -> list[StartedJob]:
+        """``jobs`` less those naming an adapter the model cannot use now (removed since the job was
+        queued, changed into a file that does not fit): those fail at once with the reason."""
+        if runner.adapters is None or not any(j.request.adapters for j in jobs):
+            return jobs
+        keep = []
+        for j in jobs:
+            problem = runner.adapters.problems(j.request.adapters) if j.request.adapters else None
+            if problem is None:
+                keep.append(j)
+            else:
+                log.info("job %s: %s", j.delivery.job_id, problem)
+                self.results.fail([j], problem)
+        return keep
+
     def outcomes(self, jobs: list[StartedJob], staying: list[tuple[int, StartedJob]], images: list[Any],
-                 stats: RunStats | None, error: str, inference_s: float, batch_images: int) -> list[Outcome]:
+                 stats: RunStats | None, error: str, inference_s: float, batch_images: int,
+                 adapter_load_s: float | None = None) -> list[Outcome]:
         """The outcome of each job still in the call (``(place in the call, job)``): its share of
         the images (encoded) and the call's statistics."""
         mine_by_place = shares([j.request for j in jobs], images)
@@ -143,6 +179,8 @@ class BatchExecutor:
         for k, j in staying:
             r = j.request
             result = self._result(j, stats, batch_images, len(jobs), inference_s)
+            if adapter_load_s is not None and r.adapters:
+                result = replace(result, adapter_load_s=round(adapter_load_s, 6))
             if error:
                 out.append(Outcome(j, FAILED, result, error))
                 continue

@@ -50,12 +50,15 @@ class Heartbeat(threading.Thread):
     """Writes the worker's heartbeat and touches its held deliveries until ``stop`` is set."""
 
     def __init__(self, q: WorkerQueue, held: HeldDeliveries, stop: threading.Event, *, worker_id: str,
-                 models: dict[str, dict[str, Any]], jobs_done: Callable[[], int], visibility_timeout_s: float):
+                 models: dict[str, dict[str, Any]] | Callable[[], dict[str, dict[str, Any]]],
+                 jobs_done: Callable[[], int], visibility_timeout_s: float):
         super().__init__(name="heartbeat", daemon=True)
         self.q, self.held, self.stop = q, held, stop
         self.jobs_done = jobs_done
         self.worker_id = worker_id
-        self.info = {"id": worker_id, "pid": os.getpid(), "host": socket.gethostname(), "models": models}
+        # What each model says of itself, read at every beat (its loaded adapters change), or fixed.
+        self.models = models if callable(models) else (lambda: models)
+        self.info = {"id": worker_id, "pid": os.getpid(), "host": socket.gethostname()}
         # Three beats per visibility timeout at least: one lost beat must not cost a job.
         self.interval = min(HEARTBEAT_S, visibility_timeout_s / 3)
 
@@ -63,7 +66,8 @@ class Heartbeat(threading.Thread):
         while not self.stop.is_set():
             try:
                 held = self.held.snapshot()
-                self.q.heartbeat({**self.info, "running": len(held), "jobs_done": self.jobs_done()})
+                self.q.heartbeat({**self.info, "models": self.models(), "running": len(held),
+                                  "jobs_done": self.jobs_done()})
                 if held:
                     self.q.touch(held)
                 metrics.HEARTBEAT.labels(self.worker_id).set(time.time())

@@ -46,6 +46,8 @@ from service.worker.progress import ProgressPump
 from service.worker.results import ResultWriter
 from service.worker.watch import CallWatcher
 from service.worker.runners import Runner, load_runner
+from service.adapters.store import AdapterStore
+from service.worker.adapters import AdapterSource
 
 __all__ = ["Worker", "run_worker"]
 
@@ -91,8 +93,10 @@ class Worker:
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
+        source = AdapterSource(AdapterStore(self.settings.adapters_dir, self.settings.adapter_max_bytes),
+                               self.settings.adapter_budget_mb, self.worker_id)
         for e in self.entries:
-            self.models[e.name] = load_runner(e, self.settings.device, self.settings.torch_threads)
+            self.models[e.name] = load_runner(e, self.settings.device, self.settings.torch_threads, source)
         self._loaded = True
 
     def install_signal_handlers(self) -> None:
@@ -111,7 +115,7 @@ class Worker:
         """Run until stopped. Call :meth:`load` first."""
         self._retry(self.q.ensure_groups, forever=True)
         Heartbeat(self.q, self.held, self.stop, worker_id=self.worker_id,
-                  models={n: {**r.describe(), "lanes": list(self.q.lanes)} for n, r in self.models.items()},
+                  models=lambda: {n: {**r.describe(), "lanes": list(self.q.lanes)} for n, r in self.models.items()},
                   jobs_done=lambda: self.results.jobs_done,
                   visibility_timeout_s=self.settings.visibility_timeout_s).start()
         self.watcher.start()

@@ -243,3 +243,38 @@ def test_with_api_keys_the_page_asks_for_one_and_sends_it_and_cancel_stops_a_job
         assert pg.is_enabled("#generate") and pg.is_disabled("#cancel")
         _only_the_service(pg, s)
         assert not pg.console_errors, pg.console_errors
+
+
+@pytest.fixture(scope="module")
+def served_with_adapters(tmp_path_factory):
+    from clusca_shapes import WEIGHTS_DIR, ShapesFluxPipeline
+    from tests.support import linear_shapes, write_lora
+
+    root = tmp_path_factory.mktemp("playground-adapters")
+    layers = linear_shapes(ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR).transformer)
+    write_lora(root / "store" / "shapes" / "ink.safetensors", layers, seed=1, scale=1.0)
+    write_lora(root / "store" / "shapes" / "chalk.safetensors", layers, seed=2, scale=1.0)
+    (root / "serve").mkdir()
+    with clusca_serve(root / "serve", {"CLUSCA_LOG_LEVEL": "WARNING", "CLUSCA_ADAPTERS_DIR": str(root / "store")},
+                      timeout=180) as s:
+        yield s
+
+
+def test_the_adapter_picker_sends_the_picked_adapters_and_the_panel_shows_them(served_with_adapters):
+    served = served_with_adapters
+    with _browser() as page:
+        page.goto(served.url + "/")
+        page.wait_for_selector("#model option[value=shapes]", state="attached")
+        page.click("#adapters summary")
+        page.wait_for_selector("#adapter-list input[data-name=ink]")
+        assert sorted(page.eval_on_selector_all("#adapter-list input[type=checkbox]",
+                                                "els => els.map((e) => e.dataset.name)")) == ["chalk", "ink"]
+        page.check("#adapter-list input[data-name=ink]")
+        page.fill('#adapter-list input[data-scale="ink"]', "0.5")
+        page.fill("#seed", "4")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelector('.panel img')?.naturalWidth === 32")
+        assert page.inner_text("[data-stat=adapters]") == "ink ×0.5"
+        sent = json.loads(page.text_content(".panel .request pre"))
+        assert sent["adapters"] == [{"name": "ink", "scale": 0.5}]
+        assert not page.console_errors, page.console_errors

@@ -135,7 +135,7 @@ def test_a_new_benchmark_gets_its_section_rows_and_contents_entry(tmp_path, monk
     head, blocks = _layout.parse(text)
     keys = [b.key for b in blocks]
     # Under its topic, after the topic's listed benchmarks and before the next topic.
-    assert keys.index("lanes-latency") + 1 == keys.index("probe-sweep") < keys.index("video")
+    assert keys.index("adapters-service") + 1 == keys.index("probe-sweep") < keys.index("video")
     assert "| [probe sweep](#service-probe-sweep) | 4321 jobs/s | CPU testarch | 2030-01-02 |" in text
     assert "  - [Service: probe sweep](#service-probe-sweep)" in block(text, _layout.CONTENTS)
     # The notes that followed the section before it still follow that section.

@@ -200,6 +200,52 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
     assert "Traceback" not in res.stderr and list((tmp_path / "out").iterdir()) == []
 
 
+def test_bad_adapters_are_a_clear_error_and_write_nothing(tmp_path, monkeypatch):
+    from tests.support import write_lora
+
+    (tmp_path / "out").mkdir()
+    models = tmp_path / "models.yaml"
+    models.write_text(SHORT_BUILTIN)
+    assert "--adapter: 'ink:big' is not NAME[:SCALE]" in _bad(tmp_path, adapters=["ink:big"])
+    assert "--adapter: '../x' is not NAME[:SCALE]" in _bad(tmp_path, adapters=["../x"])
+    assert "is named twice" in _bad(tmp_path, adapters=["ink", "ink:0.5"])
+    store = tmp_path / "adapters"
+    write_lora(store / "shapes" / "misfit.safetensors", {"transformer_blocks.0.attn.to_q": (7, 192)})
+    monkeypatch.setenv("CLUSCA_ADAPTERS_DIR", str(store))
+    unknown = _bad(tmp_path, adapters=["ink"], models_file=str(models))
+    assert "has no adapter 'ink'" in unknown and "CLUSCA_ADAPTERS_DIR" in unknown
+    assert "adapter 'misfit' cannot be used: layer" in _bad(tmp_path, adapters=["misfit"], models_file=str(models))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_tuning_with_an_adapter_runs_it_on_every_image_and_says_so(tmp_path, monkeypatch, one_torch_thread):
+    import torch
+
+    from service.cli.tune import _apply_adapters, _load_pipeline
+    from tests.support import linear_shapes, write_lora
+
+    models = tmp_path / "models.yaml"
+    models.write_text(SHORT_BUILTIN)
+    entry = Registry.load(models).get("shapes")
+    pipe, _ = _load_pipeline(entry, "cpu")
+    store = tmp_path / "adapters"
+    write_lora(store / "shapes" / "ink.safetensors", linear_shapes(pipe.transformer), scale=1.0)
+    monkeypatch.setenv("CLUSCA_ADAPTERS_DIR", str(store))
+
+    def image():
+        out = pipe(prompt=["a red circle"], generator=[torch.Generator().manual_seed(1)], num_inference_steps=4,
+                   guidance_scale=5.0, height=32, width=32, output_type="np").images
+        return torch.as_tensor(out)
+
+    before = image()
+    _apply_adapters(pipe, entry, [("ink", 1.0)])
+    assert (image() - before).abs().max() > 0.05  # every call of the pipeline now runs with the adapter
+    out = tmp_path / "t.yaml"
+    tune_model("shapes", minutes=0.2, out=out, models_file=str(models), adapters=["ink:0.8"], progress=lambda _m: None)
+    src = Registry.load(out).get("shapes").defaults.cache_presets_source
+    assert src["adapters"] == [{"name": "ink", "scale": 0.8}]
+
+
 def test_a_partial_run_is_not_overwritten_without_resume(tmp_path):
     out = tmp_path / "t.yaml"
     side_files(out)[0].write_text(json.dumps({"complete": False, "candidates": []}))

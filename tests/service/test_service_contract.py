@@ -61,7 +61,11 @@ _request_fields = dict(
     guidance=finite, seed=st.integers(0, MAX_SEED), num_images=st.integers(1, 1000),
     cache=configs,
     webhook_url=st.none() | st.text(max_size=60),
-    timeout_s=st.none() | st.floats(min_value=0.001, max_value=1e6, allow_nan=False))
+    timeout_s=st.none() | st.floats(min_value=0.001, max_value=1e6, allow_nan=False),
+    adapters=st.lists(st.from_regex(contract.ADAPTER_NAME, fullmatch=True), max_size=contract.MAX_ADAPTERS,
+                      unique=True).flatmap(lambda names: st.tuples(*(
+                          st.builds(contract.AdapterUse, name=st.just(n),
+                                    scale=st.floats(*contract.ADAPTER_SCALE_RANGE, allow_nan=False)) for n in names))))
 digests = st.text("0123456789abcdef", min_size=64, max_size=64)
 # Still images (no frame count, an image format), videos (frames, a frame rate, a video format), and
 # edits (an input image, perhaps a mask, a strength).
@@ -79,7 +83,8 @@ _result_fields = dict(
     cache_stats=st.none() | run_stats,
     batch_images=st.none() | st.integers(1, 64), batch_jobs=st.none() | st.integers(1, 64),
     worker=st.none() | st.text(max_size=30), attempt=st.none() | st.integers(1, 10),
-    content_type=st.none() | st.sampled_from(sorted(contract.CONTENT_TYPES.values())), timings=timings)
+    content_type=st.none() | st.sampled_from(sorted(contract.CONTENT_TYPES.values())), timings=timings,
+    adapter_load_s=st.none() | finite)
 results = st.builds(JobResult, **_result_fields)
 
 
@@ -133,6 +138,8 @@ def test_every_field_round_trips_api_redis_worker_views(service, req, result, st
     assert (view.num_frames, view.fps) == (req.num_frames, req.fps)
     assert (view.strength, view.masked) == (req.strength, req.mask is not None)
     assert view.cache_stats == result.cache_stats and view.batch_images == result.batch_images
+    assert [(a.name, a.scale) for a in view.adapters] == [(a.name, a.scale) for a in req.adapters]
+    assert view.adapter_load_s == result.adapter_load_s
     wire = view.model_dump(mode="json")  # what the client reads
     assert wire["timings"] == dataclasses.asdict(result.timings) and wire["cache"] == req.cache.to_dict()
     assert wire["cache_stats"] == (result.cache_stats.to_dict() if result.cache_stats else None)
@@ -168,7 +175,9 @@ def test_result_json_round_trips(result):
 def test_batch_key_ignores_per_image_fields(a, prompt, seed, n, fmt, hook):
     b = dataclasses.replace(a, prompt=prompt, seed=seed, num_images=n, output_format=fmt, webhook_url=hook,
                             negative_prompt=None if a.negative_prompt is None else "other",
-                            image=None if a.image is None else "f" * 64, mask=None if a.mask is None else "e" * 64)
+                            image=None if a.image is None else "f" * 64, mask=None if a.mask is None else "e" * 64,
+                            adapters=() if a.adapters else (contract.AdapterUse("outline", 0.5),))
+    # Jobs with different adapters share a call: the adapter bank gathers each sample's own.
     assert a.batch_key("m") == b.batch_key("m")
     assert a.batch_key("m") != a.batch_key("other-model")
 
@@ -205,14 +214,17 @@ def test_the_steps_an_edit_denoises_are_the_pipelines(steps, strength):
                                        ("cache", []), ("cache", {"interval": 0}), ("cache", {"knob": 1}),
                                        ("timeout_s", 0), ("timeout_s", "5"),
                                        ("webhook_url", 3), ("image", "../etc/passwd"), ("strength", 0.5),
-                                       ("mask", "a" * 64)])
+                                       ("mask", "a" * 64), ("adapters", {"name": "a"}),
+                                       ("adapters", [{"name": "../x"}]), ("adapters", [{"name": "a", "scale": 9}]),
+                                       ("adapters", [{"name": "a"}, {"name": "a"}]),
+                                       ("adapters", [{"name": f"a{i}"} for i in range(9)])])
 def test_a_request_the_api_could_not_have_written_is_refused(field, bad):
     d = JobRequest(prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1).to_dict()
     assert JobRequest.parse(contract._json({**d, field: bad})) is None
     missing = {k: v for k, v in d.items() if k != field}
     # A request stored before deadlines (or edits) existed has none; every other field is required.
     assert (JobRequest.parse(contract._json(missing)) is None) == (field not in ("timeout_s", "image", "strength",
-                                                                                 "mask"))
+                                                                                 "mask", "adapters"))
     assert JobRequest.parse(b"\x80\x04pickle") is None and JobRequest.parse("[1]") is None
 
 

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "broker": {"api", "worker", "cli", "outputs"},
     "worker": {"api", "cli"},
     "outputs": {"api", "worker", "broker", "cli"},
+    "adapters": {"api", "worker", "broker", "cli", "outputs"},
     "contract": {"api", "worker", "broker", "cli", "outputs", "registry", "settings"},
     "registry": {"api", "worker", "broker", "cli", "outputs"},
     "settings": {"api", "worker", "broker", "cli"},

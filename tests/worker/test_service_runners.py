@@ -101,7 +101,8 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
-WORKER_CORE = ["loop.py", "batching.py", "execution.py", "heartbeat.py", "progress.py", "results.py", "watch.py", "edit_inputs.py"]
+WORKER_CORE = ["loop.py", "batching.py", "execution.py", "heartbeat.py", "progress.py", "results.py", "watch.py", "edit_inputs.py",
+               "adapters.py"]
 
 
 @pytest.mark.parametrize("name", WORKER_CORE)

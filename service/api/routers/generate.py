@@ -40,7 +40,8 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
     runs) and never runs it twice; with a different request it is a 422."""
     idem = idempotency_scope(identity, idempotency_key)
     edit = await read_edit(services.settings, body.image, body.mask)
-    entry, job = await resolve_job(services.registry, services.settings, JobAsk.of(body, edit=edit))
+    entry, job = await resolve_job(services.registry, services.settings, JobAsk.of(body, edit=edit),
+                                   services.adapters)
     await keep_edit(services, entry.name, edit)
     fingerprint = request_fingerprint("/generate", entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
@@ -59,5 +60,7 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
                             headers={"Location": f"/jobs/{job_id}"})
     if record.deadline_exceeded:
         raise ApiError(408, "deadline_exceeded", f"{record.error}; the job: GET /jobs/{job_id}", param="timeout_s")
+    if record.adapter_unavailable:
+        raise ApiError(422, "adapter_unavailable", f"{record.error}; the job: GET /jobs/{job_id}", param="adapters")
     resp = generate_response(record, images, inline=body.inline)
     return JSONResponse(resp.model_dump(mode="json"), status_code=500 if record.status == FAILED else 200)

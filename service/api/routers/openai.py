@@ -41,7 +41,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, service
     idem = idempotency_scope(identity, idempotency_key)
     width, height = check_openai_size(services.registry, services.settings, body.model, body.size)
     ask = JobAsk.of(body, width=width, height=height, num_images=body.n, images_field="n", output="image")
-    entry, job = await resolve_job(services.registry, services.settings, ask)
+    entry, job = await resolve_job(services.registry, services.settings, ask, services.adapters)
     return await _run(services, request, "/v1/images/generations", entry, job, body, idem)
 
 
@@ -62,8 +62,10 @@ async def _run(services: Services, request: Request, endpoint: str, entry: Model
         raise ApiError(408, "deadline_exceeded", f"timeout_s: job {job_id} did not finish within its {limit_s:g} s "
                        "deadline; it was cancelled", param="timeout_s")
     if record.status != SUCCEEDED:
-        code = "deadline_exceeded" if record.deadline_exceeded else "job_" + record.status
-        raise ApiError(unfinished_status(record), code, record.error or record.status)
+        code = "deadline_exceeded" if record.deadline_exceeded else \
+            "adapter_unavailable" if record.adapter_unavailable else "job_" + record.status
+        raise ApiError(unfinished_status(record), code, record.error or record.status,
+                       param="adapters" if record.adapter_unavailable else None)
     if body.response_format == "url":
         base = str(request.base_url).rstrip("/")
         data = [OpenAIImage(url=f"{base}/jobs/{job_id}/images/{k}") for k in range(len(images))]
@@ -88,7 +90,9 @@ _EDIT_FORM = {"multipart/form-data": {"schema": {
                  "pixels (alpha below one half) are redrawn, the image's size (models with edits: inpaint)."},
         # The plain text fields (cache settings go as cache[knob] fields, which a form schema cannot spell).
         **{k: v for k, v in OpenAIImageEditRequest.model_json_schema()["properties"].items()
-           if "$ref" not in json.dumps(v)}}}}}
+           if "$ref" not in json.dumps(v)},
+        "adapters": {"type": "string", "maxLength": 2000, "description": "LoRA adapters of the model: JSON "
+                     "([{\"name\": \"outline\", \"scale\": 0.8}]) or name[:scale],... (e.g. outline:0.8,pastel)"}}}}}
 
 
 def _edit_form(content_type: str, raw: bytes) -> tuple[OpenAIImageEditRequest, list[FormPart], bytes | None]:
@@ -158,7 +162,7 @@ async def images_edits(request: Request, services: ServicesDep, identity: AuthDe
         raise ApiError(422, "validation_error", f"size: {message}", param="size",
                        fields=[{"field": "size", "message": message}])
     ask = JobAsk.of(body, num_images=body.n, images_field="n", output="image", edit=edit)
-    entry, job = await resolve_job(services.registry, services.settings, ask)
+    entry, job = await resolve_job(services.registry, services.settings, ask, services.adapters)
     _check_image_count(entry, images)
     await keep_edit(services, entry.name, edit)
     return await _run(services, request, "/v1/images/edits", entry, job, body, idem)

@@ -24,6 +24,7 @@ ASSETS = {
     "playground.js": "text/javascript; charset=utf-8",
     "client.js": "text/javascript; charset=utf-8",
     "compare.js": "text/javascript; charset=utf-8",
+    "adapters.js": "text/javascript; charset=utf-8",
     "history.js": "text/javascript; charset=utf-8",
     "edit.js": "text/javascript; charset=utf-8",
 }

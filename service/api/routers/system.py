@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from service import metrics
 from service.broker.lanes import LONG
 from service.api.deps import AuthDep, ServicesDep
+from service.api.views import adapter_out
 from service.api.schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
 
 router = APIRouter(tags=["system"])
@@ -56,16 +57,18 @@ async def models(services: ServicesDep, _: AuthDep) -> ModelsResponse:
     for w in await q.live_workers(services.registry.names):
         for name, where in w.models.items():
             info = {"id": w.id, "host": w.host, "device": where.get("device"), "running": w.running,
-                    "lanes": where.get("lanes")}
+                    "lanes": where.get("lanes"), "adapters_loaded": where.get("adapters_loaded")}
             if where.get("parallel"):
                 # A group's degree and its last call's time in collectives per denoising step.
                 info["parallel"] = where["parallel"]
             workers.setdefault(name, []).append(info)
     out = []
     for e in services.registry.entries():
+        adapters = [adapter_out(a, problem) for a, problem in await services.adapters.listing(e)]
         out.append(ModelInfo(**e.public(), limits=e.limits_within(services.settings), workers_alive=await q.workers_alive(e.name),
                              queue_depth=await q.depth(e.name), running_jobs=await q.running(e.name),
-                             workers=workers.get(e.name, [])))
+                             workers=workers.get(e.name, []), adapters=adapters,
+                             max_adapters=e.adapters.max_per_request if e.serves_adapters else 0))
     return ModelsResponse(default_model=services.settings.default_model, models=out)
 
 

@@ -90,7 +90,7 @@ async def create_video(body: OpenAIVideoRequest, services: ServicesDep, identity
     if num_frames is None and entry.output == "video":
         num_frames = frames_for(body.seconds, body.fps or entry.defaults.fps, entry.limits.frame_step)
     ask = JobAsk.of(body, model=entry.name, width=width, height=height, num_frames=num_frames, output="video")
-    entry, job = await resolve_job(services.registry, services.settings, ask)
+    entry, job = await resolve_job(services.registry, services.settings, ask, services.adapters)
     fingerprint = request_fingerprint("/v1/videos", entry.name, job, body.seed) if idem else ""
     job_id, created = await submit(services, entry.name, job, idem, fingerprint)
     record = JobRecord.queued(job_id, entry.name, job, time.time()) if created else await services.queue.get(job_id)

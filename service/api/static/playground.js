@@ -1,5 +1,6 @@
 // The playground's form, result panels and compare mode. Everything goes through client.js.
 
+import * as adapters from "./adapters.js";
 import * as api from "./client.js";
 import { difference, formatPsnr, psnr } from "./compare.js";
 import * as edit from "./edit.js";
@@ -94,6 +95,7 @@ function onModelChange() {
   $("model-info").textContent = `${what}: ${d.width}×${d.height}, ${d.steps} steps, guidance ${d.guidance}` +
     `${size}; ${m.workers_alive} worker(s), ${m.queue_depth} queued.`;
   edit.configure(m.edits);
+  adapters.configure(m);
   const video = m.output === "video";
   $("compare").disabled = video;
   if (video) $("compare").checked = false;
@@ -125,7 +127,7 @@ function baseRequest() {
   for (const id of ["seed", "steps", "width", "height", "guidance"]) {
     if ($(id).value !== "") body[id] = Number($(id).value);
   }
-  return { ...body, ...edit.fields() };
+  return { ...body, ...adapters.fields(), ...edit.fields() };
 }
 
 // A request as the panel shows it: an edit's image and mask by their length, not their bytes.
@@ -175,6 +177,8 @@ function panel(title) {
         ["inference", t.inference_s != null ? `${t.inference_s.toFixed(3)} s` : "–"],
         ["total", t.total_s != null ? `${t.total_s.toFixed(3)} s` : "–"],
         ["cache", record.cache ? describeCache(record.cache) : "–"],
+        ["adapters", record.adapters && record.adapters.length
+          ? record.adapters.map((a) => `${a.name} ×${a.scale}`).join(", ") : "–"],
         ["edit", record.strength != null ? `strength ${record.strength}${record.masked ? ", masked" : ""}` : "–"],
         ["steps full / cached", s.full_steps != null ? `${s.full_steps} / ${s.cached_steps}` : "–"],
         ["FLOPs speedup", s.flops_speedup != null ? `${s.flops_speedup.toFixed(2)}×` : "–"],

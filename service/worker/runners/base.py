@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 from clusca.config import ClusCaConfig
 from clusca.stats import RunStats
 
-from service.contract import JobRequest, denoised_steps
+from service.contract import AdapterUse, JobRequest, denoised_steps
 from service.registry import ModelEntry
+from service.worker.adapters import AdapterSlots, AdapterSource
 
 # Called after every denoising step with the number of steps done; returning True asks the
 # runner to stop the batch (every job in it was cancelled).
@@ -51,6 +52,8 @@ class Batch:
     images_in: list[Any] | None = None
     strength: float | None = None
     masks: list[Any] | None = None
+    # Each image's LoRA adapters (``()``: the base model); None when no image of the call has any.
+    adapters: list[tuple[AdapterUse, ...]] | None = None
 
     @classmethod
     def of(cls, requests: Sequence[JobRequest], inputs: Sequence[tuple[Any, Any]] | None = None) -> "Batch":
@@ -67,10 +70,11 @@ class Batch:
             images = [im for r, (im, _) in zip(requests, inputs) for _ in range(r.num_images)]
             if first.mask is not None:
                 masks = [m for r, (_, m) in zip(requests, inputs) for _ in range(r.num_images)]
+        adapters = [r.adapters for r in requests for _ in range(r.num_images)]
         return cls(prompts=prompts, negative_prompts=negatives, seeds=[s for r in requests for s in r.seeds],
                    width=first.width, height=first.height, steps=first.steps, guidance=first.guidance,
                    cache=first.cache, num_frames=first.num_frames, images_in=images, strength=first.strength,
-                   masks=masks)
+                   masks=masks, adapters=adapters if any(adapters) else None)
 
     @property
     def denoised_steps(self) -> int:
@@ -94,6 +98,8 @@ class BatchOutput:
     images: list[Any]
     stats: RunStats | None
     stopped: bool = False
+    # Seconds spent loading the call's adapters into their slots before it ran.
+    adapter_load_s: float = 0.0
 
 
 class Runner(ABC):
@@ -102,6 +108,14 @@ class Runner(ABC):
     def __init__(self, entry: ModelEntry, device: str):
         self.entry = entry
         self.device = device
+        # The model's loaded adapters (service/worker/adapters.py); None: it serves none.
+        self.adapters: AdapterSlots | None = None
+
+    def attach_adapters(self, source: AdapterSource) -> None:
+        """Serve adapters from ``source``; a runner whose model has layers to adapt gives the slots a
+        bank over them (the base runner keeps the slots' bookkeeping only)."""
+        if self.entry.serves_adapters:
+            self.adapters = AdapterSlots(self.entry, source)
 
     @classmethod
     @abstractmethod
@@ -121,4 +135,7 @@ class Runner(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What a worker's heartbeat says about this model."""
-        return {"device": self.device, "kind": self.entry.kind}
+        out: dict[str, Any] = {"device": self.device, "kind": self.entry.kind}
+        if self.adapters is not None:
+            out.update(self.adapters.describe())
+        return out

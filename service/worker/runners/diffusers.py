@@ -99,6 +99,26 @@ class DiffusersRunner(PipelineRunner):
         log.info("loaded model %s (%s) on %s", entry.name, type(pipe).__name__, device)
         return cls(entry, device, pipe)
 
+    def attach_adapters(self, source: Any) -> None:
+        """A LoRA bank over the transformer's targeted layers (``adapters`` of the registry entry), its
+        slots as many as the memory budget allows; without a transformer, no adapters."""
+        transformer = getattr(self.pipe, "transformer", None)
+        if not self.entry.serves_adapters or transformer is None:
+            return
+        from service.worker.adapters import AdapterSlots
+        from service.worker.runners.lora_slots import LoraBankSlots
+
+        cfg = self.entry.adapters
+        try:
+            bank = LoraBankSlots(transformer, self.entry, cfg.budget_mb if cfg.budget_mb is not None
+                                 else source.budget_mb)
+        except ValueError as exc:
+            log.warning("model %s serves no adapters: %s", self.entry.name, exc)
+            return
+        self.adapters = AdapterSlots(self.entry, source, bank=bank, shapes=bank.shapes, slots=bank.slots)
+        log.info("model %s: %d adapter slot(s) of rank %d over %d layers (%.1f MiB)", self.entry.name, bank.slots,
+                 cfg.max_rank, len(bank.shapes), bank.slots * bank.slot_bytes / (1 << 20))
+
     def generator(self, seed: int) -> Any:
         import torch
 
@@ -118,12 +138,24 @@ class DiffusersRunner(PipelineRunner):
         # The cache's schedule (warm-up, full-step interval) counts the steps the call denoises,
         # from the first of them: an edit's are the last `strength` share of the schedule.
         with torch.inference_mode():
-            with clusca_run(pipe.transformer, batch.cache, num_inference_steps=batch.denoised_steps) as run:
+            with clusca_run(pipe.transformer, self.cache_of(batch), num_inference_steps=batch.denoised_steps) as run:
                 if batch.masks is not None:
                     # Inpainting: the cache clusters each image's repainted tokens apart (mask_share).
                     run.set_token_mask(token_masks(batch.masks))
                 images = self.outputs(pipe(**announce_steps(kwargs, run)))
         return images, run.stats
+
+    @staticmethod
+    def cache_of(batch: Batch) -> Any:
+        """The call's ClusCa settings. A call with adapters runs its cached steps eagerly: a recorded CUDA
+        graph is kept for later runs of the same settings and shape, and would replay the adapter
+        selection (which rows read which slots, and whether the bank adds anything at all) of the
+        call that recorded it. Calls without adapters record and replay as before."""
+        if batch.adapters is None or batch.cache.capture == "off":
+            return batch.cache
+        import dataclasses
+
+        return dataclasses.replace(batch.cache, capture="off")
 
     def outputs(self, result: Any) -> list[Any]:
         """The pipeline call's outputs, one per prompt."""

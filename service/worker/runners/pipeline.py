@@ -117,13 +117,21 @@ class PipelineRunner(Runner):
     def run(self, batch: Batch, on_step: StepCallback, stop: threading.Event | None = None) -> BatchOutput:
         stopped: list[bool] = [False]
         kwargs = self.call_kwargs(batch, on_step, stopped)
+        load_s = 0.0
+        if batch.adapters is not None:
+            if self.adapters is None:
+                raise RequestNotSupported(f"model {self.entry.name!r} serves no adapters")
+            load_s = self.adapters.select(batch.adapters)
         try:
             with self.stoppable(stop):
                 images, stats = self.execute(kwargs, batch)
         except (_Stopped, CallStopped):
             self.free_memory()
-            return BatchOutput([], None, stopped=True)
+            return BatchOutput([], None, stopped=True, adapter_load_s=load_s)
         except Exception:
             self.free_memory()
             raise
-        return BatchOutput(images, stats, stopped=stopped[0])
+        finally:
+            if self.adapters is not None:
+                self.adapters.release()
+        return BatchOutput(images, stats, stopped=stopped[0], adapter_load_s=load_s)
