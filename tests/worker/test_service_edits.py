@@ -199,3 +199,27 @@ def test_an_edit_repeated_with_its_idempotency_key_is_the_same_job(shapes, pipe)
         changed = c.post("/generate", json={**body, "image": _png(other)}, headers=headers)
     assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
     assert changed.status_code == 422 and changed.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def _png_bytes(size: tuple[int, int], alpha: int | None = None) -> bytes:
+    image = Image.new("RGB", size, (200, 30, 30)) if alpha is None else Image.new("RGBA", size, (200, 30, 30, alpha))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_openai_sdks_images_edit_inpaints_and_reads_a_bad_mask_as_a_422(shapes):
+    import openai
+
+    from tests.api.test_service_openai_client import sdk
+
+    with sdk(shapes) as client:
+        # OpenAI's convention: the mask's transparent pixels are redrawn.
+        res = client.images.edit(model="shapes", image=("in.png", _png_bytes((32, 32)), "image/png"),
+                                 mask=("mask.png", _png_bytes((32, 32), alpha=0), "image/png"), prompt="a blue square",
+                                 n=1, extra_body={"steps": 4, "seed": 3})
+        assert Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))).size == (32, 32)
+        with pytest.raises(openai.UnprocessableEntityError) as bad:
+            client.images.edit(model="shapes", image=("in.png", _png_bytes((32, 32)), "image/png"),
+                               mask=("mask.png", _png_bytes((16, 16), alpha=0), "image/png"), prompt="x")
+        assert bad.value.body["param"] == "mask"
