@@ -37,6 +37,8 @@ FRAMES = Counter("clusca_frames_generated_total", "Video frames stored", ["model
 FRAME_SECONDS = Histogram("clusca_seconds_per_frame", "Pipeline call time per video frame of a job's batch",
                           ["model", "cache_mode"], buckets=STEP_BUCKETS)
 ERRORS = Counter("clusca_errors_total", "Errors by kind", ["kind"])
+# Why a running job left its call before the call ended (the reason label of JOBS_STOPPED).
+STOP_REASONS = ("cancelled", "deadline")
 JOBS_STOPPED = Counter("clusca_jobs_stopped_total", "Running jobs ended before their call did: cancelled by the "
                        "client, or past their deadline", ["model", "reason"])
 JOBS_LOST = Counter("clusca_jobs_lost_total", "Jobs confirmed to a client that Redis later lacked (a failover "

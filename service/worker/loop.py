@@ -97,6 +97,8 @@ class Worker:
                                self.settings.adapter_budget_mb, self.worker_id)
         for e in self.entries:
             self.models[e.name] = load_runner(e, self.settings.device, self.settings.torch_threads, source)
+            for reason in metrics.STOP_REASONS:
+                metrics.JOBS_STOPPED.labels(e.name, reason)  # exported at zero, before the first stop
         self._loaded = True
 
     def install_signal_handlers(self) -> None:
