@@ -202,6 +202,25 @@ def test_an_uploaded_image_inpainted_where_the_mask_is_painted(page, served, tmp
     assert not page.console_errors, page.console_errors
 
 
+def test_a_generated_image_is_reused_as_the_image_to_edit(page, served):
+    page.goto(served.url + "/")
+    page.wait_for_selector("#model option[value=shapes]", state="attached")
+    page.fill("#prompt", "a red circle on the left")
+    page.fill("#seed", "4")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('.panel img')?.naturalWidth === 32")
+    page.click(".panel .reuse")
+    page.wait_for_function("() => document.querySelector('#edit-image').width === 32")
+    assert page.evaluate("() => document.querySelector('#edit').open")
+    assert "32×32" in page.inner_text("#edit-info")
+    page.fill("#prompt", "a blue square on the left")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('[data-stat=edit]')?.textContent.startsWith('strength')")
+    assert "<image: " in page.text_content(".panel .request pre")
+    _only_the_service(page, served)
+    assert not page.console_errors, page.console_errors
+
+
 NOOP_MODELS = models_yaml(noop_model("noop", 6), noop_model("slow", 50, delay=0.2))
 
 

@@ -99,6 +99,18 @@ function maskURL() {
   return out.toDataURL("image/png");
 }
 
+// A result of this page becomes the image to edit ("edit this image" under it).
+export async function useImage(blob) {
+  $("edit-file").value = "";
+  await load(blob);
+  $("edit").open = true;
+}
+
+// Whether the chosen model edits, so that results offer to be edited.
+export function available() {
+  return edits !== "none";
+}
+
 // Show the section only for a model that edits; painting only for one that inpaints.
 export function configure(modelEdits) {
   edits = modelEdits || "none";

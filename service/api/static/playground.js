@@ -193,6 +193,11 @@ function panel(title) {
       const media = video ? el("video", { src: url, controls: "", loop: "", muted: "", autoplay: "" })
         : el("img", { src: url, alt: `${title} result` });
       figure.replaceChildren(media);
+      if (!video && edit.available()) {
+        const reuse = el("button", { type: "button", class: "link reuse" }, "edit this image");
+        reuse.addEventListener("click", () => edit.useImage(blob));
+        figure.append(reuse);
+      }
       if (!video) await media.decode();
       return media;
     },
