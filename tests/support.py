@@ -393,3 +393,21 @@ def linear_shapes(model: Any, names: tuple[str, ...] = ("to_q", "to_v", "proj_ml
 
     return {n: (m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in names}
+
+
+def submit_shapes(c: httpx.Client, **body: Any) -> str:
+    """Queue an asynchronous job on the built-in model; its id."""
+    r = c.post("/generate", json={"model": "shapes", "async": True, **body})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def succeeded_job(c: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    """The record of job ``job_id`` once it ended, asserted to have succeeded, with its first
+    image's bytes under ``"png"``."""
+    wait_until(lambda: c.get(f"/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"),
+               timeout=timeout, what=f"job {job_id}")
+    job = c.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    job["png"] = c.get(f"/jobs/{job_id}/images/0").content
+    return job

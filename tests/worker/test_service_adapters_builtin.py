@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from clusca_shapes import WEIGHTS_DIR
-from tests.support import Service, linear_shapes, wait_until, write_lora
+from tests.support import Service, linear_shapes, submit_shapes, succeeded_job, wait_until, write_lora
 
 WEIGHTS = Path(os.environ.get("CLUSCA_TEST_SHAPES_WEIGHTS", WEIGHTS_DIR))
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(),
@@ -59,21 +59,6 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
-def _submit(c, **body) -> str:
-    r = c.post("/generate", json={"model": "shapes", "async": True, **body})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def _finished(c, job_id: str) -> dict:
-    wait_until(lambda: c.get(f"/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"),
-               timeout=240, what=f"job {job_id}")
-    job = c.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "succeeded", job
-    job["png"] = c.get(f"/jobs/{job_id}/images/0").content
-    return job
-
-
 def _solo(c, **body) -> dict:
     r = c.post("/generate", json={"model": "shapes", **body}, timeout=240)
     assert r.status_code == 200, r.text
@@ -90,11 +75,11 @@ def test_a_mixed_adapter_batch_gives_each_job_its_solo_image(shapes, cache):
             dict(prompt="a red circle on the left", seed=40)]
     common = dict(steps=10, cache={"preset": cache})
     with httpx.Client(base_url=url, timeout=60) as c:
-        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1, num_images=4, cache={"preset": "off"})
+        ahead = submit_shapes(c, prompt="a green triangle", steps=50, seed=1, num_images=4, cache={"preset": "off"})
         time.sleep(0.3)
-        ids = [_submit(c, **a, **common) for a in asks]
-        together = [_finished(c, j) for j in ids]
-        _finished(c, ahead)
+        ids = [submit_shapes(c, **a, **common) for a in asks]
+        together = [succeeded_job(c, j, timeout=240) for j in ids]
+        succeeded_job(c, ahead, timeout=240)
         alone = [_solo(c, **a, **common) for a in asks]
     assert [j["batch_images"] for j in together] == [3, 3, 3], [j["batch_images"] for j in together]
     for job, solo in zip(together, alone):
@@ -111,11 +96,11 @@ def test_a_batch_whose_adapters_overflow_the_slots_is_split(shapes):
     _, url = shapes
     asks = [dict(prompt=f"a red circle {k}", seed=50 + k, adapters=[{"name": name}]) for k, name in enumerate(ADAPTERS)]
     with httpx.Client(base_url=url, timeout=60) as c:
-        ahead = _submit(c, prompt="a green triangle", steps=50, seed=1, num_images=4, cache={"preset": "off"})
+        ahead = submit_shapes(c, prompt="a green triangle", steps=50, seed=1, num_images=4, cache={"preset": "off"})
         time.sleep(0.3)
-        ids = [_submit(c, **a, steps=8) for a in asks]
-        together = [_finished(c, j) for j in ids]
-        _finished(c, ahead)
+        ids = [submit_shapes(c, **a, steps=8) for a in asks]
+        together = [succeeded_job(c, j, timeout=240) for j in ids]
+        succeeded_job(c, ahead, timeout=240)
         alone = [_solo(c, **a, steps=8) for a in asks]
     # Three adapters over two slots: the first two share a call, the third runs in the next.
     assert [j["batch_images"] for j in together] == [2, 2, 1]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import wait_until
+from tests.support import submit_shapes, succeeded_job, wait_until
 from clusca_shapes import WEIGHTS_DIR
 
 WEIGHTS = Path(os.environ.get("CLUSCA_TEST_SHAPES_WEIGHTS", WEIGHTS_DIR))
@@ -111,21 +111,6 @@ def test_inpainting_keeps_every_pixel_outside_its_mask(shapes, pipe):
     assert psnr(out[~keep], before[~keep]) < 30  # the masked half was redrawn
 
 
-def _submit(c, **body) -> str:
-    r = c.post("/generate", json={"model": "shapes", "async": True, **body})
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def _finished(c, job_id: str) -> dict:
-    wait_until(lambda: c.get(f"/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled"),
-               timeout=120, what=f"job {job_id}")
-    job = c.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "succeeded", job
-    job["image"] = base64.b64encode(c.get(f"/jobs/{job_id}/images/0").content).decode()
-    return job
-
-
 def test_batched_edits_equal_solo_ones(shapes, pipe):
     sources = [_source(pipe, p, s) for p, s in (("a red circle", 7), ("a yellow square", 8), ("a green circle", 9))]
     masks = [_half_mask(side) for side in ("right", "top", "centre")]
@@ -133,16 +118,16 @@ def test_batched_edits_equal_solo_ones(shapes, pipe):
                  cache={"preset": "balanced"}) for k, (im, m) in enumerate(zip(sources, masks))]
     with shapes.client() as c:
         # A text-to-image job ahead keeps the worker busy while the three edits queue behind it.
-        ahead = _submit(c, prompt="a red circle", steps=50, seed=1)
+        ahead = submit_shapes(c, prompt="a red circle", steps=50, seed=1)
         time.sleep(0.2)
-        ids = [_submit(c, **a) for a in asks]
-        together = [_finished(c, j) for j in ids]
-        assert _finished(c, ahead)["batch_images"] == 1  # a text-to-image job never shares an edit's call
+        ids = [submit_shapes(c, **a) for a in asks]
+        together = [succeeded_job(c, j) for j in ids]
+        assert succeeded_job(c, ahead)["batch_images"] == 1  # a text-to-image job never shares an edit's call
         alone = [_gen(c, **a) for a in asks]
     assert [j["batch_images"] for j in together] == [3, 3, 3]
     assert all(a["batch_images"] == 1 for a in alone)
     for job, solo, src, mask in zip(together, alone, sources, masks):
-        batched, single = _pixels(job["image"]), _pixels(solo["images"][0])
+        batched, single = _pixels(base64.b64encode(job["png"]).decode()), _pixels(solo["images"][0])
         # Float summation order may differ between batch sizes: one rounding level per channel at most.
         assert np.abs(batched - single).max() <= 2
         keep = np.asarray(mask) < 128
@@ -153,12 +138,12 @@ def test_an_input_that_expired_fails_its_job_with_the_reason(shapes, pipe):
     r = shapes.redis_client()
     src = _source(pipe, "a red circle", 10)
     with shapes.client() as c:
-        ahead = _submit(c, prompt="a red circle", steps=50, seed=1)
+        ahead = submit_shapes(c, prompt="a red circle", steps=50, seed=1)
         time.sleep(0.2)
-        job_id = _submit(c, image=_png(src), prompt="x", steps=8)
+        job_id = submit_shapes(c, image=_png(src), prompt="x", steps=8)
         for key in r.keys("clusca:*:input:*"):
             r.delete(key)
-        _finished(c, ahead)
+        succeeded_job(c, ahead)
         wait_until(lambda: c.get(f"/jobs/{job_id}").json()["status"] == "failed", timeout=60, what="failed edit")
         assert "no longer stored" in c.get(f"/jobs/{job_id}").json()["error"]
 
