@@ -1,5 +1,5 @@
 """A worker that is a group of ranks: one model, each call split over ``parallel.ulysses x ring``
-processes with diffusers' context parallelism (:mod:`clusca.parallel`).
+processes with context parallelism (:mod:`clusca.parallel`).
 
 To the queue the group is one worker: rank 0 runs the ordinary :class:`~service.worker.loop.Worker`
 (it claims jobs, heartbeats, publishes progress and stores results); its runner is a

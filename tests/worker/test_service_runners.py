@@ -103,6 +103,9 @@ def _tree(path: Path) -> ast.Module:
 
 WORKER_CORE = ["loop.py", "batching.py", "execution.py", "heartbeat.py", "progress.py", "results.py", "watch.py", "edit_inputs.py",
                "adapters.py"]
+# A parallel group's ranks (service/worker/group.py) share torch.distributed and clusca.parallel and
+# load their model through the runners' table: inside the functions a rank runs, never on import.
+WORKER_GROUP = ["group.py"]
 
 
 @pytest.mark.parametrize("name", WORKER_CORE)
@@ -120,8 +123,18 @@ def test_the_worker_names_no_model_kind(name):
     assert "kind" not in idents, f"service/worker/{name} looks at a model's kind"
 
 
+@pytest.mark.parametrize("name", WORKER_GROUP)
+def test_the_group_module_imports_torch_and_the_runners_only_where_a_rank_runs(name):
+    tree = _tree(SERVICE / "worker" / name)
+    top = {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
+    top |= {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in top if m.startswith("service.worker.runners.")
+                or m.split(".")[0] in ("torch", "diffusers", "clusca")], top
+
+
 def test_the_worker_core_is_every_module_beside_the_runners():
-    assert sorted(p.name for p in (SERVICE / "worker").glob("*.py") if p.name != "__init__.py") == sorted(WORKER_CORE)
+    assert sorted(p.name for p in (SERVICE / "worker").glob("*.py")
+                  if p.name != "__init__.py") == sorted(WORKER_CORE + WORKER_GROUP)
 
 
 def test_routers_import_no_other_router_and_no_redis_keys():

@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
-from service.broker.lanes import LONG
 from service.api.deps import AuthDep, ServicesDep
+from service.api.readiness import lane_warnings
 from service.api.views import adapter_out
 from service.api.schemas import ErrorBody, Health, ModelInfo, ModelsResponse, Readiness
 
@@ -33,20 +33,7 @@ async def readyz(services: ServicesDep) -> Any:
     if not any(alive.values()):
         body = Readiness(status="not_ready", redis=True, workers_alive=alive, reason="no live worker")
         return JSONResponse(body.model_dump(), status_code=503)
-    return Readiness(status="ready", redis=True, workers_alive=alive, warnings=await _lane_warnings(services))
-
-
-async def _lane_warnings(services: Any) -> list[str]:
-    """Models with a long lane whose live workers all keep to the short one: their long jobs wait
-    until such a worker starts, which readiness alone would not show."""
-    lanes: dict[str, set[str]] = {}
-    for w in await services.queue.live_workers(services.registry.names):
-        for name, where in w.models.items():
-            lanes.setdefault(name, set()).update(where.get("lanes") or ())
-    return [f"model {e.name!r}: no live worker reads its long lane (every one has CLUSCA_WORKER_LANES=short), "
-            f"so jobs costing more than its long_cost ({e.limits.long_cost}) wait until one does"
-            for e in services.registry.entries()
-            if e.limits.long_cost is not None and e.name in lanes and LONG not in lanes[e.name]]
+    return Readiness(status="ready", redis=True, workers_alive=alive, warnings=await lane_warnings(services))
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Models, their defaults and where they run",
