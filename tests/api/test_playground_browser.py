@@ -287,7 +287,8 @@ def test_the_adapter_picker_sends_the_picked_adapters_and_the_panel_shows_them(s
         page.click("#adapters summary")
         page.wait_for_selector("#adapter-list input[data-name=ink]")
         assert sorted(page.eval_on_selector_all("#adapter-list input[type=checkbox]",
-                                                "els => els.map((e) => e.dataset.name)")) == ["chalk", "ink"]
+                                                "els => els.map((e) => e.dataset.name)")) == [
+            "chalk", "ink", "outline", "pastel"]  # the operator's two beside the two the model ships
         page.check("#adapter-list input[data-name=ink]")
         page.fill('#adapter-list input[data-scale="ink"]', "0.5")
         page.fill("#seed", "4")
