@@ -306,6 +306,13 @@ def render_base(dest: Path) -> Path:
     for svc in cfg["services"].values():
         for key in ("networks", "ports", "build"):
             svc.pop(key, None)
+        # Compose v1 reads a GPU count from a variable (the parallel worker's
+        # ${CLUSCA_PARALLEL_GPUS:-4}) as a string and refuses it, even outside the active
+        # profiles; Compose v2 takes it. The stack runs without GPUs, so its default stands.
+        for dev in svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", []):
+            count = dev.get("count")
+            if isinstance(count, str) and count.startswith("${") and ":-" in count:
+                dev["count"] = int(count.split(":-", 1)[1].rstrip("}"))
         vols = []
         for v in svc.get("volumes", []):
             if isinstance(v, str) and v.startswith("./"):
