@@ -27,6 +27,13 @@ snapshot of the state it mutates, the snapshot is put back, the eager step runs 
 result is the one used. A graph that fails to record or disagrees is dropped, the branch
 goes on eagerly, and the reason is logged and reported in the run's statistics.
 
+Whatever else decides in Python what a recorded step computes registers a *key part* on the
+model (:func:`add_key_part`): a callable whose value joins the key a recorded step is kept
+under, so a step is recorded once per value and replayed only under the same one. The LoRA
+bank (``clusca.lora``) registers whether it adds a delta at all and how many images its rows
+map onto; its slot and scale selection lives in buffers written in place, which a replay reads
+like any other buffer.
+
 ``set_backend`` swaps the recorder: the tests use :class:`CallReplay`, which "records" by
 keeping the function and "replays" by calling it on the same buffers, to check on a CPU
 that a captured step reads nothing but its buffers.
@@ -271,6 +278,29 @@ class KeptSteps:
         self.families.clear()
 
 
+_KEY_PARTS = "_clusca_capture_key_parts"
+
+
+def add_key_part(model: torch.nn.Module, part: Callable[[], Any]) -> None:
+    """Key the cached steps recorded for ``model`` by ``part()`` too (a hashable value read before
+    every cached step): state that changes what a step computes without being one of its inputs'
+    shapes, e.g. whether a hook adds anything at all. Register it on the model ClusCa is applied to."""
+    parts = model.__dict__.setdefault(_KEY_PARTS, [])
+    if part not in parts:
+        parts.append(part)
+
+
+def remove_key_part(model: torch.nn.Module, part: Callable[[], Any]) -> None:
+    parts = model.__dict__.get(_KEY_PARTS, [])
+    if part in parts:
+        parts.remove(part)
+
+
+def key_parts(model: torch.nn.Module) -> tuple:
+    """The current values of ``model``'s key parts (``()`` when it has none)."""
+    return tuple(part() for part in model.__dict__.get(_KEY_PARTS, ()))
+
+
 def signature(hs: torch.Tensor, kwargs: dict, names: tuple[str, ...], extra: tuple) -> tuple:
     """What must match for a recorded step to be replayed for this call."""
     parts = [tuple(hs.shape), hs.dtype, hs.device]
@@ -313,7 +343,8 @@ def captured_step(adapter, ctrl, hs: torch.Tensor, kwargs: dict) -> torch.Tensor
         return None
     clusters = branch.clusters.get("image") if ctrl.uses_clusters else None
     key = signature(hs, kwargs, adapter.input_names,
-                    (branch.name, tuple(slots[i].n for i in used), clusters is not None and tuple(clusters.assign.shape)))
+                    (branch.name, tuple(slots[i].n for i in used), clusters is not None and tuple(clusters.assign.shape),
+                     *key_parts(ctrl.model)))
     graphs = ctrl.graphs()
     entry = graphs.get(key)
     d = branch.step - branch.last_full

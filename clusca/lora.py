@@ -20,6 +20,16 @@ per-sample rows), so nothing crosses a job or an adapter boundary.
 Rows of the transformer's batch map to images as ``row % images``: a pipeline that runs
 classifier-free guidance in one call stacks its halves (every image once per half).
 
+The selection lives in fixed buffers too: one ``(images, per_sample)`` pair of slot and scale
+tensors per image count, allocated the first time a call has that many images and written in
+place by every later :meth:`LoraBank.select`. A graph recorded with adapters (a CUDA graph of
+ClusCa's cached step, a ``torch.compile`` graph) therefore reads the current call's slots and
+scales when it replays, not those of the call that recorded it. What stays a Python decision
+is whether the bank adds a delta at all (no image of the call uses an adapter: nothing is
+computed) and how rows map to images; the bank registers both as a capture key part of the
+model (:func:`clusca.capture.add_key_part`), so ClusCa records a cached step once per such
+state and never replays one across it.
+
 Files: a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) or one
 ``.safetensors`` file whose keys end in ``.lora_A.weight`` / ``.lora_B.weight`` (the
 diffusers and PEFT spelling), with an optional ``<module>.alpha`` per layer.
@@ -141,7 +151,7 @@ class _LoraLinear:
     def _add_delta(self, _mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         bank = self.bank
         if bank is None or not bank.active:
-            return out
+            return out  # no image of this call uses an adapter: no delta at all
         x = args[0]
         rows = x.shape[0]
         per_row = bank.per_row(rows)  # (rows, k) slots and scales
@@ -178,8 +188,15 @@ class LoraBank:
             raise LoraError("no linear layer of the model matches the adapter targets")
         self.loaded: dict[int, str] = {}
         self.active = False
-        self._slot = torch.zeros(1, per_sample, dtype=torch.long)
-        self._scale = torch.zeros(1, per_sample)
+        self.device = next(iter(self.layers.values())).down.device
+        # The selection of each image count, written in place by select: a recorded graph reads
+        # the current call's slots and scales (see the module docstring).
+        self._selections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slot, self._scale = self._selection(1)
+        self._model = model
+        from .capture import add_key_part
+
+        add_key_part(model, self.key_part)
 
     def check(self, weights: LoraWeights) -> None:
         """:class:`LoraError` unless ``weights`` fits this bank: known modules, shapes, rank."""
@@ -218,7 +235,8 @@ class LoraBank:
         self.loaded.pop(slot, None)
 
     def select(self, per_image: Sequence[Sequence[tuple[int, float]]]) -> None:
-        """The ``(slot, scale)`` pairs of each image of the next call (``[]``: no adapter)."""
+        """The ``(slot, scale)`` pairs of each image of the next call (``[]``: no adapter), written in
+        place into the buffers of that many images."""
         if any(len(s) > self.per_sample for s in per_image):
             raise ValueError(f"at most {self.per_sample} adapters per image")
         n = len(per_image)
@@ -229,20 +247,45 @@ class LoraBank:
                 if sl not in self.loaded:
                     raise ValueError(f"slot {sl} holds no adapter")
                 slot[i, k], scale[i, k] = sl, sc
-        device = next(iter(self.layers.values())).down.device
-        self._slot, self._scale = slot.to(device), scale.to(device)
-        self.active = any(len(s) for s in per_image)
+        active = any(len(s) for s in per_image)
+        if active:
+            self._slot, self._scale = self._selection(n)
+            self._slot.copy_(slot)
+            self._scale.copy_(scale)
+        self.active = active
+
+    def _selection(self, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot and scale buffers of calls with ``images`` images, allocated once."""
+        got = self._selections.get(images)
+        if got is None:
+            got = self._selections[images] = (
+                torch.zeros(images, self.per_sample, dtype=torch.long, device=self.device),
+                torch.zeros(images, self.per_sample, device=self.device))
+        return got
+
+    def key_part(self) -> tuple:
+        """What a step recorded through this bank baked in as Python: whether it adds a delta and,
+        if so, how many images the rows map onto (the buffers it reads)."""
+        if not self.active:
+            return ("lora", None)
+        return ("lora", self._slot.shape[0], self.per_sample)
 
     def per_row(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         n = self._slot.shape[0]
         if rows % n:
             return None  # not this call's batch (e.g. a probe): no adapter
         reps = rows // n
+        if reps == 1:
+            return self._slot, self._scale
         return self._slot.repeat(reps, 1), self._scale.repeat(reps, 1)
 
     def remove(self) -> None:
         """Take every hook off the model (the buffers go with them)."""
+        from .capture import remove_key_part
+
         for layer in self.layers.values():
             layer.handle.remove()
             layer.bank = None
         self.layers.clear()
+        self.active = False
+        remove_key_part(self._model, self.key_part)
