@@ -147,15 +147,12 @@ class DiffusersRunner(PipelineRunner):
 
     @staticmethod
     def cache_of(batch: Batch) -> Any:
-        """The call's ClusCa settings. A call with adapters runs its cached steps eagerly: a recorded CUDA
-        graph is kept for later runs of the same settings and shape, and would replay the adapter
-        selection (which rows read which slots, and whether the bank adds anything at all) of the
-        call that recorded it. Calls without adapters record and replay as before."""
-        if batch.adapters is None or batch.cache.capture == "off":
-            return batch.cache
-        import dataclasses
-
-        return dataclasses.replace(batch.cache, capture="off")
+        """The call's ClusCa settings: the batch's, adapters or not. A call with adapters records and
+        replays its cached steps too: the bank's slot and scale selection lives in buffers written in
+        place (a recorded graph reads the current call's), and whether the bank adds a delta at all
+        keys the recorded steps (``clusca.capture.add_key_part``), so a step recorded without adapters
+        never replays for a call with them, nor the reverse."""
+        return batch.cache
 
     def outputs(self, result: Any) -> list[Any]:
         """The pipeline call's outputs, one per prompt."""
