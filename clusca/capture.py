@@ -36,7 +36,9 @@ like any other buffer.
 
 ``set_backend`` swaps the recorder: the tests use :class:`CallReplay`, which "records" by
 keeping the function and "replays" by calling it on the same buffers, to check on a CPU
-that a captured step reads nothing but its buffers.
+that a captured step reads nothing but its buffers, and :class:`OpReplay`, which replays
+the recorded tensor operations without running the Python again, to check on a CPU that
+nothing a replay should see is decided in Python or held in a tensor swapped for a new one.
 """
 
 from __future__ import annotations
@@ -127,6 +129,56 @@ class CallReplay:
 
         def replay() -> None:
             out[:] = [fn()]
+
+        return replay, lambda: out[0]
+
+    def memory(self, device: torch.device) -> int:
+        return 0
+
+
+class OpReplay:
+    """A stricter stand-in: recording runs ``fn`` once and keeps every tensor operation it
+    dispatched, with the tensors each read; replaying runs those operations again, each on
+    the tensors it read then (or on what an earlier operation of the replay made), without
+    running ``fn``'s Python. As under a CUDA graph, a replay repeats what was recorded: the
+    Python decisions taken while recording, and the very tensors read, so a step that swaps in
+    a new tensor instead of writing a buffer in place goes stale here too."""
+
+    name = "op-replay"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return None
+
+    def record(self, fn: Callable[[], torch.Tensor], restore: Callable[[], None]) -> tuple[Callable[[], None], Callable]:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves, tree_map
+
+        ops: list[tuple] = []
+
+        class _Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                result = func(*args, **kwargs)
+                ops.append((func, args, kwargs, result))
+                return result
+
+        with _Recorder():
+            recorded = fn()
+        restore()
+        out: list[torch.Tensor] = []
+
+        def replay() -> None:
+            made: dict[int, torch.Tensor] = {}  # id of a recorded result -> the replay's
+
+            def now(v: Any) -> Any:
+                return made.get(id(v), v) if isinstance(v, torch.Tensor) else v
+
+            for func, args, kwargs, result in ops:
+                again = func(*tree_map(now, args), **tree_map(now, kwargs))
+                for old, new in zip(tree_leaves(result), tree_leaves(again)):
+                    if isinstance(old, torch.Tensor):
+                        made[id(old)] = new
+            out[:] = [made.get(id(recorded), recorded)]
 
         return replay, lambda: out[0]
 

@@ -387,12 +387,13 @@ def write_lora(path: Path, layers: dict[str, tuple[int, int]], *, rank: int = 4,
     return path
 
 
-def linear_shapes(model: Any, names: tuple[str, ...] = ("to_q", "to_v", "proj_mlp")) -> dict[str, tuple[int, int]]:
-    """``{module: (in, out)}`` of the ``nn.Linear`` layers of ``model`` whose last name is one of ``names``."""
+def linear_shapes(model: Any, names: tuple[str, ...] | None = ("to_q", "to_v", "proj_mlp")) -> dict[str, tuple[int, int]]:
+    """``{module: (in, out)}`` of the ``nn.Linear`` layers of ``model`` whose last name is one of ``names``
+    (None: every one)."""
     import torch
 
     return {n: (m.in_features, m.out_features) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in names}
+            if isinstance(m, torch.nn.Linear) and (names is None or n.rsplit(".", 1)[-1] in names)}
 
 
 def submit_shapes(c: httpx.Client, **body: Any) -> str:

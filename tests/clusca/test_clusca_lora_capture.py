@@ -3,12 +3,16 @@
 The bank's selection lives in buffers written in place, so a step recorded under one adapter
 selection replays correctly under another; whether the bank adds a delta at all is part of the
 key a recorded step is kept under, so a step recorded without adapters never replays for a
-call with them, nor the reverse. On a CPU, ``CallReplay`` stands in for CUDA graphs (see
-tests/clusca/test_clusca_capture.py); the test at the end runs real CUDA graphs and is
-skipped without CUDA.
+call with them, nor the reverse. On a CPU, ``OpReplay`` stands in for CUDA graphs: a replay
+runs the recorded tensor operations again on the tensors they read, without the Python that
+chose them, so a selection held in a new tensor, or a recorded step replayed across the
+bank's state, goes stale exactly as under a graph. The test at the end runs real CUDA graphs
+and is skipped without CUDA.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from torch._dynamo.utils import counters
 
 from clusca import ClusCaConfig, apply_clusca, clusca_run, compile_clusca
 from clusca import capture
-from clusca.capture import CallReplay, using_backend
+from clusca.capture import OpReplay, using_backend
 from clusca.lora import LoraBank, LoraWeights
 from clusca.testing import EulerLoop, euler_sample, tiny_flux
 
@@ -35,10 +39,13 @@ NONE = [[], []]
 
 
 def _adapter(model, name: str, rank: int, seed: int) -> LoraWeights:
+    """Random weights on every targeted layer: the feed-forward layers among them are what a
+    cached step runs (for its fresh tokens), so cached steps depend on the selection."""
     g = torch.Generator().manual_seed(seed)
+    patterns = [re.compile(t) for t in TARGETS]
     layers = {}
     for module, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and module.rsplit(".", 1)[-1] in ("to_q", "to_v", "proj_mlp"):
+        if isinstance(mod, torch.nn.Linear) and any(p.fullmatch(module) for p in patterns):
             layers[module] = (torch.randn(rank, mod.in_features, generator=g) * 0.5 / mod.in_features ** 0.5,
                               torch.randn(mod.out_features, rank, generator=g) * 0.5 / rank ** 0.5)
     return LoraWeights(name, rank, layers, alpha=float(rank))
@@ -86,7 +93,7 @@ def test_select_writes_the_same_buffers_in_place(banked):
 
 def test_steps_recorded_with_one_selection_replay_another_exactly(banked):
     case, bank = banked
-    with using_backend(CallReplay()):
+    with using_backend(OpReplay()):
         eager_a, _ = _sample(case, bank, A, "off")
         got_a, s_a = _sample(case, bank, A, "auto")
         runs = []
@@ -106,7 +113,7 @@ def test_steps_recorded_with_one_selection_replay_another_exactly(banked):
 
 def test_steps_with_and_without_adapters_are_recorded_apart(banked):
     case, bank = banked
-    with using_backend(CallReplay()):
+    with using_backend(OpReplay()):
         eager_none, _ = _sample(case, bank, NONE, "off")
         eager_a, _ = _sample(case, bank, A, "off")
         _, plain = _sample(case, bank, NONE, "auto")
@@ -122,14 +129,34 @@ def test_steps_with_and_without_adapters_are_recorded_apart(banked):
 
 
 def test_without_the_key_part_a_plain_step_would_replay_for_adapters(banked, monkeypatch):
-    # The check above can fail: without the bank's key part, the run with adapters finds the
-    # plain run's recorded steps and records nothing (under a CUDA graph it would then add no delta).
+    # The checks above can fail: without the bank's key part, the run with adapters replays the
+    # plain run's recorded steps, which add no delta, and drifts from its eager run.
     case, bank = banked
     monkeypatch.setattr(capture, "key_parts", lambda model: ())
-    with using_backend(CallReplay()):
+    with using_backend(OpReplay()):
+        eager_a, _ = _sample(case, bank, A, "off")
         _sample(case, bank, NONE, "auto")
-        _, with_a = _sample(case, bank, A, "auto")
-    assert with_a.graph_captures == 0
+        got_a, with_a = _sample(case, bank, A, "auto")
+    assert with_a.graph_captures == 0 and with_a.graph_replays > 0
+    assert _rel(got_a, eager_a) > 1e-3
+
+
+def test_a_selection_swapped_for_new_tensors_would_be_caught(banked, monkeypatch):
+    # And a bank that put each selection in new tensors (as it once did) would replay the
+    # recording call's adapters under the next selection.
+    case, bank = banked
+    select = LoraBank.select
+
+    def fresh_tensors(self, per_image):
+        select(self, per_image)
+        self._slot, self._scale = self._slot.clone(), self._scale.clone()
+
+    monkeypatch.setattr(LoraBank, "select", fresh_tensors)
+    with using_backend(OpReplay()):
+        _sample(case, bank, A, "auto")
+        eager_b, _ = _sample(case, bank, B, "off")
+        got_b, s = _sample(case, bank, B, "auto")
+    assert s.graph_replays > 0 and _rel(got_b, eager_b) > 1e-3
 
 
 def test_the_bank_registers_its_key_part_and_takes_it_away():

@@ -1,7 +1,8 @@
 """The worker's calls with LoRA adapters replay ClusCa's recorded cached steps.
 
-The built-in model's runner, in process, with its adapter bank, under ``CallReplay`` (the
-CPU stand-in for CUDA graphs, see tests/clusca/test_clusca_capture.py): a call with
+The built-in model's runner, in process, with its adapter bank, under ``OpReplay`` (a CPU
+stand-in for CUDA graphs that replays the recorded tensor operations without re-running
+their Python, see ``clusca.capture``): a call with
 adapters keeps the request's ``capture`` setting, replays the steps an earlier call of the
 same family recorded (with other adapters, or none), and gives the images of its eager run.
 """
@@ -9,6 +10,7 @@ same family recorded (with other adapters, or none), and gives the images of its
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +31,16 @@ def runner(tmp_path_factory):
     from clusca_shapes import ShapesFluxPipeline
 
     from service.adapters.store import AdapterStore
-    from service.registry import AdapterSettings, ModelEntry
+    from service.registry import FLUX_LORA_TARGETS, AdapterSettings, ModelEntry
     from service.worker.adapters import AdapterSource
     from service.worker.runners import load_runner
 
     root = tmp_path_factory.mktemp("adapters")
-    layers = linear_shapes(ShapesFluxPipeline.from_pretrained(WEIGHTS).transformer)
+    # Every targeted layer: the feed-forward layers among them are what a cached step runs.
+    patterns = [re.compile(t) for t in FLUX_LORA_TARGETS]
+    layers = {m: shape for m, shape in linear_shapes(ShapesFluxPipeline.from_pretrained(WEIGHTS).transformer,
+                                                     names=None).items()
+              if any(p.fullmatch(m) for p in patterns)}
     for k, name in enumerate(ADAPTERS):
         write_lora(root / "shapes" / f"{name}.safetensors", layers, rank=4, seed=k + 1, scale=1.0)
     entry = ModelEntry(name="shapes", kind="builtin", path=str(WEIGHTS),
@@ -58,12 +64,12 @@ def _call(runner, adapters, capture: str):
 
 
 def test_a_call_with_adapters_replays_steps_recorded_under_other_adapters(runner):
-    from clusca.capture import CallReplay, using_backend
+    from clusca.capture import OpReplay, using_backend
 
     first = [[("ink", 1.0)], [("ink", 1.0)]]
     mixed = [[("chalk", 0.7), ("ink", 0.4)], []]
     plain = [[], []]
-    with using_backend(CallReplay()):
+    with using_backend(OpReplay()):
         _, recorded = _call(runner, first, "auto")
         eager_mixed, _ = _call(runner, mixed, "off")
         got_mixed, replayed = _call(runner, mixed, "auto")
