@@ -7,7 +7,7 @@
 #      FLUX.1-dev cache benchmark (benchmarks/gpu_flux.py), captured, eager and compiled rows, and
 #      image-to-image rows (strength 0.6: FLUX_ARGS="--img2img-strength S", 0 for none), uncached and cached,
 #      and a rank-LORA_RANK adapter of random weights (default 16; 0 leaves those rows out),
-#      uncached and with the `fast` cache;
+#      uncached and with the `fast` cache, its cached steps replayed as CUDA graphs and eager;
 #   4. with two or more GPUs (and CP unset or 1), context parallelism: Ulysses-2/4/8 on a
 #      FLUX.1-dev-size transformer at 1024x1024 and 2048x2048, uncached and fast
 #      (benchmarks/context_parallel.py; context_parallel-gpu-*.json);
@@ -67,8 +67,9 @@ fi
 
 if [ "$FLUX_DEADLINE" != "0" ]; then
     if $PY -c "import pytest" 2>/dev/null; then
-        echo "== graph capture on CUDA (tests/clusca/test_clusca_capture.py, the CUDA tests)"
-        $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/clusca/test_clusca_capture.py -k cuda 2>&1 | tail -15
+        echo "== graph capture on CUDA (tests/clusca/test_clusca_capture.py and, with adapters, test_clusca_lora_capture.py: the CUDA tests)"
+        $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/clusca/test_clusca_capture.py \
+            tests/clusca/test_clusca_lora_capture.py -k cuda 2>&1 | tail -15
     fi
     echo "== FLUX.1-dev size cache benchmark"
     # shellcheck disable=SC2086

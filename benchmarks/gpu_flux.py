@@ -57,7 +57,8 @@ LORA_RANK = 16
 
 def methods(lora_rank: int = LORA_RANK) -> list:
     """The large-model list of the cache comparison, plus the `quality` preset and, with a
-    ``lora_rank``, an adapter of that rank (random weights) uncached and with `fast`."""
+    ``lora_rank``, an adapter of that rank (random weights) uncached and with `fast`, its cached
+    steps replayed as CUDA graphs and eager (beside the same pair without the adapter)."""
     from benchmarks.cache_compare import large_methods
     from clusca import ClusCaConfig
 
@@ -74,6 +75,8 @@ def methods(lora_rank: int = LORA_RANK) -> list:
     if lora_rank:
         ms.insert(1, AdapterMethod(f"LoRA r{lora_rank}, uncached", "LoRA", lora_rank=lora_rank))
         ms.append(AdapterMethod(f"LoRA r{lora_rank}, ClusCa fast (N6)", "LoRA", clusca=fast, lora_rank=lora_rank))
+        ms.append(AdapterMethod(f"LoRA r{lora_rank}, ClusCa fast (N6), eager", "LoRA",
+                                clusca=ClusCaConfig.preset("fast", capture="off"), lora_rank=lora_rank))
     return ms
 
 
@@ -350,7 +353,9 @@ def render(data: dict) -> str:
         "predate graph capture, whose cached steps ran eagerly." + (
             " The `LoRA r<rank>` rows run an adapter of that rank with random weights on every image "
             "(`clusca.lora.LoraBank` on the attention and MLP linears, as the service installs it), uncached and "
-            "with `fast`; their rel. L2 is against the uncached run without the adapter."
+            "with `fast`, its cached steps replayed as CUDA graphs and eager (compare `ClusCa fast (N6)` and its "
+            "`eager` row for the same without the adapter); their rel. L2 is against the uncached run without "
+            "the adapter."
             if any(r["method"].startswith("LoRA") for r in data["results"]) else "") + (
             " `img2img strength s` rows denoise the last s share of the steps from a noised random image "
             "latent (no VAE), their speedup against the uncached img2img run."

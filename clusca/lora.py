@@ -37,6 +37,7 @@ diffusers and PEFT spelling), with an optional ``<module>.alpha`` per layer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from torch import nn
 
 _PREFIXES = ("base_model.model.", "transformer.", "unet.")
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+_BANK_IDS = itertools.count(1)
 
 
 class LoraError(ValueError):
@@ -188,6 +190,9 @@ class LoraBank:
             raise LoraError("no linear layer of the model matches the adapter targets")
         self.loaded: dict[int, str] = {}
         self.active = False
+        # Tells this bank's recorded steps from those of a bank installed after it on the same model:
+        # they read other buffers.
+        self.uid = next(_BANK_IDS)
         self.device = next(iter(self.layers.values())).down.device
         # The selection of each image count, written in place by select: a recorded graph reads
         # the current call's slots and scales (see the module docstring).
@@ -265,10 +270,10 @@ class LoraBank:
 
     def key_part(self) -> tuple:
         """What a step recorded through this bank baked in as Python: whether it adds a delta and,
-        if so, how many images the rows map onto (the buffers it reads)."""
+        if so, which buffers it reads (this bank's, those of this many images)."""
         if not self.active:
             return ("lora", None)
-        return ("lora", self._slot.shape[0], self.per_sample)
+        return ("lora", self.uid, self._slot.shape[0], self.per_sample)
 
     def per_row(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         n = self._slot.shape[0]

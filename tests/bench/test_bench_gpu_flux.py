@@ -40,11 +40,16 @@ def test_tiny_run_measures_every_method_and_renders(tmp_path):
     ours = [r for r in rows if r["flops_speedup"]]
     assert ours and all(r["flops_speedup"] > 1.0 and r["cache_mib"] >= 0 for r in ours)
     assert all(0 < r["rel_l2"] < 1 for r in ours)
-    # The adapter rows: a rank-16 adapter of random weights, uncached and cached, beside the plain runs.
+    # The adapter rows: a rank-16 adapter of random weights, uncached and cached (its cached steps
+    # captured, as without the adapter, and eager), beside the plain runs.
     lora = {r["method"]: r for r in rows if r["batch"] == 1 and r["method"].startswith("LoRA r16")}
-    assert set(lora) == {"LoRA r16, uncached", "LoRA r16, ClusCa fast (N6)"}
+    assert set(lora) == {"LoRA r16, uncached", "LoRA r16, ClusCa fast (N6)", "LoRA r16, ClusCa fast (N6), eager"}
     assert lora["LoRA r16, uncached"]["flops_speedup"] is None and 0 < lora["LoRA r16, uncached"]["rel_l2"] < 1
     assert lora["LoRA r16, ClusCa fast (N6)"]["flops_speedup"] > 1.0
+    plain = next(r for r in rows if r["batch"] == 1 and r["method"] == "ClusCa fast (N6)")
+    assert lora["LoRA r16, ClusCa fast (N6)"]["capture"] == plain["capture"] != "off"  # on a CPU: unavailable
+    assert lora["LoRA r16, ClusCa fast (N6), eager"]["capture"] == "off"
+    assert "replayed as CUDA graphs and eager" in render(data)
     assert [m.name for m in methods(0)] == [n for n in names if not n.startswith("LoRA")]
 
 
@@ -83,5 +88,6 @@ def test_gpu_job_runs_only_the_parts_asked_for(tmp_path):
     flux = next(c for c in flux_only if c[0] == "benchmarks/gpu_flux.py")
     assert flux[flux.index("--lora-rank") + 1] == "16"
     # The CUDA-only capture tests run before the benchmark, where pytest is installed.
-    assert any(c[:2] == ["-m", "pytest"] and "tests/clusca/test_clusca_capture.py" in c for c in flux_only)
+    assert any(c[:2] == ["-m", "pytest"] and "tests/clusca/test_clusca_capture.py" in c
+               and "tests/clusca/test_clusca_lora_capture.py" in c for c in flux_only)
     assert not any(c[:2] == ["-m", "pytest"] for c in calls)

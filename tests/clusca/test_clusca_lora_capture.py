@@ -165,9 +165,14 @@ def test_the_bank_registers_its_key_part_and_takes_it_away():
     bank.load(1, _adapter(case.model, "a", 4, seed=1))
     assert capture.key_parts(case.model) == (("lora", None),)
     bank.select([[(1, 1.0)], [], [(1, 0.5)]])
-    assert capture.key_parts(case.model) == (("lora", 3, 2),)
+    assert capture.key_parts(case.model) == (("lora", bank.uid, 3, 2),)
     bank.remove()
     assert capture.key_parts(case.model) == ()
+    # A bank installed later reads other buffers: its recorded steps are its own.
+    other = LoraBank(case.model, TARGETS, slots=1, max_rank=4)
+    other.load(1, _adapter(case.model, "a", 4, seed=1))
+    other.select([[(1, 1.0)], [], [(1, 0.5)]])
+    assert other.uid != bank.uid and capture.key_parts(case.model) == (("lora", other.uid, 3, 2),)
 
 
 def test_switching_adapters_never_recompiles_the_compiled_regions(banked):
