@@ -47,6 +47,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .capture import add_key_part, remove_key_part
+
 _PREFIXES = ("base_model.model.", "transformer.", "unet.")
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
 _BANK_IDS = itertools.count(1)
@@ -199,8 +201,6 @@ class LoraBank:
         self._selections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slot, self._scale = self._selection(1)
         self._model = model
-        from .capture import add_key_part
-
         add_key_part(model, self.key_part)
 
     def check(self, weights: LoraWeights) -> None:
@@ -286,8 +286,6 @@ class LoraBank:
 
     def remove(self) -> None:
         """Take every hook off the model (the buffers go with them)."""
-        from .capture import remove_key_part
-
         for layer in self.layers.values():
             layer.handle.remove()
             layer.bank = None
