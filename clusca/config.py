@@ -110,6 +110,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("guard_bound", float, 0.35, "The guard's bound on a cached step's relative error: measured at its fresh "
          "tokens (clusca), else expected from the output's rate of change at the last full steps (fora, "
          "taylorseer).", 0.0, 100.0, lo_open=True),
+    Knob("guard_layout", float, 0.125, "The guard's layout window: with the guard on, every step in this leading "
+         "share of the run's steps is computed in full (the image's layout is decided there, where an ordinary "
+         "step error can send a sample to another image; needs the run's step count).", 0.0, 1.0),
     Knob("capture", str, "auto", "auto (replay cached steps as a CUDA graph where possible) or off (eager).",
          choices=CAPTURES),
 )
@@ -207,6 +210,11 @@ class ClusCaConfig:
             factors re-anchored on its true output; batch mates keep their cached step. Steps
             with a trip are counted (``guard_trips``) and count among the full steps.
         guard_bound: the guard's bound on that relative error, above 0.
+        guard_layout: with the guard on, the leading share of the run's steps (``num_inference_steps``;
+            the first ``ceil(guard_layout * steps)``) that are computed in full whatever the
+            schedule says: the image's layout is settled there, and an ordinary step error can
+            still send a sample to another image (``clusca.guard``). ``0``: none. A run that
+            does not know its step count has no window.
         capture: ``auto`` records the lean cached step of a run as a CUDA graph and replays it
             (on a CUDA device, for the architectures with a lean cached step; elsewhere it
             does nothing); ``off`` always runs cached steps eagerly. See ``clusca.capture``.
@@ -236,6 +244,7 @@ class ClusCaConfig:
     seed: int = _default("seed")
     guard: bool = _default("guard")
     guard_bound: float = _default("guard_bound")
+    guard_layout: float = _default("guard_layout")
     capture: str = _default("capture")
     modules: dict[str, list[str]] | None = None
 

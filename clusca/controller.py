@@ -64,6 +64,7 @@ class ClusCaController:
         self.text_dead = False  # this run's text outputs get no factors (ArchitecturePatterns.text_outputs)
         self.order = 0
         self.num_inference_steps: int | None = None
+        self.layout_steps = 0  # leading steps the divergence guard runs in full (clusca.guard)
         self.branch = BranchState(len(slots))
         self.counters = Counters()
         self.group_sizes: dict[str, int] = {}
@@ -92,6 +93,7 @@ class ClusCaController:
         self.token_masks = None
         self.config = config
         self.num_inference_steps = num_inference_steps
+        self.layout_steps = guard.layout_steps(num_inference_steps, config.guard_layout) if config.guard else 0
         from .parallel import parallel_group
 
         self.parallel = parallel_group(self.model)
@@ -195,6 +197,10 @@ class ClusCaController:
         branch.step = step
         cfg = self.config
         full = (not self.caching) or branch.last_full < 0 or cfg.is_full_step(step)
+        # The guard's layout window: a step of it due to be cached runs in full, for every sample
+        # (it depends on the step alone, so batch mates and ranks agree), and counts as a trip.
+        branch.layout_trip = not full and cfg.guard and step < self.layout_steps
+        full = full or branch.layout_trip
         group = self.parallel
         branch.full = full
         # The divergence guard (clusca.guard): ClusCa measures its cached steps at their fresh
@@ -237,12 +243,15 @@ class ClusCaController:
         c.flops_uncached += branch.flops_call
         key = (c.sequences, branch.step)
         if branch.full:
+            if branch.layout_trip and key not in c.full_steps:
+                c.guard_trips += 1
             c.full_steps.add(key)
             c.tokens_computed += tokens
             c.flops += branch.flops_call
             branch.last_full = branch.step
             if self.caching and self.config.guard:
-                c.add_cache_bytes(guard.observe(branch, out, self.order, branch.halves_equal))
+                c.add_cache_bytes(guard.observe(branch, out, self.order, branch.halves_equal,
+                                                estimate=not self.guard_measures))
         elif branch.recomputed:
             # The guard computed some samples of this step in full: it counts as a full step,
             # with the work of those samples (all of them when no cached step ran first).
@@ -254,6 +263,13 @@ class ClusCaController:
         else:
             c.cached_steps.add(key)
             c.flops += branch.flops_unhooked
+
+    @property
+    def guard_measures(self) -> bool:
+        """Every cached step measures its error at its fresh tokens (eager ClusCa): the guard then
+        needs no estimate. Compiled or recorded cached steps measure nothing."""
+        compiled = self.adapter is not None and getattr(self.adapter, "compiled", False)
+        return self.uses_clusters and not self.keeping and not compiled
 
     def abort_call(self) -> None:
         """The transformer call raised: stop a running probe without keeping its counts."""

@@ -148,13 +148,6 @@ def _cached_run(cfg: ClusCaConfig, total: int | None, step: int) -> tuple[int, .
     return tuple(steps)
 
 
-def fresh_error(pred: torch.Tensor, fresh: torch.Tensor, batch: int) -> torch.Tensor:
-    """``(batch,)``: per sample, ``||fresh - pred|| / ||fresh||`` over its fresh rows."""
-    fresh = fresh.reshape(batch, -1).float()
-    gap = torch.sub(fresh, pred.reshape(batch, -1).float()).norm(dim=1)
-    return gap.div_(fresh.norm(dim=1).clamp_min_(1e-12))
-
-
 def write_fresh(factors, fresh: torch.Tensor, rows: torch.Tensor, flat_index: torch.Tensor | None, gamma,
                 per_cluster: int, anchored: bool, coeffs, errors: list | None = None) -> None:
     """Fold the exact outputs ``fresh`` (``(b * k * f, dout)``, cluster-major, of ``rows``)
@@ -164,8 +157,8 @@ def write_fresh(factors, fresh: torch.Tensor, rows: torch.Tensor, flat_index: to
 
     ``anchored`` (``propagation="anchored"``) stores the fresh value net of the higher-order
     terms, so the Taylor sum returns it exactly at its token. ``errors``, when given, gets the
-    per-sample relative gap between the fresh outputs and what the prediction said for their
-    tokens (the divergence guard's measured error, see ``clusca.guard``).
+    fresh outputs and what the prediction said for their tokens, for the divergence guard to
+    measure once per step over every module (``clusca.guard.measured``).
     """
     f0 = factors.rows[0]
     dout = f0.shape[-1]
@@ -177,7 +170,7 @@ def write_fresh(factors, fresh: torch.Tensor, rows: torch.Tensor, flat_index: to
         pred = f0.index_select(0, rows)
         for k in range(1, factors.n):
             add_scaled(pred, factors.rows[k].index_select(0, rows), coeffs[k])
-        errors.append(fresh_error(pred, fresh, factors.shape[0]))
+        errors.append((pred, fresh, factors.shape[0]))
     if gamma is not None:
         mean = fresh if per_cluster == 1 else fresh.view(-1, per_cluster, dout).mean(1)
         # F0 <- (1 - gamma) F0 + gamma * fresh(cluster of token). A row gather plus an in-place

@@ -44,10 +44,16 @@ it is 0.29 to 0.30 at ``d = 1`` and 0.56 to 0.57 at ``d = 2``. The default 0.35 
 what the model's own presets reach, so they rarely trip, and below what a collapse reaches
 within two steps; ``benchmarks/guard_sweep.py`` measures it against a stricter 0.25.
 
-What no bound catches: a sample on a knife's edge whose step error is ordinary but whose
-trajectory turns on it ("a yellow circle to the left", seed 11: its error at step 3 is the
-median of its peers', yet caching that step alone sends it to another image). Only a full
-step there saves it.
+The layout window. What no bound catches is a sample on a knife's edge whose step error is
+ordinary but whose trajectory turns on it ("a yellow circle to the left", seed 11, on the
+built-in model: its error at step 3 is the median of its peers', yet caching step 3 or step 4
+of 40 sends it to another image, under every setting, the model's old presets included).
+The image's layout is decided in the first steps, so with the guard on every step in the
+leading ``guard_layout`` share of the run's steps (default 0.125: 5 of 40) is full, whatever
+the schedule says; a step it adds counts as a trip. It depends on the step alone, so batch
+mates and ranks agree on it, and a schedule whose warm-up already covers it (the built-in
+model's presets warm up for 5 steps) pays nothing. It needs the step count
+(``num_inference_steps`` of ``clusca_run``; the service always passes it).
 
 Costs: per full step, one update of output-sized factors and one norm per factor (read on
 the host at its end); per cached ClusCa step the measured error (above); per cached step of
@@ -57,12 +63,21 @@ of the tripped samples.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from .state import BranchState
 from .taylor import Factors, coefficients
+
+
+def layout_steps(num_inference_steps: int | None, share: float) -> int:
+    """How many leading steps the guard computes in full: ``ceil(share * steps)``; none when the
+    run does not know its step count."""
+    if not num_inference_steps or share <= 0:
+        return 0
+    return math.ceil(share * num_inference_steps - 1e-9)
 
 
 def output_tensor(out: Any) -> torch.Tensor | None:
@@ -80,17 +95,24 @@ def guard_order(order: int) -> int:
     return max(1, order)
 
 
-def observe(branch: BranchState, out: Any, order: int, paired: bool = False) -> int:
+def observe(branch: BranchState, out: Any, order: int, paired: bool = False, estimate: bool = True) -> int:
     """A full call of ``branch`` returned ``out``: fold it into the output's factors, measure
     their norms, and make this step every sample's last fresh one. ``paired``: the call's batch
-    is two identical halves (guidance), whose samples are decided together. Returns the change
-    in bytes held."""
+    is two identical halves (guidance), whose samples are decided together. ``estimate=False``:
+    every cached step of the run measures its own error (eager ClusCa), so the output's factors,
+    which only the estimate reads, are not kept. Returns the change in bytes held."""
     y = output_tensor(out)
     held = branch.guard_factors
     before = held.nbytes() if held is not None else 0
     if y is None or y.ndim < 2 or not y.is_floating_point():
         branch.guard_factors = branch.guard_norms = None
         branch.guard_fresh = []
+        return -before
+    if not estimate:
+        branch.guard_factors = branch.guard_norms = None
+        branch.guard_step = branch.step
+        branch.guard_fresh = [branch.step] * y.shape[0]
+        branch.guard_pairs = paired and y.shape[0] % 2 == 0
         return -before
     y = y.detach().float()
     order = guard_order(order)
@@ -167,9 +189,21 @@ def trips(branch: BranchState, step: int, bound: float, predictor: str = "taylor
     return over(branch, departures(branch, step, predictor, scale), bound)
 
 
-def measured(errors: list[torch.Tensor]) -> list[float] | None:
-    """Per sample, the largest relative error a cached step's fresh tokens measured (one
-    ``(batch,)`` tensor per feed-forward module; read on the host here)."""
+def measured(errors: list[tuple[torch.Tensor, torch.Tensor, int]]) -> list[float] | None:
+    """Per sample, the largest relative error a cached step's fresh tokens measured: ``errors``
+    holds, per feed-forward module, what the prediction said for the fresh rows, their true
+    outputs and the batch size. Modules of one shape are measured together (a handful of
+    operators per step, not per module) and read on the host once."""
     if not errors:
         return None
-    return torch.stack(errors).amax(0).tolist()
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for pred, fresh, batch in errors:
+        groups.setdefault((tuple(fresh.shape), batch), []).append((pred, fresh))
+    per_module = []
+    for (_, batch), pairs in groups.items():
+        pred = torch.stack([p for p, _ in pairs]).reshape(len(pairs), batch, -1).float()
+        fresh = torch.stack([f for _, f in pairs]).reshape(len(pairs), batch, -1).float()
+        gap = torch.linalg.vector_norm(fresh - pred, dim=2)
+        per_module.append(gap.div_(torch.linalg.vector_norm(fresh, dim=2).clamp_min_(1e-12)))
+    worst = per_module[0] if len(per_module) == 1 else torch.cat(per_module)
+    return worst.amax(0).tolist()

@@ -144,6 +144,7 @@ class BranchState(BaseState):
         self.halves_equal = False  # this full call's batch is two identical halves
         self.batch = 0  # samples in this call
         self.tripped: list[int] = []  # samples the guard recomputes, decided before the step
+        self.layout_trip = False  # a step due to be cached that the guard's layout window runs in full
         self.measure: list | None = None  # this cached step's measured errors (one tensor per module)
         self.recomputed: list[int] = []  # samples the guard computed in full this call
         self.refresh = None  # while recomputing: the samples' rows (index tensor) to re-anchor

@@ -26,9 +26,10 @@ def pipe():
     return p
 
 
-def _image(pipe, cfg: ClusCaConfig, seed: int = COLLAPSE_SEED):
-    with torch.inference_mode(), clusca_run(pipe.transformer, cfg) as run:
-        image = pipe(COLLAPSE_PROMPT, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+def _image(pipe, cfg: ClusCaConfig, seed: int = COLLAPSE_SEED, prompt: str = COLLAPSE_PROMPT,
+           steps: int | None = None):
+    with torch.inference_mode(), clusca_run(pipe.transformer, cfg, num_inference_steps=steps) as run:
+        image = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
     return image, run.stats
 
 
@@ -120,7 +121,8 @@ def test_the_models_presets_nearly_never_trip(pipe):
 def test_guard_knobs_are_validated_and_parsed():
     assert ClusCaConfig().guard is False  # off by default: the presets' worst image is not yet fixed
     assert parse_settings("guard=false,guard_bound=0.5") == {"guard": False, "guard_bound": 0.5}
-    for bad in ({"guard_bound": 0}, {"guard_bound": -1.0}, {"guard": "yes"}):
+    for bad in ({"guard_bound": 0}, {"guard_bound": -1.0}, {"guard": "yes"}, {"guard_layout": 1.5},
+                {"guard_layout": -0.1}):
         with pytest.raises(ClusCaConfigError) as exc:
             ClusCaConfig.from_dict(bad)
         assert exc.value.field == next(iter(bad))
@@ -137,3 +139,54 @@ def test_the_halves_of_a_guidance_pair_trip_together_and_other_samples_alone():
     assert guard.over(branch, errors, 0.3) == [1, 3]  # image b, both halves
     assert guard.over(branch, errors, 0.15) == [0, 1, 2, 3]
     assert guard.over(branch, None, 0.3) == []
+
+
+# A sample on a knife's edge: its cached steps err no more than its peers', yet caching step 3
+# or 4 of 40 sends it to another image; only the guard's layout window (full steps there) saves it.
+KNIFE_PROMPT, KNIFE_SEED = "a yellow circle to the left", 11
+# The built-in model's `balanced` before its warm-up was five steps: steps 3-5 cached.
+WARMUP_3 = {"mode": "clusca", "interval": 4, "warmup": 3, "order": 0, "clusters": 4, "gamma": 0.0}
+
+
+def test_layout_window_is_a_leading_share_of_the_steps():
+    from clusca.guard import layout_steps
+
+    assert layout_steps(40, 0.125) == 5
+    assert layout_steps(50, 0.125) == 7
+    assert layout_steps(8, 0.125) == 1
+    assert layout_steps(40, 0.0) == 0
+    assert layout_steps(None, 0.125) == 0  # a run that does not know its step count has none
+
+
+def test_the_layout_window_saves_a_knife_edge_sample(pipe):
+    steps = pipe.default_steps
+    ref = _image(pipe, ClusCaConfig(mode="off"), KNIFE_SEED, KNIFE_PROMPT, steps)[0]
+    off, _ = _image(pipe, ClusCaConfig(**WARMUP_3), KNIFE_SEED, KNIFE_PROMPT, steps)
+    assert psnr(off, ref) < 12.0  # another image
+    on, stats = _image(pipe, ClusCaConfig(**WARMUP_3, guard=True), KNIFE_SEED, KNIFE_PROMPT, steps)
+    assert psnr(on, ref) >= 20.0
+    # Steps 3 and 4 were due to be cached: the window ran both in full, counted as trips.
+    schedule = ClusCaConfig(**WARMUP_3).full_steps(steps)
+    assert {3, 4} - set(schedule) == {3, 4}
+    assert stats.guard_trips >= 2 and stats.full_steps == len(schedule) + stats.guard_trips
+    # Without the step count, or with no window, the guard has no window: the bound alone acts.
+    unknown, st_unknown = _image(pipe, ClusCaConfig(**WARMUP_3, guard=True), KNIFE_SEED, KNIFE_PROMPT)
+    none, st_none = _image(pipe, ClusCaConfig(**WARMUP_3, guard=True, guard_layout=0.0), KNIFE_SEED, KNIFE_PROMPT,
+                           steps)
+    assert (unknown == none).all() and st_unknown.guard_trips == st_none.guard_trips
+    assert psnr(none, ref) < 12.0
+
+
+def test_the_models_presets_keep_the_layout_steps_full(pipe):
+    """The built-in model's presets warm up past the guard's window, so it costs them nothing."""
+    from clusca.guard import layout_steps
+
+    entry = builtin_entry(None)
+    window = layout_steps(pipe.default_steps, ClusCaConfig().guard_layout)
+    for preset in ("quality", "balanced", "fast"):
+        cfg = entry.cache_config({"preset": preset})
+        assert all(cfg.is_full_step(s) for s in range(window)), preset
+        guarded = [_image(pipe, ClusCaConfig.from_dict({**cfg.to_dict(), "guard": True, "guard_layout": share}),
+                          KNIFE_SEED, KNIFE_PROMPT, pipe.default_steps) for share in (ClusCaConfig().guard_layout, 0.0)]
+        (with_window, st), (without, st_without) = guarded
+        assert (with_window == without).all() and st.guard_trips == st_without.guard_trips, preset
