@@ -1,8 +1,8 @@
 """Drawing styles of the shipped LoRA adapters: the same scenes and captions, drawn differently.
 
 * ``outline``: every shape drawn as its outline only, in the object's colour, the inside left
-  as background; the line is :func:`outline_width` pixels wide (thinner for small shapes, so
-  a small triangle keeps an inside);
+  as background; the line is :func:`outline_width` pixels wide (a share of how deep the
+  shape's inside reaches, so a small triangle keeps an inside);
 * ``pastel``: every object's colour softened towards the background, :data:`PASTEL_OPACITY`
   of the colour over the rest (pastel tints on white, muted ones on grey and black).
 
@@ -21,13 +21,18 @@ STYLES = ("outline", "pastel")
 # Share of an object's colour in a pastel drawing. The checker reads a pixel as an object's
 # when it is at least half that colour, so 0.65 keeps the object's whole area readable.
 PASTEL_OPACITY = 0.65
-# Outline line width in pixels: about a third of the radius, within these bounds. A line of
-# 1.6 px keeps a 4-connected ring along a diagonal; 2.2 px leaves the smallest shape an inside.
-OUTLINE_WIDTH = (1.6, 2.2)
+# Outline line width: OUTLINE_SHARE of the shape's inradius (how deep its inside reaches: the
+# radius for a circle or a square, INRADIUS["triangle"] of it for the triangle), within these
+# bounds in pixels. A thick line is an unbroken ring the model can draw on its 4-px patches;
+# 1.6 px keeps a 4-connected ring along a diagonal, and the share leaves every shape an inside
+# the checker sees (the smallest triangles, of a trio, are held at the lower bound).
+OUTLINE_SHARE = 0.45
+OUTLINE_WIDTH = (1.6, 3.2)
+INRADIUS = {"circle": 1.0, "square": 1.0, "triangle": (np.sqrt(5) - 1) / 2}
 
 
-def outline_width(radius: float) -> float:
-    return float(np.clip(0.3 * radius, *OUTLINE_WIDTH))
+def outline_width(radius: float, shape: str = "circle") -> float:
+    return float(np.clip(OUTLINE_SHARE * INRADIUS[shape] * radius, *OUTLINE_WIDTH))
 
 
 def _inside_depth(obj: data.SceneObject, size: int, supersample: int) -> np.ndarray:
@@ -51,7 +56,7 @@ def coverage(obj: data.SceneObject, style: str | None, size: int = data.IMAGE_SI
     depth = _inside_depth(obj, size, supersample)
     inside = depth >= 0
     if style == "outline":
-        inside &= depth <= outline_width(obj.radius)
+        inside &= depth <= outline_width(obj.radius, obj.shape)
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 

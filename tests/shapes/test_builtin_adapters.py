@@ -69,6 +69,19 @@ def test_every_scene_drawn_in_a_style_shows_it_and_still_follows_its_prompt():
     assert np.array_equal(plain, data.render(items[0][1]))
 
 
+def test_every_outline_is_one_unbroken_ring_around_an_inside():
+    # A ring broken in two reads as two objects; the line is thick enough to stay whole
+    # (4-connected, at half coverage) on every object of the evaluation scenes, and thin
+    # enough to leave each one an inside.
+    for _, scene in data.eval_set(120):
+        for obj in scene.objects:
+            line = styles.coverage(obj, "outline") >= 0.5
+            assert len(checker.components(line)) == 1, (scene, obj)
+            inside = checker.fill_holes(line) & ~line
+            assert inside.sum() >= 1, (scene, obj)
+    assert styles.outline_width(8.0, "circle") > 3 > styles.outline_width(8.0, "triangle") >= styles.OUTLINE_WIDTH[0]
+
+
 def test_the_lora_mode_trains_only_the_adapter_and_writes_a_peft_folder(tmp_path, capsys):
     out = tmp_path / "outline"
     base = {k: v.clone() for k, v in ShapesFluxPipeline.from_pretrained(WEIGHTS_DIR).transformer.state_dict().items()}
