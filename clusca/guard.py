@@ -108,26 +108,22 @@ def observe(branch: BranchState, out: Any, order: int, paired: bool = False, est
         branch.guard_factors = branch.guard_norms = None
         branch.guard_fresh = []
         return -before
-    if not estimate:
-        branch.guard_factors = branch.guard_norms = None
-        branch.guard_step = branch.step
-        branch.guard_fresh = [branch.step] * y.shape[0]
-        branch.guard_pairs = paired and y.shape[0] % 2 == 0
-        return -before
-    y = y.detach().float()
-    order = guard_order(order)
-    d = branch.step - branch.guard_step
-    if held is None or held.shape != y.shape or held.buffer.shape[0] != order + 1 or d <= 0:
-        held = branch.guard_factors = Factors(y, order, keep_raw=False)
+    if estimate:
+        d = branch.step - branch.guard_step
+        order = guard_order(order)
+        if held is None or held.shape != y.shape or held.buffer.shape[0] != order + 1 or d <= 0:
+            held = branch.guard_factors = Factors(y.detach().float(), order, keep_raw=False)
+        else:
+            held.update(y.detach().float(), d, order)
+        # (factors, samples), read on the host here, once per full step: cached steps must stay
+        # free of host reads (with announced steps they read nothing from the device).
+        branch.guard_norms = held.buffer[: held.n].flatten(2).norm(dim=2).tolist() if held.n > 1 else None
     else:
-        held.update(y, d, order)
+        held = branch.guard_factors = branch.guard_norms = None
     branch.guard_step = branch.step
     branch.guard_fresh = [branch.step] * y.shape[0]
     branch.guard_pairs = paired and y.shape[0] % 2 == 0
-    # (factors, samples), read on the host here, once per full step: cached steps must stay
-    # free of host reads (with announced steps they read nothing from the device).
-    branch.guard_norms = held.buffer[: held.n].flatten(2).norm(dim=2).tolist() if held.n > 1 else None
-    return held.nbytes() - before
+    return (held.nbytes() if held is not None else 0) - before
 
 
 def observe_samples(branch: BranchState, y: torch.Tensor | None, samples: list[int]) -> None:

@@ -19,7 +19,7 @@ A checkpoint of the EMA weights (safetensors + configs) is written to ``--out`` 
 linears learn the style, and ``--out`` receives a PEFT folder (``adapter_config.json`` +
 ``adapter_model.safetensors``, the EMA of the matrices) that :func:`clusca.lora.load_lora` reads::
 
-    python -m clusca_shapes.tools.train --lora-rank 8 --style outline --out clusca_shapes/adapters/outline \
+    python -m clusca_shapes.tools.train --lora-rank 16 --style outline --out clusca_shapes/adapters/outline \
         --minutes 18 --threads 1
 """
 

@@ -119,7 +119,7 @@ def test_the_models_presets_nearly_never_trip(pipe):
 
 
 def test_guard_knobs_are_validated_and_parsed():
-    assert ClusCaConfig().guard is False  # off by default: the presets' worst image is not yet fixed
+    assert ClusCaConfig().guard is False  # off by default: the frozen reference images need the fixed schedule
     assert parse_settings("guard=false,guard_bound=0.5") == {"guard": False, "guard_bound": 0.5}
     for bad in ({"guard_bound": 0}, {"guard_bound": -1.0}, {"guard": "yes"}, {"guard_layout": 1.5},
                 {"guard_layout": -0.1}):
