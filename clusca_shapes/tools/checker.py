@@ -512,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped weights)")
     p.add_argument("-n", type=int, default=400, help="number of prompts (>= 400 for the benchmark)")
     p.add_argument("--forms", default=",".join(data.FORMS), help="comma-separated prompt forms")
+    p.add_argument("--prompt-seed", type=int, default=data.EVAL_SEED,
+                   help="seed of the prompt set (another than the default: prompts held out from the benchmarks)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the first image's generator")
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--style", default=None, choices=styles.STYLES, help="with --ground-truth: render in this style")
     a = p.parse_args(argv)
     try:
-        items = data.eval_set(a.n, forms=tuple(f.strip() for f in a.forms.split(",") if f.strip()))
+        items = data.eval_set(a.n, seed=a.prompt_seed, forms=tuple(f.strip() for f in a.forms.split(",") if f.strip()))
     except ValueError as exc:
         p.error(str(exc))
     prompts, scenes = [t for t, _ in items], [s for _, s in items]
@@ -557,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, scenes)
     summary["styles"] = {st: _pct(shows_style(img, st) for img in images) for st in styles.STYLES}
     summary["seconds"] = round(time.time() - t0, 1)
+    summary["prompt_seed"] = a.prompt_seed
     if a.json:
         print(json.dumps(summary))
     else:

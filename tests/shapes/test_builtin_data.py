@@ -361,6 +361,23 @@ def test_checker_cli_on_the_ground_truth(capsys):
         checker.main(["--ground-truth", "--forms", "hexagon"])
 
 
+def test_checker_cli_draws_a_held_out_prompt_set_from_another_seed(capsys, monkeypatch):
+    asked = []
+    real = data.eval_set
+
+    def eval_set(n, seed=data.EVAL_SEED, forms=data.FORMS):
+        asked.append(seed)
+        return real(n, seed=seed, forms=forms)
+
+    monkeypatch.setattr(data, "eval_set", eval_set)
+    assert checker.main(["--ground-truth", "-n", "12", "--prompt-seed", "7", "--json"]) == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)
+    assert asked == [7] and summary["prompt_seed"] == 7 and summary["n"] == 12 and summary["adherence"] == 100.0
+    assert [t for t, _ in real(12, seed=7)] != [t for t, _ in real(12)]
+
+
 def test_tokenizer_handles_any_text():
     from clusca_shapes.text import WordTokenizer
 
