@@ -24,10 +24,11 @@ PASTEL_OPACITY = 0.65
 # Outline line width: OUTLINE_SHARE of the shape's inradius (how deep its inside reaches: the
 # radius for a circle or a square, INRADIUS["triangle"] of it for the triangle), within these
 # bounds in pixels. A thick line is an unbroken ring the model can draw on its 4-px patches;
-# 1.6 px keeps a 4-connected ring along a diagonal, and the share leaves every shape an inside
-# the checker sees (the smallest triangles, of a trio, are held at the lower bound).
+# the small triangles of a trio are held at the lower bound, 2.0 px: at 1.6 px (which keeps a
+# rendered diagonal 4-connected) the model drew their rings too thin, and they broke into
+# pieces. 2.0 px still leaves every shape an inside the adherence checker sees.
 OUTLINE_SHARE = 0.45
-OUTLINE_WIDTH = (1.6, 3.2)
+OUTLINE_WIDTH = (2.0, 3.2)
 INRADIUS = {"circle": 1.0, "square": 1.0, "triangle": (np.sqrt(5) - 1) / 2}
 
 
