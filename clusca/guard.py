@@ -109,12 +109,11 @@ def observe(branch: BranchState, out: Any, order: int, paired: bool = False, est
         branch.guard_fresh = []
         return -before
     if estimate:
-        d = branch.step - branch.guard_step
-        order = guard_order(order)
+        y, d, order = y.detach().float(), branch.step - branch.guard_step, guard_order(order)
         if held is None or held.shape != y.shape or held.buffer.shape[0] != order + 1 or d <= 0:
-            held = branch.guard_factors = Factors(y.detach().float(), order, keep_raw=False)
+            held = branch.guard_factors = Factors(y, order, keep_raw=False)
         else:
-            held.update(y.detach().float(), d, order)
+            held.update(y, d, order)
         # (factors, samples), read on the host here, once per full step: cached steps must stay
         # free of host reads (with announced steps they read nothing from the device).
         branch.guard_norms = held.buffer[: held.n].flatten(2).norm(dim=2).tolist() if held.n > 1 else None

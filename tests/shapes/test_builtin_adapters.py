@@ -151,8 +151,8 @@ def test_a_shipped_adapter_draws_its_style_and_no_adapter_draws_none(adapted, st
 
     shows = style_check(style)
     for img, scene in zip(draw([[(slot, 1.0)]] * len(PROMPTS)), scenes):
-        # One object and a relation: the forms both adapters draw right (counts are the
-        # outline adapter's weak spot, measured by the benchmark).
+        # Whole adherence on one object and one relation; over the evaluation set it is the
+        # benchmark's measure.
         assert shows(img) and checker.check(img, scene).ok
     for img in draw([[]] * len(PROMPTS)):
         assert not shows(img)
